@@ -1,0 +1,3 @@
+from dmclip.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,90 @@
+"""Shared option types and the one way a command runs: config -> run dir -> library -> summary."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dmclip.errors import DmclipError
+
+console = Console()  # results: stdout
+err_console = Console(stderr=True)
+
+RecipeArg = Annotated[Optional[Path], typer.Argument(
+    help="YAML recipe, or a run's resolved.yaml to repeat it exactly.", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override any config field: key.path=value (repeatable).", show_default=False)]
+NameOpt = Annotated[Optional[str], typer.Option("--name", "-n", help="Run name (part of the run directory name).")]
+RunsDirOpt = Annotated[Optional[Path], typer.Option(
+    "--runs-dir", help="Where run directories go [default: $DMCLIP_RUNS or ./runs].", show_default=False)]
+ResumeOpt = Annotated[Optional[Path], typer.Option(
+    "--resume", help="Continue an interrupted run directory (same results as an uninterrupted run).",
+    show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the recipe's).")]
+
+
+def not_built(command: str) -> None:
+    """A command whose library part does not exist yet: say so, exit 2, print nothing fake."""
+    raise DmclipError(f"`dmclip {command}` is not built yet in this version",
+                      "see README.md for the commands that work today")
+
+
+def execute(command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe: Path | None = None,
+            sets: list[str] | None = None, shortcuts: dict | None = None, name: str | None = None,
+            runs_dir: Path | None = None, resume: Path | None = None, seed_field: str = "seed") -> tuple[Any, dict]:
+    """Resolve the config, open or create the run directory, run ``fn(config, run)`` inside it.
+
+    Returns ``(run, result)``. ``--resume`` reopens the run and reuses its resolved config; other
+    options with it would change the run, so they are refused.
+    """
+    from dmclip.config import load_config
+    from dmclip.runs import RunDir
+
+    if resume is not None:
+        given = [k for k, v in (shortcuts or {}).items() if v is not None] + list(sets or [])
+        if recipe is not None or given:
+            raise DmclipError("--resume continues a run with its own saved config; other options would change it",
+                              f"drop {', '.join(given) or 'the recipe argument'} or start a new run without --resume")
+        run = RunDir.open(resume)
+        if run.command != command:
+            raise DmclipError(f"{resume} is a `{run.command}` run, not a `{command}` run",
+                              f"resume it with `dmclip {run.command} --resume {resume}`")
+        if run.status == "completed":
+            raise DmclipError(f"{resume} already completed", "start a new run instead of --resume")
+        config = run.resolved_config(config_cls)
+    else:
+        config, recipe_text = load_config(config_cls, recipe, sets or [], shortcuts)
+        run_name = name or (Path(recipe).stem if recipe else command)
+        run = RunDir.create(command, run_name, config, root=runs_dir, recipe_text=recipe_text,
+                            overrides=list(sets or []), argv=["dmclip", *sys.argv[1:]],
+                            seed=getattr(config, seed_field, None))
+    err_console.print(f"[dim]run directory:[/dim] {run.path}")
+    with run.active():
+        result = fn(config, run)
+    return run, result
+
+
+def metrics_table(title: str, rows: list[dict], columns: list[str] | None = None, fmt: str = "{:.2f}") -> Table:
+    """A Rich table of result rows (numbers formatted, None shown as '-')."""
+    table = Table(title=title, title_justify="left")
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    for col in columns:
+        table.add_column(col, justify="right" if rows and isinstance(rows[0].get(col), (int, float)) else "left")
+    for row in rows:
+        cells = []
+        for col in columns:
+            value = row.get(col)
+            if value is None:
+                cells.append("-")
+            elif isinstance(value, float):
+                cells.append(fmt.format(value))
+            else:
+                cells.append(str(value))
+        table.add_row(*cells)
+    return table

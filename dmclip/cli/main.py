@@ -1,0 +1,104 @@
+"""The `dmclip` command. ``main(argv) -> exit code`` is what tests call.
+
+Exit codes: 0 ok, 1 unexpected error (traceback), 2 a problem the user can fix (one line + hint),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from dmclip import __version__
+from dmclip.errors import DmclipError
+
+app = typer.Typer(
+    name="dmclip",
+    help="Vision-language distillation experiments: pretrain, distill, capfilt, compress, eval.\n\n"
+         "Example: dmclip distill --alpha 0.75",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dmclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings only.")] = False,
+) -> None:
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def _setup_logging(level: int) -> None:
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("dmclip")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_dmclip_console", False):
+            logger.removeHandler(handler)
+    handler = RichHandler(console=__import__("dmclip.cli.common", fromlist=["err_console"]).err_console,
+                          show_path=False, show_time=False, markup=False)
+    handler._dmclip_console = True
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    logger.setLevel(min(level, logging.INFO))
+
+
+def _register_commands() -> None:
+    from dmclip.cli import capfilt, compress, data, distill, evaluate, listing, pretrain, runs
+
+    for module in (pretrain, distill, capfilt, compress, evaluate, data, runs, listing):
+        module.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (without the program name); return the exit code."""
+    from dmclip.cli.common import err_console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = app(args=argv, prog_name="dmclip", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except DmclipError as exc:
+        if os.environ.get("DMCLIP_DEBUG"):
+            err_console.print_exception()
+        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err_console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False, soft_wrap=True)
+        return 2
+    except typer.TyperException as exc:  # usage errors: wrong option, missing argument, bad value
+        ctx = getattr(exc, "ctx", None)
+        sub = ctx.command_path if ctx is not None else "dmclip"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        possibilities = getattr(exc, "possibilities", None)
+        hint = f"did you mean {' or '.join(possibilities)}?" if possibilities else f"see `{sub} --help`"
+        err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]hint:[/yellow] {hint}", highlight=False, soft_wrap=True)
+        return getattr(exc, "exit_code", 2) or 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        err_console.print("[bold red]interrupted[/bold red]; a run directory left behind can be continued with --resume")
+        return 130
+
+
+def run() -> None:  # console-script entry point
+    sys.exit(main())

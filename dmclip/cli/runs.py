@@ -1,0 +1,145 @@
+"""`dmclip runs`: list, show and compare run directories."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from dmclip.cli.common import RunsDirOpt, console
+from dmclip.errors import DmclipError
+
+runs_app = typer.Typer(help="List, show and compare run directories.\n\nExample: dmclip runs list --command distill",
+                       no_args_is_help=True)
+
+# The metric a person looks at first, per command (first one present wins).
+KEY_METRICS = ["zeroshot_acc1", "acc1", "avg_perf", "bleu4", "precision", "loss"]
+
+
+def _flatten(prefix: str, obj, out: dict) -> dict:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj
+    return out
+
+
+def key_metric(run) -> tuple[str, object] | None:
+    results = run.results()
+    flat = _flatten("", results or {}, {})
+    for name in KEY_METRICS:
+        for key, value in flat.items():
+            if key.split(".")[-1] == name and isinstance(value, (int, float)):
+                return name, value
+    rows = run.metrics()
+    if rows and isinstance(rows[-1].get("loss"), (int, float)):
+        return "loss", rows[-1]["loss"]
+    return None
+
+
+def _age(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        then = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return "-"
+    seconds = (dt.datetime.now().astimezone() - then).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def register(app: typer.Typer) -> None:
+    @runs_app.command("list")
+    def list_runs(
+        runs_dir: RunsDirOpt = None,
+        command: Annotated[Optional[str], typer.Option("--command", "-c", help="Only runs of this command.")] = None,
+        limit: Annotated[int, typer.Option("--limit", help="Show at most this many (newest first).")] = 30,
+    ) -> None:
+        """List runs, newest first. Example: dmclip runs list --command pretrain"""
+        from dmclip.runs import default_runs_root, find_runs
+
+        root = runs_dir or default_runs_root()
+        found = find_runs(root, command)
+        if not found:
+            console.print(f"no runs under {root} yet — start one with `dmclip pretrain` or `make demo`")
+            return
+        table = Table(title=f"runs under {root}", title_justify="left")
+        for col in ("command", "name", "status", "key metric", "step", "age", "directory"):
+            table.add_column(col)
+        for run in found[:limit]:
+            info = run.info
+            status = run.display_status()
+            metric = key_metric(run)
+            style = {"completed": "green", "failed": "red", "crashed": "red", "interrupted": "yellow"}.get(status, "")
+            table.add_row(info.get("command", "?"), info.get("name", "?"), f"[{style}]{status}[/{style}]" if style else status,
+                          f"{metric[0]}={metric[1]:.4g}" if metric else "-", str(run.last_step() or "-"),
+                          _age(info.get("start_time")), str(run.path))
+        console.print(table)
+
+    @runs_app.command("show")
+    def show(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+        """Show one run: provenance, status, results. Example: dmclip runs show runs/distill/<run>"""
+        from dmclip.runs import RunDir
+
+        run = RunDir.open(run_dir)
+        info = run.info
+        table = Table(show_header=False, title=str(run.path), title_justify="left")
+        table.add_column("key")
+        table.add_column("value")
+        for key in ("command", "name", "status", "start_time", "end_time", "seed", "git_sha", "torch", "error"):
+            value = run.display_status() if key == "status" else info.get(key)
+            table.add_row(key, "-" if value is None else str(value))
+        table.add_row("last step", str(run.last_step() or "-"))
+        console.print(table)
+        results = run.results()
+        if results:
+            flat = _flatten("", results, {})
+            res = Table(title="results.json", title_justify="left")
+            res.add_column("metric")
+            res.add_column("value", justify="right")
+            for key, value in flat.items():
+                res.add_row(key, f"{value:.4f}" if isinstance(value, float) else json.dumps(value))
+            console.print(res)
+
+    @runs_app.command("compare")
+    def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")]) -> None:
+        """Metrics side by side and the config keys that differ. Example: dmclip runs compare runs/distill/a runs/distill/b"""
+        import yaml
+
+        from dmclip.runs import RunDir
+
+        if len(run_dirs) < 2:
+            raise DmclipError("compare needs at least two run directories", "pass two or more paths")
+        runs = [RunDir.open(p) for p in run_dirs]
+        names = [r.path.name for r in runs]
+        results = [_flatten("", r.results() or {}, {}) for r in runs]
+        keys = list(dict.fromkeys(k for res in results for k, v in res.items() if isinstance(v, (int, float))))
+        table = Table(title="metrics", title_justify="left")
+        table.add_column("metric")
+        for n in names:
+            table.add_column(n, justify="right")
+        for key in keys:
+            table.add_row(key, *[f"{res[key]:.4f}" if isinstance(res.get(key), float) else str(res.get(key, "-")) for res in results])
+        console.print(table)
+        configs = []
+        for r in runs:
+            path = r.path / "resolved.yaml"
+            configs.append(_flatten("", yaml.safe_load(path.read_text()) if path.exists() else {}, {}))
+        diff = [k for k in dict.fromkeys(k for c in configs for k in c) if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+        cfg_table = Table(title="config keys that differ", title_justify="left")
+        cfg_table.add_column("key")
+        for n in names:
+            cfg_table.add_column(n)
+        for key in diff:
+            cfg_table.add_row(key, *[str(c.get(key, "-")) for c in configs])
+        console.print(cfg_table if diff else "config: identical")
+
+    app.add_typer(runs_app, name="runs")

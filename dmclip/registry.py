@@ -1,0 +1,142 @@
+"""One generic name -> factory registry per pluggable kind (timm-style).
+
+    from dmclip.registry import students
+
+    @students.register("mamba-ti", description="Vision-Mamba tiny", tiny={"depth": 2, "width": 32})
+    def mamba_ti(**kw): ...
+
+    students.get("mamba-ti", embed_dim=64)      # builds it
+    students.names("mamba*")                    # -> ["mamba-b", "mamba-s", "mamba-ti", ...]
+
+Built-in entries live in the packages listed in ``_BUILTIN_PACKAGES`` (each package imports its
+modules in ``__init__``); third-party plugins are modules named in the ``dmclip.plugins``
+entry-point group, imported once. A duplicate name is an error, never a silent overwrite.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from dmclip.errors import DmclipError, did_you_mean
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Packages whose import registers the built-in entries. A package that is not written yet is skipped.
+_BUILTIN_PACKAGES = ["dmclip.data", "dmclip.models", "dmclip.losses", "dmclip.compress"]
+PLUGIN_GROUP = "dmclip.plugins"
+_loaded = False
+
+
+@dataclass
+class Entry(Generic[T]):
+    name: str
+    factory: Callable[..., T]
+    description: str = ""
+    tiny: dict[str, Any] = field(default_factory=dict)  # kwargs for a variant that builds on CPU in < 1 s
+    source: str = "dmclip"  # "dmclip" or the plugin's entry-point name
+
+
+class Registry(Generic[T]):
+    """Name -> factory for one kind of thing (students, losses, datasets, ...)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, *, description: str | None = None, tiny: dict | None = None):
+        """Decorator: register ``factory`` under ``name``. The description defaults to the docstring."""
+
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            self.add(name, factory, description=description, tiny=tiny)
+            return factory
+
+        return decorator
+
+    def add(self, name: str, factory: Callable[..., T], *, description: str | None = None,
+            tiny: dict | None = None, source: str | None = None) -> None:
+        if name in self._entries:
+            old = self._entries[name]
+            raise DmclipError(
+                f"{self.kind} name {name!r} is registered twice ({old.source} and {source or _current_source()})",
+                "rename one of them: a name must be unique, dmclip never overwrites an entry",
+            )
+        doc = description or (factory.__doc__ or "").strip().splitlines()[0:1]
+        if isinstance(doc, list):
+            doc = doc[0] if doc else ""
+        self._entries[name] = Entry(name, factory, doc, dict(tiny or {}), source or _current_source())
+
+    def entry(self, name: str) -> Entry[T]:
+        load_plugins()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise DmclipError(f"no {self.kind[:-1] if self.kind.endswith('s') else self.kind} named {name!r}",
+                              did_you_mean(name, self._entries) + f" (`dmclip list {self.kind}` shows all)") from None
+
+    def get(self, name: str, **kwargs) -> T:
+        """Build the entry ``name`` with ``kwargs``."""
+        return self.entry(name).factory(**kwargs)
+
+    def names(self, pattern: str = "*") -> list[str]:
+        load_plugins()
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def entries(self, pattern: str = "*") -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names(pattern)]
+
+    def __contains__(self, name: str) -> bool:
+        load_plugins()
+        return name in self._entries
+
+    def __len__(self) -> int:
+        load_plugins()
+        return len(self._entries)
+
+    def _remove(self, name: str) -> None:  # tests only
+        self._entries.pop(name, None)
+
+
+_source_stack: list[str] = []
+
+
+def _current_source() -> str:
+    return _source_stack[-1] if _source_stack else "dmclip"
+
+
+teachers: Registry = Registry("teachers")
+students: Registry = Registry("students")
+losses: Registry = Registry("losses")
+datasets: Registry = Registry("datasets")
+selectors: Registry = Registry("selectors")
+decoders: Registry = Registry("decoders")
+REGISTRIES: dict[str, Registry] = {r.kind: r for r in (teachers, students, losses, datasets, selectors, decoders)}
+
+
+def load_plugins(force: bool = False) -> None:
+    """Import the built-in packages, then every module named in the ``dmclip.plugins`` entry points."""
+    global _loaded
+    if _loaded and not force:
+        return
+    _loaded = True
+    for package in _BUILTIN_PACKAGES:
+        if importlib.util.find_spec(package) is not None:
+            importlib.import_module(package)
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        _source_stack.append(f"plugin {ep.name}")
+        try:
+            ep.load()
+        except DmclipError:
+            raise
+        except Exception as exc:  # a broken plugin must not take the whole CLI down silently
+            raise DmclipError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
+                              f"fix or uninstall the package that provides it") from exc
+        finally:
+            _source_stack.pop()

@@ -1,0 +1,405 @@
+"""Versioned run directories: every command writes one, none is ever overwritten.
+
+    runs/<command>/<YYYYmmdd-HHMMSS>-<name>-<6 hex of config hash>/
+      run.json  recipe.yaml  resolved.yaml  overrides.txt  metrics.jsonl  log.txt
+      checkpoints/{last,best}.pt  results.json  report.md  *.png
+
+``RunDir.create(...)`` makes a new one, ``RunDir.open(path)`` reopens one for ``--resume``;
+``with run.active(): ...`` records status running -> completed | failed | interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dmclip.errors import DmclipError
+
+SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+STATUSES = ("running", "completed", "failed", "interrupted")
+
+
+def default_runs_root() -> Path:
+    return Path(os.environ.get("DMCLIP_RUNS", "runs"))
+
+
+# ---------------------------------------------------------------------------------- atomic files
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise DmclipError(f"could not write {path}: {exc.strerror or exc}",
+                          "free disk space or choose another --runs-dir; the previous file is unchanged") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def torch_load(path: Path, map_location="cpu") -> Any:
+    """Load a checkpoint safely (``weights_only=True``) with one-line errors."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DmclipError(f"checkpoint {path} does not exist", "check the run directory, or start without --resume")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DmclipError(f"checkpoint {path} cannot be read ({first[:160]})",
+                          "it is truncated or not a dmclip checkpoint: use another one, or the previous "
+                          "checkpoint in the same directory") from None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return _jsonable(obj.item())
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.strip())
+    return keep.strip("-")[:60] or "run"
+
+
+# -------------------------------------------------------------------------------------- run dirs
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM so a run records 'interrupted' like on Ctrl-C."""
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._log_handler: logging.Handler | None = None
+
+    # ---- creation
+    @classmethod
+    def create(cls, command: str, name: str, config=None, *, root: Path | None = None,
+               recipe_text: str = "", overrides: list[str] | None = None, argv: list[str] | None = None,
+               seed: int | None = None, parent: Path | None = None) -> RunDir:
+        """Make a new run directory (never an existing one)."""
+        from dmclip import __version__
+        from dmclip.config import config_hash, to_yaml
+
+        base = Path(parent) if parent is not None else (Path(root) if root else default_runs_root()) / command
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        digest = config_hash(config) if config is not None else "000000"
+        base.mkdir(parents=True, exist_ok=True)
+        path = base / f"{stamp}-{_slug(name)}-{digest}"
+        suffix = 1
+        while True:
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:  # same second, same config: never reuse, add a counter
+                suffix += 1
+                path = base / f"{stamp}-{_slug(name)}-{digest}-{suffix}"
+        run = cls(path)
+        (path / "checkpoints").mkdir()
+        if config is not None:
+            atomic_write_text(path / "resolved.yaml", f"command: {command}\n" + to_yaml(config))
+        atomic_write_text(path / "recipe.yaml", recipe_text)
+        atomic_write_text(path / "overrides.txt", "\n".join(overrides or []) + ("\n" if overrides else ""))
+        info = {
+            "schema_version": SCHEMA_VERSION,
+            "command": command,
+            "name": name,
+            "dmclip_version": __version__,
+            "argv": argv if argv is not None else sys.argv,
+            "git_sha": _git_sha(),
+            "python": platform.python_version(),
+            "torch": _torch_version(),
+            "device": "cpu",
+            "host": socket.gethostname(),
+            "seed": seed,
+            "status": "created",
+            "start_time": _now(),
+            "end_time": None,
+            "error": None,
+        }
+        atomic_write_json(path / "run.json", info)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """Reopen an existing run directory (for --resume, eval, runs show)."""
+        path = Path(path)
+        if not (path / "run.json").is_file():
+            raise DmclipError(f"{path} is not a dmclip run directory (no run.json)",
+                              "pass a directory under runs/<command>/ (`dmclip runs list` shows them)")
+        return cls(path)
+
+    # ---- metadata
+    @property
+    def info(self) -> dict:
+        try:
+            return json.loads((self.path / "run.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DmclipError(f"{self.path}/run.json cannot be read ({exc})",
+                              "the run directory is damaged; start a new run") from None
+
+    def update_info(self, **fields) -> None:
+        info = self.info
+        info.update(fields)
+        atomic_write_json(self.path / "run.json", info)
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "unknown")
+
+    @property
+    def command(self) -> str:
+        return self.info.get("command", "?")
+
+    def resolved_config(self, cls):
+        """The resolved config of this run as a ``cls`` dataclass."""
+        from dmclip.config import load_config
+
+        cfg, _ = load_config(cls, self.path / "resolved.yaml")
+        return cfg
+
+    # ---- outputs
+    def log_metrics(self, record: dict) -> None:
+        """Append one JSON object to metrics.jsonl (flushed, so a kill loses at most this line)."""
+        line = json.dumps(_jsonable(record)) + "\n"
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        return rows
+
+    def truncate_metrics(self, max_step: int) -> None:
+        """Drop metric rows after ``max_step`` (on resume, rows past the checkpoint are replayed)."""
+        rows = [r for r in self.metrics() if r.get("step", -1) <= max_step]
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_results(self, results: dict) -> None:
+        atomic_write_json(self.path / "results.json", results)
+
+    def results(self) -> dict | None:
+        path = self.path / "results.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def write_text(self, name: str, text: str) -> Path:
+        atomic_write_text(self.path / name, text)
+        return self.path / name
+
+    def checkpoint_path(self, name: str = "last.pt") -> Path:
+        return self.path / "checkpoints" / name
+
+    def save_checkpoint(self, state: dict, name: str = "last.pt") -> Path:
+        path = self.checkpoint_path(name)
+        atomic_torch_save(state, path)
+        return path
+
+    def load_checkpoint(self, name: str = "last.pt") -> dict:
+        return torch_load(self.checkpoint_path(name))
+
+    # ---- lifecycle
+    @contextlib.contextmanager
+    def active(self):
+        """Mark the run running; record completed / failed (with the error) / interrupted."""
+        self.update_info(status="running", pid=os.getpid(), resumed_at=_now() if self.status != "created" else None,
+                         end_time=None, error=None)
+        self._attach_log()
+        old_term = _install_sigterm()
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.update_info(status="interrupted", end_time=_now(), error="interrupted (Ctrl-C or SIGTERM)")
+            log.warning("run interrupted; resume with --resume %s", self.path)
+            raise
+        except DmclipError as exc:
+            self.update_info(status="failed", end_time=_now(), error=str(exc))
+            raise
+        except BaseException as exc:
+            self.update_info(status="failed", end_time=_now(), error=f"{type(exc).__name__}: {exc}")
+            raise
+        else:
+            self.update_info(status="completed", end_time=_now())
+        finally:
+            _restore_sigterm(old_term)
+            self._detach_log()
+
+    def _attach_log(self) -> None:
+        handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        root = logging.getLogger("dmclip")
+        root.addHandler(handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def _detach_log(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger("dmclip").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    # ---- listing
+    def display_status(self) -> str:
+        """The status, with a 'running' run whose process is gone shown as 'crashed'."""
+        info = self.info
+        status = info.get("status", "unknown")
+        if status == "running" and info.get("host") == socket.gethostname() and not _pid_alive(info.get("pid")):
+            return "crashed"
+        return status
+
+    def last_step(self) -> int | None:
+        rows = self.metrics()
+        steps = [r["step"] for r in rows if isinstance(r.get("step"), int)]
+        return max(steps) if steps else None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+
+def _torch_version() -> str | None:
+    try:
+        import torch
+
+        return torch.__version__
+    except ImportError:
+        return None
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie or a reused pid still counts as alive here; good enough for a status column
+    return True
+
+
+def _install_sigterm():
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise RunInterrupted()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _restore_sigterm(old) -> None:
+    import threading
+
+    if old is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, old)
+
+
+def find_runs(root: Path | None = None, command: str | None = None) -> list[RunDir]:
+    """Every run directory under ``root`` (sweep members included), newest first."""
+    root = Path(root) if root else default_runs_root()
+    if not root.exists():
+        return []
+    found = [RunDir(p.parent) for p in root.rglob("run.json")]
+    if command:
+        found = [r for r in found if r.command == command]
+    return sorted(found, key=lambda r: r.path.name, reverse=True)
+
+
+def latest_run(command: str, root: Path | None = None, status: str = "completed", name: str | None = None) -> RunDir | None:
+    for run in find_runs(root, command):
+        info = run.info
+        if info.get("status") == status and (name is None or info.get("name") == name):
+            return run
+    return None
