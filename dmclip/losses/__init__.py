@@ -1,1 +1,9 @@
-"""Importing this package registers its built-in entries."""
+"""Losses: CLIP InfoNCE, KD, feature mimicry, BLIP's ITC/ITM/LM. Importing registers them."""
+
+import importlib
+import importlib.util
+
+from dmclip.losses import clip  # noqa: F401
+
+if importlib.util.find_spec("dmclip.losses.blip") is not None:
+    importlib.import_module("dmclip.losses.blip")

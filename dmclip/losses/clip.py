@@ -1,0 +1,116 @@
+"""Contrastive and distillation losses. Each returns ``{"loss": total, **parts}``.
+
+Inputs are dicts of *normalised* features, as ``CLIP.forward`` returns them:
+``{"image_features": (B, D), "text_features": (B, D), "logit_scale": exp'd scalar}``.
+Under DDP the features are gathered across ranks first (open_clip's local_loss + gather_with_grad).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmclip.registry import losses
+
+
+def _gathered(image_features: torch.Tensor, text_features: torch.Tensor):
+    """(local image, local text, all images, all texts, offset of this rank's rows)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image_features, text_features, image_features, text_features, 0
+    from dmclip.train.distributed import gather_features
+
+    all_images, all_texts = gather_features(image_features, text_features, local_loss=True, gather_with_grad=True)
+    return image_features, text_features, all_images, all_texts, dist.get_rank() * image_features.shape[0]
+
+
+def contrastive_logits(features: dict):
+    """Image->text and text->image logits of this rank's rows against all rows, and the labels."""
+    image, text, all_images, all_texts, offset = _gathered(features["image_features"], features["text_features"])
+    scale = features["logit_scale"]
+    logits_per_image = scale * image @ all_texts.T  # (b, B)
+    logits_per_text = scale * text @ all_images.T  # (b, B)
+    labels = torch.arange(image.shape[0], device=image.device) + offset
+    return logits_per_image, logits_per_text, labels
+
+
+def clip_loss(features: dict) -> torch.Tensor:
+    """InfoNCE both ways (CLIP eq.): mean of CE(image->text) and CE(text->image)."""
+    logits_per_image, logits_per_text, labels = contrastive_logits(features)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """-sum softmax(teacher) * log_softmax(student), averaged over rows (open_clip DistillClipLoss.dist_loss)."""
+    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+
+def kd_loss(student: dict, teacher: dict) -> torch.Tensor:
+    """Soft-label KD between teacher and student similarity distributions, both directions (MobileCLIP/DM-CLIP)."""
+    s_img, s_txt, _ = contrastive_logits(student)
+    with torch.no_grad():
+        t_img, t_txt, _ = contrastive_logits(teacher)
+    return (soft_cross_entropy(t_img, s_img) + soft_cross_entropy(t_txt, s_txt)) / 2
+
+
+def feature_loss(student: dict, teacher: dict, kind: str = "cosine") -> torch.Tensor:
+    """CLIP-KD feature mimicry on image embeddings: 1 - cos, or MSE."""
+    s, t = student["image_features"], teacher["image_features"].detach()
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    return (1 - (s * t).sum(dim=-1)).mean()
+
+
+class ClipLoss(nn.Module):
+    """InfoNCE image<->text with the model's (clamped) learnable temperature."""
+
+    def forward(self, student: dict, teacher: dict | None = None) -> dict:
+        loss = clip_loss(student)
+        return {"loss": loss, "contrastive": loss.detach()}
+
+
+class KDLoss(nn.Module):
+    """Soft-label cross-entropy to the teacher's image<->text similarity distributions."""
+
+    def forward(self, student: dict, teacher: dict) -> dict:
+        loss = kd_loss(student, teacher)
+        return {"loss": loss, "distill": loss.detach()}
+
+
+class FeatureLoss(nn.Module):
+    """Cosine (or MSE) distance between student and teacher image embeddings."""
+
+    def __init__(self, kind: str = "cosine"):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, student: dict, teacher: dict) -> dict:
+        loss = feature_loss(student, teacher, self.kind)
+        return {"loss": loss, "feature": loss.detach()}
+
+
+class DistillMix(nn.Module):
+    """alpha * KD + (1 - alpha) * contrastive (+ feature_weight * feature): DM-CLIP's objective."""
+
+    def __init__(self, alpha: float = 0.75, feature_weight: float = 0.0, feature_kind: str = "cosine"):
+        super().__init__()
+        self.alpha, self.feature_weight, self.feature_kind = alpha, feature_weight, feature_kind
+
+    def forward(self, student: dict, teacher: dict) -> dict:
+        contrastive = clip_loss(student) if self.alpha < 1 else student["image_features"].new_zeros(())
+        distill = kd_loss(student, teacher) if self.alpha > 0 else student["image_features"].new_zeros(())
+        total = self.alpha * distill + (1 - self.alpha) * contrastive
+        parts = {"contrastive": contrastive.detach(), "distill": distill.detach()}
+        if self.feature_weight > 0:
+            feature = feature_loss(student, teacher, self.feature_kind)
+            total = total + self.feature_weight * feature
+            parts["feature"] = feature.detach()
+        return {"loss": total, **parts}
+
+
+losses.add("clip", ClipLoss, description="InfoNCE image<->text (CLIP), learnable temperature clamped at 100")
+losses.add("kd", KDLoss, description="soft-label KD on image<->text similarities, both ways (DistillClipLoss)")
+losses.add("feature", FeatureLoss, description="cosine/MSE between student and teacher image embeddings (CLIP-KD)")
+losses.add("distill", DistillMix, description="alpha*kd + (1-alpha)*clip (+ feature): DM-CLIP's objective")

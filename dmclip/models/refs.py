@@ -1,0 +1,71 @@
+"""One place that turns a model reference string into a model.
+
+    run:<run dir>                       a model trained by dmclip (pretrain / distill)
+    open_clip:<arch>[:<tag or path>]    any open_clip architecture, random / pretrained / local weights
+    <registered name>                   a teacher or student from the registries (random init)
+    embeddings:<store dir>              cached teacher outputs (distill only; see dmclip.distill)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from dmclip.errors import DmclipError, did_you_mean
+
+PREFIXES = ("run:", "open_clip:", "embeddings:")
+
+
+def run_model_dir(path: str | Path) -> Path:
+    """The directory holding model.json for a run directory (or a model directory itself)."""
+    path = Path(path)
+    if (path / "model.json").is_file():
+        return path
+    if (path / "model" / "model.json").is_file():
+        return path / "model"
+    if not path.exists():
+        raise DmclipError(f"run directory {str(path)!r} does not exist",
+                          "`dmclip runs list` shows the runs; pass one as run:<directory>")
+    status = ""
+    if (path / "run.json").is_file():
+        import json
+
+        status = json.loads((path / "run.json").read_text()).get("status", "")
+    raise DmclipError(f"{path} holds no trained model yet" + (f" (run status: {status})" if status else ""),
+                      "use a completed pretrain or distill run, or --resume this one to finish it")
+
+
+def load_model_ref(ref: str) -> nn.Module:
+    """Build or load the model named by ``ref`` (see the module docstring), in eval mode."""
+    from dmclip.models.base import load_saved_model
+    from dmclip.registry import students, teachers
+
+    if not isinstance(ref, str) or not ref.strip():
+        raise DmclipError("empty model reference", "pass e.g. --model run:runs/pretrain/<run> or open_clip:ViT-B-32")
+    ref = ref.strip()
+    if ref.startswith("run:"):
+        model = load_saved_model(run_model_dir(ref[4:]))
+    elif ref.startswith("open_clip:"):
+        from dmclip.models.openclip import OpenClipModel
+
+        parts = ref.split(":", 2)
+        arch = parts[1]
+        pretrained = parts[2] if len(parts) > 2 and parts[2] else None
+        model = OpenClipModel(arch, pretrained)
+    elif ref.startswith("embeddings:"):
+        raise DmclipError(f"{ref!r} is a cache of teacher outputs, not a model",
+                          "use it only as `dmclip distill --teacher embeddings:<dir>`")
+    elif ref in teachers:
+        model = teachers.get(ref)
+    elif ref in students:
+        model = students.get(ref)
+    elif Path(ref).exists():
+        model = load_saved_model(run_model_dir(ref))
+    else:
+        names = [*teachers.names(), *students.names()]
+        raise DmclipError(f"no model {ref!r}",
+                          "use run:<run dir>, open_clip:<arch>[:<checkpoint>], or a registered name "
+                          f"({did_you_mean(ref, names)})")
+    model.eval()
+    return model

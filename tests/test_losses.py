@@ -1,0 +1,80 @@
+"""Our losses against open_clip's (the oracle the field uses), on random features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss as OpenClipLoss
+from open_clip.loss import DistillClipLoss
+
+from dmclip.losses.clip import DistillMix, FeatureLoss, KDLoss, clip_loss, kd_loss
+from dmclip.registry import losses
+
+
+def _features(seed: int, batch: int = 8, dim: int = 16, scale: float = 14.3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image_features": F.normalize(torch.randn(batch, dim, generator=g), dim=-1),
+        "text_features": F.normalize(torch.randn(batch, dim, generator=g), dim=-1),
+        "logit_scale": torch.tensor(scale),
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clip_loss_equals_open_clip(seed):
+    f = _features(seed)
+    expected = OpenClipLoss()(f["image_features"], f["text_features"], f["logit_scale"])
+    torch.testing.assert_close(clip_loss(f), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kd_loss_equals_open_clip_distill_term(seed):
+    student, teacher = _features(seed), _features(seed + 100, scale=50.0)
+    _, distill = DistillClipLoss()(student["image_features"], student["text_features"], student["logit_scale"],
+                                   teacher["image_features"], teacher["text_features"], teacher["logit_scale"])
+    torch.testing.assert_close(kd_loss(student, teacher), distill, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(KDLoss()(student, teacher)["loss"], distill, rtol=1e-6, atol=1e-6)
+
+
+def test_kd_is_minimal_when_student_equals_teacher():
+    """KD against oneself is the teacher's entropy: any other student scores higher."""
+    teacher = _features(3)
+    same = kd_loss(teacher, teacher)
+    other = kd_loss(_features(4), teacher)
+    assert other > same
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.75, 1.0])
+def test_distill_mix_is_the_weighted_sum(alpha):
+    student, teacher = _features(5), _features(6)
+    out = DistillMix(alpha)(student, teacher)
+    expected = alpha * kd_loss(student, teacher) + (1 - alpha) * clip_loss(student)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-6, atol=1e-6)
+    assert set(out) >= {"loss", "contrastive", "distill"}
+
+
+def test_feature_loss_cosine_and_mse():
+    student, teacher = _features(7), _features(8)
+    cos = FeatureLoss("cosine")(student, teacher)["loss"]
+    expected = (1 - F.cosine_similarity(student["image_features"], teacher["image_features"])).mean()
+    torch.testing.assert_close(cos, expected)
+    assert FeatureLoss("cosine")(student, student)["loss"].abs() < 1e-6
+    torch.testing.assert_close(FeatureLoss("mse")(student, teacher)["loss"],
+                               F.mse_loss(student["image_features"], teacher["image_features"]))
+
+
+def test_gradients_flow_only_to_student():
+    student, teacher = _features(9), _features(10)
+    student["image_features"].requires_grad_(True)
+    teacher["image_features"].requires_grad_(True)
+    DistillMix(0.5, feature_weight=1.0)(student, teacher)["loss"].backward()
+    assert student["image_features"].grad is not None and student["image_features"].grad.abs().sum() > 0
+    assert teacher["image_features"].grad is None
+
+
+@pytest.mark.parametrize("name", ["clip", "kd", "feature", "distill"])
+def test_every_registered_loss_builds_and_returns_named_parts(name):
+    loss = losses.get(name)
+    out = loss(_features(11), _features(12))
+    assert "loss" in out and torch.isfinite(out["loss"]) and len(out) >= 2
