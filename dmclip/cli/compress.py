@@ -1,14 +1,146 @@
-"""`dmclip compress`."""
+"""`dmclip compress`: edge -> server captioning with vision-token compression (eval, sweep, serve, send)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from dmclip.cli.common import not_built
+from dmclip.cli.common import NameOpt, RecipeArg, RunsDirOpt, SeedOpt, SetOpt, console, err_console, execute
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="BLIP model: run:<pretrain run dir>.")]
+SelectorOpt = Annotated[str | None, typer.Option(
+    "--selector", help="none | kmeans | random | topk-norm | pool | tome (`dmclip list selectors`).")]
+KOpt = Annotated[int | None, typer.Option("--k", help="k-means centroids sent per image.")]
+FractionOpt = Annotated[float | None, typer.Option("--fraction", help="Kept fraction (random, topk-norm, tome).")]
+PoolOpt = Annotated[int | None, typer.Option("--pool-size", help="Pooling window side (pool).")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Wire dtype: float16 | float32 | int8.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Test images captioned (0 = all).")]
+
+
+def _shortcuts(model, selector, k, fraction, pool_size, dtype, limit, seed, **extra) -> dict:
+    return {"model": model, "selector": selector, "k": k, "fraction": fraction, "pool_size": pool_size,
+            "dtype": dtype, "limit": limit, "seed": seed, **extra}
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("compress", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def compress(ctx: typer.Context) -> None:
-        """(not built yet) Example: dmclip compress --help"""
-        not_built("compress")
+    group = typer.Typer(help="Edge -> server captioning with vision-token compression (k-means and friends).\n\n"
+                             "Example: dmclip compress eval --model run:runs/pretrain/<run> --selector kmeans --k 8",
+                        no_args_is_help=True)
+    app.add_typer(group, name="compress")
+
+    @group.command("eval")
+    def eval_command(recipe: RecipeArg = None, model: ModelOpt = None, selector: SelectorOpt = None, k: KOpt = None,
+                     fraction: FractionOpt = None, pool_size: PoolOpt = None, dtype: DtypeOpt = None,
+                     limit: LimitOpt = None, seed: SeedOpt = None,
+                     finetune_server: Annotated[bool, typer.Option(
+                         "--finetune-server", help="Fine-tune the server decoder on compressed tokens first.")] = False,
+                     sets: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
+        """Caption a test split through a selector; BLEU-1..4, CIDEr, ratio to all tokens, bytes, times.
+
+        Example: dmclip compress eval --model run:runs/pretrain/<run> --selector kmeans --k 8
+        """
+        from dmclip.cli.common import metrics_table
+        from dmclip.compress.pipeline import CompressConfig, run_eval
+
+        shortcuts = _shortcuts(model, selector, k, fraction, pool_size, dtype, limit, seed,
+                               **({"finetune.enabled": True} if finetune_server else {}))
+        run, result = execute("compress", CompressConfig, run_eval, recipe=recipe, sets=sets, shortcuts=shortcuts,
+                              name=name or f"eval-{selector or 'kmeans'}", runs_dir=runs_dir)
+        rows = [result["baseline"], result["compressed"]] + [r for k_, r in result.items()
+                                                             if k_ == "compressed_finetuned"]
+        console.print(metrics_table("compress eval", rows, ["label", "communication_efficiency", "bytes_per_image",
+                                                            "bleu1", "bleu4", "cider", "bleu4_ratio", "edge_ms",
+                                                            "server_ms"], fmt="{:.3f}"))
+        console.print(f"report: {run.path / 'report.md'}")
+
+    @group.command("sweep")
+    def sweep_command(recipe: RecipeArg = None, model: ModelOpt = None, limit: LimitOpt = None,
+                      dtype: DtypeOpt = None, seed: SeedOpt = None, sets: SetOpt = None, name: NameOpt = None,
+                      runs_dir: RunsDirOpt = None) -> None:
+        """Sweep k / fractions / pool sizes for every selector: table (md + csv) and a plot vs bytes sent.
+
+        Example: dmclip compress sweep --model run:runs/pretrain/<run> --set sweep.k=[1,4,16]
+        """
+        from dmclip.compress.pipeline import CompressConfig, run_sweep
+
+        shortcuts = _shortcuts(model, None, None, None, None, dtype, limit, seed)
+        run, result = execute("compress", CompressConfig, run_sweep, recipe=recipe, sets=sets, shortcuts=shortcuts,
+                              name=name or "sweep", runs_dir=runs_dir)
+        console.print((run.path / "summary.md").read_text())
+        for claim in result["claims"]:
+            console.print(f"- {claim}")
+        console.print(f"plot: {result['plot']}")
+
+    @group.command("serve")
+    def serve_command(model: ModelOpt = None,
+                      port: Annotated[int, typer.Option("--port", "-p", help="TCP port (0 = any free one).")] = 5000,
+                      host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+                      max_requests: Annotated[int | None, typer.Option(
+                          "--max-requests", help="Stop after this many frames.")] = None,
+                      idle_timeout: Annotated[float | None, typer.Option(
+                          "--idle-timeout", help="Stop after this many seconds without a connection.")] = None,
+                      sets: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
+        """Run the server half: receive payloads, restore tokens, caption, reply (Ctrl-C stops).
+
+        Example: dmclip compress serve --model run:runs/pretrain/<run> --port 5000
+        """
+        from dmclip.compress.link import CaptionServer
+        from dmclip.compress.pipeline import CompressConfig, caption_handler, load_compress_model
+
+        def serve(cfg, run):
+            captioner = load_compress_model(cfg.model)
+            server = CaptionServer(caption_handler(captioner, cfg.decode), host, port, max_requests=max_requests,
+                                   idle_timeout=idle_timeout)
+            err_console.print(f"serving on {server.host}:{server.port}")
+            try:
+                stats = server.serve().as_dict()
+            finally:
+                run.write_results(server.stats.as_dict())
+            run.write_text("report.md", "# compress serve\n\n" + "".join(f"- {k}: {v}\n" for k, v in stats.items()))
+            return stats
+
+        _, stats = execute("compress", CompressConfig, serve, sets=sets, shortcuts={"model": model},
+                           name=name or "serve", runs_dir=runs_dir)
+        console.print(stats)
+
+    @group.command("send")
+    def send_command(images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG) to caption.")],
+                     server: Annotated[str, typer.Option("--server", help="host:port of `compress serve`.")],
+                     model: ModelOpt = None, selector: SelectorOpt = None, k: KOpt = None,
+                     fraction: FractionOpt = None, pool_size: PoolOpt = None, dtype: DtypeOpt = None,
+                     seed: SeedOpt = None, sets: SetOpt = None, name: NameOpt = None,
+                     runs_dir: RunsDirOpt = None) -> None:
+        """Run the edge half: encode and compress each image, send it, print the caption, bytes and latency.
+
+        Example: dmclip compress send --server 127.0.0.1:5000 --model run:runs/pretrain/<run> a.png b.png
+        """
+        from dmclip.compress.pipeline import (
+            CompressConfig,
+            load_compress_model,
+            load_images,
+            selector_from_config,
+            send_images,
+        )
+
+        def send(cfg, run):
+            edge = load_compress_model(cfg.model)
+            rows = send_images(edge, selector_from_config(cfg), load_images(images, edge.image_size), server,
+                               names=[str(p) for p in images])
+            result = {"server": server, "images": rows,
+                      "mean_payload_bytes": sum(r["payload_bytes"] for r in rows) / len(rows),
+                      "mean_rtt_ms": sum(r["rtt_ms"] for r in rows) / len(rows)}
+            run.write_results(result)
+            run.write_text("report.md", "# compress send\n\n| image | caption | bytes | rtt ms |\n|---|---|---|---|\n"
+                           + "".join(f"| {r['image']} | {r['caption']} | {r['wire_bytes_sent']} | {r['rtt_ms']:.1f} |\n"
+                                     for r in rows))
+            return result
+
+        shortcuts = _shortcuts(model, selector, k, fraction, pool_size, dtype, None, seed)
+        _, result = execute("compress", CompressConfig, send, sets=sets, shortcuts=shortcuts, name=name or "send",
+                            runs_dir=runs_dir)
+        from dmclip.cli.common import metrics_table
+
+        console.print(metrics_table("compress send", result["images"],
+                                    ["image", "caption", "wire_bytes_sent", "rtt_ms", "edge_ms", "server_ms"]))

@@ -1,0 +1,151 @@
+"""Wire codec: if these break, the bytes we report would not be what crosses the link, or the server
+would crash (instead of replying with an error) on a damaged frame."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dmclip.compress import codec
+from dmclip.compress.codec import Payload, decode, encode, index_bits, payload_stats, quantize
+from dmclip.errors import DmclipError
+
+
+@st.composite
+def payloads(draw):
+    B = draw(st.integers(1, 3))
+    N = draw(st.integers(0, 40))
+    K = draw(st.integers(0 if N == 0 else 1, 40))
+    W = draw(st.integers(1, 9))
+    dtype = draw(st.sampled_from(list(codec.DTYPES)))
+    selector = draw(st.sampled_from([*codec.SELECTOR_IDS, "my-plugin", "ünï"]))
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    vectors, scales = quantize(torch.randn(B, K, W, generator=g) * 3, dtype)
+    cls = cls_scales = None
+    if draw(st.booleans()):
+        cls, cls_scales = quantize(torch.randn(B, W, generator=g), dtype)
+    indices = None
+    if K >= 1 and draw(st.booleans()):
+        indices = torch.randint(0, K, (B, N), generator=g)
+    return Payload(selector, N, vectors, scales, cls, cls_scales, indices)
+
+
+def _same(a: Payload, b: Payload) -> bool:
+    def eq(x, y):
+        return (x is None and y is None) or (x is not None and y is not None and x.dtype == y.dtype
+                                              and torch.equal(x, y))
+    return (a.selector == b.selector and a.n_tokens == b.n_tokens and eq(a.vectors, b.vectors)
+            and eq(a.scales, b.scales) and eq(a.class_tokens, b.class_tokens)
+            and eq(a.class_scales, b.class_scales) and eq(a.indices, b.indices))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads())
+def test_round_trip_is_exact(payload):
+    data = encode(payload)
+    assert _same(decode(data), payload)
+    assert encode(decode(data)) == data
+
+
+@settings(max_examples=60, deadline=None)
+@given(payloads())
+def test_size_is_header_plus_data_plus_packed_indices(payload):
+    B, K, W = payload.vectors.shape
+    item = {"float16": 2, "float32": 4, "int8": 1}[payload.dtype]
+    scale = 2 if payload.dtype == "int8" else 0
+    expected = codec.HEADER_BYTES + codec.CRC_BYTES + B * K * (W * item + scale)
+    if payload.selector not in codec.SELECTOR_IDS:
+        expected += 1 + len(payload.selector.encode())
+    if payload.class_tokens is not None:
+        expected += B * (W * item + scale)
+    if payload.indices is not None:
+        expected += -(-B * payload.n_tokens * index_bits(K) // 8)
+    assert len(encode(payload)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(payloads(), st.data())
+def test_truncated_or_corrupted_bytes_raise_dmclip_error_only(payload, data):
+    raw = encode(payload)
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(DmclipError):
+        decode(raw[:cut])
+    position = data.draw(st.integers(0, len(raw) - 1))
+    flipped = bytearray(raw)
+    flipped[position] ^= 1 << data.draw(st.integers(0, 7))
+    with pytest.raises(DmclipError):  # the CRC (or the header checks) catch any single bit flip
+        decode(bytes(flipped))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_raise_anything_else(blob):
+    try:
+        decode(blob)
+    except DmclipError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=64), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255),
+       st.integers(0, 65535), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 65535),
+       st.integers(0, 255))
+def test_well_checksummed_garbage_headers_are_refused_cleanly(tail, sel, dtype, flags, B, N, K, W, bits):
+    """A valid magic and CRC around nonsense fields: the length and field checks must still hold."""
+    body = struct.pack("<4sBBBBHIIHB", codec.MAGIC, codec.VERSION, sel, dtype, flags, B, N, K, W, bits) + tail
+    try:
+        out = decode(body + struct.pack("<I", zlib.crc32(body)))
+    except DmclipError:
+        return
+    assert out.vectors.shape == (B, K, W)  # whatever decodes is self-consistent
+
+
+def test_bit_packing_is_lsb_first_and_tight():
+    assert [index_bits(k) for k in (1, 2, 3, 4, 5, 8, 9, 256, 257)] == [0, 1, 2, 2, 3, 3, 4, 8, 9]
+    packed = codec.pack_indices(np.array([1, 0, 3, 2]), 2)  # 01 00 11 10 -> 0b10110001
+    assert packed == bytes([0b10_11_00_01])
+    assert codec.unpack_indices(packed, 4, 2).tolist() == [1, 0, 3, 2]
+
+
+def test_known_bytes_of_a_small_payload():
+    """The layout of docs/compress.md, byte by byte."""
+    p = Payload("kmeans", 4, torch.tensor([[[1.0, -2.0]]], dtype=torch.float16).repeat(1, 2, 1),
+                indices=torch.tensor([[0, 1, 1, 0]]))
+    raw = encode(p)
+    assert raw[:4] == b"DMCZ" and raw[4] == 1 and raw[5] == 1 and raw[6] == 0 and raw[7] == 2
+    assert struct.unpack_from("<HIIHB", raw, 8) == (1, 4, 2, 2, 1)
+    assert raw[21:29] == np.array([1, -2, 1, -2], dtype="<f2").tobytes()
+    assert raw[29] == 0b0110 and len(raw) == 21 + 8 + 1 + 4
+
+
+def test_int8_quantisation_error_is_within_half_a_step():
+    values = torch.randn(2, 5, 32) * 4
+    q, scale = quantize(values, "int8")
+    back = codec.dequantize(q, scale)
+    assert ((back - values).abs() <= scale.float().unsqueeze(-1) * 0.5 + 1e-2 * values.abs()).all()
+
+
+def test_stats_count_vectors_and_index_bytes():
+    p = Payload("kmeans", 256, torch.zeros(2, 8, 768, dtype=torch.float16),
+                class_tokens=torch.zeros(2, 768, dtype=torch.float16), indices=torch.zeros(2, 256, dtype=torch.long))
+    stats = payload_stats(p)
+    assert stats["communication_efficiency"] == pytest.approx(9 / 257)
+    assert stats["index_bytes_per_image"] == 96  # 256 tokens x 3 bits
+    assert stats["bytes_per_image"] == 21 + 4 + 9 * 768 * 2 + 96
+    assert stats["bytes_per_image_without_indices"] == stats["bytes_per_image"] - 96
+
+
+def test_encode_refuses_inconsistent_payloads():
+    with pytest.raises(DmclipError):
+        encode(Payload("none", 3, torch.zeros(1, 2, 4), indices=torch.tensor([[0, 1, 2]])))  # index 2 >= K
+    with pytest.raises(DmclipError):
+        encode(Payload("none", 3, torch.zeros(1, 2, 4, dtype=torch.float64)))
+    with pytest.raises(DmclipError):
+        decode("not bytes")  # type: ignore[arg-type]

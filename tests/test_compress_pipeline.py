@@ -1,0 +1,123 @@
+"""compress eval / sweep / serve-send end to end: if these break, the numbers in docs/compress.md and the
+CLI's run directories would be wrong or missing."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from test_compress_standin import StandInCaptioner, colour_dataset
+
+from dmclip.compress.pipeline import CompressConfig, run_eval, run_sweep, score_captions, seed_claims
+from dmclip.config import load_config
+from dmclip.runs import RunDir
+
+
+def _score(refs, cands):  # no Java in the fast tests: the captions are already lower-case words
+    return score_captions(refs, cands, tokenize=False)
+
+
+def _cfg(*sets):
+    cfg, _ = load_config(CompressConfig, None, ["limit=6", "batch_size=4", *sets])
+    return cfg
+
+
+def test_eval_compares_with_the_baseline_and_writes_the_run(tmp_path):
+    run = RunDir.create("compress", "eval", root=tmp_path)
+    result = run_eval(_cfg("selector=kmeans", "k=2"), run, model=StandInCaptioner(), dataset=colour_dataset(),
+                      score_fn=_score)
+    base, row = result["baseline"], result["compressed"]
+    assert base["bleu1"] == pytest.approx(1.0) and base["bleu4_ratio"] == pytest.approx(1.0)
+    assert row["vectors_sent"] == 3 and row["tokens"] == 17
+    assert row["communication_efficiency"] == pytest.approx(3 / 17)
+    assert row["bytes_per_image"] == 21 + 4 + 3 * 6 * 2 + 2  # 16 indices x 1 bit
+    assert row["bytes_per_image_without_indices"] == row["bytes_per_image"] - 2
+    assert row["bytes_per_image"] < base["bytes_per_image"]
+    saved = json.loads((run.path / "results.json").read_text())
+    assert saved["compressed"]["bleu1"] == row["bleu1"]
+    assert "BLEU-4" in (run.path / "report.md").read_text()
+
+
+def test_sweep_writes_table_csv_plot_and_checks_the_claims(tmp_path):
+    run = RunDir.create("compress", "sweep", root=tmp_path)
+    cfg = _cfg("sweep.k=[1,2,8]", "sweep.fractions=[0.1,0.5]", "sweep.pool_sizes=[2]",
+               "sweep.tome_fractions=[0.25]")
+    result = run_sweep(cfg, run, model=StandInCaptioner(), dataset=colour_dataset(), score_fn=_score)
+    labels = [r["label"] for r in result["rows"]]
+    assert labels == ["none", "kmeans k=1", "kmeans k=2", "kmeans k=8", "random 0.1", "random 0.5",
+                      "topk-norm 0.1", "topk-norm 0.5", "pool 2x2", "tome 0.25"]
+    assert (run.path / "compress-sweep.png").stat().st_size > 10_000
+    csv_lines = (run.path / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(labels) and "bytes_per_image" in csv_lines[0]
+    assert "| kmeans k=8 |" in (run.path / "summary.md").read_text()
+    assert any("k=8" in c for c in result["claims"]) and any("random" in c for c in result["claims"])
+
+
+def test_seed_claims_are_computed_not_assumed():
+    rows = [{"selector": "kmeans", "setting": 8, "bleu4": 0.5, "bleu4_ratio": 0.5, "bleu1_ratio": 0.9,
+             "communication_efficiency": 0.03, "bytes_per_image": 100},
+            {"selector": "random", "setting": 0.4, "bleu4": 0.6, "bytes_per_image": 1000}]
+    claims = seed_claims(rows)
+    assert "does not hold" in claims[0] and "0 of 1" in claims[1]
+
+
+@pytest.mark.slow
+def test_cli_eval_sweep_serve_send_on_a_tiny_blip(tmp_path):
+    """From the command line with a real (untrained, tiny) BLIP saved like a pretrain run."""
+    import numpy as np
+    from PIL import Image
+
+    from dmclip.cli.main import main
+    from dmclip.compress.link import CaptionServer
+    from dmclip.compress.pipeline import DecodeConfig, caption_handler
+    from dmclip.models.base import load_saved_model, save_model
+    from dmclip.models.blip import BlipModel, blip_tokenizer
+
+    model = BlipModel(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, text_width=32,
+                      text_depth=1, text_heads=2, embed_dim=16, context_length=12, queue_size=8,
+                      tokenizer=blip_tokenizer(["a red circle", "two blue squares", "a green triangle"], 12))
+    save_model(model, tmp_path / "blip")
+    ref = f"run:{tmp_path / 'blip'}"
+    common = ["--runs-dir", str(tmp_path / "runs"), "--limit", "3", "--set", "decode.max_length=4",
+              "--set", "decode.min_length=1", "--set", "decode.num_beams=1"]
+    assert main(["compress", "eval", "--model", ref, "--selector", "kmeans", "--k", "4", *common]) == 0
+    assert main(["compress", "sweep", "--model", ref, *common, "--set", "sweep.selectors=[kmeans,random]",
+                 "--set", "sweep.k=[2]", "--set", "sweep.fractions=[0.5]"]) == 0
+    runs = sorted((tmp_path / "runs" / "compress").iterdir())
+    assert len(runs) == 2 and all((r / "results.json").is_file() and (r / "report.md").is_file() for r in runs)
+    assert main(["compress", "eval", "--model", "run:/no/such/run", *common]) == 2
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 40, 3), 200, dtype=np.uint8)).save(image)
+    server = CaptionServer(caption_handler(load_saved_model(tmp_path / "blip"), DecodeConfig(max_length=4,
+                                                                                              num_beams=1)),
+                           "127.0.0.1", 0, max_requests=1, idle_timeout=30)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    assert main(["compress", "send", "--server", f"127.0.0.1:{server.port}", "--model", ref, "--selector",
+                 "kmeans", "--k", "2", "--runs-dir", str(tmp_path / "runs"), str(image)]) == 0
+    thread.join(10)
+    sent = json.loads(sorted((tmp_path / "runs" / "compress").glob("*send*"))[0].joinpath("results.json").read_text())
+    assert sent["images"][0]["wire_bytes_sent"] == 4 + 21 + 4 + 3 * 32 * 2 + 2  # 16 patches x 1 bit = 2 bytes
+
+
+@pytest.mark.slow
+def test_finetune_server_trains_the_decoder_on_compressed_tokens_only(tmp_path):
+    import torch
+
+    from dmclip.compress.pipeline import finetune_server
+    from dmclip.models.blip import BlipModel, blip_tokenizer
+
+    model = BlipModel(image_size=16, patch_size=4, vision_width=16, vision_depth=1, vision_heads=2, text_width=16,
+                      text_depth=1, text_heads=2, embed_dim=8, context_length=8, queue_size=8,
+                      tokenizer=blip_tokenizer(["a red square", "a green square", "a blue square"], 8))
+    visual_before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in model.text_decoder.state_dict().items()}
+    run = RunDir.create("compress", "finetune", root=tmp_path)
+    cfg = _cfg("selector=kmeans", "k=2", "finetune.steps=3", "finetune.batch_size=4", "finetune.lr=1e-3")
+    summary = finetune_server(model, cfg, run, dataset=colour_dataset(8))
+    assert summary["steps"] == 3 and (run.path / "model" / "model.json").is_file()
+    assert all(torch.equal(v, model.visual.state_dict()[k]) for k, v in visual_before.items())  # edge frozen
+    after = model.text_decoder.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in decoder_before.items())  # the decoder is what trains

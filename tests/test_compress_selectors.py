@@ -1,0 +1,125 @@
+"""Selectors: if these break, the server would see a different token sequence than the one we measured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dmclip.compress import decode, encode
+from dmclip.compress.selectors import _bipartite_merge, build_selector, restore_payload
+from dmclip.errors import DmclipError
+from dmclip.registry import selectors
+
+
+def _tokens(B=2, N=16, W=8, seed=0):
+    return torch.randn(B, 1 + N, W, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", selectors.names())
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
+def test_every_selector_round_trips_through_the_wire(name, dtype):
+    selector = selectors.get(name, dtype=dtype, **selectors.entry(name).tiny)
+    tokens = _tokens()
+    payload = selector.compress(tokens)
+    restored = selector.restore(payload)
+    assert restored.shape[0] == 2 and restored.shape[2] == 8 and restored.dtype == torch.float32
+    assert torch.equal(restore_payload(decode(encode(payload))), restored)
+    # the class token is sent verbatim (up to the wire dtype) and comes first
+    tolerance = {"float32": 0, "float16": 1e-2, "int8": 3e-2}[dtype] * tokens[:, 0].abs().max()
+    assert (restored[:, 0] - tokens[:, 0]).abs().max() <= tolerance
+
+
+def test_none_is_lossless_in_float32():
+    tokens = _tokens()
+    assert torch.equal(selectors.get("none", dtype="float32").restore(selectors.get("none", dtype="float32")
+                                                                      .compress(tokens)), tokens)
+
+
+def test_kmeans_expand_replaces_each_token_by_its_centroid_and_centroids_mode_sends_k():
+    tokens = _tokens(N=30)
+    expand = build_selector("kmeans", k=4, dtype="float32")
+    payload = expand.compress(tokens)
+    restored = expand.restore(payload)
+    assert restored.shape == (2, 31, 8)
+    for b in range(2):
+        for i in range(30):
+            assert torch.equal(restored[b, 1 + i], payload.vectors[b, payload.indices[b, i]])
+    compact = build_selector("kmeans", k=4, dtype="float32", restore="centroids").compress(tokens)
+    assert compact.indices is None and restore_payload(compact).shape == (2, 5, 8)
+    assert len(encode(compact)) < len(encode(payload))
+
+
+def test_random_and_topk_keep_a_fraction_in_order():
+    tokens = _tokens(N=20)
+    for name in ("random", "topk-norm"):
+        kept = build_selector(name, fraction=0.25, dtype="float32").compress(tokens).vectors
+        assert kept.shape == (2, 5, 8)
+        for b in range(2):  # every kept vector is one of the patches, in original order
+            positions = [int((tokens[b, 1:] == v).all(-1).nonzero()[0]) for v in kept[b]]
+            assert positions == sorted(positions)
+    norms = tokens[:, 1:].norm(dim=-1)
+    top = build_selector("topk-norm", fraction=0.25, dtype="float32").compress(tokens).vectors.norm(dim=-1)
+    assert torch.allclose(top.sort(-1).values, norms.topk(5, -1).values.sort(-1).values)
+
+
+def test_random_is_deterministic_given_a_seed():
+    tokens = _tokens(N=50)
+    a = build_selector("random", fraction=0.3, seed=7, dtype="float32").compress(tokens).vectors
+    b = build_selector("random", fraction=0.3, seed=7, dtype="float32").compress(tokens).vectors
+    assert torch.equal(a, b)
+
+
+def test_pool_matches_windowed_means():
+    tokens = _tokens(N=16, W=3)
+    pooled = build_selector("pool", size=2, dtype="float32").compress(tokens).vectors  # 4x4 grid -> 2x2
+    grid = tokens[:, 1:].reshape(2, 4, 4, 3)
+    expected = torch.stack([grid[:, r:r + 2, c:c + 2].mean((1, 2)) for r in (0, 2) for c in (0, 2)], 1)
+    assert torch.allclose(pooled, expected, atol=1e-6)
+    assert build_selector("pool", size=3, dtype="float32").compress(tokens).vectors.shape == (2, 4, 3)
+    with pytest.raises(DmclipError):
+        build_selector("pool", size=2).compress(_tokens(N=15))
+
+
+def test_tome_merges_duplicate_pairs_exactly():
+    unique = torch.randn(1, 6, 4)
+    tokens = torch.cat([torch.zeros(1, 1, 4), unique.repeat_interleave(2, dim=1)], 1)  # a, a, b, b, ...
+    merged = build_selector("tome", fraction=0.5, dtype="float32").compress(tokens).vectors
+    assert merged.shape == (1, 6, 4)
+    assert torch.allclose(merged.sort(1).values, unique.sort(1).values, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 39), st.integers(0, 1000))
+def test_tome_keeps_the_size_weighted_sum(n, remove, seed):
+    x = torch.randn(2, n, 5, generator=torch.Generator().manual_seed(seed))
+    size = torch.ones(2, n, 1)
+    out, out_size = x, size
+    while out.shape[1] > max(1, n - remove):
+        out, out_size = _bipartite_merge(out, out_size, out.shape[1] - max(1, n - remove))
+    assert out.shape[1] == max(1, n - remove)
+    assert torch.allclose((out * out_size).sum(1), x.sum(1), atol=1e-4)
+    assert torch.equal(out_size.sum(1), size.sum(1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["random", "topk-norm", "tome"]), st.floats(0.01, 1.0), st.integers(1, 60))
+def test_fraction_selectors_send_ceil_fraction(name, fraction, n):
+    import math
+
+    payload = build_selector(name, fraction=fraction).compress(torch.randn(1, 1 + n, 4))
+    assert payload.vectors.shape[1] == max(1, min(n, math.ceil(fraction * n - 1e-9)))
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(DmclipError):
+        build_selector("random", fraction=0.0)
+    with pytest.raises(DmclipError):
+        build_selector("kmeans", k=8, restore="sideways")
+    with pytest.raises(DmclipError):
+        build_selector("none", dtype="bfloat16")
+    with pytest.raises(DmclipError):
+        build_selector("kmaens")
+    with pytest.raises(DmclipError):
+        build_selector("none").compress(torch.randn(4, 8))
