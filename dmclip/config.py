@@ -17,9 +17,10 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -55,37 +56,71 @@ def _construct_mapping(loader, node, deep=False):
     seen = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise DmclipError(f"duplicated key {key!r} at line {key_node.start_mark.line + 1}",
-                              "keep one of the two entries")
-        seen[key] = True
+        where = f"line {key_node.start_mark.line + 1}, column {key_node.start_mark.column + 1}"
+        try:
+            duplicate = key in seen
+        except TypeError:  # a list or mapping used as a key (`? [a, b]`)
+            raise DmclipError(f"a key at {where} is a {type(key).__name__}, not a plain name",
+                              "write keys as plain words: `key: value`") from None
+        if duplicate:
+            raise DmclipError(f"duplicated key {key!r} at {where} (first at line {seen[key]})",
+                              "keep one of the two entries: YAML would silently use the last one")
+        seen[key] = key_node.start_mark.line + 1
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_MAX_DEPTH = 64
+
+
+def _check_plain(data: Any, where: str, depth: int = 0, parents: tuple = ()) -> None:
+    """Refuse self-referencing anchors (``&x [*x]``) and absurd nesting before anything walks them."""
+    if not isinstance(data, (dict, list)):
+        return
+    if id(data) in parents:
+        raise DmclipError(f"{where} refers to itself through a YAML anchor/alias",
+                          "replace the recursive *alias with a plain value")
+    if depth > _MAX_DEPTH:
+        raise DmclipError(f"{where} is nested more than {_MAX_DEPTH} levels deep", "flatten the recipe")
+    children = data.values() if isinstance(data, dict) else data
+    for child in children:
+        _check_plain(child, where, depth + 1, parents + (id(data),))
 
 
 def parse_yaml(text: str, where: str = "recipe") -> Any:
-    """Parse YAML with ``safe_load`` semantics (no code tags) and one-line errors."""
+    """Parse YAML with ``safe_load`` semantics (no code tags, no duplicated keys) and one-line errors."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=_StrictLoader)
     except DmclipError as exc:
         raise DmclipError(f"{where}: {exc.message}", exc.hint) from None
+    except RecursionError:
+        raise DmclipError(f"{where} is nested too deeply to read", "flatten the recipe") from None
     except yaml.constructor.ConstructorError as exc:
-        raise DmclipError(f"{where}: refused tag {getattr(exc, 'problem', exc)} "
-                          f"(line {exc.problem_mark.line + 1 if exc.problem_mark else '?'})",
-                          "recipes are plain data: remove the !!python/... tag") from None
+        mark = exc.problem_mark
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = str(exc.problem or exc)
+        tag = problem.split("tag '", 1)[1].rstrip("'") if "tag '" in problem else None
+        if tag is not None:
+            tag = tag.replace("tag:yaml.org,2002:", "!!")
+            raise DmclipError(f"{where}: refused tag {tag}{line}",
+                              "recipes are plain data (yaml.safe_load): remove the tag and write the value") from None
+        raise DmclipError(f"{where} cannot be read{line}: {problem}", "check the YAML near that line") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        hint = "indent with spaces, not tabs" if "\t" in text else "check the YAML syntax near that line"
+        hint = ("indent with spaces, not tabs" if "\t" in text
+                else "check the YAML syntax near that line" if mark else "remove the control characters")
         raise DmclipError(f"{where} is not valid YAML{line}: {problem}", hint) from None
+    _check_plain(data, where)
+    return data
 
 
 def read_recipe(path: str | Path) -> tuple[dict, str]:
     """Read a recipe file -> (mapping, text as given)."""
     path = Path(path)
+    if path.is_dir():
+        raise DmclipError(f"recipe {str(path)!r} is a directory", "pass a YAML file inside it")
     if not path.is_file():
         raise DmclipError(f"recipe {str(path)!r} does not exist",
                           "pass a YAML file, e.g. recipes/distill.yaml (ls recipes/ shows the built-in ones)")
@@ -93,6 +128,9 @@ def read_recipe(path: str | Path) -> tuple[dict, str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DmclipError(f"recipe {str(path)!r} is not UTF-8 text", "save it as UTF-8 YAML") from None
+    except OSError as exc:
+        raise DmclipError(f"recipe {str(path)!r} cannot be read ({exc.strerror or exc})",
+                          "check its permissions") from None
     data = parse_yaml(text, where=f"recipe {path.name}")
     if data is None:
         data = {}
@@ -129,22 +167,19 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, path)
-            except DmclipError as exc:
-                errors.append(exc)
+            except DmclipError:
+                continue
         raise _type_error(path, value, tp)
     if origin is Literal:
         allowed = get_args(tp)
-        if value in allowed:
+        if any(value == a and type(value) is type(a) for a in allowed):
             return value
-        import difflib as _d
-
-        close = _d.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         raise DmclipError(f"{path} = {value!r} is not allowed",
                           f"use one of {', '.join(repr(a) for a in allowed)}"
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
@@ -154,7 +189,18 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise _type_error(path, value, tp)
         return from_dict(tp, value, path)
-    if origin in (list, tuple) or tp in (list, tuple):
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(path, value, tp)
+        args = get_args(tp)
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            item = args[0] if args else Any
+            return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise DmclipError(f"{path} = {value!r} has {len(value)} items, expected {len(args)}",
+                              f"set {path} to a list of {len(args)} values")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list or tp is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single value where a list is expected
         if not isinstance(value, (list, tuple)):
@@ -165,7 +211,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise _type_error(path, value, tp)
+        args = get_args(tp)
+        if len(args) == 2:
+            return {_convert(k, args[0], path): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
         return dict(value)
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        if isinstance(value, (str, PurePath)):
+            return tp(value)
+        raise _type_error(path, value, tp)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -196,7 +249,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
 
 def _type_error(path: str, value: Any, tp: Any) -> DmclipError:
     return DmclipError(f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}",
-                       f"set {path} to a {_type_name(tp)}")
+                       f"set {path} to a value of type {_type_name(tp)}")
 
 
 def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
@@ -211,6 +264,8 @@ def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
                               f"use one of {', '.join(map(str, choices))}"
                               + (f" (did you mean {close[0]!r}?)" if close else ""))
         if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if (lo is not None or hi is not None) and math.isnan(v):
+                raise DmclipError(f"{path} = nan is not a number", f"set {path} to a number")
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 bounds = (f"between {lo} and {hi}" if lo is not None and hi is not None
                           else f">= {lo}" if lo is not None else f"<= {hi}")
@@ -224,7 +279,8 @@ def _hints(cls) -> dict[str, Any]:
 def from_dict(cls, data: dict, path: str = ""):
     """Build dataclass ``cls`` from a mapping, naming the key path of any problem."""
     if not isinstance(data, dict):
-        raise DmclipError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+        raise DmclipError(f"{path or 'config'} must be a mapping of keys to values, got {type(data).__name__}",
+                          f"write {path or 'it'} as indented `key: value` lines")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
     unknown = [k for k in data if k not in fields]
@@ -243,12 +299,18 @@ def from_dict(cls, data: dict, path: str = ""):
         converted = _convert(value, hints[name], full)
         _check_range(f, converted, full)
         kwargs[name] = converted
+    prefix = f"{path}." if path else ""
+    missing = [n for n, f in fields.items() if n not in kwargs and f.init
+               and f.default is _MISSING and f.default_factory is _MISSING]
+    if missing:
+        raise DmclipError(f"config key {prefix + missing[0]!r} is required and has no default",
+                          f"set it in the recipe or with --set {prefix + missing[0]}=...")
     try:
         return cls(**kwargs)
     except DmclipError:
         raise
-    except (TypeError, ValueError) as exc:
-        raise DmclipError(f"{path or 'config'}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # a __post_init__ check
+        raise DmclipError(f"{path or 'config'}: {exc}", "fix the values named above") from None
 
 
 def validate(cfg) -> None:
@@ -256,8 +318,20 @@ def validate(cfg) -> None:
     from_dict(type(cfg), to_dict(cfg))
 
 
+def _plain(obj: Any) -> Any:
+    """Tuples -> lists, paths -> strings: what YAML and JSON can hold (``from_dict`` converts back)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, PurePath):
+        return str(obj)
+    return obj
+
+
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts/lists/scalars (what resolved.yaml holds)."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 def to_yaml(cfg) -> str:
@@ -287,22 +361,39 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _dataclass_of(tp) -> Any:
+    """``tp`` itself, or the dataclass inside ``Optional[...]``; None for a leaf type."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        return inner[0] if len(inner) == 1 else None
+    return None
+
+
 def set_path(data: dict, key: str, value: Any, cls=None) -> None:
     """Set ``a.b.c`` in a nested mapping, checking each part against dataclass ``cls`` if given."""
     parts = key.split(".")
-    node, node_cls, walked = data, cls, []
+    if any(not p for p in parts):
+        raise DmclipError(f"--set {key}: {key!r} is not a key path", "write it as a.b.c=value, e.g. optim.lr=1e-3")
+    node, node_cls, walked, leaf = data, cls, [], None
     for i, part in enumerate(parts):
         walked.append(part)
+        if leaf is not None:  # a.b.c where a.b is a number, string, ...
+            raise DmclipError(f"--set {key}: {leaf[0]} is a {_type_name(leaf[1])} value, not a section",
+                              f"set {leaf[0]} itself, e.g. --set {leaf[0]}=...")
         if node_cls is not None:
             names = {f.name: f for f in dataclasses.fields(node_cls)}
             if part not in names:
                 prefix = ".".join(walked[:-1])
                 close = difflib.get_close_matches(part, list(names), n=1, cutoff=0.5)
                 hint = (f"did you mean {(prefix + '.') if prefix else ''}{close[0]}?" if close
-                        else f"valid keys here: {', '.join(names)}")
+                        else f"valid keys here: {', '.join((prefix + '.' if prefix else '') + n for n in names)}")
                 raise DmclipError(f"--set {key}: unknown config key {'.'.join(walked)!r}", hint)
             tp = _hints(node_cls)[part]
-            node_cls = tp if dataclasses.is_dataclass(tp) else None
+            node_cls = _dataclass_of(tp)
+            if node_cls is None and get_origin(tp) is not dict and tp is not dict and tp is not Any:
+                leaf = (".".join(walked), tp)
         if i == len(parts) - 1:
             node[part] = value
         else:
@@ -311,6 +402,37 @@ def set_path(data: dict, key: str, value: Any, cls=None) -> None:
                 child = {}
                 node[part] = child
             node = child
+
+
+def parse_sweep_values(text: Any, type: typing.Callable = float, option: str = "value") -> list:
+    """``"0,0.25,0.75,1"`` -> ``[0.0, 0.25, 0.75, 1.0]``: the values of a shortcut option that sweeps.
+
+    A single value gives a one-item list; a number or a list is accepted as already parsed.
+    ``option`` names the option in errors (e.g. ``"--alpha"``).
+    """
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    elif isinstance(text, (int, float)) and not isinstance(text, bool):
+        items = [text]
+    else:
+        items = [part.strip() for part in str(text).split(",")]
+    if not items or any(isinstance(i, str) and not i for i in items):
+        raise DmclipError(f"{option} {text!r} has an empty value",
+                          f"separate values with commas and no empty items, e.g. {option} 0,0.25,0.75,1")
+    values = []
+    for item in items:
+        try:
+            value = type(item)
+        except (TypeError, ValueError):
+            name = getattr(type, "__name__", "value")
+            raise DmclipError(f"{option} {item!r} is not a {name}",
+                              f"pass one {name} or a comma-separated list, e.g. {option} 0,0.25,0.75,1") from None
+        if isinstance(value, float) and math.isnan(value):
+            raise DmclipError(f"{option} {item!r} is not a number", f"pass numbers, e.g. {option} 0,0.25")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise DmclipError(f"{option} {text!r} repeats a value", "list each sweep point once")
+    return values
 
 
 def load_config(cls, recipe: str | Path | None = None, sets: typing.Sequence[str] = (),

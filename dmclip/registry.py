@@ -11,6 +11,12 @@
 Built-in entries live in the packages listed in ``_BUILTIN_PACKAGES`` (each package imports its
 modules in ``__init__``); third-party plugins are modules named in the ``dmclip.plugins``
 entry-point group, imported once. A duplicate name is an error, never a silent overwrite.
+
+A plugin package declares, in its pyproject.toml::
+
+    [project.entry-points."dmclip.plugins"]
+    my_models = "my_package.dmclip_plugin"            # a module: importing it registers entries
+    my_losses = "my_package.plugin:register"          # or a function, called once with no arguments
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ T = TypeVar("T")
 _BUILTIN_PACKAGES = ["dmclip.data", "dmclip.models", "dmclip.losses", "dmclip.compress"]
 PLUGIN_GROUP = "dmclip.plugins"
 _loaded = False
+_failure: DmclipError | None = None  # a broken plugin: every later lookup reports it again
+_SINGULAR = {"teachers": "teacher", "students": "student", "losses": "loss", "datasets": "dataset",
+             "selectors": "selector", "decoders": "decoder"}
 
 
 @dataclass
@@ -62,15 +71,16 @@ class Registry(Generic[T]):
 
     def add(self, name: str, factory: Callable[..., T], *, description: str | None = None,
             tiny: dict | None = None, source: str | None = None) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise DmclipError(f"{self.kind} entry name {name!r} is not a non-empty string", "register a plain name")
         if name in self._entries:
             old = self._entries[name]
             raise DmclipError(
                 f"{self.kind} name {name!r} is registered twice ({old.source} and {source or _current_source()})",
                 "rename one of them: a name must be unique, dmclip never overwrites an entry",
             )
-        doc = description or (factory.__doc__ or "").strip().splitlines()[0:1]
-        if isinstance(doc, list):
-            doc = doc[0] if doc else ""
+        lines = (factory.__doc__ or "").strip().splitlines()
+        doc = description or (lines[0].strip() if lines else "")
         self._entries[name] = Entry(name, factory, doc, dict(tiny or {}), source or _current_source())
 
     def entry(self, name: str) -> Entry[T]:
@@ -78,7 +88,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise DmclipError(f"no {self.kind[:-1] if self.kind.endswith('s') else self.kind} named {name!r}",
+            raise DmclipError(f"no {_SINGULAR.get(self.kind, self.kind)} named {name!r}",
                               did_you_mean(name, self._entries) + f" (`dmclip list {self.kind}` shows all)") from None
 
     def get(self, name: str, **kwargs) -> T:
@@ -121,22 +131,38 @@ REGISTRIES: dict[str, Registry] = {r.kind: r for r in (teachers, students, losse
 
 
 def load_plugins(force: bool = False) -> None:
-    """Import the built-in packages, then every module named in the ``dmclip.plugins`` entry points."""
-    global _loaded
+    """Import the built-in packages, then every module named in the ``dmclip.plugins`` entry points.
+
+    Runs once per process (``force=True`` re-scans, e.g. after installing a plugin). A plugin that
+    fails to import raises a :class:`DmclipError` naming it, now and on every later call.
+    """
+    global _loaded, _failure
     if _loaded and not force:
+        if _failure is not None:
+            raise _failure
         return
-    _loaded = True
+    _loaded, _failure = True, None
     for package in _BUILTIN_PACKAGES:
         if importlib.util.find_spec(package) is not None:
             importlib.import_module(package)
+    seen: set[str] = set()
     for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        if ep.value in seen:  # the same distribution visible twice on sys.path
+            continue
+        seen.add(ep.value)
         _source_stack.append(f"plugin {ep.name}")
         try:
-            ep.load()
-        except DmclipError:
-            raise
-        except Exception as exc:  # a broken plugin must not take the whole CLI down silently
-            raise DmclipError(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}",
-                              f"fix or uninstall the package that provides it") from exc
+            loaded = ep.load()
+            if callable(loaded) and not isinstance(loaded, type):
+                loaded()
+        except DmclipError as exc:
+            _failure = DmclipError(f"plugin {ep.name!r} ({ep.value}): {exc.message}", exc.hint)
+            raise _failure from exc
+        except Exception as exc:  # a broken plugin must not take the CLI down with a traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _failure = DmclipError(f"plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {first}",
+                                   f"fix or uninstall the package that provides it (pip uninstall "
+                                   f"{ep.dist.name if ep.dist else '<package>'})")
+            raise _failure from exc
         finally:
             _source_stack.pop()

@@ -29,7 +29,9 @@ from dmclip.errors import DmclipError
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
-STATUSES = ("running", "completed", "failed", "interrupted")
+# "created" until the work starts; "crashed" is never written: display_status() shows a "running" run
+# whose process is gone that way.
+STATUSES = ("created", "running", "completed", "failed", "interrupted")
 
 
 def default_runs_root() -> Path:
@@ -143,6 +145,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._log_handler: logging.Handler | None = None
+        self._metrics_checked = False
 
     # ---- creation
     @classmethod
@@ -205,10 +208,14 @@ class RunDir:
     @property
     def info(self) -> dict:
         try:
-            return json.loads((self.path / "run.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            info = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DmclipError(f"{self.path}/run.json cannot be read ({exc})",
                               "the run directory is damaged; start a new run") from None
+        if not isinstance(info, dict):
+            raise DmclipError(f"{self.path}/run.json is not a JSON object",
+                              "the run directory is damaged; start a new run")
+        return info
 
     def update_info(self, **fields) -> None:
         info = self.info
@@ -234,7 +241,15 @@ class RunDir:
     def log_metrics(self, record: dict) -> None:
         """Append one JSON object to metrics.jsonl (flushed, so a kill loses at most this line)."""
         line = json.dumps(_jsonable(record)) + "\n"
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        path = self.path / "metrics.jsonl"
+        if not self._metrics_checked:  # a kill may have cut the last line: start on a fresh one
+            self._metrics_checked = True
+            if path.exists() and path.stat().st_size:
+                with open(path, "rb") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        line = "\n" + line
+        with open(path, "a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
 
@@ -243,17 +258,20 @@ class RunDir:
         if not path.exists():
             return []
         rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
         return rows
 
     def truncate_metrics(self, max_step: int) -> None:
         """Drop metric rows after ``max_step`` (on resume, rows past the checkpoint are replayed)."""
-        rows = [r for r in self.metrics() if r.get("step", -1) <= max_step]
+        rows = [r for r in self.metrics() if not isinstance(r.get("step"), (int, float)) or r["step"] <= max_step]
         atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        self._metrics_checked = True
 
     def write_results(self, results: dict) -> None:
         atomic_write_json(self.path / "results.json", results)
@@ -277,6 +295,9 @@ class RunDir:
     def save_checkpoint(self, state: dict, name: str = "last.pt") -> Path:
         path = self.checkpoint_path(name)
         atomic_torch_save(state, path)
+        for stale in path.parent.glob(f".{name}.*.tmp"):  # left by a process killed mid-write
+            with contextlib.suppress(OSError):
+                stale.unlink()
         return path
 
     def load_checkpoint(self, name: str = "last.pt") -> dict:
@@ -286,8 +307,9 @@ class RunDir:
     @contextlib.contextmanager
     def active(self):
         """Mark the run running; record completed / failed (with the error) / interrupted."""
-        self.update_info(status="running", pid=os.getpid(), resumed_at=_now() if self.status != "created" else None,
-                         end_time=None, error=None)
+        self.update_info(status="running", pid=os.getpid(), pid_start=_process_start(os.getpid()),
+                         host=socket.gethostname(),
+                         resumed_at=_now() if self.status != "created" else None, end_time=None, error=None)
         self._attach_log()
         old_term = _install_sigterm()
         try:
@@ -329,7 +351,8 @@ class RunDir:
         """The status, with a 'running' run whose process is gone shown as 'crashed'."""
         info = self.info
         status = info.get("status", "unknown")
-        if status == "running" and info.get("host") == socket.gethostname() and not _pid_alive(info.get("pid")):
+        if (status == "running" and info.get("host") == socket.gethostname()
+                and not _pid_alive(info.get("pid"), info.get("pid_start"))):
             return "crashed"
         return status
 
@@ -351,16 +374,35 @@ def _torch_version() -> str | None:
         return None
 
 
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int):
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name may hold spaces and ')'
+    try:
+        if fields[0] == "Z":  # a zombie has finished
+            return -1
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid, start: int | None = None) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    # a zombie or a reused pid still counts as alive here; good enough for a status column
+        pass
+    now = _process_start(pid)
+    if now == -1:
+        return False
+    if start is not None and now is not None and now != start:  # the pid now belongs to another process
+        return False
     return True
 
 
@@ -393,13 +435,20 @@ def find_runs(root: Path | None = None, command: str | None = None) -> list[RunD
         return []
     found = [RunDir(p.parent) for p in root.rglob("run.json")]
     if command:
-        found = [r for r in found if r.command == command]
+        found = [r for r in found if _safe_info(r).get("command") == command]
     return sorted(found, key=lambda r: r.path.name, reverse=True)
+
+
+def _safe_info(run: RunDir) -> dict:
+    try:
+        return run.info
+    except DmclipError:
+        return {}
 
 
 def latest_run(command: str, root: Path | None = None, status: str = "completed", name: str | None = None) -> RunDir | None:
     for run in find_runs(root, command):
-        info = run.info
+        info = _safe_info(run)
         if info.get("status") == status and (name is None or info.get("name") == name):
             return run
     return None

@@ -5,28 +5,30 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dmclip.errors import DmclipError
 
 console = Console()  # results: stdout
 err_console = Console(stderr=True)
+CURRENT_ARGV: list[str] | None = None  # set by main(); what run.json records as argv
 
-RecipeArg = Annotated[Optional[Path], typer.Argument(
+RecipeArg = Annotated[Path | None, typer.Argument(
     help="YAML recipe, or a run's resolved.yaml to repeat it exactly.", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option(
+SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override any config field: key.path=value (repeatable).", show_default=False)]
-NameOpt = Annotated[Optional[str], typer.Option("--name", "-n", help="Run name (part of the run directory name).")]
-RunsDirOpt = Annotated[Optional[Path], typer.Option(
+NameOpt = Annotated[str | None, typer.Option("--name", "-n", help="Run name (part of the run directory name).")]
+RunsDirOpt = Annotated[Path | None, typer.Option(
     "--runs-dir", help="Where run directories go [default: $DMCLIP_RUNS or ./runs].", show_default=False)]
-ResumeOpt = Annotated[Optional[Path], typer.Option(
+ResumeOpt = Annotated[Path | None, typer.Option(
     "--resume", help="Continue an interrupted run directory (same results as an uninterrupted run).",
     show_default=False)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (overrides the recipe's).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (overrides the recipe's).")]
 
 
 def not_built(command: str) -> None:
@@ -55,16 +57,22 @@ def execute(command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe:
         if run.command != command:
             raise DmclipError(f"{resume} is a `{run.command}` run, not a `{command}` run",
                               f"resume it with `dmclip {run.command} --resume {resume}`")
-        if run.status == "completed":
+        status = run.display_status()
+        if status == "completed":
             raise DmclipError(f"{resume} already completed", "start a new run instead of --resume")
+        if status == "running":
+            raise DmclipError(f"{resume} is still running (pid {run.info.get('pid')} on {run.info.get('host')})",
+                              "wait for it to finish, or stop that process first; two processes must not "
+                              "write one run directory")
         config = run.resolved_config(config_cls)
     else:
         config, recipe_text = load_config(config_cls, recipe, sets or [], shortcuts)
         run_name = name or (Path(recipe).stem if recipe else command)
         run = RunDir.create(command, run_name, config, root=runs_dir, recipe_text=recipe_text,
-                            overrides=list(sets or []), argv=["dmclip", *sys.argv[1:]],
+                            overrides=list(sets or []),
+                            argv=CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
                             seed=getattr(config, seed_field, None))
-    err_console.print(f"[dim]run directory:[/dim] {run.path}")
+    err_console.print(f"[dim]run directory:[/dim] {escape(str(run.path))}", highlight=False, soft_wrap=True)
     with run.active():
         result = fn(config, run)
     return run, result

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from dmclip.cli.common import console
 from dmclip.errors import DmclipError, did_you_mean
 
 
 def _param_count(entry) -> str:
-    """Parameters of the entry's default build, where that is cheap (models only)."""
+    """Parameters of the entry's default build, where that is cheap (models only).
+
+    Built on the meta device: shapes without memory or init time, and nothing is downloaded.
+    """
+    import torch
     from torch import nn
 
     from dmclip.models.base import count_parameters
 
     try:
-        obj = entry.factory()
-    except Exception:  # noqa: BLE001 - a factory that needs arguments just shows '-'
+        with torch.device("meta"):
+            obj = entry.factory()
+    except Exception:  # noqa: BLE001 - a factory that needs arguments or real data just shows '-'
         return "-"
     if not isinstance(obj, nn.Module):
         return "-"
@@ -30,7 +36,7 @@ def _param_count(entry) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("list")
     def list_registry(
-        kind: Annotated[Optional[str], typer.Argument(
+        kind: Annotated[str | None, typer.Argument(
             help="teachers | students | losses | datasets | selectors | decoders (all when omitted).")] = None,
         pattern: Annotated[str, typer.Option("--pattern", "-p", help="Glob on names, e.g. 'mamba*'.")] = "*",
     ) -> None:
@@ -54,10 +60,10 @@ def register(app: typer.Typer) -> None:
                 table.add_column("params", justify="right")
             table.add_column("source")
             for entry in registry.entries(pattern):
-                row = [entry.name, entry.description]
+                row = [Text(entry.name), Text(entry.description)]
                 if models:
                     row.append(_param_count(entry))
-                table.add_row(*row, entry.source)
+                table.add_row(*row, Text(entry.source))
             if not registry.names(pattern):
                 table.add_row("(none)", "", *([""] if models else []), "")
             console.print(table)

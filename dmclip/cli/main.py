@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Annotated, Optional
+import traceback
+from typing import Annotated
 
 import typer
 
@@ -36,7 +37,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings only.")] = False,
@@ -69,35 +70,57 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _print_error(message: str, hint: str) -> None:
+    from rich.markup import escape
+
+    from dmclip.cli.common import err_console
+
+    # escape(): a message may quote user text such as `--set a=[1,2]`, which Rich would read as markup
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]hint:[/yellow] {escape(hint)}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (without the program name); return the exit code."""
+    from dmclip.cli import common
     from dmclip.cli.common import err_console
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    common.CURRENT_ARGV = ["dmclip", *argv]  # what run.json records, also when tests call main([...])
+    debug = bool(os.environ.get("DMCLIP_DEBUG"))
     try:
         result = app(args=argv, prog_name="dmclip", standalone_mode=False)
-        return result if isinstance(result, int) else 0
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
     except DmclipError as exc:
-        if os.environ.get("DMCLIP_DEBUG"):
-            err_console.print_exception()
-        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
-        if exc.hint:
-            err_console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False, soft_wrap=True)
+        if debug:
+            traceback.print_exc()
+        _print_error(exc.message, exc.hint or "run with DMCLIP_DEBUG=1 to see where it came from")
         return 2
     except typer.TyperException as exc:  # usage errors: wrong option, missing argument, bad value
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `dmclip` or `dmclip runs` alone: help was printed
+            return 0
         ctx = getattr(exc, "ctx", None)
         sub = ctx.command_path if ctx is not None else "dmclip"
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         possibilities = getattr(exc, "possibilities", None)
         hint = f"did you mean {' or '.join(possibilities)}?" if possibilities else f"see `{sub} --help`"
-        err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-        err_console.print(f"[yellow]hint:[/yellow] {hint}", highlight=False, soft_wrap=True)
-        return getattr(exc, "exit_code", 2) or 2
+        if debug:
+            traceback.print_exc()
+        _print_error(message.strip() or type(exc).__name__, hint)
+        code = getattr(exc, "exit_code", 2)
+        return code if isinstance(code, int) and code not in (0, 1) else 2
     except typer.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        err_console.print("[bold red]interrupted[/bold red]; a run directory left behind can be continued with --resume")
+        err_console.print("[bold red]interrupted[/bold red]; a run directory left behind can be continued "
+                          "with --resume", highlight=False, soft_wrap=True)
         return 130
+    except Exception as exc:  # a bug: the traceback is what a report needs
+        traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _print_error(f"unexpected {type(exc).__name__}: {first}",
+                     "this is a bug in dmclip: please report it with the traceback above")
+        return 1
 
 
 def run() -> None:  # console-script entry point

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from dmclip.cli.common import RunsDirOpt, console
 from dmclip.errors import DmclipError
@@ -60,7 +62,7 @@ def register(app: typer.Typer) -> None:
     @runs_app.command("list")
     def list_runs(
         runs_dir: RunsDirOpt = None,
-        command: Annotated[Optional[str], typer.Option("--command", "-c", help="Only runs of this command.")] = None,
+        command: Annotated[str | None, typer.Option("--command", "-c", help="Only runs of this command.")] = None,
         limit: Annotated[int, typer.Option("--limit", help="Show at most this many (newest first).")] = 30,
     ) -> None:
         """List runs, newest first. Example: dmclip runs list --command pretrain"""
@@ -69,18 +71,25 @@ def register(app: typer.Typer) -> None:
         root = runs_dir or default_runs_root()
         found = find_runs(root, command)
         if not found:
-            console.print(f"no runs under {root} yet — start one with `dmclip pretrain` or `make demo`")
+            console.print(f"no runs under {escape(str(root))} yet — start one with `dmclip pretrain` or `make demo`")
             return
         table = Table(title=f"runs under {root}", title_justify="left")
-        for col in ("command", "name", "status", "key metric", "step", "age", "directory"):
-            table.add_column(col)
+        for col in ("command", "name", "status", "key metric", "step", "age"):
+            table.add_column(col, no_wrap=col != "name")
+        table.add_column("directory", overflow="fold")  # wraps instead of hiding the path to copy
         for run in found[:limit]:
-            info = run.info
+            try:
+                info = run.info
+            except DmclipError:  # a damaged run.json must not hide every other run
+                table.add_row("?", "?", Text("damaged", style="red"), "-", "-", "-", str(run.path))
+                continue
             status = run.display_status()
             metric = key_metric(run)
+            step = run.last_step()
             style = {"completed": "green", "failed": "red", "crashed": "red", "interrupted": "yellow"}.get(status, "")
-            table.add_row(info.get("command", "?"), info.get("name", "?"), f"[{style}]{status}[/{style}]" if style else status,
-                          f"{metric[0]}={metric[1]:.4g}" if metric else "-", str(run.last_step() or "-"),
+            # Text cells: names and paths are user text, never Rich markup
+            table.add_row(str(info.get("command", "?")), str(info.get("name", "?")), Text(status, style=style),
+                          f"{metric[0]}={metric[1]:.4g}" if metric else "-", "-" if step is None else str(step),
                           _age(info.get("start_time")), str(run.path))
         console.print(table)
 
@@ -96,8 +105,9 @@ def register(app: typer.Typer) -> None:
         table.add_column("value")
         for key in ("command", "name", "status", "start_time", "end_time", "seed", "git_sha", "torch", "error"):
             value = run.display_status() if key == "status" else info.get(key)
-            table.add_row(key, "-" if value is None else str(value))
-        table.add_row("last step", str(run.last_step() or "-"))
+            table.add_row(key, Text("-" if value is None else str(value)))
+        step = run.last_step()
+        table.add_row("last step", "-" if step is None else str(step))
         console.print(table)
         results = run.results()
         if results:
@@ -112,8 +122,7 @@ def register(app: typer.Typer) -> None:
     @runs_app.command("compare")
     def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")]) -> None:
         """Metrics side by side and the config keys that differ. Example: dmclip runs compare runs/distill/a runs/distill/b"""
-        import yaml
-
+        from dmclip.config import parse_yaml
         from dmclip.runs import RunDir
 
         if len(run_dirs) < 2:
@@ -132,7 +141,8 @@ def register(app: typer.Typer) -> None:
         configs = []
         for r in runs:
             path = r.path / "resolved.yaml"
-            configs.append(_flatten("", yaml.safe_load(path.read_text()) if path.exists() else {}, {}))
+            data = parse_yaml(path.read_text(encoding="utf-8"), where=str(path)) if path.exists() else {}
+            configs.append(_flatten("", data if isinstance(data, dict) else {}, {}))
         diff = [k for k in dict.fromkeys(k for c in configs for k in c) if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
         cfg_table = Table(title="config keys that differ", title_justify="left")
         cfg_table.add_column("key")

@@ -1,0 +1,222 @@
+"""The `dmclip` command as a user meets it: help, version, exit codes, one-line errors, runs via execute()."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import typer
+
+from dmclip import __version__
+from dmclip.cli import common
+from dmclip.cli.main import app, main
+from dmclip.config import field
+from dmclip.errors import DmclipError
+from dmclip.runs import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+
+@pytest.fixture
+def plain_help(monkeypatch):
+    """Help rendered the same everywhere: 100 columns, no colour, whatever the terminal or CI says."""
+    import typer.rich_utils as rich_utils
+
+    monkeypatch.setattr(rich_utils, "MAX_WIDTH", 100)
+    monkeypatch.setattr(rich_utils, "COLOR_SYSTEM", None)
+    monkeypatch.setattr(rich_utils, "FORCE_TERMINAL", False)
+
+
+def _stderr_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("argv, snapshot", [
+    (["--help"], "dmclip.txt"), (["runs", "--help"], "runs.txt"), (["list", "--help"], "list.txt")])
+def test_help_snapshot(argv, snapshot, plain_help, capsys):
+    """Help text changes only on purpose. Regenerate: DMCLIP_UPDATE_SNAPSHOTS=1 pytest tests/test_cli.py"""
+    assert main(argv) == 0
+    out = "\n".join(line.rstrip() for line in capsys.readouterr().out.splitlines()) + "\n"
+    path = SNAPSHOTS / snapshot
+    if os.environ.get("DMCLIP_UPDATE_SNAPSHOTS"):
+        path.write_text(out)
+    assert out == path.read_text(), f"`dmclip {' '.join(argv)}` changed; if on purpose, regenerate {path}"
+
+
+def _all_commands(group=None, prefix=()):
+    group = group or typer.main.get_command(app)
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name)
+        if hasattr(command, "commands"):
+            yield from _all_commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("argv", list(_all_commands()), ids=" ".join)
+def test_every_command_has_help_with_an_example(argv, plain_help, capsys):
+    assert main([*argv, "--help"]) == 0
+    assert re.search(r"Example", capsys.readouterr().out), f"`dmclip {' '.join(argv)} --help` shows no example"
+
+
+def test_no_arguments_prints_help_and_succeeds(plain_help, capsys):
+    assert main([]) == 0
+    captured = capsys.readouterr()
+    assert "Usage: dmclip" in captured.out and captured.err == ""
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dmclip {__version__}"
+
+
+# ---------------------------------------------------------------------------------- exit codes
+
+
+@pytest.mark.parametrize("argv, error, hint", [
+    (["pretrian"], "error: No such command 'pretrian'.", "hint: see `dmclip --help`"),
+    (["runs", "lst"], "error: No such command 'lst'. Did you mean 'list'?", "hint: see `dmclip runs --help`"),
+    (["runs", "list", "--bogus"], "error: No such option: --bogus", "hint: see `dmclip runs list --help`"),
+    (["runs", "list", "--limit", "many"], "error: Invalid value for '--limit'", "hint: see `dmclip runs list --help`"),
+    (["runs", "show"], "error: Missing argument", "hint: see `dmclip runs show --help`"),
+])
+def test_usage_errors_exit_2_with_error_and_hint(argv, error, hint, capsys):
+    assert main(argv) == 2
+    lines = _stderr_lines(capsys)
+    assert len(lines) == 2 and lines[0].startswith(error) and lines[1] == hint
+
+
+def test_user_error_is_exactly_two_lines(capsys):
+    assert main(["list", "studnts"]) == 2
+    assert _stderr_lines(capsys) == ["error: no registry named 'studnts'", "hint: did you mean 'students'?"]
+
+
+def test_user_text_is_not_read_as_markup(capsys):
+    assert main(["list", "[bold]x[/bold]"]) == 2
+    assert _stderr_lines(capsys)[0] == "error: no registry named '[bold]x[/bold]'"
+
+
+def test_debug_variable_shows_the_traceback(monkeypatch, capsys):
+    monkeypatch.setenv("DMCLIP_DEBUG", "1")
+    assert main(["list", "studnts"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "error: no registry named 'studnts'" in err
+
+
+def test_unexpected_exception_exits_1_with_traceback(monkeypatch, capsys):
+    import dmclip.runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dmclip.runs, "find_runs", broken)
+    assert main(["runs", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'raise RuntimeError("boom")' in err
+    assert "error: unexpected RuntimeError: boom" in err and "hint: this is a bug in dmclip" in err
+
+
+def test_console_script_exit_codes():
+    """Through the real entry point, as a shell sees it."""
+    run = [sys.executable, "-c", "from dmclip.cli.main import run; run()"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run([*run, "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert (ok.returncode, ok.stdout.strip()) == (0, f"dmclip {__version__}")
+    bad = subprocess.run([*run, "runs", "show", "/nonexistent-run"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[0] == "error: /nonexistent-run is not a dmclip run directory (no run.json)"
+
+
+# --------------------------------------------------------------------- execute(): the run flow
+
+
+@dataclass
+class EchoConfig:
+    seed: int = field(0, "random seed")
+    alpha: float = field(0.5, "a weight", min=0.0, max=1.0)
+
+
+def _echo(config, run):
+    run.log_metrics({"step": 1, "alpha": config.alpha})
+    return {"alpha": config.alpha}
+
+
+def test_execute_creates_a_completed_run_with_provenance(tmp_path):
+    common.CURRENT_ARGV = ["dmclip", "distill", "--alpha", "0.75"]
+    run, result = common.execute("distill", EchoConfig, _echo, sets=["seed=3"], shortcuts={"alpha": 0.75},
+                                 name="echo", runs_dir=tmp_path)
+    assert result == {"alpha": 0.75}
+    info = run.info
+    assert info["status"] == "completed" and info["seed"] == 3
+    assert info["argv"] == ["dmclip", "distill", "--alpha", "0.75"]
+    assert (run.path / "overrides.txt").read_text() == "seed=3\n"
+    # the resolved config repeats the run: same config, same hash, a new directory
+    again, _ = common.execute("distill", EchoConfig, _echo, recipe=run.path / "resolved.yaml", runs_dir=tmp_path)
+    assert again.path != run.path and again.path.name[-6:] == run.path.name[-6:]
+
+
+def test_execute_records_a_failure(tmp_path):
+    def fails(config, run):
+        raise DmclipError("no data", "add data")
+
+    with pytest.raises(DmclipError):
+        common.execute("distill", EchoConfig, fails, runs_dir=tmp_path)
+    (run,) = [RunDir(p) for p in (tmp_path / "distill").iterdir()]
+    assert run.status == "failed" and run.info["error"] == "no data (hint: add data)"
+
+
+def test_resume_continues_an_interrupted_run_with_its_own_config(tmp_path):
+    def interrupted(config, run):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.execute("distill", EchoConfig, interrupted, sets=["alpha=0.25"], runs_dir=tmp_path)
+    (path,) = list((tmp_path / "distill").iterdir())
+    run, result = common.execute("distill", EchoConfig, _echo, resume=path)
+    assert run.path == path and result == {"alpha": 0.25} and run.status == "completed"
+
+
+@pytest.mark.parametrize("status, kwargs, message", [
+    ("completed", {}, "already completed"),
+    ("running", {}, "is still running"),
+    ("interrupted", {"sets": ["alpha=1"]}, "--resume continues a run with its own saved config"),
+    ("interrupted", {"command": "pretrain"}, "is a `distill` run, not a `pretrain` run"),
+])
+def test_resume_refusals(tmp_path, status, kwargs, message):
+    run = RunDir.create("distill", "r", EchoConfig(), root=tmp_path)
+    run.update_info(status=status, pid=os.getpid(), pid_start=None, host=__import__("socket").gethostname())
+    command = kwargs.pop("command", "distill")
+    with pytest.raises(DmclipError, match=re.escape(message)):
+        common.execute(command, EchoConfig, _echo, resume=run.path, **kwargs)
+
+
+def test_config_errors_reach_the_user_as_two_lines(tmp_path, capsys):
+    """Any command built on execute() reports a bad --set like this."""
+    cli = typer.Typer()
+
+    @cli.command()
+    def echo(sets: common.SetOpt = None) -> None:
+        common.execute("distill", EchoConfig, _echo, sets=sets, runs_dir=tmp_path)
+
+    @cli.command()
+    def other() -> None:
+        pass
+
+    main_module = importlib.import_module("dmclip.cli.main")
+    original = main_module.app
+    main_module.app = cli
+    try:
+        assert main(["echo", "--set", "alpah=1"]) == 2
+    finally:
+        main_module.app = original
+    assert _stderr_lines(capsys) == ["error: --set alpah: unknown config key 'alpah'", "hint: did you mean alpha?"]
+    assert not (tmp_path / "distill").exists()  # nothing is created for a config that does not resolve

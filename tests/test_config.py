@@ -1,0 +1,300 @@
+"""Configs: recipes, --set overrides, shortcuts, and the error a user gets for every kind of mistake."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dmclip.config import (
+    config_hash,
+    describe,
+    field,
+    from_dict,
+    load_config,
+    parse_override,
+    parse_sweep_values,
+    parse_yaml,
+    save_config,
+    set_path,
+    to_dict,
+    to_yaml,
+)
+from dmclip.errors import DmclipError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(5e-4, "peak learning rate", min=0.0)
+    warmup_steps: int = field(10, "linear warm-up length, steps", min=0)
+    betas: tuple[float, float] = field((0.9, 0.98), "AdamW betas")
+
+
+@dataclass
+class LossConfig:
+    alpha: float = field(0.5, "weight of KD vs contrastive", min=0.0, max=1.0)
+    kind: str = field("kl", "distillation loss", choices=["kl", "mse", "cosine"])
+
+
+@dataclass
+class SampleConfig:
+    name: str = field("demo", "run name")
+    seed: int = field(0, "random seed")
+    precision: Literal["fp32", "bf16"] = field("fp32", "autocast dtype")
+    image_sizes: list[int] = field([32, 64], "image sides, pixels")
+    teacher: str | None = field(None, "model reference")
+    cache_dir: Path = field(Path("cache"), "where data is cached")
+    weights: dict[str, float] = field({"itc": 1.0}, "loss weights by part")
+    shuffle: bool = field(True, "shuffle each epoch")
+    optim: OptimConfig = field(OptimConfig(), "optimizer")
+    loss: LossConfig = field(LossConfig(), "loss")
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _error(fn, *args, **kwargs) -> DmclipError:
+    with pytest.raises(DmclipError) as info:
+        fn(*args, **kwargs)
+    assert info.value.hint, "every config error says how to fix it"
+    return info.value
+
+
+# -------------------------------------------------------------------------------- happy paths
+
+
+def test_recipe_then_set_then_shortcut_in_that_order(tmp_path):
+    recipe = _recipe(tmp_path, "seed: 3\noptim:\n  lr: 1.0e-3\nloss:\n  alpha: 0.1\n")
+    cfg, text = load_config(SampleConfig, recipe, sets=["loss.alpha=0.2", "optim.lr=1e-2"],
+                            shortcuts={"loss.alpha": 0.75, "seed": None})
+    assert text.startswith("seed: 3")
+    assert cfg.seed == 3  # a shortcut left at None does not override
+    assert cfg.optim.lr == 0.01  # "1e-2" is a string to YAML 1.1; the float field still reads it
+    assert cfg.loss.alpha == 0.75  # shortcut beats --set beats recipe
+    assert cfg.optim.warmup_steps == 10 and cfg.loss.kind == "kl"
+
+
+def test_values_are_converted_to_the_field_types(tmp_path):
+    cfg, _ = load_config(SampleConfig, None, sets=["image_sizes=16", "cache_dir=/tmp/x", "optim.betas=[0.8, 0.9]",
+                                                   "weights={itc: 1, lm: 2}", "teacher=open_clip:ViT-B-32"])
+    assert cfg.image_sizes == [16]  # one value where a list is expected
+    assert cfg.cache_dir == Path("/tmp/x")
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.weights == {"itc": 1.0, "lm": 2.0} and isinstance(cfg.weights["lm"], float)
+    assert cfg.teacher == "open_clip:ViT-B-32"
+
+
+def test_empty_recipe_gives_defaults(tmp_path):
+    cfg, _ = load_config(SampleConfig, _recipe(tmp_path, "# nothing yet\n"))
+    assert cfg == SampleConfig()
+
+
+def test_resolved_yaml_with_command_line_loads(tmp_path):
+    cfg = SampleConfig(seed=7)
+    path = tmp_path / "resolved.yaml"
+    path.write_text("command: distill\n" + to_yaml(cfg))
+    assert load_config(SampleConfig, path)[0] == cfg
+
+
+def test_config_hash_names_the_config():
+    assert config_hash(SampleConfig()) == config_hash(SampleConfig())
+    assert config_hash(SampleConfig()) != config_hash(SampleConfig(seed=1))
+    assert len(config_hash(SampleConfig())) == 6
+
+
+def test_describe_lists_every_leaf_with_help():
+    rows = {key: (tp, help_) for key, tp, _, help_ in describe(SampleConfig)}
+    assert rows["optim.lr"] == ("float", "peak learning rate")
+    assert rows["loss.kind"][1] == "distillation loss"
+    assert "optim" not in rows and len(rows) == 13
+
+
+# -------------------------------------------------------------------------------- round trip
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = SampleConfig(name="a: tricky 'name'", teacher="yes", cache_dir=Path("/data/x y"),
+                       optim=OptimConfig(lr=1e-10, betas=(0.5, 0.999)), weights={"on": 1e20})
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(SampleConfig, tmp_path / "resolved.yaml")[0] == cfg
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x85\u2028\u2029"), max_size=20)
+_finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@st.composite
+def sample_configs(draw):
+    return SampleConfig(
+        name=draw(_text), seed=draw(st.integers(-(2**63), 2**63)),
+        precision=draw(st.sampled_from(["fp32", "bf16"])),
+        image_sizes=draw(st.lists(st.integers(0, 4096), max_size=4)),
+        teacher=draw(st.none() | _text), cache_dir=Path(draw(st.sampled_from(["cache", "/abs/p", "a b/c"]))),
+        weights=draw(st.dictionaries(_text, _finite, max_size=3)), shuffle=draw(st.booleans()),
+        optim=OptimConfig(lr=draw(st.floats(0, 10)), warmup_steps=draw(st.integers(0, 10**6)),
+                          betas=(draw(_finite), draw(_finite))),
+        loss=LossConfig(alpha=draw(st.floats(0, 1)), kind=draw(st.sampled_from(["kl", "mse", "cosine"]))),
+    )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sample_configs())
+def test_round_trip_property(tmp_path, cfg):
+    """Whatever the resolved config holds, resolved.yaml gives back the same config (and hash)."""
+    path = tmp_path / "resolved.yaml"
+    save_config(cfg, path)
+    loaded = load_config(SampleConfig, path)[0]
+    assert loaded == cfg
+    assert config_hash(loaded) == config_hash(cfg)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_any_text_either_parses_or_is_a_dmclip_error(text):
+    try:
+        data = parse_yaml(text)
+    except DmclipError:
+        return
+    try:
+        from_dict(SampleConfig, data)
+    except DmclipError:
+        pass
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def test_unknown_key_names_full_path_and_closest_key(tmp_path):
+    err = _error(load_config, SampleConfig, _recipe(tmp_path, "optim:\n  lr: 1.0\n  warmup_step: 3\n"))
+    assert err.message == "unknown config key 'optim.warmup_step'"
+    assert err.hint == "did you mean optim.warmup_steps?"
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    err = _error(from_dict, SampleConfig, {"loss": {"zzz": 1}})
+    assert err.message == "unknown config key 'loss.zzz'"
+    assert err.hint == "valid keys here: loss.alpha, loss.kind"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("seed", "three", "seed = 'three' has the wrong type: expected int"),
+    ("shuffle", "maybe", "shuffle = 'maybe' has the wrong type: expected bool"),
+    ("optim.lr", [1, 2], "optim.lr = [1, 2] has the wrong type: expected float"),
+    ("optim", 3, "optim = 3 has the wrong type: expected mapping"),
+    ("image_sizes", ["a"], "image_sizes[0] = 'a' has the wrong type: expected int"),
+    ("optim.betas", [0.9], "optim.betas = [0.9] has 1 items, expected 2"),
+])
+def test_wrong_type_names_key_value_and_type(key, value, message):
+    data: dict = {}
+    set_path(data, key, value, SampleConfig)
+    assert _error(from_dict, SampleConfig, data).message == message
+
+
+@pytest.mark.parametrize("setting, message, hint", [
+    ("loss.alpha=1.5", "loss.alpha = 1.5 is out of range", "loss.alpha must be between 0.0 and 1.0"),
+    ("optim.lr=-1", "optim.lr = -1.0 is out of range", "optim.lr must be >= 0.0"),
+    ("optim.lr=.nan", "optim.lr = nan is not a number", "set optim.lr to a number"),
+    ("loss.kind=msee", "loss.kind = 'msee' is not allowed", "use one of kl, mse, cosine (did you mean 'mse'?)"),
+    ("precision=fp31", "precision = 'fp31' is not allowed", "use one of 'fp32', 'bf16' (did you mean 'fp32'?)"),
+])
+def test_out_of_range_and_bad_choice(setting, message, hint):
+    err = _error(load_config, SampleConfig, None, sets=[setting])
+    assert (err.message, err.hint) == (message, hint)
+
+
+@pytest.mark.parametrize("text, message, hint", [
+    ("seed: 1\noptim:\n  lr: [1, 2\n", "recipe recipe.yaml is not valid YAML at line 4, column 1",
+     "check the YAML syntax"),
+    ("optim:\n\tlr: 1.0\n", "recipe recipe.yaml is not valid YAML at line 2, column 1", "indent with spaces, not tabs"),
+    ("seed: 1\nname: a\nseed: 2\n", "recipe recipe.yaml: duplicated key 'seed' at line 3, column 1 (first at line 1)",
+     "keep one of the two entries"),
+    ("name: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
+     "recipe recipe.yaml: refused tag !!python/object/apply:os.system at line 1, column 7", "recipes are plain data"),
+    ("a: &x [*x]\n", "recipe recipe.yaml refers to itself through a YAML anchor/alias", "replace the recursive"),
+    ("? [a, b]\n: 1\n", "recipe recipe.yaml: a key at line 1, column 3 is a list, not a plain name", "write keys as plain words"),
+    ("- seed: 1\n", "recipe recipe.yaml must be a mapping of keys to values, not a list", "write it as `key: value`"),
+    ("just a string\n", "recipe recipe.yaml must be a mapping of keys to values, not a str", "write it as `key: value`"),
+])
+def test_recipe_errors(tmp_path, text, message, hint):
+    err = _error(load_config, SampleConfig, _recipe(tmp_path, text))
+    assert err.message.startswith(message), err.message
+    assert err.hint.startswith(hint), err.hint
+
+
+def test_code_tags_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    _error(load_config, SampleConfig, _recipe(tmp_path, f"name: !!python/object/apply:os.system ['touch {marker}']\n"))
+    assert not marker.exists()
+
+
+def test_missing_directory_and_non_utf8_recipes(tmp_path):
+    assert "does not exist" in _error(load_config, SampleConfig, tmp_path / "nope.yaml").message
+    assert "is a directory" in _error(load_config, SampleConfig, tmp_path).message
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert "is not UTF-8 text" in _error(load_config, SampleConfig, bad).message
+
+
+@pytest.mark.parametrize("setting, message, hint", [
+    ("optim.lr", "--set 'optim.lr' has no '='", "write it as --set key.path=value, e.g. --set optim.lr=1e-3"),
+    ("=3", "--set '=3' has no key", "write it as --set key.path=value"),
+    ("optim..lr=3", "--set optim..lr: 'optim..lr' is not a key path", "write it as a.b.c=value"),
+    ("optim.lrr=1", "--set optim.lrr: unknown config key 'optim.lrr'", "did you mean optim.lr?"),
+    ("optimizer.lr=1", "--set optimizer.lr: unknown config key 'optimizer'", "did you mean optim?"),
+    ("optim.lr.max=1", "--set optim.lr.max: optim.lr is a float value, not a section", "set optim.lr itself"),
+    ("seed=[1, 2", "--set seed is not valid YAML at line 1, column 6", "check the YAML syntax"),
+])
+def test_set_errors(setting, message, hint):
+    err = _error(load_config, SampleConfig, None, sets=[setting])
+    assert err.message.startswith(message), err.message
+    assert err.hint.startswith(hint), err.hint
+
+
+def test_parse_override_reads_values_as_yaml():
+    assert parse_override("optim.lr=1e-3") == ("optim.lr", "1e-3")  # YAML 1.1; the float field converts it
+    assert parse_override("image_sizes=[1, 2]") == ("image_sizes", [1, 2])
+    assert parse_override("teacher=open_clip:ViT-B-32=x") == ("teacher", "open_clip:ViT-B-32=x")
+    assert parse_override("teacher=null") == ("teacher", None)
+    assert parse_override("name=") == ("name", "")
+
+
+def test_required_field_without_default_is_named():
+    @dataclass
+    class Needs:
+        data_dir: str = dataclasses.field(metadata={"help": "where the data is"})
+
+    err = _error(from_dict, Needs, {})
+    assert err.message == "config key 'data_dir' is required and has no default"
+
+
+def test_to_dict_is_plain_data():
+    data = to_dict(SampleConfig())
+    assert data["optim"]["betas"] == [0.9, 0.98] and data["cache_dir"] == "cache"
+
+
+# ------------------------------------------------------------------------------------ sweeps
+
+
+def test_parse_sweep_values():
+    assert parse_sweep_values("0,0.25,0.75,1") == [0.0, 0.25, 0.75, 1.0]
+    assert parse_sweep_values(" 0.5 ") == [0.5]
+    assert parse_sweep_values(0.3) == [0.3]
+    assert parse_sweep_values("8,16", type=int) == [8, 16]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0,,1", "--alpha '0,,1' has an empty value"),
+    ("0,a", "--alpha 'a' is not a float"),
+    ("0,nan", "--alpha 'nan' is not a number"),
+    ("0,1,0", "--alpha '0,1,0' repeats a value"),
+])
+def test_parse_sweep_values_errors(text, message):
+    assert _error(parse_sweep_values, text, option="--alpha").message == message

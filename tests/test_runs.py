@@ -1,0 +1,310 @@
+"""Run directories: never overwritten, atomic checkpoints, honest statuses, readable after a kill."""
+
+from __future__ import annotations
+
+import datetime as real_dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmclip import runs as runs_module
+from dmclip.cli.main import main
+from dmclip.config import field
+from dmclip.errors import DmclipError
+from dmclip.runs import RunDir, find_runs, latest_run, torch_load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TinyConfig:
+    seed: int = field(0, "random seed")
+    lr: float = field(1e-3, "learning rate", min=0.0)
+
+
+def _create(root: Path, name: str = "demo", config=None, command: str = "distill") -> RunDir:
+    return RunDir.create(command, name, config or TinyConfig(), root=root, recipe_text="lr: 0.001\n",
+                         overrides=["seed=0"], argv=["dmclip", command], seed=0)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: the pid names no process now
+    return proc.pid
+
+
+def _python(script: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# ------------------------------------------------------------------------------ layout, naming
+
+
+def test_create_writes_the_documented_layout(tmp_path):
+    run = _create(tmp_path, "my run/1")
+    assert run.path.parent == tmp_path / "distill"
+    stamp, rest = run.path.name[:15], run.path.name[16:]
+    real_dt.datetime.strptime(stamp, "%Y%m%d-%H%M%S")
+    assert rest.startswith("my-run-1-") and len(rest.rsplit("-", 1)[1]) == 6
+    assert (run.path / "checkpoints").is_dir()
+    assert (run.path / "recipe.yaml").read_text() == "lr: 0.001\n"
+    assert (run.path / "overrides.txt").read_text() == "seed=0\n"
+    assert (run.path / "resolved.yaml").read_text().startswith("command: distill\nseed: 0\nlr: 0.001\n")
+    info = json.loads((run.path / "run.json").read_text())
+    assert info["status"] == "created" and info["command"] == "distill" and info["name"] == "my run/1"
+    for key in ("schema_version", "dmclip_version", "argv", "git_sha", "python", "torch", "device", "seed",
+                "start_time", "end_time", "error"):
+        assert key in info
+    assert run.resolved_config(TinyConfig) == TinyConfig()
+
+
+def test_same_second_same_config_never_reuses_a_directory(tmp_path, monkeypatch):
+    frozen = real_dt.datetime(2030, 1, 2, 3, 4, 5)
+
+    class Frozen(real_dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return frozen if tz is None else frozen.replace(tzinfo=tz)
+
+    monkeypatch.setattr(runs_module, "dt", types.SimpleNamespace(datetime=Frozen))
+    made = [_create(tmp_path) for _ in range(3)]
+    assert len({r.path for r in made}) == 3
+    assert all(r.path.name.startswith("20300102-030405-demo-") for r in made)
+    assert [r.path.name.endswith(s) for r, s in zip(made[1:], ("-2", "-3"))] == [True, True]
+    made[0].write_text("report.md", "first")
+    assert (made[0].path / "report.md").read_text() == "first"  # the others did not touch it
+
+
+def test_open_refuses_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(DmclipError, match="is not a dmclip run directory"):
+        RunDir.open(tmp_path)
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_and_truncated_file(tmp_path):
+    run = _create(tmp_path)
+    run.save_checkpoint({"step": 3, "weight": torch.arange(4.0)})
+    state = run.load_checkpoint()
+    assert state["step"] == 3 and torch.equal(state["weight"], torch.arange(4.0))
+    data = run.checkpoint_path().read_bytes()
+    run.checkpoint_path("cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DmclipError, match="cut.pt cannot be read") as info:
+        run.load_checkpoint("cut.pt")
+    assert "truncated" in info.value.hint
+    with pytest.raises(DmclipError, match="does not exist"):
+        torch_load(tmp_path / "none.pt")
+
+
+def test_failed_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = _create(tmp_path)
+    run.save_checkpoint({"step": 1})
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs_module.os, "replace", disk_full)
+    with pytest.raises(DmclipError, match="No space left on device") as info:
+        run.save_checkpoint({"step": 2, "big": torch.zeros(1000)})
+    assert "previous file is unchanged" in info.value.hint
+    monkeypatch.undo()
+    assert run.load_checkpoint()["step"] == 1
+    assert sorted(p.name for p in run.checkpoint_path().parent.iterdir()) == ["last.pt"]
+
+
+def test_kill_between_write_and_rename_leaves_the_previous_checkpoint(tmp_path):
+    run = _create(tmp_path)
+    run.save_checkpoint({"step": 1})
+    # the child writes a 4 MB checkpoint and is SIGKILLed at the moment it would rename it into place
+    proc = _python("""
+        import os, signal, sys, torch
+        from dmclip.runs import RunDir
+        os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+        RunDir.open(sys.argv[1]).save_checkpoint({"step": 2, "big": torch.zeros(1_000_000)})
+    """, str(run.path))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in run.checkpoint_path().parent.iterdir() if p.name != "last.pt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.pt.")  # the full new file, never as last.pt
+    assert run.load_checkpoint()["step"] == 1
+    run.save_checkpoint({"step": 3})  # the next save clears the orphan
+    assert [p.name for p in run.checkpoint_path().parent.iterdir()] == ["last.pt"]
+
+
+# ------------------------------------------------------------------------------------ statuses
+
+
+def test_status_running_then_completed(tmp_path):
+    run = _create(tmp_path)
+    assert run.status == "created"
+    with run.active():
+        assert run.status == "running" and run.info["pid"] == os.getpid()
+        assert run.display_status() == "running"
+        runs_module.log.info("hello from the run")
+    info = run.info
+    assert info["status"] == "completed" and info["end_time"] and info["error"] is None
+    assert "hello from the run" in (run.path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("exc, status, error", [
+    (DmclipError("data ran out", "add data"), "failed", "data ran out (hint: add data)"),
+    (ValueError("bad shape"), "failed", "ValueError: bad shape"),
+    (KeyboardInterrupt(), "interrupted", "interrupted (Ctrl-C or SIGTERM)"),
+])
+def test_status_failed_or_interrupted_keeps_the_error(tmp_path, exc, status, error):
+    run = _create(tmp_path)
+    with pytest.raises(type(exc)), run.active():
+        raise exc
+    assert (run.status, run.info["error"]) == (status, error)
+
+
+def test_sigterm_marks_the_run_interrupted(tmp_path):
+    run = _create(tmp_path)
+    proc = _python("""
+        import sys, time
+        from dmclip.runs import RunDir
+        run = RunDir.open(sys.argv[1])
+        with run.active():
+            run.log_metrics({"step": 1, "loss": 2.0})
+            print("ready", flush=True)
+            time.sleep(60)
+    """, str(run.path))
+    assert proc.stdout.readline().strip() == "ready"
+    assert run.display_status() == "running"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "RunInterrupted" in stderr
+    assert run.status == "interrupted" and run.info["end_time"]
+
+
+def test_resume_records_the_new_process(tmp_path):
+    run = _create(tmp_path)
+    with pytest.raises(KeyboardInterrupt), run.active():
+        raise KeyboardInterrupt
+    with RunDir.open(run.path).active():
+        assert run.info["resumed_at"] is not None
+    assert run.status == "completed"
+
+
+def test_dead_running_process_shows_as_crashed(tmp_path):
+    run = _create(tmp_path)
+    run.log_metrics({"step": 40, "loss": 1.5})
+    run.update_info(status="running", pid=_dead_pid(), host=socket.gethostname())
+    assert run.status == "running"  # the file is not rewritten...
+    assert run.display_status() == "crashed"  # ...but nobody is told it is still running
+    assert run.last_step() == 40
+
+
+def test_reused_pid_is_not_mistaken_for_the_run(tmp_path):
+    run = _create(tmp_path)
+    start = runs_module._process_start(os.getpid())
+    run.update_info(status="running", pid=os.getpid(), pid_start=start, host=socket.gethostname())
+    assert run.display_status() == "running"
+    run.update_info(pid_start=(start or 0) + 12345)  # same pid, another process's start time
+    assert run.display_status() == "crashed"
+    run.update_info(host="another-machine")  # a run on another host cannot be checked from here
+    assert run.display_status() == "running"
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_survive_a_cut_last_line(tmp_path):
+    run = _create(tmp_path)
+    for step in range(3):
+        run.log_metrics({"step": step, "loss": 1.0 / (step + 1), "nan": float("nan")})
+    with open(run.path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')  # the process died here
+    assert [r["step"] for r in run.metrics()] == [0, 1, 2]
+    assert run.metrics()[0]["nan"] is None
+    reopened = RunDir.open(run.path)
+    reopened.log_metrics({"step": 3, "loss": 0.2})  # resumed: the new row starts on its own line
+    assert [r["step"] for r in reopened.metrics()] == [0, 1, 2, 3]
+    reopened.truncate_metrics(1)
+    assert [r["step"] for r in reopened.metrics()] == [0, 1]
+
+
+def test_results_round_trip(tmp_path):
+    run = _create(tmp_path)
+    assert run.results() is None
+    run.write_results({"acc1": torch.tensor(0.5), "inf": float("inf")})
+    assert run.results() == {"acc1": 0.5, "inf": "inf"}
+
+
+# ----------------------------------------------------------------------------- finding, CLI
+
+
+def test_find_and_latest_run(tmp_path):
+    first, second = _create(tmp_path, "a"), _create(tmp_path, "b", command="eval")
+    with first.active():
+        pass
+    assert {r.path for r in find_runs(tmp_path)} == {first.path, second.path}
+    assert [r.path for r in find_runs(tmp_path, "eval")] == [second.path]
+    assert latest_run("distill", tmp_path).path == first.path
+    assert latest_run("eval", tmp_path) is None  # not completed
+    assert find_runs(tmp_path / "missing") == []
+
+
+@pytest.fixture
+def wide_console(monkeypatch):
+    """One table row per line whatever the terminal, so a row can be checked as a line."""
+    from rich.console import Console
+
+    monkeypatch.setattr("dmclip.cli.runs.console", Console(width=250))
+
+
+def test_runs_list_shows_crashed_with_last_step_and_survives_damage(tmp_path, capsys, wide_console):
+    done = _create(tmp_path, "done")
+    with done.active():
+        done.write_results({"zeroshot_acc1": 0.4321})
+    crashed = _create(tmp_path, "dead")
+    crashed.log_metrics({"step": 77, "loss": 0.9})
+    crashed.update_info(status="running", pid=_dead_pid(), host=socket.gethostname())
+    damaged = _create(tmp_path, "broken")
+    (damaged.path / "run.json").write_text("{not json")
+    assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    dead = next(line for line in lines if " dead " in line)
+    assert "crashed" in dead and "loss=0.9" in dead and " 77 " in dead
+    assert "completed" in next(line for line in lines if " done " in line)
+    assert "zeroshot_acc1=0.4321" in next(line for line in lines if " done " in line)
+    assert "damaged" in next(line for line in lines if damaged.path.name in line)
+
+
+def test_runs_list_filters_by_command_and_says_when_empty(tmp_path, capsys):
+    _create(tmp_path, "x", command="eval")
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--command", "pretrain"]) == 0
+    assert "no runs under" in capsys.readouterr().out
+
+
+def test_runs_show_and_compare(tmp_path, capsys, wide_console):
+    a = _create(tmp_path, "a", TinyConfig(lr=0.1))
+    b = _create(tmp_path, "b", TinyConfig(lr=0.2))
+    a.write_results({"acc1": 0.5})
+    b.write_results({"acc1": 0.75})
+    assert main(["runs", "show", str(a.path)]) == 0
+    out = capsys.readouterr().out
+    assert "acc1" in out and "0.5000" in out and "created" in out
+    assert main(["runs", "compare", str(a.path), str(b.path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.5000" in out and "0.7500" in out
+    lr_row = next(line for line in out.splitlines() if line.strip("│ ").startswith("lr "))
+    assert "0.1" in lr_row and "0.2" in lr_row
+    assert "seed" not in out.split("config keys that differ")[1]  # equal keys are not listed
+    assert main(["runs", "compare", str(a.path)]) == 2
+    assert main(["runs", "show", str(tmp_path)]) == 2
+    assert "is not a dmclip run directory" in capsys.readouterr().err
+
