@@ -28,7 +28,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 demo: install
-	$(BIN)/dmclip demo
+	$(BIN)/python -m dmclip.demo
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all

@@ -47,6 +47,9 @@ def execute(command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe:
     """
     from dmclip.config import load_config
     from dmclip.runs import RunDir
+    from dmclip.train import distributed
+
+    distributed.setup()
 
     if resume is not None:
         given = [k for k, v in (shortcuts or {}).items() if v is not None] + list(sets or [])
@@ -68,13 +71,16 @@ def execute(command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe:
     else:
         config, recipe_text = load_config(config_cls, recipe, sets or [], shortcuts)
         run_name = name or (Path(recipe).stem if recipe else command)
-        run = RunDir.create(command, run_name, config, root=runs_dir, recipe_text=recipe_text,
-                            overrides=list(sets or []),
-                            argv=CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
-                            seed=getattr(config, seed_field, None))
+        # under torchrun only rank 0 creates the directory; the other ranks get its path
+        run = distributed.shared_run(lambda: RunDir.create(
+            command, run_name, config, root=runs_dir, recipe_text=recipe_text, overrides=list(sets or []),
+            argv=CURRENT_ARGV or ["dmclip", *sys.argv[1:]], seed=getattr(config, seed_field, None)))
     err_console.print(f"[dim]run directory:[/dim] {escape(str(run.path))}", highlight=False, soft_wrap=True)
-    with run.active():
-        result = fn(config, run)
+    try:
+        with distributed.active(run):
+            result = fn(config, run)
+    finally:
+        distributed.teardown()
     return run, result
 
 

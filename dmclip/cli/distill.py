@@ -2,13 +2,165 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from dmclip.cli.common import not_built
+from dmclip.cli.common import (
+    NameOpt,
+    RecipeArg,
+    ResumeOpt,
+    RunsDirOpt,
+    SeedOpt,
+    SetOpt,
+    console,
+    err_console,
+    execute,
+    metrics_table,
+)
+from dmclip.errors import DmclipError
+
+
+def parse_alphas(text: str | None) -> list[float] | None:
+    """'0.75' -> [0.75]; '0,0.25,0.75,1' -> a sweep. Each in [0, 1]."""
+    if text is None:
+        return None
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise DmclipError(f"--alpha {text!r}: {part!r} is not a number",
+                              "give one value or a comma list, e.g. --alpha 0.75 or --alpha 0,0.25,0.75,1") from None
+        if not 0.0 <= value <= 1.0:
+            raise DmclipError(f"--alpha {value} is out of range", "alpha weighs KD against contrastive: 0 <= alpha <= 1")
+        values.append(value)
+    return values
+
+
+def _row(run, result) -> dict:
+    zs = result.get("zeroshot") or {}
+    return {"run": run.path.name, "alpha": result["alpha"], "student": result["student"],
+            "image params (M)": result["image_parameters"] / 1e6, "final loss": result["train"].get("loss"),
+            "zero-shot acc@1 %": 100 * zs["acc1"] if zs else None, "acc@5 %": 100 * zs["acc5"] if zs else None}
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("distill", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def distill(ctx: typer.Context) -> None:
-        """(not built yet) Example: dmclip distill --help"""
-        not_built("distill")
+    @app.command("distill")
+    def distill(
+        recipe: RecipeArg = None,
+        alpha: Annotated[str | None, typer.Option(
+            "--alpha", "-a", help="KD weight in [0,1]; a comma list runs a sweep (0,0.25,0.75,1).")] = None,
+        teacher: Annotated[str | None, typer.Option(
+            "--teacher", "-t", help="run:<dir>, open_clip:<arch>[:<ckpt>], or 'latest' CLIP pretrain run.")] = None,
+        student: Annotated[str | None, typer.Option("--student", help="Registered student (dmclip list students).")] = None,
+        data: Annotated[str | None, typer.Option("--data", "-d", help="Training set spec.")] = None,
+        steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+        batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Global batch size.")] = None,
+        seed: SeedOpt = None,
+        set_: SetOpt = None,
+        name: NameOpt = None,
+        runs_dir: RunsDirOpt = None,
+        resume: ResumeOpt = None,
+        out: Annotated[Path | None, typer.Option("--out", help="distill cache: the store directory.")] = None,
+        augmentations: Annotated[int, typer.Option(
+            "--augmentations", help="distill cache: teacher views per image (the first is the full image).")] = 4,
+    ) -> None:
+        """Distil a CLIP teacher into a small student image encoder (Vision-Mamba by default).
+
+        loss = alpha * KD + (1 - alpha) * contrastive.
+
+        Examples:
+
+          dmclip distill --alpha 0.75
+
+          dmclip distill recipes/distill-demo.yaml --teacher run:runs/pretrain/<run> --student mamba-nano
+
+          dmclip distill --alpha 0,0.25,0.75,1        (one student per alpha + a comparison table)
+
+          dmclip distill cache --teacher run:runs/pretrain/<run> --data world-train --out stores/teacher-k4
+
+          dmclip distill --teacher embeddings:stores/teacher-k4   (train from cached teacher outputs)
+        """
+        from dmclip import distill as lib
+
+        if recipe is not None and str(recipe) == "cache":
+            _cache(teacher, data, out, augmentations, seed)
+            return
+        alphas = parse_alphas(alpha)
+        shortcuts = {"teacher": teacher, "student.name": student, "data.train": data, "train.steps": steps,
+                     "train.batch_size": batch_size, "seed": seed}
+        if alphas is None or len(alphas) == 1:
+            shortcuts["loss.alpha"] = alphas[0] if alphas else None
+            run, result = execute("distill", lib.DistillConfig, lib.run, recipe=recipe, sets=set_,
+                                  shortcuts=shortcuts, name=name, runs_dir=runs_dir, resume=resume)
+            if set(result) == {"train"}:  # a non-zero torchrun rank: rank 0 reports
+                return
+            console.print(metrics_table("distill", [_row(run, result)]))
+            console.print(f"student: run:{run.path}")
+            return
+        if resume is not None:
+            raise DmclipError("--resume continues one run, not a sweep", "resume the member run that was interrupted")
+        _sweep(lib, alphas, recipe, set_, shortcuts, name, runs_dir)
+
+
+def _cache(teacher, data, out, augmentations, seed) -> None:
+    """`dmclip distill cache`: write a reinforced store of teacher embeddings."""
+    import time
+
+    from dmclip.data.reinforced import build_store
+    from dmclip.distill import resolve_teacher_ref
+
+    if out is None:
+        raise DmclipError("distill cache needs --out DIR", "e.g. --out stores/teacher-k4")
+    if augmentations < 1:
+        raise DmclipError(f"--augmentations {augmentations} must be at least 1", "use e.g. --augmentations 4")
+    start = time.perf_counter()
+    meta = build_store(resolve_teacher_ref(teacher or "latest"), data or "world-train", out,
+                       augmentations=augmentations, seed=seed or 0)
+    console.print(metrics_table("reinforced store", [{
+        "store": str(out), "teacher": meta["teacher"], "images": meta["count"],
+        "augmentations": meta["augmentations"], "captions/image": meta["captions_per_image"],
+        "seconds": time.perf_counter() - start}]))
+    console.print(f"use it: dmclip distill --teacher embeddings:{out}")
+
+
+def _sweep(lib, alphas, recipe, sets, shortcuts, name, runs_dir) -> None:
+    """One run per alpha inside a sweep directory, then summary.md + summary.csv."""
+    import csv
+    import datetime as dt
+    import io
+
+    from dmclip.config import load_config
+    from dmclip.runs import RunDir, atomic_write_text, default_runs_root
+
+    base, recipe_text = load_config(lib.DistillConfig, recipe, sets or [], shortcuts)
+    base.teacher = lib.resolve_teacher_ref(base.teacher, runs_dir)  # all members share one teacher
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    sweep_dir = (runs_dir or default_runs_root()) / "distill" / f"{stamp}-sweep-{name or 'alpha'}"
+    sweep_dir.mkdir(parents=True, exist_ok=False)
+    err_console.print(f"[dim]sweep directory:[/dim] {sweep_dir}")
+    rows = []
+    for alpha in alphas:
+        cfg = lib.with_alpha(base, alpha)
+        run = RunDir.create("distill", f"{name or 'distill'}-alpha{alpha:g}", cfg, parent=sweep_dir,
+                            recipe_text=recipe_text, overrides=list(sets or []), argv=["dmclip", *sys.argv[1:]],
+                            seed=cfg.seed)
+        err_console.print(f"[bold]alpha {alpha:g}[/bold] -> {run.path}")
+        with run.active():
+            result = lib.run(cfg, run)
+        rows.append(_row(run, result))
+    console.print(metrics_table(f"distill sweep ({sweep_dir.name})", rows))
+    columns = list(rows[0])
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "summary.csv", out.getvalue())
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        md.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    atomic_write_text(sweep_dir / "summary.md", f"# distill sweep over alpha\n\nteacher: {base.teacher}\n\n"
+                      + "\n".join(md) + "\n")

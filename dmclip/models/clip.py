@@ -50,11 +50,17 @@ class CLIP(nn.Module):
         """exp(logit_scale), clamped to 100 as open_clip does."""
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
-        """Normalised features and the scale: what the contrastive and KD losses take."""
-        image_features = nn.functional.normalize(self.encode_image(images), dim=-1)
-        text_features = nn.functional.normalize(self.encode_text(tokens), dim=-1)
-        return {"image_features": image_features, "text_features": text_features, "logit_scale": self.scale()}
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None) -> dict:
+        """Normalised features and the scale: what the contrastive and KD losses take.
+
+        Without ``tokens`` only the image side is computed (a frozen text tower's features can come
+        from the teacher, which has the same weights).
+        """
+        out = {"image_features": nn.functional.normalize(self.encode_image(images), dim=-1),
+               "logit_scale": self.scale()}
+        if tokens is not None:
+            out["text_features"] = nn.functional.normalize(self.encode_text(tokens), dim=-1)
+        return out
 
 
 @register_family("clip")

@@ -1,0 +1,165 @@
+"""Reinforced stores (DataCompDR-style): teacher embeddings computed once, read by `distill` many times.
+
+For every image of a dataset the store keeps the teacher's image embeddings under K augmentations
+(augmentation 0 is the identity; the crop boxes are stored so the student sees the exact same view) and
+the teacher's text embeddings of every caption. `dmclip distill --teacher embeddings:<store>` then
+trains without running the teacher's image tower.
+
+    <store>/meta.json                      format, teacher, data spec, K, sizes, shard list
+    <store>/shard-00000.safetensors        image_embeddings (n, K, D) fp16, boxes (n, K, 4) fp32,
+                                           text_embeddings (n, C, D) fp16, indices (n,) int64
+
+Shards are written atomically and skipped when present, so an interrupted cache run continues.
+Captions are stored per image up to ``captions_per_image``; shorter lists repeat their last caption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dmclip.errors import DmclipError
+
+log = logging.getLogger(__name__)
+STORE_FORMAT = "dmclip-reinforced"
+
+
+def crop_boxes(count: int, augmentations: int, seed: int, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """(count, K, 4) crop boxes (x0, y0, x1, y1) as fractions of the image; box 0 is the whole image.
+
+    Random-resized-crop boxes without flips: the world's captions say 'left' and 'right', a flip would
+    make them wrong.
+    """
+    g = torch.Generator().manual_seed(seed)
+    area = torch.empty(count, augmentations).uniform_(*scale, generator=g)
+    log_ratio = torch.empty(count, augmentations).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt().clamp(max=1.0)
+    h = (area / aspect).sqrt().clamp(max=1.0)
+    x0 = torch.rand(count, augmentations, generator=g) * (1 - w)
+    y0 = torch.rand(count, augmentations, generator=g) * (1 - h)
+    boxes = torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
+    boxes[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    return boxes
+
+
+def apply_boxes(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Crop each image (B, 3, S, S) to its box (B, 4) in fractions and resize back to S (bilinear)."""
+    from torchvision.ops import roi_align
+
+    B, _, S, _ = images.shape
+    rois = torch.cat([torch.arange(B, dtype=images.dtype).unsqueeze(1), boxes.to(images.dtype) * S], dim=1)
+    return roi_align(images, rois, output_size=(S, S), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def build_store(teacher_ref: str, data_spec: str, out: Path, *, augmentations: int = 4, captions_per_image: int = 5,
+                batch_size: int = 256, shard_size: int = 4096, seed: int = 0, progress: bool = True) -> dict:
+    """Write (or continue) a reinforced store; returns its meta."""
+    from safetensors.torch import save as st_save
+
+    from dmclip.data import build_dataset
+    from dmclip.distill import load_teacher
+    from dmclip.runs import atomic_write_bytes, atomic_write_json
+
+    out = Path(out)
+    teacher = load_teacher(teacher_ref)
+    dataset = build_dataset(data_spec, image_size=teacher.image_size)
+    if getattr(dataset, "kind", "image-text") != "image-text":
+        raise DmclipError(f"{data_spec} has no captions", "cache an image-text set, e.g. world-train")
+    n = len(dataset)
+    meta = {"format": STORE_FORMAT, "version": 1, "teacher": teacher_ref, "data": data_spec,
+            "image_size": teacher.image_size, "augmentations": augmentations, "captions_per_image": captions_per_image,
+            "embed_dim": teacher.embed_dim, "teacher_logit_scale": float(teacher.logit_scale.detach().exp().clamp(max=100)),
+            "count": n, "seed": seed, "shard_size": shard_size, "shards": []}
+    if (out / "meta.json").exists():
+        old = json.loads((out / "meta.json").read_text())
+        keys = ("teacher", "data", "augmentations", "captions_per_image", "seed", "shard_size", "image_size")
+        if any(old.get(k) != meta[k] for k in keys):
+            raise DmclipError(f"{out} holds a store made with other settings",
+                              "choose a new --out, or repeat the same teacher/data/augmentations to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    boxes_all = crop_boxes(n, augmentations, seed)
+    shards = []
+    for shard, start in enumerate(range(0, n, shard_size)):
+        name = f"shard-{shard:05d}.safetensors"
+        shards.append(name)
+        if (out / name).exists():
+            continue
+        stop = min(n, start + shard_size)
+        image_emb, text_emb = [], []
+        for b in range(start, stop, batch_size):
+            idx = list(range(b, min(stop, b + batch_size)))
+            samples = [dataset[i] for i in idx]
+            images = torch.stack([s["image"] for s in samples]).float() / 255.0
+            with torch.no_grad():
+                views = [teacher.encode_image(apply_boxes(images, boxes_all[idx, k])) for k in range(augmentations)]
+                image_emb.append(torch.stack(views, dim=1).half())  # (b, K, D)
+                captions = []
+                for s in samples:
+                    caps = list(s["captions"])[:captions_per_image]
+                    captions += caps + [caps[-1]] * (captions_per_image - len(caps))
+                texts = teacher.encode_text(teacher.tokenize(captions))
+                text_emb.append(texts.view(len(idx), captions_per_image, -1).half())
+        tensors = {"image_embeddings": torch.cat(image_emb), "text_embeddings": torch.cat(text_emb),
+                   "boxes": boxes_all[start:stop].contiguous(), "indices": torch.arange(start, stop)}
+        atomic_write_bytes(out / name, st_save(tensors))
+        log.info("reinforced store: wrote %s (%d/%d images)", name, stop, n)
+    meta["shards"] = shards
+    atomic_write_json(out / "meta.json", meta)
+    return meta
+
+
+class ReinforcedStore:
+    """Reads a store into memory: teacher features by (image index, augmentation, caption)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise DmclipError(f"{self.path} is not a reinforced store (no meta.json)",
+                              "write one with `dmclip distill cache --teacher T --data D --out DIR`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != STORE_FORMAT:
+            raise DmclipError(f"{meta_path} is not a dmclip reinforced store", "point at a `distill cache` output")
+        parts = {"image_embeddings": [], "text_embeddings": [], "boxes": []}
+        for name in self.meta["shards"]:
+            try:
+                tensors = load_file(str(self.path / name))
+            except (SafetensorError, OSError, FileNotFoundError) as exc:
+                raise DmclipError(f"store shard {self.path / name} cannot be read ({str(exc)[:100]})",
+                                  "rerun `dmclip distill cache` with the same --out to rewrite missing shards") from None
+            for key in parts:
+                parts[key].append(tensors[key])
+        self.image_embeddings = torch.cat(parts["image_embeddings"])  # (n, K, D) fp16
+        self.text_embeddings = torch.cat(parts["text_embeddings"])  # (n, C, D) fp16
+        self.boxes = torch.cat(parts["boxes"])  # (n, K, 4)
+        if self.image_embeddings.shape[0] != self.meta["count"]:
+            raise DmclipError(f"{self.path} is incomplete ({self.image_embeddings.shape[0]} of {self.meta['count']} "
+                              "images)", "rerun `dmclip distill cache` with the same --out to finish it")
+        self.augmentations = self.meta["augmentations"]
+        self.logit_scale = float(self.meta["teacher_logit_scale"])
+
+    def choose(self, seed: int, step: int, index: int) -> tuple[int, int]:
+        """(augmentation, caption) for this image at this step, deterministic (resumable)."""
+        digest = hashlib.blake2b(f"{seed}:{step}:{index}:reinforced".encode(), digest_size=8).digest()
+        value = int.from_bytes(digest, "little")
+        return value % self.augmentations, (value // self.augmentations) % self.text_embeddings.shape[1]
+
+    def features(self, indices: list[int], augmentations: list[int], captions: list[int]) -> dict:
+        idx = torch.tensor(indices)
+        return {"image_features": _normalize(self.image_embeddings[idx, torch.tensor(augmentations)]),
+                "text_features": _normalize(self.text_embeddings[idx, torch.tensor(captions)]),
+                "logit_scale": torch.tensor(self.logit_scale)}

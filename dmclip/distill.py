@@ -1,0 +1,218 @@
+"""`dmclip distill`: a CLIP teacher -> a smaller student image encoder (Vision-Mamba by default).
+
+loss = alpha * KD + (1 - alpha) * contrastive (DM-CLIP). The student is a CLIP whose image tower is
+the registered student and whose text tower comes from the teacher (frozen by default, as DM-CLIP).
+Library entry points: ``run(config, run_dir)`` and ``sweep(config, alphas, ...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from dmclip.config import field
+from dmclip.errors import DmclipError
+from dmclip.pretrain import EvalAfterConfig, images_to_float, pick_caption
+from dmclip.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudentConfig:
+    name: str = field("mamba-nano", "registered student image encoder (`dmclip list students`)")
+    image_size: int = field(0, "student input side in pixels (0 = the teacher's)", min=0)
+    patch_size: int = field(0, "patch side (0 = the student entry's default)", min=0)
+    width: int = field(0, "override the student's width (0 = entry default)", min=0)
+    depth: int = field(0, "override the student's depth (0 = entry default)", min=0)
+    text: Literal["frozen-teacher", "finetune-teacher", "new"] = field(
+        "frozen-teacher", "text tower: the teacher's, frozen (DM-CLIP) or fine-tuned, or a new one")
+    scan_backend: str = field("auto", "selective scan backend for Mamba students: auto | cpu | chunked | reference")
+
+
+@dataclass
+class LossConfig:
+    alpha: float = field(0.75, "weight of KD; 1 - alpha weighs the contrastive loss", min=0.0, max=1.0)
+    feature_weight: float = field(0.0, "extra weight of feature mimicry (CLIP-KD), 0 = off", min=0.0)
+    feature_kind: Literal["cosine", "mse"] = field("cosine", "feature mimicry distance")
+
+
+@dataclass
+class DistillDataConfig:
+    train: str = field("world-train", "training set spec")
+    max_skip_fraction: float = field(0.01, "fail once more than this fraction of samples is unreadable",
+                                     min=0.0, max=1.0)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = field("latest", "teacher: run:<dir>, open_clip:<arch>[:<ckpt>], or 'latest' (newest "
+                                   "completed CLIP pretrain run)")
+    seed: int = field(0, "seed for init, data order and caption choice")
+    student: StudentConfig = field(factory=StudentConfig, help="student")
+    loss: LossConfig = field(factory=LossConfig, help="objective")
+    data: DistillDataConfig = field(factory=DistillDataConfig, help="data")
+    train: TrainConfig = field(factory=TrainConfig, help="optimisation")
+    eval: EvalAfterConfig = field(factory=EvalAfterConfig, help="evaluation at the end")
+
+
+def resolve_teacher_ref(ref: str, runs_root=None) -> str:
+    """'latest' -> run:<newest completed CLIP pretrain run>; anything else unchanged."""
+    if ref != "latest":
+        return ref
+    from dmclip.runs import find_runs
+
+    for run in find_runs(runs_root, "pretrain"):
+        if run.info.get("status") == "completed" and (run.results() or {}).get("objective") == "clip":
+            return f"run:{run.path}"
+    raise DmclipError("no completed CLIP pretrain run to use as the teacher",
+                      "train one first (`dmclip pretrain recipes/pretrain-clip-teacher.yaml`) or pass --teacher")
+
+
+def load_teacher(ref: str):
+    from dmclip.models.refs import load_model_ref
+
+    teacher = load_model_ref(resolve_teacher_ref(ref))
+    if getattr(teacher, "encode_text", None) is None or not hasattr(teacher, "tokenize"):
+        raise DmclipError(f"teacher {ref!r} has no text encoder", "distill needs a CLIP teacher with both towers")
+    if getattr(teacher, "arch", {}).get("family") not in ("clip", "open_clip"):
+        raise DmclipError(f"teacher {ref!r} is a {teacher.arch.get('family')} model; distill takes CLIP teachers",
+                          "use a `dmclip pretrain --objective clip` run or open_clip:<arch>[:<checkpoint>]")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def build_student(cfg: DistillConfig, teacher):
+    """A CLIP whose image tower is the registered student and whose text tower is the teacher's."""
+    from dmclip.models.clip import CLIP
+    from dmclip.registry import students
+
+    s = cfg.student
+    kwargs = {"image_size": s.image_size or teacher.image_size, "embed_dim": teacher.embed_dim}
+    for key in ("patch_size", "width", "depth"):
+        if getattr(s, key):
+            kwargs[key] = getattr(s, key)
+    if students.entry(s.name).factory.__module__.endswith("mamba"):
+        kwargs["scan_backend"] = s.scan_backend
+    visual = students.get(s.name, **kwargs)
+    text_tower = teacher.text if hasattr(teacher, "text") else teacher
+    init_scale = float(teacher.logit_scale.detach())
+    student = CLIP(visual=visual.arch, text=text_tower.arch, init_logit_scale=init_scale)
+    student.visual.load_state_dict(visual.state_dict())
+    if s.text != "new":
+        student.text.load_state_dict(text_tower.state_dict())
+    student.text.requires_grad_(s.text == "finetune-teacher" or s.text == "new")
+    return student
+
+
+class DistillTask:
+    """alpha * KD + (1 - alpha) * InfoNCE; the teacher runs online under no_grad, or its outputs come
+    from a reinforced store (``store``), in which case the student sees the stored augmentation."""
+
+    def __init__(self, student, teacher, cfg: DistillConfig, store=None):
+        from dmclip.losses.clip import DistillMix
+
+        self.model = student
+        self.teacher = teacher
+        self.store = store
+        self.seed = cfg.seed
+        self.text_frozen = cfg.student.text == "frozen-teacher"
+        self.criterion = DistillMix(cfg.loss.alpha, cfg.loss.feature_weight, cfg.loss.feature_kind)
+
+    def collate(self, samples: list[dict]) -> dict:
+        return {"images": images_to_float(samples), "captions": [s["captions"] for s in samples],
+                "index": [int(s["index"]) for s in samples]}
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        if images.shape[-1] != self.teacher.image_size:
+            images = F.interpolate(images, size=self.teacher.image_size, mode="bilinear", align_corners=False)
+        return {"image_features": F.normalize(self.teacher.encode_image(images), dim=-1),
+                "text_features": F.normalize(self.teacher.encode_text(tokens), dim=-1),
+                "logit_scale": self.teacher.logit_scale.exp().clamp(max=100.0)}
+
+    def loss(self, model, batch: dict, step: int) -> dict:
+        images = batch["images"]
+        if self.store is not None:
+            from dmclip.data.reinforced import apply_boxes
+
+            chosen = [self.store.choose(self.seed, step, i) for i in batch["index"]]
+            augs, caps = [a for a, _ in chosen], [c for _, c in chosen]
+            per_image = self.store.text_embeddings.shape[1]
+            captions = [(c[:per_image] + [c[-1]] * per_image)[k] for c, k in zip(batch["captions"], caps)]
+            tokens = self.model.tokenize(captions)
+            images = apply_boxes(images, self.store.boxes[torch.tensor(batch["index"]), torch.tensor(augs)])
+            teacher = self.store.features(batch["index"], augs, caps)
+        else:
+            captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
+            tokens = self.model.tokenize(captions)
+            teacher = self.teacher_features(images, tokens)
+        if images.shape[-1] != self.model.image_size:
+            images = F.interpolate(images, size=self.model.image_size, mode="bilinear", align_corners=False)
+        if self.text_frozen:  # same weights as the teacher's text tower: reuse its features
+            student = model(images)
+            student["text_features"] = teacher["text_features"]
+        else:
+            student = model(images, tokens)
+        return self.criterion(student, teacher)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def run(cfg: DistillConfig, run) -> dict:
+    """Distil, save the student into ``run/model``, score zero-shot, return results."""
+    from dmclip.data import build_dataset
+    from dmclip.models.base import count_parameters, load_saved_model, save_model
+    from dmclip.train import distributed, fit
+
+    torch.manual_seed(cfg.seed)
+    teacher_ref = resolve_teacher_ref(cfg.teacher)
+    store, data_spec = None, cfg.data.train
+    if teacher_ref.startswith("embeddings:"):
+        from dmclip.data.reinforced import ReinforcedStore
+
+        store = ReinforcedStore(teacher_ref[len("embeddings:"):])
+        if data_spec != store.meta["data"]:
+            log.info("training on the store's data %s (data.train %s is ignored)", store.meta["data"], data_spec)
+        data_spec = store.meta["data"]
+        teacher = load_teacher(store.meta["teacher"])  # only its text tower and sizes are used
+    else:
+        teacher = load_teacher(teacher_ref)
+    if teacher_ref != cfg.teacher and distributed.is_main():
+        log.info("teacher: %s", teacher_ref)
+        run.update_info(teacher=teacher_ref)
+    student = build_student(cfg, teacher)
+    dataset = build_dataset(data_spec, image_size=teacher.image_size, max_skip_fraction=cfg.data.max_skip_fraction)
+    log.info("student %s: image tower %.2f M params (teacher's %.2f M); alpha %.2f", cfg.student.name,
+             count_parameters(student.visual) / 1e6, count_parameters(getattr(teacher, "visual", teacher)) / 1e6,
+             cfg.loss.alpha)
+    task = DistillTask(student, teacher, cfg, store)
+    resume = run.checkpoint_path("last.pt").exists()
+    summary = fit(task, dataset, cfg.train, run, seed=cfg.seed, resume=resume)
+    if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
+        return {"train": summary}
+    save_model(student, run.path / "model", extra={"teacher": teacher_ref})
+    results = {"teacher": teacher_ref, "student": cfg.student.name, "alpha": cfg.loss.alpha,
+               "image_parameters": count_parameters(student.visual), "train": summary}
+    if cfg.eval.zeroshot:
+        from dmclip.evaluation import zero_shot_accuracy
+
+        model = load_saved_model(run.path / "model")
+        results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
+    run.write_results(results)
+    return results
+
+
+def with_alpha(cfg: DistillConfig, alpha: float) -> DistillConfig:
+    new = copy.deepcopy(cfg)
+    new.loss.alpha = alpha
+    return new

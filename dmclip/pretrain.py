@@ -1,0 +1,185 @@
+"""`dmclip pretrain`: train an image-text model from scratch — CLIP (ITC) or BLIP (ITC + ITM + LM).
+
+Library entry point: ``run(config, run_dir) -> results``; the CLI only parses options around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from dmclip.config import field
+from dmclip.errors import DmclipError
+from dmclip.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = field(32, "input image side in pixels", min=8, max=1024)
+    patch_size: int = field(4, "ViT patch side in pixels", min=1)
+    vision_width: int = field(128, "image tower width (channels)", min=8)
+    vision_depth: int = field(4, "image tower blocks", min=1)
+    vision_heads: int = field(4, "image tower attention heads", min=1)
+    text_width: int = field(128, "text tower width", min=8)
+    text_depth: int = field(4, "text tower blocks", min=1)
+    text_heads: int = field(4, "text tower attention heads", min=1)
+    embed_dim: int = field(128, "joint embedding size", min=2)
+    context_length: int = field(32, "text tokens per caption (captions are cut to fit)", min=4)
+    compact_vocab: bool = field(True, "keep only the BPE tokens seen in the training captions (+ eval prompts) "
+                                      "instead of open_clip's 49k table: a smaller, faster text tower")
+    # BLIP only
+    queue_size: int = field(1024, "BLIP: ITC feature queue length", min=0)
+    momentum: float = field(0.995, "BLIP: momentum-encoder EMA factor", min=0.0, max=1.0)
+    distill_alpha: float = field(0.4, "BLIP: weight of momentum-distilled soft targets in ITC", min=0.0, max=1.0)
+    label_smoothing: float = field(0.1, "BLIP: LM label smoothing", min=0.0, max=1.0)
+
+
+@dataclass
+class DataConfig:
+    train: str = field("world-train", "training set spec (`dmclip list datasets`, csv:PATH, wds:PATH, coco:JSON ...)")
+    max_skip_fraction: float = field(0.01, "fail once more than this fraction of samples is unreadable",
+                                     min=0.0, max=1.0)
+
+
+@dataclass
+class EvalAfterConfig:
+    zeroshot: str = field("world-zeroshot", "zero-shot set scored at the end ('' = skip)")
+    batch_size: int = field(256, "evaluation batch size", min=1)
+
+
+@dataclass
+class PretrainConfig:
+    objective: Literal["clip", "blip"] = field("clip", "clip: InfoNCE only; blip: ITC + ITM + LM (captioning)")
+    seed: int = field(0, "seed for init, data order and caption choice")
+    model: ModelConfig = field(factory=ModelConfig, help="architecture")
+    data: DataConfig = field(factory=DataConfig, help="data")
+    train: TrainConfig = field(factory=TrainConfig, help="optimisation")
+    eval: EvalAfterConfig = field(factory=EvalAfterConfig, help="evaluation at the end of training")
+
+
+def pick_caption(captions: list[str], seed: int, step: int, index: int) -> str:
+    """A caption of the image, chosen deterministically from (seed, step, index): resumable."""
+    if len(captions) == 1:
+        return captions[0]
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return captions[int.from_bytes(digest, "little") % len(captions)]
+
+
+def images_to_float(samples: list[dict]) -> torch.Tensor:
+    """uint8 (3, S, S) samples -> float (B, 3, S, S) in [0, 1]."""
+    return torch.stack([s["image"] for s in samples]).float().div_(255.0)
+
+
+class ClipTask:
+    """InfoNCE on (image, one caption) pairs; the engine calls collate/loss."""
+
+    def __init__(self, model, seed: int):
+        from dmclip.losses.clip import ClipLoss
+
+        self.model = model
+        self.seed = seed
+        self.criterion = ClipLoss()
+
+    def collate(self, samples: list[dict]) -> dict:
+        return {"images": images_to_float(samples), "captions": [s["captions"] for s in samples],
+                "index": [int(s["index"]) for s in samples]}
+
+    def loss(self, model, batch: dict, step: int) -> dict:
+        captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
+        tokens = self.model.tokenize(captions)
+        return self.criterion(model(batch["images"], tokens))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def fit_tokenizer(dataset, cfg: PretrainConfig) -> dict:
+    """The tokenizer description for the new model (compact vocabulary over train captions + eval prompts)."""
+    from dmclip.data import build_dataset
+    from dmclip.data.tokenizer import Tokenizer
+
+    if not cfg.model.compact_vocab:
+        return {"context_length": cfg.model.context_length, "vocab": None}
+    texts = [c for i in range(len(dataset)) for c in dataset.captions(i)]
+    if cfg.eval.zeroshot:  # prompt words only (no labels): so "a photo of a {}" is not unknown at eval
+        zs = build_dataset(cfg.eval.zeroshot, image_size=cfg.model.image_size)
+        texts += [t.format(c) for c in zs.classnames for t in zs.templates]
+    return Tokenizer.fit(texts, cfg.model.context_length).to_dict()
+
+
+def load_or_fit_tokenizer(run, fit_fn) -> dict:
+    """The run's tokenizer.json (a resumed run keeps the vocabulary it started with), else a new one."""
+    import json
+
+    from dmclip.runs import atomic_write_json
+
+    path = run.path / "tokenizer.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tokenizer = fit_fn()
+    atomic_write_json(path, tokenizer)
+    return tokenizer
+
+
+def build_new_model(cfg: PretrainConfig, tokenizer: dict):
+    from dmclip.models.base import build_model
+    from dmclip.models.clip import clip_arch
+
+    m = cfg.model
+    if cfg.objective == "clip":
+        return build_model(clip_arch(m.image_size, m.patch_size, m.vision_width, m.vision_depth, m.vision_heads,
+                                     m.text_width, m.text_depth, m.text_heads, m.embed_dim, tokenizer))
+    from dmclip.models.blip import BlipModel
+
+    return BlipModel(image_size=m.image_size, patch_size=m.patch_size, vision_width=m.vision_width,
+                     vision_depth=m.vision_depth, vision_heads=m.vision_heads, text_width=m.text_width,
+                     text_depth=m.text_depth, text_heads=m.text_heads, embed_dim=m.embed_dim,
+                     context_length=m.context_length, tokenizer=tokenizer, queue_size=m.queue_size,
+                     momentum=m.momentum, alpha=m.distill_alpha, label_smoothing=m.label_smoothing)
+
+
+def run(cfg: PretrainConfig, run) -> dict:
+    """Train, save the model (safetensors + model.json) into ``run/model``, score zero-shot, return results."""
+    from dmclip.data import build_dataset
+    from dmclip.models.base import count_parameters, load_saved_model, save_model
+    from dmclip.train import distributed, fit
+
+    torch.manual_seed(cfg.seed)
+    dataset = build_dataset(cfg.data.train, image_size=cfg.model.image_size,
+                            max_skip_fraction=cfg.data.max_skip_fraction)
+    if getattr(dataset, "kind", "image-text") != "image-text":
+        raise DmclipError(f"{cfg.data.train} is a classification set; pretraining needs image-caption pairs",
+                          "use an image-text set, e.g. world-train, csv:PATH or coco:JSON")
+    resume = run.checkpoint_path("last.pt").exists()
+    tokenizer = load_or_fit_tokenizer(run, lambda: fit_tokenizer(dataset, cfg))
+    model = build_new_model(cfg, tokenizer)
+    log.info("%s model: %.2f M parameters (image %.2f M), %d training pairs", cfg.objective,
+             count_parameters(model) / 1e6, count_parameters(getattr(model, "visual", None)) / 1e6, len(dataset))
+    if cfg.objective == "clip":
+        task = ClipTask(model, cfg.seed)
+    else:
+        from dmclip.models.blip import BlipTask
+
+        steps_per_epoch = max(1, len(dataset) // cfg.train.batch_size)
+        task = BlipTask(model, cfg.seed, steps_per_epoch)
+    summary = fit(task, dataset, cfg.train, run, seed=cfg.seed, resume=resume)
+    if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
+        return {"train": summary}
+    save_model(model, run.path / "model")
+    results = {"objective": cfg.objective, "parameters": count_parameters(model), "train": summary}
+    if cfg.eval.zeroshot:
+        from dmclip.evaluation import zero_shot_accuracy
+
+        model = load_saved_model(run.path / "model")  # score exactly what was saved
+        results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
+    run.write_results(results)
+    return results

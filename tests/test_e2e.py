@@ -1,0 +1,113 @@
+"""End to end through `dmclip.cli.main([...])` at tiny sizes: pretrain -> distill -> eval, sweeps, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmclip.cli.main import main
+from dmclip.models.refs import load_model_ref
+from dmclip.runs import RunDir, find_runs
+
+TINY_DATA = "world-train:size=96"
+TINY_CLIP = ["--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
+             "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
+             "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16",
+             "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=world-zeroshot",
+             "--set", "train.log_every=1"]
+
+
+def _only_run(root: Path, command: str) -> RunDir:
+    runs = find_runs(root, command)
+    assert len(runs) == 1, [r.path for r in runs]
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> RunDir:
+    root = tmp_path_factory.mktemp("runs")
+    code = main(["pretrain", "--data", TINY_DATA, "--steps", "4", "--batch-size", "16", "--runs-dir", str(root),
+                 "--name", "tiny-teacher", *TINY_CLIP])
+    assert code == 0
+    return _only_run(root, "pretrain")
+
+
+def test_pretrain_writes_a_complete_run_directory(teacher_run):
+    info = teacher_run.info
+    assert info["status"] == "completed" and info["command"] == "pretrain"
+    for name in ("resolved.yaml", "recipe.yaml", "overrides.txt", "metrics.jsonl", "log.txt", "results.json",
+                 "model/model.json", "model/model.safetensors", "checkpoints/last.pt"):
+        assert (teacher_run.path / name).exists(), name
+    rows = teacher_run.metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    results = teacher_run.results()
+    assert 0.0 <= results["zeroshot"]["acc1"] <= results["zeroshot"]["acc5"] <= 1.0
+
+
+def test_pretrained_model_loads_without_training_code_and_encodes(teacher_run):
+    model = load_model_ref(f"run:{teacher_run.path}")
+    images = torch.rand(3, 3, model.image_size, model.image_size)
+    tokens = model.tokenize(["a red circle", "a blue star", "two green squares"])
+    assert model.encode_image(images).shape == (3, model.embed_dim)
+    assert model.encode_text(tokens).shape == (3, model.embed_dim)
+
+
+def test_resolved_yaml_repeats_the_run_exactly(teacher_run, tmp_path):
+    """`dmclip pretrain runs/.../resolved.yaml` trains the same model (CPU, same seed)."""
+    code = main(["pretrain", str(teacher_run.path / "resolved.yaml"), "--runs-dir", str(tmp_path)])
+    assert code == 0
+    again = _only_run(tmp_path, "pretrain")
+    a = teacher_run.metrics()[-1]["loss"]
+    b = again.metrics()[-1]["loss"]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_distill_from_the_teacher_and_eval(teacher_run, tmp_path):
+    code = main(["distill", "--teacher", f"run:{teacher_run.path}", "--student", "mamba-tiny-test", "--alpha", "0.75",
+                 "--data", TINY_DATA, "--steps", "3", "--batch-size", "16", "--runs-dir", str(tmp_path),
+                 "--set", "train.progress=false", "--set", "train.warmup_steps=1"])
+    assert code == 0
+    run = _only_run(tmp_path, "distill")
+    results = run.results()
+    assert results["alpha"] == 0.75 and results["teacher"] == f"run:{teacher_run.path}"
+    parts = run.metrics()[-1]
+    assert {"contrastive", "distill"} <= set(parts)
+    student = load_model_ref(f"run:{run.path}")
+    teacher = load_model_ref(f"run:{teacher_run.path}")
+    assert student.arch["visual"]["family"] == "vision-mamba"
+    # frozen-teacher text tower: the student's text embeddings are the teacher's
+    tokens = teacher.tokenize(["a red circle"])
+    torch.testing.assert_close(student.encode_text(tokens), teacher.encode_text(tokens))
+
+
+def test_alpha_sweep_writes_one_run_per_point_and_a_summary(teacher_run, tmp_path):
+    code = main(["distill", "--teacher", f"run:{teacher_run.path}", "--student", "mamba-tiny-test", "--alpha", "0,1",
+                 "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(tmp_path),
+                 "--set", "train.progress=false", "--set", "eval.zeroshot="])
+    assert code == 0
+    sweep = next((tmp_path / "distill").glob("*-sweep-*"))
+    members = sorted(p for p in sweep.iterdir() if (p / "run.json").exists())
+    assert len(members) == 2
+    alphas = sorted(json.loads((m / "results.json").read_text())["alpha"] for m in members)
+    assert alphas == [0.0, 1.0]
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and summary[0].startswith("run,alpha")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["distill", "--teacher", "run:/nonexistent/run"], "does not exist"),
+    (["distill", "--alpha", "1.5"], "out of range"),
+    (["distill", "--alpha", "x"], "not a number"),
+    (["pretrain", "--set", "model.vision_widht=3"], "vision_width"),
+    (["pretrain", "--objective", "simclr"], "not allowed"),
+    (["pretrain", "--data", "csv:/nonexistent.csv", "--steps", "1"], "nonexistent"),
+])
+def test_bad_input_is_one_line_with_a_hint(argv, words, tmp_path, capsys):
+    code = main([*argv, "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert words in err and "hint:" in err
