@@ -1,1 +1,18 @@
-"""Importing this package registers its built-in entries."""
+"""Datasets: the embedded world, real formats, and the one entry point ``build_dataset(spec)``.
+
+Importing this package registers the built-in datasets (the world splits and fashion-mnist).
+"""
+
+from dmclip.data import formats, world  # noqa: F401  (registers world-* and fashion-mnist)
+from dmclip.data.base import (
+    BadSample,
+    ClassificationDataset,
+    ImageTextDataset,
+    collate,
+    image_batch,
+)
+from dmclip.data.export import EXPORT_FORMATS, draw_grid, export
+from dmclip.data.spec import FORMATS, build_dataset, parse_spec
+
+__all__ = ["EXPORT_FORMATS", "FORMATS", "BadSample", "ClassificationDataset", "ImageTextDataset", "build_dataset",
+           "collate", "draw_grid", "export", "image_batch", "parse_spec"]

@@ -1,0 +1,315 @@
+"""Real formats: export -> load round trips, bad input, spec errors, and the `dmclip data` command."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmclip.cli.main import main
+from dmclip.data import build_dataset, collate, export, parse_spec
+from dmclip.data import formats as fmt
+from dmclip.errors import DmclipError
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_dataset("world-retrieval-a:size=12", image_size=SIZE)
+
+
+def _same_samples(loaded, original, *, tolerance: float = 0.0):
+    """Same captions; pixels equal, or (JPEG) a mean absolute error per image within ``tolerance``."""
+    assert len(loaded) == len(original)
+    errors = []
+    for i in range(len(original)):
+        assert loaded.captions(i) == original.captions(i)
+        a, b = loaded[i]["image"].int(), original[i]["image"].int()
+        if tolerance == 0:
+            assert torch.equal(a, b), f"sample {i} pixels differ"
+        errors.append((a - b).abs().float().mean().item())
+    assert max(errors) <= tolerance, f"pixels differ beyond tolerance: {errors}"
+    return errors
+
+
+# ------------------------------------------------------------------------------------- round trips
+
+
+def test_csv_round_trip_keeps_pixels_and_all_captions(world, tmp_path):
+    result = export(world, "csv", tmp_path / "out")
+    assert result["samples"] == 12
+    rows = list(csv.DictReader(open(tmp_path / "out" / "data.csv", encoding="utf-8")))
+    assert len(rows) == 60 and set(rows[0]) == {"filepath", "caption"}  # open_clip's layout: a row per pair
+    _same_samples(build_dataset(f"csv:{tmp_path / 'out' / 'data.csv'}", image_size=SIZE), world)
+
+
+def test_tsv_with_open_clip_title_column(world, tmp_path):
+    export(world, "csv", tmp_path / "out")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "data.csv", encoding="utf-8")))
+    with open(tmp_path / "out" / "train.tsv", "w", encoding="utf-8") as fh:
+        fh.write("filepath\ttitle\n")
+        for row in rows:
+            fh.write(f"{row['filepath']}\t{row['caption']}\n")
+    _same_samples(build_dataset(f"tsv:{tmp_path / 'out' / 'train.tsv'}", image_size=SIZE), world)
+
+
+def test_webdataset_round_trip_over_shards_by_brace_pattern_and_directory(world, tmp_path):
+    export(world, "webdataset", tmp_path / "wds", shard_size=5)
+    shards = sorted(p.name for p in (tmp_path / "wds").glob("*.tar"))
+    assert shards == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    _same_samples(build_dataset(f"wds:{tmp_path}/wds/shard-{{000000..000002}}.tar", image_size=SIZE), world)
+    _same_samples(build_dataset(f"wds:{tmp_path}/wds", image_size=SIZE), world)
+
+
+def test_webdataset_written_by_the_webdataset_package_reads_back(world, tmp_path):
+    """Our shards are what webdataset's own reader expects (img2dataset layout)."""
+    import webdataset as wds
+
+    export(world, "webdataset", tmp_path / "wds", shard_size=100)
+    samples = list(wds.WebDataset(str(tmp_path / "wds" / "shard-000000.tar"), shardshuffle=False, empty_check=False))
+    assert len(samples) == 12
+    assert samples[0]["txt"].decode() == world.captions(0)[0]
+    assert json.loads(samples[0]["json"])["captions"] == world.captions(0)
+
+
+def test_jpeg_export_is_close_within_tolerance(world, tmp_path):
+    export(world, "webdataset", tmp_path / "wds", image_format="jpg")
+    loaded = build_dataset(f"wds:{tmp_path}/wds", image_size=SIZE)
+    errors = _same_samples(loaded, world, tolerance=8.0)  # grainy backgrounds are JPEG's worst case
+    assert np.mean(errors) <= 4.0 and max(errors) > 0
+
+
+def test_coco_round_trip_and_karpathy_list(world, tmp_path):
+    export(world, "coco", tmp_path / "coco")
+    _same_samples(build_dataset(f"coco:{tmp_path}/coco/captions.json", image_size=SIZE), world)
+    # BLIP's coco_karpathy_train.json: one entry per caption, images relative to a root given after the JSON
+    coco = json.loads((tmp_path / "coco" / "captions.json").read_text())
+    files = {img["id"]: img["file_name"] for img in coco["images"]}
+    karpathy = [{"image": files[a["image_id"]], "caption": a["caption"], "image_id": str(a["image_id"])}
+                for a in coco["annotations"]]
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "coco_karpathy_train.json").write_text(json.dumps(karpathy))
+    _same_samples(build_dataset(f"coco:{tmp_path}/ann/coco_karpathy_train.json:{tmp_path}/coco",
+                                image_size=SIZE), world)
+
+
+def test_imagefolder_round_trip_with_classnames_and_templates(tmp_path):
+    zs = build_dataset("world-zeroshot:size=30", image_size=SIZE)
+    export(zs, "imagefolder", tmp_path / "folder")
+    loaded = build_dataset(f"imagefolder:{tmp_path}/folder", image_size=SIZE)
+    assert loaded.kind == "classification" and loaded.classnames == zs.classnames and loaded.templates == zs.templates
+    by_index = {int(Path(src[1]).stem): i for i, src in enumerate(loaded.sources)}
+    assert sorted(by_index) == list(range(30))
+    for original, i in by_index.items():
+        assert loaded.labels()[i] == zs.labels()[original]
+        assert torch.equal(loaded[i]["image"], zs[original]["image"])
+    # custom class names / templates given as options (CLIP_benchmark's feature)
+    names = tmp_path / "names.json"
+    folders = sorted(p.name for p in (tmp_path / "folder").iterdir() if p.is_dir())
+    names.write_text(json.dumps({f: f"thing {k}" for k, f in enumerate(folders)}))
+    templates = tmp_path / "t.txt"
+    templates.write_text("a sketch of a {c}.\n\nitap of a {}.\n")
+    custom = build_dataset(f"imagefolder:{tmp_path}/folder:classnames={names}:templates={templates}")
+    assert custom.classnames[:2] == ["thing 0", "thing 1"]
+    assert custom.templates == ["a sketch of a {}.", "itap of a {}."]
+    assert custom[0]["image"].shape == (3, 64, 64)  # default size
+
+
+@pytest.mark.slow  # importing `datasets` and building its cache take seconds
+def test_huggingface_local_imagefolder_with_captions(world, tmp_path):
+    root = tmp_path / "hf"
+    root.mkdir()
+    with open(root / "metadata.jsonl", "w") as fh:
+        for i in range(len(world)):
+            Image.fromarray(world[i]["image"].permute(1, 2, 0).numpy()).save(root / f"{i:03d}.png")
+            fh.write(json.dumps({"file_name": f"{i:03d}.png", "text": world.captions(i)}) + "\n")
+    _same_samples(build_dataset(f"hf:{root}", image_size=SIZE), world)
+
+
+@pytest.mark.slow
+def test_huggingface_json_file_with_relative_image_paths(world, tmp_path):
+    export(world, "coco", tmp_path / "c")
+    with open(tmp_path / "c" / "pairs.jsonl", "w") as fh:
+        for i in range(len(world)):
+            fh.write(json.dumps({"image": f"images/{i:08d}.png", "caption": world.captions(i)}) + "\n")
+    _same_samples(build_dataset(f"hf:{tmp_path}/c/pairs.jsonl", image_size=SIZE), world)
+
+
+# ---------------------------------------------------------------------------------- Fashion-MNIST
+
+
+@pytest.mark.skipif(not fmt.fashion_mnist_available(),
+                    reason="Fashion-MNIST files absent: apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_from_the_debian_package():
+    ds = build_dataset("fashion-mnist:size=200", image_size=SIZE)
+    assert ds.kind == "classification" and len(ds) == 200 and len(ds.classnames) == 10
+    assert set(ds.labels()) == set(range(10))
+    image = ds[0]["image"]
+    assert image.shape == (3, SIZE, SIZE)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])  # grey photos
+    assert image.float().std() > 20  # a real picture, not a blank
+    train = build_dataset("fashion-mnist:split=train:size=5", image_size=SIZE)
+    assert train.labels() == fmt.read_idx(Path(fmt.FASHION_MNIST_DIR) / "train-labels-idx1-ubyte.gz")[:5].tolist()
+
+
+def test_idx_reader_plain_and_gzip_and_bad_header(tmp_path):
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    blob = struct.pack(">4B3I", 0, 0, 8, 3, 2, 28, 28) + images.tobytes()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(blob)
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">4B1I", 0, 0, 8, 1, 2) + bytes([3, 7]))
+    ds = build_dataset(f"fashion-mnist:{tmp_path}", image_size=28)
+    assert ds.labels() == [3, 7] and ds.classnames[7] == "sneaker"
+    assert torch.equal(ds[1]["image"][0], torch.from_numpy(images[1]))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x09\x03" + blob[4:])
+    with pytest.raises(DmclipError, match="not a uint8 IDX"):
+        build_dataset(f"fashion-mnist:{tmp_path}")
+    with pytest.raises(DmclipError, match="apt-get install dataset-fashion-mnist"):
+        build_dataset(f"fashion-mnist:{tmp_path / 'nowhere'}")
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def _bad_csv(tmp_path, world, good: int) -> Path:
+    """A CSV with ``good`` good rows and one row of each kind of bad input."""
+    export(world, "csv", tmp_path / "src")
+    images = tmp_path / "src" / "images"
+    png = (images / "00000000.png").read_bytes()
+    (images / "zero.png").write_bytes(b"")
+    (images / "truncated.png").write_bytes(png[: len(png) // 2])
+    (images / "garbage.png").write_bytes(b"this is not an image at all" * 10)
+    Image.new("RGB", (400, 20)).save(images / "sliver.png")
+    rows = [(f"images/{i % 12:08d}.png", f"caption {i}".encode()) for i in range(good)]
+    rows += [(b"images/missing.png", b"a missing file"), ("images/zero.png", b"a zero-byte file"),
+             ("images/00000001.png", b"   "), ("images/00000002.png", b"caf\xe9 latin-1 caption"),
+             ("images/truncated.png", b"truncated"), ("images/garbage.png", b"unreadable"),
+             ("images/sliver.png", b"wrong shape")]
+    lines = [b"filepath,caption"] + [(p if isinstance(p, bytes) else p.encode()) + b"," + c for p, c in rows]
+    path = tmp_path / "src" / "bad.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_bad_rows_are_dropped_at_load_and_bad_images_replaced_when_read(world, tmp_path, caplog):
+    path = _bad_csv(tmp_path, world, good=20)
+    with caplog.at_level(logging.WARNING, logger="dmclip.data"):
+        ds = build_dataset(f"csv:{path}:max_skip_fraction=0.5", image_size=SIZE)
+    assert ds.skipped == {"missing-file": 1, "empty-file": 1, "empty-caption": 1, "non-utf8-caption": 1}
+    # rows sharing a file are one image: 12 distinct good files + truncated, garbage, sliver
+    assert len(ds) == 15
+    seen = [ds[i] for i in range(len(ds))]  # reading every sample replaces the three bad images
+    assert ds.skipped == {"missing-file": 1, "empty-file": 1, "empty-caption": 1, "non-utf8-caption": 1,
+                          "truncated-image": 1, "unreadable-image": 1, "wrong-shape": 1}
+    bad = {i for i, src in enumerate(ds.sources) if Path(src[1]).stem in ("truncated", "garbage", "sliver")}
+    for i, sample in enumerate(seen):
+        assert sample["image"].shape == (3, SIZE, SIZE)
+        assert (sample["index"] != i) == (i in bad)  # a replacement names the sample it really is
+        assert sample["captions"] == ds.captions(sample["index"])
+    _ = [ds[i] for i in bad]  # reading the same bad sample again does not count it twice
+    assert sum(ds.skipped.values()) == 7
+    lines = [r.getMessage() for r in caplog.records if "skipping samples" in r.getMessage()]
+    for reason in ds.skipped:  # one log line per reason, whether it was found at load or when read
+        assert sum(f"with {reason.replace('-', ' ')} " in line for line in lines) == 1, (reason, lines)
+    assert len(lines) == 7
+
+
+def test_skips_past_max_skip_fraction_fail_with_the_counts(world, tmp_path):
+    path = _bad_csv(tmp_path, world, good=100)
+    with pytest.raises(DmclipError) as info:
+        build_dataset(f"csv:{path}", image_size=SIZE)  # 4 of 107 rows bad > 1 %
+    message = str(info.value)
+    assert "4 of 107 samples are bad" in message and "1 missing-file" in message and "max_skip_fraction" in message
+    ds = build_dataset(f"csv:{path}:max_skip_fraction=0.05", image_size=SIZE)  # 4 dropped: allowed
+    with pytest.raises(DmclipError, match="truncated-image|unreadable-image|wrong-shape"):
+        ds.validate()  # + 3 undecodable images = 7 of 107 > 5 %
+
+
+def test_truncated_webdataset_shard_keeps_the_readable_samples(world, tmp_path):
+    export(world, "webdataset", tmp_path / "wds", shard_size=100)
+    shard = tmp_path / "wds" / "shard-000000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    ds = build_dataset(f"wds:{shard}:max_skip_fraction=1", image_size=SIZE)
+    assert 3 <= len(ds) < 12
+    assert "truncated-shard" in ds.skipped or "truncated-image" in ds.validate()
+    for i in range(len(ds)):
+        assert ds[i]["captions"] == world.captions(ds[i]["index"])
+
+
+# ------------------------------------------------------------------------------------------- specs
+
+
+def test_parse_spec():
+    assert parse_spec("world-train") == ("world-train", [], {})
+    assert parse_spec("world-noisy:noise=0.3,size=500") == ("world-noisy", [], {"noise": 0.3, "size": 500})
+    assert parse_spec("coco:a/b.json:imgs:max_skip_fraction=0.1") == ("coco", ["a/b.json", "imgs"],
+                                                                        {"max_skip_fraction": 0.1})
+    assert parse_spec("world-train:cache=false")[2] == {"cache": False}
+
+
+@pytest.mark.parametrize("spec, message, hint", [
+    ("csv:/nonexistent/train.csv", "does not exist", "check the path"),
+    ("csv", "no file given", "csv:data/train.csv"),
+    ("parquet:x.parquet", "unknown dataset 'parquet'", "formats:"),
+    ("cocoo:x.json", "unknown dataset", "did you mean 'coco:'"),
+    ("wds:/nonexistent/shard-{000..003}.tar", "does not exist", "brace pattern"),
+    ("imagefolder:/nonexistent", "does not exist", "imagefolder:"),
+    ("hf:/nonexistent/dir", "does not exist", "local"),
+])
+def test_bad_specs_are_one_line_errors_with_the_fix(spec, message, hint):
+    with pytest.raises(DmclipError) as info:
+        build_dataset(spec)
+    assert message in info.value.message and hint in (info.value.hint or "")
+
+
+def test_path_without_format_and_unknown_option(world, tmp_path):
+    export(world, "csv", tmp_path / "out")
+    with pytest.raises(DmclipError) as info:
+        build_dataset(str(tmp_path / "out" / "data.csv"))
+    assert info.value.hint.startswith("prefix it with the format, e.g. csv:")
+    with pytest.raises(DmclipError, match="did you mean 'caption_key'"):
+        build_dataset(f"csv:{tmp_path}/out/data.csv:captionkey=x")
+
+
+def test_collate_stacks_images_and_keeps_caption_lists(world):
+    batch = collate([world[0], world[1], world[2]])
+    assert batch["image"].shape == (3, 3, SIZE, SIZE) and batch["image"].dtype == torch.uint8
+    assert batch["index"].tolist() == [0, 1, 2] and batch["captions"][1] == world.captions(1)
+    loader = torch.utils.data.DataLoader(world, batch_size=4, collate_fn=collate)
+    assert sum(len(b["captions"]) for b in loader) == 12
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_and_show(tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["data", "export", "world-retrieval-b:size=6", "--format", "csv", "--image-size", "32", str(out)]) == 0
+    assert "wrote 6 samples of world-retrieval-b as csv" in capsys.readouterr().out
+    assert len(list((out / "images").iterdir())) == 6
+    assert main(["data", "export", "world-retrieval-b:size=6", "--format", "csv", str(out)]) == 2  # never overwrites
+    assert "not empty" in capsys.readouterr().err
+    grid = tmp_path / "grid.png"
+    assert main(["data", "show", f"csv:{out}/data.csv", "--n", "6", "--columns", "3", "-o", str(grid)]) == 0
+    with Image.open(grid) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 300
+    assert main(["data", "show", "world-zeroshot:size=4", "--n", "4", "-o", str(tmp_path / "z.png")]) == 0
+    assert main(["data", "show", "world-trian", "-o", str(tmp_path / "x.png")]) == 2
+    assert "did you mean 'world-train'" in capsys.readouterr().err
+
+
+def test_export_refuses_captions_as_imagefolder(world, tmp_path):
+    with pytest.raises(DmclipError, match="cannot be an ImageFolder"):
+        export(world, "imagefolder", tmp_path / "x")
+    shutil.rmtree(tmp_path / "x", ignore_errors=True)
