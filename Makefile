@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	-$(BIN)/pip uninstall -q -y triton
+	@# Fashion-MNIST, a real-image zero-shot set, from Debian (best effort: its tests skip without it)
+	-test -d /usr/share/datasets/fashion-mnist || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)))
 	$(BIN)/python -m dmclip.models.scan_build || echo "fused CPU scan not built: falling back to the pure-PyTorch scan"
 	touch $(STAMP)
 

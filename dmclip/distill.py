@@ -94,6 +94,9 @@ def build_student(cfg: DistillConfig, teacher):
 
     s = cfg.student
     kwargs = {"image_size": s.image_size or teacher.image_size, "embed_dim": teacher.embed_dim}
+    teacher_patch = getattr(getattr(teacher, "visual", None), "arch", {}).get("patch_size")
+    if teacher_patch and not s.patch_size:  # same token grid as the teacher unless asked otherwise
+        kwargs["patch_size"] = teacher_patch
     for key in ("patch_size", "width", "depth"):
         if getattr(s, key):
             kwargs[key] = getattr(s, key)
@@ -216,3 +219,81 @@ def with_alpha(cfg: DistillConfig, alpha: float) -> DistillConfig:
     new = copy.deepcopy(cfg)
     new.loss.alpha = alpha
     return new
+
+
+def _same_size_vit(student) -> dict:
+    """The arch of a ViT image tower with the student's width, depth, patch and image size (RQ2's baseline)."""
+    arch = student.visual.arch
+    width = arch["width"]
+    return {"family": "vit", "image_size": arch["image_size"], "patch_size": arch["patch_size"], "width": width,
+            "depth": arch["depth"], "heads": max(1, width // 64), "embed_dim": arch["embed_dim"]}
+
+
+def sweep_report(sweep_dir, members: list[tuple[float, str]], teacher_ref: str, *, latency_runs: int = 20) -> dict:
+    """The DM-CLIP tables for a sweep: RQ1 (eval suite per alpha + the teacher, Avg Perf) and RQ2 (image
+    encoder latency, params, FLOPs of the student vs the teacher vs a ViT of the student's size).
+
+    Writes summary.md, summary.csv, summary.json and summary.png into ``sweep_dir``.
+    """
+    import json
+
+    from dmclip.evaluation import latency, suite, suite_csv, suite_markdown
+    from dmclip.models.base import build_model
+    from dmclip.models.refs import load_model_ref
+    from dmclip.runs import atomic_write_json, atomic_write_text
+
+    models = {"teacher": teacher_ref, **{f"student alpha={alpha:g}": ref for alpha, ref in members}}
+    rq1 = suite(models)
+    student = load_model_ref(members[-1][1])
+    teacher = load_model_ref(teacher_ref)
+    vit = build_model({"family": "clip", "visual": _same_size_vit(student), "text": student.text.arch})
+    rq2 = []
+    for name, model in (("student (" + student.visual.arch["family"] + ")", student), ("teacher", teacher),
+                        ("ViT of the student's size", vit)):
+        result = latency(model, batch_size=64, runs=latency_runs, warmup=3, vs=student if model is not student else None,
+                         model_name=name)
+        m = result["metrics"]
+        rq2.append({"model": name, "image params M": (m.get("image_params") or 0) / 1e6,
+                    "image GFLOPs/img": m["image_flops"] / 1e9, "image ms (b=1)": m["image_b1_median_ms"],
+                    "image ms (b=64)": m["image_b64_median_ms"],
+                    "student / this (b=1)": (1 / result["vs"]["ratios"]["image_b1_median_ms"]) if "vs" in result else 1.0,
+                    "student / this (b=64)": (1 / result["vs"]["ratios"]["image_b64_median_ms"]) if "vs" in result else 1.0})
+    lines = [f"# distill sweep over alpha\n\nteacher: {teacher_ref}\n", "## RQ1: accuracy (percent)\n",
+             suite_markdown(rq1), "\n## RQ2: image encoder cost (same process, interleaved timing)\n",
+             "| " + " | ".join(rq2[0]) + " |", "|---|" + "---:|" * (len(rq2[0]) - 1)]
+    for row in rq2:
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_text(sweep_dir / "summary.csv", suite_csv(rq1))
+    atomic_write_json(sweep_dir / "summary.json", {"rq1": rq1, "rq2": rq2})
+    _plot_sweep(sweep_dir / "summary.png", rq1, members)
+    return {"rq1": json.loads(json.dumps(rq1, default=str)), "rq2": rq2}
+
+
+def _plot_sweep(path, rq1: dict, members) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {row["model"]: row for row in rq1["rows"]}
+    alphas = [alpha for alpha, _ in members]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for column in rq1["columns"]:
+        values = [100 * rows[f"student alpha={a:g}"][column] for a in alphas]
+        ax.plot(alphas, values, marker="o", linewidth=2.5 if column == "Avg Perf" else 1, label=column)
+    teacher_avg = rows["teacher"]["Avg Perf"]
+    ax.axhline(100 * teacher_avg, color="gray", linestyle="--", label="teacher Avg Perf")
+    ax.set_xlabel("alpha (weight of KD)")
+    ax.set_ylabel("percent")
+    ax.set_title("student accuracy vs distillation weight")
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    import io
+
+    from dmclip.runs import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

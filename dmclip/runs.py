@@ -41,11 +41,16 @@ def default_runs_root() -> Path:
 # ---------------------------------------------------------------------------------- atomic files
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone who can read the dir
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

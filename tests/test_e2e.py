@@ -95,7 +95,11 @@ def test_alpha_sweep_writes_one_run_per_point_and_a_summary(teacher_run, tmp_pat
     alphas = sorted(json.loads((m / "results.json").read_text())["alpha"] for m in members)
     assert alphas == [0.0, 1.0]
     summary = (sweep / "summary.csv").read_text().splitlines()
-    assert len(summary) == 3 and summary[0].startswith("run,alpha")
+    assert len(summary) == 4 and "Avg Perf" in summary[0]  # header, the teacher, two students
+    assert [line.split(",")[0] for line in summary[1:]] == ["teacher", "student alpha=0", "student alpha=1"]
+    markdown = (sweep / "summary.md").read_text()
+    assert "RQ1" in markdown and "RQ2" in markdown and "ViT of the student's size" in markdown
+    assert (sweep / "summary.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -129,12 +129,10 @@ def _cache(teacher, data, out, augmentations, seed) -> None:
 
 def _sweep(lib, alphas, recipe, sets, shortcuts, name, runs_dir) -> None:
     """One run per alpha inside a sweep directory, then summary.md + summary.csv."""
-    import csv
     import datetime as dt
-    import io
 
     from dmclip.config import load_config
-    from dmclip.runs import RunDir, atomic_write_text, default_runs_root
+    from dmclip.runs import RunDir, default_runs_root
 
     base, recipe_text = load_config(lib.DistillConfig, recipe, sets or [], shortcuts)
     base.teacher = lib.resolve_teacher_ref(base.teacher, runs_dir)  # all members share one teacher
@@ -153,14 +151,9 @@ def _sweep(lib, alphas, recipe, sets, shortcuts, name, runs_dir) -> None:
             result = lib.run(cfg, run)
         rows.append(_row(run, result))
     console.print(metrics_table(f"distill sweep ({sweep_dir.name})", rows))
-    columns = list(rows[0])
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(sweep_dir / "summary.csv", out.getvalue())
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        md.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    atomic_write_text(sweep_dir / "summary.md", f"# distill sweep over alpha\n\nteacher: {base.teacher}\n\n"
-                      + "\n".join(md) + "\n")
+    err_console.print("scoring every student and the teacher (eval suite, latency) ...")
+    members = [(row["alpha"], f"run:{sweep_dir / row['run']}") for row in rows]
+    report = lib.sweep_report(sweep_dir, members, base.teacher)
+    console.print(metrics_table("RQ1: eval suite (fractions)", report["rq1"]["rows"], fmt="{:.3f}"))
+    console.print(metrics_table("RQ2: image encoder cost", report["rq2"], fmt="{:.3g}"))
+    console.print(f"summary: {sweep_dir / 'summary.md'} (+ summary.csv, summary.png)")
