@@ -1,0 +1,427 @@
+"""The selective scan (Mamba's S6 recurrence) behind one function, with four backends.
+
+    out = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
+
+Semantics and shapes are mamba-ssm's ``selective_scan_fn`` (Gu & Dao 2023, Alg. 2; real A, B and C
+input-dependent):
+
+    dt_t = softplus(delta_t + delta_bias)                                   (B, dim, L)
+    x_t  = exp(dt_t * A) * x_{t-1} + dt_t * B_t * u_t                        (B, dim, N), x_{-1} = 0
+    out_t = (<C_t, x_t> + D * u_t) * silu(z_t)                               (B, dim, L)
+
+u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L); D, delta_bias: (dim,);
+last_state: (batch, dim, N). Computation is float32 (float64 for float64 inputs, so gradcheck works);
+``out`` has u's dtype, every gradient its input's dtype. Unlike mamba-ssm, gradients also flow through
+``last_state``.
+
+Backends:
+- ``reference``: the sequential recurrence, written as mamba-ssm's ``selective_scan_ref`` (the test oracle).
+- ``chunked``: pure PyTorch: a sequential scan inside chunks run for all chunks at once, then a carry pass
+  between chunks (stable: decays are only multiplied, never divided), with its own backward (the adjoint
+  recurrence, scanned the same way in reverse).
+- ``cpu``: the fused C++ kernel (dmclip/csrc/selective_scan.cpp): forward and backward without any
+  (batch, dim, L, N) tensor, threads over batch x channel, the state loop vectorised.
+- ``cuda``: mamba-ssm's kernel, for CUDA tensors when ``mamba_ssm`` imports.
+``auto`` picks cuda for CUDA tensors when available, else cpu when the extension builds, else chunked
+(saying so once in the log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dmclip.errors import DmclipError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "chunked", "cpu", "cuda")
+_warned: set[str] = set()
+_cuda_fn: dict = {}
+_flop_counters: list[FlopCount] = []
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, backend="auto"):
+    """mamba-ssm's ``selective_scan_fn``: returns ``out`` or ``(out, last_state)``; see the module doc."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u)
+    if _flop_counters:
+        flops = scan_flops(u.shape[0], u.shape[1], u.shape[2], A.shape[1], D is not None, z is not None)
+        for counter in _flop_counters:
+            counter.add(flops)
+    if name == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "cuda":
+        return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "cpu":
+        return _run_function(_CpuScan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return _run_function(_ChunkedScan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def available_backends() -> list[str]:
+    """The backends that run on this machine (``cpu`` builds the extension on first call)."""
+    names = ["reference", "chunked"]
+    if _cpu_extension() is not None:
+        names.append("cpu")
+    if torch.cuda.is_available() and _cuda_scan_fn() is not None:
+        names.append("cuda")
+    return names
+
+
+def resolve_backend(backend: str, u: torch.Tensor | None = None) -> str:
+    """The concrete backend ``backend`` means for tensors like ``u`` (raises DmclipError if impossible)."""
+    if backend not in BACKENDS:
+        from dmclip.errors import did_you_mean
+
+        raise DmclipError(f"unknown selective-scan backend {backend!r}", did_you_mean(backend, BACKENDS))
+    on_cuda = u is not None and u.is_cuda
+    if backend == "auto":
+        if on_cuda:
+            if _cuda_scan_fn() is not None:
+                return "cuda"
+            _fallback_once("cuda", "mamba-ssm is not importable; CUDA tensors use the chunked PyTorch scan")
+            return "chunked"
+        if u is not None and u.device.type != "cpu":
+            return "chunked"
+        if _cpu_extension() is not None:
+            return "cpu"
+        _fallback_once("cpu", "the fused CPU scan is not available; using the chunked PyTorch scan "
+                              "(run `python -m dmclip.models.scan_build` to see why)")
+        return "chunked"
+    if backend == "cuda":
+        if not on_cuda and u is not None:
+            raise DmclipError("the cuda scan backend needs CUDA tensors", "use backend 'auto' or 'cpu' on a CPU")
+        if _cuda_scan_fn() is None:
+            raise DmclipError("the cuda scan backend needs mamba-ssm", "pip install 'dmclip[cuda]' on a GPU machine")
+    if backend == "cpu":
+        if u is not None and u.device.type != "cpu":
+            raise DmclipError("the cpu scan backend needs CPU tensors", "use backend 'auto'")
+        if _cpu_extension() is None:
+            from dmclip.models.scan_build import extension_error
+
+            raise DmclipError(f"the fused CPU scan could not be built ({extension_error()})",
+                              "install gcc/g++ and ninja, or use backend 'chunked'")
+    return backend
+
+
+class FlopCount:
+    """Accumulates analytic FLOPs of the scans run inside ``count_scan_flops()``."""
+
+    def __init__(self):
+        self.total = 0
+        self.calls = 0
+
+    def add(self, flops: int) -> None:
+        self.total += int(flops)
+        self.calls += 1
+
+
+@contextlib.contextmanager
+def count_scan_flops():
+    """``with count_scan_flops() as counter: model(x)`` -> ``counter.total`` FLOPs of every scan (forward).
+
+    FlopCounterMode cannot see inside the fused kernels; add this to its total.
+    """
+    counter = FlopCount()
+    _flop_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _flop_counters.remove(counter)
+
+
+def scan_flops(batch: int, dim: int, L: int, N: int, has_D: bool = True, has_z: bool = True) -> int:
+    """Forward FLOPs of one scan, counting multiply and add separately (exp as one).
+
+    Per (batch, channel, step, state): dt*A, exp, dt*u*B (1, dt*u shared), a*x + b (2), C*x + sum (2) = 7;
+    per (batch, channel, step): dt*u (1), softplus (~3), D*u + y (2), silu(z) and gate (~5).
+    """
+    per_state = 7 * N
+    per_step = 1 + 3 + (2 if has_D else 0) + (5 if has_z else 0)
+    return batch * dim * L * (per_state + per_step)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False):
+    """The sequential recurrence as mamba-ssm's ``selective_scan_ref`` (float64 stays float64)."""
+    dtype_in = u.dtype
+    compute = _compute_dtype(u)
+    u = u.to(compute)
+    delta = delta.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(compute)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    A, B, C = A.to(compute), B.to(compute), C.to(compute)
+    batch, dim, N = u.shape[0], A.shape[0], A.shape[1]
+    x = A.new_zeros((batch, dim, N))
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    ys = []
+    for i in range(u.shape[2]):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+    y = torch.stack(ys, dim=2)  # (B, dim, L)
+    out = y if D is None else y + u * D.to(compute)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(compute))
+    out = out.to(dtype_in)
+    return (out, x) if return_last_state else out
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+
+
+def _compute_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise DmclipError(f"selective_scan: u must be (batch, dim, L), got {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    problems = []
+    if delta.shape != u.shape:
+        problems.append(f"delta {tuple(delta.shape)} != u {tuple(u.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
+        problems.append(f"A must be real (dim={dim}, N), got {tuple(A.shape)}")
+    N = A.shape[-1]
+    for name, tensor in (("B", B), ("C", C)):
+        if tuple(tensor.shape) != (batch, N, L):
+            problems.append(f"{name} must be (batch, N, L) = {(batch, N, L)}, got {tuple(tensor.shape)}")
+    for name, tensor in (("D", D), ("delta_bias", delta_bias)):
+        if tensor is not None and tuple(tensor.shape) != (dim,):
+            problems.append(f"{name} must be (dim,) = ({dim},), got {tuple(tensor.shape)}")
+    if z is not None and z.shape != u.shape:
+        problems.append(f"z {tuple(z.shape)} != u {tuple(u.shape)}")
+    if problems:
+        raise DmclipError("selective_scan: " + "; ".join(problems),
+                          "shapes follow mamba-ssm's selective_scan_fn")
+
+
+def _fallback_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def _cpu_extension():
+    from dmclip.models.scan_build import load_extension
+
+    return load_extension()
+
+
+def _cuda_scan_fn():
+    if "fn" not in _cuda_fn:
+        _cuda_fn["fn"] = None
+        if torch.cuda.is_available():
+            try:  # mamba_ssm's import fails outright on machines without its CUDA build
+                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+                _cuda_fn["fn"] = selective_scan_fn
+            except Exception as exc:  # ImportError, or an undefined CUDA symbol
+                log.debug("mamba_ssm not importable: %s", exc)
+    return _cuda_fn["fn"]
+
+
+def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    fn = _cuda_scan_fn()
+    result = fn(u, delta, A.float(), B, C, None if D is None else D.float(), z,
+                None if delta_bias is None else delta_bias.float(), delta_softplus, return_last_state)
+    return result
+
+
+_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _run_function(function, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not needs_grad:  # inference: call the kernel directly, no autograd node, nothing saved
+        out, last = function.run_forward(tensors, delta_softplus, return_last_state)
+        return (out, last) if return_last_state else out
+    out, last = function.apply(delta_softplus, return_last_state, *tensors)
+    return (out, last) if return_last_state else out
+
+
+def _prepare(tensors):
+    """Cast to the compute dtype, contiguous; B, C transposed to (batch, L, N)."""
+    compute = _compute_dtype(tensors[0])
+    u, delta, A, B, C, D, z, delta_bias = (None if t is None else t.detach().to(compute) for t in tensors)
+    B = B.transpose(1, 2).contiguous()
+    C = C.transpose(1, 2).contiguous()
+    return tuple(None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+class _ScanFunction(torch.autograd.Function):
+    """Shared autograd glue: forward/backward on prepared tensors, gradients cast back per input."""
+
+    @classmethod
+    def run_forward(cls, tensors, delta_softplus, return_last_state):
+        prepared = _prepare(tensors)
+        out, last = cls.kernel_forward(prepared, delta_softplus, return_last_state)
+        return out.to(tensors[0].dtype), (last if return_last_state else None)
+
+    @staticmethod
+    def forward(ctx, delta_softplus, return_last_state, *tensors):
+        cls = ctx._forward_cls
+        ctx.set_materialize_grads(False)
+        prepared = _prepare(tensors)
+        out, last = cls.kernel_forward(prepared, delta_softplus, return_last_state)
+        ctx.save_for_backward(*prepared)
+        ctx.delta_softplus = delta_softplus
+        ctx.dtypes = [None if t is None else t.dtype for t in tensors]
+        ctx.present = [t is not None for t in tensors]
+        out = out.to(tensors[0].dtype)
+        if return_last_state:
+            return out, last
+        return out, None
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        cls = ctx._forward_cls
+        prepared = ctx.saved_tensors
+        compute = prepared[0].dtype
+        dout = torch.zeros_like(prepared[0]) if dout is None else dout.to(compute).contiguous()
+        dlast = None if dlast is None else dlast.to(compute).contiguous()
+        grads = cls.kernel_backward(prepared, ctx.delta_softplus, dout, dlast)
+        du, ddelta, dA, dBt, dCt, dD, dz, dbias = grads
+        grads = [du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD, dz, dbias]
+        result = []
+        for grad, present, dtype, need in zip(grads, ctx.present, ctx.dtypes, ctx.needs_input_grad[2:]):
+            result.append(grad.to(dtype) if present and need else None)
+        return (None, None, *result)
+
+
+class _CpuScan(_ScanFunction):
+    # float32 runs the kernel's vector path, which wants N a multiple of 8: pad A, B, C with zeros (padded
+    # states stay exactly 0: decay exp(0) = 1 times 0, input 0) and cut the padding off the results.
+    @staticmethod
+    def _pad(A, Bt, Ct):
+        N = A.shape[1]
+        pad = (-N) % 8 if A.dtype == torch.float32 else 0
+        if pad:
+            A, Bt, Ct = (F.pad(t, (0, pad)) for t in (A, Bt, Ct))
+        return A, Bt, Ct, N
+
+    @staticmethod
+    def kernel_forward(prepared, delta_softplus, return_last_state):
+        u, delta, A, Bt, Ct, D, z, delta_bias = prepared
+        A, Bt, Ct, N = _CpuScan._pad(A, Bt, Ct)
+        out, last = _cpu_extension().fwd(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, return_last_state)
+        return out, (last[..., :N] if return_last_state else None)
+
+    @staticmethod
+    def kernel_backward(prepared, delta_softplus, dout, dlast):
+        u, delta, A, Bt, Ct, D, z, delta_bias = prepared
+        A, Bt, Ct, N = _CpuScan._pad(A, Bt, Ct)
+        if dlast is not None and dlast.shape[-1] != A.shape[1]:
+            dlast = F.pad(dlast, (0, A.shape[1] - dlast.shape[-1])).contiguous()
+        du, ddelta, dA, dBt, dCt, dD, dz, dbias = _cpu_extension().bwd(
+            u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, dout, dlast)
+        return du, ddelta, dA[:, :N], dBt[..., :N], dCt[..., :N], dD, dz, dbias
+
+
+# ------------------------------------------------------------------------------------------------- chunked
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """x_t = a_t * x_{t-1} + b_t along dim -2 of (..., L, N) tensors, x_{-1} = 0 (no autograd needed).
+
+    The L steps are cut into chunks of ~sqrt(L): a sequential scan inside every chunk (all chunks at
+    once), a sequential carry pass over chunk ends, then one fix-up multiply by the in-chunk cumulative
+    decay. About sqrt(L) Python steps instead of L; decays are multiplied, never divided, so it is stable.
+    """
+    L = a.shape[-2]
+    if chunk is None:
+        chunk = max(1, math.isqrt(L))
+    chunks = -(-L // chunk)
+    pad = chunks * chunk - L
+    if pad:
+        a = F.pad(a, (0, 0, 0, pad), value=1.0)
+        b = F.pad(b, (0, 0, 0, pad), value=0.0)
+    shape = a.shape[:-2]
+    N = a.shape[-1]
+    a = a.reshape(*shape, chunks, chunk, N)
+    b = b.reshape(*shape, chunks, chunk, N)
+    x = torch.empty_like(b)
+    x[..., 0, :] = b[..., 0, :]
+    for t in range(1, chunk):  # in-chunk scan, all chunks together
+        torch.addcmul(b[..., t, :], a[..., t, :], x[..., t - 1, :], out=x[..., t, :])
+    if chunks > 1:
+        decay = torch.cumprod(a, dim=-2)  # (..., chunks, chunk, N)
+        carry = torch.zeros_like(x[..., 0, 0, :])
+        carries = torch.empty_like(x[..., :, 0, :])  # state entering each chunk
+        for c in range(chunks):
+            carries[..., c, :] = carry
+            carry = decay[..., c, -1, :] * carry + x[..., c, -1, :]
+        x.add_(decay * carries.unsqueeze(-2))
+    x = x.reshape(*shape, chunks * chunk, N)
+    return x[..., :L, :] if pad else x
+
+
+def _chunked_states(u, delta, A, Bt, D, delta_bias, delta_softplus):
+    """dt (B, dim, L), decay a (B, dim, L, N), states x (B, dim, L, N)."""
+    v = delta if delta_bias is None else delta + delta_bias[:, None]
+    dt = F.softplus(v) if delta_softplus else v
+    a = torch.exp(dt[..., None] * A[:, None, :])
+    b = (dt * u)[..., None] * Bt[:, None, :, :]
+    return v, dt, a, linear_scan(a, b)
+
+
+class _ChunkedScan(_ScanFunction):
+    @staticmethod
+    def kernel_forward(prepared, delta_softplus, return_last_state):
+        u, delta, A, Bt, Ct, D, z, delta_bias = prepared
+        _, _, _, x = _chunked_states(u, delta, A, Bt, D, delta_bias, delta_softplus)
+        y = torch.einsum("bdln,bln->bdl", x, Ct)
+        if D is not None:
+            y = y + D[:, None] * u
+        if z is not None:
+            y = y * F.silu(z)
+        return y, (x[:, :, -1].contiguous() if return_last_state else None)
+
+    @staticmethod
+    def kernel_backward(prepared, delta_softplus, dout, dlast):
+        u, delta, A, Bt, Ct, D, z, delta_bias = prepared
+        v, dt, a, x = _chunked_states(u, delta, A, Bt, D, delta_bias, delta_softplus)
+        y = torch.einsum("bdln,bln->bdl", x, Ct)
+        dz = None
+        dy = dout
+        if z is not None:
+            s = torch.sigmoid(z)
+            pre = y if D is None else y + D[:, None] * u
+            dz = dout * pre * s * (1 + z * (1 - s))
+            dy = dout * z * s
+        dD = (dy * u).sum(dim=(0, 2)) if D is not None else None
+        du = dy * D[:, None] if D is not None else torch.zeros_like(u)
+        dCt = torch.einsum("bdl,bdln->bln", dy, x)
+        g = dy[..., None] * Ct[:, None, :, :]  # dLoss/dx_t from the readout
+        if dlast is not None:
+            g[:, :, -1] += dlast
+        # adjoint recurrence h_t = g_t + a_{t+1} h_{t+1}: the same scan, reversed in time
+        a_next = F.pad(a[:, :, 1:], (0, 0, 0, 1), value=0.0)
+        h = linear_scan(a_next.flip(2), g.flip(2)).flip(2)
+        x_prev = F.pad(x[:, :, :-1], (0, 0, 1, 0), value=0.0)
+        dlog = h * x_prev * a  # dLoss / d(dt * A)
+        hB = torch.einsum("bdln,bln->bdl", h, Bt)
+        ddt = torch.einsum("bdln,dn->bdl", dlog, A) + hB * u
+        dA = torch.einsum("bdln,bdl->dn", dlog, dt)
+        dBt = torch.einsum("bdln,bdl->bln", h, dt * u)
+        du = du + hB * dt
+        ddelta = ddt * torch.sigmoid(v) if delta_softplus else ddt
+        if delta_softplus:  # softplus is the identity above its threshold (F.softplus, threshold 20)
+            ddelta = torch.where(v > 20, ddt, ddelta)
+        dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
+        return du, ddelta, dA, dBt, dCt, dD, dz, dbias

@@ -1,0 +1,118 @@
+"""The Vision-Mamba student: shapes, the middle class token, a backward branch that really runs backwards,
+backends that agree end to end, rebuild from ``arch``, and every registered student's tiny variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dmclip.models import scan
+from dmclip.models.base import build_model
+from dmclip.models.mamba import VisionMamba
+from dmclip.registry import students
+
+TINY = {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "d_state": 8, "embed_dim": 24}
+
+
+def tiny_model(**overrides) -> VisionMamba:
+    torch.manual_seed(0)
+    return VisionMamba(**{**TINY, **overrides}).eval()
+
+
+def test_output_shapes_and_uint8_input():
+    model = tiny_model()
+    images = torch.rand(3, 3, 32, 32)
+    assert model(images).shape == (3, 24)
+    assert model.forward_tokens(images).shape == (3, 16, 32)
+    as_bytes = (images * 255).round().to(torch.uint8)
+    torch.testing.assert_close(model(as_bytes), model(as_bytes.float() / 255), rtol=0, atol=0)
+    assert (model.image_size, model.width, model.embed_dim) == (32, 32, 24)
+
+
+def test_class_token_sits_in_the_middle():
+    model = tiny_model()
+    assert model.cls_position == 8  # 16 patches: 8 before, 8 after
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    model.forward_tokens(torch.rand(1, 3, 32, 32))
+    x = seen["x"][0] - model.pos_embed[0]  # tokens entering block 0, position embedding removed
+    torch.testing.assert_close(x[8], model.cls_token[0, 0])
+    assert not torch.allclose(x[7], model.cls_token[0, 0]) and not torch.allclose(x[9], model.cls_token[0, 0])
+
+
+def test_backward_branch_scans_from_the_end():
+    # forward branch: output at t depends only on inputs <= t; backward branch: only on inputs >= t.
+    # Perturb the LAST token: with only the forward branch enabled the first output must not move; with
+    # only the backward branch it must (and the last output must not move when the FIRST token changes).
+    torch.manual_seed(0)
+    mixer = VisionMamba(**TINY).blocks[0].mixer
+    with torch.no_grad():  # dt ~ 1 (init gives 0.001..0.1): a token's influence is then clearly visible
+        mixer.forward_branch.dt_proj.bias.fill_(0.5)
+        mixer.backward_branch.dt_proj.bias.fill_(0.5)
+    x = torch.randn(1, 4, 32)
+    x_last = x.clone()
+    x_last[:, -1] += 1.0
+    x_first = x.clone()
+    x_first[:, 0] += 1.0
+
+    def only(branch_name):
+        other = "backward_branch" if branch_name == "forward_branch" else "forward_branch"
+        original = getattr(mixer, other).forward
+        getattr(mixer, other).forward = lambda u, z, backend: torch.zeros_like(u)
+        try:
+            return mixer(x), mixer(x_last), mixer(x_first)
+        finally:
+            getattr(mixer, other).forward = original
+
+    def moved(a, b):
+        return (a - b).abs().max() > 1e-2 * b.abs().max()
+
+    base, last_changed, first_changed = only("forward_branch")
+    torch.testing.assert_close(last_changed[:, 0], base[:, 0])  # causal left-to-right
+    assert moved(first_changed[:, -1], base[:, -1])
+    base, last_changed, first_changed = only("backward_branch")
+    torch.testing.assert_close(first_changed[:, -1], base[:, -1])  # causal right-to-left
+    assert moved(last_changed[:, 0], base[:, 0])
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "chunked") if b in scan.available_backends()])
+def test_backend_equals_reference_end_to_end(backend):
+    model = tiny_model(scan_backend="reference").train()
+    images = torch.rand(2, 3, 32, 32)
+    ref = model(images)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    model.set_scan_backend(backend)
+    out = model(images)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    # relative to each tensor's largest entry: the scan's 1e-5 / 1e-4 plus float32 layers around it
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-3 * r.abs().max() + 1e-12, name
+
+
+def test_build_model_rebuilds_from_arch():
+    model = tiny_model(drop_path=0.1)
+    rebuilt = build_model(model.arch)
+    assert isinstance(rebuilt, VisionMamba) and rebuilt.arch == model.arch
+    assert list(rebuilt.state_dict()) == list(model.state_dict())
+    rebuilt.load_state_dict(model.state_dict())
+    images = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(rebuilt.eval()(images), model(images))
+
+
+def test_mamba_initialisation_follows_mamba_ssm():
+    branch = tiny_model().blocks[0].mixer.forward_branch
+    dt = torch.nn.functional.softplus(branch.dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6  # dt in [dt_min, dt_max]
+    torch.testing.assert_close(torch.exp(branch.A_log), torch.arange(1.0, 9.0).repeat(64, 1))
+
+
+@pytest.mark.parametrize("name", students.names("mamba*"))
+def test_every_registered_student_tiny_variant_trains_a_step(name):
+    entry = students.entry(name)
+    model = students.get(name, **entry.tiny)
+    images = torch.rand(2, 3, model.image_size, model.image_size)
+    features = model(images)
+    assert features.shape == (2, model.embed_dim)
+    features.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,0 +1,212 @@
+"""The selective-scan backends agree with the sequential recurrence (mamba-ssm's selective_scan_ref).
+
+If these break, a student trained or evaluated on one backend behaves differently on another: wrong
+features at inference, wrong gradients in training. The oracle is the ``reference`` backend evaluated in
+float64 on the same inputs (so its own rounding is out of the picture). Tolerances are relative to the
+largest magnitude of each reference tensor: ``max|x - ref| <= rtol * max|ref|`` with rtol 1e-5 for the
+fused ``cpu`` kernel (issue 11), 1e-4 for ``chunked`` (issue 7), and 2e-2 for bfloat16 inputs (bf16 keeps
+8 bits of mantissa: its rounding alone is 4e-3 relative).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dmclip.errors import DmclipError
+from dmclip.models import scan
+from dmclip.models.scan import count_scan_flops, scan_flops, selective_scan
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+HAS_CPU = "cpu" in scan.available_backends()
+BACKENDS = ["chunked"] + (["cpu"] if HAS_CPU else [])
+RTOL = {"cpu": 1e-5, "chunked": 1e-4}
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the fused CPU scan did not build here (see the log line)")
+
+
+def make_inputs(batch, dim, L, N, *, delta_scale=1.0, softplus=True, with_D=True, with_z=True, with_bias=True,
+                dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    delta = r(batch, dim, L) * delta_scale
+    if not softplus:  # without softplus dt is delta itself: keep it positive, as a real step size is
+        delta = delta.abs()
+    tensors = {
+        "u": r(batch, dim, L), "delta": delta, "A": -torch.rand(dim, N, generator=g, dtype=torch.float64) * 2 - 0.05,
+        "B": r(batch, N, L), "C": r(batch, N, L),
+        "D": r(dim) if with_D else None, "z": r(batch, dim, L) if with_z else None,
+        "delta_bias": r(dim) * 0.5 if with_bias else None,
+    }
+    return {k: None if v is None else v.to(dtype) for k, v in tensors.items()}
+
+
+def run(backend, inputs, softplus, last_state, out_weight, last_weight, dtype=None):
+    """Output, last state and the gradients of a fixed random projection of both, for every input."""
+    leaves = {k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_() for k, v in inputs.items()}
+    result = selective_scan(*[leaves[k] for k in NAMES], delta_softplus=softplus, return_last_state=last_state,
+                            backend=backend)
+    out, last = result if last_state else (result, None)
+    loss = (out.double() * out_weight).sum()
+    if last_state:
+        loss = loss + (last.double() * last_weight).sum()
+    present = [k for k in NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
+    return out, last, dict(zip(present, grads))
+
+
+def assert_matches(backend, inputs, softplus, last_state, rtol, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    batch, dim, L = inputs["u"].shape
+    out_weight = torch.randn(batch, dim, L, generator=g, dtype=torch.float64)
+    last_weight = torch.randn(batch, dim, inputs["A"].shape[1], generator=g, dtype=torch.float64)
+    ref_out, ref_last, ref_grads = run("reference", inputs, softplus, last_state, out_weight, last_weight,
+                                       dtype=torch.float64)
+    out, last, grads = run(backend, inputs, softplus, last_state, out_weight, last_weight)
+    assert out.dtype == inputs["u"].dtype
+    assert all(grads[k].dtype == inputs[k].dtype for k in grads)  # each gradient in its input's dtype
+    pairs = [("out", out, ref_out)] + ([("last_state", last, ref_last)] if last_state else [])
+    pairs += [(f"d{k}", grads[k], ref_grads[k]) for k in ref_grads]
+    for name, value, ref in pairs:
+        error = (value.double() - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        assert error <= rtol * scale + 1e-30, f"{backend} {name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+shapes = st.fixed_dictionaries({
+    "batch": st.integers(1, 3), "dim": st.integers(1, 6), "L": st.sampled_from([1, 2, 5, 16, 33, 64, 65]),
+    "N": st.sampled_from([1, 3, 8, 16]), "delta_scale": st.sampled_from([0.1, 1.0, 8.0]),
+    "softplus": st.booleans(), "with_D": st.booleans(), "with_z": st.booleans(), "with_bias": st.booleans(),
+    "last_state": st.booleans(), "seed": st.integers(0, 2**16),
+})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=shapes)
+def test_float32_matches_reference_in_outputs_and_all_gradients(backend, case):
+    case = dict(case)
+    last_state, softplus = case.pop("last_state"), case["softplus"]
+    inputs = make_inputs(case.pop("batch"), case.pop("dim"), case.pop("L"), case.pop("N"), **case)
+    assert_matches(backend, inputs, softplus, last_state, RTOL[backend])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10, deadline=None)
+@given(case=shapes)
+def test_bfloat16_inputs_match_reference_within_bf16_rounding(backend, case):
+    case = dict(case)
+    last_state, softplus = case.pop("last_state"), case["softplus"]
+    case["delta_scale"] = min(case["delta_scale"], 1.0)
+    inputs = make_inputs(case.pop("batch"), case.pop("dim"), case.pop("L"), case.pop("N"), dtype=torch.bfloat16, **case)
+    assert_matches(backend, inputs, softplus, last_state, 2e-2)
+
+
+@pytest.mark.parametrize("L,N", [(1, 1), (7, 4), (9, 16)])
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_gradcheck_float64(backend, L, N):
+    inputs = make_inputs(1, 2, L, N, dtype=torch.float64, delta_scale=0.5)
+    leaves = [inputs[k].clone().requires_grad_() for k in NAMES]
+
+    def fn(*tensors):
+        return selective_scan(*tensors, delta_softplus=True, return_last_state=True, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.slow
+@needs_cpu
+def test_cpu_kernel_on_the_bench_shape_matches_reference():
+    # the shape the student runs (65 tokens, N = 16, many channels: every thread's share of the work)
+    inputs = make_inputs(4, 256, 65, 16, delta_scale=1.0)
+    assert_matches("cpu", inputs, True, True, RTOL["cpu"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_path_equals_autograd_path(backend):
+    inputs = make_inputs(2, 5, 13, 16)
+    args = [inputs[k] for k in NAMES]
+    with torch.inference_mode():
+        fast, fast_last = selective_scan(*args, delta_softplus=True, return_last_state=True, backend=backend)
+    leaves = [a.clone().requires_grad_() for a in args]
+    slow, slow_last = selective_scan(*leaves, delta_softplus=True, return_last_state=True, backend=backend)
+    assert torch.equal(fast, slow.detach()) and torch.equal(fast_last, slow_last.detach())
+    assert slow.grad_fn is not None and fast.grad_fn is None
+
+
+def test_reference_is_the_written_out_recurrence():
+    # the oracle itself, against the equations in the module docstring, one step at a time in float64
+    i = make_inputs(1, 2, 4, 3, dtype=torch.float64)
+    out, last = selective_scan(*[i[k] for k in NAMES], delta_softplus=True, return_last_state=True,
+                               backend="reference")
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    for t in range(4):
+        dt = torch.nn.functional.softplus(i["delta"][0, :, t] + i["delta_bias"])  # (dim,)
+        x = torch.exp(dt[:, None] * i["A"]) * x + dt[:, None] * i["B"][0, :, t] * i["u"][0, :, t, None]
+        y = (x * i["C"][0, :, t]).sum(-1) + i["D"] * i["u"][0, :, t]
+        expected = y * torch.nn.functional.silu(i["z"][0, :, t])
+        torch.testing.assert_close(out[0, :, t], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last[0], x, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_falls_back_to_chunked_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(scan, "_cpu_extension", lambda: None)
+    monkeypatch.setattr(scan, "_warned", set())
+    inputs = make_inputs(1, 2, 5, 4)
+    with caplog.at_level(logging.WARNING, logger="dmclip.models.scan"):
+        for _ in range(3):
+            out = selective_scan(*[inputs[k] for k in NAMES], delta_softplus=True)
+    assert scan.resolve_backend("auto", inputs["u"]) == "chunked"
+    assert len([r for r in caplog.records if "chunked" in r.getMessage()]) == 1
+    ref = selective_scan(*[inputs[k] for k in NAMES], delta_softplus=True, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(DmclipError, match="could not be built"):
+        scan.resolve_backend("cpu", inputs["u"])
+
+
+def test_failed_build_is_one_log_line_not_a_crash(monkeypatch, caplog):
+    from dmclip.models import scan_build
+
+    def broken_build(verbose=False):
+        raise RuntimeError("Error building extension 'x'\nfoo.cpp:1:1: error: no compiler here\nninja: build stopped")
+
+    monkeypatch.setattr(scan_build, "build", broken_build)
+    monkeypatch.setattr(scan_build, "_state", {"tried": False, "module": None, "error": None})
+    with caplog.at_level(logging.WARNING, logger="dmclip.models.scan_build"):
+        assert scan_build.load_extension() is None
+        assert scan_build.load_extension() is None
+    assert len(caplog.records) == 1 and "no compiler here" in caplog.records[0].getMessage()
+
+
+def test_bad_shapes_and_backend_names_are_user_errors():
+    i = make_inputs(2, 3, 5, 4)
+    args = [i[k] for k in NAMES]
+    with pytest.raises(DmclipError, match="B must be"):
+        selective_scan(args[0], args[1], args[2], args[3].transpose(1, 2), args[4])
+    with pytest.raises(DmclipError, match="did you mean"):
+        selective_scan(*args, backend="chunkd")
+    with pytest.raises(DmclipError, match="CUDA tensors"):
+        selective_scan(*args, backend="cuda")
+
+
+def test_flop_counter_counts_every_scan_call():
+    i = make_inputs(2, 3, 5, 4)
+    with count_scan_flops() as counter:
+        for _ in range(2):
+            selective_scan(*[i[k] for k in NAMES], backend="chunked")
+    assert counter.calls == 2
+    assert counter.total == 2 * scan_flops(2, 3, 5, 4) == 2 * 2 * 3 * 5 * (7 * 4 + 11)
+    selective_scan(*[i[k] for k in NAMES], backend="chunked")  # outside the context: not counted
+    assert counter.calls == 2
+
+
+def test_linear_scan_is_stable_when_decays_underflow():
+    # decays of exp(-200) per step: a log-space cumsum/division scheme would overflow; the chunked scan must not
+    a = torch.full((1, 50, 2), torch.exp(torch.tensor(-200.0)).item())
+    b = torch.randn(1, 50, 2)
+    x = scan.linear_scan(a, b)
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(x, b, rtol=1e-6, atol=1e-30)
