@@ -1,25 +1,241 @@
-"""`dmclip eval`: zero-shot, retrieval, caption, latency, suite."""
+"""`dmclip eval`: zero-shot, retrieval, caption, latency, suite (the library part is dmclip.evaluation)."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from dmclip.cli.common import not_built
+from dmclip.cli.common import NameOpt, RunsDirOpt, console, err_console, execute, metrics_table
+from dmclip.errors import DmclipError
 
 eval_app = typer.Typer(help="Evaluate models: zero-shot, retrieval, caption, latency, suite.\n\n"
                             "Example: dmclip eval zero-shot --model run:runs/distill/<run>", no_args_is_help=True)
 
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="Model: run:<run dir>, open_clip:<arch>[:<tag or checkpoint>], or a registered name.",
+    show_default=False)]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per encoder call.", min=1)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cuda when visible).")]
 
-def _placeholder(name: str):
-    def command(ctx: typer.Context) -> None:
-        not_built(name)
 
-    return command
+def _slug(ref: str) -> str:
+    return ref.rstrip("/").replace("open_clip:", "").split("/")[-1].replace(":", "-")[:40] or "model"
+
+
+def _pct(value) -> str:
+    return "-" if not isinstance(value, (int, float)) or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _notes(result: dict) -> None:
+    for note in result.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
-    for sub in ("zero-shot", "retrieval", "caption", "latency", "suite"):
-        command = _placeholder(f"eval {sub}")
-        command.__doc__ = f"(not built yet) Example: dmclip eval {sub} --help"
-        eval_app.command(sub, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+    @eval_app.command("zero-shot")
+    def zero_shot_command(
+        model: ModelOpt,
+        data: Annotated[str, typer.Option("--data", "-d", help="Classification dataset spec.")] = "world-zeroshot",
+        classnames: Annotated[Path | None, typer.Option(
+            "--classnames", help="File with one class name per line, in label order (replaces the dataset's).",
+            show_default=False)] = None,
+        templates: Annotated[Path | None, typer.Option(
+            "--templates", help="File with one prompt template per line; '{}' marks the class name.",
+            show_default=False)] = None,
+        batch_size: BatchOpt = 64,
+        device: DeviceOpt = "auto",
+        runs_dir: RunsDirOpt = None,
+        name: NameOpt = None,
+    ) -> None:
+        """Zero-shot classification: acc@1, acc@5 and mean per-class recall (CLIP_benchmark's definitions).
+
+        Example: dmclip eval zero-shot --model run:runs/pretrain/<run> --data world-shift
+        """
+        from dmclip.evaluation import ZeroShotConfig, check_model, load_model, run_zero_shot
+
+        loaded = load_model(model, device)  # a bad reference fails before a run directory exists
+        check_model(loaded, "zero-shot")
+        _, result = execute("eval", ZeroShotConfig, lambda c, r: run_zero_shot(c, r, progress=True, model=loaded),
+                            shortcuts={"model": model, "data": data, "batch_size": batch_size, "device": device,
+                                       "classnames": str(classnames) if classnames else None,
+                                       "templates": str(templates) if templates else None},
+                            name=name or f"zero-shot-{_slug(model)}", runs_dir=runs_dir)
+        m = result["metrics"]
+        console.print(metrics_table(f"zero-shot · {model} · {result['dataset']} (%)", [
+            {"dataset": result["dataset"], "acc@1": _pct(m["acc1"]), "acc@5": _pct(m["acc5"]),
+             "mean per-class recall": _pct(m["mean_per_class_recall"]),
+             "samples": result["details"]["num_samples"], "classes": result["details"]["num_classes"]}]))
+        _notes(result)
+
+    @eval_app.command("retrieval")
+    def retrieval_command(
+        model: ModelOpt,
+        data: Annotated[str, typer.Option("--data", "-d", help="Image-text dataset spec.")] = "world-retrieval-a",
+        rerank_k: Annotated[int, typer.Option(
+            "--rerank-k", help="Re-rank the top-k ITC candidates by ITM match probability (BLIP models; 0 = off).",
+            min=0)] = 0,
+        batch_size: BatchOpt = 64,
+        device: DeviceOpt = "auto",
+        runs_dir: RunsDirOpt = None,
+        name: NameOpt = None,
+    ) -> None:
+        """Image-text retrieval both ways: R@1/5/10, mean and median rank (any caption of an image is a hit).
+
+        Example: dmclip eval retrieval --model run:runs/pretrain/<run> --data world-retrieval-b --rerank-k 16
+        """
+        from dmclip.evaluation import RetrievalConfig, check_model, load_model, run_retrieval
+
+        loaded = load_model(model, device)
+        check_model(loaded, "retrieval", rerank_k)
+        _, result = execute("eval", RetrievalConfig, lambda c, r: run_retrieval(c, r, progress=True, model=loaded),
+                            shortcuts={"model": model, "data": data, "rerank_k": rerank_k, "batch_size": batch_size,
+                                       "device": device},
+                            name=name or f"retrieval-{_slug(model)}", runs_dir=runs_dir)
+        m = result["metrics"]
+        rows = [{"direction": label, **{f"R@{k} %": _pct(m[f"{prefix}_recall@{k}"]) for k in (1, 5, 10)},
+                 "mean rank": m[f"{prefix}_mean_rank"], "median rank": m[f"{prefix}_median_rank"]}
+                for label, prefix in (("text → image", "image_retrieval"), ("image → text", "text_retrieval"))]
+        details = result["details"]
+        console.print(metrics_table(f"retrieval · {model} · {result['dataset']} "
+                                    f"({details['num_images']} images, {details['num_texts']} captions)", rows))
+        _notes(result)
+
+    @eval_app.command("caption")
+    def caption_command(
+        model: ModelOpt,
+        data: Annotated[str, typer.Option("--data", "-d", help="Image-text dataset spec (its captions are the references).")] = "world-retrieval-a",
+        method: Annotated[str, typer.Option("--method", help="beam or nucleus.")] = "beam",
+        num_beams: Annotated[int, typer.Option("--num-beams", help="Beams for beam search.", min=1)] = 3,
+        top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling probability mass.", min=0.0, max=1.0)] = 0.9,
+        max_length: Annotated[int, typer.Option("--max-length", help="Most tokens per caption.", min=1)] = 30,
+        min_length: Annotated[int, typer.Option("--min-length", help="Fewest tokens per caption.", min=0)] = 5,
+        limit: Annotated[int, typer.Option("--limit", help="Caption at most this many images (0 = all).", min=0)] = 0,
+        meteor: Annotated[bool, typer.Option("--meteor/--no-meteor", help="Compute METEOR (a JVM, a few seconds).")] = True,
+        seed: Annotated[int, typer.Option("--seed", help="Seed for nucleus sampling.")] = 0,
+        batch_size: BatchOpt = 32,
+        device: DeviceOpt = "auto",
+        runs_dir: RunsDirOpt = None,
+        name: NameOpt = None,
+    ) -> None:
+        """Caption images and score BLEU-1..4, METEOR, ROUGE-L, CIDEr as the COCO caption evaluation.
+
+        Example: dmclip eval caption --model run:runs/pretrain/<blip run> --method nucleus --limit 200
+        """
+        from dmclip.evaluation import CaptionConfig, check_model, load_model, run_caption
+
+        loaded = load_model(model, device)
+        check_model(loaded, "caption")
+        _, result = execute("eval", CaptionConfig, lambda c, r: run_caption(c, r, progress=True, model=loaded),
+                            shortcuts={"model": model, "data": data, "method": method, "num_beams": num_beams,
+                                       "top_p": top_p, "max_length": max_length, "min_length": min_length,
+                                       "limit": limit, "meteor": meteor, "seed": seed, "batch_size": batch_size,
+                                       "device": device},
+                            name=name or f"caption-{_slug(model)}", runs_dir=runs_dir)
+        m = result["metrics"]
+        console.print(metrics_table(
+            f"captioning · {model} · {result['dataset']} ({result['details']['num_images']} images, {method}; "
+            "×100, CIDEr too)",
+            [{"BLEU-1": _pct(m["bleu1"]), "BLEU-2": _pct(m["bleu2"]), "BLEU-3": _pct(m["bleu3"]),
+              "BLEU-4": _pct(m["bleu4"]), "METEOR": _pct(m["meteor"]), "ROUGE-L": _pct(m["rouge_l"]),
+              "CIDEr": _pct(m["cider"])}]))
+        for index, text in list(result["captions"].items())[:3]:
+            console.print(f"[dim]image {index}:[/dim] {text}", highlight=False)
+        _notes(result)
+
+    @eval_app.command("latency")
+    def latency_command(
+        model: ModelOpt,
+        vs: Annotated[str | None, typer.Option("--vs", help="A second model, timed in the same process; "
+                                                  "the table adds model / vs ratios.", show_default=False)] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size timed besides batch 1.", min=1)] = 32,
+        warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls first.", min=0)] = 5,
+        runs: Annotated[int, typer.Option("--runs", help="Timed calls per encoder and batch size.", min=1)] = 30,
+        threads: Annotated[int, typer.Option("--threads", help="torch threads (0 = as set, e.g. by OMP_NUM_THREADS).", min=0)] = 0,
+        device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+        runs_dir: RunsDirOpt = None,
+        name: NameOpt = None,
+    ) -> None:
+        """Encoder latency (median, p90), parameters, FLOPs and peak activation memory.
+
+        Example: dmclip eval latency --model run:runs/distill/<run> --vs run:runs/pretrain/<teacher run>
+        """
+        from dmclip.evaluation import LatencyConfig, latency_rows, load_model, run_latency
+
+        loaded = load_model(model, device)
+        loaded_vs = load_model(vs, device) if vs else None
+        _, result = execute("eval", LatencyConfig,
+                            lambda c, r: run_latency(c, r, progress=True, model=loaded, vs_model=loaded_vs),
+                            shortcuts={"model": model, "vs": vs, "batch_size": batch_size, "warmup": warmup,
+                                       "runs": runs, "threads": threads, "device": device},
+                            name=name or f"latency-{_slug(model)}", runs_dir=runs_dir)
+        details = result["details"]
+        rows = latency_rows(result)
+        console.print(metrics_table(f"latency · {details['threads']} threads · {details['device']} · "
+                                    f"median/p90 of {details['runs']} runs", rows, fmt="{:.3g}"))
+        console.print(f"model = {model}" + (f", vs = {vs}" if vs else ""), highlight=False)
+        if "vs" in result:
+            ratios = result["vs"]["ratios"]
+            parts = [f"{key.replace('_', ' ')} ×{ratios[key]:.2f}" for key in ("params", "image_flops", "text_flops")
+                     if ratios.get(key)]
+            console.print(f"{model} / {vs}: " + ", ".join(parts), highlight=False)
+
+    @eval_app.command("suite", context_settings={"allow_extra_args": True})
+    def suite_command(
+        ctx: typer.Context,
+        model: Annotated[str | None, typer.Option(
+            "--model", "-m", help="One model reference (or use --models).", show_default=False)] = None,
+        models: Annotated[list[str] | None, typer.Option(
+            "--models", help="Several models for a comparison table: --models A B C.", show_default=False)] = None,
+        zero_shot: Annotated[list[str] | None, typer.Option(
+            "--zero-shot", help="Zero-shot sets (repeatable) (default: world-zeroshot, world-shift and every other "
+                                "registered one).", show_default=False)] = None,
+        retrieval: Annotated[list[str] | None, typer.Option(
+            "--retrieval", help="Retrieval sets (repeatable) (default: world-retrieval-a, world-retrieval-b).",
+            show_default=False)] = None,
+        batch_size: BatchOpt = 64,
+        device: DeviceOpt = "auto",
+        runs_dir: RunsDirOpt = None,
+        name: NameOpt = None,
+    ) -> None:
+        """The DM-CLIP table row: zero-shot, robustness and retrieval sets and their average (Avg Perf).
+
+        Example: dmclip eval suite --models run:runs/pretrain/<teacher> run:runs/distill/<student>
+        """
+        from dmclip.evaluation import SUITE_RETRIEVAL, SuiteConfig, check_model, load_model, run_suite
+
+        refs = [model] if model else []
+        if ctx.args and not models:
+            raise DmclipError(f"unexpected arguments: {' '.join(ctx.args)}", "several models go after --models A B C")
+        for item in [*(models or []), *ctx.args]:
+            refs.extend(part for part in item.split(",") if part)
+        if not refs:
+            raise DmclipError("no model to evaluate", "pass --model REF, or --models A B C for a comparison")
+        loaded = {ref: load_model(ref, device) for ref in dict.fromkeys(refs)}
+        for ref_model in loaded.values():
+            check_model(ref_model, "retrieval")
+        _, result = execute("eval", SuiteConfig, lambda c, r: run_suite(c, r, progress=True, models=loaded),
+                            shortcuts={"models": refs, "zero_shot": list(zero_shot or []),
+                                       "retrieval": list(retrieval or SUITE_RETRIEVAL), "batch_size": batch_size,
+                                       "device": device},
+                            name=name or f"suite-{_slug(refs[0])}" + (f"-and-{len(refs) - 1}" if len(refs) > 1 else ""),
+                            runs_dir=runs_dir)
+        # one row per column of the suite, one column per model: readable in an 80-column terminal
+        labels = [f"#{i + 1}" for i in range(len(result["rows"]))] if len(result["rows"]) > 1 else ["value"]
+        table_rows = []
+        for column in result["columns"]:
+            values = [row.get(column) for row in result["rows"]]
+            finite = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+            best = max(finite) if len(values) > 1 and finite else None
+            table_rows.append({"metric (%)": column, **{
+                label: (f"[bold]{_pct(v)}[/bold]" if v == best else _pct(v)) for label, v in zip(labels, values)}})
+        console.print(metrics_table("suite", table_rows, columns=["metric (%)", *labels]))
+        if len(result["rows"]) > 1:
+            for label, row in zip(labels, result["rows"]):
+                console.print(f"[dim]{label}[/dim] = {row['model']}", highlight=False)
+        err_console.print(f"[dim]embeddings cache: {result['cache']['hits']} hits, {result['cache']['misses']} "
+                          "misses[/dim]")
+
     app.add_typer(eval_app, name="eval")

@@ -1,0 +1,134 @@
+"""Caption metrics exactly as the COCO caption evaluation (pycocoevalcap) computes them.
+
+    caption_metrics(references={id: ["a red circle", ...]}, candidates={id: "a red circle"})
+    -> {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
+
+Both sides go through the same PTB tokenisation as ``COCOEvalCap.evaluate`` (Stanford PTBTokenizer,
+lower-cased, punctuation dropped), then pycocoevalcap's own scorers: BLEU-1..4 (corpus level, closest
+reference length), METEOR 1.5, ROUGE-L (β = 1.2) and CIDEr-D (σ = 6, as pycocoevalcap's ``Cider``).
+The tokenizer and METEOR run Java jars that ship with pycocoevalcap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from dmclip.errors import DmclipError
+
+log = logging.getLogger(__name__)
+METRIC_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise DmclipError("caption metrics need Java (pycocoevalcap's tokenizer and METEOR are Java jars)",
+                          "install a JRE, e.g. `apt-get install default-jre-headless`, then run again")
+    return java
+
+
+def _tokenizer_module():
+    try:
+        from pycocoevalcap.tokenizer import ptbtokenizer
+    except ImportError:
+        raise DmclipError("caption metrics need pycocoevalcap", "pip install pycocoevalcap==1.2") from None
+    return ptbtokenizer
+
+
+def ptb_tokenize(captions: Mapping[object, Sequence[str]]) -> dict[object, list[str]]:
+    """``{id: [caption, ...]} -> {id: [tokenized caption, ...]}`` as pycocoevalcap's ``PTBTokenizer``.
+
+    The same jar, flags and punctuation list; the sentences go to a temporary file outside the
+    installed package (pycocoevalcap writes it next to the jar).
+    """
+    module = _tokenizer_module()
+    jar = Path(module.__file__).resolve().parent / module.STANFORD_CORENLP_3_4_1_JAR
+    keys = [k for k, caps in captions.items() for _ in range(len(caps))]
+    if not keys:
+        return {k: [] for k in captions}
+    sentences = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
+    with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as fh:
+        fh.write(sentences.encode())
+        path = fh.name
+    try:
+        proc = subprocess.run([_java(), "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
+                               "-preserveLines", "-lowerCase", path], capture_output=True, check=False)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if proc.returncode != 0:
+        raise DmclipError(f"the PTB tokenizer (java) failed: {proc.stderr.decode(errors='replace').strip()[:200]}",
+                          "check `java -version` works (Java 8 or newer)")
+    lines = proc.stdout.decode().split("\n")
+    out: dict[object, list[str]] = {k: [] for k in captions}
+    for key, line in zip(keys, lines):
+        out[key].append(" ".join(w for w in line.rstrip().split(" ") if w not in module.PUNCTUATIONS))
+    return out
+
+
+def _check_inputs(references: Mapping, candidates: Mapping) -> None:
+    if not references:
+        raise DmclipError("no references to score captions against", "the dataset has no captions; check --data")
+    missing = [k for k in references if k not in candidates]
+    extra = [k for k in candidates if k not in references]
+    if missing or extra:
+        raise DmclipError(f"candidates and references cover different images ({len(missing)} without a candidate, "
+                          f"{len(extra)} without references)", "give one candidate caption per referenced image")
+    empty = [k for k, refs in references.items() if not [r for r in refs if r and r.strip()]]
+    if empty:
+        raise DmclipError(f"{len(empty)} images have empty references (e.g. {empty[0]!r})",
+                          "every image needs at least one non-empty reference caption; fix or drop those images")
+
+
+def caption_metrics(references: Mapping[object, Sequence[str]], candidates: Mapping[object, str], *,
+                    tokenize: bool = True, meteor: bool = True) -> dict:
+    """Corpus-level caption scores (fractions; CIDEr on its own 0..10 scale), keyed by ``METRIC_KEYS``.
+
+    ``tokenize=False`` scores the strings as given (already PTB-tokenized, space-separated).
+    ``meteor=False`` skips METEOR (it starts a JVM, ~5 s) and reports it as NaN.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    _check_inputs(references, candidates)
+    gts = {k: [r for r in refs if r and r.strip()] for k, refs in references.items()}
+    res = {k: [candidates[k] or ""] for k in gts}
+    if tokenize:
+        gts, res = ptb_tokenize(gts), ptb_tokenize(res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    out = {f"bleu{n + 1}": float(bleu[n]) for n in range(4)}
+    out["meteor"] = meteor_score(gts, res) if meteor else float("nan")
+    out["rouge_l"] = float(rouge)
+    out["cider"] = float(cider)
+    return {k: out[k] for k in METRIC_KEYS}
+
+
+def meteor_score(gts: Mapping[object, list[str]], res: Mapping[object, list[str]]) -> float:
+    """pycocoevalcap's METEOR 1.5 over tokenized captions (one JVM per call)."""
+    _java()
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    # pycocoevalcap's Meteor prints nothing, but guard stdout anyway: library code never prints
+    with contextlib.redirect_stdout(io.StringIO()):
+        scorer = Meteor()
+        try:
+            score, _ = scorer.compute_score(dict(gts), dict(res))
+        except ValueError as exc:  # the jar answered something that is not a number
+            raise DmclipError(f"METEOR failed ({exc})", "run with --no-meteor to skip it") from None
+        finally:
+            with contextlib.suppress(Exception):
+                scorer.meteor_p.stdin.close()
+                scorer.meteor_p.kill()
+                scorer.meteor_p.wait()
+    return float(score)

@@ -1,0 +1,128 @@
+"""`dmclip eval ...` from the command line: a real saved model (run:<dir>) on small world splits.
+
+What a user would notice if these broke: the commands in the README failing, results.json that
+CLIP_benchmark / `dmclip runs compare` cannot read, or a typo'd model reference answered with a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from dmclip.cli.main import main
+
+ZS = "world-zeroshot:size=20"
+RET = "world-retrieval-a:size=8"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from dmclip.models.base import save_model
+    from dmclip.models.clip import CLIP, clip_arch
+
+    arch = clip_arch(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2,
+                     text_width=32, text_depth=1, text_heads=2, embed_dim=16,
+                     tokenizer={"context_length": 16, "vocab": list(range(300))})
+    arch.pop("family")
+    return save_model(CLIP(**arch), tmp_path_factory.mktemp("tiny-clip"))
+
+
+def _only_run(root):
+    runs = [p for p in (root / "eval").iterdir() if p.is_dir()]
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_zero_shot_writes_clip_benchmark_results(model_dir, tmp_path, capsys):
+    assert main(["eval", "zero-shot", "--model", f"run:{model_dir}", "--data", ZS, "--runs-dir", str(tmp_path),
+                 "--batch-size", "8"]) == 0
+    run = _only_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert {"dataset", "model", "pretrained", "task", "metrics"} <= set(results)
+    assert results["task"] == "zeroshot_classification" and results["dataset"] == ZS
+    assert set(results["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert 0.0 <= results["metrics"]["acc1"] <= results["metrics"]["acc5"] <= 1.0
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    assert "acc@1" in (run / "report.md").read_text()
+    out = capsys.readouterr().out
+    assert "acc@1" in out and f"{100 * results['metrics']['acc1']:.2f}" in out
+
+
+def test_custom_classnames_and_templates_files(model_dir, tmp_path):
+    from dmclip.data import build_dataset
+
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"thing {i}" for i in range(len(build_dataset(ZS, image_size=32).classnames))))
+    templates = tmp_path / "templates.txt"
+    templates.write_text("# comment lines are skipped\na photo of {c}\n")
+    assert main(["eval", "zero-shot", "--model", f"run:{model_dir}", "--data", ZS, "--runs-dir", str(tmp_path / "r"),
+                 "--classnames", str(names), "--templates", str(templates)]) == 0
+    results = json.loads((_only_run(tmp_path / "r") / "results.json").read_text())
+    assert results["details"]["num_templates"] == 1
+
+
+def test_retrieval_and_latency_commands(model_dir, tmp_path, capsys):
+    assert main(["eval", "retrieval", "--model", f"run:{model_dir}", "--data", RET, "--runs-dir", str(tmp_path / "r")]) == 0
+    results = json.loads((_only_run(tmp_path / "r") / "results.json").read_text())
+    assert results["details"] == {"num_images": 8, "num_texts": 40, "rerank_k": 0}
+    for key in ("image_retrieval_recall@1", "text_retrieval_recall@10", "text_retrieval_median_rank"):
+        assert key in results["metrics"]
+    assert main(["eval", "latency", "--model", f"run:{model_dir}", "--vs", f"run:{model_dir}", "--runs", "2",
+                 "--warmup", "0", "--batch-size", "2", "--threads", "1", "--runs-dir", str(tmp_path / "l")]) == 0
+    results = json.loads((_only_run(tmp_path / "l") / "results.json").read_text())
+    assert results["task"] == "latency" and results["details"]["threads"] == 1
+    assert results["vs"]["ratios"]["params"] == 1.0  # the same model against itself
+    assert results["metrics"]["image_flops"] > 0 and results["metrics"]["text_flops"] > 0
+    assert "median" in capsys.readouterr().out
+
+
+def test_suite_with_several_models(model_dir, tmp_path, capsys):
+    assert main(["eval", "suite", "--models", f"run:{model_dir}", str(model_dir), "--zero-shot", ZS,
+                 "--retrieval", RET, "--runs-dir", str(tmp_path)]) == 0
+    run = _only_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert [r["model"] for r in results["rows"]] == [f"run:{model_dir}", str(model_dir)]
+    # the same weights under two references: the second is served from the embedding cache
+    assert results["rows"][0]["Avg Perf"] == results["rows"][1]["Avg Perf"]
+    assert results["cache"]["hits"] == 4
+    rows = list(csv.reader((run / "summary.csv").open()))
+    assert rows[0] == ["model", f"{ZS} acc@1", f"{RET} T→I R@1", f"{RET} I→T R@1", "Avg Perf"]
+    assert "**" in (run / "summary.md").read_text()  # best per column in bold
+    tasks = sorted(p.name for p in (run / "tasks").iterdir())
+    assert len(tasks) == 4 and all(json.loads((run / "tasks" / t).read_text())["metrics"] for t in tasks)
+    assert "Avg Perf" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "zero-shot", "--model", "no-such-model"], "no model 'no-such-model'"),
+    (["eval", "retrieval", "--model", "run:/nonexistent/run"], "does not exist"),
+    (["eval", "suite"], "no model to evaluate"),
+])
+def test_bad_references_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert main([*argv, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[0].startswith("error:") and message in lines[0] and lines[1].startswith("hint:")
+    assert "Traceback" not in err
+    assert not (tmp_path / "eval").exists()  # no run directory left behind for a typo
+
+
+def test_missing_dataset_is_a_one_line_error(model_dir, tmp_path, capsys):
+    assert main(["eval", "zero-shot", "--model", f"run:{model_dir}", "--data", "world-nope",
+                 "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "hint:" in err and "Traceback" not in err
+
+
+def test_caption_needs_a_captioner(model_dir, tmp_path, capsys):
+    assert main(["eval", "caption", "--model", f"run:{model_dir}", "--data", RET, "--runs-dir", str(tmp_path)]) == 2
+    assert "BLIP" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["zero-shot", "retrieval", "caption", "latency", "suite"])
+def test_every_command_has_an_example_in_help(command, capsys):
+    assert main(["eval", command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Example: dmclip eval " + command in out and "--runs-dir" in out and "--name" in out

@@ -1,0 +1,245 @@
+"""Metric functions against hand-computed cases and independent implementations.
+
+What a user would notice if these broke: zero-shot / retrieval / caption numbers that do not match
+CLIP_benchmark, BLIP or the COCO caption evaluation, so dmclip's tables could not be compared with papers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmclip.errors import DmclipError
+from dmclip.metrics import latency as lat
+from dmclip.metrics.retrieval import (
+    best_positive_ranks,
+    positive_pairs,
+    rerank,
+    retrieval_metrics,
+    similarity,
+)
+from dmclip.metrics.zeroshot import class_embeddings, topk_accuracy, zero_shot_logits, zero_shot_metrics
+
+# ------------------------------------------------------------------------------------- zero-shot
+
+
+def test_class_embedding_is_renormalised_mean_of_normalised_templates():
+    features = torch.tensor([[[3.0, 4.0], [0.0, 2.0]]])  # 1 class, 2 templates
+    # by hand: (0.6, 0.8) and (0, 1) -> mean (0.3, 0.9) -> / sqrt(0.9)
+    expected = torch.tensor([[0.3, 0.9]]) / math.sqrt(0.9)
+    assert torch.allclose(class_embeddings(features), expected, atol=1e-6)
+
+
+def test_zero_shot_logits_are_100_times_cosine():
+    image = torch.tensor([[2.0, 0.0]])
+    classes = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    assert torch.allclose(zero_shot_logits(image, classes), torch.tensor([[100.0, 60.0]]))
+
+
+def test_hand_computed_metrics_with_a_tie_and_three_classes():
+    logits = torch.tensor([[3.0, 1, 2], [0, 5, 1], [2, 2, 0], [1, 0, 4], [0, 0, 1]])
+    labels = torch.tensor([0, 2, 1, 2, 2])
+    out = zero_shot_metrics(logits, labels)
+    # predictions 0, 1, 0 (tie -> lower index), 2, 2: three of five right
+    assert out["acc1"] == pytest.approx(0.6)
+    # recall per class: class 0 1/1, class 1 0/1, class 2 2/3
+    assert out["mean_per_class_recall"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+    assert math.isnan(out["acc5"]) and "acc5" in out["notes"][0]
+
+
+def test_acc5_by_hand():
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1], [1.0, 2, 3, 4, 5, 6]])
+    labels = torch.tensor([4, 0])  # 5th best -> hit; 6th best -> miss
+    assert topk_accuracy(logits, labels, 5) == 0.5
+    assert topk_accuracy(logits, labels, 1) == 0.0
+
+
+def test_one_class_is_always_right():
+    out = zero_shot_metrics(torch.randn(4, 1), torch.zeros(4, dtype=torch.long))
+    assert out["acc1"] == 1.0 and out["mean_per_class_recall"] == 1.0 and math.isnan(out["acc5"])
+
+
+def test_labels_beyond_the_class_names_are_a_clear_error():
+    with pytest.raises(DmclipError, match="class names"):
+        zero_shot_metrics(torch.randn(2, 3), torch.tensor([0, 3]))
+
+
+def _clip_benchmark_accuracy(output, target, topk=(1,)):
+    # CLIP_benchmark's zeroshot_classification.accuracy, written out
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    n = len(target)
+    return [float(correct[:k].reshape(-1).float().sum(0, keepdim=True).cpu().numpy()[0]) / n for k in topk]
+
+
+def test_against_clip_benchmark_and_sklearn():
+    from sklearn.metrics import balanced_accuracy_score
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 17, generator=generator)  # continuous: no ties
+    labels = torch.randint(0, 17, (300,), generator=generator)
+    ours = zero_shot_metrics(logits, labels)
+    acc1, acc5 = _clip_benchmark_accuracy(logits, labels, topk=(1, 5))
+    assert ours["acc1"] == pytest.approx(acc1) and ours["acc5"] == pytest.approx(acc5)
+    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, logits.argmax(1)))
+
+
+# ------------------------------------------------------------------------------------- retrieval
+
+
+def test_hand_computed_retrieval():
+    scores = torch.tensor([[0.4, 0.1, 0.5], [0.2, 0.3, 0.8]])  # 2 images x 3 texts
+    text_to_image = torch.tensor([0, 0, 1])
+    m = retrieval_metrics(scores, text_to_image)
+    # I→T: image 0 ranks t2, t0 (positive, rank 2); image 1 ranks t2 first (rank 1)
+    assert m["text_retrieval_recall@1"] == 0.5 and m["text_retrieval_recall@5"] == 1.0
+    assert m["text_retrieval_mean_rank"] == 1.5 and m["text_retrieval_median_rank"] == 1.5
+    # T→I: t0 -> image 0 first; t1 -> image 1 first (rank 2); t2 -> image 1 first
+    assert m["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert m["image_retrieval_mean_rank"] == pytest.approx(4 / 3) and m["image_retrieval_median_rank"] == 1.0
+
+
+def test_ties_rank_the_lower_index_first():
+    scores = torch.zeros(3, 3)
+    ranks = best_positive_ranks(scores, positive_pairs(torch.tensor([0, 1, 2]), 3))
+    assert ranks.tolist() == [1, 2, 3]
+
+
+def test_an_image_without_caption_is_a_clear_error():
+    with pytest.raises(DmclipError, match="no positive"):
+        retrieval_metrics(torch.randn(3, 2), torch.tensor([0, 1]))
+
+
+def _clip_benchmark_recall_at_k(scores, positive_pairs, k):
+    # CLIP_benchmark's zeroshot_retrieval.recall_at_k, written out
+    nb_texts, nb_images = scores.shape
+    topk_indices = torch.topk(scores, k, dim=1)[1]
+    nb_positive = positive_pairs.sum(dim=1)
+    topk_indices_onehot = torch.nn.functional.one_hot(topk_indices, num_classes=nb_images)
+    positive_pairs_reshaped = positive_pairs.view(nb_texts, 1, nb_images)
+    nb_true_positive = (topk_indices_onehot * positive_pairs_reshaped).sum(dim=(1, 2))
+    return nb_true_positive / nb_positive
+
+
+def _blip_ranks(score_i2t, score_t2i, img2txt, txt2img):
+    # BLIP's itm_eval ranks, written out (0-based)
+    ranks = np.zeros(score_i2t.shape[0])
+    for index, score in enumerate(score_i2t):
+        inds = np.argsort(score)[::-1]
+        rank = 1e20
+        for i in img2txt[index]:
+            tmp = np.where(inds == i)[0][0]
+            rank = min(rank, tmp)
+        ranks[index] = rank
+    ranks_t = np.zeros(score_t2i.shape[0])
+    for index, score in enumerate(score_t2i):
+        inds = np.argsort(score)[::-1]
+        ranks_t[index] = np.where(inds == txt2img[index])[0][0]
+    return ranks, ranks_t
+
+
+def test_against_clip_benchmark_and_blip():
+    generator = torch.Generator().manual_seed(1)
+    images, per_image = 40, 5
+    text_to_image = torch.arange(images).repeat_interleave(per_image)
+    image_features = torch.randn(images, 16, generator=generator)
+    text_features = image_features[text_to_image] + 1.5 * torch.randn(images * per_image, 16, generator=generator)
+    scores = similarity(image_features, text_features)
+    ours = retrieval_metrics(scores, text_to_image)
+    positives = positive_pairs(text_to_image, images)
+    img2txt = [list(range(i * per_image, (i + 1) * per_image)) for i in range(images)]
+    ranks_i2t, ranks_t2i = _blip_ranks(scores.numpy(), scores.t().numpy(), img2txt, text_to_image.numpy())
+    for k in (1, 5, 10):
+        clip_t2i = (_clip_benchmark_recall_at_k(scores.t(), positives.t(), k) > 0).float().mean().item()
+        clip_i2t = (_clip_benchmark_recall_at_k(scores, positives, k) > 0).float().mean().item()
+        assert ours[f"image_retrieval_recall@{k}"] == pytest.approx(clip_t2i)
+        assert ours[f"text_retrieval_recall@{k}"] == pytest.approx(clip_i2t)
+        assert ours[f"text_retrieval_recall@{k}"] == pytest.approx((ranks_i2t < k).mean())
+        assert ours[f"image_retrieval_recall@{k}"] == pytest.approx((ranks_t2i < k).mean())
+    assert 0 < ours["image_retrieval_recall@1"] < 1  # a case where the comparison means something
+    assert ours["text_retrieval_mean_rank"] == pytest.approx(ranks_i2t.mean() + 1)
+    assert ours["image_retrieval_median_rank"] == pytest.approx(np.median(ranks_t2i) + 1)
+
+
+def test_rerank_with_a_perfect_matcher_fixes_everything_within_k():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.0], [0.8, 0.2, 0.1, 0.3]])  # 2 queries x 4 candidates
+    positive = {(0, 2), (1, 3)}  # query 0's positive is 2nd in ITC order, query 1's is 2nd too
+    calls = []
+
+    def matcher(queries, candidates):
+        calls.append(len(queries))
+        return torch.tensor([float((int(q), int(c)) in positive) for q, c in zip(queries, candidates)])
+
+    reranked = rerank(scores, 2, matcher)
+    assert reranked.argmax(dim=1).tolist() == [2, 3]
+    assert sum(calls) == 4  # only the top-2 of each query were scored
+    # outside the top k the ITC order is kept, below every candidate
+    assert reranked[0, 0] > reranked[0, 3] and reranked[0, 0] < reranked[0, 1]
+    # k = 1 changes nothing: the top-1 stays on top
+    assert rerank(scores, 1, matcher).argmax(dim=1).tolist() == scores.argmax(dim=1).tolist()
+
+
+# --------------------------------------------------------------------------------------- latency
+
+
+def test_percentile_matches_numpy():
+    values = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4, 0.5]
+    for q in (0, 50, 90, 100):
+        assert lat.percentile(values, q) == pytest.approx(np.percentile(values, q))
+    stats = lat.summarize_times([0.001, 0.002, 0.003])
+    assert stats["median_ms"] == pytest.approx(2.0) and stats["runs"] == 3
+
+
+def test_time_calls_interleaves_after_warmup():
+    order = []
+    out = lat.time_calls({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=2, runs=3)
+    assert order == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]
+    assert len(out["a"]) == len(out["b"]) == 3 and all(t >= 0 for t in out["a"])
+
+
+def test_flops_of_linear_and_attention_are_counted():
+    linear = torch.nn.Linear(10, 20)
+    x = torch.randn(3, 10)
+    assert lat.count_flops(lambda: linear(x))["flops"] == 2 * 3 * 10 * 20
+    B, H, L, Dh = 2, 4, 9, 8
+    q = torch.randn(B, H, L, Dh)
+    # QK^T and AV: 2 matmuls of B·H·L·L·Dh multiply-adds each (the fused CPU kernel is invisible otherwise)
+    flops = lat.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))["flops"]
+    assert flops == 2 * 2 * B * H * L * L * Dh
+
+
+def test_multihead_attention_fast_path_is_counted():
+    D, L, heads = 16, 5, 2
+    mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).eval()
+    x = torch.randn(1, L, D)
+    # in projection (3 D x D), out projection (D x D), and the two attention matmuls
+    expected = 2 * L * D * 3 * D + 2 * L * D * D + 2 * 2 * L * L * D
+    assert lat.count_flops(lambda: mha(x, x, x, need_weights=False))["flops"] == expected
+
+
+def test_peak_tensor_bytes_by_hand():
+    def work():
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 8000 live
+        del a
+        return b + 1  # 8000 live again, never 12000
+
+    assert lat.peak_tensor_bytes(work) == 8000
+    linear = torch.nn.Linear(100, 200)
+    x = torch.randn(8, 100)
+    assert lat.peak_tensor_bytes(lambda: linear(x), exclude=[linear, x]) == 8 * 200 * 4
+
+
+def test_selective_scan_flops_are_added_analytically():
+    from dmclip.models.scan import scan_flops, selective_scan
+
+    B, D, L, N = 2, 6, 5, 4
+    u, delta = torch.randn(B, D, L), torch.rand(B, D, L)
+    A, Bm, Cm = -torch.rand(D, N), torch.randn(B, N, L), torch.randn(B, N, L)
+    out = lat.count_flops(lambda: selective_scan(u, delta, A, Bm, Cm, backend="reference"))
+    # FlopCounterMode alone cannot see a fused scan; the analytic count is added on top
+    assert out["scan"] == scan_flops(B, D, L, N, has_D=False, has_z=False) > 0
+    assert out["flops"] == out["counted"] + out["scan"]

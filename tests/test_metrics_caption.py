@@ -1,0 +1,146 @@
+"""Caption metrics: hand-computed cases, an independent BLEU, and equality with pycocoevalcap's pipeline.
+
+What a user would notice if these broke: BLEU/CIDEr/METEOR/ROUGE-L numbers that differ from the COCO
+caption evaluation every captioning paper reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from dmclip.errors import DmclipError
+from dmclip.metrics.caption import caption_metrics, ptb_tokenize
+
+REFERENCES = {
+    1: ["A red circle on the left.", "a small red circle, left side", "Red round shape at left!"],
+    2: ["Two blue squares.", "a pair of blue squares on a grey background"],
+    3: ["A green triangle in the middle", "green triangle, centred", "the triangle is green"],
+    4: ["a yellow star at the top right", "yellow star (top-right)"],
+}
+CANDIDATES = {1: "A red circle at the left.", 2: "two blue squares on grey", 3: "a green square in the middle",
+              4: "a yellow star"}
+
+
+def test_bleu_and_rouge_by_hand():
+    refs = {0: ["a b c e"]}
+    out = caption_metrics(refs, {0: "a b c d"}, tokenize=False, meteor=False)
+    # unigrams 3/4, bigrams 2/3, trigrams 1/2, 4-grams 0/1; same length, so no brevity penalty
+    assert out["bleu1"] == pytest.approx(3 / 4)
+    assert out["bleu2"] == pytest.approx(math.sqrt(3 / 4 * 2 / 3))
+    assert out["bleu3"] == pytest.approx((3 / 4 * 2 / 3 * 1 / 2) ** (1 / 3))
+    assert out["bleu4"] < 1e-3  # zero matches: pycocoevalcap's 1e-15 smoothing leaves (0.25e-15) ** (1/4)
+    # longest common subsequence 3 of 4 words both ways: P = R = 3/4, so F_beta = 3/4
+    assert out["rouge_l"] == pytest.approx(3 / 4)
+    assert math.isnan(out["meteor"])
+
+
+def test_perfect_distinct_captions_score_cider_10_and_bleu_1():
+    refs = {0: ["a red circle left"], 1: ["two blue squares up"], 2: ["one green triangle down"]}
+    out = caption_metrics(refs, {k: v[0] for k, v in refs.items()}, tokenize=False, meteor=False)
+    # CIDEr-D = 10 · mean over n = 1..4 of the tf-idf cosine, each 1 for a perfect caption
+    assert out["cider"] == pytest.approx(10.0)
+    assert out["bleu1"] == pytest.approx(1.0) and out["bleu4"] == pytest.approx(1.0)
+    # three-word captions have no 4-grams: that n contributes 0, so 10 · 3/4
+    short = {0: ["a red circle"], 1: ["two blue squares"], 2: ["one green triangle"]}
+    assert caption_metrics(short, {k: v[0] for k, v in short.items()}, tokenize=False,
+                           meteor=False)["cider"] == pytest.approx(7.5)
+
+
+def _independent_corpus_bleu(refs: dict, cands: dict, n_max: int = 4) -> list[float]:
+    """Papineni et al. 2002 at corpus level, brevity penalty on the closest reference length (COCO's choice)."""
+    matches, totals = [0] * n_max, [0] * n_max
+    cand_len = ref_len = 0
+    for key, cand in cands.items():
+        words = cand.split()
+        ref_words = [r.split() for r in refs[key]]
+        cand_len += len(words)
+        ref_len += min((abs(len(r) - len(words)), len(r)) for r in ref_words)[1]
+        for n in range(1, n_max + 1):
+            grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+            best = Counter()
+            for r in ref_words:
+                for gram, count in Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1)).items():
+                    best[gram] = max(best[gram], count)
+            matches[n - 1] += sum(min(c, best[g]) for g, c in grams.items())
+            totals[n - 1] += max(len(words) - n + 1, 0)
+    bp = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / cand_len)
+    scores, log_sum = [], 0.0
+    for n in range(n_max):
+        log_sum += math.log(matches[n] / totals[n])
+        scores.append(bp * math.exp(log_sum / (n + 1)))
+    return scores
+
+
+def test_bleu_matches_an_independent_implementation():
+    refs = {k: [r.lower().replace(",", "").replace(".", "").replace("!", "") for r in v] for k, v in REFERENCES.items()}
+    cands = {1: "a red circle at the left side", 2: "two blue squares on a grey background", 3: "a green triangle",
+             4: "a yellow star at the top"}
+    ours = caption_metrics(refs, cands, tokenize=False, meteor=False)
+    expected = _independent_corpus_bleu(refs, cands)
+    for n in range(4):
+        assert ours[f"bleu{n + 1}"] == pytest.approx(expected[n], rel=1e-6)
+
+
+def test_ptb_tokenize_equals_pycocoevalcap():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    data = {k: [{"caption": c} for c in v] for k, v in REFERENCES.items()}
+    assert ptb_tokenize(REFERENCES) == PTBTokenizer().tokenize(data)
+    assert ptb_tokenize({1: ["Two blue squares."]}) == {1: ["two blue squares"]}
+
+
+def _pycocoevalcap_pipeline(meteor: bool):
+    """What COCOEvalCap.evaluate does, called directly (SPICE aside: it needs a download)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in REFERENCES.items()})
+    res = tokenizer.tokenize({k: [{"caption": CANDIDATES[k]}] for k in REFERENCES})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"bleu{n + 1}": bleu[n] for n in range(4)}
+    out["rouge_l"], _ = Rouge().compute_score(gts, res)
+    out["cider"], _ = Cider().compute_score(gts, res)
+    if meteor:
+        out["meteor"], _ = Meteor().compute_score(gts, res)
+    return out
+
+
+def test_equals_the_coco_caption_evaluation_without_meteor():
+    ours = caption_metrics(REFERENCES, CANDIDATES, meteor=False)
+    theirs = _pycocoevalcap_pipeline(meteor=False)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+    assert 0 < ours["cider"] < 10 and 0 < ours["bleu4"] < 1
+
+
+@pytest.mark.slow
+def test_meteor_equals_the_coco_caption_evaluation():
+    ours = caption_metrics(REFERENCES, CANDIDATES, meteor=True)
+    theirs = _pycocoevalcap_pipeline(meteor=True)
+    assert ours["meteor"] == pytest.approx(theirs["meteor"], abs=1e-12)
+    assert 0.1 < ours["meteor"] < 1
+
+
+def test_empty_references_are_a_clear_error():
+    with pytest.raises(DmclipError, match="empty references"):
+        caption_metrics({1: ["a cat"], 2: ["", "  "]}, {1: "a cat", 2: "a dog"}, meteor=False)
+    with pytest.raises(DmclipError, match="no references"):
+        caption_metrics({}, {}, meteor=False)
+    with pytest.raises(DmclipError, match="different images"):
+        caption_metrics({1: ["a cat"]}, {2: "a cat"}, meteor=False)
+
+
+def test_missing_java_is_a_clear_error(monkeypatch):
+    import dmclip.metrics.caption as caption
+
+    monkeypatch.setattr(caption.shutil, "which", lambda name: None)
+    with pytest.raises(DmclipError, match="Java") as info:
+        caption_metrics({1: ["a cat"]}, {1: "a cat"}, meteor=False)
+    assert "apt-get install" in info.value.hint
