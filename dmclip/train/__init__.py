@@ -1,0 +1,16 @@
+"""The training engine shared by pretrain, distill and capfilt.
+
+    from dmclip.train import TrainConfig, TrainTask, fit
+    summary = fit(task, dataset, TrainConfig(steps=100, batch_size=64), run, seed=0)
+
+See :mod:`dmclip.train.loop` (the loop, checkpoints, resume), :mod:`dmclip.train.data` (seeded data order),
+:mod:`dmclip.train.schedule` (warmup + cosine) and :mod:`dmclip.train.distributed` (torchrun).
+"""
+
+from dmclip.train.config import TrainConfig
+from dmclip.train.data import DataOrder, DataPosition, epoch_permutation
+from dmclip.train.loop import TrainTask, default_param_groups, fit, resolve_device
+from dmclip.train.schedule import WarmupCosine, lr_at
+
+__all__ = ["TrainConfig", "TrainTask", "fit", "resolve_device", "default_param_groups", "lr_at", "WarmupCosine", "DataOrder",
+           "DataPosition", "epoch_permutation"]

@@ -1,0 +1,132 @@
+"""The training engine's per-step overhead vs a bare PyTorch loop (target: <= 10 %).
+
+Both loops train the same small CLIP-like model (two MLP towers, InfoNCE) on the same in-memory pairs
+with the same work per step: seeded permutation, collate, forward, loss, backward, global-norm clipping,
+AdamW with warmup + cosine. The engine adds what it is for: per-micro-batch reseeding, the finiteness
+check (one host sync per step), metrics.jsonl rows, interrupt-safe updates, and the final checkpoint
+(counted). Repeats are interleaved (bare, engine, bare, ...) and the fastest of each compared (noise from
+other jobs only ever adds time).
+
+Times are CPU time of this process (``time.process_time``, one torch thread): on a machine shared with
+other jobs wall-clock time swings by tens of percent, CPU time by a few. Waiting on the disk (fsync of
+run.json and the checkpoint) is therefore not in the whole-fit number.
+
+    python -m benchmarks.bench_train [--steps 100] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dmclip.runs import RunDir
+from dmclip.train import TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
+from dmclip.train.toy import PairDataset, ToyTask
+
+SIZES = {"tiny (width 32, batch 32)": (32, 32), "small (width 512, batch 256)": (512, 256)}
+
+
+class StepClock:
+    """CPU time at the end of every step (the engine calls it as ``task.on_step_end``, the bare loop itself)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, step: int) -> None:
+        self.times.append(time.process_time())
+
+    def step_costs(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+def bare_loop(task: ToyTask, dataset: PairDataset, cfg: TrainConfig, seed: int, clock: StepClock) -> float:
+    """A plain loop doing the same work; returns CPU seconds."""
+    model = task.model
+    optimizer = torch.optim.AdamW(default_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.betas), eps=cfg.eps)
+    started = time.process_time()
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    permutations: dict[int, torch.Tensor] = {}
+    for step in range(cfg.steps):
+        epoch, offset = divmod(step, steps_per_epoch)
+        if epoch not in permutations:
+            permutations[epoch] = epoch_permutation(seed, epoch, len(dataset))
+        indices = permutations[epoch][offset * cfg.batch_size:(offset + 1) * cfg.batch_size]
+        batch = task.collate([dataset[i] for i in indices.tolist()])
+        lr = lr_at(step, peak=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        out = model(batch["image"], batch["text"])
+        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        labels = torch.arange(len(logits))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock(step)
+    return time.process_time() - started
+
+
+def engine_loop(task: ToyTask, dataset: PairDataset, cfg: TrainConfig, seed: int, root: str,
+                clock: StepClock) -> float:
+    run = RunDir.create("bench", "train", cfg, root=root, seed=seed)
+    task.on_step_end = clock
+    started = time.process_time()
+    with run.active():
+        fit(task, dataset, cfg, run, seed=seed)
+    return time.process_time() - started
+
+
+def measure(width: int, batch: int, steps: int, repeats: int) -> dict:
+    """Per-step cost = the median CPU time between consecutive step ends (robust to other jobs' spikes; a
+    metrics row every 10 steps is in the mean, shown as the whole-fit overhead); the best of the repeats."""
+    dataset = PairDataset(n=8192, seed=1)
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=10, log_every=10, checkpoint_every=0,
+                      progress=False, device="cpu")
+    per_step: dict[str, list[float]] = {"bare": [], "engine": []}
+    total: dict[str, list[float]] = {"bare": [], "engine": []}
+    with tempfile.TemporaryDirectory() as root:
+        bare_loop(ToyTask(width=width), dataset, cfg, 0, StepClock())  # warm-up: allocators, lazy imports
+        engine_loop(ToyTask(width=width), dataset, cfg, 0, root, StepClock())
+        for _ in range(repeats):
+            for kind in ("bare", "engine"):
+                clock = StepClock()
+                if kind == "bare":
+                    seconds = bare_loop(ToyTask(width=width), dataset, cfg, 0, clock)
+                else:
+                    seconds = engine_loop(ToyTask(width=width), dataset, cfg, 0, root, clock)
+                per_step[kind].append(statistics.median(clock.step_costs()))
+                total[kind].append(seconds)
+    bare_ms, engine_ms = min(per_step["bare"]) * 1e3, min(per_step["engine"]) * 1e3
+    spread = statistics.median(per_step["bare"]) / min(per_step["bare"]) - 1
+    return {"bare_ms": bare_ms, "engine_ms": engine_ms, "overhead_pct": 100 * (engine_ms / bare_ms - 1),
+            "total_overhead_pct": 100 * (min(total["engine"]) / min(total["bare"]) - 1),
+            "spread_pct": 100 * spread}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine quiet)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"### training engine overhead ({args.steps} steps, CPU time, best of {args.repeats} interleaved "
+          f"repeats, {torch.get_num_threads()} thread(s))\n")
+    print(f"| model | bare loop ms/step | dmclip fit ms/step | per-step overhead | whole {args.steps}-step fit "
+          f"(setup, metrics rows, final checkpoint) | bare-loop spread |")
+    print("|---|---|---|---|---|---|")
+    for name, (width, batch) in SIZES.items():
+        r = measure(width, batch, args.steps, args.repeats)
+        print(f"| {name} | {r['bare_ms']:.3f} | {r['engine_ms']:.3f} | {r['overhead_pct']:+.1f} % | "
+              f"{r['total_overhead_pct']:+.1f} % | {r['spread_pct']:.0f} % |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

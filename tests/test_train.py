@@ -1,0 +1,407 @@
+"""The training engine (dmclip/train) on a tiny CLIP-like task with the real RunDir.
+
+What a user would notice if these broke: a resumed run that ends with other weights than an uninterrupted
+one, a learning rate that is not the documented warmup + cosine, accumulation that changes the result,
+a NaN that overwrites the last good checkpoint, Ctrl-C that loses the work done.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from dmclip.errors import DmclipError
+from dmclip.runs import RunDir
+from dmclip.train import DataOrder, TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
+from dmclip.train.toy import PairDataset, ToyTask
+
+TIMING_KEYS = ("samples_per_s",)
+
+
+def make_cfg(**overrides) -> TrainConfig:
+    base = dict(steps=12, batch_size=16, lr=1e-2, warmup_steps=3, log_every=1, checkpoint_every=5, progress=False,
+                device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def new_run(tmp_path, cfg, name="toy") -> RunDir:
+    return RunDir.create("toy", name, cfg, root=tmp_path, seed=0)
+
+
+def train(run: RunDir, cfg: TrainConfig, task: ToyTask, dataset=None, *, resume=False, seed=0, **kw) -> dict:
+    with run.active():
+        return fit(task, dataset if dataset is not None else PairDataset(seed=1), cfg, run, seed=seed,
+                   resume=resume, **kw)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), f"{key} differs: max {float((a[key] - b[key]).abs().max())}"
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+@pytest.mark.parametrize("warmup,min_ratio", [(0, 0.0), (3, 0.0), (4, 0.1)])
+def test_lr_schedule_is_warmup_then_cosine(warmup, min_ratio):
+    peak, steps = 2e-3, 20
+    for s in range(steps):
+        if s < warmup:
+            expected = peak * (s + 1) / warmup
+        else:
+            floor = min_ratio * peak
+            expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        assert lr_at(s, peak=peak, steps=steps, warmup_steps=warmup, min_lr_ratio=min_ratio) == pytest.approx(
+            expected, rel=1e-12, abs=1e-15)
+    assert lr_at(warmup - 1 if warmup else 0, peak=peak, steps=steps, warmup_steps=warmup) == pytest.approx(peak)
+    assert lr_at(steps - 1, peak=peak, steps=steps, warmup_steps=warmup, min_lr_ratio=min_ratio) >= min_ratio * peak
+
+
+def test_optimizer_gets_the_scheduled_lr_and_groups_keep_their_ratio(tmp_path):
+    cfg = make_cfg(steps=8, warmup_steps=3, min_lr_ratio=0.1, checkpoint_every=0)
+    task = ToyTask()
+    seen = []
+
+    def param_groups(model):  # a text tower at a tenth of the lr, as a fine-tuning recipe would ask
+        return [{"params": list(model.image_tower.parameters()) + [model.logit_scale]},
+                {"params": list(model.text_tower.parameters()), "lr": cfg.lr / 10}]
+
+    task.param_groups = param_groups
+    run = new_run(tmp_path, cfg)
+    original_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append([g["lr"] for g in self.param_groups])
+        return original_step(self, *a, **k)
+
+    torch.optim.AdamW.step = spy
+    try:
+        train(run, cfg, task)
+    finally:
+        torch.optim.AdamW.step = original_step
+    for s, (lr_image, lr_text) in enumerate(seen):
+        expected = lr_at(s, peak=cfg.lr, steps=cfg.steps, warmup_steps=3, min_lr_ratio=0.1)
+        assert lr_image == pytest.approx(expected, rel=1e-12)
+        assert lr_text == pytest.approx(expected / 10, rel=1e-12)
+    assert [r["lr"] for r in run.metrics()] == pytest.approx([lr_at(s, peak=cfg.lr, steps=8, warmup_steps=3,
+                                                                     min_lr_ratio=0.1) for s in range(8)])
+
+
+def test_default_param_groups_decay_only_weight_matrices():
+    model = ToyTask().model
+    groups = default_param_groups(model, 0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names == {"image_tower.0.weight", "image_tower.4.weight", "text_tower.0.weight", "text_tower.4.weight"}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    embedding = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+    decayed = {id(p) for p in default_param_groups(embedding, 0.1)[0]["params"]}
+    assert decayed == {id(embedding[1].weight)}
+
+
+# ---------------------------------------------------------------------------------------- data order
+
+
+def test_data_order_is_seeded_and_splits_the_global_batch():
+    n, batch = 50, 12
+    orders = [DataOrder(n, batch, seed=3, grad_accum=2, world_size=3, rank=r) for r in range(3)]
+    single = DataOrder(n, batch, seed=3)
+    seen_in_epoch = []
+    for _ in range(4):  # 50 // 12 = 4 steps per epoch, then a new permutation
+        (step_indices,), after = single.next_step()
+        single.position = after
+        pieces = []
+        for order in orders:
+            micro_batches, after_r = order.next_step()
+            order.position = after_r
+            assert [len(m) for m in micro_batches] == [2, 2]
+            pieces.append(micro_batches)
+        # micro-batch m = rank 0's slice, rank 1's slice, rank 2's slice, in order
+        rebuilt = [i for m in range(2) for r in range(3) for i in pieces[r][m]]
+        assert rebuilt == step_indices
+        seen_in_epoch += step_indices
+    assert len(set(seen_in_epoch)) == 48  # no sample twice in an epoch, the tail of 2 dropped
+    assert seen_in_epoch == epoch_permutation(3, 0, n)[:48].tolist()
+    assert (single.position.epoch, single.position.offset) == (1, 0)
+    (next_indices,), _ = single.next_step()
+    assert next_indices == epoch_permutation(3, 1, n)[:12].tolist()
+    assert not torch.equal(epoch_permutation(3, 0, n), epoch_permutation(3, 1, n))
+    assert not torch.equal(epoch_permutation(3, 0, n), epoch_permutation(4, 0, n))
+    with pytest.raises(DmclipError, match="divisible"):
+        DataOrder(n, 10, seed=0, grad_accum=4)
+    with pytest.raises(DmclipError, match="fewer than one batch"):
+        DataOrder(5, 8, seed=0)
+
+
+def test_data_order_ignores_the_global_rng():
+    torch.manual_seed(0)
+    a = epoch_permutation(1, 2, 100)
+    torch.manual_seed(123)
+    torch.rand(10)
+    assert torch.equal(a, epoch_permutation(1, 2, 100))
+
+
+# ------------------------------------------------------------------------------------- accumulation
+
+
+def test_grad_accumulation_equals_the_full_batch(tmp_path):
+    """Per-sample loss: 2 micro-batches of 8 give the same updates as one batch of 16 (to 1e-6)."""
+    cfg_full = make_cfg(steps=6, batch_size=16, grad_accum=1)
+    cfg_accum = make_cfg(steps=6, batch_size=16, grad_accum=2)
+    full, accum = ToyTask("mse"), ToyTask("mse")
+    train(new_run(tmp_path, cfg_full, "full"), cfg_full, full)
+    run = new_run(tmp_path, cfg_accum, "accum")
+    train(run, cfg_accum, accum)
+    assert_same_weights(weights(full.model), weights(accum.model), atol=1e-6)
+    assert run.metrics()[0]["loss"] > run.metrics()[-1]["loss"]
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+def random_data():
+    return PairDataset(seed=1, augment=0.05)  # random augmentation on every read
+
+
+@pytest.mark.parametrize("grad_accum,num_workers", [(1, 0), (2, 1)])
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, grad_accum, num_workers):
+    """With dropout and random augmentation: the RNG streams, data order and task state all come back."""
+    cfg = make_cfg(steps=12, grad_accum=grad_accum, num_workers=num_workers)
+    reference = ToyTask(dropout=0.2)
+    reference_run = new_run(tmp_path, cfg, "reference")
+    reference_summary = train(reference_run, cfg, reference, random_data())
+
+    task = ToyTask(interrupt_at=7, dropout=0.2)  # Ctrl-C while computing step 8 (0-based 7)
+    run = new_run(tmp_path, cfg, "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, task, random_data())
+    assert run.status == "interrupted"
+    assert run.load_checkpoint()["step"] == 7  # the last completed step, not the periodic one (5)
+    assert run.last_step() == 7
+
+    resumed = ToyTask(dropout=0.2)  # a fresh process: new model from the same seed, state from the checkpoint
+    torch.manual_seed(999)  # whatever the global RNG holds when the process starts again
+    summary = train(run, cfg, resumed, random_data(), resume=True)
+    assert run.status == "completed"
+    assert summary["resumed_from"] == 7 and summary["steps"] == 12
+    assert_same_weights(weights(reference.model), weights(resumed.model))  # bitwise on CPU
+    assert resumed.steps_ended == 12  # task.state_dict() came back
+    assert without_timing(run.metrics()) == without_timing(reference_run.metrics())
+    assert summary["loss"] == reference_summary["loss"]
+    final = run.load_checkpoint()
+    assert final["step"] == 12 and final["position"] == reference_run.load_checkpoint()["position"]
+
+
+def test_workers_do_not_change_the_result(tmp_path):
+    """Loading in 2 worker processes gives bitwise the weights of loading in the training process."""
+    results = []
+    for workers in (0, 2):
+        cfg = make_cfg(steps=5, num_workers=workers, checkpoint_every=0)
+        task = ToyTask(dropout=0.2)
+        train(new_run(tmp_path, cfg, f"workers{workers}"), cfg, task, random_data())
+        results.append(weights(task.model))
+    assert_same_weights(*results)
+
+
+def test_crash_without_checkpoint_resumes_from_the_periodic_one(tmp_path):
+    """A kill (no chance to save) leaves metric rows past the checkpoint: they are dropped and replayed."""
+    cfg = make_cfg(steps=10, checkpoint_every=4)
+    reference = ToyTask()
+    reference_run = new_run(tmp_path, cfg, "reference")
+    train(reference_run, cfg, reference)
+
+    task = ToyTask()
+    real_loss = task.loss
+
+    def crashing_loss(model, batch, step):
+        if step == 6:
+            raise RuntimeError("simulated crash")
+        return real_loss(model, batch, step)
+
+    task.loss = crashing_loss
+    run = new_run(tmp_path, cfg, "crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(run, cfg, task)
+    assert run.status == "failed" and run.last_step() == 6
+    assert run.load_checkpoint()["step"] == 4
+    resumed = ToyTask()
+    train(run, cfg, resumed, resume=True)
+    assert_same_weights(weights(reference.model), weights(resumed.model))
+    assert without_timing(run.metrics()) == without_timing(reference_run.metrics())
+
+
+def test_resume_without_a_checkpoint_starts_over(tmp_path):
+    cfg = make_cfg(steps=3, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    summary = train(run, cfg, ToyTask(), resume=True)
+    assert summary["resumed_from"] is None and summary["steps"] == 3 and len(run.metrics()) == 3
+
+
+def test_resume_refuses_another_batch_size(tmp_path):
+    cfg = make_cfg(steps=4, checkpoint_every=2)
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, ToyTask(interrupt_at=3))
+    with pytest.raises(DmclipError, match="batch_size 16"):
+        train(run, make_cfg(steps=4, batch_size=32), ToyTask(), resume=True)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    cfg = make_cfg(steps=3)
+    run = new_run(tmp_path, cfg)
+    train(run, cfg, ToyTask())
+    state = torch.load(run.checkpoint_path(), weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "task", "position", "step"} <= state.keys()
+    assert set(state["rng"]) >= {"torch", "python", "numpy"}
+
+
+# ----------------------------------------------------------------------------------- interrupts, NaN
+
+
+def test_sigterm_saves_the_last_completed_step_and_marks_interrupted(tmp_path):
+    cfg = make_cfg(steps=10, checkpoint_every=0)
+    task = ToyTask()
+    real_loss = task.loss
+
+    def loss(model, batch, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # RunDir.active turns it into KeyboardInterrupt
+        return real_loss(model, batch, step)
+
+    task.loss = loss
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, task)
+    assert run.status == "interrupted"
+    assert run.load_checkpoint()["step"] == 4 and run.last_step() == 4
+
+
+def test_ctrl_c_during_the_weight_update_waits_for_it(tmp_path):
+    """SIGINT raised inside on_step_end (part of the update) lands after step 3 is complete, not inside it."""
+    cfg = make_cfg(steps=10, checkpoint_every=0)
+
+    class Task(ToyTask):
+        def on_step_end(self, step):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            super().on_step_end(step)
+
+    task = Task()
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, task)
+    state = run.load_checkpoint()
+    assert state["step"] == 3 and state["task"]["steps_ended"] == 3
+    assert_same_weights(state["model"], weights(task.model))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = make_cfg(steps=12, checkpoint_every=5)
+    task = ToyTask(nan_at=7)
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(DmclipError) as info:
+        train(run, cfg, task)
+    message = str(info.value)
+    assert "step 8" in message and "image_to_text" in message and "loss" in message
+    assert "lower train.lr" in info.value.hint and "step 5" in info.value.hint
+    assert run.status == "failed"
+    state = run.load_checkpoint()
+    assert state["step"] == 5
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(math.isfinite(row["loss"]) for row in run.metrics())  # no NaN row was written
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """An update that leaves inf in the weights (loss still finite) is caught at the next checkpoint write."""
+    cfg = make_cfg(steps=12, checkpoint_every=1)
+
+    class Task(ToyTask):
+        def on_step_end(self, step):
+            super().on_step_end(step)
+            if step == 2:  # the update of step 3 went wrong
+                with torch.no_grad():
+                    self.model.text_tower[4].weight[0, 0] = float("inf")
+
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(DmclipError, match=r"diverged at step 3: non-finite weights text_tower.4.weight"):
+        train(run, cfg, Task())
+    state = run.load_checkpoint()
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# ---------------------------------------------------------------------------------- metrics, output
+
+
+def test_metrics_rows_and_summary(tmp_path, capsys):
+    cfg = make_cfg(steps=7, log_every=3, checkpoint_every=0, progress=True)  # not a TTY: no bar
+    run = new_run(tmp_path, cfg)
+    evaluated = []
+
+    def eval_fn(model, step):
+        assert not model.training and not torch.is_grad_enabled()
+        evaluated.append(step)
+        return {"score": float(step)}
+
+    summary = train(run, cfg, ToyTask(), eval_fn=eval_fn, eval_every=3)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    rows = run.metrics()
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [3, 6, 7]
+    assert list(train_rows[0]) == ["step", "loss", "image_to_text", "text_to_image", "grad_norm", "lr",
+                                   "samples_per_s", "epoch"]
+    for row in train_rows:
+        assert row["loss"] == pytest.approx((row["image_to_text"] + row["text_to_image"]) / 2, rel=1e-6)
+        assert row["epoch"] == pytest.approx(row["step"] * 16 // 256 + (row["step"] * 16 % 256) / 256)
+        assert row["samples_per_s"] > 0
+    assert evaluated == [3, 6, 7]
+    assert [r["eval/score"] for r in rows if "eval/score" in r] == [3.0, 6.0, 7.0]
+    assert summary["steps"] == 7 and summary["loss"] == train_rows[-1]["loss"]
+    assert set(summary["parts"]) == {"loss", "image_to_text", "text_to_image"}
+    assert summary["samples_per_s"] > 0 and summary["seconds"] > 0 and summary["eval"] == {"score": 7.0}
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    cfg = make_cfg(steps=8, amp="bf16", checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    train(run, cfg, ToyTask())
+    losses = [r["loss"] for r in run.metrics()]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_fp16_without_a_gpu_is_a_user_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = make_cfg(amp="fp16")
+    with pytest.raises(DmclipError, match="fp16"):
+        fit(ToyTask(), PairDataset(), cfg, new_run(tmp_path, cfg), seed=0)
+
+
+def test_config_rejects_out_of_range_values():
+    from dmclip.config import from_dict
+
+    with pytest.raises(DmclipError, match="amp"):
+        from_dict(TrainConfig, {"amp": "fp8"})
+    with pytest.raises(DmclipError, match="steps"):
+        from_dict(TrainConfig, {"steps": 0})
+    assert from_dict(TrainConfig, {"betas": [0.9, 0.95]}).betas == [0.9, 0.95]
