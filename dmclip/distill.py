@@ -133,6 +133,9 @@ class DistillTask:
 
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+        if next(self.teacher.parameters()).device != images.device:  # the engine moves only the student
+            self.teacher.to(images.device)
+        tokens = tokens.to(images.device)
         if images.shape[-1] != self.teacher.image_size:
             images = F.interpolate(images, size=self.teacher.image_size, mode="bilinear", align_corners=False)
         return {"image_features": F.normalize(self.teacher.encode_image(images), dim=-1),
@@ -148,15 +151,17 @@ class DistillTask:
             augs, caps = [a for a, _ in chosen], [c for _, c in chosen]
             per_image = self.store.text_embeddings.shape[1]
             captions = [(c[:per_image] + [c[-1]] * per_image)[k] for c, k in zip(batch["captions"], caps)]
-            tokens = self.model.tokenize(captions)
-            images = apply_boxes(images, self.store.boxes[torch.tensor(batch["index"]), torch.tensor(augs)])
-            teacher = self.store.features(batch["index"], augs, caps)
+            tokens = self.model.tokenize(captions).to(images.device)
+            boxes = self.store.boxes[torch.tensor(batch["index"]), torch.tensor(augs)].to(images.device)
+            images = apply_boxes(images, boxes)
+            teacher = {k: v.to(images.device) for k, v in self.store.features(batch["index"], augs, caps).items()}
         else:
             captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
             tokens = self.model.tokenize(captions)
             teacher = self.teacher_features(images, tokens)
         if images.shape[-1] != self.model.image_size:
             images = F.interpolate(images, size=self.model.image_size, mode="bilinear", align_corners=False)
+        tokens = tokens.to(images.device)
         if self.text_frozen:  # same weights as the teacher's text tower: reuse its features
             student = model(images)
             student["text_features"] = teacher["text_features"]

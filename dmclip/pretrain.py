@@ -92,7 +92,7 @@ class ClipTask:
 
     def loss(self, model, batch: dict, step: int) -> dict:
         captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
-        tokens = self.model.tokenize(captions)
+        tokens = self.model.tokenize(captions).to(batch["images"].device)
         return self.criterion(model(batch["images"], tokens))
 
     def state_dict(self) -> dict:
