@@ -164,18 +164,23 @@ class RunDir:
         base = Path(parent) if parent is not None else (Path(root) if root else default_runs_root()) / command
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         digest = config_hash(config) if config is not None else "000000"
-        base.mkdir(parents=True, exist_ok=True)
         path = base / f"{stamp}-{_slug(name)}-{digest}"
         suffix = 1
-        while True:
-            try:
-                path.mkdir()
-                break
-            except FileExistsError:  # same second, same config: never reuse, add a counter
-                suffix += 1
-                path = base / f"{stamp}-{_slug(name)}-{digest}-{suffix}"
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:  # same second, same config: never reuse, add a counter
+                    suffix += 1
+                    path = base / f"{stamp}-{_slug(name)}-{digest}-{suffix}"
+            (path / "checkpoints").mkdir()
+        except OSError as exc:  # the runs root is a file, read-only, on a full disk ...
+            raise DmclipError(f"cannot create the run directory {path}: {exc.strerror or exc}",
+                              "choose another --runs-dir (or $DMCLIP_RUNS), one that is a writable directory"
+                              ) from None
         run = cls(path)
-        (path / "checkpoints").mkdir()
         if config is not None:
             atomic_write_text(path / "resolved.yaml", f"command: {command}\n" + to_yaml(config))
         atomic_write_text(path / "recipe.yaml", recipe_text)
@@ -254,9 +259,14 @@ class RunDir:
                     fh.seek(-1, os.SEEK_END)
                     if fh.read(1) != b"\n":
                         line = "\n" + line
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+        except OSError as exc:  # a full disk: the rows already written stay, a cut line is skipped on read
+            raise DmclipError(f"could not write {path}: {exc.strerror or exc}",
+                              "free disk space or choose another --runs-dir; the rows already written are kept, "
+                              "and --resume continues the run") from exc
 
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"
@@ -320,20 +330,28 @@ class RunDir:
         try:
             yield self
         except KeyboardInterrupt:
-            self.update_info(status="interrupted", end_time=_now(), error="interrupted (Ctrl-C or SIGTERM)")
+            self._record_end(status="interrupted", end_time=_now(), error="interrupted (Ctrl-C or SIGTERM)")
             log.warning("run interrupted; resume with --resume %s", self.path)
             raise
         except DmclipError as exc:
-            self.update_info(status="failed", end_time=_now(), error=str(exc))
+            self._record_end(status="failed", end_time=_now(), error=str(exc))
             raise
         except BaseException as exc:
-            self.update_info(status="failed", end_time=_now(), error=f"{type(exc).__name__}: {exc}")
+            self._record_end(status="failed", end_time=_now(), error=f"{type(exc).__name__}: {exc}")
             raise
         else:
             self.update_info(status="completed", end_time=_now())
         finally:
             _restore_sigterm(old_term)
             self._detach_log()
+
+    def _record_end(self, **fields) -> None:
+        """Record how the run ended without hiding why: when run.json cannot be written either (a full
+        disk), the original error is the one the user sees; `runs list` then shows the run as crashed."""
+        try:
+            self.update_info(**fields)
+        except DmclipError as exc:
+            log.error("%s (the run's status could not be recorded)", exc.message)
 
     def _attach_log(self) -> None:
         handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")

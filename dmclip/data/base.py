@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE_SIZE = 64
 MIN_IMAGE_SIDE = 8  # smaller decoded images count as "wrong-shape"
 MAX_ASPECT = 10.0  # so do slivers such as 1000 x 20
+# Larger images count as "huge-image" and are never decoded (PIL's own bomb check starts at 89 M pixels, as a
+# warning): 40 M pixels is a 7300 x 5500 photo, at most 160 MB decoded as RGBA.
+MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_SKIP_FRACTION = 0.01
 
 
@@ -71,7 +74,7 @@ class SkipCounter:
                 f"{self.name}: {self.skipped} of {self.total} samples are bad ({counts}), more than "
                 f"max_skip_fraction={self.max_fraction:g}",
                 "fix or remove those files, or allow more with the dataset option max_skip_fraction=<fraction> "
-                "(e.g. 'csv:train.csv:max_skip_fraction=0.05')")
+                "(e.g. 'csv:train.csv:max_skip_fraction=0.05', or --set data.max_skip_fraction=0.05)")
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -98,7 +101,7 @@ def to_square(image, size: int | None) -> np.ndarray:
     if min(width, height) < MIN_IMAGE_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
         raise BadSample("wrong-shape", f"{width}x{height} pixels")
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = _to_rgb(image)
     if (width, height) != (size, size):
         scale = size / min(width, height)
         new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
@@ -106,6 +109,20 @@ def to_square(image, size: int | None) -> np.ndarray:
         left, top = (new_w - size) // 2, (new_h - size) // 2
         image = image.crop((left, top, left + size, top + size))
     return np.asarray(image, dtype=np.uint8)
+
+
+def _to_rgb(image):
+    """Any PIL mode -> RGB. 8-bit modes (L, LA, P, PA, 1, RGBA, CMYK, YCbCr, ...) convert as PIL does; 16/32-bit
+    integer images (I;16*, I) are read as 16-bit (0..65535 -> 0..255) and float images (F) as 0..1, where a
+    plain ``convert`` would clip them to white or black."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+        array = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(array, "L").convert("RGB")
+    return image.convert("RGB")
 
 
 def decode_image(data: bytes, size: int | None, what: str = "") -> np.ndarray:
@@ -116,12 +133,16 @@ def decode_image(data: bytes, size: int | None, what: str = "") -> np.ndarray:
         raise BadSample("empty-file", what)
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header: refuse before decoding anything
+            if width * height > MAX_IMAGE_PIXELS:
+                raise BadSample("huge-image", f"{what}: {width}x{height} pixels, more than "
+                                              f"{MAX_IMAGE_PIXELS // 1_000_000} M")
             image.load()
             return to_square(image, size)
     except BadSample:
         raise
     except Image.DecompressionBombError as exc:
-        raise BadSample("wrong-shape", f"{what}: {exc}") from None
+        raise BadSample("huge-image", f"{what}: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = "truncated-image" if "truncated" in str(exc).lower() else "unreadable-image"
         raise BadSample(reason, f"{what}: {exc}") from None

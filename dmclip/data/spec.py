@@ -70,6 +70,8 @@ def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None 
 
     head, positional, spec_options = parse_spec(spec)
     merged = {**spec_options, **options}
+    if "max_skip_fraction" in spec_options:  # written in the spec on purpose (the skip error's hint says to):
+        merged["max_skip_fraction"] = spec_options["max_skip_fraction"]  # it beats a command's config default
     # image_size / seed may come in the spec too ("world-train:image_size=32"); the keyword wins
     spec_size, spec_seed = merged.pop("image_size", None), merged.pop("seed", None)
     image_size = image_size if image_size is not None else spec_size

@@ -107,22 +107,34 @@ def load_saved_model(directory: Path) -> nn.Module:
         raise DmclipError(f"{directory} holds no saved model (no model.json)",
                           "point at a completed pretrain/distill run, e.g. run:runs/pretrain/<run>")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DmclipError(f"{meta_path} is not valid JSON ({exc})", "the run is damaged; use another run") from None
-    if meta.get("format") != MODEL_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or not isinstance(meta.get("arch"), dict):
         raise DmclipError(f"{meta_path} is not a dmclip model file", "use a directory written by dmclip")
-    model = build_model(meta["arch"])
+    try:
+        model = build_model(meta["arch"])
+    except (TypeError, ValueError, KeyError) as exc:  # arguments the family does not take / cannot build
+        raise DmclipError(f"{meta_path} describes a model this dmclip cannot build ({str(exc)[:160]})",
+                          "it was edited or saved by another dmclip version; use a run saved by this one") from None
     try:
         state = load_file(str(directory / "model.safetensors"))
     except (SafetensorError, OSError, FileNotFoundError) as exc:
         raise DmclipError(f"weights in {directory} cannot be read ({str(exc)[:120]})",
                           "the file is truncated or missing; use another run") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    # load_state_dict raises a multi-line RuntimeError on a shape mismatch: name the first one instead
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        example = (missing or unexpected or wrong_shape)[0]
         raise DmclipError(f"weights in {directory} do not fit the architecture in model.json "
-                          f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]})",
-                          "the checkpoint comes from another architecture; use the matching run")
+                          f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong_shape)} of another "
+                          f"shape, e.g. {example})",
+                          "the weights come from another architecture; use the matching run")
+    model.load_state_dict(state)
     model.eval()
     return model
 
