@@ -74,6 +74,15 @@ def resolve_teacher_ref(ref: str, runs_root=None) -> str:
                       "train one first (`dmclip pretrain recipes/pretrain-clip-teacher.yaml`) or pass --teacher")
 
 
+def _runs_root(run):
+    """The runs directory a run lives in (runs/distill/<run> or runs/distill/<sweep>/<run>)."""
+    path = run.path.resolve()
+    for parent in path.parents:
+        if parent.name == "distill":
+            return parent.parent
+    return None
+
+
 def load_teacher(ref: str):
     from dmclip.models.refs import load_model_ref
 
@@ -183,7 +192,8 @@ def run(cfg: DistillConfig, run) -> dict:
     from dmclip.train import distributed, fit
 
     torch.manual_seed(cfg.seed)
-    teacher_ref = resolve_teacher_ref(cfg.teacher)
+    # a resumed run keeps the teacher it started with, even if a newer 'latest' exists by now
+    teacher_ref = run.info.get("teacher") or resolve_teacher_ref(cfg.teacher, _runs_root(run))
     store, data_spec = None, cfg.data.train
     if teacher_ref.startswith("embeddings:"):
         from dmclip.data.reinforced import ReinforcedStore
@@ -195,8 +205,9 @@ def run(cfg: DistillConfig, run) -> dict:
         teacher = load_teacher(store.meta["teacher"])  # only its text tower and sizes are used
     else:
         teacher = load_teacher(teacher_ref)
-    if teacher_ref != cfg.teacher and distributed.is_main():
-        log.info("teacher: %s", teacher_ref)
+    if distributed.is_main() and run.info.get("teacher") != teacher_ref:
+        if teacher_ref != cfg.teacher:
+            log.info("teacher: %s", teacher_ref)
         run.update_info(teacher=teacher_ref)
     student = build_student(cfg, teacher)
     dataset = build_dataset(data_spec, image_size=teacher.image_size, max_skip_fraction=cfg.data.max_skip_fraction)

@@ -563,6 +563,15 @@ def _restore(state: dict, cfg: TrainConfig, model, optimizer, schedule, scaler, 
             f"the checkpoint was trained with batch_size {state.get('batch_size')} on {state.get('dataset_size')} "
             f"samples, this run has batch_size {cfg.batch_size} on {order.n}",
             "resume with the same data and batch size (the data order depends on both)")
+    expected = model.state_dict()
+    saved = state["model"]
+    mismatch = ([f"{k} missing" for k in expected if k not in saved]
+                + [f"{k} unexpected" for k in saved if k not in expected]
+                + [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in saved and hasattr(saved[k], "shape") and saved[k].shape != v.shape])
+    if mismatch:
+        raise DmclipError(f"the checkpoint does not fit this model ({len(mismatch)} tensors differ, e.g. {mismatch[0]})",
+                          "resume with the same model config the run was started with")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
