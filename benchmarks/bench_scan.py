@@ -3,9 +3,13 @@
 1. Scan fwd+bwd at (B=8, L=65, D=384 -> 2D = 768 channels, N=16, softplus, D skip, z gate): the fused
    ``cpu`` kernel vs ``reference`` (mamba-ssm's selective_scan_ref), ``chunked`` and mambapy's Blelloch pscan,
    timed in alternation in one process; ratios are baseline time / cpu time.
-2. Vision-Mamba encoder (mamba-ti: width 192, depth 24, 224 px, 197 tokens) vs a ViT of the same width
-   and depth (inference, torch.inference_mode), batch 1 and 64: ratio = ViT time / Mamba time (the goal,
-   Mamba <= 1.0x ViT time, is ratio >= 1).
+2. The demo's student (mamba-nano: width 64, depth 4, 32 px, patch 4 -> 65 tokens) vs the demo teacher's
+   image tower (ViT width 128, depth 4, 4 heads; goal: Mamba <= 0.5x its time, DM-CLIP's -49.6 %) and vs
+   a ViT of the same width and depth (goal <= 1.0x), inference at batch 1 and 64; training fwd+bwd at
+   batch 128 against both (recorded, no goal).
+3. Vision-Mamba encoder (mamba-ti: width 192, depth 24, 224 px, 197 tokens) vs a ViT of the same width
+   and depth (inference, torch.inference_mode), batch 1 and 64.
+Every ratio is baseline time / Mamba time from one interleaved run (>= 1: Mamba is not slower).
 """
 
 from __future__ import annotations
@@ -117,8 +121,62 @@ def bench_student(width=192, depth=24, image_size=224, patch_size=16) -> list[di
     return rows
 
 
+DEMO_STUDENT = {"image_size": 32, "patch_size": 4, "width": 64, "depth": 4, "embed_dim": 128}
+DEMO_TEACHER = {"image_size": 32, "patch_size": 4, "width": 128, "depth": 4, "heads": 4, "embed_dim": 128}
+
+
+def bench_demo(batches=(1, 64), train_batch=128) -> list[dict]:
+    """mamba-nano (the demo student) vs the demo teacher's image tower and vs a same-size ViT."""
+    from dmclip.models.mamba import VisionMamba
+    from dmclip.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    mamba = VisionMamba(**DEMO_STUDENT).eval()
+    teacher = VisionTransformer(**DEMO_TEACHER).eval()
+    same = VisionTransformer(**{**DEMO_TEACHER, "width": DEMO_STUDENT["width"], "heads": 2}).eval()
+    baselines = {"demo teacher ViT (width 128, depth 4)": (teacher, 2.0), "ViT same width/depth (64, 4)": (same, 1.0)}
+    rows = []
+    for batch in batches:
+        images = torch.rand(batch, 3, 32, 32)
+
+        def infer(model, images=images):
+            def step():
+                with torch.inference_mode():
+                    model(images)
+            return step
+
+        contenders = {"mamba": infer(mamba), **{name: infer(model) for name, (model, _) in baselines.items()}}
+        times = interleaved(contenders, repeats=repeats(20 if batch == 1 else 7), warmup=2,
+                            number=5 if batch == 1 else 1)
+        for name, (_, goal) in baselines.items():
+            ratio = times[name] / times["mamba"]
+            rows.append(row(f"mamba-nano student inference, batch {batch}: vs {name}", format_seconds(times["mamba"]),
+                            baseline=f"{name} ({format_seconds(times[name])})", ratio=round(ratio, 2),
+                            goal=f"Mamba time <= {1 / goal:.1f}x (ratio >= {goal:.1f})", met=ratio >= goal,
+                            notes=f"inference_mode, 65 tokens; Mamba / ViT time = {1 / ratio:.2f}"))
+    images = torch.rand(train_batch, 3, 32, 32)
+
+    def train_step(model):
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(images).square().mean().backward()
+        return step
+
+    for model in (mamba, teacher, same):
+        model.train()
+    contenders = {"mamba": train_step(mamba), **{name: train_step(model) for name, (model, _) in baselines.items()}}
+    times = interleaved(contenders, repeats=repeats(5), warmup=1)
+    for name in baselines:
+        ratio = times[name] / times["mamba"]
+        rows.append(row(f"mamba-nano student training fwd+bwd, batch {train_batch}: vs {name}",
+                        format_seconds(times["mamba"]), baseline=f"{name} ({format_seconds(times[name])})",
+                        ratio=round(ratio, 2), notes=f"Mamba / ViT time = {1 / ratio:.2f}; no goal, recorded"))
+    return rows
+
+
 def main() -> list[dict]:
     rows = bench_scan()
+    rows += bench_demo()
     if quick():
         rows += bench_student(width=64, depth=2, image_size=64)
     else:

@@ -40,39 +40,84 @@ def test_class_token_sits_in_the_middle():
     assert not torch.allclose(x[7], model.cls_token[0, 0]) and not torch.allclose(x[9], model.cls_token[0, 0])
 
 
-def test_backward_branch_scans_from_the_end():
-    # forward branch: output at t depends only on inputs <= t; backward branch: only on inputs >= t.
-    # Perturb the LAST token: with only the forward branch enabled the first output must not move; with
-    # only the backward branch it must (and the last output must not move when the FIRST token changes).
+BACKENDS = ["reference"] + [b for b in ("cpu",) if b in scan.available_backends()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_branch_scans_from_the_end(backend):
+    # forward direction: output at t depends only on inputs <= t; backward direction: only on inputs >= t.
+    # Silence one direction exactly (C rows of its x_proj and its D set to 0: y = <C, x> + D u = 0), perturb
+    # the LAST token: with only the forward direction the first output must not move, with only the backward
+    # one it must (and the last output must not move when the FIRST token changes). Fused and op-by-op paths.
     torch.manual_seed(0)
-    mixer = VisionMamba(**TINY).blocks[0].mixer
+    mixer = VisionMamba(**TINY, scan_backend=backend).blocks[0].mixer
     with torch.no_grad():  # dt ~ 1 (init gives 0.001..0.1): a token's influence is then clearly visible
-        mixer.forward_branch.dt_proj.bias.fill_(0.5)
-        mixer.backward_branch.dt_proj.bias.fill_(0.5)
+        mixer.dt_proj_bias.fill_(0.5)
     x = torch.randn(1, 4, 32)
     x_last = x.clone()
     x_last[:, -1] += 1.0
     x_first = x.clone()
     x_first[:, 0] += 1.0
+    saved = {k: v.clone() for k, v in mixer.state_dict().items()}
 
-    def only(branch_name):
-        other = "backward_branch" if branch_name == "forward_branch" else "forward_branch"
-        original = getattr(mixer, other).forward
-        getattr(mixer, other).forward = lambda u, z, backend: torch.zeros_like(u)
-        try:
+    def only(direction):
+        other = 1 - direction
+        mixer.load_state_dict(saved)
+        with torch.no_grad():
+            mixer.x_proj_weight[other, mixer.dt_rank + mixer.d_state:] = 0
+            mixer.D[other] = 0
             return mixer(x), mixer(x_last), mixer(x_first)
-        finally:
-            getattr(mixer, other).forward = original
 
     def moved(a, b):
         return (a - b).abs().max() > 1e-2 * b.abs().max()
 
-    base, last_changed, first_changed = only("forward_branch")
+    base, last_changed, first_changed = only(0)
     torch.testing.assert_close(last_changed[:, 0], base[:, 0])  # causal left-to-right
     assert moved(first_changed[:, -1], base[:, -1])
-    base, last_changed, first_changed = only("backward_branch")
+    base, last_changed, first_changed = only(1)
     torch.testing.assert_close(first_changed[:, -1], base[:, -1])  # causal right-to-left
     assert moved(last_changed[:, 0], base[:, 0])
+
+
+@pytest.mark.skipif("cpu" not in scan.available_backends(), reason="the fused CPU scan did not build here")
+def test_fused_inference_block_equals_the_op_by_op_model():
+    # eval + no grad takes the one-call block kernel (norm, in_proj, mixer, out_proj, residual)
+    model = tiny_model(scan_backend="cpu")
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(images)
+        fused_tokens = model.forward_tokens(images)
+    with torch.enable_grad():
+        slow = model(images)  # parameters require grad: the autograd path
+    model.set_scan_backend("reference")
+    with torch.no_grad():
+        ref = model(images)
+    torch.testing.assert_close(fused, slow.detach(), rtol=1e-5, atol=1e-6)
+    assert (fused - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert fused_tokens.shape == (3, 16, 32)
+
+
+def test_weights_saved_with_one_module_per_direction_still_load():
+    # the layout before the directions were stacked: {forward,backward}_branch.{conv1d,x_proj,dt_proj,A_log,D}
+    model = tiny_model()
+    old = {}
+    for key, value in model.state_dict().items():
+        prefix, _, name = key.rpartition(".")
+        if not prefix.endswith("mixer") or name in ("in_proj", "out_proj"):
+            old[key] = value
+            continue
+        names = {"conv_weight": "conv1d.weight", "conv_bias": "conv1d.bias", "x_proj_weight": "x_proj.weight",
+                 "dt_proj_weight": "dt_proj.weight", "dt_proj_bias": "dt_proj.bias", "A_log": "A_log", "D": "D"}
+        for r, branch in enumerate(("forward", "backward")):
+            part = value[r].unsqueeze(1) if name == "conv_weight" else value[r]
+            old[f"{prefix}.{branch}_branch.{names[name]}"] = part.clone()
+    rebuilt = tiny_model(drop_path=0.0)
+    with torch.no_grad():
+        for p in rebuilt.parameters():
+            p.zero_()
+    rebuilt.load_state_dict(old)
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(images), model(images))
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "chunked") if b in scan.available_backends()])
@@ -101,10 +146,11 @@ def test_build_model_rebuilds_from_arch():
 
 
 def test_mamba_initialisation_follows_mamba_ssm():
-    branch = tiny_model().blocks[0].mixer.forward_branch
-    dt = torch.nn.functional.softplus(branch.dt_proj.bias)
+    mixer = tiny_model().blocks[0].mixer
+    dt = torch.nn.functional.softplus(mixer.dt_proj_bias)  # (2 directions, d_inner)
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6  # dt in [dt_min, dt_max]
-    torch.testing.assert_close(torch.exp(branch.A_log), torch.arange(1.0, 9.0).repeat(64, 1))
+    torch.testing.assert_close(torch.exp(mixer.A_log), torch.arange(1.0, 9.0).repeat(2, 64, 1))
+    assert not torch.equal(mixer.dt_proj_bias[0], mixer.dt_proj_bias[1])  # each direction drew its own
 
 
 @pytest.mark.parametrize("name", students.names("mamba*"))

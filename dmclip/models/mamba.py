@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmclip.models.base import Normalize, register_family
-from dmclip.models.scan import selective_scan
+from dmclip.models.scan import (
+    bidirectional_block_inference,
+    bidirectional_mixer,
+    bidirectional_mixer_reference,
+    resolve_backend,
+)
 from dmclip.registry import students
 
 
@@ -35,57 +40,70 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
-class ScanBranch(nn.Module):
-    """One direction of a bidirectional Mamba mixer: conv1d -> silu -> selective scan (gated by z)."""
-
-    def __init__(self, d_inner: int, d_state: int, d_conv: int, dt_rank: int, dt_min=0.001, dt_max=0.1,
-                 dt_init_floor=1e-4):
-        super().__init__()
-        self.d_state, self.dt_rank = d_state, dt_rank
-        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        nn.init.uniform_(self.dt_proj.weight, -dt_rank**-0.5, dt_rank**-0.5)
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        with torch.no_grad():  # inverse softplus, so that softplus(bias) == dt at init
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)  # (d_inner, N)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.D = nn.Parameter(torch.ones(d_inner))
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor, backend: str) -> torch.Tensor:
-        # x, z: (B, d_inner, L)
-        L = x.shape[-1]
-        x = F.silu(self.conv1d(x)[..., :L])  # causal: keep the first L outputs
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias goes in the scan
-        A = -torch.exp(self.A_log.float())
-        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
-                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=backend)
-
-
 class BiMamba(nn.Module):
-    """Vim's bidirectional mixer: shared in_proj/out_proj, a forward and a backward ScanBranch."""
+    """Vim's bidirectional mixer: shared in_proj/out_proj; a forward and a backward direction, each with its
+    own depthwise causal conv1d, x_proj, dt_proj, A and D.
 
-    def __init__(self, width: int, d_state: int, expand: int, d_conv: int, backend: str):
+    The per-direction parameters are stacked along a leading 2 (index 0: the forward scan, 1: the backward
+    scan), so the fused ``cpu`` backend runs conv, x_proj, dt_proj and both scans of a block in one kernel
+    call on the (batch, L, channels) layout (no flips, transposes or copies); the other backends run the
+    same maths op by op (:func:`dmclip.models.scan.bidirectional_mixer_reference`).
+    """
+
+    def __init__(self, width: int, d_state: int, expand: int, d_conv: int, backend: str, dt_min=0.001,
+                 dt_max=0.1, dt_init_floor=1e-4):
         super().__init__()
         d_inner = expand * width
         dt_rank = math.ceil(width / 16)
         self.backend = backend
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
         self.in_proj = nn.Linear(width, 2 * d_inner, bias=False)
-        self.forward_branch = ScanBranch(d_inner, d_state, d_conv, dt_rank)
-        self.backward_branch = ScanBranch(d_inner, d_state, d_conv, dt_rank)
+        # depthwise conv1d weights as nn.Conv1d initialises them (fan_in = d_conv)
+        bound = 1 / math.sqrt(d_conv)
+        self.conv_weight = nn.Parameter(torch.empty(2, d_inner, d_conv).uniform_(-bound, bound))
+        self.conv_bias = nn.Parameter(torch.empty(2, d_inner).uniform_(-bound, bound))
+        bound = 1 / math.sqrt(d_inner)  # as nn.Linear; VisionMamba._init_weights re-draws it
+        self.x_proj_weight = nn.Parameter(torch.empty(2, dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound))
+        self.dt_proj_weight = nn.Parameter(torch.empty(2, d_inner, dt_rank).uniform_(-dt_rank**-0.5, dt_rank**-0.5))
+        dt = torch.exp(torch.rand(2, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_proj_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus: softplus(b) = dt
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(2, d_inner, 1)  # (2, d_inner, N)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(2, d_inner))
         self.out_proj = nn.Linear(d_inner, width, bias=False)
 
+    def mixer_params(self) -> tuple[torch.Tensor, ...]:
+        return (self.conv_weight, self.conv_bias, self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias,
+                self.A_log, self.D)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: (B, L, width)
-        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)
-        x, z = xz.chunk(2, dim=1)
-        y_forward = self.forward_branch(x, z, self.backend)
-        y_backward = self.backward_branch(x.flip(-1), z.flip(-1), self.backend).flip(-1)
-        return self.out_proj(((y_forward + y_backward) / 2).transpose(1, 2))  # (B, L, width)
+        # hidden: (B, L, width) -> (B, L, width)
+        xz = F.linear(hidden, self.in_proj.weight)  # (B, L, 2 * d_inner): x, then the gate z
+        if resolve_backend(self.backend, xz) == "cpu":
+            y = bidirectional_mixer(xz, *self.mixer_params())
+        else:
+            y = bidirectional_mixer_reference(xz, *self.mixer_params(), backend=self.backend)
+        return F.linear(y, self.out_proj.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _upgrade_branch_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# weights saved before the directions were stacked: {forward,backward}_branch.{conv1d,x_proj,dt_proj,A_log,D}
+_OLD_KEYS = {"conv_weight": "conv1d.weight", "conv_bias": "conv1d.bias", "x_proj_weight": "x_proj.weight",
+             "dt_proj_weight": "dt_proj.weight", "dt_proj_bias": "dt_proj.bias", "A_log": "A_log", "D": "D"}
+
+
+def _upgrade_branch_keys(state_dict, prefix: str) -> None:
+    for new, old in _OLD_KEYS.items():
+        keys = [f"{prefix}{branch}_branch.{old}" for branch in ("forward", "backward")]
+        if prefix + new not in state_dict and all(k in state_dict for k in keys):
+            parts = [state_dict.pop(k) for k in keys]
+            if new == "conv_weight":  # nn.Conv1d's (d_inner, 1, d_conv)
+                parts = [p.squeeze(1) for p in parts]
+            state_dict[prefix + new] = torch.stack(parts)
 
 
 class MambaBlock(nn.Module):
@@ -96,7 +114,21 @@ class MambaBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_inference(x):  # the whole block in one kernel call: no autograd, nothing saved
+            mixer = self.mixer
+            return bidirectional_block_inference(x, self.norm.weight, self.norm.eps, mixer.in_proj.weight,
+                                                 mixer.mixer_params(), mixer.out_proj.weight)
         return x + self.drop_path(self.mixer(self.norm(x)))
+
+    def _fused_inference(self, x: torch.Tensor) -> bool:
+        if torch.is_grad_enabled() and (x.requires_grad or self.norm.weight.requires_grad):
+            return False
+        if x.dtype not in (torch.float32, torch.float64) or (self.training and self.drop_path.p > 0):
+            return False
+        params = (self.norm.weight, self.mixer.in_proj.weight, self.mixer.out_proj.weight, *self.mixer.mixer_params())
+        if any(p.dtype != x.dtype or not p.is_contiguous() for p in params) or self.norm.eps is None:
+            return False
+        return resolve_backend(self.mixer.backend, x) == "cpu"
 
 
 class VisionMamba(nn.Module):
@@ -125,11 +157,13 @@ class VisionMamba(nn.Module):
     def _init_weights(self):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and not name.endswith("dt_proj"):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, BiMamba):  # x_proj is a Linear per direction; dt_proj keeps Mamba's init
+                nn.init.trunc_normal_(module.x_proj_weight, std=0.02)
 
     def set_scan_backend(self, backend: str) -> None:
         """Switch every block's selective-scan backend (``auto``, ``cpu``, ``chunked``, ``reference``)."""

@@ -425,3 +425,85 @@ class _ChunkedScan(_ScanFunction):
             ddelta = torch.where(v > 20, ddt, ddelta)
         dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
         return du, ddelta, dA, dBt, dCt, dD, dz, dbias
+
+
+# ------------------------------------------------------------------------------- fused bidirectional mixer
+
+
+def bidirectional_mixer(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D):
+    """The inner part of Vim's bidirectional mixer, both directions in one fused ``cpu`` kernel call.
+
+    ``xz`` (batch, L, 2E) is in_proj's output (x, then the gate z); the per-direction weights are stacked
+    along a leading 2 (0: the forward-in-time scan, 1: the backward one): conv_weight (2, E, d_conv),
+    conv_bias (2, E), x_proj_weight (2, dt_rank + 2N, E), dt_proj_weight (2, E, dt_rank), dt_proj_bias
+    (2, E), A_log (2, E, N), D (2, E). Returns silu(z) * (y_forward + y_backward) / 2, (batch, L, E), where
+    y_r = selective_scan(silu(causal conv1d(x_r)), dt_proj(x_proj(.)), A = -exp(A_log_r), ...) on x_r = x
+    for r = 0 and x flipped in time (output flipped back) for r = 1, exactly as
+    :func:`bidirectional_mixer_reference`. Needs the extension (``"cpu" in available_backends()``).
+    """
+    params = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
+    if _flop_counters:
+        batch, L, E = xz.shape[0], xz.shape[1], xz.shape[2] // 2
+        flops = 2 * scan_flops(batch, E, L, A_log.shape[-1], True, True)
+        for counter in _flop_counters:
+            counter.add(flops)
+    compute = _compute_dtype(xz)
+    tensors = [t if t.dtype == compute and t.is_contiguous() else t.to(compute).contiguous() for t in (xz, *params)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (xz, *params)):
+        out = _BiMixer.apply(*tensors)
+    else:  # inference: one C++ call, no autograd node, nothing saved
+        out = _cpu_extension().bimamba_fwd(*tensors)[0]
+    return out if out.dtype == xz.dtype else out.to(xz.dtype)
+
+
+def bidirectional_block_inference(x, norm_weight, eps, in_proj_weight, mixer_params, out_proj_weight):
+    """``x + out_proj(bidirectional_mixer(in_proj(rms_norm(x))))`` for inference, one C++ call (``cpu``).
+
+    Only float32/float64 CPU tensors without autograd; the caller checks (see ``MambaBlock.forward``).
+    """
+    if _flop_counters:
+        batch, L, E = x.shape[0], x.shape[1], in_proj_weight.shape[0] // 2
+        flops = 2 * scan_flops(batch, E, L, mixer_params[5].shape[-1], True, True)
+        for counter in _flop_counters:
+            counter.add(flops)
+    return _cpu_extension().bimamba_block_fwd(x.contiguous(), norm_weight, eps, in_proj_weight, *mixer_params,
+                                              out_proj_weight)
+
+
+class _BiMixer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xz, *params):
+        out, xc, xdbl = _cpu_extension().bimamba_fwd(xz, *params)
+        ctx.save_for_backward(xz, *params, xc, xdbl)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        grads = _cpu_extension().bimamba_bwd(*saved, dout.contiguous())
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+def bidirectional_mixer_reference(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log,
+                                  D, backend="reference"):
+    """:func:`bidirectional_mixer` in plain PyTorch ops around :func:`selective_scan` (flips and all).
+
+    The ``reference``/``chunked``/``cuda`` backends run the mixer this way; it is also the fused kernel's oracle.
+    """
+    L, E = xz.shape[1], xz.shape[2] // 2
+    d_conv, N, dt_rank = conv_weight.shape[-1], A_log.shape[-1], dt_proj_weight.shape[-1]
+    x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (batch, E, L)
+    total = 0
+    for r in range(2):
+        xr, zr = (x, z) if r == 0 else (x.flip(-1), z.flip(-1))
+        xr = F.silu(F.conv1d(xr, conv_weight[r].unsqueeze(1), conv_bias[r], padding=d_conv - 1, groups=E)[..., :L])
+        x_dbl = xr.transpose(1, 2) @ x_proj_weight[r].t()  # (batch, L, dt_rank + 2N)
+        dt, B, C = torch.split(x_dbl, [dt_rank, N, N], dim=-1)
+        delta = (dt @ dt_proj_weight[r].t()).transpose(1, 2)  # (batch, E, L); the bias goes in the scan
+        A = -torch.exp(A_log[r].float() if A_log.dtype != torch.float64 else A_log[r])
+        Dr = None if D is None else (D[r].float() if D.dtype != torch.float64 else D[r])
+        bias = dt_proj_bias[r].float() if dt_proj_bias.dtype != torch.float64 else dt_proj_bias[r]
+        y = selective_scan(xr, delta, A, B.transpose(1, 2), C.transpose(1, 2), Dr, z=zr, delta_bias=bias,
+                           delta_softplus=True, backend=backend)
+        total = total + (y if r == 0 else y.flip(-1))
+    return (total / 2).transpose(1, 2)  # (batch, L, E)
