@@ -1,0 +1,323 @@
+"""`dmclip capfilt`: the filter's arithmetic against hand cases, the written dataset, resume, bad input.
+
+The model is a tiny randomly initialised BLIP saved into tmp_path (no training): its captions are word
+salad and its ITM scores hover near 0.5, which is all these tests need — they check what capfilt does with
+captions and scores, not how good they are (docs/capfilt.md has the experiment).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmclip import capfilt as lib
+from dmclip.cli.main import main
+from dmclip.config import load_config
+from dmclip.data import build_dataset
+from dmclip.errors import DmclipError
+from dmclip.runs import RunDir
+
+DATA = "world-noisy:size=24"
+
+
+# ------------------------------------------------------------------------------- pure functions
+
+
+def test_noise_removal_precision_and_recall_on_a_hand_case():
+    noisy = [True, True, False, False, True, False]
+    removed = [True, False, True, False, True, False]
+    m = lib.noise_removal_metrics(noisy, removed)
+    # removed 3, of which 2 noisy -> precision 2/3; 3 noisy, 2 of them removed -> recall 2/3
+    assert (m["true_positives"], m["false_positives"], m["false_negatives"], m["true_negatives"]) == (2, 1, 1, 2)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+
+
+def test_noise_removal_is_undefined_not_zero_when_nothing_is_removed():
+    m = lib.noise_removal_metrics([True, False], [False, False])
+    assert m["precision"] is None and m["recall"] == 0.0 and m["f1"] is None
+
+
+def test_precision_recall_curve_hand_case():
+    # removing the lowest scores first: {0.1} -> P 1, R 1/2; +{0.2} -> 1/2, 1/2; +{0.3} -> 2/3, 1; all -> 1/2, 1
+    curve = lib.precision_recall_curve([0.3, 0.1, 0.9, 0.2], [True, True, False, False])
+    assert curve["precision"] == pytest.approx([1.0, 0.5, 2 / 3, 0.5])
+    assert curve["recall"] == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert curve["average_precision"] == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+    # each threshold removes exactly the scores below it
+    assert curve["thresholds"][0] > 0.1 and curve["thresholds"][0] < 0.2
+
+
+def test_precision_recall_curve_matches_brute_force_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 20, size=300) / 20.0  # many ties
+    noisy = rng.random(300) < 0.3
+    curve = lib.precision_recall_curve(scores, noisy)
+    assert len(curve["thresholds"]) == len(np.unique(scores))
+    for t, p, r in zip(curve["thresholds"], curve["precision"], curve["recall"]):
+        m = lib.noise_removal_metrics(noisy, scores < t)
+        assert (p, r) == pytest.approx((m["precision"], m["recall"]))
+
+
+@pytest.mark.slow  # importing scikit-learn takes seconds
+def test_precision_recall_curve_and_average_precision_match_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 20, size=300) / 20.0
+    noisy = rng.random(300) < 0.3
+    curve = lib.precision_recall_curve(scores, noisy)
+    precision, recall, _ = metrics.precision_recall_curve(noisy, -scores)  # high "noisiness" = low ITM
+    ours = sorted(zip(np.round(curve["recall"], 12), np.round(curve["precision"], 12)))
+    theirs = sorted((round(r, 12), round(p, 12)) for p, r in zip(precision[:-1], recall[:-1]))
+    assert ours == theirs
+    assert curve["average_precision"] == pytest.approx(metrics.average_precision_score(noisy, -scores))
+
+
+def test_threshold_keeps_scores_at_or_above_it():
+    kept, threshold = lib.select_kept([0.2, 0.5, 0.7, 0.49999], threshold=0.5)
+    assert kept.tolist() == [False, True, True, False] and threshold == 0.5
+
+
+def test_keep_fraction_keeps_exactly_that_many_of_the_best_scores_whatever_the_threshold():
+    scores = [0.5, 0.9, 0.5, 0.1, 0.5]
+    kept, threshold = lib.select_kept(scores, threshold=0.95, keep_fraction=0.4)
+    assert kept.tolist() == [True, True, False, False, False]  # 2 of 5; the tie at 0.5 goes to the earlier pair
+    assert threshold == 0.5
+    assert lib.select_kept(scores, keep_fraction=1.0)[0].all()
+    assert lib.select_kept(scores, keep_fraction=0.01)[0].sum() == 0  # round(0.05) = 0
+
+
+# ----------------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory) -> Path:
+    from dmclip.models.base import save_model
+    from dmclip.models.blip import BlipModel, blip_tokenizer
+
+    torch.manual_seed(0)
+    dataset = build_dataset(DATA, image_size=32)
+    captions = [c for i in range(len(dataset)) for c in dataset.captions(i)]
+    model = BlipModel(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, text_width=32,
+                      text_depth=1, text_heads=2, embed_dim=32, context_length=16,
+                      tokenizer=blip_tokenizer(captions, 16), queue_size=32)
+    return save_model(model, tmp_path_factory.mktemp("tiny-blip") / "model")
+
+
+def _config(blip_dir: Path, out: Path, **sets) -> lib.CapfiltConfig:
+    base = {"model": f"run:{blip_dir}", "data": DATA, "progress": False, "batch_size": 5,
+            "output.out": str(out), "output.shard_size": 8, "captioner.num_captions": 2,
+            "captioner.min_length": 2, "captioner.max_length": 6}
+    config, _ = load_config(lib.CapfiltConfig, None, [], {**base, **sets})
+    return config
+
+
+def _run(config, tmp_path: Path) -> dict:
+    run = RunDir.create("capfilt", "test", config, root=tmp_path / "runs")
+    with run.active():
+        return lib.run(config, run)
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_output_dataset_loads_back_with_exactly_the_kept_captions(blip_dir, tmp_path):
+    out = tmp_path / "boot"
+    result = _run(_config(blip_dir, out, **{"filter.keep_fraction": 0.5}), tmp_path)
+    manifest = _manifest(out)
+    assert [s["index"] for s in manifest] == list(range(24))
+    sources = [c["source"] for s in manifest for c in s["captions"]]
+    assert sources.count("web") == 24 and 24 <= sources.count("synthetic") <= 48  # 2 per image, deduplicated
+    kept = {s["image"]: [c["text"] for c in s["captions"] if c["kept"]] for s in manifest}
+    assert sum(map(len, kept.values())) == round(0.5 * len(sources))
+    assert result["dataset"] == f"csv:{out / 'captions.csv'}"
+    ds = build_dataset(result["dataset"], image_size=32)
+    assert len(ds) == sum(1 for texts in kept.values() if texts)
+    for i in range(len(ds)):
+        name = str(Path(ds.sources[i][1]).relative_to(out)) if hasattr(ds, "sources") else None
+        texts = ds.captions(i)
+        assert any(sorted(texts) == sorted(v) for v in kept.values()) if name is None else sorted(texts) == sorted(
+            kept[name])
+    # pixels survive exactly, and the stored ITM score is the filter's score for that pair
+    source = build_dataset(DATA, image_size=32)
+    from dmclip.models.refs import load_model_ref
+
+    model = load_model_ref(f"run:{blip_dir}")
+    sample = manifest[3]
+    image = source[3]["image"]
+    assert torch.equal(torch.from_numpy(np.array(__import__("PIL.Image").Image.open(out / sample["image"])))
+                       .permute(2, 0, 1), image)
+    texts = [c["text"] for c in sample["captions"]]
+    with torch.inference_mode():
+        expected = model.itm_score(image[None].float().div(255).expand(len(texts), -1, -1, -1), model.tokenize(texts))
+    assert [c["itm"] for c in sample["captions"]] == pytest.approx(expected.tolist(), abs=1e-5)
+    # world-noisy knows the truth: the report scores the filter with it
+    web = [c for s in manifest for c in s["captions"] if c["source"] == "web"]
+    truth = lib.noise_removal_metrics([c["noisy"] for c in web], [not c["kept"] for c in web])
+    assert result["noise_removal"]["precision"] == truth["precision"]
+    assert result["counts"]["web"]["total"] == 24
+    assert sum(result["counts"][s]["kept"] for s in ("web", "synthetic")) == sum(map(len, kept.values()))
+
+
+def test_an_interrupted_run_resumes_without_duplicates_and_matches_an_uninterrupted_one(blip_dir, tmp_path,
+                                                                                          monkeypatch):
+    whole = tmp_path / "whole"
+    _run(_config(blip_dir, whole), tmp_path)
+
+    out = tmp_path / "interrupted"
+    real, calls = lib.process_shard, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:  # the first shard is committed, the second is half done (images written)
+            (args[6] / "images").mkdir(exist_ok=True)
+            (args[6] / "images" / "00000008.png").write_bytes(b"half")
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lib, "process_shard", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_config(blip_dir, out), tmp_path)
+    assert sorted(p.name for p in (out / "shards").glob("*.json")) == ["shard-000000.json"]
+    monkeypatch.setattr(lib, "process_shard", real)
+
+    result = _run(_config(blip_dir, out), tmp_path)
+    assert result["shards"] == {"total": 3, "resumed": 1, "processed": 2}
+    manifest = _manifest(out)
+    assert [s["index"] for s in manifest] == list(range(24))  # every sample once
+    assert manifest == _manifest(whole)  # same captions (seeded per shard), same scores
+    assert (out / "captions.csv").read_text() == (whole / "captions.csv").read_text()
+    rows = (out / "captions.csv").read_text().splitlines()[1:]
+    assert len(rows) == len(set(rows))
+
+    # a third run changes nothing and only re-filters the stored scores
+    again = _run(_config(blip_dir, out, **{"filter.threshold": 0.0}), tmp_path)
+    assert again["shards"] == {"total": 3, "resumed": 3, "processed": 0}
+    assert all(c["kept"] for s in _manifest(out) for c in s["captions"])
+    # a filter that keeps nothing says so (an under-trained ITM head scores everything near its prior)
+    nothing = _run(_config(blip_dir, out, **{"filter.threshold": 1.0}), tmp_path)
+    assert nothing["images"]["with_kept_captions"] == 0 and "kept no pair" in nothing["warnings"][0]
+    assert (out / "captions.csv").read_text().strip() == "filepath,caption"
+
+
+def test_a_rerun_with_other_caption_settings_is_refused_a_larger_limit_continues(blip_dir, tmp_path):
+    out = tmp_path / "boot"
+    _run(_config(blip_dir, out, limit=8), tmp_path)
+    with pytest.raises(DmclipError, match="captioner"):
+        _run(_config(blip_dir, out, limit=8, **{"captioner.num_captions": 1}), tmp_path)
+    # a larger --limit is the same dataset, continued: the committed shard is kept, the rest added
+    grown = _run(_config(blip_dir, out, limit=20), tmp_path)
+    assert grown["shards"] == {"total": 3, "resumed": 1, "processed": 2}
+    assert [s["index"] for s in _manifest(out)] == list(range(20))
+
+
+def test_webdataset_output_loads_back(blip_dir, tmp_path):
+    out = tmp_path / "boot"
+    result = _run(_config(blip_dir, out, limit=10, **{"output.format": "wds", "filter.threshold": 0.0}), tmp_path)
+    ds = build_dataset(result["dataset"], image_size=32)
+    manifest = _manifest(out)
+    assert len(ds) == 10
+    assert [sorted(ds.captions(i)) for i in range(10)] == [sorted(c["text"] for c in s["captions"]) for s in manifest]
+
+
+def test_cli_writes_report_results_and_curve(blip_dir, tmp_path, capsys):
+    out = tmp_path / "boot"
+    code = main(["capfilt", "--model", f"run:{blip_dir}", "--data", "world-noisy:size=16", "--out", str(out),
+                 "--num-captions", "1", "--max-length", "6", "--min-length", "2", "--runs-dir", str(tmp_path / "runs"),
+                 "--set", "progress=false", "--shard-size", "8"])
+    assert code == 0
+    run = RunDir(next((tmp_path / "runs" / "capfilt").iterdir()))
+    assert run.info["status"] == "completed"
+    results = run.results()
+    assert set(results["counts"]) == {"web", "synthetic"} and results["counts"]["web"]["total"] == 16
+    assert {"precision", "recall"} <= set(results["noise_removal"]) and results["pr_curve"]["thresholds"]
+    assert (run.path / "pr_curve.png").stat().st_size > 1000
+    report = (run.path / "report.md").read_text()
+    assert "precision" in report and "| web | 16 |" in report
+    assert "dataset: csv:" in capsys.readouterr().out.replace("\n", "")
+
+
+def _tiny_clip(tmp_path: Path) -> Path:
+    from dmclip.data.tokenizer import Tokenizer
+    from dmclip.models.base import build_model, save_model
+    from dmclip.models.clip import clip_arch
+
+    tokenizer = Tokenizer.fit(["a red circle"], 16).to_dict()
+    model = build_model(clip_arch(32, 8, 32, 1, 2, 32, 1, 2, 32, tokenizer))
+    return save_model(model, tmp_path / "clip")
+
+
+def test_cli_refuses_a_clip_model_in_one_line_with_exit_code_2(tmp_path, capsys):
+    clip = _tiny_clip(tmp_path)
+    code = main(["capfilt", "--model", f"run:{clip}", "--data", DATA, "--out", str(tmp_path / "boot"),
+                 "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert "ITM head" in error_lines[0] and "caption decoder" in error_lines[0] and "clip" in error_lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "boot").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{tmp}/no/such/parent/boot"], "parent of --out"),
+    (["--threshold", "0.3", "--keep-fraction", "0.5", "--out", "{tmp}/boot"], "both"),
+    (["--steps", "5", "--out", "{tmp}/boot"], "--finetune-on"),
+    (["--out", "{tmp}/boot", "--method", "greedy"], "method"),
+])
+def test_cli_bad_options_are_one_line_errors(blip_dir, tmp_path, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = main(["capfilt", "--model", f"run:{blip_dir}", "--data", DATA, "--runs-dir", str(tmp_path / "runs"), *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_non_empty_foreign_out_directory_is_refused(blip_dir, tmp_path):
+    out = tmp_path / "boot"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(DmclipError, match="holds no capfilt output"):
+        _run(_config(blip_dir, out), tmp_path)
+    assert (out / "precious.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_finetune_on_a_clean_set_then_reuse_the_finetuned_model(blip_dir, tmp_path):
+    out = tmp_path / "boot"
+    sets = {"limit": 8, "finetune.data": "world-train-clean:size=32", "finetune.train.steps": 2,
+            "finetune.train.batch_size": 8, "finetune.train.warmup_steps": 1, "finetune.train.progress": False}
+    first = _run(_config(blip_dir, out, **sets), tmp_path)
+    assert first["finetune"]["steps"] == 2
+    assert (out / "finetuned-model" / "model.json").is_file()
+    from dmclip.models.refs import load_model_ref
+
+    tuned, original = load_model_ref(f"run:{out / 'finetuned-model'}"), load_model_ref(f"run:{blip_dir}")
+    assert not torch.equal(tuned.itm_head.weight, original.itm_head.weight)
+    second = _run(_config(blip_dir, out, **sets), tmp_path)
+    assert second["finetune"] is None and second["shards"]["resumed"] == 1
+
+
+def test_beam_search_captions_and_filter_only_mode(blip_dir):
+    from dmclip.models.refs import load_model_ref
+
+    model = load_model_ref(f"run:{blip_dir}")
+    images = build_dataset(DATA, image_size=32).images(list(range(3))).float().div(255)
+    web = [["a red circle"], ["a blue star", "two green squares"], []]
+    beam = _config(blip_dir, Path("unused"), **{"captioner.method": "beam", "captioner.num_captions": 2,
+                                                 "captioner.num_beams": 1})
+    scored = lib.score_batch(model, images, web, beam, None)
+    for captions, texts in zip(scored, web):
+        assert [c["text"] for c in captions if c["source"] == "web"] == texts  # web captions first, in order
+        synthetic = [c["text"] for c in captions if c["source"] == "synthetic"]
+        assert 1 <= len(synthetic) <= 2 and len(set(synthetic)) == len(synthetic)
+        assert all(0.0 <= c["itm"] <= 1.0 for c in captions)
+    only_web = lib.score_batch(model, images, web, _config(blip_dir, Path("unused"), **{"captioner.num_captions": 0}),
+                               None)
+    assert [[c["text"] for c in captions] for captions in only_web] == web
