@@ -212,7 +212,7 @@ CATALOGUE: dict[str, tuple[Setup, str, str]] = {
     # ---- checkpoints and models
     "resume-other-architecture": (
         lambda tmp, runs: ["pretrain", "--resume", str(other_architecture_checkpoint(tmp, runs))],
-        "the checkpoint does not fit this model: ...",
+        "the checkpoint does not fit this model (20 tensors differ, e.g. visual.cls_token (1, 1, 32) vs (1, 1, 48))",
         "resume with the same model config the run was started with"),
     "resume-truncated-checkpoint": (
         lambda tmp, runs: ["pretrain", "--resume", str(truncated_checkpoint(tmp, runs))],
