@@ -175,7 +175,8 @@ def run(cfg: PretrainConfig, run) -> dict:
     if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
         return {"train": summary}
     save_model(model, run.path / "model")
-    results = {"objective": cfg.objective, "parameters": count_parameters(model), "train": summary}
+    results = {"objective": cfg.objective, "parameters": count_parameters(model),
+               "image_parameters": count_parameters(model.visual), "train": summary}
     if cfg.eval.zeroshot:
         from dmclip.evaluation import zero_shot_accuracy
 
