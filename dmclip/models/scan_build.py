@@ -94,14 +94,12 @@ def build(verbose: bool = False):
 
 
 def _quiet_cuda_warning() -> None:
-    # cpp_extension warns "No CUDA runtime is found" at import on CPU machines; it concerns CUDA builds only
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import torch.utils.cpp_extension  # noqa: F401
-    finally:
-        logger.setLevel(level)
+    """cpp_extension warns "No CUDA runtime is found" (at import and at each build) on CPU machines; it
+    concerns CUDA builds only, and users read it as a failure. Without CUDA, raise that logger to ERROR."""
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def load_extension():
