@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dmclip.config import field
 from dmclip.errors import DmclipError
-from dmclip.pretrain import EvalAfterConfig, images_to_float, pick_caption
+from dmclip.pretrain import DataConfig, EvalAfterConfig, images_to_float, pick_caption
 from dmclip.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -43,20 +43,13 @@ class LossConfig:
 
 
 @dataclass
-class DistillDataConfig:
-    train: str = field("world-train", "training set spec")
-    max_skip_fraction: float = field(0.01, "fail once more than this fraction of samples is unreadable",
-                                     min=0.0, max=1.0)
-
-
-@dataclass
 class DistillConfig:
     teacher: str = field("latest", "teacher: run:<dir>, open_clip:<arch>[:<ckpt>], or 'latest' (newest "
                                    "completed CLIP pretrain run)")
     seed: int = field(0, "seed for init, data order and caption choice")
     student: StudentConfig = field(factory=StudentConfig, help="student")
     loss: LossConfig = field(factory=LossConfig, help="objective")
-    data: DistillDataConfig = field(factory=DistillDataConfig, help="data")
+    data: DataConfig = field(factory=DataConfig, help="data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     eval: EvalAfterConfig = field(factory=EvalAfterConfig, help="evaluation at the end")
 

@@ -23,21 +23,8 @@ from dmclip.models.scan import (
     bidirectional_mixer_reference,
     resolve_backend,
 )
+from dmclip.models.vit import DropPath
 from dmclip.registry import students
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample while training."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
 
 
 class BiMamba(nn.Module):
