@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dmclip.config import field
 from dmclip.errors import DmclipError
@@ -44,8 +45,8 @@ class LossConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: str = field("latest", "teacher: run:<dir>, open_clip:<arch>[:<ckpt>], or 'latest' (newest "
-                                   "completed CLIP pretrain run)")
+    teacher: str = field("latest", "teacher: run:<dir>, open_clip:<arch>[:<ckpt>], embeddings:<store>, "
+                                   "ensemble:<ref>+<ref>..., or 'latest' (newest completed CLIP pretrain run)")
     seed: int = field(0, "seed for init, data order and caption choice")
     student: StudentConfig = field(factory=StudentConfig, help="student")
     loss: LossConfig = field(factory=LossConfig, help="objective")
@@ -76,9 +77,57 @@ def _runs_root(run):
     return None
 
 
+class EnsembleTeacher(nn.Module):
+    """Several CLIP teachers as one: KD targets are their image<->text probabilities averaged after the
+    softmax (MobileCLIP). The student keeps the first member's text tower, input size and embedding size."""
+
+    def __init__(self, members: list[nn.Module], refs: list[str]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.refs = refs
+        first = members[0]
+        self.image_size, self.embed_dim, self.logit_scale = first.image_size, first.embed_dim, first.logit_scale
+        self.arch = {"family": "ensemble", "members": refs}
+        if hasattr(first, "text"):
+            self.text = first.text
+        if hasattr(first, "visual"):
+            self.visual = first.visual
+
+    def tokenize(self, texts):
+        return self.members[0].tokenize(texts)
+
+    def encode_text(self, tokens):
+        return self.members[0].encode_text(tokens)
+
+    def encode_image(self, images):
+        return self.members[0].encode_image(images)
+
+
+def parse_ensemble(ref: str) -> list[str]:
+    """'ensemble:run:a+open_clip:ViT-B-32:/w.pt' -> ['run:a', 'open_clip:ViT-B-32:/w.pt']."""
+    members = [m.strip() for m in ref[len("ensemble:"):].split("+") if m.strip()]
+    if len(members) < 2:
+        raise DmclipError(f"{ref!r} names {len(members)} teacher(s); an ensemble needs two or more",
+                          "join references with '+', e.g. ensemble:run:runs/pretrain/a+run:runs/pretrain/b")
+    return members
+
+
+def teacher_features(teacher: nn.Module, images: torch.Tensor, captions: list[str]) -> dict:
+    """Normalised teacher features of a batch (each teacher with its own tokenizer and input size)."""
+    if images.shape[-1] != teacher.image_size:
+        images = F.interpolate(images, size=teacher.image_size, mode="bilinear", align_corners=False)
+    tokens = teacher.tokenize(captions).to(images.device)
+    return {"image_features": F.normalize(teacher.encode_image(images), dim=-1),
+            "text_features": F.normalize(teacher.encode_text(tokens), dim=-1),
+            "logit_scale": teacher.logit_scale.exp().clamp(max=100.0)}
+
+
 def load_teacher(ref: str):
     from dmclip.models.refs import load_model_ref
 
+    if ref.startswith("ensemble:"):
+        refs = [resolve_teacher_ref(r) for r in parse_ensemble(ref)]
+        return EnsembleTeacher([load_teacher(r) for r in refs], refs).eval()
     teacher = load_model_ref(resolve_teacher_ref(ref))
     if getattr(teacher, "encode_text", None) is None or not hasattr(teacher, "tokenize"):
         raise DmclipError(f"teacher {ref!r} has no text encoder", "distill needs a CLIP teacher with both towers")
@@ -134,15 +183,13 @@ class DistillTask:
                 "index": [int(s["index"]) for s in samples]}
 
     @torch.no_grad()
-    def teacher_features(self, images: torch.Tensor, tokens: torch.Tensor) -> dict:
+    def teacher_features(self, images: torch.Tensor, captions: list[str]) -> dict:
         if next(self.teacher.parameters()).device != images.device:  # the engine moves only the student
             self.teacher.to(images.device)
-        tokens = tokens.to(images.device)
-        if images.shape[-1] != self.teacher.image_size:
-            images = F.interpolate(images, size=self.teacher.image_size, mode="bilinear", align_corners=False)
-        return {"image_features": F.normalize(self.teacher.encode_image(images), dim=-1),
-                "text_features": F.normalize(self.teacher.encode_text(tokens), dim=-1),
-                "logit_scale": self.teacher.logit_scale.exp().clamp(max=100.0)}
+        if isinstance(self.teacher, EnsembleTeacher):
+            members = [teacher_features(m, images, captions) for m in self.teacher.members]
+            return {**members[0], "members": members}  # the first member's text = the student's text tower
+        return teacher_features(self.teacher, images, captions)
 
     def loss(self, model, batch: dict, step: int) -> dict:
         images = batch["images"]
@@ -160,7 +207,7 @@ class DistillTask:
         else:
             captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
             tokens = self.model.tokenize(captions)
-            teacher = self.teacher_features(images, tokens)
+            teacher = self.teacher_features(images, captions)
         if images.shape[-1] != self.model.image_size:
             images = F.interpolate(images, size=self.model.image_size, mode="bilinear", align_corners=False)
         tokens = tokens.to(images.device)

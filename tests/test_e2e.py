@@ -115,3 +115,19 @@ def test_bad_input_is_one_line_with_a_hint(argv, words, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert words in err and "hint:" in err
+
+
+def test_distill_from_an_ensemble_of_teachers(teacher_run, tmp_path):
+    ref = f"ensemble:run:{teacher_run.path}+run:{teacher_run.path}"
+    code = main(["distill", "--teacher", ref, "--student", "vit-nano", "--data", TINY_DATA, "--steps", "2",
+                 "--batch-size", "16", "--runs-dir", str(tmp_path), "--set", "train.progress=false",
+                 "--set", "eval.zeroshot="])
+    assert code == 0
+    run = _only_run(tmp_path, "distill")
+    assert run.results()["teacher"] == ref
+    assert load_model_ref(f"run:{run.path}").encode_image(torch.rand(1, 3, 32, 32)).shape[-1] == 32
+
+
+def test_an_ensemble_of_one_is_refused(tmp_path, capsys):
+    code = main(["distill", "--teacher", "ensemble:run:x", "--runs-dir", str(tmp_path)])
+    assert code == 2 and "two or more" in capsys.readouterr().err

@@ -78,3 +78,18 @@ def test_every_registered_loss_builds_and_returns_named_parts(name):
     loss = losses.get(name)
     out = loss(_features(11), _features(12))
     assert "loss" in out and torch.isfinite(out["loss"]) and len(out) >= 2
+
+
+def test_ensemble_kd_targets_are_teacher_probabilities_averaged_after_softmax():
+    """MobileCLIP's ensemble: mean of the members' softmax distributions, not of their logits."""
+    student, t1, t2 = _features(20), _features(21, scale=30.0), _features(22, scale=80.0)
+    ensemble = {**t1, "members": [t1, t2]}
+    got = kd_loss(student, ensemble)
+    s_img = student["logit_scale"] * student["image_features"] @ student["text_features"].T
+    probs = [(t["logit_scale"] * t["image_features"] @ t["text_features"].T) for t in (t1, t2)]
+    p_img = (probs[0].softmax(1) + probs[1].softmax(1)) / 2
+    p_txt = (probs[0].T.softmax(1) + probs[1].T.softmax(1)) / 2
+    expected = (-(p_img * s_img.log_softmax(1)).sum(1).mean() - (p_txt * s_img.T.log_softmax(1)).sum(1).mean()) / 2
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # an ensemble of one teacher twice is that teacher
+    torch.testing.assert_close(kd_loss(student, {**t1, "members": [t1, t1]}), kd_loss(student, t1))

@@ -72,6 +72,8 @@ def build_store(teacher_ref: str, data_spec: str, out: Path, *, augmentations: i
     from dmclip.runs import atomic_write_bytes, atomic_write_json
 
     out = Path(out)
+    if teacher_ref.startswith("ensemble:"):
+        raise DmclipError("a reinforced store caches one teacher", "write one store per teacher")
     teacher = load_teacher(teacher_ref)
     dataset = build_dataset(data_spec, image_size=teacher.image_size)
     if getattr(dataset, "kind", "image-text") != "image-text":

@@ -48,11 +48,23 @@ def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tenso
 
 
 def kd_loss(student: dict, teacher: dict) -> torch.Tensor:
-    """Soft-label KD between teacher and student similarity distributions, both directions (MobileCLIP/DM-CLIP)."""
+    """Soft-label KD between teacher and student similarity distributions, both directions (MobileCLIP/DM-CLIP).
+
+    With ``teacher["members"]`` (an ensemble) the targets are the members' probabilities averaged after the
+    softmax, as MobileCLIP averages its teachers.
+    """
     s_img, s_txt, _ = contrastive_logits(student)
     with torch.no_grad():
-        t_img, t_txt, _ = contrastive_logits(teacher)
-    return (soft_cross_entropy(t_img, s_img) + soft_cross_entropy(t_txt, s_txt)) / 2
+        members = teacher.get("members") or [teacher]
+        logits = [contrastive_logits(m)[:2] for m in members]
+        p_img = torch.stack([t_img.softmax(dim=1) for t_img, _ in logits]).mean(dim=0)
+        p_txt = torch.stack([t_txt.softmax(dim=1) for _, t_txt in logits]).mean(dim=0)
+    return (soft_cross_entropy_probs(p_img, s_img) + soft_cross_entropy_probs(p_txt, s_txt)) / 2
+
+
+def soft_cross_entropy_probs(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """-sum p_teacher * log_softmax(student), averaged over rows."""
+    return -(teacher_probs * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
 
 
 def feature_loss(student: dict, teacher: dict, kind: str = "cosine") -> torch.Tensor:
