@@ -110,23 +110,35 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> dict:
             "spread_pct": 100 * spread}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Harness rows (ratio = bare loop time / fit time per step) and a printed table."""
+    from benchmarks.common import repeats, row
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine quiet)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv if argv is not None else [])
     torch.set_num_threads(args.threads)
     print(f"### training engine overhead ({args.steps} steps, CPU time, best of {args.repeats} interleaved "
           f"repeats, {torch.get_num_threads()} thread(s))\n")
     print(f"| model | bare loop ms/step | dmclip fit ms/step | per-step overhead | whole {args.steps}-step fit "
           f"(setup, metrics rows, final checkpoint) | bare-loop spread |")
     print("|---|---|---|---|---|---|")
+    out = []
     for name, (width, batch) in SIZES.items():
-        r = measure(width, batch, args.steps, args.repeats)
+        r = measure(width, batch, args.steps, repeats(args.repeats))
         print(f"| {name} | {r['bare_ms']:.3f} | {r['engine_ms']:.3f} | {r['overhead_pct']:+.1f} % | "
               f"{r['total_overhead_pct']:+.1f} % | {r['spread_pct']:.0f} % |", flush=True)
+        out.append(row(f"train step overhead, {name}", f"{r['engine_ms']:.2f} ms/step",
+                       baseline=f"bare PyTorch loop {r['bare_ms']:.2f} ms/step",
+                       ratio=round(r["bare_ms"] / r["engine_ms"], 3), goal="overhead <= 10 %",
+                       met=r["overhead_pct"] <= 10.0,
+                       notes=f"whole fit {r['total_overhead_pct']:+.1f} %, bare-loop spread {r['spread_pct']:.0f} %"))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])
