@@ -9,17 +9,9 @@ from pathlib import Path
 
 from dmclip.cli.common import console, metrics_table
 from dmclip.cli.main import main
-from dmclip.runs import find_runs
+from dmclip.runs import latest_run
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def _newest(command: str, name: str | None = None):
-    for run in find_runs(None, command):
-        info = run.info
-        if info.get("status") == "completed" and (name is None or info.get("name") == name):
-            return run
-    return None
 
 
 def _step(title: str, argv: list[str]) -> None:
@@ -32,23 +24,23 @@ def _step(title: str, argv: list[str]) -> None:
 
 def run_demo() -> int:
     start = time.perf_counter()
-    teacher = _newest("pretrain", "pretrain-clip-teacher")
+    teacher = latest_run("pretrain", name="pretrain-clip-teacher")
     if teacher is None:
         _step("1/3 pretrain the CLIP teacher", ["pretrain", str(RECIPES / "pretrain-clip-teacher.yaml")])
-        teacher = _newest("pretrain", "pretrain-clip-teacher")
+        teacher = latest_run("pretrain", name="pretrain-clip-teacher")
     else:
         console.rule("[bold]1/3 pretrain the CLIP teacher[/bold]")
         console.print(f"reusing the completed teacher run {teacher.path} (delete it to retrain)")
     _step("2/3 distil it into a Vision-Mamba student",
           ["distill", str(RECIPES / "distill-demo.yaml"), "--alpha", "0.75", "--teacher", f"run:{teacher.path}",
            "--name", "demo-student"])
-    student = _newest("distill", "demo-student")
+    student = latest_run("distill", name="demo-student")
     rows = []
     for label, run in (("teacher ViT", teacher), ("student Mamba a=0.75", student)):
         short = label.split()[0]
         _step(f"3/3 eval zero-shot: {label}", ["eval", "zero-shot", "--model", f"run:{run.path}",
                                                "--name", f"demo-{short}"])
-        result = _newest("eval", f"demo-{short}").results() or {}
+        result = latest_run("eval", name=f"demo-{short}").results() or {}
         metrics = result.get("metrics", result)
         trained = run.results() or {}
         params = trained.get("image_parameters")

@@ -18,7 +18,7 @@ from torch import nn
 
 from dmclip.config import field
 from dmclip.errors import DmclipError
-from dmclip.pretrain import DataConfig, EvalAfterConfig, images_to_float, pick_caption
+from dmclip.pretrain import DataConfig, EvalAfterConfig, image_caption_batch, pick_caption
 from dmclip.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,7 @@ class DistillTask:
         self.criterion = DistillMix(cfg.loss.alpha, cfg.loss.feature_weight, cfg.loss.feature_kind)
 
     def collate(self, samples: list[dict]) -> dict:
-        return {"images": images_to_float(samples), "captions": [s["captions"] for s in samples],
-                "index": [int(s["index"]) for s in samples]}
+        return image_caption_batch(samples)
 
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor, captions: list[str]) -> dict:

@@ -5,7 +5,6 @@ Library entry point: ``run(config, run_dir) -> results``; the CLI only parses op
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -65,15 +64,20 @@ class PretrainConfig:
 
 def pick_caption(captions: list[str], seed: int, step: int, index: int) -> str:
     """A caption of the image, chosen deterministically from (seed, step, index): resumable."""
-    if len(captions) == 1:
-        return captions[0]
-    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
-    return captions[int.from_bytes(digest, "little") % len(captions)]
+    from dmclip.train.data import caption_choice
+
+    return captions[caption_choice(len(captions), seed, step, index)]
 
 
 def images_to_float(samples: list[dict]) -> torch.Tensor:
     """uint8 (3, S, S) samples -> float (B, 3, S, S) in [0, 1]."""
     return torch.stack([s["image"] for s in samples]).float().div_(255.0)
+
+
+def image_caption_batch(samples: list[dict]) -> dict:
+    """Dataset samples -> {"images" float [0, 1], "captions" (all of each image's), "index"}."""
+    return {"images": images_to_float(samples), "captions": [s["captions"] for s in samples],
+            "index": [int(s["index"]) for s in samples]}
 
 
 class ClipTask:
@@ -87,8 +91,7 @@ class ClipTask:
         self.criterion = ClipLoss()
 
     def collate(self, samples: list[dict]) -> dict:
-        return {"images": images_to_float(samples), "captions": [s["captions"] for s in samples],
-                "index": [int(s["index"]) for s in samples]}
+        return image_caption_batch(samples)
 
     def loss(self, model, batch: dict, step: int) -> dict:
         captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]

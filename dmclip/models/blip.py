@@ -18,7 +18,6 @@ positions are not in the LM loss, and captioning decodes what follows the prompt
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -38,6 +37,7 @@ from dmclip.losses.blip import (
 from dmclip.models import generate as decoding
 from dmclip.models.base import register_family
 from dmclip.models.vit import VisionTransformer
+from dmclip.train.data import caption_choice  # noqa: F401  (also imported from here by compress)
 
 DEFAULT_PROMPT = "a picture of "
 # BLIP clamps its temperature to [0.001, 0.5]; logit_scale = log(1 / temp)
@@ -520,12 +520,6 @@ def _build_blip(**kw) -> BlipModel:
 
 
 # ---- the pretrain task
-
-
-def caption_choice(count: int, seed: int, step: int, index: int) -> int:
-    """Which of an image's ``count`` captions step ``step`` trains on: a hash of (seed, step, index)."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % count
 
 
 class BlipTask:

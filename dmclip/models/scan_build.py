@@ -82,7 +82,6 @@ def build(verbose: bool = False):
             break
     directory.mkdir(parents=True, exist_ok=True)
     flags = compile_flags()
-    _quiet_cuda_warning()
     return cpp_extension.load(
         name=name,
         sources=[str(SOURCE)],
@@ -91,15 +90,6 @@ def build(verbose: bool = False):
         build_directory=str(directory),
         verbose=verbose,
     )
-
-
-def _quiet_cuda_warning() -> None:
-    """cpp_extension warns "No CUDA runtime is found" (at import and at each build) on CPU machines; it
-    concerns CUDA builds only, and users read it as a failure. Without CUDA, raise that logger to ERROR."""
-    import torch
-
-    if not torch.cuda.is_available():
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def load_extension():

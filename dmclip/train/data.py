@@ -92,3 +92,12 @@ class DataOrder:
         """Epochs done as a float (``epoch + offset / N``), for metrics rows."""
         position = position or self.position
         return position.epoch + position.offset / self.n
+
+
+def caption_choice(count: int, seed: int, step: int, index: int) -> int:
+    """Which of an image's ``count`` captions step ``step`` trains on: a hash of (seed, step, index), so a
+    resumed run (or another rank) picks the same caption without any saved state."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count
