@@ -3,9 +3,12 @@
 If these break, a student trained or evaluated on one backend behaves differently on another: wrong
 features at inference, wrong gradients in training. The oracle is the ``reference`` backend evaluated in
 float64 on the same inputs (so its own rounding is out of the picture). Tolerances are relative to the
-largest magnitude of each reference tensor: ``max|x - ref| <= rtol * max|ref|`` with rtol 1e-5 for the
-fused ``cpu`` kernel (issue 11), 1e-4 for ``chunked`` (issue 7), and 2e-2 for bfloat16 inputs (bf16 keeps
-8 bits of mantissa: its rounding alone is 4e-3 relative).
+largest magnitude of each reference tensor, ``max|x - ref| <= rtol * max|ref| + SLACK * e_ref``, with rtol
+1e-5 for the fused ``cpu`` kernel (issue 11), 1e-4 for ``chunked`` (issue 7), and 2e-2 for bfloat16 inputs
+(bf16 keeps 8 bits of mantissa: its rounding alone is 4e-3 relative). ``e_ref`` is the error of the
+written-out recurrence run in the backend's own precision: gradients that are small differences of large
+terms (short decays, one channel) cannot be computed to rtol of their size in float32 by any algorithm, and
+the hypothesis tests found such cases (pinned below with ``@example``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dmclip.errors import DmclipError
@@ -25,6 +28,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 HAS_CPU = "cpu" in scan.available_backends()
 BACKENDS = ["chunked"] + (["cpu"] if HAS_CPU else [])
 RTOL = {"cpu": 1e-5, "chunked": 1e-4}
+SLACK = 8  # a backend may err up to this many times what the written-out recurrence errs in its precision
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the fused CPU scan did not build here (see the log line)")
 
 
@@ -41,6 +45,8 @@ def make_inputs(batch, dim, L, N, *, delta_scale=1.0, softplus=True, with_D=True
         "D": r(dim) if with_D else None, "z": r(batch, dim, L) if with_z else None,
         "delta_bias": r(dim) * 0.5 if with_bias else None,
     }
+    if not softplus and with_bias:  # dt = delta + bias must stay positive too: a negative step grows as exp(L)
+        tensors["delta_bias"] = tensors["delta_bias"].abs()
     return {k: None if v is None else v.to(dtype) for k, v in tensors.items()}
 
 
@@ -58,22 +64,39 @@ def run(backend, inputs, softplus, last_state, out_weight, last_weight, dtype=No
     return out, last, dict(zip(present, grads))
 
 
+def named_results(out, last, grads):
+    return [("out", out)] + ([("last_state", last)] if last is not None else []) + \
+        [(f"d{k}", grads[k]) for k in grads]
+
+
+def assert_close_to_oracle(label, results, oracle, same_precision, rtol, slack=SLACK):
+    """Each tensor within ``rtol * max|oracle| + slack * (the op-by-op reference's own error)``.
+
+    The second term makes the bound cancellation-aware: where a gradient is a small difference of large
+    terms, no float32 algorithm gets within rtol of its magnitude (the written-out recurrence itself does
+    not), so the backend must only be no worse than ``slack`` times that reference in the same precision.
+    """
+    for (name, value), (_, ref), (_, same) in zip(results, oracle, same_precision):
+        error = (value.double() - ref).abs().max().item()
+        own_error = (same.double() - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        bound = rtol * scale + slack * own_error + 1e-30
+        assert error <= bound, (f"{label} {name}: max error {error:.3g} vs scale {scale:.3g} "
+                                f"(the reference in the same precision errs {own_error:.3g})")
+
+
 def assert_matches(backend, inputs, softplus, last_state, rtol, seed=1):
     g = torch.Generator().manual_seed(seed)
     batch, dim, L = inputs["u"].shape
     out_weight = torch.randn(batch, dim, L, generator=g, dtype=torch.float64)
     last_weight = torch.randn(batch, dim, inputs["A"].shape[1], generator=g, dtype=torch.float64)
-    ref_out, ref_last, ref_grads = run("reference", inputs, softplus, last_state, out_weight, last_weight,
-                                       dtype=torch.float64)
+    oracle = run("reference", inputs, softplus, last_state, out_weight, last_weight, dtype=torch.float64)
+    same_precision = run("reference", inputs, softplus, last_state, out_weight, last_weight)
     out, last, grads = run(backend, inputs, softplus, last_state, out_weight, last_weight)
     assert out.dtype == inputs["u"].dtype
     assert all(grads[k].dtype == inputs[k].dtype for k in grads)  # each gradient in its input's dtype
-    pairs = [("out", out, ref_out)] + ([("last_state", last, ref_last)] if last_state else [])
-    pairs += [(f"d{k}", grads[k], ref_grads[k]) for k in ref_grads]
-    for name, value, ref in pairs:
-        error = (value.double() - ref).abs().max().item()
-        scale = ref.abs().max().item()
-        assert error <= rtol * scale + 1e-30, f"{backend} {name}: max error {error:.3g} vs scale {scale:.3g}"
+    assert_close_to_oracle(backend, named_results(out, last, grads), named_results(*oracle),
+                           named_results(*same_precision), rtol)
 
 
 shapes = st.fixed_dictionaries({
@@ -87,6 +110,11 @@ shapes = st.fixed_dictionaries({
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=shapes)
+# found by hypothesis: one channel, gradients that are small differences of large terms
+@example(case={"batch": 3, "dim": 1, "L": 33, "N": 1, "delta_scale": 8.0, "softplus": True, "with_D": True,
+               "with_z": True, "with_bias": True, "last_state": False, "seed": 61503})
+@example(case={"batch": 1, "dim": 1, "L": 16, "N": 1, "delta_scale": 0.1, "softplus": True, "with_D": True,
+               "with_z": True, "with_bias": True, "last_state": True, "seed": 0})
 def test_float32_matches_reference_in_outputs_and_all_gradients(backend, case):
     case = dict(case)
     last_state, softplus = case.pop("last_state"), case["softplus"]
@@ -237,20 +265,22 @@ mixer_shapes = st.fixed_dictionaries({
 @given(case=mixer_shapes)
 def test_fused_mixer_matches_the_op_by_op_reference_in_outputs_and_all_gradients(case):
     # oracle: conv1d / x_proj / dt_proj / flips around the reference scan, in float64; the fused kernel in
-    # float32 to 1e-5 relative per tensor (channel tails: E not a multiple of 8; L shorter than the conv)
+    # float32 to 1e-5 relative per tensor, cancellation-aware as above (channel tails: E not a multiple of 8; L shorter than the conv)
     inputs = make_mixer_inputs(**case)
     leaves = [t.clone().requires_grad_() for t in inputs]
     ref = scan.bidirectional_mixer_reference(*leaves, backend="reference")
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
     ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
+    same_leaves = [t.detach().float().requires_grad_() for t in inputs]  # the op-by-op reference in float32
+    same = scan.bidirectional_mixer_reference(*same_leaves, backend="reference")
+    same_grads = torch.autograd.grad((same.double() * weight).sum(), same_leaves)
     fused_leaves = [t.detach().float().requires_grad_() for t in inputs]
     out = scan.bidirectional_mixer(*fused_leaves)
     grads = torch.autograd.grad((out.double() * weight).sum(), fused_leaves)
     assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
-    for name, value, expected in [("out", out, ref)] + [(f"d{k}", g, r) for k, g, r in zip(MIXER, grads, ref_grads)]:
-        error = (value.double() - expected).abs().max().item()
-        scale = expected.abs().max().item()
-        assert error <= 1e-5 * scale + 1e-30, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+    named = lambda o, gs: [("out", o)] + [(f"d{k}", g) for k, g in zip(MIXER, gs)]
+    assert_close_to_oracle("fused mixer", named(out, grads), named(ref, ref_grads), named(same, same_grads),
+                           1e-5)
     with torch.inference_mode():  # the inference path (no autograd node) gives the same output bit for bit
         assert torch.equal(scan.bidirectional_mixer(*[t.detach().float() for t in inputs]), out.detach())
 
