@@ -57,13 +57,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         flops = scan_flops(u.shape[0], u.shape[1], u.shape[2], A.shape[1], D is not None, z is not None)
         for counter in _flop_counters:
             counter.add(flops)
-    if name == "reference":
-        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if name == "cuda":
-        return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if name == "cpu":
-        return _run_function(_CpuScan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return _run_function(_ChunkedScan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    with _hidden_from_flop_counter_modes():  # the scan is counted analytically, once, on every backend
+        if name == "reference":
+            return selective_scan_reference(*args)
+        if name == "cuda":
+            return _selective_scan_cuda(*args)
+        return _run_function(_CpuScan if name == "cpu" else _ChunkedScan, *args)
 
 
 def available_backends() -> list[str]:
@@ -128,7 +128,9 @@ class FlopCount:
 def count_scan_flops():
     """``with count_scan_flops() as counter: model(x)`` -> ``counter.total`` FLOPs of every scan (forward).
 
-    FlopCounterMode cannot see inside the fused kernels; add this to its total.
+    Add this to ``FlopCounterMode``'s total: the scan counts to FlopCounterMode as nothing on every backend
+    (it cannot see inside the fused kernels, and the ops inside the python backends are hidden from it,
+    see :func:`_hidden_from_flop_counter_modes`), so every scan is counted exactly once, analytically.
     """
     counter = FlopCount()
     _flop_counters.append(counter)
@@ -147,6 +149,45 @@ def scan_flops(batch: int, dim: int, L: int, N: int, has_D: bool = True, has_z: 
     per_state = 7 * N
     per_step = 1 + 3 + (2 if has_D else 0) + (5 if has_z else 0)
     return batch * dim * L * (per_state + per_step)
+
+
+def _active_flop_counter_modes() -> list:
+    """The ``torch.utils.flop_counter.FlopCounterMode`` objects counting on this thread right now."""
+    if not torch._C._len_torch_dispatch_stack():  # the common case (training, timing): nothing to look at
+        return []
+    from torch.utils import flop_counter
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    inner = getattr(flop_counter, "_FlopCounterMode", None)  # torch >= 2.4: FlopCounterMode pushes this mode
+    counters = []
+    for mode in _get_current_dispatch_mode_stack():
+        if inner is not None and isinstance(mode, inner):
+            counters.append(mode.counter)
+        elif isinstance(mode, flop_counter.FlopCounterMode):  # older torch: the counter is the mode itself
+            counters.append(mode)
+    return counters
+
+
+@contextlib.contextmanager
+def _hidden_from_flop_counter_modes():
+    """Leave every active FlopCounterMode's counts as they were before the block (per module and op).
+
+    The python backends' inner einsums/matmuls would otherwise add to the analytic count of
+    :func:`count_scan_flops`. Only the counts are restored: other dispatch modes (e.g. the peak-memory
+    tracker in dmclip.metrics.latency) still see every op, and autograd is untouched.
+    """
+    counters = _active_flop_counter_modes()
+    if not counters:
+        yield
+        return
+    saved = [(counter, {key: dict(ops) for key, ops in counter.flop_counts.items()}) for counter in counters]
+    try:
+        yield
+    finally:
+        for counter, counts in saved:
+            counter.flop_counts.clear()  # a defaultdict of defaultdicts: keep the object, refill it
+            for key, ops in counts.items():
+                counter.flop_counts[key].update(ops)
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -442,6 +483,8 @@ def bidirectional_mixer(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weigh
     :func:`bidirectional_mixer_reference`. Needs the extension (``"cpu" in available_backends()``).
     """
     params = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
+    if _active_flop_counter_modes():  # the kernel hides conv and dt_proj: count the same ops as the other backends
+        return bidirectional_mixer_reference(xz, *params, backend="cpu")
     if _flop_counters:
         batch, L, E = xz.shape[0], xz.shape[1], xz.shape[2] // 2
         flops = 2 * scan_flops(batch, E, L, A_log.shape[-1], True, True)
@@ -460,7 +503,12 @@ def bidirectional_block_inference(x, norm_weight, eps, in_proj_weight, mixer_par
     """``x + out_proj(bidirectional_mixer(in_proj(rms_norm(x))))`` for inference, one C++ call (``cpu``).
 
     Only float32/float64 CPU tensors without autograd; the caller checks (see ``MambaBlock.forward``).
+    Under a FlopCounterMode it runs op by op (the fused scan inside), so it counts what the other backends count.
     """
+    if _active_flop_counter_modes():
+        hidden = F.linear(F.rms_norm(x, (x.shape[-1],), norm_weight, eps), in_proj_weight)
+        y = bidirectional_mixer_reference(hidden, *mixer_params, backend="cpu")
+        return x + F.linear(y, out_proj_weight)
     if _flop_counters:
         batch, L, E = x.shape[0], x.shape[1], in_proj_weight.shape[0] // 2
         flops = 2 * scan_flops(batch, E, L, mixer_params[5].shape[-1], True, True)
