@@ -440,9 +440,13 @@ def load_config(cls, recipe: str | Path | None = None, sets: typing.Sequence[str
     """Resolve recipe -> ``--set`` overrides -> CLI shortcuts (None = not given) into a ``cls``.
 
     Returns ``(config, recipe_text)``; ``recipe_text`` is the recipe as given ("" without one).
+    Top-level keys named in ``cls.RECIPE_BLOCKS`` are left out: the command reads them itself (distill's
+    ``sweep:``).
     """
     data, text = read_recipe(recipe) if recipe else ({}, "")
     data.pop("command", None)  # a resolved.yaml may say which command wrote it
+    for key in getattr(cls, "RECIPE_BLOCKS", ()):
+        data.pop(key, None)
     for item in sets:
         key, value = parse_override(item)
         set_path(data, key, value, cls)

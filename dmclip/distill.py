@@ -2,22 +2,25 @@
 
 loss = alpha * KD + (1 - alpha) * contrastive (DM-CLIP). The student is a CLIP whose image tower is
 the registered student and whose text tower comes from the teacher (frozen by default, as DM-CLIP).
-Library entry points: ``run(config, run_dir)`` and ``sweep(config, alphas, ...)``.
+Library entry points: ``run(config, run_dir)``, ``with_alpha(config, alpha)`` per sweep member,
+``recipe_sweep(recipe)`` for a recipe's ``sweep:`` block and ``sweep_report(sweep_dir, ...)``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmclip.config import field
-from dmclip.errors import DmclipError
+from dmclip.config import field, read_recipe, to_yaml
+from dmclip.errors import DmclipError, did_you_mean
 from dmclip.pretrain import DataConfig, EvalAfterConfig, image_caption_batch, pick_caption
 from dmclip.train import TrainConfig
 
@@ -53,6 +56,9 @@ class DistillConfig:
     data: DataConfig = field(factory=DataConfig, help="data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     eval: EvalAfterConfig = field(factory=EvalAfterConfig, help="evaluation at the end")
+
+    # a recipe's `sweep:` is read by `dmclip distill` (recipe_sweep), not a field: each member is one run
+    RECIPE_BLOCKS: ClassVar[tuple[str, ...]] = ("sweep",)
 
 
 def resolve_teacher_ref(ref: str, runs_root=None) -> str:
@@ -274,6 +280,68 @@ def with_alpha(cfg: DistillConfig, alpha: float) -> DistillConfig:
     new = copy.deepcopy(cfg)
     new.loss.alpha = alpha
     return new
+
+
+# a recipe's `sweep:` key -> the field it varies; the same names as the command line options that sweep (--alpha)
+SWEEP_FIELDS = {"alpha": "loss.alpha"}
+_SWEEP_EXAMPLE = "sweep: {alpha: [0.0, 0.5, 1.0]}"
+
+
+def _sweep_alpha(value, where: str) -> float:
+    if isinstance(value, str):  # as config float fields: YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise DmclipError(f"{where} = {value!r} is not a number", "alphas are numbers, e.g. sweep: {alpha: [0.0, 0.5]}")
+    if not 0.0 <= value <= 1.0:
+        raise DmclipError(f"{where} = {value!r} is out of range", "alpha weighs KD against contrastive: 0 <= alpha <= 1")
+    return float(value)
+
+
+def check_sweep(block, where: str = "recipe") -> dict[str, list[float]]:
+    """A recipe's ``sweep:`` block -> ``{"alpha": [0.0, 0.5, 1.0]}``: known keys, each a non-empty list of
+    distinct values in the field's range. ``where`` starts every error ("recipe my.yaml")."""
+    if not isinstance(block, dict) or not block:
+        raise DmclipError(f"{where}: sweep must map a field to its list of values, got {block!r}",
+                          f"write e.g. {_SWEEP_EXAMPLE}")
+    sweep = {}
+    for key, values in block.items():
+        if key not in SWEEP_FIELDS:
+            raise DmclipError(f"{where}: unknown sweep key {str(key)!r}", did_you_mean(str(key), SWEEP_FIELDS))
+        path = f"sweep.{key}"
+        if not isinstance(values, list):
+            raise DmclipError(f"{where}: {path} = {values!r} is not a list",
+                              f"list the values to run, e.g. {_SWEEP_EXAMPLE}; one value without a sweep "
+                              f"goes in {SWEEP_FIELDS[key]}")
+        if not values:
+            raise DmclipError(f"{where}: {path} is an empty list", f"list the values to run, e.g. {_SWEEP_EXAMPLE}")
+        checked = [_sweep_alpha(value, f"{where}: {path}[{i}]") for i, value in enumerate(values)]
+        repeated = next((v for i, v in enumerate(checked) if v in checked[:i]), None)
+        if repeated is not None:
+            raise DmclipError(f"{where}: {path} repeats {repeated:g}", "list each sweep point once")
+        sweep[key] = checked
+    return sweep
+
+
+def recipe_sweep(recipe) -> dict[str, list[float]]:
+    """The recipe's checked ``sweep:`` block (see check_sweep); ``{}`` without a recipe or a block."""
+    if recipe is None:
+        return {}
+    data, _ = read_recipe(recipe)
+    if "sweep" not in data:
+        return {}
+    return check_sweep(data["sweep"], f"recipe {Path(recipe).name}")
+
+
+def sweep_yaml(base: DistillConfig, sweep: dict[str, list[float]]) -> str:
+    """A sweep directory's resolved.yaml: the members' shared config and the sweep block, so that
+    `dmclip distill <sweep dir>/resolved.yaml` runs the same sweep again."""
+    import yaml
+
+    block = yaml.safe_dump({"sweep": sweep}, sort_keys=False, default_flow_style=None)
+    return "command: distill\n" + to_yaml(base) + block
 
 
 def _same_size_vit(student) -> dict:

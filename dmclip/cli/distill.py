@@ -36,8 +36,36 @@ def parse_alphas(text: str | None) -> list[float] | None:
                               "give one value or a comma list, e.g. --alpha 0.75 or --alpha 0,0.25,0.75,1") from None
         if not 0.0 <= value <= 1.0:
             raise DmclipError(f"--alpha {value} is out of range", "alpha weighs KD against contrastive: 0 <= alpha <= 1")
+        if value in values:
+            raise DmclipError(f"--alpha {text!r} repeats {value:g}", "list each sweep point once")
         values.append(value)
     return values
+
+
+def sweep_alphas(recipe, alpha: str | None) -> list[float] | None:
+    """The alphas to run: --alpha's, else the recipe's ``sweep: {alpha: [...]}``, else None (one run at the
+    config's loss.alpha). The command line overrides the recipe, as it does for every other field."""
+    from rich.markup import escape
+
+    from dmclip.distill import recipe_sweep
+
+    alphas = parse_alphas(alpha)
+    in_recipe = recipe_sweep(recipe).get("alpha")  # checked even when overridden: a broken recipe is an error
+    if alphas is None:
+        return in_recipe
+    if in_recipe is not None:
+        err_console.print(f"[dim]--alpha {escape(alpha)} overrides the recipe's sweep.alpha[/dim]", highlight=False)
+    return alphas
+
+
+def sweep_members(alphas: list[float], recipe=None, sets=None, shortcuts=None, runs_dir=None):
+    """(shared config, recipe text, one config per alpha): what a sweep runs, resolved but not run."""
+    from dmclip import distill as lib
+    from dmclip.config import load_config
+
+    base, recipe_text = load_config(lib.DistillConfig, recipe, sets or [], shortcuts)
+    base.teacher = lib.resolve_teacher_ref(base.teacher, runs_dir)  # all members share one teacher
+    return base, recipe_text, [lib.with_alpha(base, alpha) for alpha in alphas]
 
 
 def _row(run, result) -> dict:
@@ -52,7 +80,8 @@ def register(app: typer.Typer) -> None:
     def distill(
         recipe: RecipeArg = None,
         alpha: Annotated[str | None, typer.Option(
-            "--alpha", "-a", help="KD weight in [0,1]; a comma list runs a sweep (0,0.25,0.75,1).")] = None,
+            "--alpha", "-a", help="KD weight in [0,1]; a comma list runs a sweep (0,0.25,0.75,1). "
+                                  "Overrides the recipe's loss.alpha and its sweep: {alpha: [...]}.")] = None,
         teacher: Annotated[str | None, typer.Option(
             "--teacher", "-t", help="run:<dir>, open_clip:<arch>[:<ckpt>], or 'latest' CLIP pretrain run.")] = None,
         student: Annotated[str | None, typer.Option("--student", help="Registered student (dmclip list students).")] = None,
@@ -80,6 +109,10 @@ def register(app: typer.Typer) -> None:
 
           dmclip distill --alpha 0,0.25,0.75,1        (one student per alpha + a comparison table)
 
+          dmclip distill recipes/distill-alpha-sweep.yaml    (the same, from the recipe's sweep: block)
+
+          dmclip distill runs/distill/<stamp>-sweep-alpha/resolved.yaml   (run a sweep again)
+
           dmclip distill cache --teacher run:runs/pretrain/<run> --data world-train --out stores/teacher-k4
 
           dmclip distill --teacher embeddings:stores/teacher-k4   (train from cached teacher outputs)
@@ -89,7 +122,7 @@ def register(app: typer.Typer) -> None:
         if recipe is not None and str(recipe) == "cache":
             _cache(teacher, data, out, augmentations, seed)
             return
-        alphas = parse_alphas(alpha)
+        alphas = sweep_alphas(recipe, alpha)
         shortcuts = {"teacher": teacher, "student.name": student, "data.train": data, "train.steps": steps,
                      "train.batch_size": batch_size, "seed": seed}
         if alphas is None or len(alphas) == 1:
@@ -131,21 +164,20 @@ def _sweep(lib, alphas, recipe, sets, shortcuts, name, runs_dir) -> None:
     """One run per alpha inside a sweep directory, then summary.md + summary.csv."""
     import datetime as dt
 
-    from dmclip.config import load_config
-    from dmclip.runs import RunDir, default_runs_root
+    from dmclip.cli import common
+    from dmclip.runs import RunDir, atomic_write_text, default_runs_root
 
-    base, recipe_text = load_config(lib.DistillConfig, recipe, sets or [], shortcuts)
-    base.teacher = lib.resolve_teacher_ref(base.teacher, runs_dir)  # all members share one teacher
+    base, recipe_text, configs = sweep_members(alphas, recipe, sets, shortcuts, runs_dir)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     sweep_dir = (runs_dir or default_runs_root()) / "distill" / f"{stamp}-sweep-{name or 'alpha'}"
     sweep_dir.mkdir(parents=True, exist_ok=False)
+    atomic_write_text(sweep_dir / "resolved.yaml", lib.sweep_yaml(base, {"alpha": alphas}))
     err_console.print(f"[dim]sweep directory:[/dim] {sweep_dir}")
     rows = []
-    for alpha in alphas:
-        cfg = lib.with_alpha(base, alpha)
+    for alpha, cfg in zip(alphas, configs):
         run = RunDir.create("distill", f"{name or 'distill'}-alpha{alpha:g}", cfg, parent=sweep_dir,
-                            recipe_text=recipe_text, overrides=list(sets or []), argv=["dmclip", *sys.argv[1:]],
-                            seed=cfg.seed)
+                            recipe_text=recipe_text, overrides=list(sets or []),
+                            argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]], seed=cfg.seed)
         err_console.print(f"[bold]alpha {alpha:g}[/bold] -> {run.path}")
         with run.active():
             result = lib.run(cfg, run)

@@ -1,0 +1,165 @@
+"""A recipe's `sweep:` block: the same sweep as `dmclip distill --alpha 0,0.5,1`.
+
+What a user would notice if this broke: a sweep recipe silently training one student (or the wrong alphas),
+a typo in `sweep:` ignored or answered with a traceback, `--alpha` not overriding the recipe, or a sweep's
+resolved.yaml that no longer runs the same sweep when passed back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dmclip.cli.distill import parse_alphas, sweep_alphas, sweep_members
+from dmclip.cli.main import main
+from dmclip.config import load_config, to_yaml
+from dmclip.distill import DistillConfig, sweep_yaml
+from dmclip.runs import RunDir, find_runs
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TEACHER = {"teacher": "run:/teachers/tiny"}  # an explicit teacher: resolution needs no pretrain run
+PLAIN = "student:\n  name: mamba-nano\ntrain:\n  steps: 7\n"
+
+
+def _recipe(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _members(recipe: Path | None, alpha: str | None, shortcuts: dict = TEACHER) -> list[DistillConfig]:
+    """What `dmclip distill <recipe> [--alpha ...]` would train, resolved as the command does, not run."""
+    return sweep_members(sweep_alphas(recipe, alpha), recipe, [], shortcuts)[2]
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+
+def test_recipe_sweep_resolves_to_the_members_of_the_alpha_option(tmp_path):
+    swept = _recipe(tmp_path, PLAIN + "sweep:\n  alpha: [0.0, 0.5, 1.0]\n", "swept.yaml")
+    plain = _recipe(tmp_path, PLAIN, "plain.yaml")
+    assert sweep_alphas(swept, None) == parse_alphas("0,0.5,1") == [0.0, 0.5, 1.0]
+    from_recipe, from_option = _members(swept, None), _members(plain, "0,0.5,1")
+    assert [cfg.loss.alpha for cfg in from_recipe] == [0.0, 0.5, 1.0]
+    assert from_recipe == from_option
+    assert {cfg.train.steps for cfg in from_recipe} == {7}  # the rest of the recipe still applies
+
+
+def test_the_example_sweep_recipe_is_the_demo_recipe_with_alpha_option():
+    """docs/distill.md: recipes/distill-alpha-sweep.yaml = recipes/distill-demo.yaml --alpha 0,0.25,0.75,1."""
+    from_recipe = _members(RECIPES / "distill-alpha-sweep.yaml", None)
+    from_option = _members(RECIPES / "distill-demo.yaml", "0,0.25,0.75,1")
+    assert len(from_recipe) == 4 and from_recipe == from_option
+
+
+def test_alpha_option_overrides_the_recipe_sweep(tmp_path, capsys):
+    swept = _recipe(tmp_path, PLAIN + "loss:\n  alpha: 0.3\nsweep:\n  alpha: [0.0, 0.5, 1.0]\n")
+    assert sweep_alphas(swept, "0.25") == [0.25]  # one value: one ordinary run
+    assert sweep_alphas(swept, "0,1") == [0.0, 1.0]
+    assert "overrides the recipe's sweep.alpha" in capsys.readouterr().err
+    assert sweep_alphas(swept, None) == [0.0, 0.5, 1.0]  # the sweep wins over the recipe's loss.alpha
+    assert sweep_alphas(_recipe(tmp_path, PLAIN), None) is None  # no sweep anywhere: one run, loss.alpha
+
+
+def test_one_item_recipe_sweep_is_one_run_like_one_alpha(tmp_path):
+    one = _recipe(tmp_path, PLAIN + "sweep:\n  alpha: [0.5]\n")
+    assert sweep_alphas(one, None) == parse_alphas("0.5") == [0.5]
+    # the single-run path loads the recipe itself: the sweep: block must not reach the config as a key
+    cfg, _ = load_config(DistillConfig, one, [], {"loss.alpha": 0.5})
+    assert cfg.loss.alpha == 0.5
+
+
+def test_sweep_resolved_yaml_runs_the_same_sweep_and_a_member_one_run(tmp_path):
+    recipe = _recipe(tmp_path, PLAIN + "seed: 3\nsweep:\n  alpha: [0.0, 1.0]\n")
+    alphas = sweep_alphas(recipe, None)
+    base, _, members = sweep_members(alphas, recipe, ["train.lr=0.002"], {**TEACHER, "student.name": "vit-nano"})
+    resolved = _recipe(tmp_path, sweep_yaml(base, {"alpha": alphas}), "resolved.yaml")
+    assert sweep_alphas(resolved, None) == alphas
+    assert sweep_members(alphas, resolved)[2] == members  # no --set, no shortcuts: all of it is in the file
+    member = _recipe(tmp_path, "command: distill\n" + to_yaml(members[1]), "member.yaml")
+    assert sweep_alphas(member, None) is None
+    assert load_config(DistillConfig, member)[0] == members[1]
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("text, error, hint", [
+    ("sweep:\n  alfa: [0.0, 1.0]\n", "recipe r.yaml: unknown sweep key 'alfa'", "did you mean 'alpha'?"),
+    ("sweep:\n  loss.alpha: [0.0, 1.0]\n", "recipe r.yaml: unknown sweep key 'loss.alpha'", "did you mean 'alpha'?"),
+    ("sweep:\n  alpha: []\n", "recipe r.yaml: sweep.alpha is an empty list",
+     "list the values to run, e.g. sweep: {alpha: [0.0, 0.5, 1.0]}"),
+    ("sweep:\n  alpha: 0.5\n", "recipe r.yaml: sweep.alpha = 0.5 is not a list",
+     "list the values to run, e.g. sweep: {alpha: [0.0, 0.5, 1.0]}; one value without a sweep goes in loss.alpha"),
+    ("sweep:\n  alpha: 0,1\n", "recipe r.yaml: sweep.alpha = '0,1' is not a list", "list the values to run, ..."),
+    ("sweep: [0.0, 1.0]\n", "recipe r.yaml: sweep must map a field to its list of values, got [0.0, 1.0]",
+     "write e.g. sweep: {alpha: [0.0, 0.5, 1.0]}"),
+    ("sweep:\n", "recipe r.yaml: sweep must map a field to its list of values, got None", "write e.g. ..."),
+    ("sweep:\n  alpha: [0.0, 1.5]\n", "recipe r.yaml: sweep.alpha[1] = 1.5 is out of range",
+     "alpha weighs KD against contrastive: 0 <= alpha <= 1"),
+    ("sweep:\n  alpha: [0.0, high]\n", "recipe r.yaml: sweep.alpha[1] = 'high' is not a number", "alphas are numbers, ..."),
+    ("sweep:\n  alpha: [true]\n", "recipe r.yaml: sweep.alpha[0] = True is not a number", "alphas are numbers, ..."),
+    ("sweep:\n  alpha: [0.5, 0.5]\n", "recipe r.yaml: sweep.alpha repeats 0.5", "list each sweep point once"),
+])
+def test_bad_sweep_block_is_one_error_line_with_a_hint(text, error, hint, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code = main(["distill", str(_recipe(tmp_path, PLAIN + text)), "--runs-dir", str(runs)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error:", "hint:"))]
+    assert code == 2
+    assert lines[0] == f"error: {error}"
+    assert lines[1] == f"hint: {hint}" or (hint.endswith("...") and lines[1].startswith(f"hint: {hint[:-3]}"))
+    assert len(lines) == 2 and not runs.exists()  # refused before any run directory
+
+
+def test_a_bad_recipe_sweep_is_refused_even_when_alpha_overrides_it(tmp_path, capsys):
+    recipe = _recipe(tmp_path, PLAIN + "sweep:\n  alfa: [0.0, 1.0]\n")
+    assert main(["distill", str(recipe), "--alpha", "0.5", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "unknown sweep key 'alfa'" in capsys.readouterr().err
+
+
+def test_alpha_option_repeating_a_value_is_refused(tmp_path, capsys):
+    assert main(["distill", "--alpha", "0,0.5,0", "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --alpha '0,0.5,0' repeats 0" in err and "hint: list each sweep point once" in err
+
+
+def test_set_cannot_reach_the_sweep_block(tmp_path, capsys):
+    """sweep: is recipe-level, not a config field; on the command line the sweep is --alpha."""
+    assert main(["distill", "--set", "sweep.alpha=[0,1]", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "unknown config key 'sweep'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+TINY_DATA = "world-train:size=96"
+TINY_CLIP = ["--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
+             "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
+             "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16",
+             "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot="]
+
+
+def test_recipe_sweep_end_to_end_writes_the_alpha_sweep_layout(tmp_path):
+    teachers = tmp_path / "teachers"
+    assert main(["pretrain", "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(teachers),
+                 "--name", "tiny-teacher", *TINY_CLIP]) == 0
+    (teacher,) = find_runs(teachers, "pretrain")
+    recipe = _recipe(tmp_path, f"teacher: run:{teacher.path}\nstudent:\n  name: mamba-tiny-test\n"
+                               f"data:\n  train: {TINY_DATA}\ntrain:\n  steps: 2\n  batch_size: 16\n  progress: false\n"
+                               "eval:\n  zeroshot: ''\nsweep:\n  alpha: [0.0, 1.0]\n")
+    runs = tmp_path / "runs"
+    assert main(["distill", str(recipe), "--runs-dir", str(runs)]) == 0
+
+    (sweep,) = (runs / "distill").iterdir()
+    assert "-sweep-alpha" in sweep.name  # the directory `--alpha 0,1` makes
+    members = sorted(p for p in sweep.iterdir() if (p / "run.json").exists())
+    assert sorted("-".join(m.name.split("-")[2:4]) for m in members) == ["distill-alpha0", "distill-alpha1"]
+    assert sorted(json.loads((m / "results.json").read_text())["alpha"] for m in members) == [0.0, 1.0]
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary[1:]] == ["teacher", "student alpha=0", "student alpha=1"]
+
+    trained = sorted((RunDir(m).resolved_config(DistillConfig) for m in members), key=lambda c: c.loss.alpha)
+    assert _members(recipe, "0,1", {}) == trained  # what `--alpha 0,1` resolves to is what was trained
+    assert sweep_members([0.0, 1.0], sweep / "resolved.yaml")[2] == trained  # resolved.yaml repeats the sweep
+    assert sweep_alphas(sweep / "resolved.yaml", None) == [0.0, 1.0]
