@@ -24,7 +24,7 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override any config field: key.path=value (repeatable).", show_default=False)]
 NameOpt = Annotated[str | None, typer.Option("--name", "-n", help="Run name (part of the run directory name).")]
 RunsDirOpt = Annotated[Path | None, typer.Option(
-    "--runs-dir", help="Where run directories go [default: $DMCLIP_RUNS or ./runs].", show_default=False)]
+    "--runs-dir", help="Where run directories go (default: $DMCLIP_RUNS or ./runs).", show_default=False)]
 ResumeOpt = Annotated[Path | None, typer.Option(
     "--resume", help="Continue an interrupted run directory (same results as an uninterrupted run).",
     show_default=False)]
