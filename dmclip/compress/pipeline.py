@@ -411,31 +411,43 @@ def seed_claims(rows: list[dict]) -> list[str]:
 
 
 def plot_sweep(rows: list[dict], path: Path, metric: str = "bleu4") -> Path:
-    """Quality vs communication efficiency and vs bytes per image, one line per selector."""
+    """Quality vs communication efficiency and vs bytes per image, one line per selector.
+
+    One row of panels per metric: ``metric`` and, when it is another one, CIDEr (BLEU-4 saturates on short
+    template-like captions, CIDEr's tf-idf weighting still separates the selectors).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    metrics = [metric] + (["cider"] if metric != "cider" and all("cider" in r for r in rows) else [])
+    fig, grid = plt.subplots(len(metrics), 2, figsize=(11, 4.2 * len(metrics)), squeeze=False)
     baseline = next((r for r in rows if r["selector"] == "none"), None)
     by_selector: dict[str, list[dict]] = {}
     for r in rows:
         if r["selector"] != "none":
             by_selector.setdefault(r["selector"], []).append(r)
-    for ax, x_key, x_label in ((axes[0], "communication_efficiency", "communication efficiency (vectors sent / tokens)"),
-                               (axes[1], "bytes_per_image", "bytes per image on the wire")):
-        for name, points in by_selector.items():
-            points = sorted(points, key=lambda r: r[x_key])
-            ax.plot([p[x_key] for p in points], [p[metric] for p in points], marker="o", label=name)
-        if baseline:
-            ax.axhline(baseline[metric], color="grey", linestyle="--", label="none (all tokens)")
-            ax.axhline(0.8 * baseline[metric], color="grey", linestyle=":", label="80 % of none")
-        ax.set_xscale("log")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(metric.upper() if metric != "cider" else "CIDEr")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes_x = (("communication_efficiency", "communication efficiency (vectors sent / tokens)",
+               FuncFormatter(lambda v, _: f"{100 * v:g} %")),
+              ("bytes_per_image", "bytes per image on the wire", FuncFormatter(lambda v, _: f"{v:,.0f}")))
+    for axes, name_y in zip(grid, metrics):
+        for ax, (x_key, x_label, formatter) in zip(axes, axes_x):
+            for name, points in by_selector.items():
+                points = sorted(points, key=lambda r: r[x_key])
+                ax.plot([p[x_key] for p in points], [p[name_y] for p in points], marker="o", label=name)
+            if baseline:
+                ax.axhline(baseline[name_y], color="grey", linestyle="--", label="none (all tokens)")
+                ax.axhline(0.8 * baseline[name_y], color="grey", linestyle=":", label="80 % of none")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(formatter)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(name_y.upper() if name_y != "cider" else "CIDEr")
+            ax.grid(True, alpha=0.3)
+    grid[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
