@@ -75,6 +75,11 @@ class FilterConfig:
     keep_fraction: float = field(0.0, "when > 0: keep exactly round(fraction x pairs) pairs, those with the highest "
                                       "ITM scores (web and synthetic together), instead of the threshold",
                                  min=0.0, max=1.0)
+    calibrate_on: str = field("", "clean image-text set whose own pairs set the threshold ('' = use threshold): "
+                                  "the score that keeps clean_keep of them, e.g. world-train:size=1000")
+    clean_keep: float = field(0.95, "with calibrate_on: fraction of the clean set's pairs the threshold keeps",
+                              min=0.0, max=1.0)
+    calibrate_limit: int = field(1000, "with calibrate_on: images of the clean set scored (0 = all)", min=0)
 
 
 def _finetune_train() -> TrainConfig:
@@ -133,6 +138,45 @@ def select_kept(scores: Sequence[float], threshold: float = 0.5, keep_fraction: 
         kept[order[:count]] = True
         return kept, (float(scores[order[count - 1]]) if count else math.inf)
     return scores >= threshold, float(threshold)
+
+
+def calibrated_threshold(clean_scores: Sequence[float], clean_keep: float) -> float:
+    """The threshold that keeps ``clean_keep`` of known-clean pairs: their ``(1 - clean_keep)`` quantile.
+
+    An ITM head trained on 1 match : 2 hard non-matches at small scale is under-confident (clean pairs score
+    well under BLIP's 0.5); a threshold read off a small clean set, as BLIP has COCO, needs no noise labels.
+    The highest threshold with at least ``ceil(clean_keep * n)`` of the n clean scores at or above it.
+    """
+    scores = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    if scores.size == 0:
+        raise DmclipError("the calibration set gave no image-caption pairs", "pass a non-empty --calibrate-on set")
+    count = math.ceil(clean_keep * scores.size - 1e-9)  # clean pairs that must stay
+    return float(scores[scores.size - count]) if count else math.inf
+
+
+def score_clean_pairs(model, spec: str, limit: int, batch_size: int, device: torch.device) -> list[float]:
+    """ITM scores of every (image, own caption) pair of the first ``limit`` images of a clean set."""
+    from dmclip.data import build_dataset
+
+    dataset = build_dataset(spec, image_size=model.image_size)
+    if getattr(dataset, "kind", "image-text") != "image-text":
+        raise DmclipError(f"{spec} is a classification set; calibration needs images with their captions",
+                          "use an image-text set, e.g. --calibrate-on world-train:size=1000")
+    count = len(dataset) if not limit else min(limit, len(dataset))
+    scores: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, count, batch_size):
+            samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+            images = torch.stack([s["image"] for s in samples]).to(device)
+            images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+            rows = [(row, text) for row, s in enumerate(samples) for text in s["captions"]]
+            if not rows:
+                continue
+            image_tokens = model.encode_image_tokens(images)
+            index = torch.tensor([r for r, _ in rows], device=device)
+            tokens = model.tokenize([t for _, t in rows]).to(device)
+            scores += model.itm_score(None, tokens, image_tokens=image_tokens[index]).float().cpu().tolist()
+    return scores
 
 
 def noise_removal_metrics(is_noisy: Sequence[bool], removed: Sequence[bool]) -> dict:
@@ -542,13 +586,22 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
+def _filter_text(filter_result: dict) -> str:
+    calibration = filter_result.get("calibration")
+    if filter_result["keep_fraction"] > 0:
+        return (f"keep fraction {filter_result['keep_fraction']:g} (threshold in effect "
+                f"{filter_result['threshold']:.4f})")
+    if calibration:
+        return (f"ITM score >= {filter_result['threshold']:.4f}, the threshold that keeps "
+                f"{100 * calibration['clean_keep']:g} % of {calibration['pairs']} clean pairs of {calibration['data']}")
+    return f"ITM score >= {filter_result['threshold']:g}"
+
+
 def report_markdown(result: dict) -> str:
     lines = [f"# capfilt: {result['data']} with {result['model']}", "",
              f"New dataset: `{result['dataset']}` ({result['images']['with_kept_captions']} of "
              f"{result['images']['total']} images keep at least one caption). Filter: "
-             + (f"keep fraction {result['filter']['keep_fraction']:g} (threshold in effect "
-                f"{result['filter']['threshold']:.4f})" if result["filter"]["keep_fraction"] > 0
-                else f"ITM score >= {result['filter']['threshold']:g}")
+             + _filter_text(result["filter"])
              + f"; captioner: {result['captioner']['method']}, {result['captioner']['num_captions']} per image.", "",
              *[f"**Warning:** {text}\n" for text in result.get("warnings", [])],
              "| source | pairs | kept | removed |", "|---|---:|---:|---:|"]
@@ -646,7 +699,19 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
 
     samples = [sample for shard in shards for sample in shard["samples"]]
     scores = [c["itm"] for s in samples for c in s["captions"]]
-    kept, threshold = select_kept(scores, cfg.filter.threshold, cfg.filter.keep_fraction)
+    filter_cfg, calibration = cfg.filter, None
+    if filter_cfg.calibrate_on:
+        if filter_cfg.keep_fraction > 0:
+            raise DmclipError("filter.calibrate_on and filter.keep_fraction both choose what the filter keeps",
+                              "set one of them (keep_fraction: 0 to use the calibrated threshold)")
+        clean = score_clean_pairs(model, filter_cfg.calibrate_on, filter_cfg.calibrate_limit, cfg.batch_size, device)
+        calibration = {"data": filter_cfg.calibrate_on, "clean_keep": filter_cfg.clean_keep, "pairs": len(clean),
+                       "threshold": calibrated_threshold(clean, filter_cfg.clean_keep),
+                       "clean_score_quantiles": {str(q): float(np.quantile(clean, q)) for q in (0.05, 0.5, 0.95)}}
+        log.info("threshold %.4f keeps %.0f %% of %d clean pairs of %s", calibration["threshold"],
+                 100 * filter_cfg.clean_keep, len(clean), filter_cfg.calibrate_on)
+    kept, threshold = select_kept(scores, calibration["threshold"] if calibration else filter_cfg.threshold,
+                                  filter_cfg.keep_fraction)
     flags = iter(kept.tolist())
     for sample in samples:
         for caption in sample["captions"]:
@@ -659,7 +724,8 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
         log.warning(warnings[-1])
     spec, written = _write_dataset(out, samples, cfg.output.format, size)
     result = {"model": cfg.model, "data": cfg.data, "out": str(out), "dataset": spec, "format": cfg.output.format,
-              "filter": {"threshold": threshold, "keep_fraction": cfg.filter.keep_fraction},
+              "filter": {"threshold": threshold, "keep_fraction": cfg.filter.keep_fraction,
+                         "calibration": calibration},
               "captioner": dataclasses.asdict(cfg.captioner),
               "finetune": finetune_summary, "skipped": sum(s["skipped"] for s in shards), "warnings": warnings,
               "shards": {"total": len(bounds), "resumed": resumed, "processed": len(bounds) - resumed},

@@ -265,8 +265,47 @@ def test_cli_refuses_a_clip_model_in_one_line_with_exit_code_2(tmp_path, capsys)
     assert not (tmp_path / "boot").exists()
 
 
+def test_calibrated_threshold_keeps_at_least_that_fraction_of_clean_scores():
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert lib.calibrated_threshold(scores, 0.8) == 0.3  # 8 of 10 are >= 0.3
+    assert lib.calibrated_threshold(scores, 1.0) == 0.1
+    rng = np.random.default_rng(0)
+    many = rng.random(997)
+    for keep in (0.5, 0.9, 0.95, 0.99):
+        threshold = lib.calibrated_threshold(many, keep)
+        assert (many >= threshold).mean() >= keep > (many > threshold).mean()  # the tightest such threshold
+    with pytest.raises(DmclipError, match="no image-caption pairs"):
+        lib.calibrated_threshold([], 0.9)
+
+
+def test_calibration_scores_the_clean_sets_own_pairs_and_sets_the_threshold(blip_dir, tmp_path):
+    from dmclip.models.refs import load_model_ref
+
+    clean = "world-train-clean:size=12"
+    model = load_model_ref(f"run:{blip_dir}").eval()
+    expected = []
+    dataset = build_dataset(clean, image_size=32)
+    with torch.inference_mode():  # oracle: one image at a time, each of its captions
+        for i in range(len(dataset)):
+            image = dataset[i]["image"][None].float() / 255
+            for text in dataset[i]["captions"]:
+                expected.append(float(model.itm_score(image, model.tokenize([text]))[0]))
+    got = lib.score_clean_pairs(model, clean, 0, 5, torch.device("cpu"))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    result = _run(_config(blip_dir, tmp_path / "boot", **{"limit": 8, "filter.calibrate_on": clean,
+                                                           "filter.clean_keep": 0.75}), tmp_path)
+    calibration = result["filter"]["calibration"]
+    assert calibration["pairs"] == len(expected)
+    assert result["filter"]["threshold"] == pytest.approx(lib.calibrated_threshold(expected, 0.75), abs=1e-5)
+    kept = [c["kept"] for s in _manifest(tmp_path / "boot") for c in s["captions"]]
+    scores = [c["itm"] for s in _manifest(tmp_path / "boot") for c in s["captions"]]
+    assert kept == [score >= result["filter"]["threshold"] for score in scores]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out", "{tmp}/no/such/parent/boot"], "parent of --out"),
+    (["--calibrate-on", "world-train-clean:size=4", "--threshold", "0.3", "--out", "{tmp}/boot"], "--calibrate-on"),
+    (["--clean-keep", "0.9", "--out", "{tmp}/boot"], "--calibrate-on"),
     (["--threshold", "0.3", "--keep-fraction", "0.5", "--out", "{tmp}/boot"], "both"),
     (["--steps", "5", "--out", "{tmp}/boot"], "--finetune-on"),
     (["--out", "{tmp}/boot", "--method", "greedy"], "method"),

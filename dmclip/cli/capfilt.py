@@ -41,6 +41,10 @@ def register(app: typer.Typer) -> None:
                                                                             "[default: 0.5].")] = None,
         keep_fraction: Annotated[float | None, typer.Option("--keep-fraction", help="Keep this fraction of pairs, "
                                                                                     "the best ITM scores.")] = None,
+        calibrate_on: Annotated[str | None, typer.Option("--calibrate-on", help="Clean set whose own pairs set the "
+                                                                                "threshold (see --clean-keep).")] = None,
+        clean_keep: Annotated[float | None, typer.Option("--clean-keep", help="With --calibrate-on: fraction of its "
+                                                                              "pairs kept [default: 0.95].")] = None,
         finetune_on: Annotated[str | None, typer.Option("--finetune-on", help="Fine-tune captioner + filter on this "
                                                                               "clean set first.")] = None,
         steps: Annotated[int | None, typer.Option("--steps", help="Fine-tuning steps (with --finetune-on).")] = None,
@@ -67,12 +71,20 @@ def register(app: typer.Typer) -> None:
           dmclip capfilt --model run:<blip> --out data/boot --finetune-on world-train-clean --steps 200
 
           dmclip capfilt --model run:<blip> --out data/boot --keep-fraction 0.7   # re-filters stored scores
+
+          dmclip capfilt --model run:<blip> --out data/boot --calibrate-on world-train:size=1000 --clean-keep 0.95
         """
         from dmclip import capfilt as lib
 
         if threshold is not None and keep_fraction is not None:
             raise DmclipError("--threshold and --keep-fraction both choose what the filter keeps",
                               "give one of them")
+        if calibrate_on is not None and (threshold is not None or keep_fraction is not None):
+            raise DmclipError("--calibrate-on sets the threshold; --threshold/--keep-fraction set it too",
+                              "give --calibrate-on (with --clean-keep) or one of the others")
+        if clean_keep is not None and calibrate_on is None and recipe is None and resume is None:
+            raise DmclipError("--clean-keep needs a clean set to calibrate on",
+                              "add --calibrate-on <clean set>, e.g. --calibrate-on world-train:size=1000")
         if steps is not None and finetune_on is None and recipe is None and resume is None:
             raise DmclipError("--steps sets the fine-tuning steps, but nothing is fine-tuned",
                               "add --finetune-on <clean set>, e.g. --finetune-on world-train-clean")
@@ -80,6 +92,9 @@ def register(app: typer.Typer) -> None:
                      "captioner.num_captions": num_captions, "captioner.method": method, "captioner.top_p": top_p,
                      "captioner.min_length": min_length, "captioner.max_length": max_length,
                      "filter.threshold": threshold, "filter.keep_fraction": keep_fraction,
+                     "filter.calibrate_on": calibrate_on if calibrate_on is not None else (
+                         "" if threshold is not None or keep_fraction is not None else None),  # CLI beats recipe
+                     "filter.clean_keep": clean_keep,
                      "finetune.data": finetune_on, "finetune.train.steps": steps, "output.format": fmt,
                      "output.shard_size": shard_size, "batch_size": batch_size, "limit": limit, "seed": seed}
         run, result = execute("capfilt", lib.CapfiltConfig, lib.run, recipe=recipe, sets=set_, shortcuts=shortcuts,
