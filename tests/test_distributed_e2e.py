@@ -107,3 +107,41 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run.status == "completed"
     assert_close_runs(run.path, one_rank(argv, tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_distill_on_two_ranks_equals_one_rank(tmp_path):
+    """The distill loss (contrastive + KD) with features gathered over ranks: 2 ranks = 1 rank at one global batch."""
+    teacher = one_rank(["pretrain", "--data", "world-train:size=32", "--steps", "2", "--batch-size", "16",
+                        "--set", "train.progress=false", "--set", "eval.zeroshot=", *TINY], tmp_path / "teacher")
+    argv = ["distill", "--teacher", f"run:{teacher}", "--student", "mamba-tiny-test", "--alpha", "0.5",
+            "--data", "world-train:size=64", "--steps", "6", "--batch-size", "16", "--set", "train.warmup_steps=1",
+            "--set", "train.progress=false", "--set", "eval.zeroshot=", "--set", "train.log_every=1",
+            "--set", "train.checkpoint_every=2"]
+    result = torchrun([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two,) = [r.path for r in find_runs(tmp_path / "two")]
+    assert RunDir(two).load_checkpoint()["world_size"] == 2
+    assert_close_runs(two, one_rank(argv, tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_blip_pretrain_on_two_ranks_fills_its_queue_from_both(tmp_path):
+    """BLIP (as its pretraining code) takes ITC/ITM negatives from the local batch + a queue of momentum
+    features gathered over all ranks. One epoch of 64 samples in 4 steps of 16 (8 per rank) with a queue of
+    64: every sample's index is in the queue exactly once; a rank that enqueued only its own 8 a step
+    would leave 32 slots empty (-100)."""
+    argv = ["pretrain", "--objective", "blip", "--data", "world-train:size=64", "--steps", "4", "--batch-size", "16",
+            "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=",
+            "--set", "train.log_every=1", "--set", "model.queue_size=64", *TINY]
+    result = torchrun([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = find_runs(tmp_path / "two")
+    assert run.status == "completed" and run.load_checkpoint()["world_size"] == 2
+    rows = run.metrics()
+    assert len(rows) == 4 and all(k in rows[-1] for k in ("itc", "itm", "lm"))
+    weights = load_file(str(run.path / "model" / "model.safetensors"))
+    assert sorted(weights["idx_queue"].tolist()) == list(range(64))
+    assert int(weights["queue_ptr"]) == 0
+    queue = weights["image_queue"]
+    torch.testing.assert_close(queue.norm(dim=1), torch.ones(64), atol=1e-3, rtol=0)  # all written features
