@@ -69,9 +69,15 @@ class CaptionerConfig:
     max_length: int = field(20, "most tokens per synthetic caption (capped by the model's context length)", min=1)
 
 
+SCORES = ("itm", "itc", "itm+itc")
+
+
 @dataclass
 class FilterConfig:
-    threshold: float = field(0.5, "keep a pair whose ITM match probability is >= this", min=0.0, max=1.0)
+    score: Literal["itm", "itc", "itm+itc"] = field(
+        "itm", "what the filter ranks pairs by: itm = BLIP's ITM match probability; itc = cosine of the unimodal "
+               "image and text embeddings; itm+itc = logit(itm) + itc / temperature (all three are stored)")
+    threshold: float = field(0.5, "keep a pair whose score is >= this (itm: a probability)", min=-1e9, max=1e9)
     keep_fraction: float = field(0.0, "when > 0: keep exactly round(fraction x pairs) pairs, those with the highest "
                                       "ITM scores (web and synthetic together), instead of the threshold",
                                  min=0.0, max=1.0)
@@ -154,8 +160,9 @@ def calibrated_threshold(clean_scores: Sequence[float], clean_keep: float) -> fl
     return float(scores[scores.size - count]) if count else math.inf
 
 
-def score_clean_pairs(model, spec: str, limit: int, batch_size: int, device: torch.device) -> list[float]:
-    """ITM scores of every (image, own caption) pair of the first ``limit`` images of a clean set."""
+def score_clean_pairs(model, spec: str, limit: int, batch_size: int, device: torch.device,
+                      score: str = "itm") -> list[float]:
+    """``score`` (see :func:`pair_scores`) of every (image, own caption) pair of a clean set's first ``limit`` images."""
     from dmclip.data import build_dataset
 
     dataset = build_dataset(spec, image_size=model.image_size)
@@ -175,7 +182,7 @@ def score_clean_pairs(model, spec: str, limit: int, batch_size: int, device: tor
             image_tokens = model.encode_image_tokens(images)
             index = torch.tensor([r for r, _ in rows], device=device)
             tokens = model.tokenize([t for _, t in rows]).to(device)
-            scores += model.itm_score(None, tokens, image_tokens=image_tokens[index]).float().cpu().tolist()
+            scores += pair_scores(model, image_tokens, index, tokens)[score]
     return scores
 
 
@@ -241,6 +248,7 @@ def _thin(curve: dict, points: int = 201) -> dict:
 def check_model(model, ref: str) -> None:
     """A one-line error unless ``model`` can caption (generate) and filter (itm_score)."""
     missing = [what for what, attr in (("an ITM head (itm_score)", "itm_score"),
+                                       ("unimodal image embeddings from tokens (image_embedding)", "image_embedding"),
                                        ("a caption decoder (generate)", "generate"))
                if not callable(getattr(model, attr, None))]
     if missing:
@@ -313,8 +321,8 @@ def score_batch(model, images: torch.Tensor, web: list[list[str]], cfg: CapfiltC
                 generator: torch.Generator | None) -> list[list[dict]]:
     """Caption and score one batch: images float (B, 3, S, S) in [0, 1]; web captions per image.
 
-    Returns per image a list of ``{"text", "source", "itm"}`` (web captions first, then distinct non-empty
-    synthetic captions).
+    Returns per image a list of ``{"text", "source", "itm", "itc", "itm+itc"}`` (web captions first, then
+    distinct non-empty synthetic captions); see :func:`pair_scores`.
     """
     image_tokens = model.encode_image_tokens(images)  # (B, M, Dv): shared by the decoder and the filter
     captioner = cfg.captioner
@@ -338,12 +346,34 @@ def score_batch(model, images: torch.Tensor, web: list[list[str]], cfg: CapfiltC
         return [[] for _ in web]
     rows = torch.tensor([p[0] for p in pairs], device=image_tokens.device)
     tokens = model.tokenize([p[1] for p in pairs]).to(image_tokens.device)
-    scores = torch.cat([model.itm_score(None, tokens[i:i + 256], image_tokens=image_tokens[rows[i:i + 256]])
-                        for i in range(0, len(pairs), 256)]).float().cpu().tolist()
+    scores = pair_scores(model, image_tokens, rows, tokens)
     result: list[list[dict]] = [[] for _ in web]
-    for (row, text, source), score in zip(pairs, scores):
-        result[row].append({"text": text, "source": source, "itm": round(float(score), 6)})
+    for i, (row, text, source) in enumerate(pairs):
+        result[row].append({"text": text, "source": source, **{key: scores[key][i] for key in SCORES}})
     return result
+
+
+def pair_scores(model, image_tokens: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+                chunk: int = 256) -> dict[str, list[float]]:
+    """The three filter scores of pairs (image ``rows[i]`` of ``image_tokens``, caption ``tokens[i]``).
+
+    itm: BLIP's ITM match probability (image-grounded encoder); itc: cosine of the unimodal image and text
+    embeddings (the ITC features); itm+itc: ``logit(itm) + itc / temperature``, both evidences as logits.
+    Rounded to 6 decimals, as stored in the manifest.
+    """
+    import torch.nn.functional as F
+
+    image_feat = F.normalize(model.image_embedding(image_tokens).float(), dim=-1)  # (B, E): encode_image
+    itm, itc = [], []
+    for i in range(0, len(rows), chunk):
+        part, text = rows[i:i + chunk], tokens[i:i + chunk]
+        itm.append(model.itm_score(None, text, image_tokens=image_tokens[part]).float())
+        itc.append((image_feat[part] * F.normalize(model.encode_text(text).float(), dim=-1)).sum(-1))
+    p, cos = torch.cat(itm).double(), torch.cat(itc).double()
+    eps = 1e-6
+    both = torch.logit(p.clamp(eps, 1 - eps)) + cos / float(model.temp)
+    return {"itm": [round(float(v), 6) for v in p], "itc": [round(float(v), 6) for v in cos],
+            "itm+itc": [round(float(v), 6) for v in both]}
 
 
 def process_shard(model, dataset, k: int, start: int, stop: int, cfg: CapfiltConfig, out: Path,
@@ -510,7 +540,7 @@ def _write_dataset(out: Path, samples: list[dict], fmt: str, shard_size: int) ->
 # ------------------------------------------------------------------------------------------ report
 
 
-def summarize(samples: list[dict], examples: int = 8) -> dict:
+def summarize(samples: list[dict], examples: int = 8, score: str = "itm") -> dict:
     """Counts by source, noise-removal precision/recall and the curve (where ground truth exists), examples."""
     captions = [(s, c) for s in samples for c in s["captions"]]
     counts = {}
@@ -524,7 +554,7 @@ def summarize(samples: list[dict], examples: int = 8) -> dict:
     if web and all("noisy" in c for c in web):
         noisy = [c["noisy"] for c in web]
         noise = noise_removal_metrics(noisy, [not c["kept"] for c in web])
-        curve = precision_recall_curve([c["itm"] for c in web], noisy)
+        curve = precision_recall_curve([c[score] for c in web], noisy)
         for kind in sorted({c.get("noise_kind", "") for c in web if c["noisy"]} - {""}):
             of_kind = [c for c in web if c.get("noise_kind") == kind]
             by_kind[kind] = {"total": len(of_kind), "removed": sum(not c["kept"] for c in of_kind)}
@@ -537,7 +567,7 @@ def summarize(samples: list[dict], examples: int = 8) -> dict:
         for sample, caption in captions:
             if predicate(caption) and len(chosen) < examples:
                 web_texts = [c["text"] for c in sample["captions"] if c["source"] == "web"]
-                chosen.append({"image": sample["image"], "text": caption["text"], "itm": caption["itm"],
+                chosen.append({"image": sample["image"], "text": caption["text"], "score": caption[score],
                                **({"noisy": caption["noisy"]} if "noisy" in caption else {}),
                                **({"web": web_texts} if caption["source"] == "synthetic" else {})})
         return chosen
@@ -555,7 +585,7 @@ def summarize(samples: list[dict], examples: int = 8) -> dict:
     }
 
 
-def plot_pr_curve(curve: dict, point: dict | None, path: Path, title: str = "") -> Path:
+def plot_pr_curve(curve: dict, point: dict | None, path: Path, title: str = "", score: str = "itm") -> Path:
     """The noise-removal precision-recall curve as a PNG (matplotlib, Agg), the operating point marked."""
     import matplotlib
 
@@ -563,7 +593,7 @@ def plot_pr_curve(curve: dict, point: dict | None, path: Path, title: str = "") 
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(4.8, 4.0), dpi=120)
-    axes.plot(curve["recall"], curve["precision"], lw=1.6, label="ITM threshold sweep")
+    axes.plot(curve["recall"], curve["precision"], lw=1.6, label=f"{score} threshold sweep")
     if curve["precision"]:  # removing everything: precision = the noise rate, what a random filter gets
         axes.axhline(curve["precision"][-1], ls="--", lw=1, color="grey", label="chance (noise rate)")
     if point and point.get("precision") is not None and point.get("recall") is not None:
@@ -592,9 +622,9 @@ def _filter_text(filter_result: dict) -> str:
         return (f"keep fraction {filter_result['keep_fraction']:g} (threshold in effect "
                 f"{filter_result['threshold']:.4f})")
     if calibration:
-        return (f"ITM score >= {filter_result['threshold']:.4f}, the threshold that keeps "
+        return (f"{filter_result.get('score', 'itm')} score >= {filter_result['threshold']:.4f}, the threshold that keeps "
                 f"{100 * calibration['clean_keep']:g} % of {calibration['pairs']} clean pairs of {calibration['data']}")
-    return f"ITM score >= {filter_result['threshold']:g}"
+    return f"{filter_result.get('score', 'itm')} score >= {filter_result['threshold']:g}"
 
 
 def report_markdown(result: dict) -> str:
@@ -625,12 +655,13 @@ def report_markdown(result: dict) -> str:
         rows = result["examples"][key]
         if not rows:
             continue
-        lines += ["", f"## {title}", "", "| image | caption | ITM | " + ("truly noisy |" if key == "removed_web"
-                                                                          else "web caption |"),
+        score = result["filter"].get("score", "itm")
+        last = "truly noisy |" if key == "removed_web" else "web caption |"
+        lines += ["", f"## {title}", "", f"| image | caption | {score} | {last}",
                   "|---|---|---:|---|"]
         for row in rows:
             extra = (str(row.get("noisy", "-")) if key == "removed_web" else "; ".join(row.get("web", [])))
-            lines.append(f"| {row['image']} | {row['text']} | {row['itm']:.3f} | {extra} |")
+            lines.append(f"| {row['image']} | {row['text']} | {row['score']:.3f} | {extra} |")
     lines += ["", f"Shards: {result['shards']['total']} ({result['shards']['resumed']} already written, "
                   f"{result['shards']['processed']} processed at {result['images_per_s']:.1f} images/s).", ""]
     return "\n".join(lines)
@@ -698,13 +729,17 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
     seconds = time.perf_counter() - began
 
     samples = [sample for shard in shards for sample in shard["samples"]]
-    scores = [c["itm"] for s in samples for c in s["captions"]]
     filter_cfg, calibration = cfg.filter, None
+    if samples and any(filter_cfg.score not in c for s in samples for c in s["captions"]):
+        raise DmclipError(f"{out} holds shards written without the {filter_cfg.score!r} score (an older dmclip)",
+                          "capfilt into a new --out (or use filter.score=itm to re-filter these)")
+    scores = [c[filter_cfg.score] for s in samples for c in s["captions"]]
     if filter_cfg.calibrate_on:
         if filter_cfg.keep_fraction > 0:
             raise DmclipError("filter.calibrate_on and filter.keep_fraction both choose what the filter keeps",
                               "set one of them (keep_fraction: 0 to use the calibrated threshold)")
-        clean = score_clean_pairs(model, filter_cfg.calibrate_on, filter_cfg.calibrate_limit, cfg.batch_size, device)
+        clean = score_clean_pairs(model, filter_cfg.calibrate_on, filter_cfg.calibrate_limit, cfg.batch_size, device,
+                                  filter_cfg.score)
         calibration = {"data": filter_cfg.calibrate_on, "clean_keep": filter_cfg.clean_keep, "pairs": len(clean),
                        "threshold": calibrated_threshold(clean, filter_cfg.clean_keep),
                        "clean_score_quantiles": {str(q): float(np.quantile(clean, q)) for q in (0.05, 0.5, 0.95)}}
@@ -718,22 +753,22 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
             caption["kept"] = next(flags)
     warnings = []
     if scores and not kept.any():  # e.g. an under-trained ITM head whose scores never leave its prior (~1/3)
-        warnings.append(f"the filter kept no pair: every ITM score is under the threshold {threshold:g} (the highest "
+        warnings.append(f"the filter kept no pair: every {filter_cfg.score} score is under the threshold {threshold:g} (the highest "
                         f"is {max(scores):.3f}); re-filter the stored scores with --keep-fraction or a lower "
                         "--threshold (a rerun with the same --out only re-filters)")
         log.warning(warnings[-1])
     spec, written = _write_dataset(out, samples, cfg.output.format, size)
     result = {"model": cfg.model, "data": cfg.data, "out": str(out), "dataset": spec, "format": cfg.output.format,
-              "filter": {"threshold": threshold, "keep_fraction": cfg.filter.keep_fraction,
+              "filter": {"score": filter_cfg.score, "threshold": threshold, "keep_fraction": cfg.filter.keep_fraction,
                          "calibration": calibration},
               "captioner": dataclasses.asdict(cfg.captioner),
               "finetune": finetune_summary, "skipped": sum(s["skipped"] for s in shards), "warnings": warnings,
               "shards": {"total": len(bounds), "resumed": resumed, "processed": len(bounds) - resumed},
               "images_per_s": processed_images / seconds if processed_images and seconds > 0 else 0.0,
-              **summarize(samples, cfg.output.examples)}
+              **summarize(samples, cfg.output.examples, filter_cfg.score)}
     if result["pr_curve"] and result["pr_curve"]["thresholds"]:
         plot_pr_curve(result["pr_curve"], result["noise_removal"], run.path / "pr_curve.png",
-                      title=f"noise removal on {cfg.data}")
+                      title=f"noise removal on {cfg.data} by {filter_cfg.score}", score=filter_cfg.score)
     run.write_text("report.md", report_markdown(result))
     run.write_results(result)
     log.info("capfilt: %d images -> %s (%d with captions)", total, spec, written)

@@ -302,8 +302,40 @@ def test_calibration_scores_the_clean_sets_own_pairs_and_sets_the_threshold(blip
     assert kept == [score >= result["filter"]["threshold"] for score in scores]
 
 
+def test_every_caption_carries_itm_itc_and_their_sum_and_the_filter_uses_the_chosen_one(blip_dir, tmp_path):
+    from dmclip.models.refs import load_model_ref
+
+    model = load_model_ref(f"run:{blip_dir}").eval()
+    out = tmp_path / "boot"
+    result = _run(_config(blip_dir, out, **{"limit": 6, "filter.score": "itc", "filter.threshold": 0.0}), tmp_path)
+    dataset = build_dataset(DATA, image_size=32)
+    samples = _manifest(out)
+    with torch.inference_mode():  # oracle: the model's own encoders, one pair at a time
+        for sample in samples:
+            image = dataset[sample["index"]]["image"][None].float() / 255
+            for caption in sample["captions"]:
+                tokens = model.tokenize([caption["text"]])
+                itm = float(model.itm_score(image, tokens)[0])
+                itc = float(torch.nn.functional.cosine_similarity(model.encode_image(image), model.encode_text(tokens)))
+                assert caption["itm"] == pytest.approx(itm, abs=1e-5)
+                assert caption["itc"] == pytest.approx(itc, abs=1e-5)
+                logit = np.log(itm / (1 - itm))
+                assert caption["itm+itc"] == pytest.approx(logit + itc / float(model.temp), abs=1e-3)
+                assert caption["kept"] == (caption["itc"] >= 0.0)
+    assert result["filter"]["score"] == "itc"
+    web = [c for s in samples for c in s["captions"] if c["source"] == "web"]
+    expected = lib.precision_recall_curve([c["itc"] for c in web], [c["noisy"] for c in web])
+    assert result["pr_curve"]["average_precision"] == pytest.approx(expected["average_precision"])
+    again = _run(_config(blip_dir, out, **{"limit": 6, "filter.score": "itm+itc", "filter.keep_fraction": 0.5}),
+                 tmp_path)  # another score on the same shards: a re-filter, nothing recomputed
+    assert again["shards"]["processed"] == 0 and again["filter"]["score"] == "itm+itc"
+    kept = [c for s in _manifest(out) for c in s["captions"] if c["kept"]]
+    assert min(c["itm+itc"] for c in kept) == pytest.approx(again["filter"]["threshold"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out", "{tmp}/no/such/parent/boot"], "parent of --out"),
+    (["--out", "{tmp}/boot", "--score", "clip"], "score"),
     (["--calibrate-on", "world-train-clean:size=4", "--threshold", "0.3", "--out", "{tmp}/boot"], "--calibrate-on"),
     (["--clean-keep", "0.9", "--out", "{tmp}/boot"], "--calibrate-on"),
     (["--threshold", "0.3", "--keep-fraction", "0.5", "--out", "{tmp}/boot"], "both"),

@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
                                                                             "[default: 0.5].")] = None,
         keep_fraction: Annotated[float | None, typer.Option("--keep-fraction", help="Keep this fraction of pairs, "
                                                                                     "the best ITM scores.")] = None,
+        score: Annotated[str | None, typer.Option("--score", help="Filter score: itm (BLIP's, default), itc, "
+                                                                  "or itm+itc.")] = None,
         calibrate_on: Annotated[str | None, typer.Option("--calibrate-on", help="Clean set whose own pairs set the "
                                                                                 "threshold (see --clean-keep).")] = None,
         clean_keep: Annotated[float | None, typer.Option("--clean-keep", help="With --calibrate-on: fraction of its "
@@ -94,7 +96,7 @@ def register(app: typer.Typer) -> None:
                      "filter.threshold": threshold, "filter.keep_fraction": keep_fraction,
                      "filter.calibrate_on": calibrate_on if calibrate_on is not None else (
                          "" if threshold is not None or keep_fraction is not None else None),  # CLI beats recipe
-                     "filter.clean_keep": clean_keep,
+                     "filter.clean_keep": clean_keep, "filter.score": score,
                      "finetune.data": finetune_on, "finetune.train.steps": steps, "output.format": fmt,
                      "output.shard_size": shard_size, "batch_size": batch_size, "limit": limit, "seed": seed}
         run, result = execute("capfilt", lib.CapfiltConfig, lib.run, recipe=recipe, sets=set_, shortcuts=shortcuts,

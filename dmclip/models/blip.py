@@ -290,7 +290,11 @@ class BlipModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, embed_dim), unnormalised: vision_proj of the image [cls]."""
-        return self.visual.proj(self.encode_image_tokens(images)[:, 0])
+        return self.image_embedding(self.encode_image_tokens(images))
+
+    def image_embedding(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """``encode_image`` from tokens already computed: (B, 1 + N, vision_width) -> (B, embed_dim)."""
+        return self.visual.proj(image_tokens[:, 0])
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, context_length) -> (B, embed_dim), unnormalised: text_proj of the first token (unimodal)."""
