@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from dmclip.config import field
+from dmclip.data.base import float_images, image_batch
 from dmclip.errors import DmclipError
 from dmclip.train import TrainConfig
 
@@ -174,8 +175,7 @@ def score_clean_pairs(model, spec: str, limit: int, batch_size: int, device: tor
     with torch.inference_mode():
         for start in range(0, count, batch_size):
             samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-            images = torch.stack([s["image"] for s in samples]).to(device)
-            images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+            images = image_batch(samples).to(device)
             rows = [(row, text) for row, s in enumerate(samples) for text in s["captions"]]
             if not rows:
                 continue
@@ -395,7 +395,7 @@ def process_shard(model, dataset, k: int, start: int, stop: int, cfg: CapfiltCon
             items.append(item)
         if items:
             images = torch.stack([s["image"] for s in items])
-            floats = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+            floats = float_images(images)
             scored = score_batch(model, floats.to(device), [list(s["captions"]) for s in items], cfg, generator)
             for item, image, captions in zip(items, images, scored):
                 index = int(item["index"])
@@ -680,6 +680,9 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
     progress = cfg.progress if progress is None else progress
     if not cfg.model:
         raise DmclipError("capfilt needs a BLIP model", "pass --model run:runs/pretrain/<blip run>")
+    if cfg.filter.calibrate_on and cfg.filter.keep_fraction > 0:  # refused before any work is done
+        raise DmclipError("filter.calibrate_on and filter.keep_fraction both choose what the filter keeps",
+                          "set one of them (keep_fraction: 0 to use the calibrated threshold)")
     _out_path(cfg.output.out)  # a bad --out fails before any model is loaded
     model = load_model_ref(cfg.model)
     check_model(model, cfg.model)
@@ -716,6 +719,9 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
     size = cfg.output.shard_size
     bounds = [(k, begin, min(begin + size, total)) for k, begin in enumerate(range(0, total, size))]
     shards: list[dict | None] = [_read_shard(out / "shards" / _shard_name(k), a, b) for k, a, b in bounds]
+    if any(cfg.filter.score not in c for s in shards if s is not None for x in s["samples"] for c in x["captions"]):
+        raise DmclipError(f"{out} holds shards written without the {cfg.filter.score!r} score (an older dmclip)",
+                          "capfilt into a new --out (or use filter.score=itm to re-filter these)")
     resumed = sum(s is not None for s in shards)
     done = sum(s["stop"] - s["start"] for s in shards if s is not None)
     if resumed:
@@ -730,14 +736,8 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
 
     samples = [sample for shard in shards for sample in shard["samples"]]
     filter_cfg, calibration = cfg.filter, None
-    if samples and any(filter_cfg.score not in c for s in samples for c in s["captions"]):
-        raise DmclipError(f"{out} holds shards written without the {filter_cfg.score!r} score (an older dmclip)",
-                          "capfilt into a new --out (or use filter.score=itm to re-filter these)")
     scores = [c[filter_cfg.score] for s in samples for c in s["captions"]]
     if filter_cfg.calibrate_on:
-        if filter_cfg.keep_fraction > 0:
-            raise DmclipError("filter.calibrate_on and filter.keep_fraction both choose what the filter keeps",
-                              "set one of them (keep_fraction: 0 to use the calibrated threshold)")
         clean = score_clean_pairs(model, filter_cfg.calibrate_on, filter_cfg.calibrate_limit, cfg.batch_size, device,
                                   filter_cfg.score)
         calibration = {"data": filter_cfg.calibrate_on, "clean_keep": filter_cfg.clean_keep, "pairs": len(clean),

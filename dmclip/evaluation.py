@@ -228,7 +228,9 @@ def _image_batch(dataset, indices: Sequence[int]) -> tuple[torch.Tensor, list[in
 
 
 def _as_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device).float().div_(255.0) if images.dtype == torch.uint8 else images.to(device).float()
+    from dmclip.data import float_images
+
+    return float_images(images.to(device))
 
 
 @torch.inference_mode()

@@ -69,14 +69,11 @@ def pick_caption(captions: list[str], seed: int, step: int, index: int) -> str:
     return captions[caption_choice(len(captions), seed, step, index)]
 
 
-def images_to_float(samples: list[dict]) -> torch.Tensor:
-    """uint8 (3, S, S) samples -> float (B, 3, S, S) in [0, 1]."""
-    return torch.stack([s["image"] for s in samples]).float().div_(255.0)
-
-
 def image_caption_batch(samples: list[dict]) -> dict:
     """Dataset samples -> {"images" float [0, 1], "captions" (all of each image's), "index"}."""
-    return {"images": images_to_float(samples), "captions": [s["captions"] for s in samples],
+    from dmclip.data import image_batch
+
+    return {"images": image_batch(samples), "captions": [s["captions"] for s in samples],
             "index": [int(s["index"]) for s in samples]}
 
 

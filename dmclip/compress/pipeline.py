@@ -22,6 +22,7 @@ import torch
 from dmclip.compress.codec import decode, encode, payload_stats
 from dmclip.compress.selectors import Selector, build_selector, restore_payload
 from dmclip.config import field
+from dmclip.data.base import float_images
 from dmclip.errors import DmclipError
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,6 @@ def score_captions(references: dict, candidates: dict, tokenize: bool = True) ->
     return {k: v for k, v in scores.items() if k != "meteor"}
 
 
-def _images_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-
-
 def load_test_samples(cfg: CompressConfig, image_size: int, dataset=None) -> tuple[list[torch.Tensor], list[list[str]]]:
     """(images uint8 (3, S, S), reference captions) for the first ``limit`` images of the test split."""
     if dataset is None:
@@ -141,7 +138,7 @@ def edge_tokens(model, images: list[torch.Tensor], batch_size: int) -> tuple[tor
     """Run the edge encoder over images -> tokens (n, T, W) and mean encoder seconds per image."""
     chunks, seconds = [], 0.0
     for start in range(0, len(images), batch_size):
-        batch = _images_float(torch.stack(images[start:start + batch_size]))
+        batch = float_images(torch.stack(images[start:start + batch_size]))
         t0 = time.perf_counter()
         chunks.append(model.encode_image_tokens(batch).float())
         seconds += time.perf_counter() - t0
@@ -235,7 +232,7 @@ class CompressedCaptionTask:
         self.find_unused_parameters = True
 
     def collate(self, samples: list[dict]) -> dict:
-        images = _images_float(torch.stack([s["image"] for s in samples]))
+        images = float_images(torch.stack([s["image"] for s in samples]))
         return {"images": images, "captions": [list(s["captions"]) for s in samples],
                 "indices": torch.tensor([int(s["index"]) for s in samples])}
 
@@ -501,7 +498,7 @@ def send_images(model, selector: Selector, images: list[torch.Tensor], address, 
     with LinkClient(address, timeout=timeout) as client:
         for i, image in enumerate(images):
             t0 = time.perf_counter()
-            tokens = model.encode_image_tokens(_images_float(image.unsqueeze(0))).float()
+            tokens = model.encode_image_tokens(float_images(image.unsqueeze(0))).float()
             body = encode(selector.compress(tokens))
             edge = time.perf_counter() - t0
             answer = client.request(body)

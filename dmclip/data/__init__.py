@@ -9,10 +9,11 @@ from dmclip.data.base import (
     ClassificationDataset,
     ImageTextDataset,
     collate,
+    float_images,
     image_batch,
 )
 from dmclip.data.export import EXPORT_FORMATS, draw_grid, export
 from dmclip.data.spec import FORMATS, build_dataset, parse_spec
 
 __all__ = ["EXPORT_FORMATS", "FORMATS", "BadSample", "ClassificationDataset", "ImageTextDataset", "build_dataset",
-           "collate", "draw_grid", "export", "image_batch", "parse_spec"]
+           "collate", "draw_grid", "export", "float_images", "image_batch", "parse_spec"]

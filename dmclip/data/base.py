@@ -170,9 +170,14 @@ def to_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
 
 
+def float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) -> float in [0, 1]; float images pass through as float32."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
 def image_batch(samples: Sequence[dict]) -> torch.Tensor:
     """Samples -> float tensor (B, 3, S, S) in [0, 1]."""
-    return torch.stack([s["image"] for s in samples]).float().div_(255.0)
+    return float_images(torch.stack([s["image"] for s in samples]))
 
 
 def collate(samples: Sequence[dict]) -> dict:

@@ -540,9 +540,9 @@ class BlipTask:
         for sample in samples:
             if not sample["captions"]:
                 raise DmclipError(f"sample {sample['index']} has no caption", "drop it from the dataset")
-        images = torch.stack([s["image"] for s in samples])
-        images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        return {"images": images, "captions": [list(s["captions"]) for s in samples],
+        from dmclip.data import image_batch
+
+        return {"images": image_batch(samples), "captions": [list(s["captions"]) for s in samples],
                 "indices": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}
 
     def alpha_scale(self, step: int) -> float:
