@@ -44,6 +44,12 @@ class LossConfig:
     alpha: float = field(0.75, "weight of KD; 1 - alpha weighs the contrastive loss", min=0.0, max=1.0)
     feature_weight: float = field(0.0, "extra weight of feature mimicry (CLIP-KD), 0 = off", min=0.0)
     feature_kind: Literal["cosine", "mse"] = field("cosine", "feature mimicry distance")
+    fd_weight: float = field(0.0, "weight of CLIP-KD's feature distillation (MSE to the teacher's embeddings; "
+                                  "CLIP-KD uses 2000), 0 = off", min=0.0)
+    icl_weight: float = field(0.0, "weight of CLIP-KD's interactive contrastive loss (student image vs teacher "
+                                   "text and the reverse), 0 = off", min=0.0)
+    teacher_logit_scale: float = field(0.0, "temperature scale of the teacher's KD targets: 0 = the teacher's own, "
+                                            "else fixed (MobileCLIP: 100)", min=0.0, max=1000.0)
 
 
 @dataclass
@@ -182,7 +188,11 @@ class DistillTask:
         self.store = store
         self.seed = cfg.seed
         self.text_frozen = cfg.student.text == "frozen-teacher"
-        self.criterion = DistillMix(cfg.loss.alpha, cfg.loss.feature_weight, cfg.loss.feature_kind)
+        self.weight_decay = cfg.train.weight_decay
+        loss = cfg.loss
+        self.criterion = DistillMix(loss.alpha, loss.feature_weight, loss.feature_kind, loss.fd_weight,
+                                    loss.icl_weight, loss.teacher_logit_scale, student_dim=student.embed_dim,
+                                    teacher_dim=getattr(teacher, "embed_dim", None))
 
     def collate(self, samples: list[dict]) -> dict:
         return image_caption_batch(samples)
@@ -216,6 +226,7 @@ class DistillTask:
         if images.shape[-1] != self.model.image_size:
             images = F.interpolate(images, size=self.model.image_size, mode="bilinear", align_corners=False)
         tokens = tokens.to(images.device)
+        self.criterion.to(images.device)  # FD's projection, if any, lives beside the student
         if self.text_frozen:  # same weights as the teacher's text tower: reuse its features
             student = model(images)
             student["text_features"] = teacher["text_features"]
@@ -223,11 +234,20 @@ class DistillTask:
             student = model(images, tokens)
         return self.criterion(student, teacher)
 
+    def param_groups(self, model) -> list[dict]:
+        """The student's groups, plus FD's projection when it has weights (widths differ)."""
+        from dmclip.train.loop import default_param_groups
+
+        groups = default_param_groups(model, self.weight_decay)
+        extra = [p for p in self.criterion.parameters() if p.requires_grad]
+        return groups + ([{"params": extra, "weight_decay": self.weight_decay}] if extra else [])
+
     def state_dict(self) -> dict:
-        return {}
+        return {"criterion": self.criterion.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if "criterion" in state:
+            self.criterion.load_state_dict(state["criterion"])
 
 
 def run(cfg: DistillConfig, run) -> dict:
@@ -282,17 +302,34 @@ def with_alpha(cfg: DistillConfig, alpha: float) -> DistillConfig:
     return new
 
 
-# a recipe's `sweep:` key -> the field it varies; the same names as the command line options that sweep (--alpha)
-SWEEP_FIELDS = {"alpha": "loss.alpha"}
-_SWEEP_EXAMPLE = "sweep: {alpha: [0.0, 0.5, 1.0]}"
+def sweep_configs(base: DistillConfig, alphas: list[float], seeds: list[int] | None = None) -> list[DistillConfig]:
+    """One config per (alpha, seed), alpha-major: every alpha at every seed (``seeds`` None = base.seed)."""
+    configs = []
+    for alpha in alphas:
+        for seed in seeds or [base.seed]:
+            member = with_alpha(base, alpha)
+            member.seed = int(seed)
+            configs.append(member)
+    return configs
+
+
+# a recipe's `sweep:` key -> the field it varies; the same names as the command line options that sweep
+# (--alpha, --seeds)
+SWEEP_FIELDS = {"alpha": "loss.alpha", "seeds": "seed"}
+_SWEEP_EXAMPLE = "sweep: {alpha: [0.0, 0.75], seeds: [0, 1, 2]}"
+
+
+def _number(value):
+    if isinstance(value, str):  # as config float fields: YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _sweep_alpha(value, where: str) -> float:
-    if isinstance(value, str):  # as config float fields: YAML 1.1 reads "1e-3" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise DmclipError(f"{where} = {value!r} is not a number", "alphas are numbers, e.g. sweep: {alpha: [0.0, 0.5]}")
     if not 0.0 <= value <= 1.0:
@@ -300,9 +337,16 @@ def _sweep_alpha(value, where: str) -> float:
     return float(value)
 
 
-def check_sweep(block, where: str = "recipe") -> dict[str, list[float]]:
-    """A recipe's ``sweep:`` block -> ``{"alpha": [0.0, 0.5, 1.0]}``: known keys, each a non-empty list of
-    distinct values in the field's range. ``where`` starts every error ("recipe my.yaml")."""
+def _sweep_seed(value, where: str) -> int:
+    value = _number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise DmclipError(f"{where} = {value!r} is not a seed", "seeds are whole numbers >= 0, e.g. seeds: [0, 1, 2]")
+    return int(value)
+
+
+def check_sweep(block, where: str = "recipe") -> dict[str, list]:
+    """A recipe's ``sweep:`` block -> ``{"alpha": [0.0, 0.5, 1.0], "seeds": [0, 1]}``: known keys, each a
+    non-empty list of distinct values in the field's range. ``where`` starts every error ("recipe my.yaml")."""
     if not isinstance(block, dict) or not block:
         raise DmclipError(f"{where}: sweep must map a field to its list of values, got {block!r}",
                           f"write e.g. {_SWEEP_EXAMPLE}")
@@ -317,7 +361,8 @@ def check_sweep(block, where: str = "recipe") -> dict[str, list[float]]:
                               f"goes in {SWEEP_FIELDS[key]}")
         if not values:
             raise DmclipError(f"{where}: {path} is an empty list", f"list the values to run, e.g. {_SWEEP_EXAMPLE}")
-        checked = [_sweep_alpha(value, f"{where}: {path}[{i}]") for i, value in enumerate(values)]
+        check = _sweep_alpha if key == "alpha" else _sweep_seed
+        checked = [check(value, f"{where}: {path}[{i}]") for i, value in enumerate(values)]
         repeated = next((v for i, v in enumerate(checked) if v in checked[:i]), None)
         if repeated is not None:
             raise DmclipError(f"{where}: {path} repeats {repeated:g}", "list each sweep point once")
@@ -352,22 +397,75 @@ def _same_size_vit(student) -> dict:
             "depth": arch["depth"], "heads": max(1, width // 64), "embed_dim": arch["embed_dim"]}
 
 
-def sweep_report(sweep_dir, members: list[tuple[float, str]], teacher_ref: str, *, latency_runs: int = 20) -> dict:
-    """The DM-CLIP tables for a sweep: RQ1 (eval suite per alpha + the teacher, Avg Perf) and RQ2 (image
+def member_label(alpha: float, seed: int, seeded: bool) -> str:
+    """A sweep member's row name: 'student alpha=0.75' (one seed) or 'student alpha=0.75 seed=1'."""
+    return f"student alpha={alpha:g}" + (f" seed={seed}" if seeded else "")
+
+
+def arm_label(alpha: float) -> str:
+    return f"alpha={alpha:g}"
+
+
+def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: str, *,
+                 latency_runs: int = 20, replicates: int = 2000) -> dict:
+    """The DM-CLIP tables for a sweep of (alpha, seed) members: RQ1 (eval suite of the teacher and every
+    member; per alpha the mean, std and 95 % t-interval over seeds; each alpha's paired difference against
+    the baseline alpha (0 when swept, else the first) with a seeds x items bootstrap interval) and RQ2 (image
     encoder latency, params, FLOPs of the student vs the teacher vs a ViT of the student's size).
 
-    Writes summary.md, summary.csv, summary.json and summary.png into ``sweep_dir``.
+    Writes summary.md, summary.csv (one row per run), summary-seeds.csv (per alpha and column: mean, std,
+    interval; differences), summary.json, items.npz (per-item hits, so intervals can be recomputed) and
+    summary.png into ``sweep_dir``.
     """
-    import json
+    import numpy as np
 
-    from dmclip.evaluation import latency, suite, suite_csv, suite_markdown
+    from dmclip.evaluation import suite, suite_csv, suite_markdown
+    from dmclip.metrics.stats import compare_arms
+    from dmclip.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+    alphas = list(dict.fromkeys(alpha for alpha, _, _ in members))
+    seeds = list(dict.fromkeys(seed for _, seed, _ in members))
+    seeded = len(seeds) > 1
+    models = {"teacher": teacher_ref,
+              **{member_label(alpha, seed, seeded): ref for alpha, seed, ref in members}}
+    items: dict = {}
+    rq1 = suite(models, items=items)
+    baseline = 0.0 if 0.0 in alphas else alphas[0]
+    arms = {arm_label(alpha): [{c: items[member_label(a, seed, seeded)][c].numpy() for c in items["teacher"]}
+                               for a, seed, _ in members if a == alpha] for alpha in alphas}
+    stats = compare_arms(arms, arm_label(baseline), weights=rq1["avg_perf_weights"], replicates=replicates)
+    rq2 = _latency_table(members[-1][2], teacher_ref, latency_runs)
+    lines = [f"# distill sweep over alpha\n\nteacher: {teacher_ref}\n",
+             f"alphas: {', '.join(f'{a:g}' for a in alphas)}; seeds: {', '.join(map(str, seeds))}\n",
+             "## RQ1: accuracy (percent), one row per run\n", suite_markdown(rq1)]
+    lines += ["\n## RQ1 over seeds: mean ± std [95 % CI] (percent)\n", seed_table(stats, rq1["columns"]),
+              f"\n## Paired difference against {arm_label(baseline)} (points; 95 % bootstrap CI over seeds and "
+              "evaluation items; * = the interval excludes 0)\n", difference_table(stats, rq1["columns"])]
+    lines += ["\n## RQ2: image encoder cost (same process, interleaved timing)\n",
+              "| " + " | ".join(rq2[0]) + " |", "|---|" + "---:|" * (len(rq2[0]) - 1)]
+    for row in rq2:
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_text(sweep_dir / "summary.csv", suite_csv(rq1))
+    atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats))
+    atomic_write_json(sweep_dir / "summary.json", {"rq1": {k: v for k, v in rq1.items() if k != "tasks"},
+                                                   "seeds": stats, "rq2": rq2})
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{f"{model}|{column}": hits.numpy().astype(np.uint8)
+                                   for model, columns in items.items() for column, hits in columns.items()})
+    atomic_write_bytes(sweep_dir / "items.npz", buffer.getvalue())
+    _plot_sweep(sweep_dir / "summary.png", stats, alphas, rq1)
+    return {"rq1": rq1, "seeds": stats, "rq2": rq2}
+
+
+def _latency_table(student_ref: str, teacher_ref: str, latency_runs: int) -> list[dict]:
+    from dmclip.evaluation import latency
     from dmclip.models.base import build_model
     from dmclip.models.refs import load_model_ref
-    from dmclip.runs import atomic_write_json, atomic_write_text
 
-    models = {"teacher": teacher_ref, **{f"student alpha={alpha:g}": ref for alpha, ref in members}}
-    rq1 = suite(models)
-    student = load_model_ref(members[-1][1])
+    student = load_model_ref(student_ref)
     teacher = load_model_ref(teacher_ref)
     vit = build_model({"family": "clip", "visual": _same_size_vit(student), "text": student.text.arch})
     rq2 = []
@@ -381,42 +479,79 @@ def sweep_report(sweep_dir, members: list[tuple[float, str]], teacher_ref: str, 
                     "image ms (b=64)": m["image_b64_median_ms"],
                     "student / this (b=1)": (1 / result["vs"]["ratios"]["image_b1_median_ms"]) if "vs" in result else 1.0,
                     "student / this (b=64)": (1 / result["vs"]["ratios"]["image_b64_median_ms"]) if "vs" in result else 1.0})
-    lines = [f"# distill sweep over alpha\n\nteacher: {teacher_ref}\n", "## RQ1: accuracy (percent)\n",
-             suite_markdown(rq1), "\n## RQ2: image encoder cost (same process, interleaved timing)\n",
-             "| " + " | ".join(rq2[0]) + " |", "|---|" + "---:|" * (len(rq2[0]) - 1)]
-    for row in rq2:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
-    atomic_write_text(sweep_dir / "summary.csv", suite_csv(rq1))
-    atomic_write_json(sweep_dir / "summary.json", {"rq1": rq1, "rq2": rq2})
-    _plot_sweep(sweep_dir / "summary.png", rq1, members)
-    return {"rq1": json.loads(json.dumps(rq1, default=str)), "rq2": rq2}
+    return rq2
 
 
-def _plot_sweep(path, rq1: dict, members) -> None:
+def _interval_cell(s: dict) -> str:
+    if s["n"] < 2:
+        return f"{100 * s['mean']:.2f} (1 seed)"
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} [{100 * s['low']:.2f}, {100 * s['high']:.2f}]"
+
+
+def seed_table(stats: dict, columns: list[str]) -> str:
+    """Per alpha: mean ± std [95 % t-interval] over seeds of every column, in percent."""
+    lines = ["| alpha | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for arm, per_column in stats["arms"].items():
+        n = next(iter(per_column.values()))["n"]
+        lines.append(f"| {arm} | {n} | " + " | ".join(_interval_cell(per_column[c]) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def difference_table(stats: dict, columns: list[str]) -> str:
+    """Per alpha: the paired difference against the baseline arm, in points, with its bootstrap interval."""
+    lines = ["| alpha − " + stats["baseline"] + " | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for arm, per_column in stats["differences"].items():
+        cells = [f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]" + ("*" if d["significant"] else "")
+                 for d in (per_column[c] for c in columns)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if not stats["differences"]:
+        lines.append("| (one alpha: nothing to compare) |" + " |" * len(columns))
+    return "\n".join(lines) + "\n"
+
+
+def seed_csv(stats: dict) -> str:
+    """summary-seeds.csv: one row per (alpha, column) with mean/std/CI over seeds and, for non-baseline alphas,
+    the paired difference against the baseline with its bootstrap interval (fractions)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["alpha", "column", "seeds", "mean", "std", "ci_low", "ci_high", "diff_vs_baseline",
+                     "diff_low", "diff_high", "significant"])
+    for arm, per_column in stats["arms"].items():
+        for column, s in per_column.items():
+            d = stats["differences"].get(arm, {}).get(column)
+            writer.writerow([arm, column, s["n"], repr(s["mean"]), repr(s["std"]), repr(s["low"]), repr(s["high"]),
+                             *((repr(d["diff"]), repr(d["low"]), repr(d["high"]), d["significant"]) if d else
+                               ("", "", "", ""))])
+    return buffer.getvalue()
+
+
+def _plot_sweep(path, stats: dict, alphas: list[float], rq1: dict) -> None:
+    """Accuracy against alpha: per column the mean over seeds with its 95 % interval as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {row["model"]: row for row in rq1["rows"]}
-    alphas = [alpha for alpha, _ in members]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    from dmclip.report import figure_png
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
     for column in rq1["columns"]:
-        values = [100 * rows[f"student alpha={a:g}"][column] for a in alphas]
-        ax.plot(alphas, values, marker="o", linewidth=2.5 if column == "Avg Perf" else 1, label=column)
-    teacher_avg = rows["teacher"]["Avg Perf"]
-    ax.axhline(100 * teacher_avg, color="gray", linestyle="--", label="teacher Avg Perf")
+        cells = [stats["arms"][arm_label(a)][column] for a in alphas]
+        means = [100 * c["mean"] for c in cells]
+        errors = [0.0 if c["n"] < 2 else 100 * (c["high"] - c["mean"]) for c in cells]
+        ax.errorbar(alphas, means, yerr=errors, marker="o", capsize=3,
+                    linewidth=2.5 if column == "Avg Perf" else 1, label=column)
+    teacher = next(row for row in rq1["rows"] if row["model"] == "teacher")
+    ax.axhline(100 * teacher["Avg Perf"], color="gray", linestyle="--", label="teacher Avg Perf")
+    seeds = next(iter(next(iter(stats["arms"].values())).values()))["n"]
     ax.set_xlabel("alpha (weight of KD)")
     ax.set_ylabel("percent")
-    ax.set_title("student accuracy vs distillation weight")
+    ax.set_title(f"student accuracy vs distillation weight ({seeds} seed{'s' if seeds > 1 else ''}; 95 % CI)")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    import io
-
     from dmclip.runs import atomic_write_bytes
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, figure_png(fig))

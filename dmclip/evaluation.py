@@ -40,8 +40,8 @@ from dmclip.config import field
 from dmclip.errors import DmclipError
 from dmclip.metrics import caption as caption_metrics_module
 from dmclip.metrics import latency as latency_metrics
-from dmclip.metrics.retrieval import rerank, retrieval_metrics, similarity
-from dmclip.metrics.zeroshot import class_embeddings, zero_shot_logits, zero_shot_metrics
+from dmclip.metrics.retrieval import ranks_to_metrics, rerank, retrieval_ranks, similarity
+from dmclip.metrics.zeroshot import class_embeddings, ranked_classes, zero_shot_logits, zero_shot_metrics
 
 log = logging.getLogger(__name__)
 
@@ -299,11 +299,13 @@ def _result(task: str, dataset, metrics: dict, model_name: str = "", notes: Sequ
 
 def zero_shot(model: nn.Module, dataset="world-zeroshot", *, classnames: Sequence[str] | None = None,
               templates: Sequence[str] | None = None, batch_size: int = 64, cache: EmbeddingCache | None = None,
-              fingerprint: str | None = None, progress: bool = False, model_name: str = "") -> dict:
+              fingerprint: str | None = None, progress: bool = False, model_name: str = "",
+              items: dict | None = None) -> dict:
     """Zero-shot classification as CLIP_benchmark: acc1, acc5 (NaN under 5 classes), mean per-class recall.
 
     Class embedding = mean over templates of normalised text embeddings, renormalised; logits =
-    100 · image · class. ``classnames``/``templates`` replace the dataset's.
+    100 · image · class. ``classnames``/``templates`` replace the dataset's. ``items``, when given, receives
+    ``"acc1"``: the per-image top-1 hits (float 0/1, (N,)), for intervals over evaluation items.
     """
     check_model(model, "zero-shot")
     name = dataset_name(dataset)
@@ -327,7 +329,10 @@ def zero_shot(model: nn.Module, dataset="world-zeroshot", *, classnames: Sequenc
                                          progress=progress, name=name)
     all_labels = dataset.labels()
     labels = torch.tensor([all_labels[i] for i in used], dtype=torch.long)
-    scored = zero_shot_metrics(zero_shot_logits(image_features, classifier), labels)
+    logits = zero_shot_logits(image_features, classifier)
+    scored = zero_shot_metrics(logits, labels)
+    if items is not None:
+        items["acc1"] = (ranked_classes(logits)[:, 0] == labels).float()
     notes = scored.pop("notes")
     return _result(TASK_ZERO_SHOT, name, scored, model_name, notes, num_samples=len(labels),
                    num_classes=len(names), num_templates=len(prompts))
@@ -347,8 +352,10 @@ def _retrieval_texts(dataset, used: Sequence[int]) -> tuple[list[str], torch.Ten
 
 def retrieval(model: nn.Module, dataset="world-retrieval-a", *, batch_size: int = 64, rerank_k: int = 0,
               cache: EmbeddingCache | None = None, fingerprint: str | None = None, progress: bool = False,
-              model_name: str = "") -> dict:
+              model_name: str = "", items: dict | None = None) -> dict:
     """Image->text and text->image R@1/5/10 and mean/median rank with every caption of an image a positive.
+
+    ``items``, when given, receives ``"t2i_r1"`` (per caption) and ``"i2t_r1"`` (per image): float 0/1 hits.
 
     ``rerank_k > 0`` re-ranks each query's top-k ITC candidates by the model's ITM match probability
     (BLIP models only), as BLIP's retrieval evaluation does.
@@ -371,10 +378,14 @@ def retrieval(model: nn.Module, dataset="world-retrieval-a", *, batch_size: int 
     notes = []
     if rerank_k:
         i2t, t2i = _itm_rerank(model, dataset, used, texts, scores, rerank_k, progress)
-        metrics = retrieval_metrics(i2t, text_to_image, text_scores=t2i)
+        image_scores, text_scores = i2t, t2i
         notes.append(f"top-{rerank_k} ITC candidates re-ranked by ITM match probability (ties: ITC similarity)")
     else:
-        metrics = retrieval_metrics(scores, text_to_image)
+        image_scores, text_scores = scores, None
+    t2i_ranks, i2t_ranks = retrieval_ranks(image_scores, text_to_image, text_scores=text_scores)
+    metrics = ranks_to_metrics(t2i_ranks, i2t_ranks)
+    if items is not None:
+        items["t2i_r1"], items["i2t_r1"] = (t2i_ranks <= 1).float(), (i2t_ranks <= 1).float()
     return _result(TASK_RETRIEVAL, name, metrics, model_name, notes, num_images=len(used), num_texts=len(texts),
                    rerank_k=int(rerank_k))
 
@@ -566,6 +577,16 @@ def registered_zero_shot_specs() -> list[str]:
     return [*SUITE_ZERO_SHOT, *extra]
 
 
+def avg_perf_weights(zero_shot_specs: Sequence[str], retrieval_specs: Sequence[str]) -> dict[str, float]:
+    """Avg Perf as a weighted sum of the suite's columns: each dataset weighs 1/D, a retrieval set's weight
+    split evenly between its two directions."""
+    count = len(zero_shot_specs) + len(retrieval_specs)
+    weights = {f"{dataset_name(spec)} acc@1": 1.0 / count for spec in zero_shot_specs}
+    for spec in retrieval_specs:
+        weights[f"{dataset_name(spec)} T→I R@1"] = weights[f"{dataset_name(spec)} I→T R@1"] = 0.5 / count
+    return weights
+
+
 def suite_columns(zero_shot_specs: Sequence[str], retrieval_specs: Sequence[str]) -> list[str]:
     columns = [f"{dataset_name(spec)} acc@1" for spec in zero_shot_specs]
     for spec in retrieval_specs:
@@ -575,10 +596,13 @@ def suite_columns(zero_shot_specs: Sequence[str], retrieval_specs: Sequence[str]
 
 def suite(models: Mapping[str, nn.Module] | Sequence[str], *, zero_shot_specs: Sequence[str] | None = None,
           retrieval_specs: Sequence[str] = SUITE_RETRIEVAL, batch_size: int = 64, cache: EmbeddingCache | None = None,
-          progress: bool = False, device=None, on_task: Callable[[dict], None] | None = None) -> dict:
+          progress: bool = False, device=None, on_task: Callable[[dict], None] | None = None,
+          items: dict | None = None) -> dict:
     """The DM-CLIP table: zero-shot acc@1 on each zero-shot set, T→I and I→T R@1 on each retrieval set and
     Avg Perf = mean over datasets of the main metric (acc@1; for retrieval the mean of T→I and I→T R@1,
     as DataComp averages them). ``models`` maps display names to models, or lists references to load.
+    ``items``, when given, receives ``{model name: {column: per-item 0/1 hits (N,)}}`` (see
+    ``avg_perf_weights`` for how the columns make Avg Perf).
     """
     zero_shot_specs = list(zero_shot_specs) if zero_shot_specs is not None else registered_zero_shot_specs()
     if not isinstance(models, Mapping):
@@ -594,18 +618,23 @@ def suite(models: Mapping[str, nn.Module] | Sequence[str], *, zero_shot_specs: S
         fingerprint = model_fingerprint(model)
         row: dict[str, Any] = {"model": name}
         main = []
+        hits: dict[str, torch.Tensor] = {}
         for spec in zero_shot_specs:
+            found: dict = {}
             result = zero_shot(model, spec, batch_size=batch_size, cache=cache, fingerprint=fingerprint,
-                               progress=progress, model_name=name)
+                               progress=progress, model_name=name, items=found)
             tasks.append(result)
+            hits[f"{dataset_name(spec)} acc@1"] = found["acc1"]
             row[f"{dataset_name(spec)} acc@1"] = result["metrics"]["acc1"]
             main.append(result["metrics"]["acc1"])
             if on_task:
                 on_task(result)
         for spec in retrieval_specs:
+            found = {}
             result = retrieval(model, spec, batch_size=batch_size, cache=cache, fingerprint=fingerprint,
-                               progress=progress, model_name=name)
+                               progress=progress, model_name=name, items=found)
             tasks.append(result)
+            hits[f"{dataset_name(spec)} T→I R@1"], hits[f"{dataset_name(spec)} I→T R@1"] = found["t2i_r1"], found["i2t_r1"]
             t2i, i2t = result["metrics"]["image_retrieval_recall@1"], result["metrics"]["text_retrieval_recall@1"]
             row[f"{dataset_name(spec)} T→I R@1"], row[f"{dataset_name(spec)} I→T R@1"] = t2i, i2t
             main.append((t2i + i2t) / 2)
@@ -613,8 +642,11 @@ def suite(models: Mapping[str, nn.Module] | Sequence[str], *, zero_shot_specs: S
                 on_task(result)
         row["Avg Perf"] = sum(main) / len(main) if main else float("nan")
         rows.append(row)
+        if items is not None:
+            items[name] = hits
     return {"task": TASK_SUITE, "models": list(models), "zero_shot": [dataset_name(s) for s in zero_shot_specs],
             "retrieval": [dataset_name(s) for s in retrieval_specs], "columns": columns, "rows": rows,
+            "avg_perf_weights": avg_perf_weights(zero_shot_specs, retrieval_specs),
             "avg_perf": rows[0]["Avg Perf"] if len(rows) == 1 else None, "tasks": tasks,
             "cache": {"hits": cache.hits, "misses": cache.misses}}
 

@@ -25,6 +25,9 @@ class ModelConfig:
     vision_width: int = field(128, "image tower width (channels)", min=8)
     vision_depth: int = field(4, "image tower blocks", min=1)
     vision_heads: int = field(4, "image tower attention heads", min=1)
+    vision_stem: Literal["patch", "conv"] = field(
+        "patch", "image tower stem: patch (linear patch embedding, as ViT) or conv (stride-2 3x3 convolutions to "
+                 "the same token grid, Xiao et al. 2021)")
     text_width: int = field(128, "text tower width", min=8)
     text_depth: int = field(4, "text tower blocks", min=1)
     text_heads: int = field(4, "text tower attention heads", min=1)
@@ -137,7 +140,8 @@ def build_new_model(cfg: PretrainConfig, tokenizer: dict):
     m = cfg.model
     if cfg.objective == "clip":
         return build_model(clip_arch(m.image_size, m.patch_size, m.vision_width, m.vision_depth, m.vision_heads,
-                                     m.text_width, m.text_depth, m.text_heads, m.embed_dim, tokenizer))
+                                     m.text_width, m.text_depth, m.text_heads, m.embed_dim, tokenizer,
+                                     vision_stem=m.vision_stem))
     from dmclip.models.blip import BlipModel
 
     return BlipModel(image_size=m.image_size, patch_size=m.patch_size, vision_width=m.vision_width,

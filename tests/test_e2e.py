@@ -102,6 +102,41 @@ def test_alpha_sweep_writes_one_run_per_point_and_a_summary(teacher_run, tmp_pat
     assert (sweep / "summary.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_seeds_by_alphas_sweep_reports_intervals_and_paired_differences(teacher_run, tmp_path):
+    """`--alpha 0,1 --seeds 3,4`: four runs (every alpha at every seed); summary-seeds.csv holds each alpha's
+    mean over its seeds of the per-run table, and alpha 1's paired difference against alpha 0."""
+    import csv
+
+    code = main(["distill", "--teacher", f"run:{teacher_run.path}", "--student", "mamba-tiny-test", "--alpha", "0,1",
+                 "--seeds", "3,4", "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir",
+                 str(tmp_path), "--set", "train.progress=false", "--set", "eval.zeroshot="])
+    assert code == 0
+    sweep = next((tmp_path / "distill").glob("*-sweep-*"))
+    members = [json.loads((m / "results.json").read_text()) | json.loads((m / "run.json").read_text())
+               for m in sweep.iterdir() if (m / "run.json").exists()]
+    assert sorted((m["alpha"], m["seed"]) for m in members) == [(0.0, 3), (0.0, 4), (1.0, 3), (1.0, 4)]
+    per_run = {row["model"]: row for row in csv.DictReader((sweep / "summary.csv").read_text().splitlines())}
+    assert set(per_run) == {"teacher", "student alpha=0 seed=3", "student alpha=0 seed=4",
+                            "student alpha=1 seed=3", "student alpha=1 seed=4"}
+    # the seed reaches the model: same alpha, other seed, other student
+    a, b = (load_model_ref(f"run:{m}") for m in sorted(sweep.glob("*alpha0-seed*")))
+    assert not torch.equal(a.visual.state_dict()["patch_embed.weight"], b.visual.state_dict()["patch_embed.weight"])
+    rows = {(r["alpha"], r["column"]): r for r in csv.DictReader((sweep / "summary-seeds.csv").read_text().splitlines())}
+    avg = lambda alpha: [float(per_run[f"student alpha={alpha} seed={s}"]["Avg Perf"]) for s in (3, 4)]
+    assert float(rows[("alpha=0", "Avg Perf")]["mean"]) == pytest.approx(sum(avg(0)) / 2)
+    assert float(rows[("alpha=1", "Avg Perf")]["mean"]) == pytest.approx(sum(avg(1)) / 2)
+    assert int(rows[("alpha=1", "Avg Perf")]["seeds"]) == 2
+    difference = rows[("alpha=1", "Avg Perf")]
+    assert float(difference["diff_vs_baseline"]) == pytest.approx(sum(avg(1)) / 2 - sum(avg(0)) / 2, abs=1e-9)
+    assert float(difference["diff_low"]) <= float(difference["diff_vs_baseline"]) <= float(difference["diff_high"])
+    assert rows[("alpha=0", "Avg Perf")]["diff_vs_baseline"] == ""  # the baseline is not compared with itself
+    markdown = (sweep / "summary.md").read_text()
+    assert "Paired difference against alpha=0" in markdown and "mean ± std" in markdown
+    resolved = (sweep / "resolved.yaml").read_text()
+    assert "seeds: [3, 4]" in resolved
+
+
 @pytest.mark.parametrize("argv, words", [
     (["distill", "--teacher", "run:/nonexistent/run"], "does not exist"),
     (["distill", "--alpha", "1.5"], "out of range"),

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import DistillClipLoss
 
-from dmclip.losses.clip import DistillMix, FeatureLoss, KDLoss, clip_loss, kd_loss
+from dmclip.losses.clip import (
+    DistillMix,
+    FeatureDistillLoss,
+    FeatureLoss,
+    InteractiveContrastiveLoss,
+    KDLoss,
+    clip_loss,
+    kd_loss,
+)
 from dmclip.registry import losses
 
 
@@ -73,7 +81,7 @@ def test_gradients_flow_only_to_student():
     assert teacher["image_features"].grad is None
 
 
-@pytest.mark.parametrize("name", ["clip", "kd", "feature", "distill"])
+@pytest.mark.parametrize("name", [n for n in losses.names() if not n.startswith("blip-")])  # blip-*: test_blip_losses
 def test_every_registered_loss_builds_and_returns_named_parts(name):
     loss = losses.get(name)
     out = loss(_features(11), _features(12))
@@ -93,3 +101,73 @@ def test_ensemble_kd_targets_are_teacher_probabilities_averaged_after_softmax():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     # an ensemble of one teacher twice is that teacher
     torch.testing.assert_close(kd_loss(student, {**t1, "members": [t1, t1]}), kd_loss(student, t1))
+
+
+# ------------------------------------------------------------------ CLIP-KD's terms, written out by hand
+
+
+def _cross_entropy_diag(logits: torch.Tensor) -> torch.Tensor:
+    """-1/B sum_i log(exp(l_ii) / sum_j exp(l_ij)), element by element."""
+    B = logits.shape[0]
+    total = 0.0
+    for i in range(B):
+        total += -(logits[i, i] - torch.log(torch.exp(logits[i]).sum()))
+    return total / B
+
+
+def test_fd_is_clip_kd_mse_of_image_and_text_embeddings():
+    """CLIP-KD eq. 4: ||v_s - v_t||^2 + ||u_s - u_t||^2, each averaged over batch and dimensions."""
+    student, teacher = _features(30), _features(31)
+    B, D = student["image_features"].shape
+    image = sum(((student["image_features"][i, d] - teacher["image_features"][i, d]) ** 2)
+                for i in range(B) for d in range(D)) / (B * D)
+    text = sum(((student["text_features"][i, d] - teacher["text_features"][i, d]) ** 2)
+               for i in range(B) for d in range(D)) / (B * D)
+    torch.testing.assert_close(FeatureDistillLoss()(student, teacher)["loss"], image + text, rtol=1e-6, atol=1e-7)
+    frozen_text = {**student, "text_features": teacher["text_features"]}  # a shared, frozen text tower
+    torch.testing.assert_close(FeatureDistillLoss()(frozen_text, teacher)["loss"], image, rtol=1e-6, atol=1e-7)
+
+
+def test_fd_learns_a_projection_when_widths_differ():
+    student, teacher = _features(32, dim=8), _features(33, dim=16)
+    loss = FeatureDistillLoss(student_dim=8, teacher_dim=16)
+    assert isinstance(loss.projection, torch.nn.Linear) and loss.projection.weight.shape == (16, 8)
+    projected = {k: (loss.projection(v) if k.endswith("features") else v) for k, v in student.items()}
+    expected = (F.mse_loss(projected["image_features"], teacher["image_features"])
+                + F.mse_loss(projected["text_features"], teacher["text_features"]))
+    out = loss(student, teacher)["loss"]
+    torch.testing.assert_close(out, expected)
+    out.backward()
+    assert loss.projection.weight.grad is not None and loss.projection.weight.grad.abs().sum() > 0
+    assert isinstance(FeatureDistillLoss(16, 16).projection, torch.nn.Identity)
+
+
+def test_icl_is_student_image_vs_teacher_text_and_student_text_vs_teacher_image():
+    """CLIP-KD eq. 6-8 with the student's temperature."""
+    student, teacher = _features(34, scale=20.0), _features(35, scale=70.0)
+    s = student["logit_scale"]
+    i2t = _cross_entropy_diag(s * student["image_features"] @ teacher["text_features"].T)
+    t2i = _cross_entropy_diag(s * student["text_features"] @ teacher["image_features"].T)
+    torch.testing.assert_close(InteractiveContrastiveLoss()(student, teacher)["loss"], (i2t + t2i) / 2,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_distill_mix_with_every_term_is_its_formula():
+    student, teacher = _features(36), _features(37, scale=40.0)
+    mix = DistillMix(0.6, feature_weight=0.5, fd_weight=3.0, icl_weight=0.25)
+    out = mix(student, teacher)
+    cosine = (1 - F.cosine_similarity(student["image_features"], teacher["image_features"])).mean()
+    fd = (F.mse_loss(student["image_features"], teacher["image_features"])
+          + F.mse_loss(student["text_features"], teacher["text_features"]))
+    expected = (0.6 * kd_loss(student, teacher) + 0.4 * clip_loss(student) + 0.5 * cosine + 3.0 * fd
+                + 0.25 * InteractiveContrastiveLoss()(student, teacher)["loss"])
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-6, atol=1e-6)
+    assert set(out) == {"loss", "contrastive", "distill", "feature", "fd", "icl"}
+
+
+def test_a_fixed_teacher_logit_scale_sharpens_the_kd_targets():
+    """teacher_logit_scale=100 (MobileCLIP) = the teacher's own scale replaced by 100 in KD's targets."""
+    student, teacher = _features(38), _features(39, scale=10.0)
+    fixed = DistillMix(1.0, teacher_logit_scale=100.0)(student, teacher)["loss"]
+    torch.testing.assert_close(fixed, kd_loss(student, {**teacher, "logit_scale": torch.tensor(100.0)}))
+    assert not torch.allclose(fixed, DistillMix(1.0)(student, teacher)["loss"])

@@ -58,14 +58,33 @@ def sweep_alphas(recipe, alpha: str | None) -> list[float] | None:
     return alphas
 
 
-def sweep_members(alphas: list[float], recipe=None, sets=None, shortcuts=None, runs_dir=None):
-    """(shared config, recipe text, one config per alpha): what a sweep runs, resolved but not run."""
+def sweep_seeds(recipe, seeds: str | None) -> list[int] | None:
+    """The seeds to run every alpha at: --seeds's, else the recipe's ``sweep: {seeds: [...]}``, else None."""
+    from rich.markup import escape
+
+    from dmclip.config import parse_sweep_values
+    from dmclip.distill import recipe_sweep
+
+    in_recipe = recipe_sweep(recipe).get("seeds")
+    if seeds is None:
+        return in_recipe
+    values = parse_sweep_values(seeds, type=int, option="--seeds")
+    if any(v < 0 for v in values):
+        raise DmclipError(f"--seeds {seeds!r} has a negative seed", "seeds are whole numbers >= 0, e.g. --seeds 0,1,2")
+    if in_recipe is not None:
+        err_console.print(f"[dim]--seeds {escape(seeds)} overrides the recipe's sweep.seeds[/dim]", highlight=False)
+    return values
+
+
+def sweep_members(alphas: list[float], recipe=None, sets=None, shortcuts=None, runs_dir=None,
+                  seeds: list[int] | None = None):
+    """(shared config, recipe text, one config per (alpha, seed)): what a sweep runs, resolved but not run."""
     from dmclip import distill as lib
     from dmclip.config import load_config
 
     base, recipe_text = load_config(lib.DistillConfig, recipe, sets or [], shortcuts)
     base.teacher = lib.resolve_teacher_ref(base.teacher, runs_dir)  # all members share one teacher
-    return base, recipe_text, [lib.with_alpha(base, alpha) for alpha in alphas]
+    return base, recipe_text, lib.sweep_configs(base, alphas, seeds)
 
 
 def _row(run, result) -> dict:
@@ -89,6 +108,9 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
         batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Global batch size.")] = None,
         seed: SeedOpt = None,
+        seeds: Annotated[str | None, typer.Option(
+            "--seeds", help="Comma list of seeds (0,1,2): every alpha runs at every seed, and the summary gives "
+                            "mean ± std, 95 % intervals and paired differences. Overrides the recipe's sweep.seeds.")] = None,
         set_: SetOpt = None,
         name: NameOpt = None,
         runs_dir: RunsDirOpt = None,
@@ -109,6 +131,8 @@ def register(app: typer.Typer) -> None:
 
           dmclip distill --alpha 0,0.25,0.75,1        (one student per alpha + a comparison table)
 
+          dmclip distill --alpha 0,0.75 --seeds 0,1,2   (every alpha at 3 seeds: intervals, paired differences)
+
           dmclip distill recipes/distill-alpha-sweep.yaml    (the same, from the recipe's sweep: block)
 
           dmclip distill runs/distill/<stamp>-sweep-alpha/resolved.yaml   (run a sweep again)
@@ -123,9 +147,14 @@ def register(app: typer.Typer) -> None:
             _cache(teacher, data, out, augmentations, seed)
             return
         alphas = sweep_alphas(recipe, alpha)
+        seed_list = sweep_seeds(recipe, seeds)
+        if seed_list is not None and seed is not None:
+            raise DmclipError("--seed and --seeds both given", "use --seed N for one run, --seeds 0,1,2 for a sweep")
         shortcuts = {"teacher": teacher, "student.name": student, "data.train": data, "train.steps": steps,
                      "train.batch_size": batch_size, "seed": seed}
-        if alphas is None or len(alphas) == 1:
+        if seed_list is not None and len(seed_list) == 1:
+            shortcuts["seed"], seed_list = seed_list[0], None
+        if (alphas is None or len(alphas) == 1) and seed_list is None:
             shortcuts["loss.alpha"] = alphas[0] if alphas else None
             run, result = execute("distill", lib.DistillConfig, lib.run, recipe=recipe, sets=set_,
                                   shortcuts=shortcuts, name=name, runs_dir=runs_dir, resume=resume)
@@ -136,7 +165,11 @@ def register(app: typer.Typer) -> None:
             return
         if resume is not None:
             raise DmclipError("--resume continues one run, not a sweep", "resume the member run that was interrupted")
-        _sweep(lib, alphas, recipe, set_, shortcuts, name, runs_dir)
+        if alphas is None:  # seeds only: the config's alpha at every seed (the seed-to-seed spread)
+            from dmclip.config import load_config
+
+            alphas = [load_config(lib.DistillConfig, recipe, set_ or [], shortcuts)[0].loss.alpha]
+        _sweep(lib, alphas, seed_list, recipe, set_, shortcuts, name, runs_dir)
 
 
 def _cache(teacher, data, out, augmentations, seed) -> None:
@@ -160,32 +193,48 @@ def _cache(teacher, data, out, augmentations, seed) -> None:
     console.print(f"use it: dmclip distill --teacher embeddings:{out}")
 
 
-def _sweep(lib, alphas, recipe, sets, shortcuts, name, runs_dir) -> None:
-    """One run per alpha inside a sweep directory, then summary.md + summary.csv."""
+def _sweep(lib, alphas, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
+    """One run per (alpha, seed) inside a sweep directory, then the summary tables."""
     import datetime as dt
 
     from dmclip.cli import common
     from dmclip.runs import RunDir, atomic_write_text, default_runs_root
 
-    base, recipe_text, configs = sweep_members(alphas, recipe, sets, shortcuts, runs_dir)
+    base, recipe_text, configs = sweep_members(alphas, recipe, sets, shortcuts, runs_dir, seeds)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     sweep_dir = (runs_dir or default_runs_root()) / "distill" / f"{stamp}-sweep-{name or 'alpha'}"
     sweep_dir.mkdir(parents=True, exist_ok=False)
-    atomic_write_text(sweep_dir / "resolved.yaml", lib.sweep_yaml(base, {"alpha": alphas}))
+    block = {"alpha": alphas, **({"seeds": seeds} if seeds else {})}
+    atomic_write_text(sweep_dir / "resolved.yaml", lib.sweep_yaml(base, block))
     err_console.print(f"[dim]sweep directory:[/dim] {sweep_dir}")
-    rows = []
-    for alpha, cfg in zip(alphas, configs):
-        run = RunDir.create("distill", f"{name or 'distill'}-alpha{alpha:g}", cfg, parent=sweep_dir,
-                            recipe_text=recipe_text, overrides=list(sets or []),
-                            argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]], seed=cfg.seed)
-        err_console.print(f"[bold]alpha {alpha:g}[/bold] -> {run.path}")
+    rows, members = [], []
+    for cfg in configs:
+        alpha = cfg.loss.alpha
+        label = f"{name or 'distill'}-alpha{alpha:g}" + (f"-seed{cfg.seed}" if seeds else "")
+        run = RunDir.create("distill", label, cfg, parent=sweep_dir, recipe_text=recipe_text,
+                            overrides=list(sets or []), argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
+                            seed=cfg.seed)
+        err_console.print(f"[bold]alpha {alpha:g}, seed {cfg.seed}[/bold] -> {run.path}")
         with run.active():
             result = lib.run(cfg, run)
-        rows.append(_row(run, result))
+        rows.append({**_row(run, result), "seed": cfg.seed})
+        members.append((alpha, cfg.seed, f"run:{run.path}"))
     console.print(metrics_table(f"distill sweep ({sweep_dir.name})", rows))
     err_console.print("scoring every student and the teacher (eval suite, latency) ...")
-    members = [(row["alpha"], f"run:{sweep_dir / row['run']}") for row in rows]
     report = lib.sweep_report(sweep_dir, members, base.teacher)
     console.print(metrics_table("RQ1: eval suite (fractions)", report["rq1"]["rows"], fmt="{:.3f}"))
+    if report["seeds"]["differences"]:
+        console.print(metrics_table(f"paired difference vs {report['seeds']['baseline']} (points, 95 % CI)",
+                                    difference_rows(report["seeds"])))
     console.print(metrics_table("RQ2: image encoder cost", report["rq2"], fmt="{:.3g}"))
-    console.print(f"summary: {sweep_dir / 'summary.md'} (+ summary.csv, summary.png)")
+    console.print(f"summary: {sweep_dir / 'summary.md'} (+ summary.csv, summary-seeds.csv, summary.png)")
+
+
+def difference_rows(stats: dict) -> list[dict]:
+    """Avg Perf difference of each alpha against the baseline, as rows for the terminal table."""
+    rows = []
+    for arm, per_column in stats["differences"].items():
+        d = per_column["Avg Perf"]
+        rows.append({"alpha": arm, "seeds": d["seeds"], "Δ Avg Perf": 100 * d["diff"], "CI low": 100 * d["low"],
+                     "CI high": 100 * d["high"], "significant": "yes" if d["significant"] else "no"})
+    return rows

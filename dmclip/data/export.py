@@ -162,8 +162,7 @@ def draw_grid(ds, out: str | Path, *, n: int = 16, columns: int | None = None, s
             colour = "red" if sample.get("caption_is_noisy", [False])[0] else "black"
         ax.set_title("\n".join(textwrap.wrap(text, 24)[:3]), fontsize=7, color=colour)
     fig.suptitle(title or f"{ds.name} ({len(ds)} samples)", fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(Path(out), buffer.getvalue())
+    from dmclip.report import figure_png
+
+    atomic_write_bytes(Path(out), figure_png(fig, dpi=100))
     return {"path": str(out), "samples": indices}

@@ -75,6 +75,32 @@ def feature_loss(student: dict, teacher: dict, kind: str = "cosine") -> torch.Te
     return (1 - (s * t).sum(dim=-1)).mean()
 
 
+def feature_distillation_loss(student: dict, teacher: dict, projection: nn.Module | None = None) -> torch.Tensor:
+    """CLIP-KD's feature distillation (Yang et al. 2024, eq. 4): mean squared error between the student's
+    embeddings (through ``projection`` when the widths differ) and the teacher's, image plus text, each
+    averaged over batch and dimensions as CLIP-KD's ``F.mse_loss``. A frozen shared text tower gives a text
+    term of exactly 0."""
+    projection = projection or nn.Identity()
+    loss = F.mse_loss(projection(student["image_features"]), teacher["image_features"].detach())
+    if student.get("text_features") is not None and teacher.get("text_features") is not None:
+        loss = loss + F.mse_loss(projection(student["text_features"]), teacher["text_features"].detach())
+    return loss
+
+
+def interactive_contrastive_loss(student: dict, teacher: dict) -> torch.Tensor:
+    """CLIP-KD's interactive contrastive learning (eq. 6-8): the student's image features contrasted against
+    the teacher's text features and the student's text features against the teacher's image features, with
+    the student's temperature; the mean of the two InfoNCE terms."""
+    scale = student["logit_scale"]
+    crossed_i2t = {"image_features": student["image_features"], "text_features": teacher["text_features"].detach(),
+                   "logit_scale": scale}
+    crossed_t2i = {"image_features": teacher["image_features"].detach(), "text_features": student["text_features"],
+                   "logit_scale": scale}
+    logits_image, _, labels = contrastive_logits(crossed_i2t)
+    _, logits_text, _ = contrastive_logits(crossed_t2i)
+    return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
+
+
 class ClipLoss(nn.Module):
     """InfoNCE image<->text with the model's (clamped) learnable temperature."""
 
@@ -103,26 +129,75 @@ class FeatureLoss(nn.Module):
         return {"loss": loss, "feature": loss.detach()}
 
 
-class DistillMix(nn.Module):
-    """alpha * KD + (1 - alpha) * contrastive (+ feature_weight * feature): DM-CLIP's objective."""
+class FeatureDistillLoss(nn.Module):
+    """CLIP-KD feature distillation; a learned linear projection maps the student's embedding width to the
+    teacher's when they differ (its weights train with the student)."""
 
-    def __init__(self, alpha: float = 0.75, feature_weight: float = 0.0, feature_kind: str = "cosine"):
+    def __init__(self, student_dim: int | None = None, teacher_dim: int | None = None):
         super().__init__()
-        self.alpha, self.feature_weight, self.feature_kind = alpha, feature_weight, feature_kind
+        differ = student_dim is not None and teacher_dim is not None and student_dim != teacher_dim
+        self.projection = nn.Linear(student_dim, teacher_dim, bias=False) if differ else nn.Identity()
 
     def forward(self, student: dict, teacher: dict) -> dict:
-        contrastive = clip_loss(student) if self.alpha < 1 else student["image_features"].new_zeros(())
-        distill = kd_loss(student, teacher) if self.alpha > 0 else student["image_features"].new_zeros(())
+        loss = feature_distillation_loss(student, teacher, self.projection)
+        return {"loss": loss, "fd": loss.detach()}
+
+
+class InteractiveContrastiveLoss(nn.Module):
+    """CLIP-KD interactive contrastive learning: student image <-> teacher text and student text <-> teacher image."""
+
+    def forward(self, student: dict, teacher: dict) -> dict:
+        loss = interactive_contrastive_loss(student, teacher)
+        return {"loss": loss, "icl": loss.detach()}
+
+
+class DistillMix(nn.Module):
+    """alpha * KD + (1 - alpha) * contrastive + feature_weight * feature + fd_weight * FD + icl_weight * ICL:
+    DM-CLIP's objective with CLIP-KD's terms as options.
+
+    ``teacher_logit_scale`` > 0 replaces the teacher's own temperature in the KD targets (MobileCLIP fixes 100).
+    """
+
+    def __init__(self, alpha: float = 0.75, feature_weight: float = 0.0, feature_kind: str = "cosine",
+                 fd_weight: float = 0.0, icl_weight: float = 0.0, teacher_logit_scale: float = 0.0,
+                 student_dim: int | None = None, teacher_dim: int | None = None):
+        super().__init__()
+        self.alpha, self.feature_weight, self.feature_kind = alpha, feature_weight, feature_kind
+        self.fd_weight, self.icl_weight, self.teacher_logit_scale = fd_weight, icl_weight, teacher_logit_scale
+        self.fd = FeatureDistillLoss(student_dim, teacher_dim) if fd_weight > 0 else None
+
+    def forward(self, student: dict, teacher: dict) -> dict:
+        if self.teacher_logit_scale > 0:
+            scale = student["image_features"].new_tensor(self.teacher_logit_scale)
+            teacher = {**teacher, "logit_scale": scale,
+                       **({"members": [{**m, "logit_scale": scale} for m in teacher["members"]]}
+                          if teacher.get("members") else {})}
+        zero = student["image_features"].new_zeros(())
+        contrastive = clip_loss(student) if self.alpha < 1 else zero
+        distill = kd_loss(student, teacher) if self.alpha > 0 else zero
         total = self.alpha * distill + (1 - self.alpha) * contrastive
         parts = {"contrastive": contrastive.detach(), "distill": distill.detach()}
         if self.feature_weight > 0:
             feature = feature_loss(student, teacher, self.feature_kind)
             total = total + self.feature_weight * feature
             parts["feature"] = feature.detach()
+        if self.fd is not None:
+            fd = feature_distillation_loss(student, teacher, self.fd.projection)
+            total = total + self.fd_weight * fd
+            parts["fd"] = fd.detach()
+        if self.icl_weight > 0:
+            icl = interactive_contrastive_loss(student, teacher)
+            total = total + self.icl_weight * icl
+            parts["icl"] = icl.detach()
         return {"loss": total, **parts}
 
 
 losses.add("clip", ClipLoss, description="InfoNCE image<->text (CLIP), learnable temperature clamped at 100")
 losses.add("kd", KDLoss, description="soft-label KD on image<->text similarities, both ways (DistillClipLoss)")
 losses.add("feature", FeatureLoss, description="cosine/MSE between student and teacher image embeddings (CLIP-KD)")
-losses.add("distill", DistillMix, description="alpha*kd + (1-alpha)*clip (+ feature): DM-CLIP's objective")
+losses.add("fd", FeatureDistillLoss,
+           description="CLIP-KD feature distillation: MSE to the teacher's embeddings (learned projection if widths differ)")
+losses.add("icl", InteractiveContrastiveLoss,
+           description="CLIP-KD interactive contrastive: student image<->teacher text, student text<->teacher image")
+losses.add("distill", DistillMix,
+           description="alpha*kd + (1-alpha)*clip (+ feature, fd, icl): DM-CLIP's objective with CLIP-KD's terms")

@@ -50,21 +50,30 @@ def rank_metrics(ranks: torch.Tensor, prefix: str, ks: Sequence[int] = RECALL_KS
     return out
 
 
-def retrieval_metrics(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = RECALL_KS,
-                      text_scores: torch.Tensor | None = None) -> dict:
-    """Both directions from an (images, texts) score matrix, in CLIP_benchmark's key names.
-
-    ``image_retrieval_*`` = text -> image (T→I), ``text_retrieval_*`` = image -> text (I→T).
-    ``text_scores`` (texts, images) replaces ``scores.T`` for T→I when the two directions are scored
-    differently (ITM re-ranking).
-    """
+def retrieval_ranks(scores: torch.Tensor, text_to_image: torch.Tensor,
+                    text_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T→I ranks per text (texts,), I→T ranks per image (images,)), 1-based, from an (images, texts) score
+    matrix. ``text_scores`` (texts, images) replaces ``scores.T`` for T→I when the two directions are scored
+    differently (ITM re-ranking)."""
     num_images, num_texts = scores.shape
     if num_texts == 0 or num_images == 0:
         raise DmclipError("nothing to retrieve: no images or no captions", "check --data")
     positives = positive_pairs(text_to_image, num_images)
     i2t = best_positive_ranks(scores, positives)
     t2i = best_positive_ranks(scores.t() if text_scores is None else text_scores, positives.t())
+    return t2i, i2t
+
+
+def ranks_to_metrics(t2i: torch.Tensor, i2t: torch.Tensor, ks: Sequence[int] = RECALL_KS) -> dict:
+    """Both directions' rank metrics in CLIP_benchmark's key names:
+    ``image_retrieval_*`` = text -> image (T→I), ``text_retrieval_*`` = image -> text (I→T)."""
     return {**rank_metrics(t2i, "image_retrieval", ks), **rank_metrics(i2t, "text_retrieval", ks)}
+
+
+def retrieval_metrics(scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = RECALL_KS,
+                      text_scores: torch.Tensor | None = None) -> dict:
+    """Both directions from an (images, texts) score matrix (``retrieval_ranks``, then ``ranks_to_metrics``)."""
+    return ranks_to_metrics(*retrieval_ranks(scores, text_to_image, text_scores), ks)
 
 
 def similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -70,12 +70,13 @@ def _build_clip(**kw) -> CLIP:
 
 def clip_arch(image_size: int = 32, patch_size: int = 4, vision_width: int = 128, vision_depth: int = 4,
               vision_heads: int = 4, text_width: int = 128, text_depth: int = 4, text_heads: int = 4,
-              embed_dim: int = 128, tokenizer: dict | None = None) -> dict:
+              embed_dim: int = 128, tokenizer: dict | None = None, vision_stem: str = "patch") -> dict:
     """The arch dict of a ViT + text-transformer CLIP."""
     return {
         "family": "clip",
         "visual": {"family": "vit", "image_size": image_size, "patch_size": patch_size, "width": vision_width,
-                   "depth": vision_depth, "heads": vision_heads, "embed_dim": embed_dim},
+                   "depth": vision_depth, "heads": vision_heads, "embed_dim": embed_dim,
+                   **({"stem": vision_stem} if vision_stem != "patch" else {})},
         "text": {"family": "text", "tokenizer": tokenizer or {"context_length": 32, "vocab": None},
                  "width": text_width, "depth": text_depth, "heads": text_heads, "embed_dim": embed_dim},
     }

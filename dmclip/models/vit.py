@@ -55,24 +55,49 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.ln_2(x)))
 
 
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """Xiao et al. 2021 ("Early convolutions help transformers see better"): log2(patch) stride-2 3x3
+    convolutions (BatchNorm, ReLU), channels doubling up to width/2, then a 1x1 convolution to ``width``:
+    the same (H/p, W/p) token grid as a patch embedding, with local shape features a linear patch lacks."""
+    from dmclip.errors import DmclipError
+
+    stages = patch_size.bit_length() - 1
+    if patch_size < 2 or 2 ** stages != patch_size:
+        raise DmclipError(f"a conv stem needs a power-of-two patch_size >= 2, got {patch_size}",
+                          "use patch_size 2, 4, 8 or 16, or stem: patch")
+    layers, channels = [], 3
+    for i in range(stages):
+        out = max(8, width // 2 ** (stages - i))
+        layers += [nn.Conv2d(channels, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        channels = out
+    layers.append(nn.Conv2d(channels, width, 1))
+    return nn.Sequential(*layers)
+
+
 class VisionTransformer(nn.Module):
-    """ViT image encoder: patches -> [cls] + tokens -> blocks -> cls -> projection to ``embed_dim``."""
+    """ViT image encoder: patches -> [cls] + tokens -> blocks -> cls -> projection to ``embed_dim``.
+
+    ``stem``: ``patch`` (a linear patch embedding, as ViT/CLIP) or ``conv`` (``conv_stem``).
+    """
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, width: int = 128, depth: int = 4, heads: int = 4,
-                 embed_dim: int = 128, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+                 embed_dim: int = 128, mlp_ratio: float = 4.0, drop_path: float = 0.0, stem: str = "patch"):
         super().__init__()
-        if image_size % patch_size:
-            from dmclip.errors import DmclipError
+        from dmclip.errors import DmclipError
 
+        if image_size % patch_size:
             raise DmclipError(f"image_size {image_size} is not a multiple of patch_size {patch_size}",
                               "choose sizes such that image_size % patch_size == 0")
+        if stem not in ("patch", "conv"):
+            raise DmclipError(f"unknown ViT stem {stem!r}", "use stem: patch or stem: conv")
         self.arch = {"family": "vit", "image_size": image_size, "patch_size": patch_size, "width": width,
                      "depth": depth, "heads": heads, "embed_dim": embed_dim, "mlp_ratio": mlp_ratio,
-                     "drop_path": drop_path}
+                     "drop_path": drop_path, **({"stem": stem} if stem != "patch" else {})}
         self.image_size, self.width, self.embed_dim = image_size, width, embed_dim
         self.num_patches = (image_size // patch_size) ** 2
         self.normalize = Normalize()
-        self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+        self.patch_embed = (nn.Conv2d(3, width, patch_size, patch_size, bias=False) if stem == "patch"
+                            else conv_stem(patch_size, width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.num_patches, width) * 0.02)
         self.ln_pre = nn.LayerNorm(width)
