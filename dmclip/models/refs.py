@@ -1,6 +1,8 @@
 """One place that turns a model reference string into a model.
 
     run:<run dir>                       a model trained by dmclip (pretrain / distill)
+    builtin:<name>                      a small model shipped with the package, with the recipe and run
+                                        record that made it (``builtin_names()`` lists them)
     open_clip:<arch>[:<tag or path>]    any open_clip architecture, random / pretrained / local weights
     <registered name>                   a teacher or student from the registries (random init)
     embeddings:<store dir>              cached teacher outputs (distill only; see dmclip.distill)
@@ -14,7 +16,25 @@ from torch import nn
 
 from dmclip.errors import DmclipError, did_you_mean
 
-PREFIXES = ("run:", "open_clip:", "embeddings:")
+PREFIXES = ("run:", "builtin:", "open_clip:", "embeddings:")
+BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "builtin"
+
+
+def builtin_names() -> list[str]:
+    """The models shipped in the package (each a directory with model.json and its run record)."""
+    if not BUILTIN_ROOT.is_dir():
+        return []
+    return sorted(p.parent.name for p in BUILTIN_ROOT.glob("*/model.json"))
+
+
+def builtin_dir(name: str) -> Path:
+    """The directory of the shipped model ``name`` (model.json, model.safetensors, run.json, results.json,
+    the recipe that made it)."""
+    path = BUILTIN_ROOT / name
+    if not (path / "model.json").is_file():
+        raise DmclipError(f"no built-in model {name!r}",
+                          f"built-in models: {', '.join(builtin_names()) or 'none'} ({did_you_mean(name, builtin_names())})")
+    return path
 
 
 def run_model_dir(path: str | Path) -> Path:
@@ -46,6 +66,8 @@ def load_model_ref(ref: str) -> nn.Module:
     ref = ref.strip()
     if ref.startswith("run:"):
         model = load_saved_model(run_model_dir(ref[4:]))
+    elif ref.startswith("builtin:"):
+        model = load_saved_model(builtin_dir(ref[len("builtin:"):]))
     elif ref.startswith("open_clip:"):
         from dmclip.models.openclip import OpenClipModel
 
