@@ -1,13 +1,50 @@
-"""Shared test setup: every test session gets its own cache and runs directories, offline hub."""
+"""Shared test setup: every test session gets its own cache and runs directories, offline hub; the
+prerequisites a test may need (the fused C++ scan kernel, Java) are markers that skip it, with the reason,
+where the machine lacks them.
+
+    @pytest.mark.requires_fused_scan    the fused CPU selective-scan kernel (dmclip/csrc), built by make install
+    @pytest.mark.requires_java          Java, for pycocoevalcap's PTB tokenizer and METEOR (caption metrics)
+
+Parametrize over every backend and mark the one that needs the kernel,
+``pytest.param("cpu", marks=pytest.mark.requires_fused_scan)``, rather than leaving it out of the list: a
+case dropped from the list is never collected, so nobody sees that it did not run.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+FUSED_SCAN_MISSING = "fused CPU scan kernel not built: run make install"
+JAVA_MISSING = ("caption metrics need Java (pycocoevalcap's PTB tokenizer and METEOR): "
+                "apt-get install default-jre-headless, or make install as root")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_fused_scan: needs the fused C++ scan kernel; skipped with the "
+                                       "reason where it did not build")
+    config.addinivalue_line("markers", "requires_java: needs Java (caption metrics); skipped with the reason "
+                                       "where `java` is not on PATH")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # checked when a marked test is about to run, not at collection: a run of other tests never builds
+    # or loads the kernel (a first build takes a minute)
+    if item.get_closest_marker("requires_fused_scan") is not None:
+        from dmclip.models import scan
+
+        if "cpu" not in scan.available_backends():
+            from dmclip.models.scan_build import extension_error
+
+            pytest.skip(f"{FUSED_SCAN_MISSING} ({extension_error()})")
+    if item.get_closest_marker("requires_java") is not None and shutil.which("java") is None:
+        pytest.skip(JAVA_MISSING)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -63,6 +63,7 @@ def test_seed_claims_are_computed_not_assumed():
 
 
 @pytest.mark.slow
+@pytest.mark.requires_java  # compress eval / sweep score their captions through the PTB tokenizer
 def test_cli_eval_sweep_serve_send_on_a_tiny_blip(tmp_path):
     """From the command line with a real (untrained, tiny) BLIP saved like a pretrain run."""
     import numpy as np

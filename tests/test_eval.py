@@ -231,6 +231,7 @@ def test_fingerprint_follows_the_weights():
 # ------------------------------------------------------------------------------------ captioning
 
 
+@pytest.mark.requires_java
 def test_caption_scores_equal_the_caption_metrics_of_the_generated_text(image_text):
     result = caption(OracleModel(), image_text, meteor=False, batch_size=4)
     assert result["captions"] == {i: f"a {name} square" for i, name in enumerate(NAMES)}

@@ -37,15 +37,60 @@ def test_separated_blobs_are_found_exactly():
     assert torch.allclose(result.inertia.double(), inertia_of(x, result.centroids, result.assignments), rtol=1e-4)
 
 
-def test_same_seed_same_result_and_batch_equals_single_images():
-    x = _blobs(B=4, N=40, W=8, centres=6, seed=1) + torch.randn(4, 40, 8)
-    a = kmeans(x, 5, seed=3)
-    b = kmeans(x, 5, seed=3)
-    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.assignments, b.assignments)
-    for i in range(4):  # batched results match each image clustered on its own within float tolerance
-        single = kmeans(x[i:i + 1], 5, seed=3)
-        assert torch.allclose(single.inertia, inertia_of(x[i:i + 1], single.centroids, single.assignments).float(),
-                              rtol=1e-4)
+def test_an_image_alone_is_clustered_exactly_as_inside_a_batch():
+    # `compress send` clusters one image, `compress eval` a batch: the same image must compress the same way.
+    # Four different images (other blob layouts, scales and noise), each clustered alone and in the batch.
+    x = torch.cat([_blobs(B=1, N=40, W=8, centres=3 + i, seed=10 + i) * (1 + i) + torch.randn(1, 40, 8)
+                   for i in range(4)])
+    batch = kmeans(x, 5, seed=3)
+    again = kmeans(x, 5, seed=3)
+    assert torch.equal(batch.centroids, again.centroids) and torch.equal(batch.assignments, again.assignments)
+    for i in range(4):
+        alone = kmeans(x[i:i + 1], 5, seed=3)
+        assert torch.equal(alone.assignments[0], batch.assignments[i]), f"image {i}: other clusters alone"
+        assert torch.equal(alone.centroids[0], batch.centroids[i]), f"image {i}"
+        assert alone.inertia[0].item() == batch.inertia[i].item(), f"image {i}"
+    # the images are clustered on their own draws of the seed, not on one shared fixed answer
+    assert not torch.equal(kmeans(x, 5, seed=4).assignments, batch.assignments)
+
+
+def _kmeans_plus_plus_distribution(points, k):
+    """Written-out k-means++ (local_trials = 1): exact probability of every ordered sequence of centres.
+
+    The first centre is uniform; each next one is point j with probability D(j)^2 / sum D^2, D(j) the
+    distance from j to the nearest centre chosen so far.
+    """
+    import itertools
+
+    n = len(points)
+    sq = [[sum((a - b) ** 2 for a, b in zip(p, q)) for q in points] for p in points]
+    probabilities = {}
+    for order in itertools.permutations(range(n), k):
+        p = 1.0 / n
+        for step in range(1, k):
+            nearest = [min(sq[c][j] for c in order[:step]) for j in range(n)]
+            p *= nearest[order[step]] / sum(nearest)
+        probabilities[order] = p
+    return probabilities
+
+
+def test_kmeans_plus_plus_draws_each_centre_with_probability_proportional_to_d_squared():
+    from dmclip.compress import kmeans as km
+
+    points = [(0.0, 0.0), (1.0, 0.0), (0.0, 2.0), (3.0, 3.0), (-4.0, 1.0), (5.0, -2.0)]
+    x = torch.tensor([points])
+    draws = 60_000  # independent restarts of one image: each is one sample of the three initial centres
+    centres = km.kmeans_plus_plus(x, 3, draws, torch.Generator().manual_seed(0), local_trials=1)[0]
+    chosen = torch.cdist(centres, x[0].expand(draws, -1, -1)).argmin(-1)  # (draws, 3) point indices
+    counts = {}
+    for order in map(tuple, chosen.tolist()):
+        counts[order] = counts.get(order, 0) + 1
+    exact = _kmeans_plus_plus_distribution(points, 3)
+    assert set(counts) <= set(exact), "a point was picked twice (its D^2 is 0)"
+    for order, p in exact.items():
+        frequency = counts.get(order, 0) / draws
+        # 5 binomial standard deviations: a sampler off by D vs D^2 is off by ~10 of them in many cells
+        assert abs(frequency - p) <= 5 * (p * (1 - p) / draws) ** 0.5, (order, frequency, p)
 
 
 def test_lloyd_steps_match_the_written_out_algorithm():

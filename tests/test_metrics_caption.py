@@ -84,6 +84,7 @@ def test_bleu_matches_an_independent_implementation():
         assert ours[f"bleu{n + 1}"] == pytest.approx(expected[n], rel=1e-6)
 
 
+@pytest.mark.requires_java
 def test_ptb_tokenize_equals_pycocoevalcap():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -112,6 +113,7 @@ def _pycocoevalcap_pipeline(meteor: bool):
     return out
 
 
+@pytest.mark.requires_java
 def test_equals_the_coco_caption_evaluation_without_meteor():
     ours = caption_metrics(REFERENCES, CANDIDATES, meteor=False)
     theirs = _pycocoevalcap_pipeline(meteor=False)
@@ -121,6 +123,7 @@ def test_equals_the_coco_caption_evaluation_without_meteor():
 
 
 @pytest.mark.slow
+@pytest.mark.requires_java
 def test_meteor_equals_the_coco_caption_evaluation():
     ours = caption_metrics(REFERENCES, CANDIDATES, meteor=True)
     theirs = _pycocoevalcap_pipeline(meteor=True)

@@ -6,8 +6,11 @@ slice of the same tensors, so the work is a handful of batched matmuls per itera
     distances  (B, N, R*k) = |x|^2 - 2 x C^T + |C|^2          one bmm
     centroids  (B, R*k, W) = onehot(assign)^T x / counts        one bmm
 
-Deterministic given ``seed`` (a CPU ``torch.Generator`` draws every random number). The restart with
-the lowest inertia wins per image: a single start often lands in a poor minimum (docs/compress.md).
+Deterministic given ``seed`` (a CPU ``torch.Generator`` draws every random number), and an image gets
+the same clusters alone as inside any batch: every image uses the same random numbers, drawn once for one
+image, so ``compress send`` (one image) and ``compress eval`` (batches) compress an image identically.
+The restart with the lowest inertia wins per image: a single start often lands in a poor minimum
+(docs/compress.md).
 """
 
 from __future__ import annotations
@@ -35,12 +38,20 @@ def _sq_distances(x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor) 
     return d.clamp_min_(0.0)
 
 
-def _sample(weights: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows of ``weights`` (M, N) >= 0 -> ``num`` indices per row drawn with probability ∝ weight."""
+def _sample(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Rows of ``weights`` (M, N) >= 0 and ``uniforms`` (M, T) in [0, 1) -> (M, T) indices drawn ∝ weight.
+
+    Inverse-CDF sampling: the caller supplies the random numbers, so they can be the same for every image.
+    """
+    N = weights.shape[-1]
+    weights = weights.to(torch.float64)  # a float32 running sum over N tokens would skew the tail
     total = weights.sum(-1, keepdim=True)
     # rows whose points all coincide with a centroid: draw uniformly (any choice has zero cost)
     weights = torch.where(total > 0, weights, torch.ones_like(weights))
-    return torch.multinomial(weights, num, replacement=True, generator=generator)
+    cdf = weights.cumsum(-1)
+    # right=True: a point of weight 0 (cdf flat there) is never picked; the clamp catches u * total rounding up
+    picks = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
+    return picks.clamp_max_(N - 1)
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, restarts: int, generator: torch.Generator,
@@ -48,19 +59,24 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, restarts: int, generator: torch.Ge
     """Greedy k-means++ (Arthur & Vassilvitskii 2007; greedy variant as in scikit-learn).
 
     x (B, N, W) -> initial centroids (B, restarts, k, W). Each new centre is the best of
-    ``local_trials`` candidates drawn ∝ D^2, judged by the potential it leaves.
+    ``local_trials`` candidates drawn ∝ D^2, judged by the potential it leaves. The random numbers are
+    drawn once, for one image, and shared by every image: image i's centres depend on its tokens and the
+    generator only, never on the other images in the batch.
     """
     B, N, W = x.shape
     R = restarts
     T = local_trials if local_trials is not None else 2 + int(math.log(k))
+    uniforms = torch.rand(R + (k - 1) * R * T, generator=generator, dtype=torch.float64)
     x_sq = (x * x).sum(-1)  # (B, N)
     batch = torch.arange(B).unsqueeze(1)  # (B, 1) for gathers
-    first = torch.randint(0, N, (B, R), generator=generator)
+    first = (uniforms[:R] * N).long().clamp_max_(N - 1).expand(B, R)
     centres = [x[batch, first]]  # list of (B, R, W)
     d0 = x_sq.unsqueeze(1) + x_sq[batch, first].unsqueeze(2) - 2 * torch.bmm(centres[0], x.transpose(1, 2))
     closest = d0.clamp_min_(0.0)  # (B, R, N) distance to the nearest chosen centre
-    for _ in range(1, k):
-        candidates = _sample(closest.reshape(B * R, N), T, generator).view(B, R * T)
+    for step in range(1, k):
+        offset = R + (step - 1) * R * T
+        draws = uniforms[offset:offset + R * T].view(1, R, T).expand(B, R, T).reshape(B * R, T)
+        candidates = _sample(closest.reshape(B * R, N), draws).view(B, R * T)
         cand_vectors = x[batch, candidates]  # (B, RT, W)
         d = (x_sq.unsqueeze(1) + x_sq[batch, candidates].unsqueeze(2)
              - 2 * torch.bmm(cand_vectors, x.transpose(1, 2))).clamp_min_(0.0)  # (B, RT, N)
