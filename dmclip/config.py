@@ -7,7 +7,7 @@ errors can name the key path, the value and what is allowed:
     class OptimConfig:
         lr: float = field(5e-4, "peak learning rate", min=0.0)
 
-``load_config(DistillConfig, recipe, sets=["optim.lr=1e-3"], shortcuts={"loss.alpha": 0.75})``
+``load_config(DistillConfig, recipe, sets=["train.lr=1e-3"], shortcuts={"loss.alpha": 0.75})``
 resolves recipe -> overrides -> shortcuts, in that order, and validates the result.
 """
 
@@ -123,7 +123,7 @@ def read_recipe(path: str | Path) -> tuple[dict, str]:
         raise DmclipError(f"recipe {str(path)!r} is a directory", "pass a YAML file inside it")
     if not path.is_file():
         raise DmclipError(f"recipe {str(path)!r} does not exist",
-                          "pass a YAML file, e.g. recipes/distill.yaml (ls recipes/ shows the built-in ones)")
+                          "pass a YAML file, e.g. recipes/distill-demo.yaml (ls recipes/ shows the built-in ones)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -350,7 +350,7 @@ def config_hash(cfg) -> str:
 def parse_override(text: str) -> tuple[str, Any]:
     """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``; the value is read as YAML."""
     if "=" not in text:
-        raise DmclipError(f"--set {text!r} has no '='", "write it as --set key.path=value, e.g. --set optim.lr=1e-3")
+        raise DmclipError(f"--set {text!r} has no '='", "write it as --set key.path=value, e.g. --set train.lr=1e-3")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
@@ -375,7 +375,7 @@ def set_path(data: dict, key: str, value: Any, cls=None) -> None:
     """Set ``a.b.c`` in a nested mapping, checking each part against dataclass ``cls`` if given."""
     parts = key.split(".")
     if any(not p for p in parts):
-        raise DmclipError(f"--set {key}: {key!r} is not a key path", "write it as a.b.c=value, e.g. optim.lr=1e-3")
+        raise DmclipError(f"--set {key}: {key!r} is not a key path", "write it as a.b.c=value, e.g. train.lr=1e-3")
     node, node_cls, walked, leaf = data, cls, [], None
     for i, part in enumerate(parts):
         walked.append(part)

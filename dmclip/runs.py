@@ -2,7 +2,7 @@
 
     runs/<command>/<YYYYmmdd-HHMMSS>-<name>-<6 hex of config hash>/
       run.json  recipe.yaml  resolved.yaml  overrides.txt  metrics.jsonl  log.txt
-      checkpoints/{last,best}.pt  results.json  report.md  *.png
+      checkpoints/last.pt  model/  results.json  report.md  *.png
 
 ``RunDir.create(...)`` makes a new one, ``RunDir.open(path)`` reopens one for ``--resume``;
 ``with run.active(): ...`` records status running -> completed | failed | interrupted.

@@ -244,7 +244,7 @@ def test_missing_directory_and_non_utf8_recipes(tmp_path):
 
 
 @pytest.mark.parametrize("setting, message, hint", [
-    ("optim.lr", "--set 'optim.lr' has no '='", "write it as --set key.path=value, e.g. --set optim.lr=1e-3"),
+    ("optim.lr", "--set 'optim.lr' has no '='", "write it as --set key.path=value, e.g. --set train.lr=1e-3"),
     ("=3", "--set '=3' has no key", "write it as --set key.path=value"),
     ("optim..lr=3", "--set optim..lr: 'optim..lr' is not a key path", "write it as a.b.c=value"),
     ("optim.lrr=1", "--set optim.lrr: unknown config key 'optim.lrr'", "did you mean optim.lr?"),

@@ -109,7 +109,8 @@ def check_model(model, ref: str = "the model") -> None:
     missing = [m for m in ("encode_image_tokens", "generate") if not callable(getattr(model, m, None))]
     if missing:
         raise DmclipError(f"{ref} cannot caption from image tokens (no {', '.join(missing)})",
-                          "use a BLIP model: dmclip pretrain --set model.family=blip, then --model run:<dir>")
+                          "use a BLIP model: train one with `dmclip pretrain recipes/pretrain-blip.yaml` "
+                          "(or --objective blip), then pass --model run:<its run dir>")
 
 
 def score_captions(references: dict, candidates: dict, tokenize: bool = True) -> dict:
