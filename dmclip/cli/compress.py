@@ -92,6 +92,9 @@ def register(app: typer.Typer) -> None:
                       batch_images: Annotated[int, typer.Option(
                           "--batch-images", help="Most images of concurrent requests captioned in one "
                           "decoder call.", min=1)] = 32,
+                      batch_wait_ms: Annotated[float, typer.Option(
+                          "--batch-wait-ms", help="How long the model waits for more requests once it has one.",
+                          min=0.0, max=1000.0)] = 2.0,
                       sets: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
         """Run the server half: receive payloads, restore tokens, caption, reply (Ctrl-C stops).
 
@@ -105,7 +108,7 @@ def register(app: typer.Typer) -> None:
             handler = caption_handler(captioner, cfg.decode, max_batch=max_batch)
             server = CaptionServer(handler, host, port, max_requests=max_requests, idle_timeout=idle_timeout,
                                    max_connections=max_connections, connection_timeout=connection_timeout,
-                                   batch_images=batch_images)
+                                   batch_images=batch_images, batch_wait=batch_wait_ms / 1000)
             accepts = handler.accepts
             err_console.print(f"serving on {server.host}:{server.port} (payloads of {accepts.tokens} tokens x "
                               f"{accepts.width}, at most {accepts.max_batch} images per request, "
@@ -138,10 +141,11 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress load --server 127.0.0.1:5000 --clients 4 --requests 20
         """
-        from dmclip.compress.load import loopback_address, run_load
+        from dmclip.compress.load import check_bounds, loopback_address, run_load
         from dmclip.compress.pipeline import CompressConfig
 
-        address = loopback_address(server)  # before a run directory is made
+        address = loopback_address(server)  # both before a run directory is made
+        check_bounds(clients, requests, time_limit, timeout)
 
         def load(cfg, run):
             result = run_load(address, clients, requests, k=cfg.k, dtype=cfg.dtype, seed=cfg.seed, timeout=timeout,

@@ -69,15 +69,20 @@ def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def check_bounds(clients: int, requests: int, time_limit: float = 60.0, timeout: float = 30.0) -> None:
+    if not 1 <= clients <= MAX_CLIENTS:
+        raise DmclipError(f"--clients {clients} is out of range", f"use 1 to {MAX_CLIENTS} clients")
+    if not 1 <= requests <= MAX_REQUESTS:
+        raise DmclipError(f"--requests {requests} is out of range", f"use 1 to {MAX_REQUESTS} requests per client")
+    if not 0 < time_limit <= 3600 or not 0 < timeout <= 600:
+        raise DmclipError("--time-limit must lie in (0, 3600] s and --timeout in (0, 600] s", "e.g. --time-limit 60")
+
+
 def run_load(address, clients: int, requests: int, *, make: RequestMaker | None = None, k: int = 8,
              dtype: str = "float16", seed: int = 0, timeout: float = 30.0, time_limit: float = 60.0) -> dict:
     """``clients`` connections, ``requests`` each, at once; stops sending after ``time_limit`` s."""
     host, port = loopback_address(address)
-    if not 1 <= clients <= MAX_CLIENTS or not 1 <= requests <= MAX_REQUESTS:
-        raise DmclipError(f"--clients {clients} / --requests {requests} out of range",
-                          f"1 <= clients <= {MAX_CLIENTS}, 1 <= requests <= {MAX_REQUESTS}")
-    if not 0 < time_limit <= 3600 or not 0 < timeout <= 600:
-        raise DmclipError("--time-limit must lie in (0, 3600] s and --timeout in (0, 600] s", "e.g. --time-limit 60")
+    check_bounds(clients, requests, time_limit, timeout)
     with LinkClient((host, port), timeout=timeout) as probe:
         info = probe.info()
     if make is None:
