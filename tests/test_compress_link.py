@@ -289,7 +289,7 @@ def fuzzed_server():
 def test_fuzzed_frames_get_a_reply_and_never_stop_the_server(fuzzed_server, body):
     with LinkClient(("127.0.0.1", fuzzed_server.port), timeout=10) as client:
         reply = client.request(body)["reply"]
-        assert reply["ok"] is False and reply["error"]
+        assert (reply["ok"] is False and reply["error"]) or "info" in reply  # hypothesis does find {"op":"info"}
         assert _fits(client.request(_valid_frame_body())["reply"])
 
 
