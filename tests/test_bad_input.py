@@ -209,6 +209,14 @@ CATALOGUE: dict[str, tuple[Setup, str, str]] = {
     "set-unknown-section": (
         lambda tmp, runs: ["pretrain", "--set", "optim.lr=1e-3"],
         "--set optim.lr: unknown config key 'optim'", "..."),
+    # ---- compress load
+    "load-not-loopback": (
+        lambda tmp, runs: ["compress", "load", "--server", "192.0.2.7:5000"],
+        "the load generator only targets this machine; 192.0.2.7 is not a loopback address",
+        "run it next to the server: --server 127.0.0.1:PORT"),
+    "load-too-many-clients": (
+        lambda tmp, runs: ["compress", "load", "--server", "127.0.0.1:5000", "--clients", "1000"],
+        "--clients 1000 is out of range", "use 1 to 64 clients"),
     # ---- checkpoints and models
     "resume-other-architecture": (
         lambda tmp, runs: ["pretrain", "--resume", str(other_architecture_checkpoint(tmp, runs))],

@@ -149,3 +149,18 @@ def test_encode_refuses_inconsistent_payloads():
         encode(Payload("none", 3, torch.zeros(1, 2, 4, dtype=torch.float64)))
     with pytest.raises(DmclipError):
         decode("not bytes")  # type: ignore[arg-type]
+
+
+def test_a_server_refuses_a_header_before_the_body_is_read():
+    """The accept hook sees the header of a payload whose body was never sent (a million tokens claimed)."""
+    accepts = codec.Accepts(tokens=17, width=6, max_batch=2)
+    body = struct.pack("<4sBBBBHIIHB", codec.MAGIC, codec.VERSION, 1, 0, 3, 3, 2**20, 1, 6, 0)
+    with pytest.raises(DmclipError) as refused:
+        decode(body + struct.pack("<I", zlib.crc32(body)), accepts.check)
+    message = refused.value.message
+    assert "1048577 tokens per image (N=1048576 + class token), expected 17" in message
+    assert "3 images in one request, expected at most 2" in message
+    fits = Payload("kmeans", 16, quantize(torch.rand(1, 2, 6), "float16")[0],
+                   class_tokens=quantize(torch.rand(1, 6), "float16")[0], indices=torch.zeros(1, 16, dtype=torch.long))
+    accepts.check(fits.header)
+    assert decode(encode(fits), accepts.check).n_tokens == 16

@@ -81,6 +81,20 @@ def register(app: typer.Typer) -> None:
                           "--max-requests", help="Stop after this many frames.")] = None,
                       idle_timeout: Annotated[float | None, typer.Option(
                           "--idle-timeout", help="Stop after this many seconds without a connection.")] = None,
+                      max_connections: Annotated[int, typer.Option(
+                          "--max-connections", help="Connections served at once; the next gets a 'busy' reply.",
+                          min=1)] = 16,
+                      connection_timeout: Annotated[float, typer.Option(
+                          "--connection-timeout", help="Seconds a connection may send nothing, or take to send "
+                          "one frame, before it gets an error reply and is closed.", min=0.01)] = 30.0,
+                      max_batch: Annotated[int, typer.Option(
+                          "--max-batch", help="Images one request may carry.", min=1)] = 16,
+                      batch_images: Annotated[int, typer.Option(
+                          "--batch-images", help="Most images of concurrent requests captioned in one "
+                          "decoder call.", min=1)] = 32,
+                      batch_wait_ms: Annotated[float, typer.Option(
+                          "--batch-wait-ms", help="How long the model waits for more requests once it has one.",
+                          min=0.0, max=1000.0)] = 2.0,
                       sets: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
         """Run the server half: receive payloads, restore tokens, caption, reply (Ctrl-C stops).
 
@@ -91,9 +105,14 @@ def register(app: typer.Typer) -> None:
 
         def serve(cfg, run):
             captioner = load_compress_model(cfg.model)
-            server = CaptionServer(caption_handler(captioner, cfg.decode), host, port, max_requests=max_requests,
-                                   idle_timeout=idle_timeout)
-            err_console.print(f"serving on {server.host}:{server.port}")
+            handler = caption_handler(captioner, cfg.decode, max_batch=max_batch)
+            server = CaptionServer(handler, host, port, max_requests=max_requests, idle_timeout=idle_timeout,
+                                   max_connections=max_connections, connection_timeout=connection_timeout,
+                                   batch_images=batch_images, batch_wait=batch_wait_ms / 1000)
+            accepts = handler.accepts
+            err_console.print(f"serving on {server.host}:{server.port} (payloads of {accepts.tokens} tokens x "
+                              f"{accepts.width}, at most {accepts.max_batch} images per request, "
+                              f"{max_connections} connections)")
             try:
                 stats = server.serve().as_dict()
             finally:
@@ -104,6 +123,50 @@ def register(app: typer.Typer) -> None:
         _, stats = execute("compress", CompressConfig, serve, sets=sets, shortcuts={"model": model},
                            name=name or "serve", runs_dir=runs_dir)
         console.print(stats)
+
+    @group.command("load")
+    def load_command(server: Annotated[str, typer.Option("--server", help="host:port of `compress serve` "
+                                                         "(loopback only).")],
+                     clients: Annotated[int, typer.Option("--clients", help="Concurrent connections.")] = 4,
+                     requests: Annotated[int, typer.Option("--requests", help="Requests per client.")] = 20,
+                     k: KOpt = None, dtype: DtypeOpt = None, seed: SeedOpt = None,
+                     time_limit: Annotated[float, typer.Option(
+                         "--time-limit", help="Stop sending after this many seconds.")] = 60.0,
+                     timeout: Annotated[float, typer.Option(
+                         "--timeout", help="Seconds to wait for one reply.")] = 30.0,
+                     sets: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
+        """Load-test a server on this machine: requests/s, p50/p95/p99 latency, bytes/s, errors.
+
+        Each client sends k-means-shaped payloads that fit the server's model (it asks the server first).
+
+        Example: dmclip compress load --server 127.0.0.1:5000 --clients 4 --requests 20
+        """
+        from dmclip.compress.load import check_bounds, loopback_address, run_load
+        from dmclip.compress.pipeline import CompressConfig
+
+        address = loopback_address(server)  # both before a run directory is made
+        check_bounds(clients, requests, time_limit, timeout)
+
+        def load(cfg, run):
+            result = run_load(address, clients, requests, k=cfg.k, dtype=cfg.dtype, seed=cfg.seed, timeout=timeout,
+                              time_limit=time_limit)
+            run.write_results(result)
+            run.write_text("report.md", "# compress load\n\n" + "".join(
+                f"- {key}: {value}\n" for key, value in result.items() if key != "server_info"))
+            return result
+
+        _, result = execute("compress", CompressConfig, load, sets=sets, shortcuts={"k": k, "dtype": dtype,
+                                                                                   "seed": seed},
+                            name=name or "load", runs_dir=runs_dir)
+        r = result
+        console.print(f"{r['ok']} of {r['clients'] * r['requests_per_client']} requests answered ok "
+                      f"({r['errors']} errors, {r['mismatched']} mismatched, {r['lost']} lost, {r['not_sent']} not "
+                      f"sent) by {r['server']} in {r['seconds']:.2f} s, {r['clients']} clients")
+        if r["replies"]:
+            console.print(f"{r['requests_per_s']:.1f} requests/s | latency p50 {r['p50_ms']:.1f} ms, p95 "
+                          f"{r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms | {r['bytes_per_s']:,.0f} bytes/s")
+        for message, count in result["error_messages"].items():
+            err_console.print(f"{count} x {message}")
 
     @group.command("send")
     def send_command(images: Annotated[list[Path], typer.Argument(help="Image files (PNG/JPEG) to caption.")],

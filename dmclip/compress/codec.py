@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +98,12 @@ class Payload:
     def total_tokens(self) -> int:
         """Tokens per image the encoder emitted (class token included)."""
         return self.n_tokens + (1 if self.class_tokens is not None else 0)
+
+    @property
+    def header(self) -> Header:
+        """The header this payload is sent with (what a server checks before decoding it)."""
+        return Header(self.selector, self.dtype, self.batch, self.n_tokens, self.vectors.shape[1], self.width,
+                      self.class_tokens is not None, self.indices is not None)
 
     def split(self) -> list[Payload]:
         """One payload per image (what the link sends)."""
@@ -238,14 +245,46 @@ class _Reader:
         return torch.from_numpy(np.frombuffer(raw, dtype=npd).reshape(shape).copy())
 
 
-def decode(data: bytes) -> Payload:
-    """Bytes -> Payload. Anything malformed raises DmclipError (never another exception)."""
+@dataclass(frozen=True)
+class Header:
+    """The fixed fields of a payload (what ``decode`` knows before it reads any vector)."""
+
+    selector: str
+    dtype: str
+    batch: int  # B
+    n_tokens: int  # N
+    k: int  # K vectors per image sent
+    width: int  # W
+    has_class: bool
+    has_indices: bool
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens per image the sender's encoder emitted (class token included)."""
+        return self.n_tokens + (1 if self.has_class else 0)
+
+
+def _crc(data: bytes) -> int:
+    return struct.unpack("<I", data[-CRC_BYTES:])[0]
+
+
+def payload_crc(data: bytes) -> int | None:
+    """The CRC-32 a payload ends with (the link echoes it in the reply, so a reply names its request)."""
+    return _crc(data) if len(data) >= HEADER_BYTES + CRC_BYTES and data[:4] == MAGIC else None
+
+
+def decode(data: bytes, accept: Callable[[Header], None] | None = None) -> Payload:
+    """Bytes -> Payload. Anything malformed raises DmclipError (never another exception).
+
+    ``accept(header)`` runs once the header is read and checked, before any vector or index is read or
+    allocated: a server refuses a payload that does not fit its model there (:meth:`Accepts.check`).
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DmclipError(f"decode expects bytes, got {type(data).__name__}", "pass the received frame")
     data = bytes(data)
     if len(data) < HEADER_BYTES + CRC_BYTES:
         raise DmclipError(f"payload truncated: {len(data)} bytes is shorter than a header", _BAD_HINT)
-    body, crc = data[:-CRC_BYTES], struct.unpack("<I", data[-CRC_BYTES:])[0]
+    body, crc = data[:-CRC_BYTES], _crc(data)
     magic, version, selector_id, dtype_id, flags, B, N, K, W, bits = _HEADER.unpack_from(body, 0)
     if magic != MAGIC:
         raise DmclipError(f"bad magic {magic!r} (expected {MAGIC!r})", _BAD_HINT)
@@ -280,6 +319,8 @@ def decode(data: bytes) -> Payload:
         selector = names[selector_id]
     else:
         raise DmclipError(f"unknown selector id {selector_id}", _BAD_HINT)
+    if accept is not None:
+        accept(Header(selector, dtype, B, N, K, W, has_class, has_indices))
     # the size the header promises must be exactly what arrived (checked before allocating anything big)
     item = _NUMPY_DTYPES[dtype].itemsize
     expected = reader.pos
@@ -304,6 +345,65 @@ def decode(data: bytes) -> Payload:
             raise DmclipError(f"an index points past the {K} vectors sent", _BAD_HINT)
         indices = torch.from_numpy(flat.reshape(B, N))
     return Payload(selector, N, vectors, scales, class_tokens, class_scales, indices)
+
+
+# ------------------------------------------------------------------------------------------ what a server reads
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """What a server's model reads: the payloads it decodes; every other one is refused from its header.
+
+    A payload fits when its tokens per image (N + class token) equal ``tokens`` (what the model's image
+    tower emits), its vectors are ``width`` wide, it sends at most N vectors per image, carries at most
+    ``max_batch`` images, and its dtype and selector are listed. The restored sequence then has at most
+    ``tokens`` tokens, so a request costs the server what an image of its own model costs.
+    """
+
+    tokens: int
+    width: int
+    max_batch: int = 16
+    dtypes: tuple[str, ...] = tuple(DTYPES)
+    selectors: tuple[str, ...] = tuple(SELECTOR_IDS)
+
+    def check(self, header: Header) -> None:
+        got = []
+        if header.total_tokens != self.tokens:
+            parts = f"N={header.n_tokens}" + (" + class token" if header.has_class else "")
+            got.append(f"{header.total_tokens} tokens per image ({parts}), expected {self.tokens}")
+        if header.width != self.width:
+            got.append(f"vectors {header.width} wide, expected {self.width}")
+        if header.k > header.n_tokens:
+            got.append(f"K={header.k} vectors per image for N={header.n_tokens} tokens, expected K <= N")
+        if header.batch > self.max_batch:
+            got.append(f"{header.batch} images in one request, expected at most {self.max_batch}")
+        if header.dtype not in self.dtypes:
+            got.append(f"dtype {header.dtype}, expected one of {', '.join(self.dtypes)}")
+        if header.selector not in self.selectors:
+            got.append(f"selector {header.selector!r}, expected one of {', '.join(self.selectors)}")
+        if got:
+            raise DmclipError("payload does not fit this server's model: " + "; ".join(got),
+                              "edge and server must run the same model (the server's `info` names what it "
+                              "reads); send at most max_batch images per request")
+
+    def max_payload_bytes(self) -> int:
+        """The longest payload that can fit (float32, every token sent, named selector): a frame limit."""
+        item = _NUMPY_DTYPES["float32"].itemsize
+        per_image = self.tokens * self.width * item + packed_index_bytes(self.tokens, index_bits(self.tokens))
+        return HEADER_BYTES + 256 + self.max_batch * (per_image + 8) + CRC_BYTES
+
+    def as_dict(self) -> dict:
+        return {"tokens": self.tokens, "width": self.width, "max_batch": self.max_batch,
+                "dtypes": list(self.dtypes), "selectors": list(self.selectors)}
+
+    @classmethod
+    def from_dict(cls, info: dict) -> Accepts:
+        try:
+            return cls(int(info["tokens"]), int(info["width"]), int(info["max_batch"]),
+                       tuple(str(d) for d in info["dtypes"]), tuple(str(s) for s in info["selectors"]))
+        except (KeyError, TypeError, ValueError):
+            raise DmclipError("the server's info reply is incomplete", "is this a dmclip compress server "
+                              "of the same version?") from None
 
 
 # ------------------------------------------------------------------------------------------ accounting

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dmclip.compress.codec import decode, encode, payload_stats
+from dmclip.compress.codec import DTYPES, Accepts, decode, encode, payload_stats
 from dmclip.compress.selectors import Selector, build_selector, restore_payload
 from dmclip.config import field
 from dmclip.data.base import float_images
@@ -456,20 +456,43 @@ def plot_sweep(rows: list[dict], path: Path, metric: str = "bleu4") -> Path:
 # ------------------------------------------------------------------------------------------ the link
 
 
-def caption_handler(model, decode_cfg: DecodeConfig) -> Callable:
-    """Server side: payload -> {"captions": [...], "restored_tokens": M}."""
-    check_model(model)
-    width = getattr(model, "vision_width", None)
+class CaptionHandler:
+    """Server side: what the model reads (``accepts``), payload -> tokens (``restore``), tokens -> captions.
+
+    ``accepts.tokens`` and ``accepts.width`` come from one forward pass of the model's image tower on a
+    blank image, so they hold for any model that can play the edge. ``CaptionServer`` checks ``accepts``
+    against each payload's header before decoding it and captions concurrent requests in one ``caption`` call.
+    """
+
+    def __init__(self, model, decode_cfg: DecodeConfig, *, max_batch: int = 16, dtypes: tuple[str, ...] | None = None,
+                 selector_names: tuple[str, ...] | None = None):
+        from dmclip.registry import selectors
+
+        check_model(model)
+        self.model, self.decode_cfg = model, decode_cfg
+        size = int(model.image_size)
+        with torch.no_grad():
+            probe = model.encode_image_tokens(torch.zeros(1, 3, size, size))
+        tokens, width = int(probe.shape[1]), int(probe.shape[2])
+        self.accepts = Accepts(tokens, width, max_batch, tuple(dtypes or DTYPES),
+                               tuple(selector_names or selectors.names()))
+
+    def restore(self, payload) -> torch.Tensor:
+        self.accepts.check(payload.header)
+        return restore_payload(payload)
 
     @torch.no_grad()
-    def handle(payload) -> dict:
-        if width is not None and payload.width != width:
-            raise DmclipError(f"payload vectors are {payload.width} wide; this server's decoder reads {width}",
-                              "edge and server must use the same model")
-        tokens = restore_payload(payload)
-        return {"captions": caption_tokens(model, tokens, decode_cfg), "restored_tokens": tokens.shape[1]}
+    def caption(self, tokens: torch.Tensor) -> list[str]:
+        return caption_tokens(self.model, tokens, self.decode_cfg)
 
-    return handle
+    def __call__(self, payload) -> dict:
+        tokens = self.restore(payload)
+        return {"captions": self.caption(tokens), "restored_tokens": tokens.shape[1]}
+
+
+def caption_handler(model, decode_cfg: DecodeConfig, **limits) -> CaptionHandler:
+    """Server side: payload -> {"captions": [...], "restored_tokens": M}, with what the model reads."""
+    return CaptionHandler(model, decode_cfg, **limits)
 
 
 def load_images(paths: list[Path], image_size: int) -> list[torch.Tensor]:
@@ -497,15 +520,25 @@ def send_images(model, selector: Selector, images: list[torch.Tensor], address, 
     check_model(model)
     rows = []
     with LinkClient(address, timeout=timeout) as client:
+        info = client.info()
+        accepts = Accepts.from_dict(info.get("accepts") or {})
         for i, image in enumerate(images):
             t0 = time.perf_counter()
             tokens = model.encode_image_tokens(float_images(image.unsqueeze(0))).float()
-            body = encode(selector.compress(tokens))
+            payload = selector.compress(tokens)
+            try:  # the server would refuse it: say so before sending, in the server's own words
+                accepts.check(payload.header)
+            except DmclipError as exc:
+                raise DmclipError(f"{exc.message} (server {client.host}:{client.port})",
+                                  "use the server's model on the edge too (--model), with a selector and "
+                                  f"--dtype it accepts ({', '.join(accepts.dtypes)})") from None
+            body = encode(payload)
             edge = time.perf_counter() - t0
             answer = client.request(body)
             reply = answer["reply"]
             if not reply.get("ok"):
-                raise DmclipError(f"the server refused image {i}: {reply.get('error')}", "check the server's log")
+                raise DmclipError(f"the server refused image {i}: {reply.get('error')}",
+                                  reply.get("hint") or "check the server's log")
             rows.append({"image": names[i] if names else str(i), "caption": reply["captions"][0],
                          "payload_bytes": len(body), "wire_bytes_sent": answer["bytes_sent"],
                          "wire_bytes_received": answer["bytes_received"], "rtt_ms": 1000 * answer["rtt_seconds"],
