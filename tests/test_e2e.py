@@ -223,3 +223,54 @@ def test_distill_from_an_ensemble_of_teachers(teacher_run, second_teacher, tmp_p
 def test_an_ensemble_of_one_is_refused(tmp_path, capsys):
     code = main(["distill", "--teacher", "ensemble:run:x", "--runs-dir", str(tmp_path)])
     assert code == 2 and "two or more" in capsys.readouterr().err
+
+
+def test_distill_cache_then_distill_from_the_store_through_the_cli(teacher_run, tmp_path, capsys):
+    """`dmclip distill cache` writes the store; `dmclip distill --teacher embeddings:<store>` trains from it."""
+    from dmclip.data import build_dataset
+    from dmclip.data.reinforced import ReinforcedStore, apply_boxes
+
+    store_dir = tmp_path / "store"
+    teacher_ref = f"run:{teacher_run.path}"
+    assert main(["distill", "cache", "--teacher", teacher_ref, "--data", TINY_DATA, "--out", str(store_dir),
+                 "--augmentations", "3"]) == 0
+    assert f"dmclip distill --teacher embeddings:{store_dir}" in capsys.readouterr().out.replace("\n", "")
+    store = ReinforcedStore(store_dir)
+    assert store.meta["teacher"] == teacher_ref and store.meta["data"] == TINY_DATA
+    assert store.image_embeddings.shape[:2] == (96, 3)
+    teacher = load_model_ref(teacher_ref).eval()
+    image = build_dataset(TINY_DATA, image_size=teacher.image_size)[5]["image"].float().unsqueeze(0) / 255
+    with torch.no_grad():
+        expected = teacher.encode_image(apply_boxes(image, store.boxes[5, 2].unsqueeze(0)))[0]
+    torch.testing.assert_close(store.image_embeddings[5, 2].float(), expected, atol=1e-3, rtol=1e-3)
+
+    ref = f"embeddings:{store_dir}"
+    assert main(["distill", "--teacher", ref, "--student", "mamba-tiny-test", "--alpha", "1", "--steps", "2",
+                 "--batch-size", "16", "--runs-dir", str(tmp_path / "runs"), "--set", "train.progress=false",
+                 "--set", "train.log_every=1",
+                 "--set", "eval.zeroshot="]) == 0
+    run = _only_run(tmp_path / "runs", "distill")
+    assert run.info["status"] == "completed" and run.results()["teacher"] == ref
+    rows = run.metrics()
+    assert [r["step"] for r in rows] == [1, 2] and all(r["distill"] > 0 for r in rows)
+    student = load_model_ref(f"run:{run.path}")
+    tokens = teacher.tokenize(["a red circle"])  # the store's teacher gave the student its text tower
+    torch.testing.assert_close(student.encode_text(tokens), teacher.encode_text(tokens))
+
+
+def test_pretrain_blip_in_one_process(tmp_path):
+    """`dmclip pretrain --objective blip`: a completed run whose saved BLIP captions an image."""
+    code = main(["pretrain", "--objective", "blip", "--data", TINY_DATA, "--steps", "2", "--batch-size", "8",
+                 "--runs-dir", str(tmp_path), *TINY_CLIP, "--set", "eval.zeroshot="])
+    assert code == 0
+    run = _only_run(tmp_path, "pretrain")
+    assert run.info["status"] == "completed" and run.results()["objective"] == "blip"
+    rows = run.metrics()
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    model = load_model_ref(f"run:{run.path}").eval()
+    assert model.arch["family"] == "blip"
+    with torch.inference_mode():
+        captions = model.generate(torch.rand(2, 3, model.image_size, model.image_size), method="beam",
+                                  num_beams=2, max_length=5, min_length=1)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
