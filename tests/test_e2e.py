@@ -84,6 +84,7 @@ def test_distill_from_the_teacher_and_eval(teacher_run, tmp_path):
     torch.testing.assert_close(student.encode_text(tokens), teacher.encode_text(tokens))
 
 
+@pytest.mark.slow
 def test_alpha_sweep_writes_one_run_per_point_and_a_summary(teacher_run, tmp_path, plot_pixels):
     code = main(["distill", "--teacher", f"run:{teacher_run.path}", "--student", "mamba-tiny-test", "--alpha", "0,1",
                  "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(tmp_path),
