@@ -70,3 +70,26 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def plot_pixels():
+    """``plot_pixels(path, size=(w, h))`` -> ``{colour: pixel count}`` of a PNG plot, after checking that it
+    decodes to ``size`` and is not blank. Count matplotlib's line colours ("C0", "C3", ...) to see that the
+    data was drawn: a legend sample alone is a few dozen pixels, a drawn line hundreds."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+    from PIL import Image
+
+    def count(path, size: tuple[int, int], colours=("C0", "C1", "C2", "C3")) -> dict:
+        with Image.open(path) as image:
+            assert image.size == size, f"{path} is {image.size}, expected {size}"
+            pixels = np.asarray(image.convert("RGB")).astype(int)
+        assert (pixels.min(axis=-1) < 250).mean() > 0.01, f"{path} is blank"
+        out = {}
+        for colour in colours:
+            rgb = np.array([round(255 * v) for v in to_rgb(colour)])
+            out[colour] = int((np.abs(pixels - rgb).max(axis=-1) <= 8).sum())
+        return out
+
+    return count

@@ -44,13 +44,17 @@ def _stderr_lines(capsys) -> list[str]:
 @pytest.mark.parametrize("argv, snapshot", [
     (["--help"], "dmclip.txt"), (["runs", "--help"], "runs.txt"), (["list", "--help"], "list.txt")])
 def test_help_snapshot(argv, snapshot, plain_help, capsys):
-    """Help text changes only on purpose. Regenerate: DMCLIP_UPDATE_SNAPSHOTS=1 pytest tests/test_cli.py"""
+    """Help text changes only on purpose. Regenerate: DMCLIP_UPDATE_SNAPSHOTS=1 pytest tests/test_cli.py -k help,
+    which rewrites a snapshot that differs and still fails, so that a run with the variable set never passes;
+    review the diff, then rerun without it."""
     assert main(argv) == 0
     out = "\n".join(line.rstrip() for line in capsys.readouterr().out.splitlines()) + "\n"
     path = SNAPSHOTS / snapshot
-    if os.environ.get("DMCLIP_UPDATE_SNAPSHOTS"):
+    if out != path.read_text() and os.environ.get("DMCLIP_UPDATE_SNAPSHOTS"):
         path.write_text(out)
-    assert out == path.read_text(), f"`dmclip {' '.join(argv)}` changed; if on purpose, regenerate {path}"
+        pytest.fail(f"snapshot {path} updated: review `git diff {path}`, then rerun without DMCLIP_UPDATE_SNAPSHOTS")
+    assert out == path.read_text(), (f"`dmclip {' '.join(argv)}` changed; if on purpose, regenerate {path} "
+                                     "with DMCLIP_UPDATE_SNAPSHOTS=1")
 
 
 def _all_commands(group=None, prefix=()):

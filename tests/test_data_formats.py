@@ -145,6 +145,37 @@ def test_huggingface_json_file_with_relative_image_paths(world, tmp_path):
     _same_samples(build_dataset(f"hf:{tmp_path}/c/pairs.jsonl", image_size=SIZE), world)
 
 
+@pytest.mark.slow
+def test_huggingface_column_label_and_template_options(world, tmp_path):
+    """hf:<file>:image_column=..:text_column=.. picks the named columns over the auto-detected ones;
+    label_column=.. makes a classification set (each distinct value a class, sorted), templates=.. its prompts.
+    Before the fix, an explicit label_column lost to an auto-detected caption column, and plain int labels
+    crashed ('int' object has no attribute 'replace')."""
+    export(world, "coco", tmp_path / "c")
+    kinds = ["red_circle", "blue_square", "green_star"]
+    with open(tmp_path / "c" / "rows.jsonl", "w") as fh:
+        for i in range(len(world)):
+            fh.write(json.dumps({"picture": f"images/{i:08d}.png", "image": "not/this.png",
+                                 "caption": "the wrong column", "description": world.captions(i),
+                                 "kind": kinds[i % 3], "number": 10 + i % 2}) + "\n")
+    rows = f"hf:{tmp_path}/c/rows.jsonl"
+    _same_samples(build_dataset(f"{rows}:image_column=picture:text_column=description", image_size=SIZE), world)
+
+    templates = tmp_path / "t.txt"
+    templates.write_text("a drawing of a {}.\n")
+    by_kind = build_dataset(f"{rows}:image_column=picture:label_column=kind:templates={templates}", image_size=SIZE)
+    assert by_kind.classnames == ["blue square", "green star", "red circle"]  # underscores read as spaces
+    assert by_kind.templates == ["a drawing of a {}."]
+    assert [by_kind.label(i) for i in range(len(world))] == [
+        sorted(kinds).index(kinds[i % 3]) for i in range(len(world))]
+    assert torch.equal(by_kind[4]["image"], world[4]["image"])
+    by_number = build_dataset(f"{rows}:image_column=picture:label_column=number", image_size=SIZE)
+    assert by_number.classnames == ["10", "11"]
+    assert [by_number.label(i) for i in range(len(world))] == [i % 2 for i in range(len(world))]
+    with pytest.raises(DmclipError, match="no column 'nope'"):
+        build_dataset(f"{rows}:image_column=picture:label_column=nope", image_size=SIZE)
+
+
 # ---------------------------------------------------------------------------------- Fashion-MNIST
 
 

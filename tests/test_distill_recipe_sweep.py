@@ -140,6 +140,7 @@ TINY_CLIP = ["--set", "model.vision_width=32", "--set", "model.vision_depth=1", 
              "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot="]
 
 
+@pytest.mark.slow
 def test_recipe_sweep_end_to_end_writes_the_alpha_sweep_layout(tmp_path):
     teachers = tmp_path / "teachers"
     assert main(["pretrain", "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(teachers),

@@ -84,7 +84,8 @@ def test_distill_from_the_teacher_and_eval(teacher_run, tmp_path):
     torch.testing.assert_close(student.encode_text(tokens), teacher.encode_text(tokens))
 
 
-def test_alpha_sweep_writes_one_run_per_point_and_a_summary(teacher_run, tmp_path):
+@pytest.mark.slow
+def test_alpha_sweep_writes_one_run_per_point_and_a_summary(teacher_run, tmp_path, plot_pixels):
     code = main(["distill", "--teacher", f"run:{teacher_run.path}", "--student", "mamba-tiny-test", "--alpha", "0,1",
                  "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(tmp_path),
                  "--set", "train.progress=false", "--set", "eval.zeroshot="])
@@ -99,7 +100,8 @@ def test_alpha_sweep_writes_one_run_per_point_and_a_summary(teacher_run, tmp_pat
     assert [line.split(",")[0] for line in summary[1:]] == ["teacher", "student alpha=0", "student alpha=1"]
     markdown = (sweep / "summary.md").read_text()
     assert "RQ1" in markdown and "RQ2" in markdown and "ViT of the student's size" in markdown
-    assert (sweep / "summary.png").stat().st_size > 1000
+    colours = plot_pixels(sweep / "summary.png", size=(780, 456))  # 6.5 x 3.8 in at 120 dpi
+    assert sum(colours.values()) > 600, colours  # one line per eval column over alpha, not only the legend
 
 
 @pytest.mark.slow
@@ -152,8 +154,43 @@ def test_bad_input_is_one_line_with_a_hint(argv, words, tmp_path, capsys):
     assert words in err and "hint:" in err
 
 
-def test_distill_from_an_ensemble_of_teachers(teacher_run, tmp_path):
-    ref = f"ensemble:run:{teacher_run.path}+run:{teacher_run.path}"
+@pytest.fixture(scope="module")
+def second_teacher(tmp_path_factory) -> RunDir:
+    """Another tiny CLIP teacher: same data and sizes as `teacher_run`, another seed, so other weights."""
+    root = tmp_path_factory.mktemp("runs2")
+    code = main(["pretrain", "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(root),
+                 "--name", "tiny-teacher-2", "--seed", "1", *TINY_CLIP, "--set", "eval.zeroshot="])
+    assert code == 0
+    return _only_run(root, "pretrain")
+
+
+def _kd_oracle(student_out: dict, members: list, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """KD written out: targets are the members' softmax(scale * image @ text.T) (both ways) averaged; the
+    student's text features are the first member's (frozen teacher text tower)."""
+    import torch.nn.functional as F
+
+    probs_i2t, probs_t2i = [], []
+    for member in members:
+        image = F.normalize(member.encode_image(images), dim=-1)
+        text = F.normalize(member.encode_text(member.tokenize(captions)), dim=-1)
+        scale = member.logit_scale.exp().clamp(max=100.0)
+        probs_i2t.append((scale * image @ text.T).softmax(dim=1))
+        probs_t2i.append((scale * text @ image.T).softmax(dim=1))
+    text = F.normalize(members[0].encode_text(members[0].tokenize(captions)), dim=-1)
+    s_i2t = student_out["logit_scale"] * student_out["image_features"] @ text.T
+    s_t2i = s_i2t.T
+    p_i2t, p_t2i = sum(probs_i2t) / len(members), sum(probs_t2i) / len(members)
+    return (-(p_i2t * s_i2t.log_softmax(dim=1)).sum(dim=1).mean()
+            - (p_t2i * s_t2i.log_softmax(dim=1)).sum(dim=1).mean()) / 2
+
+
+def test_distill_from_an_ensemble_of_teachers(teacher_run, second_teacher, tmp_path):
+    from dmclip.data import build_dataset
+    from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
+    from dmclip.pretrain import pick_caption
+
+    a, b = f"run:{teacher_run.path}", f"run:{second_teacher.path}"
+    ref = f"ensemble:{a}+{b}"
     code = main(["distill", "--teacher", ref, "--student", "vit-nano", "--data", TINY_DATA, "--steps", "2",
                  "--batch-size", "16", "--runs-dir", str(tmp_path), "--set", "train.progress=false",
                  "--set", "eval.zeroshot="])
@@ -162,7 +199,79 @@ def test_distill_from_an_ensemble_of_teachers(teacher_run, tmp_path):
     assert run.results()["teacher"] == ref
     assert load_model_ref(f"run:{run.path}").encode_image(torch.rand(1, 3, 32, 32)).shape[-1] == 32
 
+    # the KD loss on a fixed batch is the formula with both members' probabilities averaged after the softmax
+    cfg = DistillConfig(teacher=ref)
+    cfg.student.name, cfg.loss.alpha = "vit-nano", 1.0
+    ensemble = load_teacher(ref)
+    torch.manual_seed(0)
+    student = build_student(cfg, ensemble).eval()
+    task = DistillTask(student, ensemble, cfg)
+    data = build_dataset(TINY_DATA, image_size=ensemble.image_size)
+    batch = task.collate([data[i] for i in range(12)])
+    captions = [pick_caption(c, cfg.seed, 5, i) for c, i in zip(batch["captions"], batch["index"])]
+    with torch.no_grad():
+        got = task.loss(student, batch, step=5)["distill"]
+        out = student(batch["images"])
+        first, second = load_model_ref(a).eval(), load_model_ref(b).eval()
+        expected = _kd_oracle(out, [first, second], batch["images"], captions)
+        first_twice = _kd_oracle(out, [first, first], batch["images"], captions)
+        second_twice = _kd_oracle(out, [second, second], batch["images"], captions)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # the members differ enough that either one alone gives another loss: the check above can tell them apart
+    assert abs(float(expected - first_twice)) > 1e-3 and abs(float(expected - second_twice)) > 1e-3
+
 
 def test_an_ensemble_of_one_is_refused(tmp_path, capsys):
     code = main(["distill", "--teacher", "ensemble:run:x", "--runs-dir", str(tmp_path)])
     assert code == 2 and "two or more" in capsys.readouterr().err
+
+
+def test_distill_cache_then_distill_from_the_store_through_the_cli(teacher_run, tmp_path, capsys):
+    """`dmclip distill cache` writes the store; `dmclip distill --teacher embeddings:<store>` trains from it."""
+    from dmclip.data import build_dataset
+    from dmclip.data.reinforced import ReinforcedStore, apply_boxes
+
+    store_dir = tmp_path / "store"
+    teacher_ref = f"run:{teacher_run.path}"
+    assert main(["distill", "cache", "--teacher", teacher_ref, "--data", TINY_DATA, "--out", str(store_dir),
+                 "--augmentations", "3"]) == 0
+    assert f"dmclip distill --teacher embeddings:{store_dir}" in capsys.readouterr().out.replace("\n", "")
+    store = ReinforcedStore(store_dir)
+    assert store.meta["teacher"] == teacher_ref and store.meta["data"] == TINY_DATA
+    assert store.image_embeddings.shape[:2] == (96, 3)
+    teacher = load_model_ref(teacher_ref).eval()
+    image = build_dataset(TINY_DATA, image_size=teacher.image_size)[5]["image"].float().unsqueeze(0) / 255
+    with torch.no_grad():
+        expected = teacher.encode_image(apply_boxes(image, store.boxes[5, 2].unsqueeze(0)))[0]
+    torch.testing.assert_close(store.image_embeddings[5, 2].float(), expected, atol=1e-3, rtol=1e-3)
+
+    ref = f"embeddings:{store_dir}"
+    assert main(["distill", "--teacher", ref, "--student", "mamba-tiny-test", "--alpha", "1", "--steps", "2",
+                 "--batch-size", "16", "--runs-dir", str(tmp_path / "runs"), "--set", "train.progress=false",
+                 "--set", "train.log_every=1",
+                 "--set", "eval.zeroshot="]) == 0
+    run = _only_run(tmp_path / "runs", "distill")
+    assert run.info["status"] == "completed" and run.results()["teacher"] == ref
+    rows = run.metrics()
+    assert [r["step"] for r in rows] == [1, 2] and all(r["distill"] > 0 for r in rows)
+    student = load_model_ref(f"run:{run.path}")
+    tokens = teacher.tokenize(["a red circle"])  # the store's teacher gave the student its text tower
+    torch.testing.assert_close(student.encode_text(tokens), teacher.encode_text(tokens))
+
+
+def test_pretrain_blip_in_one_process(tmp_path):
+    """`dmclip pretrain --objective blip`: a completed run whose saved BLIP captions an image."""
+    code = main(["pretrain", "--objective", "blip", "--data", TINY_DATA, "--steps", "2", "--batch-size", "8",
+                 "--runs-dir", str(tmp_path), *TINY_CLIP, "--set", "eval.zeroshot="])
+    assert code == 0
+    run = _only_run(tmp_path, "pretrain")
+    assert run.info["status"] == "completed" and run.results()["objective"] == "blip"
+    rows = run.metrics()
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    model = load_model_ref(f"run:{run.path}").eval()
+    assert model.arch["family"] == "blip"
+    with torch.inference_mode():
+        captions = model.generate(torch.rand(2, 3, model.image_size, model.image_size), method="beam",
+                                  num_beams=2, max_length=5, min_length=1)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)

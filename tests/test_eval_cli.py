@@ -69,11 +69,29 @@ def test_retrieval_and_latency_commands(model_dir, tmp_path, capsys):
     assert results["details"] == {"num_images": 8, "num_texts": 40, "rerank_k": 0}
     for key in ("image_retrieval_recall@1", "text_retrieval_recall@10", "text_retrieval_median_rank"):
         assert key in results["metrics"]
-    assert main(["eval", "latency", "--model", f"run:{model_dir}", "--vs", f"run:{model_dir}", "--runs", "2",
+    # against a model with a wider image tower (same text tower): the ratios are model / vs
+    from dmclip.models.base import count_parameters, load_saved_model, save_model
+    from dmclip.models.clip import CLIP, clip_arch
+
+    arch = clip_arch(image_size=32, patch_size=8, vision_width=64, vision_depth=2, vision_heads=2,
+                     text_width=32, text_depth=1, text_heads=2, embed_dim=16,
+                     tokenizer={"context_length": 16, "vocab": list(range(300))})
+    arch.pop("family")
+    wide_dir = save_model(CLIP(**arch), tmp_path / "wide")
+    assert main(["eval", "latency", "--model", f"run:{model_dir}", "--vs", f"run:{wide_dir}", "--runs", "2",
                  "--warmup", "0", "--batch-size", "2", "--threads", "1", "--runs-dir", str(tmp_path / "l")]) == 0
     results = json.loads((_only_run(tmp_path / "l") / "results.json").read_text())
     assert results["task"] == "latency" and results["details"]["threads"] == 1
-    assert results["vs"]["ratios"]["params"] == 1.0  # the same model against itself
+    small, wide = load_saved_model(model_dir), load_saved_model(wide_dir)
+    ratios = results["vs"]["ratios"]
+    assert results["metrics"]["params"] == count_parameters(small)
+    assert results["vs"]["metrics"]["params"] == count_parameters(wide)
+    assert ratios["params"] == pytest.approx(count_parameters(small) / count_parameters(wide), rel=1e-12)
+    assert ratios["image_params"] == pytest.approx(count_parameters(small.visual) / count_parameters(wide.visual))
+    assert ratios["image_params"] < 0.5 and ratios["text_params"] == 1.0  # only the image towers differ
+    assert ratios["image_flops"] == pytest.approx(results["metrics"]["image_flops"]
+                                                  / results["vs"]["metrics"]["image_flops"])
+    assert ratios["image_flops"] < 1
     assert results["metrics"]["image_flops"] > 0 and results["metrics"]["text_flops"] > 0
     assert "median" in capsys.readouterr().out
 

@@ -49,6 +49,33 @@ def test_perfect_distinct_captions_score_cider_10_and_bleu_1():
                            meteor=False)["cider"] == pytest.approx(7.5)
 
 
+def test_cider_d_of_imperfect_captions_by_hand():
+    """CIDEr-D (pycocoevalcap's Cider) of two imperfect captions, computed by hand from its definition.
+
+    Two images, so idf = log(2) - log(max(1, df)) with df counted once per image over its references:
+    'a', 'cat', 'a cat' are in both images' references (idf 0); every other reference n-gram has df 1 and
+    n-grams found in no reference ('the', 'ran ran', ...) count as df 1 as well, so all of those weigh
+    tf * L with L = log 2. Per n = 1..4: clipped tf-idf cosine sum_g min(h_g, r_g) * r_g / (|h| |r|),
+    times the Gaussian length penalty exp(-delta^2 / (2 * 6^2)); averaged over n, over the references, x 10.
+    """
+    refs = {0: ["a cat sat", "a dog sat"], 1: ["a cat ran"]}
+    cands = {0: "a cat sat", 1: "the cat ran ran"}
+    # image 0 against "a cat sat": identical, cosine 1 for n = 1, 2, 3 and 0 for n = 4 (no 4-grams)
+    # image 0 against "a dog sat": n = 1 shares only 'sat' (L^2 / (L * L sqrt 2)); n = 2, 3 share nothing
+    image0 = 10 * ((1 + 1 + 1 + 0) + (1 / math.sqrt(2) + 0 + 0 + 0)) / 4 / 2
+    # image 1: candidate unigrams the:L, cat:0, ran:2L (|h| = L sqrt 5), bigrams the-cat, cat-ran, ran-ran
+    # (|h| = L sqrt 3); the reference's ran:L and cat-ran:L (|r| = L each). 'ran' clips to min(2L, L) = L.
+    # lengths differ by one word: penalty exp(-1 / 72)
+    image1 = 10 * math.exp(-1 / 72) * (1 / math.sqrt(5) + 1 / math.sqrt(3) + 0 + 0) / 4 / 1
+    out = caption_metrics(refs, cands, tokenize=False, meteor=False)
+    assert out["cider"] == pytest.approx((image0 + image1) / 2, abs=1e-6)
+    # the case is sensitive to each part: unclipped 'ran' (2L^2) or no length penalty give other values
+    unclipped = 10 * math.exp(-1 / 72) * (2 / math.sqrt(5) + 1 / math.sqrt(3)) / 4
+    no_penalty = 10 * (1 / math.sqrt(5) + 1 / math.sqrt(3)) / 4
+    for wrong in (unclipped, no_penalty):
+        assert abs(out["cider"] - (image0 + wrong) / 2) > 1e-3
+
+
 def _independent_corpus_bleu(refs: dict, cands: dict, n_max: int = 4) -> list[float]:
     """Papineni et al. 2002 at corpus level, brevity penalty on the closest reference length (COCO's choice)."""
     matches, totals = [0] * n_max, [0] * n_max

@@ -14,6 +14,7 @@ from dmclip.models.base import build_model, save_model
 from dmclip.models.clip import clip_arch
 
 DATA = "world-train:size=24,captions=1,image_size=32"
+DATA3 = "world-train:size=24,captions=3,image_size=32"  # same images, three captions each
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +62,105 @@ def test_store_holds_the_teachers_embeddings_of_each_view(teacher_dir, tmp_path)
 
 
 def test_an_interrupted_store_continues_and_other_settings_are_refused(teacher_dir, tmp_path):
+    from safetensors.torch import load_file
+
     ref = f"run:{teacher_dir}"
     out = tmp_path / "store"
     build_store(ref, DATA, out, augmentations=2, shard_size=10, progress=False)
     (out / "shard-00001.safetensors").unlink()  # as if killed before the second shard
     first = (out / "shard-00000.safetensors").stat().st_mtime_ns
     build_store(ref, DATA, out, augmentations=2, shard_size=10, progress=False)
-    assert (out / "shard-00001.safetensors").exists()
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first  # kept, not recomputed
+    # the resumed store holds what one uninterrupted build holds, shard by shard
+    whole = tmp_path / "whole"
+    build_store(ref, DATA, whole, augmentations=2, shard_size=10, progress=False)
+    names = sorted(p.name for p in whole.glob("shard-*.safetensors"))
+    assert names == sorted(p.name for p in out.glob("shard-*.safetensors")) and len(names) == 3
+    for name in names:
+        resumed, expected = load_file(str(out / name)), load_file(str(whole / name))
+        assert set(resumed) == set(expected) == {"image_embeddings", "text_embeddings", "boxes", "indices"}
+        for key in expected:
+            torch.testing.assert_close(resumed[key], expected[key], atol=1e-3, rtol=1e-3, msg=f"{name} {key}")
+    torch.testing.assert_close(ReinforcedStore(out).image_embeddings, ReinforcedStore(whole).image_embeddings,
+                               atol=1e-3, rtol=1e-3)
     with pytest.raises(DmclipError, match="other settings"):
         build_store(ref, DATA, out, augmentations=3, shard_size=10, progress=False)
+
+
+def _close_in_fp16(stored: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Stored fp16 equals the float value up to fp16 rounding (2^-11 relative) plus float noise."""
+    return torch.allclose(stored.float(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_store_of_several_views_and_captions_holds_each_crop_and_caption(teacher_dir, tmp_path):
+    """K = 4 views and 3 captions per image: view k > 0 is the teacher's embedding of exactly the stored
+    crop, every caption's stored text embedding is the teacher's of that caption, and the (view, caption)
+    that distill chooses reads back as the teacher's features of that crop and caption."""
+    ref = f"run:{teacher_dir}"
+    build_store(ref, DATA3, tmp_path / "store", augmentations=4, captions_per_image=3, batch_size=5,
+                shard_size=9, progress=False)
+    store = ReinforcedStore(tmp_path / "store")
+    teacher = load_teacher(ref)
+    ds = build_dataset(DATA3, image_size=32)
+    assert store.image_embeddings.shape == (len(ds), 4, teacher.embed_dim)
+    assert store.text_embeddings.shape == (len(ds), 3, teacher.embed_dim)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))]).float() / 255
+    pixel = 1 / 32
+    with torch.no_grad():
+        for k in range(1, 4):
+            boxes = store.boxes[:, k]
+            assert not torch.allclose(boxes, torch.tensor([0.0, 0.0, 1.0, 1.0]))  # a real crop, not the identity
+            expected = teacher.encode_image(apply_boxes(images, boxes))
+            assert _close_in_fp16(store.image_embeddings[:, k], expected), k
+            # one pixel off is outside the tolerance: the check above pins the crop to the pixel
+            shifted = teacher.encode_image(apply_boxes(images, boxes + torch.tensor([pixel, 0.0, pixel, 0.0])))
+            assert not _close_in_fp16(store.image_embeddings[:, k], shifted), k
+        for index in range(len(ds)):
+            captions = ds.captions(index)
+            assert len(set(captions)) == 3
+            texts = teacher.encode_text(teacher.tokenize(captions))
+            assert _close_in_fp16(store.text_embeddings[index], texts), index
+        # what distill reads for the (view, caption) it chooses
+        chosen = {i: store.choose(seed=0, step=7, index=i) for i in range(len(ds))}
+        assert {a for a, _ in chosen.values()} >= {1, 2, 3} and {c for _, c in chosen.values()} >= {1, 2}
+        for index, (a, c) in chosen.items():
+            got = store.features([index], [a], [c])
+            view = apply_boxes(images[index:index + 1], store.boxes[index, a].unsqueeze(0))
+            image = torch.nn.functional.normalize(teacher.encode_image(view), dim=-1)[0]
+            text = torch.nn.functional.normalize(teacher.encode_text(teacher.tokenize([ds.captions(index)[c]])),
+                                                 dim=-1)[0]
+            torch.testing.assert_close(got["image_features"][0], image, atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(got["text_features"][0], text, atol=1e-3, rtol=1e-3)
+
+
+def test_cached_teacher_with_several_views_and_captions_gives_the_loss_of_the_chosen_crop(teacher_dir, tmp_path):
+    """distill from a K = 4, 3-caption store: the loss is the online teacher's on the chosen crop and caption."""
+    from dmclip.distill import teacher_features
+
+    ref = f"run:{teacher_dir}"
+    build_store(ref, DATA3, tmp_path / "store", augmentations=4, captions_per_image=3, progress=False)
+    store = ReinforcedStore(tmp_path / "store")
+    cfg = DistillConfig(teacher=ref)
+    cfg.student.name = "vit-nano"
+    teacher = load_teacher(ref)
+    torch.manual_seed(0)
+    student = build_student(cfg, teacher).eval()
+    cached = DistillTask(student, teacher, cfg, store)
+    ds = build_dataset(DATA3, image_size=32)
+    batch = cached.collate([ds[i] for i in range(12)])
+    step = 4
+    chosen = [store.choose(cfg.seed, step, i) for i in batch["index"]]
+    assert any(a > 0 for a, _ in chosen) and any(c > 0 for _, c in chosen)
+    crops = apply_boxes(batch["images"], torch.stack([store.boxes[i, a] for i, (a, _) in zip(batch["index"], chosen)]))
+    captions = [caps[c] for caps, (_, c) in zip(batch["captions"], chosen)]
+    with torch.no_grad():
+        got = cached.loss(student, batch, step=step)
+        target = teacher_features(teacher, crops, captions)
+        out = student(crops)
+        out["text_features"] = target["text_features"]
+        expected = cached.criterion(out, target)
+    for key in ("loss", "contrastive", "distill"):
+        torch.testing.assert_close(got[key], expected[key], atol=2e-3, rtol=2e-3)
 
 
 def test_missing_store_shard_is_a_clear_error(teacher_dir, tmp_path):

@@ -486,16 +486,25 @@ def load_hf(positional, *, image_size, spec: str, split: str = "train", image_co
     if type(features[image_column]).__name__ == "Image":
         table = table.cast_column(image_column, hf.Image(decode=False))
     skips = SkipCounter(f"hf:{name}", max_skip_fraction)
-    text_column = text_column or next((c for c in ("caption", "captions", "text", "sentences", "title")
-                                       if c in columns), None)
+    for option, given in (("text_column", text_column), ("label_column", label_column)):
+        if given is not None and given not in columns:
+            raise DmclipError(f"hf: {name} has no column {given!r} (columns: {columns})", f"pass {option}=<a column>")
+    if label_column is None or text_column is not None:  # label_column=<name> alone asks for classification
+        text_column = text_column or next((c for c in ("caption", "captions", "text", "sentences", "title")
+                                           if c in columns), None)
     label_column = label_column or next((c for c in ("label", "labels") if c in columns), None)
     if text_column is None and label_column is not None:
-        feature = features[label_column]
-        classnames = list(getattr(feature, "names", None) or sorted(set(table[label_column])))
+        names = getattr(features[label_column], "names", None)
+        if names:  # a ClassLabel: the values index its names
+            classnames, labels = list(names), [int(x) for x in table[label_column]]
+        else:  # plain values (ints or strings): each distinct value is a class, in sorted order
+            classnames = sorted(set(table[label_column]))
+            index = {value: i for i, value in enumerate(classnames)}
+            labels = [index[x] for x in table[label_column]]
+        classnames = [str(c) for c in classnames]
         prompts = DEFAULT_TEMPLATES
         if templates:
             prompts = check_templates(Path(templates).read_text(encoding="utf-8").splitlines(), templates)
-        labels = [int(x) for x in table[label_column]]
         skips.total = len(table)
         return _finish(HFClassification(f"hf:{name}", table, image_column, labels,
                                         [c.replace("_", " ") for c in classnames], prompts, image_size, skips,
