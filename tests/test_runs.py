@@ -308,3 +308,35 @@ def test_runs_show_and_compare(tmp_path, capsys, wide_console):
     assert main(["runs", "show", str(tmp_path)]) == 2
     assert "is not a dmclip run directory" in capsys.readouterr().err
 
+
+
+# ------------------------------------------------------------------------------------ runs report
+
+
+def test_runs_report_renders_the_runs_results_and_the_config_that_differs(tmp_path, capsys):
+    """The docs' tables come from this command: each row must carry the run's own results, the config keys
+    that differ (and none that do not), and a footer that names the command and the seeds."""
+    import csv
+
+    a = _create(tmp_path, "a", TinyConfig(seed=0, lr=1e-3))
+    b = _create(tmp_path, "b", TinyConfig(seed=0, lr=3e-3))
+    a.write_results({"zeroshot": {"acc1": 0.125, "acc5": 0.5}, "train": {"samples_per_s": 250.0}})
+    b.write_results({"zeroshot": {"acc1": 0.5, "acc5": 0.875}, "train": {"samples_per_s": 240.0}})
+    assert main(["runs", "report", str(a.path), str(b.path), "--metrics", "zeroshot.acc1,train.samples_per_s"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert lines[0] == "| run | lr | zeroshot.acc1 % | train.samples_per_s |"
+    assert lines[2] == f"| {a.path.name} | 0.001 | 12.50 | 250 |"
+    assert lines[3] == f"| {b.path.name} | 0.003 | 50.00 | 240 |"
+    assert "Rendered by `dmclip runs report" in out and "seeds: 0" in out
+    assert main(["runs", "report", str(a.path), str(b.path), "--format", "csv", "--fractions"]) == 0
+    rows = list(csv.reader(capsys.readouterr().out.strip().splitlines()))
+    assert rows[0] == ["run", "lr", "zeroshot.acc1", "zeroshot.acc5"] and rows[1][2:] == ["0.125", "0.5"]
+
+
+def test_runs_report_names_a_missing_result_key(tmp_path, capsys):
+    a = _create(tmp_path, "a")
+    a.write_results({"zeroshot": {"acc1": 0.1}})
+    assert main(["runs", "report", str(a.path), "--metrics", "zeroshot.ac1"]) == 2
+    err = capsys.readouterr().err
+    assert "no run has the result key 'zeroshot.ac1'" in err and "zeroshot.acc1" in err

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dmclip.cli.common import RunsDirOpt, console
-from dmclip.errors import DmclipError
+from dmclip.errors import DmclipError, did_you_mean
 
 runs_app = typer.Typer(help="List, show and compare run directories.\n\nExample: dmclip runs list --command distill",
                        no_args_is_help=True)
@@ -152,4 +152,85 @@ def register(app: typer.Typer) -> None:
             cfg_table.add_row(key, *[str(c.get(key, "-")) for c in configs])
         console.print(cfg_table if diff else "config: identical")
 
+    @runs_app.command("report")
+    def report(
+        run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (or sweep directories).")],
+        metrics: Annotated[str, typer.Option(
+            "--metrics", help="Comma list of result keys (dotted) to show.")] = "zeroshot.acc1,zeroshot.acc5",
+        format_: Annotated[str, typer.Option("--format", help="md or csv.")] = "md",
+        percent: Annotated[bool, typer.Option("--percent/--fractions",
+                                              help="Show fractions in [0, 1] as percent.")] = True,
+    ) -> None:
+        """A table for docs, rendered from run directories: one row per run, the config keys that differ
+        between the runs, the chosen result keys, and a footer naming this command, the date, machine and
+        seeds. A sweep directory prints its summary.md (itself rendered from its runs).
+
+        Example: dmclip runs report runs/pretrain/a runs/pretrain/b --metrics zeroshot.acc1,train.samples_per_s
+        """
+        console.print(render_report(run_dirs, metrics.split(","), format_, percent), markup=False,
+                      highlight=False, soft_wrap=True)
+
     app.add_typer(runs_app, name="runs")
+
+
+def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md", percent: bool = True) -> str:
+    """The `dmclip runs report` text (see its help)."""
+    import csv
+    import datetime as dt
+    import io
+    import platform
+    import shlex
+    import sys
+
+    from dmclip.config import parse_yaml
+    from dmclip.runs import RunDir
+
+    if format_ not in ("md", "csv"):
+        raise DmclipError(f"--format {format_!r} is not md or csv", "use --format md or --format csv")
+    if not run_dirs:
+        raise DmclipError("no run directories given", "pass one or more run directories")
+    sweeps = [p for p in run_dirs if (Path(p) / "summary.md").is_file() and not (Path(p) / "run.json").is_file()]
+    if sweeps:
+        if len(run_dirs) > 1:
+            raise DmclipError("a sweep directory is reported on its own", "pass the sweep directory alone")
+        return (Path(sweeps[0]) / "summary.md").read_text()
+    runs = [RunDir.open(p) for p in run_dirs]
+    configs = []
+    for r in runs:
+        path = r.path / "resolved.yaml"
+        data = parse_yaml(path.read_text(encoding="utf-8"), where=str(path)) if path.exists() else {}
+        configs.append(_flatten("", data if isinstance(data, dict) else {}, {}))
+    ignored = ("train.log_every", "train.checkpoint_every", "train.progress")
+    differ = [k for k in dict.fromkeys(k for c in configs for k in c)
+              if k not in ignored and len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    results = [_flatten("", r.results() or {}, {}) for r in runs]
+    missing = [m for m in metrics if all(m not in res for res in results)]
+    if missing:
+        keys = sorted({k for res in results for k, v in res.items() if isinstance(v, (int, float))})
+        raise DmclipError(f"no run has the result key {missing[0]!r}", did_you_mean(missing[0], keys))
+
+    def cell(value, key):
+        if isinstance(value, float):
+            scaled = percent and 0.0 <= value <= 1.0 and key.split(".")[-1].startswith(("acc", "recall", "avg", "r@"))
+            return f"{100 * value:.2f}" if scaled else f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    header = ["run", *differ, *[m + (" %" if percent and m.split(".")[-1].startswith("acc") else "") for m in metrics]]
+    rows = [[r.path.name, *[cell(c.get(k), k) for k in differ], *[cell(res.get(m), m) for m in metrics]]
+            for r, c, res in zip(runs, configs, results)]
+    seeds = sorted({str(c.get("seed")) for c in configs})
+    command = "dmclip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["runs"] else \
+        "dmclip runs report " + " ".join(str(p) for p in run_dirs)
+    hosts = sorted({str(r.info.get("host")) for r in runs})
+    footer = (f"Rendered by `{command}` on {dt.date.today().isoformat()} from {len(runs)} run(s); seeds: "
+              f"{', '.join(seeds)}; runs made on {', '.join(hosts)} ({platform.machine()}), torch "
+              f"{', '.join(sorted({str(r.info.get('torch')) for r in runs}))}.")
+    if format_ == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        return buffer.getvalue()
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(differ) + "|---|" + "---:|" * len(metrics)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + footer + "\n"
