@@ -8,14 +8,16 @@ resolved.yaml that no longer runs the same sweep when passed back.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from dmclip.cli.distill import parse_alphas, sweep_alphas, sweep_members
+from dmclip.cli.distill import parse_alphas, sweep_alphas, sweep_members, sweep_seeds
 from dmclip.cli.main import main
 from dmclip.config import load_config, to_yaml
 from dmclip.distill import DistillConfig, sweep_yaml
+from dmclip.errors import DmclipError
 from dmclip.runs import RunDir, find_runs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -29,9 +31,10 @@ def _recipe(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
     return path
 
 
-def _members(recipe: Path | None, alpha: str | None, shortcuts: dict = TEACHER) -> list[DistillConfig]:
-    """What `dmclip distill <recipe> [--alpha ...]` would train, resolved as the command does, not run."""
-    return sweep_members(sweep_alphas(recipe, alpha), recipe, [], shortcuts)[2]
+def _members(recipe: Path | None, alpha: str | None, shortcuts: dict = TEACHER,
+             seeds: str | None = None) -> list[DistillConfig]:
+    """What `dmclip distill <recipe> [--alpha ...] [--seeds ...]` would train, resolved as the command does."""
+    return sweep_members(sweep_alphas(recipe, alpha), recipe, [], shortcuts, seeds=sweep_seeds(recipe, seeds))[2]
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -47,11 +50,23 @@ def test_recipe_sweep_resolves_to_the_members_of_the_alpha_option(tmp_path):
     assert {cfg.train.steps for cfg in from_recipe} == {7}  # the rest of the recipe still applies
 
 
-def test_the_example_sweep_recipe_is_the_demo_recipe_with_alpha_option():
-    """docs/distill.md: recipes/distill-alpha-sweep.yaml = recipes/distill-demo.yaml --alpha 0,0.25,0.75,1."""
-    from_recipe = _members(RECIPES / "distill-alpha-sweep.yaml", None)
-    from_option = _members(RECIPES / "distill-demo.yaml", "0,0.25,0.75,1")
-    assert len(from_recipe) == 4 and from_recipe == from_option
+def test_the_example_sweep_recipe_is_the_demo_recipe_with_alpha_and_seeds_options():
+    """docs/distill.md: recipes/distill-alpha-sweep.yaml = recipes/distill-demo.yaml --alpha 0,0.75 --seeds 0,1,2."""
+    from_recipe = _members(RECIPES / "distill-alpha-sweep.yaml", None, shortcuts={})
+    from_option = _members(RECIPES / "distill-demo.yaml", "0,0.75", shortcuts={}, seeds="0,1,2")
+    assert len(from_recipe) == 6 and from_recipe == from_option
+    assert [(c.loss.alpha, c.seed) for c in from_recipe] == [(a, s) for a in (0.0, 0.75) for s in (0, 1, 2)]
+
+
+def test_seeds_in_a_recipe_and_their_errors(tmp_path):
+    swept = _recipe(tmp_path, PLAIN + "sweep:\n  alpha: [0.0, 1.0]\n  seeds: [4, 5]\n")
+    assert [(c.loss.alpha, c.seed) for c in _members(swept, None)] == [(0.0, 4), (0.0, 5), (1.0, 4), (1.0, 5)]
+    assert [(c.loss.alpha, c.seed) for c in _members(swept, "0.5", seeds="7")] == [(0.5, 7)]
+    for bad, message in (("[1, -1]", "sweep.seeds[1] = -1 is not a seed"), ("[0.5]", "sweep.seeds[0] = 0.5 is not a seed"),
+                         ("[1, 1]", "sweep.seeds repeats 1")):
+        broken = _recipe(tmp_path, PLAIN + f"sweep:\n  seeds: {bad}\n", "bad.yaml")
+        with pytest.raises(DmclipError, match=re.escape(message)):
+            _members(broken, None)
 
 
 def test_alpha_option_overrides_the_recipe_sweep(tmp_path, capsys):
