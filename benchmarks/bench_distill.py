@@ -52,7 +52,7 @@ def main() -> list[dict]:
         row("distill step, cached teacher (demo sizes, batch 128)", format_seconds(times["cached"]),
             baseline="online teacher " + format_seconds(times["online"]), ratio=round(ratio, 2), goal=">= 3x",
             met=ratio >= 3.0, notes=f"{128 / times['cached']:.0f} vs {128 / times['online']:.0f} samples/s; "
-                                    f"student {cfg.student.name}, {torch.get_num_threads()} threads"),
+                                    f"student {cfg.student.name}"),
     ]
 
 

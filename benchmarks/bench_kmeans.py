@@ -3,17 +3,27 @@
 ``main()`` prints markdown rows: time per image and mean inertia (lower is better) on the same tokens.
 faiss has no k-means++ init, so it needs restarts (nredo) to reach the same inertia; the rows show
 which nredo gets there. Tokens: 16 images, each a mixture of 16 Gaussian blobs plus noise, like ViT
-patch tokens clustered by region.
+patch tokens clustered by region. Every method is timed in alternation with the others in one process
+(``benchmarks.common.interleaved``: dmclip, faiss, scikit-learn, then the next round rotated), so the
+ratios compare timings taken under the same load. One thread (``THREADS``), for torch and faiss alike.
+
+    python -m benchmarks.bench_kmeans      # the full table; `make bench` records the two headline rows
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
+from benchmarks.common import interleaved, repeats, threads
+
+try:  # imported here so that the harness's thread setting (benchmarks.common.threads) covers faiss too
+    import faiss
+except ImportError:
+    faiss = None
+
 IMAGES, TOKENS, WIDTH, K, ITERATIONS = 16, 256, 768, 8, 20
+THREADS = 1
 
 
 def _tokens(seed: int = 0) -> torch.Tensor:
@@ -24,21 +34,11 @@ def _tokens(seed: int = 0) -> torch.Tensor:
                                                                                            generator=g)
 
 
-def _time(fn, repeats: int = 3):
-    fn()  # warm-up
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-def measure() -> list[dict]:
+def _contenders(x: torch.Tensor) -> dict:
+    """``{method: fn}``; each fn clusters all IMAGES images and returns their inertias (IMAGES,)."""
     from dmclip.compress.kmeans import kmeans
 
-    x = _tokens()
-    rows = []
+    fns = {}
     for restarts in (1, 2, 4):
         for batched in (True, False):
             def run(restarts=restarts, batched=batched):
@@ -46,13 +46,9 @@ def measure() -> list[dict]:
                     return kmeans(x, K, iterations=ITERATIONS, restarts=restarts, seed=0).inertia
                 return torch.cat([kmeans(x[i:i + 1], K, iterations=ITERATIONS, restarts=restarts, seed=0).inertia
                                   for i in range(IMAGES)])
-            seconds, inertia = _time(run)
-            rows.append({"method": f"dmclip torch k-means++ restarts={restarts}"
-                                   + (f" (batch of {IMAGES})" if batched else " (one image at a time)"),
-                         "ms_per_image": 1000 * seconds / IMAGES, "inertia": float(inertia.mean())})
-    try:
-        import faiss
-
+            fns[f"dmclip torch k-means++ restarts={restarts}"
+                + (f" (batch of {IMAGES})" if batched else " (one image at a time)")] = run
+    if faiss is not None:
         for nredo in (1, 3, 10, 20):
             def run_faiss(nredo=nredo):
                 out = []
@@ -64,21 +60,36 @@ def measure() -> list[dict]:
                     distances, _ = km.index.search(data, 1)
                     out.append(float(distances.sum()))
                 return np.array(out)
-            seconds, inertia = _time(run_faiss)
-            rows.append({"method": f"faiss-cpu Kmeans nredo={nredo}", "ms_per_image": 1000 * seconds / IMAGES,
-                         "inertia": float(inertia.mean())})
-    except ImportError:
-        rows.append({"method": "faiss-cpu (not installed)", "ms_per_image": None, "inertia": None})
+            fns[f"faiss-cpu Kmeans nredo={nredo}"] = run_faiss
     try:
         from sklearn.cluster import KMeans
 
         def run_sklearn():
             return np.array([KMeans(K, n_init=1, max_iter=ITERATIONS, random_state=0).fit(x[i].numpy()).inertia_
                              for i in range(IMAGES)])
-        seconds, inertia = _time(run_sklearn, repeats=1)
-        rows.append({"method": "scikit-learn KMeans n_init=1 (greedy k-means++)", "ms_per_image": 1000 * seconds / IMAGES,
-                     "inertia": float(inertia.mean())})
+        fns["scikit-learn KMeans n_init=1 (greedy k-means++)"] = run_sklearn
     except ImportError:
+        pass
+    return fns
+
+
+def measure() -> list[dict]:
+    """One row per method: ms per image (median of interleaved rounds) and mean inertia (every method is
+    seeded, so each round returns the same inertia)."""
+    fns = _contenders(_tokens())
+    inertias: dict[str, float] = {}
+
+    def keeping(name, fn):
+        def run():
+            inertias[name] = float(np.asarray(fn()).mean())
+        return run
+
+    times = interleaved({name: keeping(name, fn) for name, fn in fns.items()}, repeats=repeats(5), warmup=1)
+    rows = [{"method": name, "ms_per_image": 1000 * seconds / IMAGES, "inertia": inertias[name]}
+            for name, seconds in times.items()]
+    if faiss is None:
+        rows.append({"method": "faiss-cpu (not installed)", "ms_per_image": None, "inertia": None})
+    if not any(name.startswith("scikit-learn") for name in fns):
         rows.append({"method": "scikit-learn (not installed)", "ms_per_image": None, "inertia": None})
     return rows
 
@@ -89,16 +100,10 @@ def main() -> list[dict]:
     The full table is printed too."""
     from benchmarks.common import format_seconds, row
 
-    torch.set_num_threads(1)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-    except ImportError:
-        pass
     rows = measure()
     best = min(r["inertia"] for r in rows if r["inertia"] is not None)
-    print(f"### k-means, {TOKENS} tokens x {WIDTH} dims, k={K}, {ITERATIONS} iterations, 1 thread, {IMAGES} images\n")
+    print(f"### k-means, {TOKENS} tokens x {WIDTH} dims, k={K}, {ITERATIONS} iterations, "
+          f"{torch.get_num_threads()} thread(s), {IMAGES} images, methods interleaved\n")
     print("| method | ms / image | mean inertia | inertia / best |")
     print("|---|---|---|---|")
     for r in rows:
@@ -129,4 +134,5 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with threads(THREADS):
+        main()

@@ -75,8 +75,7 @@ def bench_scan() -> list[dict]:
         return [row(f"scan fwd+bwd ({shape})", format_seconds(times["chunked"]),
                     notes="the fused cpu kernel did not build here: no cpu row")]
     ours = times["cpu"]
-    rows.append(row(f"scan fwd+bwd, fused cpu kernel ({shape})", format_seconds(ours),
-                    notes=f"{torch.get_num_threads()} threads"))
+    rows.append(row(f"scan fwd+bwd, fused cpu kernel ({shape})", format_seconds(ours)))
     goals = {"reference": 10.0, "mambapy pscan": 8.0}
     for name, seconds in times.items():
         if name == "cpu":

@@ -4,10 +4,12 @@ Both loops train the same small CLIP-like model (two MLP towers, InfoNCE) on the
 with the same work per step: seeded permutation, collate, forward, loss, backward, global-norm clipping,
 AdamW with warmup + cosine. The engine adds what it is for: per-micro-batch reseeding, the finiteness
 check (one host sync per step), metrics.jsonl rows, interrupt-safe updates, and the final checkpoint
-(counted). Repeats are interleaved (bare, engine, bare, ...) and the fastest of each compared (noise from
-other jobs only ever adds time).
+(counted). The whole fits are run in alternation by ``benchmarks.common.interleaved`` (bare, engine, then
+engine, bare, ...: neither always goes first) and the fastest of each compared (noise from other jobs only
+ever adds time).
 
-Times are CPU time of this process (``time.process_time``, one torch thread): on a machine shared with
+Times are CPU time of this process (``time.process_time``, one torch thread: ``THREADS``), read by the
+step clock inside each fit (the wall times ``interleaved`` returns are not used): on a machine shared with
 other jobs wall-clock time swings by tens of percent, CPU time by a few. Waiting on the disk (fsync of
 run.json and the checkpoint) is therefore not in the whole-fit number.
 
@@ -24,10 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import interleaved, repeats, row, threads
 from dmclip.runs import RunDir
 from dmclip.train import TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
 from dmclip.train.toy import PairDataset, ToyTask
 
+THREADS = 1
 SIZES = {"tiny (width 32, batch 32)": (32, 32), "small (width 512, batch 256)": (512, 256)}
 
 
@@ -92,10 +96,8 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> dict:
     per_step: dict[str, list[float]] = {"bare": [], "engine": []}
     total: dict[str, list[float]] = {"bare": [], "engine": []}
     with tempfile.TemporaryDirectory() as root:
-        bare_loop(ToyTask(width=width), dataset, cfg, 0, StepClock())  # warm-up: allocators, lazy imports
-        engine_loop(ToyTask(width=width), dataset, cfg, 0, root, StepClock())
-        for _ in range(repeats):
-            for kind in ("bare", "engine"):
+        def fit_once(kind: str):
+            def run() -> None:
                 clock = StepClock()
                 if kind == "bare":
                     seconds = bare_loop(ToyTask(width=width), dataset, cfg, 0, clock)
@@ -103,6 +105,12 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> dict:
                     seconds = engine_loop(ToyTask(width=width), dataset, cfg, 0, root, clock)
                 per_step[kind].append(statistics.median(clock.step_costs()))
                 total[kind].append(seconds)
+            return run
+
+        # the first fit of each (allocators, lazy imports) is the warm-up and is dropped below
+        interleaved({kind: fit_once(kind) for kind in ("bare", "engine")}, repeats=repeats, warmup=1)
+    per_step = {kind: values[1:] for kind, values in per_step.items()}
+    total = {kind: values[1:] for kind, values in total.items()}
     bare_ms, engine_ms = min(per_step["bare"]) * 1e3, min(per_step["engine"]) * 1e3
     spread = statistics.median(per_step["bare"]) / min(per_step["bare"]) - 1
     return {"bare_ms": bare_ms, "engine_ms": engine_ms, "overhead_pct": 100 * (engine_ms / bare_ms - 1),
@@ -112,14 +120,17 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Harness rows (ratio = bare loop time / fit time per step) and a printed table."""
-    from benchmarks.common import repeats, row
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine quiet)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help=f"torch threads (default {THREADS}: keeps a shared machine quiet)")
     args = parser.parse_args(argv if argv is not None else [])
-    torch.set_num_threads(args.threads)
+    with threads(args.threads):
+        return _rows(args)
+
+
+def _rows(args: argparse.Namespace) -> list[dict]:
     print(f"### training engine overhead ({args.steps} steps, CPU time, best of {args.repeats} interleaved "
           f"repeats, {torch.get_num_threads()} thread(s))\n")
     print(f"| model | bare loop ms/step | dmclip fit ms/step | per-step overhead | whole {args.steps}-step fit "
@@ -134,6 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        baseline=f"bare PyTorch loop {r['bare_ms']:.2f} ms/step",
                        ratio=round(r["bare_ms"] / r["engine_ms"], 3), goal="overhead <= 10 %",
                        met=r["overhead_pct"] <= 10.0,
+                       threads=args.threads,
                        notes=f"whole fit {r['total_overhead_pct']:+.1f} %, bare-loop spread {r['spread_pct']:.0f} %"))
     return out
 

@@ -1,11 +1,16 @@
-"""Run every ``benchmarks/bench_*.py`` and append one section to docs/benchmarks.md.
+"""Run every ``benchmarks/bench_*.py`` in one process and write one complete section to docs/benchmarks.md.
 
-    python -m benchmarks.run_all                  # what `make bench` runs
-    python -m benchmarks.run_all --only scan      # just benchmarks/bench_scan.py
-    python -m benchmarks.run_all --quick --docs /tmp/b.md   # smoke run of the harness
+    python -m benchmarks.run_all                  # what `make bench` runs: every bench, recorded
+    python -m benchmarks.run_all --only scan      # just benchmarks/bench_scan.py: printed, not recorded
+    python -m benchmarks.run_all --quick          # smoke run of the harness: printed, not recorded
 
-A benchmark that raises is reported (traceback on stderr, a line in the section) and the others still
-run; the exit code is 1 if any failed or returned malformed rows, else 0.
+A complete run (every bench, real repeat counts) replaces the section in ``--out`` (docs/benchmarks.md)
+and moves the section it replaces, verbatim, to the end of ``--history`` (docs/benchmarks-history.md), so
+docs/benchmarks.md always holds exactly one run. Each bench runs at its own thread count (its module's
+``THREADS``, else the run's default), restored after it; the count is written per row. A bench that raises
+is a row saying FAILED with the error line (traceback on stderr), the others still run, the section is
+still written, and the exit code is 1. A run with ``--only`` or ``--quick`` is not a run of everything, so
+it only prints its section: it never writes a partial section into the docs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import datetime as dt
 import importlib.util
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -23,17 +29,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run_all.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROW_KEYS, check_row  # noqa: E402
+from benchmarks.common import ROW_KEYS, check_row, threads  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DOCS = HERE.parent / "docs" / "benchmarks.md"
-HEADER = """# Benchmarks
+DEFAULT_OUT = HERE.parent / "docs" / "benchmarks.md"
+HISTORY_NAME = "benchmarks-history.md"
+# Everything below this line in the output file is the latest complete run; everything above it is kept.
+MARKER = "<!-- make bench writes the latest complete run below this line; the run it replaces moves to " \
+         "benchmarks-history.md -->"
+HEADER = "# Benchmarks\n\nFigures from `make bench` (`python -m benchmarks.run_all`).\n\n" + MARKER + "\n"
+HISTORY_HEADER = """# Benchmarks: earlier runs
 
-Figures from `make bench` (`python -m benchmarks.run_all`); each run appends one section below, newest
-last, with the machine it ran on. Ratios compare contenders timed in alternation in the same run
-(`benchmarks/common.py: interleaved`), so they hold on a busy machine where absolute times drift.
-How to add a benchmark: write `benchmarks/bench_<name>.py` with `main() -> list[dict]` (the row contract
-is in `benchmarks/common.py`); `python -m benchmarks.run_all --only <name>` runs just that one.
+Sections `make bench` wrote into benchmarks.md before a newer run replaced them, verbatim, oldest first.
+The current figures are in [benchmarks.md](benchmarks.md).
 """
 
 
@@ -52,8 +60,15 @@ def _load(name: str, path: Path):
     return module
 
 
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "?"
+
+
 def machine() -> str:
-    """One line: CPU model, cores, torch version and threads, GPU if any."""
+    """One line: CPU model, cores, Python and torch versions, GPU if any (thread counts are per row)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -67,12 +82,24 @@ def machine() -> str:
     try:
         import torch
 
-        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        parts.append(f"torch {torch.__version__}")
         if torch.cuda.is_available():
             parts.append(f"GPU {torch.cuda.get_device_name(0)}")
     except ImportError:
         parts.append("torch not installed")
     return ", ".join(parts)
+
+
+def commit() -> str:
+    """``abc1234`` (``+ uncommitted changes`` when the tree is dirty), or ``unknown`` outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + (" + uncommitted changes" if dirty else "")
 
 
 def _cell(value) -> str:
@@ -85,36 +112,90 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def section(rows: list[dict], failures: list[str], *, when: dt.datetime, machine_line: str, quick: bool) -> str:
-    lines = [f"\n## {when.strftime('%Y-%m-%d %H:%M')}" + (" (quick smoke run: not real figures)" if quick else ""),
-             "", f"Machine: {machine_line}", ""]
-    if rows:
-        columns = list(ROW_KEYS)
-        lines.append("| " + " | ".join(columns) + " |")
-        lines.append("|" + "|".join("---" for _ in columns) + "|")
-        for item in rows:
-            lines.append("| " + " | ".join(_cell(item.get(c)) for c in columns) + " |")
-    for failure in failures:
-        lines.append(f"\nFAILED: {failure}")
+def section(rows: list[dict], *, when: dt.datetime, machine_line: str, load: tuple[str, str], code: str,
+            command: str, partial: str = "") -> str:
+    """The markdown section of one run: heading, machine, code, command, then one table row per result."""
+    failed = sum(1 for r in rows if r.get("value") == "FAILED")
+    benches = len({r["bench"] for r in rows})
+    title = f"## {when.strftime('%Y-%m-%d %H:%M')}"
+    title += f" ({partial}: printed only, not recorded)" if partial else ""
+    lines = [title, "",
+             f"Machine: {machine_line}; load average {load[0]} at the start, {load[1]} at the end.",
+             f"Code: {code}. Command: `{command}`.",
+             f"{benches} bench{'es' if benches != 1 else ''}, "
+             + (f"{failed} FAILED." if failed else "none failed."), ""]
+    columns = list(ROW_KEYS)
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for item in rows:
+        lines.append("| " + " | ".join(_cell(item.get(c)) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def append(docs: Path, text: str) -> None:
-    docs = Path(docs)
-    old = docs.read_text(encoding="utf-8") if docs.exists() else HEADER
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    tmp = docs.with_name(f".{docs.name}.tmp")
-    tmp.write_text(old.rstrip("\n") + "\n" + text, encoding="utf-8")
-    os.replace(tmp, docs)  # never a half-written docs file
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # never a half-written docs file
+
+
+def record(out: Path, history: Path, text: str) -> None:
+    """Put ``text`` below MARKER in ``out``, replacing what was there; append that to ``history`` first.
+
+    History is written before ``out``: a crash in between leaves the old run in both files, never in neither.
+    """
+    out, history = Path(out), Path(history)
+    old = out.read_text(encoding="utf-8") if out.exists() else HEADER
+    if MARKER not in old:
+        raise ValueError(f"{out} has no line {MARKER!r}: add it where the latest run should go")
+    head, previous = old.split(MARKER, 1)
+    previous = previous.strip("\n")
+    if previous:
+        past = history.read_text(encoding="utf-8") if history.exists() else HISTORY_HEADER
+        _write(history, past.rstrip("\n") + "\n\n" + previous + "\n")
+    _write(out, head + MARKER + "\n\n" + text)
+
+
+def run_bench(name: str, path: Path, default_threads: int) -> list[dict]:
+    """Rows of one bench, each with ``bench`` (its name) and ``threads``; a failure is one FAILED row."""
+    import torch
+
+    count = default_threads
+    start = time.perf_counter()
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    try:
+        module = _load(name, path)
+        count = getattr(module, "THREADS", None) or default_threads
+        with threads(count):
+            result = module.main()
+            now = torch.get_num_threads()
+        if now != count:
+            raise RuntimeError(f"main() changed torch's thread count from {count} to {now} and left it: "
+                               f"time at another count inside `with benchmarks.common.threads(n):`")
+        if not isinstance(result, list):
+            raise ValueError(f"main() returned {type(result).__name__}, not a list of rows")
+        rows = [check_row(item) for item in result]
+    except Exception as exc:  # one broken benchmark must not hide the others' figures
+        traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"[bench] {name} FAILED", file=sys.stderr, flush=True)
+        return [{**check_row({"benchmark": f"bench_{name}", "value": "FAILED", "threads": count,
+                              "notes": f"{type(exc).__name__}: {message}"}), "bench": name}]
+    print(f"[bench] {name}: {len(rows)} rows in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return [{**item, "threads": item["threads"] or count, "bench": name} for item in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", metavar="NAME",
-                        help="run only benchmarks/bench_NAME.py (repeatable)")
-    parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="markdown file to append to")
-    parser.add_argument("--no-write", action="store_true", help="print the section, do not append it")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny repeat counts (DMCLIP_BENCH_QUICK=1)")
+                        help="run only benchmarks/bench_NAME.py (repeatable); prints, records nothing")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="file whose latest-run section a complete run replaces (default docs/benchmarks.md)")
+    parser.add_argument("--history", type=Path, default=None,
+                        help=f"file the replaced section is appended to (default: {HISTORY_NAME} beside --out)")
+    parser.add_argument("--no-write", action="store_true", help="print the section, do not record it")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny repeat counts (DMCLIP_BENCH_QUICK=1); prints, records nothing")
     parser.add_argument("--bench-dir", type=Path, default=HERE, help=argparse.SUPPRESS)  # tests
     args = parser.parse_args(argv)
     if args.quick:
@@ -128,35 +209,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no benchmark named {', '.join(unknown)}; have: {', '.join(found) or 'none'}",
                   file=sys.stderr)
             return 2
-        names = args.only
+        names = list(dict.fromkeys(args.only))
     if not names:
         print(f"error: no bench_*.py under {args.bench_dir}", file=sys.stderr)
         return 2
 
-    rows: list[dict] = []
-    failures: list[str] = []
-    for name in names:
-        start = time.perf_counter()
-        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        try:
-            result = _load(name, found[name]).main()
-            if not isinstance(result, list):
-                raise ValueError(f"main() returned {type(result).__name__}, not a list of rows")
-            checked = [check_row(item) for item in result]
-        except Exception as exc:  # one broken benchmark must not hide the others' figures
-            traceback.print_exc()
-            failures.append(f"bench_{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            print(f"[bench] {name} FAILED", file=sys.stderr, flush=True)
-            continue
-        rows.extend(checked)
-        print(f"[bench] {name}: {len(checked)} rows in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    records = not (args.only or args.quick or args.no_write)
+    if records and Path(args.out).exists() and MARKER not in Path(args.out).read_text(encoding="utf-8"):
+        print(f"error: {args.out} has no line {MARKER!r}: add it where the latest run should go", file=sys.stderr)
+        return 2
 
-    text = section(rows, failures, when=dt.datetime.now(), machine_line=machine(), quick=args.quick)
+    import torch
+
+    default_threads = torch.get_num_threads()  # OMP_NUM_THREADS when set (make bench sets 2)
+    load_start = _load_average()
+    when = dt.datetime.now()
+    rows: list[dict] = []
+    for name in names:
+        rows.extend(run_bench(name, found[name], default_threads))
+
+    partial = " and ".join(p for p in ("--only " + " ".join(names) if args.only else "",
+                                       "--quick smoke run" if args.quick else "") if p)
+    omp = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={omp} " if omp else "") + "python -m benchmarks.run_all" \
+        + (" --only " + " --only ".join(names) if args.only else "") + (" --quick" if args.quick else "")
+    text = section(rows, when=when, machine_line=machine(), load=(load_start, _load_average()), code=commit(),
+                   command=command, partial=partial)
     print(text)
-    if not args.no_write:
-        append(args.docs, text)
-        print(f"[bench] appended to {args.docs}", file=sys.stderr)
-    return 1 if failures else 0
+    if partial:
+        print(f"[bench] {partial}: printed only; {args.out} is written by a complete run", file=sys.stderr)
+    elif not args.no_write:
+        history = args.history if args.history is not None else Path(args.out).with_name(HISTORY_NAME)
+        record(args.out, history, text)
+        print(f"[bench] wrote {args.out} (the run it replaced, if any, is now at the end of {history})",
+              file=sys.stderr)
+    return 1 if any(r["value"] == "FAILED" for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`make bench`: the harness runs benchmarks, survives a broken one, and appends a section per run."""
+"""`make bench`: one process, a thread count per bench (restored, written per row), a complete section per run
+(a broken bench is a FAILED row), partial runs print only, the replaced run moves to the history file."""
 
 from __future__ import annotations
 
@@ -20,27 +21,120 @@ def run_all(monkeypatch):
     return run_all
 
 
-def test_core_bench_appends_a_section(run_all, tmp_path, capsys):
-    docs = tmp_path / "benchmarks.md"
-    assert run_all.main(["--only", "core", "--quick", "--docs", str(docs)]) == 0
-    text = docs.read_text()
-    assert text.startswith("# Benchmarks\n")
-    assert "Machine: " in text and "torch " in text and "usable cores" in text
-    table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert table[0] == "| benchmark | value | baseline | ratio | goal | met | notes |"
-    assert any(line.startswith("| recipe -> validated config") for line in table)
-    assert any(line.startswith("| registry lookup") for line in table)
-    assert any(line.startswith("| CLI start-up (dmclip --version)") for line in table)
+@pytest.fixture
+def two_threads():
+    """The run's default count is 2 here (conftest sets 1 per test), so a bench at 1 thread is told apart."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(saved)
+
+
+def _table(text: str) -> list[list[str]]:
+    """The cells of every table row of a section, header included."""
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in text.splitlines()
+            if line.startswith("| ")]
+
+
+def test_core_bench_prints_a_section_and_records_nothing(run_all, tmp_path, capsys):
+    out = tmp_path / "benchmarks.md"
+    assert run_all.main(["--only", "core", "--quick", "--out", str(out)]) == 0
+    assert not out.exists() and not (tmp_path / "benchmarks-history.md").exists()  # a partial run only prints
+    text = capsys.readouterr().out
+    assert "(--only core and --quick smoke run: printed only, not recorded)" in text
+    machine = next(line for line in text.splitlines() if line.startswith("Machine: "))
+    assert "torch " in machine and "usable cores" in machine and "threads" not in machine  # counts are per row
+    table = _table(text)
+    assert table[0] == ["benchmark", "value", "threads", "baseline", "ratio", "goal", "met", "notes"]
+    names = [cells[0] for cells in table[1:]]
+    assert any(n.startswith("recipe -> validated config") for n in names)
+    assert any(n.startswith("registry lookup") for n in names)
+    assert "CLI start-up (dmclip --version)" in names
+    assert all(cells[2].isdigit() for cells in table[1:])  # every row says its thread count
 
 
 def _bench(directory: Path, name: str, body: str) -> None:
     (directory / f"bench_{name}.py").write_text(textwrap.dedent(body))
 
 
-def test_a_failing_bench_is_reported_and_the_rest_still_run(run_all, tmp_path, capsys):
+THREAD_BENCHES = {
+    "a_one": """
+        import torch
+        THREADS = 1
+
+        def main():
+            return [{"benchmark": "a at its own count", "value": str(torch.get_num_threads())}]
+    """,
+    "b_default": """
+        import torch
+
+        def main():
+            return [{"benchmark": "b at the default", "value": str(torch.get_num_threads())}]
+    """,
+    "c_leaks": """
+        import torch
+
+        def main():
+            torch.set_num_threads(1)  # and never puts it back
+            return [{"benchmark": "c", "value": "1 s"}]
+    """,
+    "d_inner": """
+        import torch
+        from benchmarks.common import row, threads
+
+        def main():
+            with threads(1):
+                inner = row("d inside threads(1)", str(torch.get_num_threads()), threads=1)
+            return [inner, row("d outside", str(torch.get_num_threads()))]
+    """,
+    "e_after": """
+        import torch
+
+        def main():
+            return [{"benchmark": "e after the leak", "value": str(torch.get_num_threads())}]
+    """,
+}
+
+
+def test_threads_are_set_per_bench_restored_after_it_and_written_per_row(run_all, tmp_path, capsys, two_threads):
+    import torch
+
     benches = tmp_path / "benches"
     benches.mkdir()
-    _bench(benches, "alpha", """
+    for name, body in THREAD_BENCHES.items():
+        _bench(benches, name, body)
+    out = tmp_path / "benchmarks.md"
+    assert run_all.main(["--bench-dir", str(benches), "--out", str(out)]) == 1  # c_leaks fails
+    assert torch.get_num_threads() == two_threads
+    rows = {cells[0]: cells for cells in _table(out.read_text())[1:]}
+    # value = the count the bench saw; column 2 = the count the section says; they agree on every row
+    assert rows["a at its own count"][1:3] == ["1", "1"]
+    assert rows["b at the default"][1:3] == ["2", "2"]  # a_one's count did not leak into b
+    assert rows["d inside threads(1)"][1:3] == ["1", "1"] and rows["d outside"][1:3] == ["2", "2"]
+    assert rows["e after the leak"][1:3] == ["2", "2"]  # the harness put back what c_leaks changed
+    leak = rows["bench_c_leaks"]
+    assert leak[1] == "FAILED" and leak[2] == "2"
+    assert "changed torch's thread count from 2 to 1" in leak[-1]
+    assert "c" not in rows  # rows of a bench that broke the contract are not recorded as figures
+
+
+def test_threads_context_restores_on_error(run_all):
+    import torch
+
+    from benchmarks.common import threads
+
+    saved = torch.get_num_threads()
+    with pytest.raises(RuntimeError), threads(saved + 1):
+        assert torch.get_num_threads() == saved + 1
+        torch.set_num_threads(saved + 2)
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == saved
+
+
+FAILING_BENCHES = {
+    "alpha": """
         from benchmarks.common import format_seconds, interleaved, row, timeit
 
         def main():
@@ -48,35 +142,88 @@ def test_a_failing_bench_is_reported_and_the_rest_still_run(run_all, tmp_path, c
             assert timeit(lambda: None, repeats=2, warmup=0) >= 0
             return [row("sum", format_seconds(t["a"]), baseline="longer sum", ratio=t["b"] / t["a"],
                         goal=">= 1x", met=t["b"] >= t["a"], notes="a | b")]
-    """)
-    _bench(benches, "boom", """
+    """,
+    "boom": """
         def main():
             raise RuntimeError("no GPU here")
-    """)
-    _bench(benches, "malformed", """
+    """,
+    "malformed": """
         def main():
             return [{"benchmark": "x"}]
-    """)
-    _bench(benches, "zulu", """
+    """,
+    "zulu": """
         def main():
             return [{"benchmark": "last one", "value": "1 s"}]
-    """)
-    docs = tmp_path / "out.md"
-    assert run_all.main(["--bench-dir", str(benches), "--docs", str(docs)]) == 1
-    text = docs.read_text()
-    assert "| sum |" in text and "a \\| b" in text  # a pipe in a cell does not break the table
-    assert "| last one | 1 s | - | - | - | - | - |" in text  # the benchmark after the failures ran
-    assert "FAILED: bench_boom: RuntimeError: no GPU here" in text
-    assert "FAILED: bench_malformed: ValueError" in text and "missing ['value']" in text
-    assert "RuntimeError: no GPU here" in capsys.readouterr().err  # the traceback, for the author
+    """,
+}
 
-    assert run_all.main(["--bench-dir", str(benches), "--only", "zulu", "--docs", str(docs)]) == 0
-    text = docs.read_text()
-    assert text.count("# Benchmarks") == 1 and text.count("\n## ") == 2  # one section per run, appended
+
+def test_a_failing_bench_is_a_failed_row_in_a_complete_section(run_all, tmp_path, capsys, two_threads):
+    benches = tmp_path / "benches"
+    benches.mkdir()
+    for name, body in FAILING_BENCHES.items():
+        _bench(benches, name, body)
+    out, history = tmp_path / "benchmarks.md", tmp_path / "benchmarks-history.md"
+    assert run_all.main(["--bench-dir", str(benches), "--out", str(out)]) == 1
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n") and text.count(run_all.MARKER) == 1
+    assert text.count("\n## ") == 1 and "4 benches, 2 FAILED." in text  # one section, every bench in it
+    assert "| sum | " in text and "a \\| b" in text  # a pipe in a cell does not break the table
+    assert "| last one | 1 s | 2 | - | - | - | - | - |" in text  # the benchmark after the failures ran
+    assert "| bench_boom | FAILED | 2 | - | - | - | - | RuntimeError: no GPU here |" in text
+    assert "| bench_malformed | FAILED | 2 |" in text and "missing ['value']" in text
+    assert "RuntimeError: no GPU here" in capsys.readouterr().err  # the traceback, for the author
+    assert not history.exists()  # nothing was replaced
+
+    _bench(benches, "boom", "def main():\n    return [{'benchmark': 'fixed', 'value': '2 s'}]\n")
+    (benches / "bench_malformed.py").unlink()
+    assert run_all.main(["--bench-dir", str(benches), "--out", str(out)]) == 0
+    new = out.read_text()
+    assert new.count("\n## ") == 1 and "3 benches, none failed." in new and "| fixed | 2 s |" in new
+    assert "FAILED" not in new  # the docs hold the latest complete run only ...
+    past = history.read_text()  # ... and the run it replaced moved to the history, verbatim
+    assert past.startswith("# Benchmarks: earlier runs\n")
+    assert text.split(run_all.MARKER, 1)[1].strip("\n") in past
+
+
+def test_only_and_quick_never_touch_the_docs_file(run_all, tmp_path, capsys):
+    benches = tmp_path / "benches"
+    benches.mkdir()
+    for name, body in FAILING_BENCHES.items():
+        _bench(benches, name, body)
+    out = tmp_path / "benchmarks.md"
+    out.write_text(run_all.HEADER + "\n## 2026-01-01 00:00\n\nthe recorded run\n")
+    before = out.read_bytes()
+    assert run_all.main(["--bench-dir", str(benches), "--only", "zulu", "--out", str(out)]) == 0
+    assert run_all.main(["--bench-dir", str(benches), "--only", "boom", "--out", str(out)]) == 1
+    assert run_all.main(["--bench-dir", str(benches), "--quick", "--out", str(out)]) == 1
+    assert out.read_bytes() == before and not (tmp_path / "benchmarks-history.md").exists()
+    printed = capsys.readouterr()
+    assert "(--only zulu: printed only, not recorded)" in printed.out and "| last one | 1 s |" in printed.out
+    assert "(--only boom: printed only, not recorded)" in printed.out and "| bench_boom | FAILED |" in printed.out
+    assert "(--quick smoke run: printed only, not recorded)" in printed.out
+    assert "printed only;" in printed.err
+
+
+def test_a_docs_file_without_the_marker_is_refused_before_anything_runs(run_all, tmp_path, capsys):
+    benches = tmp_path / "benches"
+    benches.mkdir()
+    _bench(benches, "boom", FAILING_BENCHES["boom"])
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nno marker\n")
+    assert run_all.main(["--bench-dir", str(benches), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has no line" in err and "[bench] boom" not in err
+    assert out.read_text() == "# Benchmarks\n\nno marker\n"
+
+
+def test_the_real_docs_can_receive_a_run(run_all):
+    assert (REPO / "docs" / "benchmarks.md").read_text().count(run_all.MARKER) == 1
+    assert (REPO / "docs" / "benchmarks-history.md").read_text().startswith("# Benchmarks: earlier runs\n")
 
 
 def test_only_an_unknown_name_is_an_error(run_all, tmp_path, capsys):
-    assert run_all.main(["--only", "nothing", "--docs", str(tmp_path / "x.md")]) == 2
+    assert run_all.main(["--only", "nothing", "--out", str(tmp_path / "x.md")]) == 2
     assert "no benchmark named nothing; have: " in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists()
 
