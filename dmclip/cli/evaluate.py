@@ -15,7 +15,8 @@ eval_app = typer.Typer(help="Evaluate models: zero-shot, retrieval, caption, lat
                             "Example: dmclip eval zero-shot --model run:runs/distill/<run>", no_args_is_help=True)
 
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", help="Model: run:<run dir>, open_clip:<arch>[:<tag or checkpoint>], or a registered name.",
+    "--model", "-m", help="Model: run:<run dir>, open_clip:<arch>:<checkpoint, tag or random>, "
+                          "open_clip:local-dir:<dir>, or a registered name.",
     show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per encoder call.", min=1)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cuda when visible).")]
