@@ -684,6 +684,11 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
         raise DmclipError("filter.calibrate_on and filter.keep_fraction both choose what the filter keeps",
                           "set one of them (keep_fraction: 0 to use the calibrated threshold)")
     _out_path(cfg.output.out)  # a bad --out fails before any model is loaded
+    if cfg.finetune.train.report_to:  # the fine-tuning rows and the results (filter counts, noise removal)
+        from dmclip.train import distributed, report_to
+
+        if distributed.is_main():
+            report_to.attach(run, cfg.finetune.train.report_to)
     model = load_model_ref(cfg.model)
     check_model(model, cfg.model)
     torch.manual_seed(cfg.seed)
@@ -692,7 +697,7 @@ def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
     finetune_state = None
     if cfg.finetune.data:
         finetune_state = dataclasses.asdict(cfg.finetune)
-        for key in ("progress", "log_every", "checkpoint_every", "num_workers", "device"):
+        for key in ("progress", "log_every", "checkpoint_every", "num_workers", "device", "report_to"):
             finetune_state["train"].pop(key, None)
     state = {"version": STATE_VERSION, "model_fingerprint": model_fingerprint(model),  # weights, not the path
              "data": cfg.data, "seed": cfg.seed, "captioner": dataclasses.asdict(cfg.captioner),

@@ -296,6 +296,12 @@ def from_dict(cls, data: dict, path: str = ""):
     for name, value in data.items():
         f = fields[name]
         full = f"{path}.{name}" if path else name
+        if isinstance(value, dict) and f.default_factory is not _MISSING and dataclasses.is_dataclass(hints[name]):
+            # a section given in part keeps the field's own defaults for the rest (capfilt's finetune.train is
+            # TrainConfig(steps=100, batch_size=32, ...), not TrainConfig()'s defaults)
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                value = _merged(to_dict(default), value)
         converted = _convert(value, hints[name], full)
         _check_range(f, converted, full)
         kwargs[name] = converted
@@ -311,6 +317,14 @@ def from_dict(cls, data: dict, path: str = ""):
         raise
     except (TypeError, ValueError) as exc:  # a __post_init__ check
         raise DmclipError(f"{path or 'config'}: {exc}", "fix the values named above") from None
+
+
+def _merged(base: dict, given: dict) -> dict:
+    """``given`` over ``base``, section by section."""
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def validate(cfg) -> None:

@@ -462,6 +462,35 @@ def caption(model: nn.Module, dataset="world-retrieval-a", *, method: str = "bea
     return result
 
 
+def read_predictions(predictions: str | Path, dataset="world-retrieval-a", limit: int | None = None):
+    """(dataset name, dataset, {sample index: caption}) of a COCO results file, one caption for each of the first
+    ``limit`` (or all) images; a one-line DmclipError otherwise."""
+    name = dataset_name(dataset)
+    dataset = load_dataset(dataset, None)
+    if getattr(dataset, "kind", "image-text") != "image-text":
+        raise DmclipError(f"{dataset_name(dataset)} has no captions to compare with",
+                          "use an image-text set, e.g. --data world-retrieval-a")
+    count = len(dataset) if not limit else min(int(limit), len(dataset))
+    if count == 0:
+        raise DmclipError(f"{dataset_name(dataset)} has no samples", "check --data")
+    return name, dataset, caption_metrics_module.read_coco_results(predictions, count, len(dataset), name)
+
+
+def score_captions(predictions: str | Path, dataset="world-retrieval-a", *, limit: int | None = None,
+                   meteor: bool = True, model_name: str = "") -> dict:
+    """Scores the captions of a COCO results file (``[{"image_id": <sample index>, "caption": ...}]``, see
+    :func:`read_predictions`) against the dataset's references: :func:`caption`'s metrics and result, with
+    ``details.predictions`` naming the file instead of the decoding settings."""
+    name, dataset, candidates = read_predictions(predictions, dataset, limit)
+    references = {index: list(dataset.captions(index)) for index in candidates}
+    metrics = caption_metrics_module.caption_metrics(references, candidates, meteor=meteor)
+    notes = [] if meteor else ["METEOR skipped (--no-meteor)"]
+    result = _result(TASK_CAPTION, name, metrics, model_name, notes, num_images=len(candidates),
+                     predictions=str(predictions))
+    result["captions"] = candidates
+    return result
+
+
 def _encoder_parameters(model: nn.Module, fn: Callable[[], torch.Tensor]) -> int | None:
     """Parameters that one encoder call actually uses (those its output has a gradient path to)."""
     params = [p for p in model.parameters()]
@@ -741,6 +770,8 @@ class CaptionConfig:
     seed: int = field(0, "seed for nucleus sampling")
     batch_size: int = field(32, "images per generate call", min=1)
     device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+    predictions: str = field("", "COCO results file of captions to score instead of generating them "
+                                 "('' = the model captions)")
 
 
 @dataclass
@@ -825,17 +856,22 @@ def run_retrieval(config: RetrievalConfig, run, progress: bool = False, model: n
 
 
 def run_caption(config: CaptionConfig, run, progress: bool = False, model: nn.Module | None = None) -> dict:
-    model = model if model is not None else load_model(config.model, config.device)
-    result = caption(model, config.data, method=config.method, num_beams=config.num_beams, top_p=config.top_p,
-                     max_length=config.max_length, min_length=config.min_length, limit=config.limit or None,
-                     batch_size=config.batch_size, meteor=config.meteor, seed=config.seed, model_name=config.model,
-                     progress=progress)
+    if config.predictions:
+        result = score_captions(config.predictions, config.data, limit=config.limit or None, meteor=config.meteor,
+                                model_name=config.model)
+    else:
+        model = model if model is not None else load_model(config.model, config.device)
+        result = caption(model, config.data, method=config.method, num_beams=config.num_beams, top_p=config.top_p,
+                         max_length=config.max_length, min_length=config.min_length, limit=config.limit or None,
+                         batch_size=config.batch_size, meteor=config.meteor, seed=config.seed,
+                         model_name=config.model, progress=progress)
     captions = result.pop("captions")
     # COCO results format, so the captions can be re-scored by any COCO tool
     run.write_text("captions.json", json.dumps([{"image_id": k, "caption": v} for k, v in captions.items()], indent=1))
     run.write_results(result)
     samples = "\n".join(f"| {k} | {v} |" for k, v in list(captions.items())[:10])
-    run.write_text("report.md", _header("Captioning", config.model, result) + _markdown_metrics(result, CAPTION_ROWS)
+    run.write_text("report.md", _header("Captioning", config.model or f"predictions {config.predictions}", result)
+                   + _markdown_metrics(result, CAPTION_ROWS)
                    + "\nCIDEr is shown ×100 like the other scores (results.json keeps the raw value).\n"
                    + f"\n## First captions\n\n| image | caption |\n|---|---|\n{samples}\n" + FOOTER)
     result["captions"] = captions

@@ -151,6 +151,7 @@ class RunDir:
         self.path = Path(path)
         self._log_handler: logging.Handler | None = None
         self._metrics_checked = False
+        self.reporter = None  # dmclip.train.report_to.Reporter: dashboards that also get rows and results
 
     # ---- creation
     @classmethod
@@ -267,6 +268,8 @@ class RunDir:
             raise DmclipError(f"could not write {path}: {exc.strerror or exc}",
                               "free disk space or choose another --runs-dir; the rows already written are kept, "
                               "and --resume continues the run") from exc
+        if self.reporter is not None:
+            self.reporter.log(record)
 
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"
@@ -290,6 +293,14 @@ class RunDir:
 
     def write_results(self, results: dict) -> None:
         atomic_write_json(self.path / "results.json", results)
+        if self.reporter is not None:
+            self.reporter.results(results)
+
+    def close_reporter(self) -> None:
+        """Finish the dashboards (flush TensorBoard, finish the W&B run); the run's end does it too."""
+        reporter, self.reporter = self.reporter, None
+        if reporter is not None:
+            reporter.close()
 
     def results(self) -> dict | None:
         path = self.path / "results.json"
@@ -343,6 +354,7 @@ class RunDir:
             self.update_info(status="completed", end_time=_now())
         finally:
             _restore_sigterm(old_term)
+            self.close_reporter()
             self._detach_log()
 
     def _record_end(self, **fields) -> None:

@@ -237,7 +237,13 @@ CATALOGUE: dict[str, tuple[Setup, str, str]] = {
     "model-reference-to-nothing": (
         lambda tmp, runs: ["eval", "zero-shot", "--model", "vit-nanno"],
         "no model 'vit-nanno'",
-        "use run:<run dir>, open_clip:<arch>[:<checkpoint>], or a registered name (did you mean 'vit-nano'...?)"),
+        "use run:<run dir>, open_clip:<arch>:<weights>, or a registered name (did you mean 'vit-nano'...?)"),
+    "model-open-clip-without-weights": (
+        lambda tmp, runs: ["eval", "zero-shot", "--model", "open_clip:ViT-B-32"],
+        "open_clip:ViT-B-32 names an architecture but no weights (it would be random)",
+        "name the weights: open_clip:<arch>:/path/checkpoint.pt, open_clip:local-dir:/path/to/hub-dir, "
+        "open_clip:<arch>:<pretrained tag> (from the Hugging Face cache when offline), or open_clip:<arch>:random "
+        "for random weights"),
     "model-run-directory-missing": (
         lambda tmp, runs: ["distill", "--teacher", f"run:{tmp}/nope"],
         "run directory '{tmp}/nope' does not exist",

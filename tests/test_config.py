@@ -298,3 +298,17 @@ def test_parse_sweep_values():
 ])
 def test_parse_sweep_values_errors(text, message):
     assert _error(parse_sweep_values, text, option="--alpha").message == message
+
+
+def test_a_section_set_in_part_keeps_its_fields_own_defaults(tmp_path):
+    """capfilt's finetune.train defaults to TrainConfig(steps=100, batch_size=32, lr=1e-4, ...): a recipe, --set
+    or shortcut that changes one key of it (--steps, --report-to) must keep the others, not TrainConfig()'s."""
+    from dmclip.capfilt import CapfiltConfig
+
+    default = CapfiltConfig().finetune.train
+    cfg, _ = load_config(CapfiltConfig, _recipe(tmp_path, "finetune:\n  train:\n    lr: 3.0e-4\n"),
+                         ["finetune.train.log_every=1"], {"finetune.train.steps": 7})
+    train = cfg.finetune.train
+    assert (train.lr, train.log_every, train.steps) == (3e-4, 1, 7)
+    assert (train.batch_size, train.warmup_steps, train.checkpoint_every) == (default.batch_size, default.warmup_steps,
+                                                                              default.checkpoint_every) == (32, 10, 50)

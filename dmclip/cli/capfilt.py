@@ -10,6 +10,7 @@ import typer
 from dmclip.cli.common import (
     NameOpt,
     RecipeArg,
+    ReportToOpt,
     ResumeOpt,
     RunsDirOpt,
     SeedOpt,
@@ -17,6 +18,7 @@ from dmclip.cli.common import (
     console,
     execute,
     metrics_table,
+    report_to_names,
 )
 from dmclip.errors import DmclipError
 
@@ -55,6 +57,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per model call.")] = None,
         limit: Annotated[int | None, typer.Option("--limit", help="Only the first N images.")] = None,
         seed: SeedOpt = None,
+        report_to: ReportToOpt = None,
         set_: SetOpt = None,
         name: NameOpt = None,
         runs_dir: RunsDirOpt = None,
@@ -98,7 +101,8 @@ def register(app: typer.Typer) -> None:
                          "" if threshold is not None or keep_fraction is not None else None),  # CLI beats recipe
                      "filter.clean_keep": clean_keep, "filter.score": score,
                      "finetune.data": finetune_on, "finetune.train.steps": steps, "output.format": fmt,
-                     "output.shard_size": shard_size, "batch_size": batch_size, "limit": limit, "seed": seed}
+                     "output.shard_size": shard_size, "batch_size": batch_size, "limit": limit, "seed": seed,
+                     "finetune.train.report_to": report_to_names(report_to)}
         run, result = execute("capfilt", lib.CapfiltConfig, lib.run, recipe=recipe, sets=set_, shortcuts=shortcuts,
                               name=name, runs_dir=runs_dir, resume=resume)
         rows = [{"source": source, "pairs": row["total"], "kept": row["kept"], "removed": row["removed"]}

@@ -29,6 +29,21 @@ ResumeOpt = Annotated[Path | None, typer.Option(
     "--resume", help="Continue an interrupted run directory (same results as an uninterrupted run).",
     show_default=False)]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (overrides the recipe's).")]
+ReportToOpt = Annotated[str | None, typer.Option(
+    "--report-to", help="Also write every metrics row and the results to tensorboard, wandb (offline) or "
+                        "tensorboard,wandb, inside the run directory (needs pip install 'dmclip[dashboards]').",
+    show_default=False)]
+
+
+def report_to_names(value: str | None) -> list[str] | None:
+    """--report-to's value as the config's list (None = not given), its packages checked before any run exists."""
+    if value is None:
+        return None
+    from dmclip.train.report_to import parse, require
+
+    names = parse(value)
+    require(names)
+    return names
 
 
 def not_built(command: str) -> None:

@@ -11,6 +11,7 @@ import typer
 from dmclip.cli.common import (
     NameOpt,
     RecipeArg,
+    ReportToOpt,
     ResumeOpt,
     RunsDirOpt,
     SeedOpt,
@@ -19,6 +20,7 @@ from dmclip.cli.common import (
     err_console,
     execute,
     metrics_table,
+    report_to_names,
 )
 from dmclip.errors import DmclipError
 
@@ -111,6 +113,7 @@ def register(app: typer.Typer) -> None:
         seeds: Annotated[str | None, typer.Option(
             "--seeds", help="Comma list of seeds (0,1,2): every alpha runs at every seed, and the summary gives "
                             "mean ± std, 95 % intervals and paired differences. Overrides the recipe's sweep.seeds.")] = None,
+        report_to: ReportToOpt = None,
         set_: SetOpt = None,
         name: NameOpt = None,
         runs_dir: RunsDirOpt = None,
@@ -151,7 +154,7 @@ def register(app: typer.Typer) -> None:
         if seed_list is not None and seed is not None:
             raise DmclipError("--seed and --seeds both given", "use --seed N for one run, --seeds 0,1,2 for a sweep")
         shortcuts = {"teacher": teacher, "student.name": student, "data.train": data, "train.steps": steps,
-                     "train.batch_size": batch_size, "seed": seed}
+                     "train.batch_size": batch_size, "seed": seed, "train.report_to": report_to_names(report_to)}
         if seed_list is not None and len(seed_list) == 1:
             shortcuts["seed"], seed_list = seed_list[0], None
         if (alphas is None or len(alphas) == 1) and seed_list is None:

@@ -15,7 +15,8 @@ eval_app = typer.Typer(help="Evaluate models: zero-shot, retrieval, caption, lat
                             "Example: dmclip eval zero-shot --model run:runs/distill/<run>", no_args_is_help=True)
 
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", help="Model: run:<run dir>, open_clip:<arch>[:<tag or checkpoint>], or a registered name.",
+    "--model", "-m", help="Model: run:<run dir>, open_clip:<arch>:<checkpoint, tag or random>, "
+                          "open_clip:local-dir:<dir>, or a registered name.",
     show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per encoder call.", min=1)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cuda when visible).")]
@@ -105,7 +106,13 @@ def register(app: typer.Typer) -> None:
 
     @eval_app.command("caption")
     def caption_command(
-        model: ModelOpt,
+        model: Annotated[str | None, typer.Option(
+            "--model", "-m", help="Captioner: run:<BLIP run> (with --predictions: only the name results.json records).",
+            show_default=False)] = None,
+        predictions: Annotated[Path | None, typer.Option(
+            "--predictions", help='Score these captions instead of generating them: a COCO results file '
+                                  '[{"image_id": <dataset index>, "caption": "..."}] with one caption per image.',
+            show_default=False)] = None,
         data: Annotated[str, typer.Option("--data", "-d", help="Image-text dataset spec (its captions are the references).")] = "world-retrieval-a",
         method: Annotated[str, typer.Option("--method", help="beam or nucleus.")] = "beam",
         num_beams: Annotated[int, typer.Option("--num-beams", help="Beams for beam search.", min=1)] = 3,
@@ -123,21 +130,31 @@ def register(app: typer.Typer) -> None:
         """Caption images and score BLEU-1..4, METEOR, ROUGE-L, CIDEr as the COCO caption evaluation.
 
         Example: dmclip eval caption --model run:runs/pretrain/<blip run> --method nucleus --limit 200
-        """
-        from dmclip.evaluation import CaptionConfig, check_model, load_model, run_caption
 
-        loaded = load_model(model, device)
-        check_model(loaded, "caption")
+        Scoring captions written elsewhere: dmclip eval caption --predictions captions.json --data world-retrieval-a
+        """
+        from dmclip.evaluation import CaptionConfig, check_model, load_model, read_predictions, run_caption
+
+        if predictions is not None:  # a bad file fails before a run directory exists
+            read_predictions(predictions, data, limit or None)
+            loaded = None
+        elif not model:
+            raise DmclipError("eval caption needs a captioner or captions to score",
+                              "pass --model run:<BLIP run>, or --predictions FILE (COCO results format)")
+        else:
+            loaded = load_model(model, device)
+            check_model(loaded, "caption")
         _, result = execute("eval", CaptionConfig, lambda c, r: run_caption(c, r, progress=True, model=loaded),
                             shortcuts={"model": model, "data": data, "method": method, "num_beams": num_beams,
                                        "top_p": top_p, "max_length": max_length, "min_length": min_length,
                                        "limit": limit, "meteor": meteor, "seed": seed, "batch_size": batch_size,
-                                       "device": device},
-                            name=name or f"caption-{_slug(model)}", runs_dir=runs_dir)
+                                       "device": device, "predictions": str(predictions) if predictions else None},
+                            name=name or f"caption-{_slug(model or predictions.stem)}", runs_dir=runs_dir)
         m = result["metrics"]
+        how = f"predictions {predictions}" if predictions is not None else method
         console.print(metrics_table(
-            f"captioning · {model} · {result['dataset']} ({result['details']['num_images']} images, {method}; "
-            "×100, CIDEr too)",
+            f"captioning · {model or predictions.name} · {result['dataset']} ({result['details']['num_images']} "
+            f"images, {how}; ×100, CIDEr too)",
             [{"BLEU-1": _pct(m["bleu1"]), "BLEU-2": _pct(m["bleu2"]), "BLEU-3": _pct(m["bleu3"]),
               "BLEU-4": _pct(m["bleu4"]), "METEOR": _pct(m["meteor"]), "ROUGE-L": _pct(m["rouge_l"]),
               "CIDEr": _pct(m["cider"])}]))

@@ -9,6 +9,7 @@ import typer
 from dmclip.cli.common import (
     NameOpt,
     RecipeArg,
+    ReportToOpt,
     ResumeOpt,
     RunsDirOpt,
     SeedOpt,
@@ -16,6 +17,7 @@ from dmclip.cli.common import (
     console,
     execute,
     metrics_table,
+    report_to_names,
 )
 
 
@@ -29,6 +31,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Global batch size.")] = None,
         lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
         seed: SeedOpt = None,
+        report_to: ReportToOpt = None,
         set_: SetOpt = None,
         name: NameOpt = None,
         runs_dir: RunsDirOpt = None,
@@ -43,11 +46,14 @@ def register(app: typer.Typer) -> None:
           dmclip pretrain --objective blip --steps 2000 --set model.vision_width=192
 
           dmclip pretrain --resume runs/pretrain/<run>
+
+          dmclip pretrain --report-to tensorboard   (then: tensorboard --logdir runs/pretrain)
         """
         from dmclip import pretrain as lib
 
         shortcuts = {"objective": objective, "data.train": data, "train.steps": steps,
-                     "train.batch_size": batch_size, "train.lr": lr, "seed": seed}
+                     "train.batch_size": batch_size, "train.lr": lr, "seed": seed,
+                     "train.report_to": report_to_names(report_to)}
         run, result = execute("pretrain", lib.PretrainConfig, lib.run, recipe=recipe, sets=set_, shortcuts=shortcuts,
                               name=name, runs_dir=runs_dir, resume=resume)
         if set(result) == {"train"}:  # a non-zero torchrun rank: rank 0 reports

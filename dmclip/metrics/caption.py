@@ -132,3 +132,54 @@ def meteor_score(gts: Mapping[object, list[str]], res: Mapping[object, list[str]
                 scorer.meteor_p.kill()
                 scorer.meteor_p.wait()
     return float(score)
+
+
+COCO_RESULTS_HINT = 'write a COCO results file: [{"image_id": 0, "caption": "a red circle"}, ...]'
+
+
+def read_coco_results(path: str | Path, count: int, total: int, dataset: str = "the dataset") -> dict[int, str]:
+    """``{image_id: caption}`` from a COCO captioning results file, checked against a dataset.
+
+    Image ids are dataset indices; the file must give exactly one caption for each of the first ``count``
+    images (``total`` = the dataset's size, for the message). Anything else is a one-line DmclipError.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DmclipError(f"predictions file {str(path)!r} does not exist", COCO_RESULTS_HINT)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DmclipError(f"{path} is not UTF-8 text", COCO_RESULTS_HINT) from None
+    except json.JSONDecodeError as exc:
+        raise DmclipError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                          COCO_RESULTS_HINT) from None
+    if not isinstance(entries, list):
+        raise DmclipError(f"{path} holds a JSON {type(entries).__name__}, not a list of results", COCO_RESULTS_HINT)
+    captions: dict[int, str] = {}
+    where: dict[int, int] = {}
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
+            raise DmclipError(f"{path}: entry {n} is not an object with image_id and caption ({str(entry)[:60]})",
+                              COCO_RESULTS_HINT)
+        image_id, text = entry["image_id"], entry["caption"]
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise DmclipError(f"{path}: entry {n} has image_id {image_id!r}, not a whole number",
+                              "image ids are the dataset's sample indices, 0-based, as `eval caption` writes them")
+        if not isinstance(text, str):
+            raise DmclipError(f"{path}: entry {n} (image_id {image_id}) has caption {text!r}, not a string",
+                              COCO_RESULTS_HINT)
+        if not 0 <= image_id < count:
+            scope = f"{dataset} has {total} images" + (f" and --limit scores the first {count}" if count < total else "")
+            raise DmclipError(f"{path}: image_id {image_id} (entry {n}) is out of range: {scope} "
+                              f"(ids 0..{count - 1})", "image ids are the dataset's sample indices, 0-based")
+        if image_id in captions:
+            raise DmclipError(f"{path}: image_id {image_id} appears twice (entries {where[image_id]} and {n})",
+                              "give one caption per image")
+        captions[image_id], where[image_id] = text, n
+    missing = [i for i in range(count) if i not in captions]
+    if missing:
+        raise DmclipError(f"{path}: {len(missing)} of {count} images have no caption (e.g. image_id {missing[0]})",
+                          "give one caption for every image of the dataset, or score the first N with --limit N")
+    return dict(sorted(captions.items()))

@@ -3,7 +3,10 @@
     run:<run dir>                       a model trained by dmclip (pretrain / distill)
     builtin:<name>                      a small model shipped with the package, with the recipe and run
                                         record that made it (``builtin_names()`` lists them)
-    open_clip:<arch>[:<tag or path>]    any open_clip architecture, random / pretrained / local weights
+    open_clip:<arch>:<checkpoint file>  an open_clip architecture with local weights; also
+    open_clip:local-dir:<dir>           a hub-layout directory, open_clip:hf-hub:<org>/<repo>,
+                                        open_clip:<arch>:<pretrained tag>, open_clip:<arch>:random
+                                        (see dmclip.models.openclip)
     <registered name>                   a teacher or student from the registries (random init)
     embeddings:<store dir>              cached teacher outputs (distill only; see dmclip.distill)
 """
@@ -62,19 +65,17 @@ def load_model_ref(ref: str) -> nn.Module:
     from dmclip.registry import students, teachers
 
     if not isinstance(ref, str) or not ref.strip():
-        raise DmclipError("empty model reference", "pass e.g. --model run:runs/pretrain/<run> or open_clip:ViT-B-32")
+        raise DmclipError("empty model reference",
+                          "pass e.g. --model run:runs/pretrain/<run> or open_clip:ViT-B-32:/path/model.bin")
     ref = ref.strip()
     if ref.startswith("run:"):
         model = load_saved_model(run_model_dir(ref[4:]))
     elif ref.startswith("builtin:"):
         model = load_saved_model(builtin_dir(ref[len("builtin:"):]))
     elif ref.startswith("open_clip:"):
-        from dmclip.models.openclip import OpenClipModel
+        from dmclip.models.openclip import load_open_clip
 
-        parts = ref.split(":", 2)
-        arch = parts[1]
-        pretrained = parts[2] if len(parts) > 2 and parts[2] else None
-        model = OpenClipModel(arch, pretrained)
+        model = load_open_clip(ref)
     elif ref.startswith("embeddings:"):
         raise DmclipError(f"{ref!r} is a cache of teacher outputs, not a model",
                           "use it only as `dmclip distill --teacher embeddings:<dir>`")
@@ -87,7 +88,7 @@ def load_model_ref(ref: str) -> nn.Module:
     else:
         names = [*teachers.names(), *students.names()]
         raise DmclipError(f"no model {ref!r}",
-                          "use run:<run dir>, open_clip:<arch>[:<checkpoint>], or a registered name "
+                          "use run:<run dir>, open_clip:<arch>:<weights>, or a registered name "
                           f"({did_you_mean(ref, names)})")
     model.eval()
     return model

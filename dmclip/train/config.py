@@ -30,9 +30,14 @@ class TrainConfig:
     progress: bool = field(True, "Rich progress bar on stderr (only shown on a terminal, on rank 0)")
     device: str = field("auto", "auto (CUDA when available, one GPU per rank) | cpu | cuda",
                         choices=("auto", "cpu", "cuda"))
+    report_to: list[str] = field([], "dashboards that also get every metrics row and the results: tensorboard "
+                                     "(<run>/tensorboard/), wandb (offline, <run>/wandb/); [] = metrics.jsonl only")
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2:
             from dmclip.errors import DmclipError
 
             raise DmclipError(f"train.betas = {self.betas!r} must hold two numbers", "e.g. betas: [0.9, 0.98]")
+        from dmclip.train.report_to import parse
+
+        self.report_to = parse(self.report_to)  # "tensorboard,wandb" -> ["tensorboard", "wandb"], checked

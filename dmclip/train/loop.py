@@ -315,7 +315,8 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     ``checkpoint_every`` steps and at the end). ``resume=True`` continues from ``checkpoints/last.pt``
     (metrics rows after its step are dropped, then written again); without a checkpoint it starts at step 0.
     ``eval_fn(model, step) -> dict`` runs on rank 0 every ``eval_every`` steps and at the end (model unwrapped,
-    in eval mode, under no_grad); its numbers go to metrics.jsonl as ``eval/<name>``.
+    in eval mode, under no_grad); its numbers go to metrics.jsonl as ``eval/<name>``. ``cfg.report_to`` also
+    sends the rows (and the results the caller writes) to TensorBoard / W&B (:mod:`dmclip.train.report_to`).
 
     Returns ``{"steps", "loss", "parts", "lr", "samples_per_s", "seconds", "epoch", "resumed_from", "eval",
     "checkpoint"}`` (``samples_per_s`` and ``seconds`` over the steps this call trained).
@@ -357,6 +358,10 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
             log.warning("no checkpoint in %s: starting from step 0", checkpoint_path.parent)
         if main:
             run.truncate_metrics(step)
+    if main and cfg.report_to:
+        from dmclip.train import report_to
+
+        report_to.attach(run, cfg.report_to, start_step=step)
 
     train_model: nn.Module = model
     if distributed.is_distributed():
