@@ -54,7 +54,8 @@ class LossConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: str = field("latest", "teacher: run:<dir>, open_clip:<arch>[:<ckpt>], embeddings:<store>, "
+    teacher: str = field("latest", "teacher: run:<dir>, builtin:<name>, open_clip:<arch>:<weights>, "
+                                   "embeddings:<store>, "
                                    "ensemble:<ref>+<ref>..., or 'latest' (newest completed CLIP pretrain run)")
     seed: int = field(0, "seed for init, data order and caption choice")
     student: StudentConfig = field(factory=StudentConfig, help="student")
@@ -145,7 +146,7 @@ def load_teacher(ref: str):
         raise DmclipError(f"teacher {ref!r} has no text encoder", "distill needs a CLIP teacher with both towers")
     if getattr(teacher, "arch", {}).get("family") not in ("clip", "open_clip"):
         raise DmclipError(f"teacher {ref!r} is a {teacher.arch.get('family')} model; distill takes CLIP teachers",
-                          "use a `dmclip pretrain --objective clip` run or open_clip:<arch>[:<checkpoint>]")
+                          "use builtin:world-vit, a `dmclip pretrain --objective clip` run or open_clip:<arch>:<weights>")
     teacher.requires_grad_(False)
     return teacher.eval()
 

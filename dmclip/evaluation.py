@@ -98,8 +98,8 @@ def dataset_name(dataset) -> str:
 
 def describe_ref(ref: str) -> tuple[str, str]:
     """A model reference -> CLIP_benchmark's (model, pretrained) pair."""
-    if ref.startswith("open_clip:"):
-        parts = ref.split(":", 2)
+    if ref.startswith("open_clip:") and not ref.startswith(("open_clip:local-dir:", "open_clip:hf-hub:")):
+        parts = ref.split(":", 2)  # open_clip:<arch>:<tag or file> -> (arch, tag), as CLIP_benchmark names them
         return parts[1], (parts[2] if len(parts) > 2 else "")
     return ref, ""
 
@@ -739,7 +739,7 @@ def suite_row(model: nn.Module, name: str = "model", **kwargs) -> dict:
 
 @dataclass
 class ZeroShotConfig:
-    model: str = field("", "model reference: run:<dir>, open_clip:<arch>[:<tag or path>] or a registered name")
+    model: str = field("", "model reference: run:<dir>, builtin:<name>, open_clip:<arch>:<weights> or a registered name")
     data: str = field("world-zeroshot", "classification dataset spec (registered name or real format)")
     classnames: str = field("", "file with one class name per line, in label order ('' = the dataset's)")
     templates: str = field("", "file with one prompt template per line, '{}' marks the class ('' = the dataset's)")
@@ -749,7 +749,7 @@ class ZeroShotConfig:
 
 @dataclass
 class RetrievalConfig:
-    model: str = field("", "model reference: run:<dir>, open_clip:<arch>[:<tag or path>] or a registered name")
+    model: str = field("", "model reference: run:<dir>, builtin:<name>, open_clip:<arch>:<weights> or a registered name")
     data: str = field("world-retrieval-a", "image-text dataset spec with one or more captions per image")
     rerank_k: int = field(0, "re-rank each query's top-k ITC candidates by ITM (BLIP models; 0 = off)", min=0)
     batch_size: int = field(64, "images per encoder call", min=1)

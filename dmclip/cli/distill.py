@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
             "--alpha", "-a", help="KD weight in [0,1]; a comma list runs a sweep (0,0.25,0.75,1). "
                                   "Overrides the recipe's loss.alpha and its sweep: {alpha: [...]}.")] = None,
         teacher: Annotated[str | None, typer.Option(
-            "--teacher", "-t", help="run:<dir>, open_clip:<arch>[:<ckpt>], or 'latest' CLIP pretrain run.")] = None,
+            "--teacher", "-t", help="builtin:world-vit, run:<dir>, open_clip:<arch>:<weights>, ensemble:<ref>+<ref>, or 'latest' CLIP pretrain run.")] = None,
         student: Annotated[str | None, typer.Option("--student", help="Registered student (dmclip list students).")] = None,
         data: Annotated[str | None, typer.Option("--data", "-d", help="Training set spec.")] = None,
         steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
