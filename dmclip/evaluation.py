@@ -426,14 +426,7 @@ def caption(model: nn.Module, dataset="world-retrieval-a", *, method: str = "bea
     check_model(model, "caption")
     if method not in ("beam", "nucleus"):
         raise DmclipError(f"unknown decoding method {method!r}", "use --method beam or --method nucleus")
-    name = dataset_name(dataset)
-    dataset = load_dataset(dataset, model.image_size)
-    if getattr(dataset, "kind", "image-text") != "image-text":
-        raise DmclipError(f"{dataset_name(dataset)} has no captions to compare with",
-                          "use an image-text set, e.g. --data world-retrieval-a")
-    count = len(dataset) if not limit else min(int(limit), len(dataset))
-    if count == 0:
-        raise DmclipError(f"{dataset_name(dataset)} has no samples", "check --data")
+    name, dataset, count = _caption_set(dataset, model.image_size, limit)
     import inspect
 
     device = model_device(model)
@@ -462,17 +455,23 @@ def caption(model: nn.Module, dataset="world-retrieval-a", *, method: str = "bea
     return result
 
 
-def read_predictions(predictions: str | Path, dataset="world-retrieval-a", limit: int | None = None):
-    """(dataset name, dataset, {sample index: caption}) of a COCO results file, one caption for each of the first
-    ``limit`` (or all) images; a one-line DmclipError otherwise."""
+def _caption_set(dataset, image_size: int | None, limit: int | None):
+    """(name, image-text dataset, how many of its first images to caption) or a one-line DmclipError."""
     name = dataset_name(dataset)
-    dataset = load_dataset(dataset, None)
+    dataset = load_dataset(dataset, image_size)
     if getattr(dataset, "kind", "image-text") != "image-text":
         raise DmclipError(f"{dataset_name(dataset)} has no captions to compare with",
                           "use an image-text set, e.g. --data world-retrieval-a")
     count = len(dataset) if not limit else min(int(limit), len(dataset))
     if count == 0:
         raise DmclipError(f"{dataset_name(dataset)} has no samples", "check --data")
+    return name, dataset, count
+
+
+def read_predictions(predictions: str | Path, dataset="world-retrieval-a", limit: int | None = None):
+    """(dataset name, dataset, {sample index: caption}) of a COCO results file, one caption for each of the first
+    ``limit`` (or all) images; a one-line DmclipError otherwise."""
+    name, dataset, count = _caption_set(dataset, None, limit)
     return name, dataset, caption_metrics_module.read_coco_results(predictions, count, len(dataset), name)
 
 

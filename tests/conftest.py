@@ -93,3 +93,26 @@ def plot_pixels():
         return out
 
     return count
+
+
+@pytest.fixture(scope="session")
+def save_tiny_blip():
+    """``save_tiny_blip(directory, data_spec) -> model dir``: an untrained BLIP of width 32 at 32 px whose
+    tokenizer covers ``data_spec``'s captions, saved as a dmclip model (for capfilt and caption tests)."""
+
+    def save(directory, data_spec: str):
+        import torch
+
+        from dmclip.data import build_dataset
+        from dmclip.models.base import save_model
+        from dmclip.models.blip import BlipModel, blip_tokenizer
+
+        torch.manual_seed(0)
+        dataset = build_dataset(data_spec, image_size=32)
+        captions = [c for i in range(len(dataset)) for c in dataset.captions(i)]
+        model = BlipModel(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2,
+                          text_width=32, text_depth=1, text_heads=2, embed_dim=32, context_length=16,
+                          tokenizer=blip_tokenizer(captions, 16), queue_size=32)
+        return save_model(model, directory / "model")
+
+    return save

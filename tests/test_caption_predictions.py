@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from dmclip.cli.main import main
 from dmclip.data import build_dataset
@@ -22,17 +21,8 @@ LIMIT = 8
 
 
 @pytest.fixture(scope="module")
-def blip_dir(tmp_path_factory) -> Path:
-    from dmclip.models.base import save_model
-    from dmclip.models.blip import BlipModel, blip_tokenizer
-
-    torch.manual_seed(0)
-    dataset = build_dataset(DATA, image_size=32)
-    captions = [c for i in range(len(dataset)) for c in dataset.captions(i)]
-    model = BlipModel(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, text_width=32,
-                      text_depth=1, text_heads=2, embed_dim=32, context_length=16,
-                      tokenizer=blip_tokenizer(captions, 16), queue_size=32)
-    return save_model(model, tmp_path_factory.mktemp("tiny-blip") / "model")
+def blip_dir(tmp_path_factory, save_tiny_blip) -> Path:
+    return save_tiny_blip(tmp_path_factory.mktemp("tiny-blip"), DATA)
 
 
 def _caption(tmp_path: Path, *argv: str) -> dict:
