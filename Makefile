@@ -54,7 +54,8 @@ bench: install
 	$(BIN)/python -m benchmarks.run_all
 
 lint: install
-	$(BIN)/ruff check dmclip tests benchmarks
+	$(BIN)/ruff check dmclip tests benchmarks scripts
+	$(BIN)/lint-imports
 
 ci: lint test
 

@@ -20,7 +20,7 @@ def _gathered(image_features: torch.Tensor, text_features: torch.Tensor):
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return image_features, text_features, image_features, text_features, 0
-    from dmclip.train.distributed import gather_features
+    from dmclip.losses.gather import gather_features
 
     all_images, all_texts = gather_features(image_features, text_features, local_loss=True, gather_with_grad=True)
     return image_features, text_features, all_images, all_texts, dist.get_rank() * image_features.shape[0]

@@ -73,12 +73,16 @@ def summarize_times(seconds: list[float]) -> dict:
 # --------------------------------------------------------------------------------------------- FLOPs
 
 
-def _scan_counter():
-    try:
-        from dmclip.models.scan import count_scan_flops
-    except ImportError:
-        return contextlib.nullcontext(None)
-    return count_scan_flops()
+# Ops FlopCounterMode cannot see (a fused kernel) are counted analytically by the module that owns them: it
+# registers a context-manager factory here (dmclip.models.scan does, for the selective scan), so this layer
+# needs no import of the models.
+_ANALYTIC_COUNTERS: list[Callable[[], contextlib.AbstractContextManager]] = []
+
+
+def register_analytic_counter(factory: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Add ``factory`` (``with factory() as counter: ...`` -> FLOPs in ``counter``) to every ``count_flops``."""
+    if factory not in _ANALYTIC_COUNTERS:
+        _ANALYTIC_COUNTERS.append(factory)
 
 
 def _counter_value(counter) -> int:
@@ -110,10 +114,14 @@ def count_flops(fn: Callable[[], object]) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter_mode = FlopCounterMode(display=False)
-    with torch.inference_mode(), countable_attention(), _scan_counter() as scan, counter_mode:
-        fn()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(countable_attention())
+        analytic = [stack.enter_context(factory()) for factory in _ANALYTIC_COUNTERS]
+        with counter_mode:
+            fn()
     counted = int(counter_mode.get_total_flops())
-    scan_flops = _counter_value(scan)
+    scan_flops = sum(_counter_value(counter) for counter in analytic)
     return {"flops": counted + scan_flops, "counted": counted, "scan": scan_flops}
 
 

@@ -140,6 +140,11 @@ def count_scan_flops():
         _flop_counters.remove(counter)
 
 
+from dmclip.metrics.latency import register_analytic_counter  # noqa: E402  (count_flops adds the scan)
+
+register_analytic_counter(count_scan_flops)
+
+
 def scan_flops(batch: int, dim: int, L: int, N: int, has_D: bool = True, has_z: bool = True) -> int:
     """Forward FLOPs of one scan, counting multiply and add separately (exp as one).
 
