@@ -294,7 +294,17 @@ def test_sigterm_saves_the_last_completed_step_and_marks_interrupted(tmp_path):
     assert run.load_checkpoint()["step"] == 4 and run.last_step() == 4
 
 
-def test_ctrl_c_during_the_weight_update_waits_for_it(tmp_path):
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test: a process started in the background by a non-interactive
+    shell inherits SIGINT ignored (and the engine rightly keeps ignoring it), which is not what these tests
+    are about."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_the_weight_update_waits_for_it(tmp_path, python_sigint_handler):
     """SIGINT raised inside on_step_end (part of the update) lands after step 3 is complete, not inside it."""
     cfg = make_cfg(steps=10, checkpoint_every=0)
 
