@@ -10,7 +10,6 @@ losses and final weights agree to 1e-4.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -97,12 +96,15 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path):
     argv = ["pretrain", *SCHEDULE, *TINY]
     result = torchrun([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path, die_at=3)
     assert result.returncode != 0
-    assert "lost contact with the other training processes" in result.stderr or "SIGKILL" in result.stderr, \
-        result.stderr[-3000:]
-    assert str(-signal.SIGKILL) in result.stderr or "Signal 9" in result.stderr or "SIGKILL" in result.stderr
     (run,) = find_runs(tmp_path / "two")
-    assert run.display_status() in ("failed", "interrupted", "crashed")
-    assert run.load_checkpoint()["step"] in (2, 3)
+    # Rank 0 learns of the death one of two ways, whichever comes first: its next collective fails (gloo) ->
+    # status failed, with dmclip's own message; or torchrun's SIGTERM -> status interrupted. Either way it
+    # saves the 3 steps it completed (the periodic checkpoint is at step 2), and says so in its run record.
+    status = run.display_status()
+    assert status in ("failed", "interrupted"), (status, result.stderr[-3000:])
+    if status == "failed":
+        assert "rank 0 lost contact with the other training processes at step 4" in run.info["error"], run.info
+    assert run.load_checkpoint()["step"] == 3
     resumed = torchrun(["pretrain", "--resume", str(run.path)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run.status == "completed"
