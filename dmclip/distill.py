@@ -303,10 +303,11 @@ def with_alpha(cfg: DistillConfig, alpha: float) -> DistillConfig:
     return new
 
 
-def sweep_configs(base: DistillConfig, alphas: list[float], seeds: list[int] | None = None) -> list[DistillConfig]:
-    """One config per (alpha, seed), alpha-major: every alpha at every seed (``seeds`` None = base.seed)."""
+def sweep_configs(base: DistillConfig, alphas: list[float] | None, seeds: list[int] | None = None) -> list[DistillConfig]:
+    """One config per (alpha, seed), alpha-major: every alpha at every seed (``alphas`` None = base.loss.alpha,
+    ``seeds`` None = base.seed)."""
     configs = []
-    for alpha in alphas:
+    for alpha in alphas or [base.loss.alpha]:
         for seed in seeds or [base.seed]:
             member = with_alpha(base, alpha)
             member.seed = int(seed)
@@ -418,6 +419,8 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
     interval; differences), summary.json, items.npz (per-item hits, so intervals can be recomputed) and
     summary.png into ``sweep_dir``.
     """
+    import io
+
     import numpy as np
 
     from dmclip.evaluation import suite, suite_csv, suite_markdown
@@ -451,8 +454,6 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
     atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats))
     atomic_write_json(sweep_dir / "summary.json", {"rq1": {k: v for k, v in rq1.items() if k != "tasks"},
                                                    "seeds": stats, "rq2": rq2})
-    import io
-
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **{f"{model}|{column}": hits.numpy().astype(np.uint8)
                                    for model, columns in items.items() for column, hits in columns.items()})

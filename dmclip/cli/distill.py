@@ -78,7 +78,7 @@ def sweep_seeds(recipe, seeds: str | None) -> list[int] | None:
     return values
 
 
-def sweep_members(alphas: list[float], recipe=None, sets=None, shortcuts=None, runs_dir=None,
+def sweep_members(alphas: list[float] | None, recipe=None, sets=None, shortcuts=None, runs_dir=None,
                   seeds: list[int] | None = None):
     """(shared config, recipe text, one config per (alpha, seed)): what a sweep runs, resolved but not run."""
     from dmclip import distill as lib
@@ -168,10 +168,6 @@ def register(app: typer.Typer) -> None:
             return
         if resume is not None:
             raise DmclipError("--resume continues one run, not a sweep", "resume the member run that was interrupted")
-        if alphas is None:  # seeds only: the config's alpha at every seed (the seed-to-seed spread)
-            from dmclip.config import load_config
-
-            alphas = [load_config(lib.DistillConfig, recipe, set_ or [], shortcuts)[0].loss.alpha]
         _sweep(lib, alphas, seed_list, recipe, set_, shortcuts, name, runs_dir)
 
 
@@ -207,6 +203,7 @@ def _sweep(lib, alphas, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     sweep_dir = (runs_dir or default_runs_root()) / "distill" / f"{stamp}-sweep-{name or 'alpha'}"
     sweep_dir.mkdir(parents=True, exist_ok=False)
+    alphas = list(dict.fromkeys(cfg.loss.alpha for cfg in configs))  # --seeds alone: the config's alpha
     block = {"alpha": alphas, **({"seeds": seeds} if seeds else {})}
     atomic_write_text(sweep_dir / "resolved.yaml", lib.sweep_yaml(base, block))
     err_console.print(f"[dim]sweep directory:[/dim] {sweep_dir}")

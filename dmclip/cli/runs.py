@@ -122,7 +122,6 @@ def register(app: typer.Typer) -> None:
     @runs_app.command("compare")
     def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")]) -> None:
         """Metrics side by side and the config keys that differ. Example: dmclip runs compare runs/distill/a runs/distill/b"""
-        from dmclip.config import parse_yaml
         from dmclip.runs import RunDir
 
         if len(run_dirs) < 2:
@@ -138,12 +137,8 @@ def register(app: typer.Typer) -> None:
         for key in keys:
             table.add_row(key, *[f"{res[key]:.4f}" if isinstance(res.get(key), float) else str(res.get(key, "-")) for res in results])
         console.print(table)
-        configs = []
-        for r in runs:
-            path = r.path / "resolved.yaml"
-            data = parse_yaml(path.read_text(encoding="utf-8"), where=str(path)) if path.exists() else {}
-            configs.append(_flatten("", data if isinstance(data, dict) else {}, {}))
-        diff = [k for k in dict.fromkeys(k for c in configs for k in c) if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+        configs = _flat_configs(runs)
+        diff = _differing_keys(configs)
         cfg_table = Table(title="config keys that differ", title_justify="left")
         cfg_table.add_column("key")
         for n in names:
@@ -173,6 +168,24 @@ def register(app: typer.Typer) -> None:
     app.add_typer(runs_app, name="runs")
 
 
+def _flat_configs(runs) -> list[dict]:
+    """Each run's resolved.yaml as a flat {dotted key: value} dict ({} where it has none)."""
+    from dmclip.config import parse_yaml
+
+    configs = []
+    for r in runs:
+        path = r.path / "resolved.yaml"
+        data = parse_yaml(path.read_text(encoding="utf-8"), where=str(path)) if path.exists() else {}
+        configs.append(_flatten("", data if isinstance(data, dict) else {}, {}))
+    return configs
+
+
+def _differing_keys(configs: list[dict], ignored: tuple[str, ...] = ()) -> list[str]:
+    """The keys whose value is not the same in every config, in first-seen order."""
+    return [k for k in dict.fromkeys(k for c in configs for k in c)
+            if k not in ignored and len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+
+
 def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md", percent: bool = True) -> str:
     """The `dmclip runs report` text (see its help)."""
     import csv
@@ -182,7 +195,6 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
     import shlex
     import sys
 
-    from dmclip.config import parse_yaml
     from dmclip.runs import RunDir
 
     if format_ not in ("md", "csv"):
@@ -195,27 +207,23 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
             raise DmclipError("a sweep directory is reported on its own", "pass the sweep directory alone")
         return (Path(sweeps[0]) / "summary.md").read_text()
     runs = [RunDir.open(p) for p in run_dirs]
-    configs = []
-    for r in runs:
-        path = r.path / "resolved.yaml"
-        data = parse_yaml(path.read_text(encoding="utf-8"), where=str(path)) if path.exists() else {}
-        configs.append(_flatten("", data if isinstance(data, dict) else {}, {}))
-    ignored = ("train.log_every", "train.checkpoint_every", "train.progress")
-    differ = [k for k in dict.fromkeys(k for c in configs for k in c)
-              if k not in ignored and len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    configs = _flat_configs(runs)
+    differ = _differing_keys(configs, ignored=("train.log_every", "train.checkpoint_every", "train.progress"))
     results = [_flatten("", r.results() or {}, {}) for r in runs]
     missing = [m for m in metrics if all(m not in res for res in results)]
     if missing:
         keys = sorted({k for res in results for k, v in res.items() if isinstance(v, (int, float))})
         raise DmclipError(f"no run has the result key {missing[0]!r}", did_you_mean(missing[0], keys))
 
+    def as_percent(key: str) -> bool:  # accuracies and recalls are fractions in [0, 1]
+        return percent and key.split(".")[-1].startswith(("acc", "recall", "avg", "r@"))
+
     def cell(value, key):
         if isinstance(value, float):
-            scaled = percent and 0.0 <= value <= 1.0 and key.split(".")[-1].startswith(("acc", "recall", "avg", "r@"))
-            return f"{100 * value:.2f}" if scaled else f"{value:.4g}"
+            return f"{100 * value:.2f}" if as_percent(key) and 0.0 <= value <= 1.0 else f"{value:.4g}"
         return "-" if value is None else str(value)
 
-    header = ["run", *differ, *[m + (" %" if percent and m.split(".")[-1].startswith("acc") else "") for m in metrics]]
+    header = ["run", *differ, *[m + (" %" if as_percent(m) else "") for m in metrics]]
     rows = [[r.path.name, *[cell(c.get(k), k) for k in differ], *[cell(res.get(m), m) for m in metrics]]
             for r, c, res in zip(runs, configs, results)]
     seeds = sorted({str(c.get("seed")) for c in configs})
