@@ -34,6 +34,8 @@ class StudentConfig:
     patch_size: int = field(0, "patch side (0 = the student entry's default)", min=0)
     width: int = field(0, "override the student's width (0 = entry default)", min=0)
     depth: int = field(0, "override the student's depth (0 = entry default)", min=0)
+    stem: Literal["", "patch", "conv"] = field("", "image stem: patch (linear patch embedding), conv (stride-2 "
+                                                  "convolutions, as the shipped teacher's), '' = the entry's default")
     text: Literal["frozen-teacher", "finetune-teacher", "new"] = field(
         "frozen-teacher", "text tower: the teacher's, frozen (DM-CLIP) or fine-tuned, or a new one")
     scan_backend: str = field("auto", "selective scan backend for Mamba students: auto | cpu | chunked | reference")
@@ -161,7 +163,7 @@ def build_student(cfg: DistillConfig, teacher):
     teacher_patch = getattr(getattr(teacher, "visual", None), "arch", {}).get("patch_size")
     if teacher_patch and not s.patch_size:  # same token grid as the teacher unless asked otherwise
         kwargs["patch_size"] = teacher_patch
-    for key in ("patch_size", "width", "depth"):
+    for key in ("patch_size", "width", "depth", "stem"):
         if getattr(s, key):
             kwargs[key] = getattr(s, key)
     if students.entry(s.name).factory.__module__.endswith("mamba"):

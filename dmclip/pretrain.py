@@ -188,3 +188,47 @@ def run(cfg: PretrainConfig, run) -> dict:
         results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
     run.write_results(results)
     return results
+
+
+# the per-seed numbers a `pretrain --seeds` summary reports: (results key path, column name)
+SEED_COLUMNS = (("zeroshot.acc1", "zero-shot acc@1"), ("zeroshot.acc5", "zero-shot acc@5"), ("train.loss", "final loss"))
+
+
+def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
+    """`pretrain --seeds`: one row per (seed, run, results) member and, per column, mean ± std with a 95 %
+    t-interval over the seeds. Writes summary.md and summary.json into ``sweep_dir``; returns the summary."""
+    from dmclip.metrics.stats import seed_interval
+    from dmclip.runs import atomic_write_json, atomic_write_text
+
+    def value(results: dict, path: str):
+        for key in path.split("."):
+            results = results.get(key) if isinstance(results, dict) else None
+        return results
+
+    columns = [(path, label) for path, label in SEED_COLUMNS
+               if all(value(results, path) is not None for _, _, results in members)]
+    rows = [{"seed": seed, "run": run, **{label: value(results, path) for path, label in columns}}
+            for seed, run, results in members]
+    stats = {label: seed_interval([row[label] for row in rows]) for _, label in columns}
+    percent = {label: not path.startswith("train.") for path, label in columns}
+
+    def cell(x: float, label: str) -> str:
+        return f"{100 * x:.2f}" if percent[label] else f"{x:.4f}"
+
+    def interval(s: dict, label: str) -> str:
+        if s["n"] < 2:
+            return cell(s["mean"], label) + " (1 seed)"
+        return f"{cell(s['mean'], label)} ± {cell(s['std'], label)} [{cell(s['low'], label)}, {cell(s['high'], label)}]"
+
+    labels = [label + (" %" if percent[label] else "") for _, label in columns]
+    lines = [f"# pretrain over seeds\n\nseeds: {', '.join(str(m[0]) for m in members)}\n",
+             "| seed | run | " + " | ".join(labels) + " |", "|---:|---|" + "---:|" * len(labels)]
+    lines += [f"| {row['seed']} | {row['run']} | " + " | ".join(cell(row[label], label) for _, label in columns) + " |"
+              for row in rows]
+    lines += ["", "mean ± std [95 % t-interval over seeds]:", "",
+              "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels),
+              f"| {len(rows)} seeds | " + " | ".join(interval(stats[label], label) for _, label in columns) + " |"]
+    atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+    summary = {"rows": rows, "seeds": stats}
+    atomic_write_json(sweep_dir / "summary.json", summary)
+    return summary

@@ -52,6 +52,17 @@ def not_built(command: str) -> None:
                       "see README.md for the commands that work today")
 
 
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct whole numbers >= 0 (a sweep's seeds; repeats are refused by
+    parse_sweep_values)."""
+    from dmclip.config import parse_sweep_values
+
+    values = parse_sweep_values(text, type=int, option=option)
+    if any(v < 0 for v in values):
+        raise DmclipError(f"{option} {text!r} has a negative seed", f"seeds are whole numbers >= 0, e.g. {option} 0,1,2")
+    return values
+
+
 def execute(command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe: Path | None = None,
             sets: list[str] | None = None, shortcuts: dict | None = None, name: str | None = None,
             runs_dir: Path | None = None, resume: Path | None = None, seed_field: str = "seed") -> tuple[Any, dict]:

@@ -20,6 +20,7 @@ from dmclip.cli.common import (
     err_console,
     execute,
     metrics_table,
+    parse_seeds,
     report_to_names,
 )
 from dmclip.errors import DmclipError
@@ -64,15 +65,12 @@ def sweep_seeds(recipe, seeds: str | None) -> list[int] | None:
     """The seeds to run every alpha at: --seeds's, else the recipe's ``sweep: {seeds: [...]}``, else None."""
     from rich.markup import escape
 
-    from dmclip.config import parse_sweep_values
     from dmclip.distill import recipe_sweep
 
     in_recipe = recipe_sweep(recipe).get("seeds")
     if seeds is None:
         return in_recipe
-    values = parse_sweep_values(seeds, type=int, option="--seeds")
-    if any(v < 0 for v in values):
-        raise DmclipError(f"--seeds {seeds!r} has a negative seed", "seeds are whole numbers >= 0, e.g. --seeds 0,1,2")
+    values = parse_seeds(seeds)
     if in_recipe is not None:
         err_console.print(f"[dim]--seeds {escape(seeds)} overrides the recipe's sweep.seeds[/dim]", highlight=False)
     return values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -15,10 +16,13 @@ from dmclip.cli.common import (
     SeedOpt,
     SetOpt,
     console,
+    err_console,
     execute,
     metrics_table,
+    parse_seeds,
     report_to_names,
 )
+from dmclip.errors import DmclipError
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +35,9 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Global batch size.")] = None,
         lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
         seed: SeedOpt = None,
+        seeds: Annotated[str | None, typer.Option(
+            "--seeds", help="Comma list of seeds (0,1,2): one run per seed in a sweep directory, and a summary "
+                            "with mean ± std and a 95 % interval over the seeds.")] = None,
         report_to: ReportToOpt = None,
         set_: SetOpt = None,
         name: NameOpt = None,
@@ -47,6 +54,8 @@ def register(app: typer.Typer) -> None:
 
           dmclip pretrain --resume runs/pretrain/<run>
 
+          dmclip pretrain --seeds 0,1,2 --steps 400   (three runs; zero-shot mean ± std, 95 % CI)
+
           dmclip pretrain --report-to tensorboard   (then: tensorboard --logdir runs/pretrain)
         """
         from dmclip import pretrain as lib
@@ -54,15 +63,65 @@ def register(app: typer.Typer) -> None:
         shortcuts = {"objective": objective, "data.train": data, "train.steps": steps,
                      "train.batch_size": batch_size, "train.lr": lr, "seed": seed,
                      "train.report_to": report_to_names(report_to)}
+        seed_list = parse_seeds(seeds) if seeds is not None else None
+        if seed_list is not None and len(seed_list) > 1:
+            if seed is not None:
+                raise DmclipError("--seed and --seeds both given", "use --seed N for one run, --seeds 0,1,2 for several")
+            if resume is not None:
+                raise DmclipError("--resume continues one run, not a set of seeds",
+                                  "resume the member run that was interrupted")
+            _seeds(lib, seed_list, recipe, set_, shortcuts, name, runs_dir)
+            return
+        if seed_list is not None:
+            shortcuts["seed"] = seed_list[0]
         run, result = execute("pretrain", lib.PretrainConfig, lib.run, recipe=recipe, sets=set_, shortcuts=shortcuts,
                               name=name, runs_dir=runs_dir, resume=resume)
         if set(result) == {"train"}:  # a non-zero torchrun rank: rank 0 reports
             return
-        row = {"run": run.path.name, "objective": result["objective"],
-               "params (M)": result["parameters"] / 1e6, "steps": result["train"].get("steps"),
-               "final loss": result["train"].get("loss")}
-        zs = result.get("zeroshot")
-        if zs:
-            row.update({"zero-shot acc@1 %": 100 * zs["acc1"], "acc@5 %": 100 * zs["acc5"]})
-        console.print(metrics_table("pretrain", [row]))
+        console.print(metrics_table("pretrain", [_row(run, result)]))
         console.print(f"model: run:{run.path}")
+
+
+def _row(run, result) -> dict:
+    row = {"run": run.path.name, "objective": result["objective"],
+           "params (M)": result["parameters"] / 1e6, "steps": result["train"].get("steps"),
+           "final loss": result["train"].get("loss")}
+    zs = result.get("zeroshot")
+    if zs:
+        row.update({"zero-shot acc@1 %": 100 * zs["acc1"], "acc@5 %": 100 * zs["acc5"]})
+    return row
+
+
+def _seeds(lib, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
+    """One pretrain run per seed inside a sweep directory, then the summary over seeds."""
+    import copy
+    import datetime as dt
+
+    from dmclip.cli import common
+    from dmclip.config import load_config
+    from dmclip.runs import RunDir, default_runs_root
+
+    base, recipe_text = load_config(lib.PretrainConfig, recipe, sets or [], shortcuts)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    label = name or (recipe.stem if recipe else "pretrain")
+    sweep_dir = (runs_dir or default_runs_root()) / "pretrain" / f"{stamp}-seeds-{label}"
+    sweep_dir.mkdir(parents=True, exist_ok=False)
+    err_console.print(f"[dim]sweep directory:[/dim] {sweep_dir}")
+    rows, members = [], []
+    for seed in seeds:
+        cfg = copy.deepcopy(base)
+        cfg.seed = seed
+        run = RunDir.create("pretrain", f"{label}-seed{seed}", cfg, parent=sweep_dir, recipe_text=recipe_text,
+                            overrides=list(sets or []), argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
+                            seed=seed)
+        err_console.print(f"[bold]seed {seed}[/bold] -> {run.path}")
+        with run.active():
+            result = lib.run(cfg, run)
+        rows.append({"seed": seed, **_row(run, result)})
+        members.append((seed, run.path.name, result))
+    summary = lib.seeds_report(sweep_dir, members)
+    console.print(metrics_table(f"pretrain over seeds ({sweep_dir.name})", rows))
+    console.print(metrics_table("mean ± std [95 % CI] over seeds", [
+        {"column": column, "mean": s["mean"], "std": s["std"], "CI low": s["low"], "CI high": s["high"]}
+        for column, s in summary["seeds"].items()], fmt="{:.4f}"))
+    console.print(f"summary: {sweep_dir / 'summary.md'}")

@@ -122,17 +122,23 @@ class VisionMamba(nn.Module):
     """Vim image encoder: images (B, 3, H, W) in [0, 1] (or uint8) -> features (B, embed_dim)."""
 
     def __init__(self, image_size=224, patch_size=16, width=192, depth=24, d_state=16, expand=2, d_conv=4,
-                 embed_dim=512, drop_path=0.0, scan_backend="auto"):
+                 embed_dim=512, drop_path=0.0, scan_backend="auto", stem="patch"):
         super().__init__()
+        from dmclip.models.vit import check_stem, conv_stem
+
+        check_stem(stem)
         self.arch = {"family": "vision-mamba", "image_size": image_size, "patch_size": patch_size, "width": width,
                      "depth": depth, "d_state": d_state, "expand": expand, "d_conv": d_conv,
-                     "embed_dim": embed_dim, "drop_path": drop_path, "scan_backend": scan_backend}
+                     "embed_dim": embed_dim, "drop_path": drop_path, "scan_backend": scan_backend,
+                     **({"stem": stem} if stem != "patch" else {})}
         self.image_size, self.patch_size, self.width, self.embed_dim = image_size, patch_size, width, embed_dim
         grid = image_size // patch_size
         self.num_patches = grid * grid
         self.cls_position = self.num_patches // 2  # the class token sits in the middle of the sequence
         self.normalize = Normalize()
-        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)
+        # stem "conv": stride-2 convolutions to the same token grid (as the ViT's `stem: conv`)
+        self.patch_embed = (conv_stem(patch_size, width) if stem == "conv"
+                            else nn.Conv2d(3, width, patch_size, stride=patch_size))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, width))
         rates = torch.linspace(0, drop_path, depth).tolist()

@@ -55,6 +55,14 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.ln_2(x)))
 
 
+def check_stem(stem: str) -> None:
+    """An image tower's ``stem`` is ``patch`` (a linear patch embedding) or ``conv`` (``conv_stem``)."""
+    from dmclip.errors import DmclipError
+
+    if stem not in ("patch", "conv"):
+        raise DmclipError(f"unknown image stem {stem!r}", "use stem: patch or stem: conv")
+
+
 def conv_stem(patch_size: int, width: int) -> nn.Sequential:
     """Xiao et al. 2021 ("Early convolutions help transformers see better"): log2(patch) stride-2 3x3
     convolutions (BatchNorm, ReLU), channels doubling up to width/2, then a 1x1 convolution to ``width``:
@@ -88,8 +96,7 @@ class VisionTransformer(nn.Module):
         if image_size % patch_size:
             raise DmclipError(f"image_size {image_size} is not a multiple of patch_size {patch_size}",
                               "choose sizes such that image_size % patch_size == 0")
-        if stem not in ("patch", "conv"):
-            raise DmclipError(f"unknown ViT stem {stem!r}", "use stem: patch or stem: conv")
+        check_stem(stem)
         self.arch = {"family": "vit", "image_size": image_size, "patch_size": patch_size, "width": width,
                      "depth": depth, "heads": heads, "embed_dim": embed_dim, "mlp_ratio": mlp_ratio,
                      "drop_path": drop_path, **({"stem": stem} if stem != "patch" else {})}

@@ -1,0 +1,73 @@
+"""`dmclip pretrain --seeds 0,1`: one run per seed in a sweep directory and a summary over the seeds.
+
+What a user would notice if this broke: one run instead of one per seed, the same seed trained twice, a
+summary whose mean or interval does not match the member runs' own results, or a traceback for a bad list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dmclip.cli.main import main
+from dmclip.runs import RunDir
+
+TINY = ["--data", "world-train:size=64", "--steps", "2", "--batch-size", "16",
+        "--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
+        "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
+        "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16",
+        "--set", "train.warmup_steps=1", "--set", "train.progress=false",
+        "--set", "eval.zeroshot=world-zeroshot:size=200"]
+
+
+@pytest.mark.slow
+def test_seeds_run_one_member_per_seed_and_summarise_them(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["pretrain", *TINY, "--seeds", "3,5,8", "--name", "tiny", "--runs-dir", str(runs)]) == 0
+    (sweep,) = (runs / "pretrain").iterdir()
+    assert sweep.name.endswith("-seeds-tiny")
+    members = sorted((RunDir(p) for p in sweep.iterdir() if (p / "run.json").exists()), key=lambda r: r.info["seed"])
+    assert [r.info["seed"] for r in members] == [3, 5, 8]
+    assert all(r.info["status"] == "completed" for r in members)
+    results = [r.results() for r in members]
+    losses = [res["train"]["loss"] for res in results]
+    assert len(set(losses)) == 3  # three seeds, three different trainings
+
+    summary = json.loads((sweep / "summary.json").read_text())
+    acc1 = np.array([res["zeroshot"]["acc1"] for res in results])
+    assert [row["zero-shot acc@1"] for row in summary["rows"]] == pytest.approx(list(acc1))
+    s = summary["seeds"]["zero-shot acc@1"]
+    # by hand: mean, sample std, t_{0.975, 2 df} = 4.302653
+    std = math.sqrt(((acc1 - acc1.mean()) ** 2).sum() / 2)
+    assert s["mean"] == pytest.approx(acc1.mean())
+    assert s["std"] == pytest.approx(std)
+    assert s["high"] - s["mean"] == pytest.approx(4.302653 * std / math.sqrt(3), rel=1e-5)
+    assert s["n"] == 3
+    text = (sweep / "summary.md").read_text()
+    assert f"{100 * acc1.mean():.2f} ± {100 * std:.2f}" in text
+    assert "pretrain over seeds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0,1", "--seed", "2"], "--seed and --seeds both given"),
+    (["--seeds", "0,-1"], "has a negative seed"),
+    (["--seeds", "1,1"], "repeats a value"),
+    (["--seeds", "0,x"], "is not a int"),
+    (["--seeds", "0,1", "--resume", "somewhere"], "--resume continues one run, not a set of seeds"),
+])
+def test_bad_seed_lists_are_one_line_errors_and_create_nothing(tmp_path, capsys, args, message):
+    runs = tmp_path / "runs"
+    assert main(["pretrain", *args, "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (runs / "pretrain").exists()
+
+
+def test_one_seed_in_the_list_is_a_plain_run(tmp_path):
+    runs = tmp_path / "runs"
+    assert main(["pretrain", *TINY[:-2], "--set", "eval.zeroshot=", "--seeds", "4", "--runs-dir", str(runs)]) == 0
+    (run,) = (runs / "pretrain").iterdir()
+    assert "-seeds-" not in run.name and RunDir(run).info["seed"] == 4
