@@ -424,8 +424,8 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
     import numpy as np
 
     from dmclip.evaluation import suite, suite_csv, suite_markdown
+    from dmclip.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from dmclip.metrics.stats import compare_arms
-    from dmclip.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     alphas = list(dict.fromkeys(alpha for alpha, _, _ in members))
     seeds = list(dict.fromkeys(seed for _, seed, _ in members))
@@ -554,6 +554,6 @@ def _plot_sweep(path, stats: dict, alphas: list[float], rq1: dict) -> None:
     ax.set_title(f"student accuracy vs distillation weight ({seeds} seed{'s' if seeds > 1 else ''}; 95 % CI)")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    from dmclip.runs import atomic_write_bytes
+    from dmclip.io import atomic_write_bytes
 
     atomic_write_bytes(path, figure_png(fig))

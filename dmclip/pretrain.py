@@ -123,7 +123,7 @@ def load_or_fit_tokenizer(run, fit_fn) -> dict:
     """The run's tokenizer.json (a resumed run keeps the vocabulary it started with), else a new one."""
     import json
 
-    from dmclip.runs import atomic_write_json
+    from dmclip.io import atomic_write_json
 
     path = run.path / "tokenizer.json"
     if path.exists():

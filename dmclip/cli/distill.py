@@ -197,7 +197,8 @@ def _sweep(lib, alphas, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
     import datetime as dt
 
     from dmclip.cli import common
-    from dmclip.runs import RunDir, atomic_write_text, default_runs_root
+    from dmclip.io import atomic_write_text
+    from dmclip.runs import RunDir, default_runs_root
 
     base, recipe_text, configs = sweep_members(alphas, recipe, sets, shortcuts, runs_dir, seeds)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -69,7 +69,7 @@ def build_store(teacher_ref: str, data_spec: str, out: Path, *, augmentations: i
 
     from dmclip.data import build_dataset
     from dmclip.distill import load_teacher
-    from dmclip.runs import atomic_write_bytes, atomic_write_json
+    from dmclip.io import atomic_write_bytes, atomic_write_json
 
     out = Path(out)
     if teacher_ref.startswith("ensemble:"):

@@ -79,7 +79,7 @@ def save_model(model: nn.Module, directory: Path, extra: dict | None = None) -> 
     """Write ``model.json`` + ``model.safetensors`` atomically into ``directory``."""
     from safetensors.torch import save as st_save
 
-    from dmclip.runs import atomic_write_bytes, atomic_write_json
+    from dmclip.io import atomic_write_bytes, atomic_write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
