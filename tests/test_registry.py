@@ -88,7 +88,7 @@ def test_names_filters_with_a_glob_and_sorts():
 
 
 def test_the_six_registries_exist():
-    assert sorted(REGISTRIES) == ["datasets", "decoders", "losses", "selectors", "students", "teachers"]
+    assert sorted(REGISTRIES) == ["datasets", "families", "losses", "selectors", "students", "teachers"]
 
 
 def test_entry_point_plugin_registers_entries(monkeypatch, restore_registries):

@@ -46,12 +46,6 @@ def report_to_names(value: str | None) -> list[str] | None:
     return names
 
 
-def not_built(command: str) -> None:
-    """A command whose library part does not exist yet: say so, exit 2, print nothing fake."""
-    raise DmclipError(f"`dmclip {command}` is not built yet in this version",
-                      "see README.md for the commands that work today")
-
-
 def execute(command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe: Path | None = None,
             sets: list[str] | None = None, shortcuts: dict | None = None, name: str | None = None,
             runs_dir: Path | None = None, resume: Path | None = None, seed_field: str = "seed") -> tuple[Any, dict]:

@@ -35,8 +35,8 @@ from dmclip.losses.blip import (
     sample_hard_negatives,
 )
 from dmclip.models import generate as decoding
-from dmclip.models.base import register_family
 from dmclip.models.vit import VisionTransformer
+from dmclip.registry import families
 from dmclip.train.data import caption_choice  # noqa: F401  (also imported from here by compress)
 
 DEFAULT_PROMPT = "a picture of "
@@ -518,7 +518,8 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@register_family("blip")
+@families.register("blip",
+                   description="BLIP: ViT + BERT-style text encoder (ITC, ITM) and causal decoder (captioning)")
 def _build_blip(**kw) -> BlipModel:
     return BlipModel(**kw)
 
