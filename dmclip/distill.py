@@ -17,10 +17,15 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dmclip.config import field, read_recipe, to_yaml
 from dmclip.errors import DmclipError, did_you_mean
+from dmclip.models.teachers import (
+    EnsembleTeacher,
+    load_teacher,
+    resolve_teacher_ref,
+    teacher_features,
+)
 from dmclip.pretrain import DataConfig, EvalAfterConfig, image_caption_batch, pick_caption
 from dmclip.train import TrainConfig
 
@@ -68,19 +73,6 @@ class DistillConfig:
     RECIPE_BLOCKS: ClassVar[tuple[str, ...]] = ("sweep",)
 
 
-def resolve_teacher_ref(ref: str, runs_root=None) -> str:
-    """'latest' -> run:<newest completed CLIP pretrain run>; anything else unchanged."""
-    if ref != "latest":
-        return ref
-    from dmclip.runs import find_runs
-
-    for run in find_runs(runs_root, "pretrain"):
-        if run.info.get("status") == "completed" and (run.results() or {}).get("objective") == "clip":
-            return f"run:{run.path}"
-    raise DmclipError("no completed CLIP pretrain run to use as the teacher",
-                      "train one first (`dmclip pretrain recipes/pretrain-clip-teacher.yaml`) or pass --teacher")
-
-
 def _runs_root(run):
     """The runs directory a run lives in (runs/distill/<run> or runs/distill/<sweep>/<run>)."""
     path = run.path.resolve()
@@ -88,67 +80,6 @@ def _runs_root(run):
         if parent.name == "distill":
             return parent.parent
     return None
-
-
-class EnsembleTeacher(nn.Module):
-    """Several CLIP teachers as one: KD targets are their image<->text probabilities averaged after the
-    softmax (MobileCLIP). The student keeps the first member's text tower, input size and embedding size."""
-
-    def __init__(self, members: list[nn.Module], refs: list[str]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.refs = refs
-        first = members[0]
-        self.image_size, self.embed_dim, self.logit_scale = first.image_size, first.embed_dim, first.logit_scale
-        self.arch = {"family": "ensemble", "members": refs}
-        if hasattr(first, "text"):
-            self.text = first.text
-        if hasattr(first, "visual"):
-            self.visual = first.visual
-
-    def tokenize(self, texts):
-        return self.members[0].tokenize(texts)
-
-    def encode_text(self, tokens):
-        return self.members[0].encode_text(tokens)
-
-    def encode_image(self, images):
-        return self.members[0].encode_image(images)
-
-
-def parse_ensemble(ref: str) -> list[str]:
-    """'ensemble:run:a+open_clip:ViT-B-32:/w.pt' -> ['run:a', 'open_clip:ViT-B-32:/w.pt']."""
-    members = [m.strip() for m in ref[len("ensemble:"):].split("+") if m.strip()]
-    if len(members) < 2:
-        raise DmclipError(f"{ref!r} names {len(members)} teacher(s); an ensemble needs two or more",
-                          "join references with '+', e.g. ensemble:run:runs/pretrain/a+run:runs/pretrain/b")
-    return members
-
-
-def teacher_features(teacher: nn.Module, images: torch.Tensor, captions: list[str]) -> dict:
-    """Normalised teacher features of a batch (each teacher with its own tokenizer and input size)."""
-    if images.shape[-1] != teacher.image_size:
-        images = F.interpolate(images, size=teacher.image_size, mode="bilinear", align_corners=False)
-    tokens = teacher.tokenize(captions).to(images.device)
-    return {"image_features": F.normalize(teacher.encode_image(images), dim=-1),
-            "text_features": F.normalize(teacher.encode_text(tokens), dim=-1),
-            "logit_scale": teacher.logit_scale.exp().clamp(max=100.0)}
-
-
-def load_teacher(ref: str):
-    from dmclip.models.refs import load_model_ref
-
-    if ref.startswith("ensemble:"):
-        refs = [resolve_teacher_ref(r) for r in parse_ensemble(ref)]
-        return EnsembleTeacher([load_teacher(r) for r in refs], refs).eval()
-    teacher = load_model_ref(resolve_teacher_ref(ref))
-    if getattr(teacher, "encode_text", None) is None or not hasattr(teacher, "tokenize"):
-        raise DmclipError(f"teacher {ref!r} has no text encoder", "distill needs a CLIP teacher with both towers")
-    if getattr(teacher, "arch", {}).get("family") not in ("clip", "open_clip"):
-        raise DmclipError(f"teacher {ref!r} is a {teacher.arch.get('family')} model; distill takes CLIP teachers",
-                          "use builtin:world-vit, a `dmclip pretrain --objective clip` run or open_clip:<arch>:<weights>")
-    teacher.requires_grad_(False)
-    return teacher.eval()
 
 
 def build_student(cfg: DistillConfig, teacher):
@@ -260,17 +191,13 @@ def run(cfg: DistillConfig, run) -> dict:
     torch.manual_seed(cfg.seed)
     # a resumed run keeps the teacher it started with, even if a newer 'latest' exists by now
     teacher_ref = run.info.get("teacher") or resolve_teacher_ref(cfg.teacher, _runs_root(run))
-    store, data_spec = None, cfg.data.train
-    if teacher_ref.startswith("embeddings:"):
-        from dmclip.data.reinforced import ReinforcedStore
-
-        store = ReinforcedStore(teacher_ref[len("embeddings:"):])
+    teacher, data_spec = load_teacher(teacher_ref), cfg.data.train
+    store = getattr(teacher, "store", None)  # embeddings:<store>: the teacher's outputs come from the store
+    if store is not None:
         if data_spec != store.meta["data"]:
             log.info("training on the store's data %s (data.train %s is ignored)", store.meta["data"], data_spec)
         data_spec = store.meta["data"]
-        teacher = load_teacher(store.meta["teacher"])  # only its text tower and sizes are used
-    else:
-        teacher = load_teacher(teacher_ref)
+        teacher = teacher.source  # only its text tower and sizes are used
     if distributed.is_main() and run.info.get("teacher") != teacher_ref:
         if teacher_ref != cfg.teacher:
             log.info("teacher: %s", teacher_ref)
