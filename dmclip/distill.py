@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dmclip.config import field, read_recipe, to_yaml
 from dmclip.errors import DmclipError, did_you_mean
@@ -55,6 +56,8 @@ class LossConfig:
                                    "text and the reverse), 0 = off", min=0.0)
     teacher_logit_scale: float = field(0.0, "temperature scale of the teacher's KD targets: 0 = the teacher's own, "
                                             "else fixed (MobileCLIP: 100)", min=0.0, max=1000.0)
+    name: str = field("distill", "the registered loss (`dmclip list losses`), built with the settings above and "
+                                 "the student's and teacher's embedding widths")
 
 
 @dataclass
@@ -108,23 +111,41 @@ def build_student(cfg: DistillConfig, teacher):
     return student
 
 
+def build_criterion(loss: LossConfig, student_dim: int, teacher_dim: int | None) -> nn.Module:
+    """The registered loss ``loss.name`` built with the other ``loss.*`` settings as keywords (``distill``:
+    :class:`dmclip.losses.clip.DistillMix`), called as ``criterion(student_features, teacher_features)``."""
+    from dataclasses import asdict
+
+    from dmclip.registry import losses
+
+    settings = {k: v for k, v in asdict(loss).items() if k != "name"}
+    factory = losses.entry(loss.name).factory
+    try:
+        criterion = factory(**settings, student_dim=student_dim, teacher_dim=teacher_dim)
+    except TypeError as exc:
+        if "keyword argument" not in str(exc):
+            raise
+        raise DmclipError(f"loss {loss.name!r} does not take distill's loss settings ({exc})",
+                          "use loss.name=distill, or a loss whose factory takes loss.* as keywords "
+                          "(**kwargs)") from None
+    if not isinstance(criterion, nn.Module):
+        raise DmclipError(f"loss {loss.name!r} built a {type(criterion).__name__}, not an nn.Module",
+                          "distill moves its loss to the device and checkpoints it: register an nn.Module")
+    return criterion
+
+
 class DistillTask:
     """alpha * KD + (1 - alpha) * InfoNCE; the teacher runs online under no_grad, or its outputs come
     from a reinforced store (``store``), in which case the student sees the stored augmentation."""
 
     def __init__(self, student, teacher, cfg: DistillConfig, store=None):
-        from dmclip.losses.clip import DistillMix
-
         self.model = student
         self.teacher = teacher
         self.store = store
         self.seed = cfg.seed
         self.text_frozen = cfg.student.text == "frozen-teacher"
         self.weight_decay = cfg.train.weight_decay
-        loss = cfg.loss
-        self.criterion = DistillMix(loss.alpha, loss.feature_weight, loss.feature_kind, loss.fd_weight,
-                                    loss.icl_weight, loss.teacher_logit_scale, student_dim=student.embed_dim,
-                                    teacher_dim=getattr(teacher, "embed_dim", None))
+        self.criterion = build_criterion(cfg.loss, student.embed_dim, getattr(teacher, "embed_dim", None))
 
     def collate(self, samples: list[dict]) -> dict:
         return image_caption_batch(samples)
@@ -186,8 +207,10 @@ def run(cfg: DistillConfig, run) -> dict:
     """Distil, save the student into ``run/model``, score zero-shot, return results."""
     from dmclip.data import build_dataset
     from dmclip.models.base import count_parameters, load_saved_model, save_model
+    from dmclip.registry import losses
     from dmclip.train import distributed, fit
 
+    losses.entry(cfg.loss.name)  # a misspelt loss fails before the teacher loads
     torch.manual_seed(cfg.seed)
     # a resumed run keeps the teacher it started with, even if a newer 'latest' exists by now
     teacher_ref = run.info.get("teacher") or resolve_teacher_ref(cfg.teacher, _runs_root(run))

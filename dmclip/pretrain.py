@@ -84,11 +84,11 @@ class ClipTask:
     """InfoNCE on (image, one caption) pairs; the engine calls collate/loss."""
 
     def __init__(self, model, seed: int):
-        from dmclip.losses.clip import ClipLoss
+        from dmclip.registry import losses
 
         self.model = model
         self.seed = seed
-        self.criterion = ClipLoss()
+        self.criterion = losses.get("clip")  # the objective's name is its loss's
 
     def collate(self, samples: list[dict]) -> dict:
         return image_caption_batch(samples)
