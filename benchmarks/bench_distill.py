@@ -16,9 +16,10 @@ from benchmarks.common import format_seconds, interleaved, repeats, row
 
 def main() -> list[dict]:
     from dmclip.data import build_dataset
-    from dmclip.data.reinforced import ReinforcedStore, build_store
+    from dmclip.data.reinforced import ReinforcedStore
     from dmclip.data.tokenizer import Tokenizer
     from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
+    from dmclip.distill.cache import build_store
     from dmclip.models.base import build_model, save_model
     from dmclip.models.clip import clip_arch
 
