@@ -22,8 +22,9 @@ TEACHERS = {"demo teacher, ViT 128x4": (128, 4, 4), "ViT 256x8 teacher": (256, 8
 
 
 def _time_teacher(name: str, vision: tuple[int, int, int], dataset, tokenizer, tmp: Path) -> dict:
-    from dmclip.data.reinforced import ReinforcedStore, build_store
+    from dmclip.data.reinforced import ReinforcedStore
     from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
+    from dmclip.distill.cache import build_store
     from dmclip.models.base import build_model, save_model
     from dmclip.models.clip import clip_arch
 

@@ -471,7 +471,7 @@ def load_config(cls, recipe: str | Path | None = None, sets: typing.Sequence[str
 
 
 def save_config(cfg, path: Path) -> None:
-    from dmclip.runs import atomic_write_text
+    from dmclip.io import atomic_write_text
 
     atomic_write_text(path, to_yaml(cfg))
 

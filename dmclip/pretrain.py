@@ -84,11 +84,11 @@ class ClipTask:
     """InfoNCE on (image, one caption) pairs; the engine calls collate/loss."""
 
     def __init__(self, model, seed: int):
-        from dmclip.losses.clip import ClipLoss
+        from dmclip.registry import losses
 
         self.model = model
         self.seed = seed
-        self.criterion = ClipLoss()
+        self.criterion = losses.get("clip")  # the objective's name is its loss's
 
     def collate(self, samples: list[dict]) -> dict:
         return image_caption_batch(samples)
@@ -100,6 +100,52 @@ class ClipTask:
 
     def state_dict(self) -> dict:
         return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class BlipTask:
+    """BLIP pre-training of a :class:`dmclip.models.blip.BlipModel` for the training engine: collate,
+    loss(model, batch, step), on_step_end(step)."""
+
+    def __init__(self, model, seed: int, steps_per_epoch: int, ramp_epochs: float = 2.0):
+        self.model = model
+        self.seed = int(seed)
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.ramp_epochs = ramp_epochs
+
+    def collate(self, samples: list[dict]) -> dict:
+        """samples {"image": uint8 (3, S, S), "captions": [str], "index": int} -> a batch."""
+        for sample in samples:
+            if not sample["captions"]:
+                raise DmclipError(f"sample {sample['index']} has no caption", "drop it from the dataset")
+        from dmclip.data import image_batch
+
+        return {"images": image_batch(samples), "captions": [list(s["captions"]) for s in samples],
+                "indices": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}
+
+    def alpha_scale(self, step: int) -> float:
+        """BLIP: alpha * min(1, step / (2 epochs of steps))."""
+        return min(1.0, step / (self.ramp_epochs * self.steps_per_epoch)) if self.ramp_epochs > 0 else 1.0
+
+    def captions_at(self, batch: dict, step: int) -> list[str]:
+        from dmclip.train.data import caption_choice
+
+        return [captions[caption_choice(len(captions), self.seed, step, int(index))]
+                for captions, index in zip(batch["captions"], batch["indices"])]
+
+    def loss(self, model, batch: dict, step: int) -> dict:
+        tokens = self.model.tokenize(self.captions_at(batch, step))
+        device = batch["images"].device
+        return model(batch["images"], tokens.to(device), alpha_scale=self.alpha_scale(step),
+                     indices=batch["indices"].to(device))
+
+    def on_step_end(self, step: int) -> None:
+        self.model.momentum_update()
+
+    def state_dict(self) -> dict:
+        return {}  # the queues and momentum encoders are buffers/parameters of the model
 
     def load_state_dict(self, state: dict) -> None:
         pass
@@ -123,7 +169,7 @@ def load_or_fit_tokenizer(run, fit_fn) -> dict:
     """The run's tokenizer.json (a resumed run keeps the vocabulary it started with), else a new one."""
     import json
 
-    from dmclip.runs import atomic_write_json
+    from dmclip.io import atomic_write_json
 
     path = run.path / "tokenizer.json"
     if path.exists():
@@ -171,8 +217,6 @@ def run(cfg: PretrainConfig, run) -> dict:
     if cfg.objective == "clip":
         task = ClipTask(model, cfg.seed)
     else:
-        from dmclip.models.blip import BlipTask
-
         steps_per_epoch = max(1, len(dataset) // cfg.train.batch_size)
         task = BlipTask(model, cfg.seed, steps_per_epoch)
     summary = fit(task, dataset, cfg.train, run, seed=cfg.seed, resume=resume)

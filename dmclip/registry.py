@@ -9,7 +9,8 @@
     students.names("mamba*")                    # -> ["mamba-b", "mamba-s", "mamba-ti", ...]
 
 Built-in entries live in the packages listed in ``_BUILTIN_PACKAGES`` (each package imports its
-modules in ``__init__``); third-party plugins are modules named in the ``dmclip.plugins``
+modules in ``__init__``); ``families`` maps the ``"family"`` of a saved model.json to the builder that
+rebuilds it. Third-party plugins are modules named in the ``dmclip.plugins``
 entry-point group, imported once. A duplicate name is an error, never a silent overwrite.
 
 A plugin package declares, in its pyproject.toml::
@@ -24,7 +25,6 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.metadata
-import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,13 +35,13 @@ from dmclip.errors import DmclipError, did_you_mean
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Packages whose import registers the built-in entries. A package that is not written yet is skipped.
+# Packages whose import registers the built-in entries.
 _BUILTIN_PACKAGES = ["dmclip.data", "dmclip.models", "dmclip.losses", "dmclip.compress"]
 PLUGIN_GROUP = "dmclip.plugins"
 _loaded = False
 _failure: DmclipError | None = None  # a broken plugin: every later lookup reports it again
 _SINGULAR = {"teachers": "teacher", "students": "student", "losses": "loss", "datasets": "dataset",
-             "selectors": "selector", "decoders": "decoder"}
+             "selectors": "selector", "families": "model family"}
 
 
 @dataclass
@@ -126,8 +126,8 @@ students: Registry = Registry("students")
 losses: Registry = Registry("losses")
 datasets: Registry = Registry("datasets")
 selectors: Registry = Registry("selectors")
-decoders: Registry = Registry("decoders")
-REGISTRIES: dict[str, Registry] = {r.kind: r for r in (teachers, students, losses, datasets, selectors, decoders)}
+families: Registry = Registry("families")  # model.json's "family" -> fn(**arch) -> nn.Module
+REGISTRIES: dict[str, Registry] = {r.kind: r for r in (teachers, students, losses, datasets, selectors, families)}
 
 
 def load_plugins(force: bool = False) -> None:
@@ -143,8 +143,7 @@ def load_plugins(force: bool = False) -> None:
         return
     _loaded, _failure = True, None
     for package in _BUILTIN_PACKAGES:
-        if importlib.util.find_spec(package) is not None:
-            importlib.import_module(package)
+        importlib.import_module(package)
     seen: set[str] = set()
     for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
         if ep.value in seen:  # the same distribution visible twice on sys.path

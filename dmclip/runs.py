@@ -14,18 +14,23 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import math
 import os
 import platform
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from dmclip.errors import DmclipError
+from dmclip.io import (  # noqa: F401  (the atomic writes were first imported from here)
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    jsonable,
+    torch_load,
+)
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -36,89 +41,6 @@ STATUSES = ("created", "running", "completed", "failed", "interrupted")
 
 def default_runs_root() -> Path:
     return Path(os.environ.get("DMCLIP_RUNS", "runs"))
-
-
-# ---------------------------------------------------------------------------------- atomic files
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone who can read the dir
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise DmclipError(f"could not write {path}: {exc.strerror or exc}",
-                          "free disk space or choose another --runs-dir; the previous file is unchanged") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def torch_load(path: Path, map_location="cpu") -> Any:
-    """Load a checkpoint safely (``weights_only=True``) with one-line errors."""
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise DmclipError(f"checkpoint {path} does not exist", "check the run directory, or start without --resume")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DmclipError(f"checkpoint {path} cannot be read ({first[:160]})",
-                          "it is truncated or not a dmclip checkpoint: use another one, or the previous "
-                          "checkpoint in the same directory") from None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        try:
-            return _jsonable(obj.item())
-        except (ValueError, RuntimeError):
-            pass
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _now() -> str:
@@ -134,9 +56,13 @@ def _git_sha() -> str | None:
         return None
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """``name`` as a file-name part: letters, digits, ``-_.``; at most 60 characters."""
     keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.strip())
     return keep.strip("-")[:60] or "run"
+
+
+_slug = slug  # the older private name, still imported by the eval module
 
 
 # -------------------------------------------------------------------------------------- run dirs
@@ -165,7 +91,7 @@ class RunDir:
         base = Path(parent) if parent is not None else (Path(root) if root else default_runs_root()) / command
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         digest = config_hash(config) if config is not None else "000000"
-        path = base / f"{stamp}-{_slug(name)}-{digest}"
+        path = base / f"{stamp}-{slug(name)}-{digest}"
         suffix = 1
         try:
             base.mkdir(parents=True, exist_ok=True)
@@ -175,7 +101,7 @@ class RunDir:
                     break
                 except FileExistsError:  # same second, same config: never reuse, add a counter
                     suffix += 1
-                    path = base / f"{stamp}-{_slug(name)}-{digest}-{suffix}"
+                    path = base / f"{stamp}-{slug(name)}-{digest}-{suffix}"
             (path / "checkpoints").mkdir()
         except OSError as exc:  # the runs root is a file, read-only, on a full disk ...
             raise DmclipError(f"cannot create the run directory {path}: {exc.strerror or exc}",
@@ -251,7 +177,7 @@ class RunDir:
     # ---- outputs
     def log_metrics(self, record: dict) -> None:
         """Append one JSON object to metrics.jsonl (flushed, so a kill loses at most this line)."""
-        line = json.dumps(_jsonable(record)) + "\n"
+        line = json.dumps(jsonable(record)) + "\n"
         path = self.path / "metrics.jsonl"
         if not self._metrics_checked:  # a kill may have cut the last line: start on a fresh one
             self._metrics_checked = True
@@ -337,7 +263,7 @@ class RunDir:
                          host=socket.gethostname(),
                          resumed_at=_now() if self.status != "created" else None, end_time=None, error=None)
         self._attach_log()
-        old_term = _install_sigterm()
+        old_term = install_sigterm()
         try:
             yield self
         except KeyboardInterrupt:
@@ -353,7 +279,7 @@ class RunDir:
         else:
             self.update_info(status="completed", end_time=_now())
         finally:
-            _restore_sigterm(old_term)
+            restore_sigterm(old_term)
             self.close_reporter()
             self._detach_log()
 
@@ -441,7 +367,9 @@ def _pid_alive(pid, start: int | None = None) -> bool:
     return True
 
 
-def _install_sigterm():
+def install_sigterm():
+    """Make SIGTERM raise ``RunInterrupted`` (main thread only); returns the handler to give back to
+    :func:`restore_sigterm`, or None where nothing was installed."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -456,7 +384,7 @@ def _install_sigterm():
         return None
 
 
-def _restore_sigterm(old) -> None:
+def restore_sigterm(old) -> None:
     import threading
 
     if old is not None and threading.current_thread() is threading.main_thread():

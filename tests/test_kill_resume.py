@@ -53,6 +53,7 @@ def distill_argv(teacher: Path) -> list[str]:
 CHILD = textwrap.dedent("""
     import os, signal, sys, tempfile
     from pathlib import Path
+    import dmclip.io as io
     import dmclip.runs as runs
 
     mode, at = os.environ.get("KILL_MODE", ""), int(os.environ.get("KILL_AT", "0"))
@@ -66,7 +67,7 @@ CHILD = textwrap.dedent("""
 
         runs.RunDir.log_metrics = paused_log_metrics
     elif mode == "mid-checkpoint":
-        save_checkpoint, write = runs.RunDir.save_checkpoint, runs.atomic_write_bytes
+        save_checkpoint, write = runs.RunDir.save_checkpoint, io.atomic_write_bytes
         saving = {}
 
         def tracked_save(self, state, name="last.pt"):
@@ -82,7 +83,7 @@ CHILD = textwrap.dedent("""
                 signal.pause()  # the test sees the temporary file and sends SIGKILL
             return write(path, data)
 
-        runs.RunDir.save_checkpoint, runs.atomic_write_bytes = tracked_save, half_write
+        runs.RunDir.save_checkpoint, io.atomic_write_bytes = tracked_save, half_write
     from dmclip.cli.main import main
     sys.exit(main(sys.argv[1:]))
 """)

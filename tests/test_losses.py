@@ -171,3 +171,43 @@ def test_a_fixed_teacher_logit_scale_sharpens_the_kd_targets():
     fixed = DistillMix(1.0, teacher_logit_scale=100.0)(student, teacher)["loss"]
     torch.testing.assert_close(fixed, kd_loss(student, {**teacher, "logit_scale": torch.tensor(100.0)}))
     assert not torch.allclose(fixed, DistillMix(1.0)(student, teacher)["loss"])
+
+
+def test_distill_builds_the_loss_its_config_names():
+    """loss.name picks a registered loss (a plugin's too), built with the other loss.* settings."""
+    from dmclip.data import build_dataset
+    from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
+    from dmclip.errors import DmclipError
+
+    class DoubledMix(DistillMix):  # what a plugin might register: the objective, scaled
+        def forward(self, student, teacher):
+            out = super().forward(student, teacher)
+            return {**out, "loss": 2 * out["loss"]}
+
+    cfg = DistillConfig(teacher="builtin:world-vit")
+    cfg.student.name, cfg.loss.alpha = "vit-nano", 0.5
+    teacher = load_teacher(cfg.teacher)
+    torch.manual_seed(0)
+    student = build_student(cfg, teacher)
+    default = DistillTask(student, teacher, cfg)
+    assert type(default.criterion) is DistillMix and default.criterion.alpha == 0.5
+    losses.add("test-doubled", DoubledMix, description="the distill objective times 2")
+    try:
+        cfg.loss.name = "test-doubled"
+        doubled = DistillTask(student, teacher, cfg)
+    finally:
+        losses._remove("test-doubled")
+    assert isinstance(doubled.criterion, DoubledMix) and doubled.criterion.alpha == 0.5
+    data = build_dataset("world-train:size=8", image_size=teacher.image_size)
+    batch = default.collate([data[i] for i in range(8)])
+    with torch.no_grad():
+        expected, got = default.loss(student, batch, step=3), doubled.loss(student, batch, step=3)
+    torch.testing.assert_close(got["loss"], 2 * expected["loss"])
+    torch.testing.assert_close(got["distill"], expected["distill"])
+    cfg.loss.name = "dstill"
+    with pytest.raises(DmclipError, match="no loss named 'dstill'") as info:
+        DistillTask(student, teacher, cfg)
+    assert "'distill'" in info.value.hint
+    cfg.loss.name = "kd"  # a loss term, not an objective that takes alpha & co.
+    with pytest.raises(DmclipError, match="loss 'kd' does not take distill's loss settings"):
+        DistillTask(student, teacher, cfg)

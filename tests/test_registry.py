@@ -88,7 +88,7 @@ def test_names_filters_with_a_glob_and_sorts():
 
 
 def test_the_six_registries_exist():
-    assert sorted(REGISTRIES) == ["datasets", "decoders", "losses", "selectors", "students", "teachers"]
+    assert sorted(REGISTRIES) == ["datasets", "families", "losses", "selectors", "students", "teachers"]
 
 
 def test_entry_point_plugin_registers_entries(monkeypatch, restore_registries):
@@ -129,3 +129,59 @@ def test_plugin_reusing_a_builtin_name_is_refused(monkeypatch, restore_registrie
     with pytest.raises(DmclipError, match="'plugin-echo' is registered twice .*dmclip and plugin echo"):
         registry.load_plugins(force=True)
     assert registry.students._entries["plugin-echo"].description == "a built-in that came first"
+
+
+# ----------------------------------------------------------------------------------------- teacher schemes
+
+BUILTIN_SCHEMES = ["builtin", "embeddings", "ensemble", "open_clip", "run"]
+
+
+def test_teacher_schemes_are_registry_entries_listed_with_their_form(capsys):
+    assert set(BUILTIN_SCHEMES) <= set(registry.teachers.names())
+    for name in registry.teachers.names():
+        assert registry.teachers.entry(name).description.startswith(f"{name}:"), name  # says how to write it
+    assert main(["list", "teachers"]) == 0
+    out = capsys.readouterr().out
+    assert "(none)" not in out and all(name in out for name in BUILTIN_SCHEMES)
+
+
+def test_plugin_teacher_scheme_resolves_like_a_builtin_one(monkeypatch, restore_registries, capsys):
+    import torch
+
+    from dmclip.models.refs import load_model_ref
+    from dmclip.models.teachers import load_teacher
+
+    monkeypatch.syspath_prepend(str(FIXTURE / "good"))
+    registry.load_plugins(force=True)
+    assert registry.teachers.entry("plugin-tiny").source == "plugin echo"
+    model, teacher, other = load_model_ref("plugin-tiny:3"), load_teacher("plugin-tiny:3"), load_model_ref("plugin-tiny:4")
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():  # the seed after the colon reached the plugin's factory
+        assert torch.equal(model.encode_image(images), teacher.encode_image(images))
+        assert not torch.equal(model.encode_image(images), other.encode_image(images))
+    assert not model.training and not any(p.requires_grad for p in teacher.parameters())
+    assert main(["list", "teachers", "--pattern", "plugin-*"]) == 0
+    out = capsys.readouterr().out
+    assert "plugin-tiny" in out and "plugin echo" in out
+
+
+def test_misspelt_scheme_suggests_the_registered_one():
+    from dmclip.models.refs import load_model_ref
+
+    with pytest.raises(DmclipError) as info:
+        load_model_ref("opn_clip:ViT-B-32:random")
+    assert info.value.message == "no model 'opn_clip:ViT-B-32:random': 'opn_clip' is not a reference scheme"
+    assert "'open_clip'" in info.value.hint and "dmclip list teachers" in info.value.hint
+
+
+def test_a_distill_only_scheme_is_a_teacher_but_not_a_model():
+    from dmclip.models.refs import load_model_ref
+    from dmclip.models.teachers import EnsembleTeacher, load_teacher
+
+    ref = "ensemble:builtin:world-vit+builtin:world-vit"
+    with pytest.raises(DmclipError) as info:
+        load_model_ref(ref)
+    assert info.value.message == f"{ref!r} is an ensemble of teachers, not a model"
+    assert "dmclip distill --teacher ensemble:" in info.value.hint
+    teacher = load_teacher(ref)
+    assert isinstance(teacher, EnsembleTeacher) and teacher.refs == ["builtin:world-vit", "builtin:world-vit"]

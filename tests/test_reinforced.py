@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dmclip.data import build_dataset
-from dmclip.data.reinforced import ReinforcedStore, apply_boxes, build_store, crop_boxes
+from dmclip.data.reinforced import ReinforcedStore, apply_boxes, crop_boxes
 from dmclip.data.tokenizer import Tokenizer
 from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
+from dmclip.distill.cache import build_store
 from dmclip.errors import DmclipError
 from dmclip.models.base import build_model, save_model
 from dmclip.models.clip import clip_arch

@@ -46,12 +46,6 @@ def report_to_names(value: str | None) -> list[str] | None:
     return names
 
 
-def not_built(command: str) -> None:
-    """A command whose library part does not exist yet: say so, exit 2, print nothing fake."""
-    raise DmclipError(f"`dmclip {command}` is not built yet in this version",
-                      "see README.md for the commands that work today")
-
-
 def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``: distinct whole numbers >= 0 (a sweep's seeds; repeats are refused by
     parse_sweep_values)."""

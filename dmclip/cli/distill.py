@@ -173,8 +173,8 @@ def _cache(teacher, data, out, augmentations, seed) -> None:
     """`dmclip distill cache`: write a reinforced store of teacher embeddings."""
     import time
 
-    from dmclip.data.reinforced import build_store
-    from dmclip.distill import resolve_teacher_ref
+    from dmclip.distill.cache import build_store
+    from dmclip.models.teachers import resolve_teacher_ref
 
     if out is None:
         raise DmclipError("distill cache needs --out DIR", "e.g. --out stores/teacher-k4")
@@ -195,7 +195,9 @@ def _sweep(lib, alphas, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
     import datetime as dt
 
     from dmclip.cli import common
-    from dmclip.runs import RunDir, atomic_write_text, default_runs_root
+    from dmclip.distill.sweep import sweep_report
+    from dmclip.io import atomic_write_text
+    from dmclip.runs import RunDir, default_runs_root
 
     base, recipe_text, configs = sweep_members(alphas, recipe, sets, shortcuts, runs_dir, seeds)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -219,7 +221,7 @@ def _sweep(lib, alphas, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
         members.append((alpha, cfg.seed, f"run:{run.path}"))
     console.print(metrics_table(f"distill sweep ({sweep_dir.name})", rows))
     err_console.print("scoring every student and the teacher (eval suite, latency) ...")
-    report = lib.sweep_report(sweep_dir, members, base.teacher)
+    report = sweep_report(sweep_dir, members, base.teacher)
     console.print(metrics_table("RQ1: eval suite (fractions)", report["rq1"]["rows"], fmt="{:.3f}"))
     if report["seeds"]["differences"]:
         console.print(metrics_table(f"paired difference vs {report['seeds']['baseline']} (points, 95 % CI)",

@@ -37,10 +37,10 @@ def register(app: typer.Typer) -> None:
     @app.command("list")
     def list_registry(
         kind: Annotated[str | None, typer.Argument(
-            help="teachers | students | losses | datasets | selectors | decoders (all when omitted).")] = None,
+            help="teachers | students | losses | datasets | selectors | families (all when omitted).")] = None,
         pattern: Annotated[str, typer.Option("--pattern", "-p", help="Glob on names, e.g. 'mamba*'.")] = "*",
     ) -> None:
-        """List registered teachers, students, losses, datasets, selectors, decoders.
+        """List registered teacher schemes, students, losses, datasets, selectors, families.
 
         Example: dmclip list students --pattern 'mamba*'
         """
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
             table = Table(title=k, title_justify="left")
             table.add_column("name", style="bold")
             table.add_column("description")
-            models = k in ("students", "teachers", "decoders")
+            models = k == "students"  # teachers are reference schemes, families need an arch: no default build
             if models:
                 table.add_column("params", justify="right")
             table.add_column("source")

@@ -220,7 +220,7 @@ class CompressedCaptionTask:
     """
 
     def __init__(self, model, selector: Selector, seed: int):
-        from dmclip.models.blip import caption_choice
+        from dmclip.train.data import caption_choice
 
         self.model, self.selector, self.seed, self._choice = model, selector, seed, caption_choice
         for p in model.visual.parameters():

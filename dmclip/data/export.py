@@ -139,7 +139,7 @@ def draw_grid(ds, out: str | Path, *, n: int = 16, columns: int | None = None, s
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from dmclip.runs import atomic_write_bytes
+    from dmclip.io import atomic_write_bytes
 
     n = max(1, min(int(n), len(ds)))
     if seed is None:

@@ -8,7 +8,8 @@
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add) with
 attention forced onto SDPA's math backend and ``nn.MultiheadAttention``'s fused fast path off, because
 the counter cannot see fused CPU attention kernels; selective scans, which it cannot see at all, add
-their analytic count from ``dmclip.models.scan.count_scan_flops`` when that module exists.
+the analytic count of a counter registered with :func:`register_analytic_counter` (the models' scan
+registers its own; this module imports nothing above it).
 """
 
 from __future__ import annotations

@@ -22,43 +22,29 @@ and ``<dir>/model.safetensors``. Loading needs no training code and no pickle.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dmclip.errors import DmclipError
+from dmclip.registry import families
 
 MODEL_FORMAT = "dmclip-model"
-_FAMILIES: dict[str, Callable[..., nn.Module]] = {}
 
 # CLIP's image normalisation (OpenAI mean/std), used by every dmclip image tower.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def register_family(name: str):
-    """Register a builder ``fn(**arch_kwargs) -> nn.Module`` under ``arch["family"] == name``."""
-
-    def decorator(fn):
-        if name in _FAMILIES:
-            raise DmclipError(f"model family {name!r} registered twice")
-        _FAMILIES[name] = fn
-        return fn
-
-    return decorator
-
-
 def build_model(arch: dict) -> nn.Module:
-    import dmclip.models  # noqa: F401  (registers the families)
-
+    """The module ``arch`` describes, with fresh weights: ``families[arch["family"]](**rest of arch)``."""
     arch = dict(arch)
     family = arch.pop("family", None)
-    if family not in _FAMILIES:
+    if not isinstance(family, str) or family not in families:  # `in` imports the built-in families first
         raise DmclipError(f"unknown model family {family!r} in model.json",
-                          f"known families: {', '.join(sorted(_FAMILIES))}; was it saved by a newer dmclip?")
-    return _FAMILIES[family](**arch)
+                          f"known families: {', '.join(families.names())}; was it saved by a newer dmclip?")
+    return families.get(family, **arch)
 
 
 class Normalize(nn.Module):
@@ -79,7 +65,7 @@ def save_model(model: nn.Module, directory: Path, extra: dict | None = None) -> 
     """Write ``model.json`` + ``model.safetensors`` atomically into ``directory``."""
     from safetensors.torch import save as st_save
 
-    from dmclip.runs import atomic_write_bytes, atomic_write_json
+    from dmclip.io import atomic_write_bytes, atomic_write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,9 @@ feed-forward are the same modules; the LM head is tied to the word embeddings), 
 ``tie_encoder_decoder_weights(..., skip_key="/attention")`` does. A momentum (EMA) copy of the image
 encoder, text encoder and projections feeds the ITC queues and soft targets (ALBEF).
 
+The text transformer's layers are in :mod:`dmclip.models.blip_text`; the training task that drives this
+model (``BlipTask``) is beside `dmclip pretrain`, in :mod:`dmclip.pretrain`.
+
 The tokenizer is open_clip's BPE (optionally a compact vocabulary); [ENC] and [DEC] are two ids
 appended after its vocabulary. The decoder reads ``[DEC] <prompt> <caption> <eot>``; the prompt's
 positions are not in the LM loss, and captioning decodes what follows the prompt.
@@ -35,142 +38,13 @@ from dmclip.losses.blip import (
     sample_hard_negatives,
 )
 from dmclip.models import generate as decoding
-from dmclip.models.base import register_family
+from dmclip.models.blip_text import BlipTextTransformer, LMHead, init_bert
 from dmclip.models.vit import VisionTransformer
-from dmclip.train.data import caption_choice  # noqa: F401  (also imported from here by compress)
+from dmclip.registry import families
 
 DEFAULT_PROMPT = "a picture of "
 # BLIP clamps its temperature to [0.001, 0.5]; logit_scale = log(1 / temp)
 MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = math.log(1 / 0.5), math.log(1 / 0.001)
-
-
-def _init_bert(module: nn.Module) -> None:
-    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-class AttentionBlock(nn.Module):
-    """BERT attention sub-layer, post-norm: ``LN(x + W_o attn(W_q x, W_k c, W_v c))`` with c = x or the image."""
-
-    def __init__(self, width: int, heads: int, context_width: int | None = None):
-        super().__init__()
-        if width % heads:
-            raise DmclipError(f"text width {width} is not a multiple of its {heads} heads",
-                              "choose text_width divisible by text_heads")
-        self.heads = heads
-        context_width = context_width or width
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(context_width, width)
-        self.value = nn.Linear(context_width, width)
-        self.out = nn.Linear(width, width)
-        self.norm = nn.LayerNorm(width, eps=1e-12)
-
-    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """context (B, M, Dc) -> keys, values (B, H, M, Dh): cacheable across decoding steps."""
-        B, M, H = context.shape[0], context.shape[1], self.heads
-        k = self.key(context).view(B, M, H, -1).transpose(1, 2)
-        v = self.value(context).view(B, M, H, -1).transpose(1, 2)
-        return k, v
-
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, D = x.shape
-        q = self.query(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, H, L, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
-        return self.norm(x + self.out(y.transpose(1, 2).reshape(B, L, D)))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, D); context (B, M, Dc) or None for self-attention; mask bool, True = may attend."""
-        return self.attend(x, *self.project_kv(x if context is None else context), mask)
-
-
-class FeedForward(nn.Module):
-    """BERT feed-forward sub-layer, post-norm: ``LN(x + W_2 gelu(W_1 x))``."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-        self.norm = nn.LayerNorm(width, eps=1e-12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.fc2(F.gelu(self.fc1(x))))
-
-
-class TextEmbeddings(nn.Module):
-    def __init__(self, vocab_size: int, positions: int, width: int):
-        super().__init__()
-        self.word = nn.Embedding(vocab_size, width)
-        self.position = nn.Embedding(positions, width)
-        self.norm = nn.LayerNorm(width, eps=1e-12)
-
-    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)
-        return self.norm(self.word(ids) + self.position(positions))  # (B, L, D)
-
-
-class TextLayer(nn.Module):
-    def __init__(self, width: int, heads: int, vision_width: int | None, shared: TextLayer | None = None):
-        super().__init__()
-        self.self_attention = AttentionBlock(width, heads)  # never shared: the encoder/decoder difference
-        if shared is not None:
-            self.cross_attention, self.feed_forward = shared.cross_attention, shared.feed_forward
-        else:
-            self.cross_attention = AttentionBlock(width, heads, vision_width) if vision_width else None
-            self.feed_forward = FeedForward(width, 4 * width)
-
-    def forward(self, x, self_mask, image_tokens=None, image_mask=None):
-        x = self.self_attention(x, mask=self_mask)
-        if image_tokens is not None:
-            x = self.cross_attention(x, image_tokens, mask=image_mask)
-        return self.feed_forward(x)
-
-
-class BlipTextTransformer(nn.Module):
-    """BERT-style text transformer; with ``shared`` it reuses that one's embeddings, cross-attention and FFN."""
-
-    def __init__(self, vocab_size: int, positions: int, width: int, depth: int, heads: int,
-                 vision_width: int | None, shared: BlipTextTransformer | None = None):
-        super().__init__()
-        self.embeddings = shared.embeddings if shared is not None else TextEmbeddings(vocab_size, positions, width)
-        self.layers = nn.ModuleList(
-            TextLayer(width, heads, vision_width, shared.layers[i] if shared is not None else None)
-            for i in range(depth))
-
-    def forward(self, ids: torch.Tensor, valid: torch.Tensor, image_tokens: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
-        """ids (B, L); valid (B, L) bool (not padding); image_tokens (B, M, Dv) -> (B, L, D)."""
-        L = ids.shape[1]
-        mask = valid[:, None, None, :]  # (B, 1, 1, L): keys that are text
-        if causal:
-            mask = mask & torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
-        if image_tokens is not None and image_tokens.dtype != self.embeddings.word.weight.dtype:
-            image_tokens = image_tokens.to(self.embeddings.word.weight.dtype)
-        x = self.embeddings(ids)
-        for layer in self.layers:
-            x = layer(x, mask, image_tokens)
-        return x
-
-
-class LMHead(nn.Module):
-    """BERT's prediction head: dense + gelu + LN, then the (tied) word-embedding matrix and a bias."""
-
-    def __init__(self, width: int, word_embeddings: nn.Embedding):
-        super().__init__()
-        self.dense = nn.Linear(width, width)
-        self.norm = nn.LayerNorm(width, eps=1e-12)
-        self.decoder = nn.Linear(width, word_embeddings.num_embeddings)
-        self.decoder.weight = word_embeddings.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(F.gelu(self.dense(x))))  # (B, L, V)
 
 
 class IncrementalDecoder:
@@ -260,7 +134,7 @@ class BlipModel(nn.Module):
         self.lm_head = LMHead(text_width, self.text_encoder.embeddings.word)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # BLIP's temp = 0.07
         for module in (self.text_encoder, self.text_decoder, self.text_proj, self.itm_head, self.lm_head):
-            module.apply(_init_bert)
+            module.apply(init_bert)
 
         # momentum encoders (text: unimodal only, so no cross-attention copy)
         self.visual_m = VisionTransformer(image_size, patch_size, vision_width, vision_depth, vision_heads,
@@ -518,52 +392,7 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@register_family("blip")
+@families.register("blip",
+                   description="BLIP: ViT + BERT-style text encoder (ITC, ITM) and causal decoder (captioning)")
 def _build_blip(**kw) -> BlipModel:
     return BlipModel(**kw)
-
-
-# ---- the pretrain task
-
-
-class BlipTask:
-    """BLIP pre-training for the training engine: collate, loss(model, batch, step), on_step_end(step)."""
-
-    def __init__(self, model: BlipModel, seed: int, steps_per_epoch: int, ramp_epochs: float = 2.0):
-        self.model = model
-        self.seed = int(seed)
-        self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.ramp_epochs = ramp_epochs
-
-    def collate(self, samples: list[dict]) -> dict:
-        """samples {"image": uint8 (3, S, S), "captions": [str], "index": int} -> a batch."""
-        for sample in samples:
-            if not sample["captions"]:
-                raise DmclipError(f"sample {sample['index']} has no caption", "drop it from the dataset")
-        from dmclip.data import image_batch
-
-        return {"images": image_batch(samples), "captions": [list(s["captions"]) for s in samples],
-                "indices": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}
-
-    def alpha_scale(self, step: int) -> float:
-        """BLIP: alpha * min(1, step / (2 epochs of steps))."""
-        return min(1.0, step / (self.ramp_epochs * self.steps_per_epoch)) if self.ramp_epochs > 0 else 1.0
-
-    def captions_at(self, batch: dict, step: int) -> list[str]:
-        return [captions[caption_choice(len(captions), self.seed, step, int(index))]
-                for captions, index in zip(batch["captions"], batch["indices"])]
-
-    def loss(self, model, batch: dict, step: int) -> dict:
-        tokens = self.model.tokenize(self.captions_at(batch, step))
-        device = batch["images"].device
-        return model(batch["images"], tokens.to(device), alpha_scale=self.alpha_scale(step),
-                     indices=batch["indices"].to(device))
-
-    def on_step_end(self, step: int) -> None:
-        self.model.momentum_update()
-
-    def state_dict(self) -> dict:
-        return {}  # the queues and momentum encoders are buffers/parameters of the model
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from dmclip.errors import DmclipError
-from dmclip.models.base import build_model, register_family
+from dmclip.models.base import build_model
+from dmclip.registry import families
 
 # open_clip clamps the learned logit scale at 100 (log 100 = 4.6052)
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -63,7 +64,7 @@ class CLIP(nn.Module):
         return out
 
 
-@register_family("clip")
+@families.register("clip", description="CLIP: any image tower + any text tower + a learnable temperature")
 def _build_clip(**kw) -> CLIP:
     return CLIP(**kw)
 

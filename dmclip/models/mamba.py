@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmclip.models.base import Normalize, register_family
+from dmclip.models.base import Normalize
 from dmclip.models.scan import (
     bidirectional_block_inference,
     bidirectional_mixer,
@@ -24,7 +24,7 @@ from dmclip.models.scan import (
     resolve_backend,
 )
 from dmclip.models.vit import DropPath
-from dmclip.registry import students
+from dmclip.registry import families, students
 
 
 class BiMamba(nn.Module):
@@ -190,7 +190,8 @@ class VisionMamba(nn.Module):
         return self.head(self._encode(images)[:, self.cls_position])  # (B, embed_dim)
 
 
-@register_family("vision-mamba")
+@families.register("vision-mamba",
+                   description="Vision-Mamba image tower: bidirectional selective-scan blocks, middle class token")
 def _build_vision_mamba(**kwargs) -> VisionMamba:
     return VisionMamba(**kwargs)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmclip.errors import DmclipError, did_you_mean
-from dmclip.models.base import register_family
+from dmclip.registry import families
 
 PREFIX = "open_clip:"
 SCHEMAS = ("local-dir", "hf-hub")
@@ -302,6 +302,7 @@ def _rebuild(architecture: str, weights: str | None = None, model_cfg: dict | No
     return _wrap(model, architecture, weights or RANDOM, model_cfg, tokenizer or architecture)
 
 
-@register_family("open_clip")
+@families.register("open_clip",
+                   description="an open_clip model rebuilt from its recorded config (weights saved beside it)")
 def _build_open_clip(**arch) -> OpenClipModel:
     return _rebuild(**arch)

@@ -1,5 +1,8 @@
 """One place that turns a model reference string into a model.
 
+A reference is ``<scheme>:<rest>``, and every scheme is an entry of the ``teachers`` registry
+(``dmclip list teachers``), so a plugin adds one the way it adds a student:
+
     run:<run dir>                       a model trained by dmclip (pretrain / distill)
     builtin:<name>                      a small model shipped with the package, with the recipe and run
                                         record that made it (``builtin_names()`` lists them)
@@ -7,8 +10,14 @@
     open_clip:local-dir:<dir>           a hub-layout directory, open_clip:hf-hub:<org>/<repo>,
                                         open_clip:<arch>:<pretrained tag>, open_clip:<arch>:random
                                         (see dmclip.models.openclip)
-    <registered name>                   a teacher or student from the registries (random init)
-    embeddings:<store dir>              cached teacher outputs (distill only; see dmclip.distill)
+    embeddings:<store dir>              cached teacher outputs (distill only; see dmclip.models.teachers)
+    ensemble:<ref>+<ref>...             several CLIP teachers as one (distill only; see dmclip.models.teachers)
+
+Besides schemes: a registered student name (random init) or a path to a run or model directory.
+
+A scheme's factory takes the text after ``<scheme>:`` and returns an ``nn.Module``. A module that can only
+serve as a distillation teacher (cached outputs, an ensemble) says so with a ``distill_only`` attribute
+(what it is, e.g. "a cache of teacher outputs"): :func:`load_model_ref` refuses it, ``load_teacher`` takes it.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ from pathlib import Path
 from torch import nn
 
 from dmclip.errors import DmclipError, did_you_mean
+from dmclip.registry import students, teachers
 
-PREFIXES = ("run:", "builtin:", "open_clip:", "embeddings:")
 BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "builtin"
 
 
@@ -59,36 +68,65 @@ def run_model_dir(path: str | Path) -> Path:
                       "use a completed pretrain or distill run, or --resume this one to finish it")
 
 
-def load_model_ref(ref: str) -> nn.Module:
-    """Build or load the model named by ``ref`` (see the module docstring), in eval mode."""
+# ------------------------------------------------------------------------------------------ schemes
+
+
+@teachers.register("run", description="run:<run dir> — a model trained by dmclip (pretrain or distill)")
+def run_model(rest: str) -> nn.Module:
     from dmclip.models.base import load_saved_model
-    from dmclip.registry import students, teachers
+
+    return load_saved_model(run_model_dir(rest))
+
+
+@teachers.register("builtin", description="builtin:<name> — a small model shipped with dmclip, with the recipe and "
+                                          "run record that made it (e.g. builtin:world-vit)")
+def builtin_model(rest: str) -> nn.Module:
+    from dmclip.models.base import load_saved_model
+
+    return load_saved_model(builtin_dir(rest))
+
+
+@teachers.register("open_clip", description="open_clip:<arch>:<checkpoint file | pretrained tag | random>, "
+                                            "open_clip:local-dir:<dir> or open_clip:hf-hub:<org>/<repo>")
+def open_clip_model(rest: str) -> nn.Module:
+    from dmclip.models.openclip import PREFIX, load_open_clip
+
+    return load_open_clip(PREFIX + rest)
+
+
+# ------------------------------------------------------------------------------------------ lookup
+
+
+def build_ref(ref: str) -> nn.Module:
+    """The module ``ref`` names (see the module docstring), distill-only ones included; not yet in eval mode."""
+    from dmclip.models.base import load_saved_model
 
     if not isinstance(ref, str) or not ref.strip():
         raise DmclipError("empty model reference",
                           "pass e.g. --model run:runs/pretrain/<run> or open_clip:ViT-B-32:/path/model.bin")
     ref = ref.strip()
-    if ref.startswith("run:"):
-        model = load_saved_model(run_model_dir(ref[4:]))
-    elif ref.startswith("builtin:"):
-        model = load_saved_model(builtin_dir(ref[len("builtin:"):]))
-    elif ref.startswith("open_clip:"):
-        from dmclip.models.openclip import load_open_clip
+    scheme, colon, rest = ref.partition(":")
+    if colon and scheme in teachers:
+        return teachers.entry(scheme).factory(rest)
+    if ref in students:
+        return students.get(ref)
+    if Path(ref).exists():
+        return load_saved_model(run_model_dir(ref))
+    if colon:
+        raise DmclipError(f"no model {ref!r}: {scheme!r} is not a reference scheme",
+                          f"{did_you_mean(scheme, teachers.names())} (`dmclip list teachers` shows the schemes)")
+    raise DmclipError(f"no model {ref!r}",
+                      "use run:<run dir>, open_clip:<arch>:<weights>, or a registered name "
+                      f"({did_you_mean(ref, students.names())})")
 
-        model = load_open_clip(ref)
-    elif ref.startswith("embeddings:"):
-        raise DmclipError(f"{ref!r} is a cache of teacher outputs, not a model",
-                          "use it only as `dmclip distill --teacher embeddings:<dir>`")
-    elif ref in teachers:
-        model = teachers.get(ref)
-    elif ref in students:
-        model = students.get(ref)
-    elif Path(ref).exists():
-        model = load_saved_model(run_model_dir(ref))
-    else:
-        names = [*teachers.names(), *students.names()]
-        raise DmclipError(f"no model {ref!r}",
-                          "use run:<run dir>, open_clip:<arch>:<weights>, or a registered name "
-                          f"({did_you_mean(ref, names)})")
+
+def load_model_ref(ref: str) -> nn.Module:
+    """Build or load the model named by ``ref`` (see the module docstring), in eval mode."""
+    model = build_ref(ref)
+    what = getattr(model, "distill_only", None)
+    if what:
+        scheme = ref.strip().partition(":")[0]
+        raise DmclipError(f"{ref.strip()!r} is {what}, not a model",
+                          f"use it only as `dmclip distill --teacher {scheme}:...`")
     model.eval()
     return model

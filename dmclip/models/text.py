@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from dmclip.data.tokenizer import Tokenizer
-from dmclip.models.base import register_family
 from dmclip.models.vit import Block
+from dmclip.registry import families
 
 
 class TextTransformer(nn.Module):
@@ -39,6 +39,7 @@ class TextTransformer(nn.Module):
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
 
 
-@register_family("text")
+@families.register("text",
+                   description="CLIP text transformer (causal mask, end-of-text pooling), BPE or a compact vocabulary")
 def _build_text(**kw) -> TextTransformer:
     return TextTransformer(**kw)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmclip.models.base import Normalize, register_family
-from dmclip.registry import students
+from dmclip.models.base import Normalize
+from dmclip.registry import families, students
 
 
 class DropPath(nn.Module):
@@ -126,7 +126,7 @@ class VisionTransformer(nn.Module):
         return self.proj(self.forward_tokens(images)[:, 0])  # (B, embed_dim)
 
 
-@register_family("vit")
+@families.register("vit", description="ViT image tower (patch or conv stem), pre-norm blocks, class token")
 def _build_vit(**kw) -> VisionTransformer:
     return VisionTransformer(**kw)
 

@@ -158,13 +158,13 @@ def active(run):
         with run.active():
             yield run
         return
-    from dmclip.runs import _install_sigterm, _restore_sigterm
+    from dmclip.runs import install_sigterm, restore_sigterm
 
-    old = _install_sigterm()
+    old = install_sigterm()
     try:
         yield run
     finally:
-        _restore_sigterm(old)
+        restore_sigterm(old)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,12 @@ One optimizer step = ``grad_accum`` micro-batches on each of ``world_size`` rank
 all), then AdamW with linear warmup + cosine (:mod:`dmclip.train.schedule`), global-norm clipping, optional
 AMP (bf16 autocast; fp16 with a GradScaler on CUDA) and ``torch.compile``.
 
+The order of things, as open_clip's train.py keeps the step apart from the loop around it: ``fit`` builds a
+:class:`~dmclip.train.state.TrainState` (model, optimizer, schedule, scaler, data order, step) and restores
+it from the run's checkpoint; ``_train_step`` advances it by one optimizer step; ``TrainState.save`` writes
+the checkpoint; an :class:`~dmclip.train.interrupt.InterruptGuard` around the loop turns Ctrl-C / SIGTERM
+into a checkpoint of the last completed step.
+
 Exact resume. A checkpoint holds the model, optimizer, schedule, scaler, the step, the data position
 (epoch, offset), RNG states and ``task.state_dict()``; everything loads with ``weights_only=True``. The RNGs
 are also re-seeded from ``(seed, step, rank, micro-batch)``: torch, python ``random`` and numpy before each
@@ -24,28 +30,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch import nn
 
-from dmclip.config import to_dict
 from dmclip.errors import DmclipError
 from dmclip.train import distributed
 from dmclip.train.config import TrainConfig
 from dmclip.train.data import DataOrder, DataPosition
-from dmclip.train.schedule import WarmupCosine
+from dmclip.train.interrupt import InterruptGuard
+from dmclip.train.progress import Progress
+from dmclip.train.rng import reseed
+from dmclip.train.state import TrainState, default_param_groups, diverged
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
+__all__ = ["TrainTask", "fit", "resolve_device", "default_param_groups"]  # the last one is state's
 
 
 @runtime_checkable
@@ -76,176 +79,6 @@ class TrainTask(Protocol):
 # ------------------------------------------------------------------------------------------ pieces
 
 
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
-
-
-def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decay on >=2-D weights; none on biases, norms, embeddings and the logit scale/bias
-    (as CLIP/open_clip train)."""
-    no_decay_ids = set()
-    for module in model.modules():
-        if isinstance(module, (*_NORM_TYPES, nn.Embedding)) or "norm" in type(module).__name__.lower():
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        lowered = name.lower()
-        if (param.ndim < 2 or id(param) in no_decay_ids or lowered.endswith("bias") or "logit_scale" in lowered
-                or "logit_bias" in lowered or "embed" in lowered.rsplit(".", 1)[-1] or "token_embedding" in lowered):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def _mix_seed(seed: int, step: int, rank: int, micro: int, salt: int) -> int:
-    # distinct, well-spread 63-bit seeds per (seed, step, rank, micro, salt); MT19937 decorrelates nearby seeds
-    value = (int(seed) & 0xFFFFFFFF) * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9
-    value += rank * 0x94D049BB133111EB + micro * 0x2545F4914F6CDD1D + salt * 0x632BE59BD9B4E019
-    return value % (2**63 - 1)
-
-
-def reseed(seed: int, step: int, rank: int = 0, micro: int = 0, salt: int = 0, *, host: bool = True,
-           cuda: bool | None = None) -> None:
-    """Seed torch (CPU, and the current GPU), python ``random`` and numpy for one micro-batch.
-
-    ``host=False`` seeds torch only (the model side: dropout, sampling), which is all a forward pass draws
-    from; the data side (augmentations) also gets python ``random`` and numpy.
-    """
-    value = _mix_seed(seed, step, rank, micro, salt)
-    torch.default_generator.manual_seed(value)
-    if cuda is None:
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    if cuda:
-        torch.cuda.manual_seed(value)
-    if host:
-        random.seed(value)
-        np.random.seed(value % (2**32))
-
-
-def rng_state() -> dict:
-    """The RNG states as plain tensors / ints (loadable with ``weights_only=True``)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    version, internal, gauss = random.getstate()
-    state["python"] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached": float(cached)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    python = state.get("python")
-    if python is not None:
-        random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
-    numpy_state = state.get("numpy")
-    if numpy_state is not None:
-        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype("uint32"), numpy_state["pos"],
-                             numpy_state["has_gauss"], numpy_state["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):  # fewer GPUs than when it was saved
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _InterruptGuard:
-    """Routes SIGINT/SIGTERM: raises KeyboardInterrupt at once, except inside ``deferred()`` (the weight
-    update), where the signal is held until the block ends, so a checkpoint never holds half an update."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.deferring = False
-        self.pending: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _InterruptGuard:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                with contextlib.suppress(ValueError, OSError):
-                    self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(sig, handler)
-        self.previous = {}
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.deferring:
-            self.pending = signum
-            return
-        self._forward(signum, frame)
-
-    def _forward(self, signum: int, frame) -> None:
-        previous = self.previous.get(signum)
-        if callable(previous):
-            previous(signum, frame)  # Python's SIGINT handler / RunDir's SIGTERM handler raise KeyboardInterrupt
-            if signum == signal.SIGTERM:  # a handler that did not raise: still stop like Ctrl-C
-                raise KeyboardInterrupt
-            return
-        if previous == signal.SIG_IGN:
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            self._forward(signum, None)
-
-
-class _Progress:
-    """Rich progress on stderr (rank 0, a terminal, ``progress=True``); otherwise nothing.
-
-    Two lines: ``step 12/40 ━━━━  0:00:31 1,883 samples/s lr 1.8e-05`` and the loss parts under it.
-    """
-
-    def __init__(self, enabled: bool, total: int, completed: int):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        from rich.text import Text
-
-        class TwoLines(Progress):
-            def get_renderables(self):
-                yield self.make_tasks_table(self.tasks)
-                for task in self.tasks:
-                    yield Text(task.fields.get("info", ""), no_wrap=True, overflow="ellipsis")
-
-        self.bar = TwoLines(TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=20), TimeRemainingColumn(),
-                            TextColumn("{task.fields[speed]}"), console=console, transient=False)
-        self.task = self.bar.add_task("train", total=total, completed=completed, info="", speed="")
-        self.bar.start()
-
-    def update(self, step: int, values: dict[str, float], lr: float, samples_per_s: float) -> None:
-        if self.bar is None:
-            return
-        parts = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        self.bar.update(self.task, completed=step, info=parts, speed=f"{samples_per_s:,.0f} samples/s  lr {lr:.3g}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
 def _stack_parts(out: dict, names: list[str], device: torch.device) -> torch.Tensor:
     """The loss parts as one float32 vector (detached), in ``names`` order."""
     try:
@@ -262,6 +95,18 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The device fit trains on for ``cfg.device`` (a task moves its frozen parts, e.g. a teacher, there too)."""
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DmclipError("train.device = 'cuda' but no GPU is available", "set train.device=auto or cpu")
+    return distributed.default_device()
+
+
+# ------------------------------------------------------------------------------------------ batches
 
 
 class _BatchFetcher(torch.utils.data.Dataset):
@@ -294,13 +139,27 @@ def _keys(order: DataOrder, start_step: int) -> Iterator[tuple[int, int, list[in
         step += 1
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """The device fit trains on for ``cfg.device`` (a task moves its frozen parts, e.g. a teacher, there too)."""
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DmclipError("train.device = 'cuda' but no GPU is available", "set train.device=auto or cpu")
-    return distributed.default_device()
+class _Batches:
+    """The micro-batches of each step, on the device: collated in this process, or by ``cfg.num_workers``
+    DataLoader workers walking their own copy of the data order from the state's position."""
+
+    def __init__(self, dataset, collate: Callable, cfg: TrainConfig, state: TrainState, rank: int,
+                 device: torch.device):
+        self.fetcher = _BatchFetcher(dataset, collate, state.seed, rank)
+        self.device = device
+        self.loader: Iterator | None = None
+        if cfg.num_workers > 0:
+            key_order = DataOrder(state.order.n, cfg.batch_size, seed=state.seed, grad_accum=cfg.grad_accum,
+                                  world_size=state.world, rank=rank,
+                                  position=DataPosition(**state.order.position.state_dict()))
+            self.loader = iter(torch.utils.data.DataLoader(
+                self.fetcher, batch_size=None, sampler=_keys(key_order, state.step), num_workers=cfg.num_workers,
+                collate_fn=_identity, pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(state.seed)))  # its own: the global RNG is not touched
+
+    def get(self, step: int, micro: int, indices: list[int]) -> Any:
+        batch = self.fetcher[(step, micro, indices)] if self.loader is None else next(self.loader)
+        return _to_device(batch, self.device) if self.device.type != "cpu" else batch
 
 
 # ------------------------------------------------------------------------------------------ fit
@@ -333,178 +192,64 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     if eval_every and eval_fn is None:
         raise DmclipError("eval_every is set but no eval_fn was given")
 
+    # restore
     model = task.model.to(device)
     model.train()
-    groups = task.param_groups(model) if hasattr(task, "param_groups") else None
-    if groups is None:
-        groups = default_param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
-    schedule = WarmupCosine(optimizer, peak=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
-                            min_lr_ratio=cfg.min_lr_ratio)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    order = DataOrder(len(dataset), cfg.batch_size, seed=seed, grad_accum=cfg.grad_accum, world_size=world, rank=rank)
-
-    step, resumed_from, last_checkpoint_step = 0, None, None
-    if resume:
-        checkpoint_path = run.checkpoint_path()
-        if checkpoint_path.is_file():
-            state = run.load_checkpoint()
-            step = _restore(state, cfg, model, optimizer, schedule, scaler, task, order, main)
-            resumed_from = last_checkpoint_step = step
-            log.info("resuming from step %d (%s)", step, checkpoint_path)
-        else:
-            log.warning("no checkpoint in %s: starting from step 0", checkpoint_path.parent)
-        if main:
-            run.truncate_metrics(step)
+    state = TrainState.create(task, model, len(dataset), cfg, seed=seed, world=world, rank=rank)
+    resumed_from = state.resume(run, cfg, main) if resume else None
     if main and cfg.report_to:
         from dmclip.train import report_to
 
-        report_to.attach(run, cfg.report_to, start_step=step)
+        report_to.attach(run, cfg.report_to, start_step=state.step)
+    train_model = _wrap(model, task, cfg, device)
+    batches = _Batches(dataset, task.collate, cfg, state, rank, device)
 
-    train_model: nn.Module = model
-    if distributed.is_distributed():
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-
-    fetcher = _BatchFetcher(dataset, task.collate, seed, rank)
-    batches = None
-    if cfg.num_workers > 0:
-        key_order = DataOrder(len(dataset), cfg.batch_size, seed=seed, grad_accum=cfg.grad_accum, world_size=world,
-                              rank=rank, position=DataPosition(**order.position.state_dict()))
-        loader = torch.utils.data.DataLoader(
-            fetcher, batch_size=None, sampler=_keys(key_order, step), num_workers=cfg.num_workers,
-            collate_fn=_identity, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(seed))  # its own generator: the global RNG is not touched
-        batches = iter(loader)
-
-    def save(at_step: int) -> Path | None:
-        """Write last.pt for ``at_step`` (rank 0); refuses non-finite weights so the last good one stays."""
-        if not main:
-            return None
-        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise _diverged(at_step, f"weights {', '.join(bad[:4])}", cfg, run, last_checkpoint_step)
-        state = {
-            "format": CHECKPOINT_FORMAT, "step": at_step, "seed": seed, "world_size": world,
-            "position": order.position.state_dict(), "dataset_size": len(dataset), "batch_size": cfg.batch_size,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
-            "task": task.state_dict() if hasattr(task, "state_dict") else {}, "config": to_dict(cfg),
-        }
-        return run.save_checkpoint(state)
-
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
-    log_rows, last_values, last_eval = main, {}, None
-    start_step, lr, steps_done = step, schedule.last_lr, 0
-    progress = _Progress(cfg.progress and main, cfg.steps, step)
+    # train, checkpoint, stop on an interrupt
+    last_values, last_eval, lr, steps_done = {}, None, state.schedule.last_lr, 0
+    start_step = interval_step = state.step
+    progress = Progress(cfg.progress and main, cfg.steps, state.step)
     started = interval_start = time.perf_counter()
-    interval_step = step
-    checkpoint_file: Path | None = run.checkpoint_path() if last_checkpoint_step is not None else None
-    on_step_end = getattr(task, "on_step_end", None)
-    ddp = train_model if distributed.is_distributed() else None
-    accum = cfg.grad_accum
-    on_cuda = device.type == "cuda"
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    checkpoint_file: Path | None = run.checkpoint_path() if state.last_checkpoint_step is not None else None
     try:
-        with _InterruptGuard() as guard:
-            while step < cfg.steps:
-                micro_batches, after = order.next_step()
-                lr = schedule.apply(step)
-                names: list[str] | None = None
-                totals = None
-                for micro, indices in enumerate(micro_batches):
-                    if batches is None:
-                        batch = fetcher[(step, micro, indices)]
-                    else:
-                        batch = next(batches)
-                    if device.type != "cpu":
-                        batch = _to_device(batch, device)
-                    reseed(seed, step, rank, micro, host=False, cuda=on_cuda)
-                    sync = ddp.no_sync() if ddp is not None and micro < accum - 1 else contextlib.nullcontext()
-                    with sync:
-                        with autocast:
-                            out = task.loss(train_model, batch, step)
-                        if "loss" not in out:
-                            raise TypeError(f"{type(task).__name__}.loss must return a dict with a 'loss' entry, "
-                                            f"got keys {sorted(out)}")
-                        loss = out["loss"]
-                        if accum > 1:
-                            loss = loss / accum
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                    if names is None:
-                        names = ["loss", *[k for k in out if k != "loss"]]
-                    parts = _stack_parts(out, names, device)
-                    totals = parts if totals is None else totals + parts
-                stats = totals / accum if accum > 1 else totals
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.grad_clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
-                    stats = torch.cat((stats, norm.detach().reshape(1).to(stats.dtype)))
-                distributed.all_reduce_mean(stats)
-                values = dict(zip([*names, "grad_norm"] if cfg.grad_clip > 0 else names, stats.tolist()))
-                bad = [k for k, v in values.items() if not math.isfinite(v) and not (k == "grad_norm" and scaler)]
-                if bad:
-                    detail = ", ".join(f"{k}={values[k]}" for k in bad)
-                    raise _diverged(step + 1, detail, cfg, run, last_checkpoint_step)
-                with guard.deferred():  # the weight update completes, or it did not start
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if on_step_end is not None:
-                        on_step_end(step)
-                    order.position = after
-                    step += 1
+        with InterruptGuard() as guard:
+            while state.step < cfg.steps:
+                last_values, lr = _train_step(state, train_model, batches, cfg, run, guard, device)
                 steps_done += 1
-                last_values = values
-                now = time.perf_counter()
-                if log_rows and (step % cfg.log_every == 0 or step == cfg.steps):
+                step, now = state.step, time.perf_counter()
+                if main and (step % cfg.log_every == 0 or step == cfg.steps):
                     samples_per_s = (step - interval_step) * cfg.batch_size / max(now - interval_start, 1e-9)
                     interval_start, interval_step = now, step
-                    run.log_metrics({"step": step, **values, "lr": lr, "samples_per_s": round(samples_per_s, 2),
-                                     "epoch": round(order.epoch_progress(), 4)})
+                    run.log_metrics({"step": step, **last_values, "lr": lr, "samples_per_s": round(samples_per_s, 2),
+                                     "epoch": round(state.order.epoch_progress(), 4)})
                 if progress.bar is not None:
-                    elapsed = max(now - started, 1e-9)
-                    progress.update(step, values, lr, steps_done * cfg.batch_size / elapsed)
+                    progress.update(step, last_values, lr, steps_done * cfg.batch_size / max(now - started, 1e-9))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     with guard.deferred():
-                        checkpoint_file = save(step) or checkpoint_file
-                        last_checkpoint_step = step
+                        checkpoint_file = state.save(run, cfg, main) or checkpoint_file
                 if eval_fn is not None and eval_every and step % eval_every == 0 and step < cfg.steps:
                     last_eval = _evaluate(eval_fn, model, step, run, main)
             seconds = time.perf_counter() - started
             with guard.deferred():
-                if step > (last_checkpoint_step if last_checkpoint_step is not None else -1):
-                    checkpoint_file = save(step) or checkpoint_file
-                    last_checkpoint_step = step
+                if state.step > (state.last_checkpoint_step if state.last_checkpoint_step is not None else -1):
+                    checkpoint_file = state.save(run, cfg, main) or checkpoint_file
             if eval_fn is not None and eval_every:
-                last_eval = _evaluate(eval_fn, model, step, run, main)
+                last_eval = _evaluate(eval_fn, model, state.step, run, main)
     except KeyboardInterrupt:
         progress.close()
-        if main and step != last_checkpoint_step:
-            log.warning("interrupted: saving step %d to %s", step, run.checkpoint_path())
-            save(step)
+        if main and state.step != state.last_checkpoint_step:
+            log.warning("interrupted: saving step %d to %s", state.step, run.checkpoint_path())
+            state.save(run, cfg, main)
         raise
     except DmclipError:
         raise
     except Exception as exc:
         if distributed.is_distributed() and distributed.is_collective_failure(exc):
             progress.close()
-            if main and step != last_checkpoint_step:
+            if main and state.step != state.last_checkpoint_step:
                 with contextlib.suppress(DmclipError):
-                    save(step)
+                    state.save(run, cfg, main)
             raise DmclipError(
-                f"rank {rank} lost contact with the other training processes at step {step + 1} "
+                f"rank {rank} lost contact with the other training processes at step {state.step + 1} "
                 f"({str(exc).splitlines()[0][:160]})",
                 "another rank probably died (see its error above); continue with --resume on the run directory"
             ) from exc
@@ -516,19 +261,89 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
         rows = [r for r in run.metrics() if "loss" in r]
         last_values = {k: v for k, v in (rows[-1] if rows else {}).items()
                        if k not in ("step", "lr", "samples_per_s", "epoch")}
-    trained = step - start_step
+    trained = state.step - start_step
     return {
-        "steps": step,
+        "steps": state.step,
         "loss": last_values.get("loss"),
         "parts": {k: v for k, v in last_values.items() if k != "grad_norm"},
         "lr": lr,
         "samples_per_s": trained * cfg.batch_size / seconds if trained and seconds > 0 else None,
         "seconds": seconds,
-        "epoch": order.epoch_progress(),
+        "epoch": state.order.epoch_progress(),
         "resumed_from": resumed_from,
         "eval": last_eval,
         "checkpoint": str(checkpoint_file) if checkpoint_file is not None else None,
     }
+
+
+def _wrap(model: nn.Module, task, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """What the task's loss calls: the model, in DDP under torchrun, compiled when ``cfg.compile``."""
+    train_model = model
+    if distributed.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def _train_step(state: TrainState, train_model: nn.Module, batches: _Batches, cfg: TrainConfig, run,
+                guard: InterruptGuard, device: torch.device) -> tuple[dict[str, float], float]:
+    """One optimizer step: ``grad_accum`` micro-batches forward and backward, clipping, the logged parts
+    averaged over ranks and checked finite, then the update, which an interrupt waits for. Returns the
+    logged values and the learning rate."""
+    step, scaler, accum = state.step, state.scaler, cfg.grad_accum
+    micro_batches, after = state.order.next_step()
+    lr = state.schedule.apply(step)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    ddp = train_model if distributed.is_distributed() else None
+    names: list[str] | None = None
+    totals = None
+    for micro, indices in enumerate(micro_batches):
+        batch = batches.get(step, micro, indices)
+        reseed(state.seed, step, distributed.rank(), micro, host=False, cuda=device.type == "cuda")
+        sync = ddp.no_sync() if ddp is not None and micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                out = state.task.loss(train_model, batch, step)
+            if "loss" not in out:
+                raise TypeError(f"{type(state.task).__name__}.loss must return a dict with a 'loss' entry, "
+                                f"got keys {sorted(out)}")
+            loss = out["loss"] / accum if accum > 1 else out["loss"]
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if names is None:
+            names = ["loss", *[k for k in out if k != "loss"]]
+        parts = _stack_parts(out, names, device)
+        totals = parts if totals is None else totals + parts
+    stats = totals / accum if accum > 1 else totals
+    if scaler is not None:
+        scaler.unscale_(state.optimizer)
+    if cfg.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(state.parameters, cfg.grad_clip)
+        stats = torch.cat((stats, norm.detach().reshape(1).to(stats.dtype)))
+    distributed.all_reduce_mean(stats)
+    values = dict(zip([*names, "grad_norm"] if cfg.grad_clip > 0 else names, stats.tolist()))
+    bad = [k for k, v in values.items() if not math.isfinite(v) and not (k == "grad_norm" and scaler)]
+    if bad:
+        detail = ", ".join(f"{k}={values[k]}" for k in bad)
+        raise diverged(step + 1, detail, cfg, run, state.last_checkpoint_step)
+    on_step_end = getattr(state.task, "on_step_end", None)
+    with guard.deferred():  # the weight update completes, or it did not start
+        if scaler is not None:
+            scaler.step(state.optimizer)
+            scaler.update()
+        else:
+            state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        if on_step_end is not None:
+            on_step_end(step)
+        state.order.position = after
+        state.step = step + 1
+    return values, lr
 
 
 def _evaluate(eval_fn, model: nn.Module, step: int, run, main: bool) -> dict | None:
@@ -544,51 +359,3 @@ def _evaluate(eval_fn, model: nn.Module, step: int, run, main: bool) -> dict | N
         run.log_metrics({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
     distributed.barrier()
     return result
-
-
-def _diverged(step: int, detail: str, cfg: TrainConfig, run, last_checkpoint_step: int | None) -> DmclipError:
-    kept = (f"the last good checkpoint (step {last_checkpoint_step}) is kept in {run.checkpoint_path()}"
-            if last_checkpoint_step is not None else "no checkpoint was written before it")
-    amp = f" or set train.amp=off (now {cfg.amp})" if cfg.amp != "off" else ""
-    return DmclipError(f"training diverged at step {step}: non-finite {detail}",
-                       f"lower train.lr (now {cfg.lr:g}){amp}, or lower train.grad_clip; {kept}")
-
-
-def _restore(state: dict, cfg: TrainConfig, model, optimizer, schedule, scaler, task, order: DataOrder,
-             main: bool) -> int:
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
-        raise DmclipError("checkpoints/last.pt is not a dmclip training checkpoint",
-                          "resume a run that dmclip trained, or start a new run")
-    step = int(state["step"])
-    if step > cfg.steps:
-        raise DmclipError(f"the checkpoint is at step {step}, past train.steps = {cfg.steps}",
-                          "resume with the run's own config (--resume reuses it)")
-    if state.get("batch_size") != cfg.batch_size or state.get("dataset_size") != order.n:
-        raise DmclipError(
-            f"the checkpoint was trained with batch_size {state.get('batch_size')} on {state.get('dataset_size')} "
-            f"samples, this run has batch_size {cfg.batch_size} on {order.n}",
-            "resume with the same data and batch size (the data order depends on both)")
-    expected = model.state_dict()
-    saved = state["model"]
-    mismatch = ([f"{k} missing" for k in expected if k not in saved]
-                + [f"{k} unexpected" for k in saved if k not in expected]
-                + [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                   if k in saved and hasattr(saved[k], "shape") and saved[k].shape != v.shape])
-    if mismatch:
-        raise DmclipError(f"the checkpoint does not fit this model ({len(mismatch)} tensors differ, e.g. {mismatch[0]})",
-                          "resume with the same model config the run was started with")
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise DmclipError(f"the checkpoint does not fit this model: {str(exc).splitlines()[0][:200]}",
-                          "resume with the same model config the run was started with") from None
-    schedule.load_state_dict(state.get("scheduler", {}))
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if hasattr(task, "load_state_dict") and state.get("task") is not None:
-        task.load_state_dict(state["task"])
-    order.position = DataPosition(**state["position"])
-    if main and "rng" in state:  # the per-step reseed makes training exact anyway; this restores the rest
-        set_rng_state(state["rng"])
-    return step

@@ -2,8 +2,10 @@
 
 loss = alpha * KD + (1 - alpha) * contrastive (DM-CLIP). The student is a CLIP whose image tower is
 the registered student and whose text tower comes from the teacher (frozen by default, as DM-CLIP).
-Library entry points: ``run(config, run_dir)``, ``with_alpha(config, alpha)`` per sweep member,
-``recipe_sweep(recipe)`` for a recipe's ``sweep:`` block and ``sweep_report(sweep_dir, ...)``.
+Library entry points: ``run(config, run_dir)``, ``with_alpha(config, alpha)`` per sweep member and
+``recipe_sweep(recipe)`` for a recipe's ``sweep:`` block. Beside them: :mod:`dmclip.distill.sweep` (a sweep's
+tables, ``sweep_report``) and :mod:`dmclip.distill.cache` (``build_store`` for `dmclip distill cache`). The
+teachers themselves load in :mod:`dmclip.models.teachers`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from torch import nn
 
 from dmclip.config import field, read_recipe, to_yaml
 from dmclip.errors import DmclipError, did_you_mean
+from dmclip.models.teachers import (
+    EnsembleTeacher,
+    load_teacher,
+    resolve_teacher_ref,
+    teacher_features,
+)
 from dmclip.pretrain import DataConfig, EvalAfterConfig, image_caption_batch, pick_caption
 from dmclip.train import TrainConfig
 
@@ -52,6 +60,8 @@ class LossConfig:
                                    "text and the reverse), 0 = off", min=0.0)
     teacher_logit_scale: float = field(0.0, "temperature scale of the teacher's KD targets: 0 = the teacher's own, "
                                             "else fixed (MobileCLIP: 100)", min=0.0, max=1000.0)
+    name: str = field("distill", "the registered loss (`dmclip list losses`), built with the settings above and "
+                                 "the student's and teacher's embedding widths")
 
 
 @dataclass
@@ -70,19 +80,6 @@ class DistillConfig:
     RECIPE_BLOCKS: ClassVar[tuple[str, ...]] = ("sweep",)
 
 
-def resolve_teacher_ref(ref: str, runs_root=None) -> str:
-    """'latest' -> run:<newest completed CLIP pretrain run>; anything else unchanged."""
-    if ref != "latest":
-        return ref
-    from dmclip.runs import find_runs
-
-    for run in find_runs(runs_root, "pretrain"):
-        if run.info.get("status") == "completed" and (run.results() or {}).get("objective") == "clip":
-            return f"run:{run.path}"
-    raise DmclipError("no completed CLIP pretrain run to use as the teacher",
-                      "train one first (`dmclip pretrain recipes/pretrain-clip-teacher.yaml`) or pass --teacher")
-
-
 def _runs_root(run):
     """The runs directory a run lives in (runs/distill/<run> or runs/distill/<sweep>/<run>)."""
     path = run.path.resolve()
@@ -90,67 +87,6 @@ def _runs_root(run):
         if parent.name == "distill":
             return parent.parent
     return None
-
-
-class EnsembleTeacher(nn.Module):
-    """Several CLIP teachers as one: KD targets are their image<->text probabilities averaged after the
-    softmax (MobileCLIP). The student keeps the first member's text tower, input size and embedding size."""
-
-    def __init__(self, members: list[nn.Module], refs: list[str]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.refs = refs
-        first = members[0]
-        self.image_size, self.embed_dim, self.logit_scale = first.image_size, first.embed_dim, first.logit_scale
-        self.arch = {"family": "ensemble", "members": refs}
-        if hasattr(first, "text"):
-            self.text = first.text
-        if hasattr(first, "visual"):
-            self.visual = first.visual
-
-    def tokenize(self, texts):
-        return self.members[0].tokenize(texts)
-
-    def encode_text(self, tokens):
-        return self.members[0].encode_text(tokens)
-
-    def encode_image(self, images):
-        return self.members[0].encode_image(images)
-
-
-def parse_ensemble(ref: str) -> list[str]:
-    """'ensemble:run:a+open_clip:ViT-B-32:/w.pt' -> ['run:a', 'open_clip:ViT-B-32:/w.pt']."""
-    members = [m.strip() for m in ref[len("ensemble:"):].split("+") if m.strip()]
-    if len(members) < 2:
-        raise DmclipError(f"{ref!r} names {len(members)} teacher(s); an ensemble needs two or more",
-                          "join references with '+', e.g. ensemble:run:runs/pretrain/a+run:runs/pretrain/b")
-    return members
-
-
-def teacher_features(teacher: nn.Module, images: torch.Tensor, captions: list[str]) -> dict:
-    """Normalised teacher features of a batch (each teacher with its own tokenizer and input size)."""
-    if images.shape[-1] != teacher.image_size:
-        images = F.interpolate(images, size=teacher.image_size, mode="bilinear", align_corners=False)
-    tokens = teacher.tokenize(captions).to(images.device)
-    return {"image_features": F.normalize(teacher.encode_image(images), dim=-1),
-            "text_features": F.normalize(teacher.encode_text(tokens), dim=-1),
-            "logit_scale": teacher.logit_scale.exp().clamp(max=100.0)}
-
-
-def load_teacher(ref: str):
-    from dmclip.models.refs import load_model_ref
-
-    if ref.startswith("ensemble:"):
-        refs = [resolve_teacher_ref(r) for r in parse_ensemble(ref)]
-        return EnsembleTeacher([load_teacher(r) for r in refs], refs).eval()
-    teacher = load_model_ref(resolve_teacher_ref(ref))
-    if getattr(teacher, "encode_text", None) is None or not hasattr(teacher, "tokenize"):
-        raise DmclipError(f"teacher {ref!r} has no text encoder", "distill needs a CLIP teacher with both towers")
-    if getattr(teacher, "arch", {}).get("family") not in ("clip", "open_clip"):
-        raise DmclipError(f"teacher {ref!r} is a {teacher.arch.get('family')} model; distill takes CLIP teachers",
-                          "use builtin:world-vit, a `dmclip pretrain --objective clip` run or open_clip:<arch>:<weights>")
-    teacher.requires_grad_(False)
-    return teacher.eval()
 
 
 def build_student(cfg: DistillConfig, teacher):
@@ -179,23 +115,41 @@ def build_student(cfg: DistillConfig, teacher):
     return student
 
 
+def build_criterion(loss: LossConfig, student_dim: int, teacher_dim: int | None) -> nn.Module:
+    """The registered loss ``loss.name`` built with the other ``loss.*`` settings as keywords (``distill``:
+    :class:`dmclip.losses.clip.DistillMix`), called as ``criterion(student_features, teacher_features)``."""
+    from dataclasses import asdict
+
+    from dmclip.registry import losses
+
+    settings = {k: v for k, v in asdict(loss).items() if k != "name"}
+    factory = losses.entry(loss.name).factory
+    try:
+        criterion = factory(**settings, student_dim=student_dim, teacher_dim=teacher_dim)
+    except TypeError as exc:
+        if "keyword argument" not in str(exc):
+            raise
+        raise DmclipError(f"loss {loss.name!r} does not take distill's loss settings ({exc})",
+                          "use loss.name=distill, or a loss whose factory takes loss.* as keywords "
+                          "(**kwargs)") from None
+    if not isinstance(criterion, nn.Module):
+        raise DmclipError(f"loss {loss.name!r} built a {type(criterion).__name__}, not an nn.Module",
+                          "distill moves its loss to the device and checkpoints it: register an nn.Module")
+    return criterion
+
+
 class DistillTask:
     """alpha * KD + (1 - alpha) * InfoNCE; the teacher runs online under no_grad, or its outputs come
     from a reinforced store (``store``), in which case the student sees the stored augmentation."""
 
     def __init__(self, student, teacher, cfg: DistillConfig, store=None):
-        from dmclip.losses.clip import DistillMix
-
         self.model = student
         self.teacher = teacher
         self.store = store
         self.seed = cfg.seed
         self.text_frozen = cfg.student.text == "frozen-teacher"
         self.weight_decay = cfg.train.weight_decay
-        loss = cfg.loss
-        self.criterion = DistillMix(loss.alpha, loss.feature_weight, loss.feature_kind, loss.fd_weight,
-                                    loss.icl_weight, loss.teacher_logit_scale, student_dim=student.embed_dim,
-                                    teacher_dim=getattr(teacher, "embed_dim", None))
+        self.criterion = build_criterion(cfg.loss, student.embed_dim, getattr(teacher, "embed_dim", None))
 
     def collate(self, samples: list[dict]) -> dict:
         return image_caption_batch(samples)
@@ -239,7 +193,7 @@ class DistillTask:
 
     def param_groups(self, model) -> list[dict]:
         """The student's groups, plus FD's projection when it has weights (widths differ)."""
-        from dmclip.train.loop import default_param_groups
+        from dmclip.train import default_param_groups
 
         groups = default_param_groups(model, self.weight_decay)
         extra = [p for p in self.criterion.parameters() if p.requires_grad]
@@ -257,22 +211,20 @@ def run(cfg: DistillConfig, run) -> dict:
     """Distil, save the student into ``run/model``, score zero-shot, return results."""
     from dmclip.data import build_dataset
     from dmclip.models.base import count_parameters, load_saved_model, save_model
+    from dmclip.registry import losses
     from dmclip.train import distributed, fit
 
+    losses.entry(cfg.loss.name)  # a misspelt loss fails before the teacher loads
     torch.manual_seed(cfg.seed)
     # a resumed run keeps the teacher it started with, even if a newer 'latest' exists by now
     teacher_ref = run.info.get("teacher") or resolve_teacher_ref(cfg.teacher, _runs_root(run))
-    store, data_spec = None, cfg.data.train
-    if teacher_ref.startswith("embeddings:"):
-        from dmclip.data.reinforced import ReinforcedStore
-
-        store = ReinforcedStore(teacher_ref[len("embeddings:"):])
+    teacher, data_spec = load_teacher(teacher_ref), cfg.data.train
+    store = getattr(teacher, "store", None)  # embeddings:<store>: the teacher's outputs come from the store
+    if store is not None:
         if data_spec != store.meta["data"]:
             log.info("training on the store's data %s (data.train %s is ignored)", store.meta["data"], data_spec)
         data_spec = store.meta["data"]
-        teacher = load_teacher(store.meta["teacher"])  # only its text tower and sizes are used
-    else:
-        teacher = load_teacher(teacher_ref)
+        teacher = teacher.source  # only its text tower and sizes are used
     if distributed.is_main() and run.info.get("teacher") != teacher_ref:
         if teacher_ref != cfg.teacher:
             log.info("teacher: %s", teacher_ref)
@@ -391,171 +343,3 @@ def sweep_yaml(base: DistillConfig, sweep: dict[str, list[float]]) -> str:
 
     block = yaml.safe_dump({"sweep": sweep}, sort_keys=False, default_flow_style=None)
     return "command: distill\n" + to_yaml(base) + block
-
-
-def _same_size_vit(student) -> dict:
-    """The arch of a ViT image tower with the student's width, depth, patch and image size (RQ2's baseline)."""
-    arch = student.visual.arch
-    width = arch["width"]
-    return {"family": "vit", "image_size": arch["image_size"], "patch_size": arch["patch_size"], "width": width,
-            "depth": arch["depth"], "heads": max(1, width // 64), "embed_dim": arch["embed_dim"]}
-
-
-def member_label(alpha: float, seed: int, seeded: bool) -> str:
-    """A sweep member's row name: 'student alpha=0.75' (one seed) or 'student alpha=0.75 seed=1'."""
-    return f"student alpha={alpha:g}" + (f" seed={seed}" if seeded else "")
-
-
-def arm_label(alpha: float) -> str:
-    return f"alpha={alpha:g}"
-
-
-def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: str, *,
-                 latency_runs: int = 20, replicates: int = 2000) -> dict:
-    """The DM-CLIP tables for a sweep of (alpha, seed) members: RQ1 (eval suite of the teacher and every
-    member; per alpha the mean, std and 95 % t-interval over seeds; each alpha's paired difference against
-    the baseline alpha (0 when swept, else the first) with a seeds x items bootstrap interval) and RQ2 (image
-    encoder latency, params, FLOPs of the student vs the teacher vs a ViT of the student's size).
-
-    Writes summary.md, summary.csv (one row per run), summary-seeds.csv (per alpha and column: mean, std,
-    interval; differences), summary.json, items.npz (per-item hits, so intervals can be recomputed) and
-    summary.png into ``sweep_dir``.
-    """
-    import io
-
-    import numpy as np
-
-    from dmclip.evaluation import suite, suite_csv, suite_markdown
-    from dmclip.metrics.stats import compare_arms
-    from dmclip.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
-
-    alphas = list(dict.fromkeys(alpha for alpha, _, _ in members))
-    seeds = list(dict.fromkeys(seed for _, seed, _ in members))
-    seeded = len(seeds) > 1
-    models = {"teacher": teacher_ref,
-              **{member_label(alpha, seed, seeded): ref for alpha, seed, ref in members}}
-    items: dict = {}
-    rq1 = suite(models, items=items)
-    baseline = 0.0 if 0.0 in alphas else alphas[0]
-    arms = {arm_label(alpha): [{c: items[member_label(a, seed, seeded)][c].numpy() for c in items["teacher"]}
-                               for a, seed, _ in members if a == alpha] for alpha in alphas}
-    stats = compare_arms(arms, arm_label(baseline), weights=rq1["avg_perf_weights"], replicates=replicates)
-    rq2 = _latency_table(members[-1][2], teacher_ref, latency_runs)
-    lines = [f"# distill sweep over alpha\n\nteacher: {teacher_ref}\n",
-             f"alphas: {', '.join(f'{a:g}' for a in alphas)}; seeds: {', '.join(map(str, seeds))}\n",
-             "## RQ1: accuracy (percent), one row per run\n", suite_markdown(rq1)]
-    lines += ["\n## RQ1 over seeds: mean ± std [95 % CI] (percent)\n", seed_table(stats, rq1["columns"]),
-              f"\n## Paired difference against {arm_label(baseline)} (points; 95 % bootstrap CI over seeds and "
-              "evaluation items; * = the interval excludes 0)\n", difference_table(stats, rq1["columns"])]
-    lines += ["\n## RQ2: image encoder cost (same process, interleaved timing)\n",
-              "| " + " | ".join(rq2[0]) + " |", "|---|" + "---:|" * (len(rq2[0]) - 1)]
-    for row in rq2:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
-    atomic_write_text(sweep_dir / "summary.csv", suite_csv(rq1))
-    atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats))
-    atomic_write_json(sweep_dir / "summary.json", {"rq1": {k: v for k, v in rq1.items() if k != "tasks"},
-                                                   "seeds": stats, "rq2": rq2})
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{f"{model}|{column}": hits.numpy().astype(np.uint8)
-                                   for model, columns in items.items() for column, hits in columns.items()})
-    atomic_write_bytes(sweep_dir / "items.npz", buffer.getvalue())
-    _plot_sweep(sweep_dir / "summary.png", stats, alphas, rq1)
-    return {"rq1": rq1, "seeds": stats, "rq2": rq2}
-
-
-def _latency_table(student_ref: str, teacher_ref: str, latency_runs: int) -> list[dict]:
-    from dmclip.evaluation import latency
-    from dmclip.models.base import build_model
-    from dmclip.models.refs import load_model_ref
-
-    student = load_model_ref(student_ref)
-    teacher = load_model_ref(teacher_ref)
-    vit = build_model({"family": "clip", "visual": _same_size_vit(student), "text": student.text.arch})
-    rq2 = []
-    for name, model in (("student (" + student.visual.arch["family"] + ")", student), ("teacher", teacher),
-                        ("ViT of the student's size", vit)):
-        result = latency(model, batch_size=64, runs=latency_runs, warmup=3, vs=student if model is not student else None,
-                         model_name=name)
-        m = result["metrics"]
-        rq2.append({"model": name, "image params M": (m.get("image_params") or 0) / 1e6,
-                    "image GFLOPs/img": m["image_flops"] / 1e9, "image ms (b=1)": m["image_b1_median_ms"],
-                    "image ms (b=64)": m["image_b64_median_ms"],
-                    "student / this (b=1)": (1 / result["vs"]["ratios"]["image_b1_median_ms"]) if "vs" in result else 1.0,
-                    "student / this (b=64)": (1 / result["vs"]["ratios"]["image_b64_median_ms"]) if "vs" in result else 1.0})
-    return rq2
-
-
-def _interval_cell(s: dict) -> str:
-    if s["n"] < 2:
-        return f"{100 * s['mean']:.2f} (1 seed)"
-    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} [{100 * s['low']:.2f}, {100 * s['high']:.2f}]"
-
-
-def seed_table(stats: dict, columns: list[str]) -> str:
-    """Per alpha: mean ± std [95 % t-interval] over seeds of every column, in percent."""
-    lines = ["| alpha | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
-    for arm, per_column in stats["arms"].items():
-        n = next(iter(per_column.values()))["n"]
-        lines.append(f"| {arm} | {n} | " + " | ".join(_interval_cell(per_column[c]) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def difference_table(stats: dict, columns: list[str]) -> str:
-    """Per alpha: the paired difference against the baseline arm, in points, with its bootstrap interval."""
-    lines = ["| alpha − " + stats["baseline"] + " | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for arm, per_column in stats["differences"].items():
-        cells = [f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]" + ("*" if d["significant"] else "")
-                 for d in (per_column[c] for c in columns)]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    if not stats["differences"]:
-        lines.append("| (one alpha: nothing to compare) |" + " |" * len(columns))
-    return "\n".join(lines) + "\n"
-
-
-def seed_csv(stats: dict) -> str:
-    """summary-seeds.csv: one row per (alpha, column) with mean/std/CI over seeds and, for non-baseline alphas,
-    the paired difference against the baseline with its bootstrap interval (fractions)."""
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["alpha", "column", "seeds", "mean", "std", "ci_low", "ci_high", "diff_vs_baseline",
-                     "diff_low", "diff_high", "significant"])
-    for arm, per_column in stats["arms"].items():
-        for column, s in per_column.items():
-            d = stats["differences"].get(arm, {}).get(column)
-            writer.writerow([arm, column, s["n"], repr(s["mean"]), repr(s["std"]), repr(s["low"]), repr(s["high"]),
-                             *((repr(d["diff"]), repr(d["low"]), repr(d["high"]), d["significant"]) if d else
-                               ("", "", "", ""))])
-    return buffer.getvalue()
-
-
-def _plot_sweep(path, stats: dict, alphas: list[float], rq1: dict) -> None:
-    """Accuracy against alpha: per column the mean over seeds with its 95 % interval as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dmclip.report import figure_png
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
-    for column in rq1["columns"]:
-        cells = [stats["arms"][arm_label(a)][column] for a in alphas]
-        means = [100 * c["mean"] for c in cells]
-        errors = [0.0 if c["n"] < 2 else 100 * (c["high"] - c["mean"]) for c in cells]
-        ax.errorbar(alphas, means, yerr=errors, marker="o", capsize=3,
-                    linewidth=2.5 if column == "Avg Perf" else 1, label=column)
-    teacher = next(row for row in rq1["rows"] if row["model"] == "teacher")
-    ax.axhline(100 * teacher["Avg Perf"], color="gray", linestyle="--", label="teacher Avg Perf")
-    seeds = next(iter(next(iter(stats["arms"].values())).values()))["n"]
-    ax.set_xlabel("alpha (weight of KD)")
-    ax.set_ylabel("percent")
-    ax.set_title(f"student accuracy vs distillation weight ({seeds} seed{'s' if seeds > 1 else ''}; 95 % CI)")
-    ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    from dmclip.runs import atomic_write_bytes
-
-    atomic_write_bytes(path, figure_png(fig))

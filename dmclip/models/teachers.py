@@ -1,0 +1,132 @@
+"""Distillation teachers: a CLIP model with both towers, an ensemble of them, or a teacher's cached outputs.
+
+``load_teacher(ref)`` takes any model reference (:mod:`dmclip.models.refs`) plus ``latest`` (the newest
+completed CLIP pretrain run) and the two distill-only schemes registered here:
+
+    ensemble:<ref>+<ref>...   several CLIP teachers as one: KD targets averaged after the softmax (MobileCLIP)
+    embeddings:<store dir>    a reinforced store (``dmclip distill cache``): the teacher's outputs, precomputed
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmclip.errors import DmclipError
+from dmclip.registry import teachers
+
+CLIP_FAMILIES = ("clip", "open_clip")
+
+
+def resolve_teacher_ref(ref: str, runs_root=None) -> str:
+    """'latest' -> run:<newest completed CLIP pretrain run>; anything else unchanged."""
+    if ref != "latest":
+        return ref
+    from dmclip.runs import find_runs
+
+    for run in find_runs(runs_root, "pretrain"):
+        if run.info.get("status") == "completed" and (run.results() or {}).get("objective") == "clip":
+            return f"run:{run.path}"
+    raise DmclipError("no completed CLIP pretrain run to use as the teacher",
+                      "train one first (`dmclip pretrain recipes/pretrain-clip-teacher.yaml`) or pass --teacher")
+
+
+def load_teacher(ref: str) -> nn.Module:
+    """The frozen teacher ``ref`` names, in eval mode: a CLIP model with both towers, or a distill-only one."""
+    from dmclip.models.refs import build_ref
+
+    teacher = build_ref(resolve_teacher_ref(ref))
+    if not getattr(teacher, "distill_only", None):  # an ensemble's members and a store's teacher are checked
+        if getattr(teacher, "encode_text", None) is None or not hasattr(teacher, "tokenize"):
+            raise DmclipError(f"teacher {ref!r} has no text encoder", "distill needs a CLIP teacher with both towers")
+        if getattr(teacher, "arch", {}).get("family") not in CLIP_FAMILIES:
+            raise DmclipError(f"teacher {ref!r} is a {teacher.arch.get('family')} model; distill takes CLIP teachers",
+                              "use builtin:world-vit, a `dmclip pretrain --objective clip` run or "
+                              "open_clip:<arch>:<weights>")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def teacher_features(teacher: nn.Module, images: torch.Tensor, captions: list[str]) -> dict:
+    """Normalised teacher features of a batch (each teacher with its own tokenizer and input size)."""
+    if images.shape[-1] != teacher.image_size:
+        images = F.interpolate(images, size=teacher.image_size, mode="bilinear", align_corners=False)
+    tokens = teacher.tokenize(captions).to(images.device)
+    return {"image_features": F.normalize(teacher.encode_image(images), dim=-1),
+            "text_features": F.normalize(teacher.encode_text(tokens), dim=-1),
+            "logit_scale": teacher.logit_scale.exp().clamp(max=100.0)}
+
+
+# ------------------------------------------------------------------------------------------ ensemble
+
+
+class EnsembleTeacher(nn.Module):
+    """Several CLIP teachers as one: KD targets are their image<->text probabilities averaged after the
+    softmax (MobileCLIP). The student keeps the first member's text tower, input size and embedding size."""
+
+    distill_only = "an ensemble of teachers"
+
+    def __init__(self, members: list[nn.Module], refs: list[str]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.refs = refs
+        first = members[0]
+        self.image_size, self.embed_dim, self.logit_scale = first.image_size, first.embed_dim, first.logit_scale
+        self.arch = {"family": "ensemble", "members": refs}
+        if hasattr(first, "text"):
+            self.text = first.text
+        if hasattr(first, "visual"):
+            self.visual = first.visual
+
+    def tokenize(self, texts):
+        return self.members[0].tokenize(texts)
+
+    def encode_text(self, tokens):
+        return self.members[0].encode_text(tokens)
+
+    def encode_image(self, images):
+        return self.members[0].encode_image(images)
+
+
+def parse_ensemble(ref: str) -> list[str]:
+    """'ensemble:run:a+open_clip:ViT-B-32:/w.pt' (or the part after 'ensemble:') -> ['run:a', 'open_clip:...']."""
+    rest = ref[len("ensemble:"):] if ref.startswith("ensemble:") else ref
+    members = [m.strip() for m in rest.split("+") if m.strip()]
+    if len(members) < 2:
+        raise DmclipError(f"'ensemble:{rest}' names {len(members)} teacher(s); an ensemble needs two or more",
+                          "join references with '+', e.g. ensemble:run:runs/pretrain/a+run:runs/pretrain/b")
+    return members
+
+
+@teachers.register("ensemble", description="ensemble:<ref>+<ref>... — several CLIP teachers, KD targets averaged "
+                                           "after the softmax (MobileCLIP); distill only")
+def ensemble_teacher(rest: str) -> EnsembleTeacher:
+    refs = [resolve_teacher_ref(r) for r in parse_ensemble(rest)]
+    return EnsembleTeacher([load_teacher(r) for r in refs], refs)
+
+
+# ------------------------------------------------------------------------------------------ cached outputs
+
+
+class CachedTeacher(nn.Module):
+    """A reinforced store (:class:`dmclip.data.reinforced.ReinforcedStore`) as a teacher: ``store`` holds the
+    outputs, ``source`` is the teacher that wrote them (the student takes its text tower and sizes)."""
+
+    distill_only = "a cache of teacher outputs"
+
+    def __init__(self, store, source: nn.Module):
+        super().__init__()
+        self.store = store
+        self.source = source
+        self.image_size, self.embed_dim = source.image_size, source.embed_dim
+        self.arch = {"family": "embeddings", "store": str(store.path), "teacher": store.meta["teacher"]}
+
+
+@teachers.register("embeddings", description="embeddings:<store dir> — a teacher's outputs cached by "
+                                             "`dmclip distill cache`; distill only")
+def cached_teacher(rest: str) -> CachedTeacher:
+    from dmclip.data.reinforced import ReinforcedStore
+
+    store = ReinforcedStore(rest)
+    return CachedTeacher(store, load_teacher(store.meta["teacher"]))
