@@ -673,7 +673,7 @@ def report_markdown(result: dict) -> str:
 def run(cfg: CapfiltConfig, run, progress: bool | None = None) -> dict:
     """Caption, filter and write the new dataset into ``cfg.output.out``; report into the run directory."""
     from dmclip.data import build_dataset
-    from dmclip.evaluation import model_fingerprint
+    from dmclip.evaluation.loading import model_fingerprint
     from dmclip.models.base import load_saved_model, save_model
     from dmclip.models.refs import load_model_ref
 

@@ -289,7 +289,7 @@ def run(cfg: DistillConfig, run) -> dict:
     results = {"teacher": teacher_ref, "student": cfg.student.name, "alpha": cfg.loss.alpha,
                "image_parameters": count_parameters(student.visual), "train": summary}
     if cfg.eval.zeroshot:
-        from dmclip.evaluation import zero_shot_accuracy
+        from dmclip.evaluation.zeroshot_classification import zero_shot_accuracy
 
         model = load_saved_model(run.path / "model")
         results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
@@ -423,7 +423,8 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
 
     import numpy as np
 
-    from dmclip.evaluation import suite, suite_csv, suite_markdown
+    from dmclip.evaluation.benchmark import suite
+    from dmclip.evaluation.output import suite_csv, suite_markdown
     from dmclip.metrics.stats import compare_arms
     from dmclip.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -463,7 +464,7 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
 
 
 def _latency_table(student_ref: str, teacher_ref: str, latency_runs: int) -> list[dict]:
-    from dmclip.evaluation import latency
+    from dmclip.metrics.latency import measure
     from dmclip.models.base import build_model
     from dmclip.models.refs import load_model_ref
 
@@ -473,8 +474,7 @@ def _latency_table(student_ref: str, teacher_ref: str, latency_runs: int) -> lis
     rq2 = []
     for name, model in (("student (" + student.visual.arch["family"] + ")", student), ("teacher", teacher),
                         ("ViT of the student's size", vit)):
-        result = latency(model, batch_size=64, runs=latency_runs, warmup=3, vs=student if model is not student else None,
-                         model_name=name)
+        result = measure(model, batch_size=64, runs=latency_runs, warmup=3, vs=student if model is not student else None)
         m = result["metrics"]
         rq2.append({"model": name, "image params M": (m.get("image_params") or 0) / 1e6,
                     "image GFLOPs/img": m["image_flops"] / 1e9, "image ms (b=1)": m["image_b1_median_ms"],

@@ -182,7 +182,7 @@ def run(cfg: PretrainConfig, run) -> dict:
     results = {"objective": cfg.objective, "parameters": count_parameters(model),
                "image_parameters": count_parameters(model.visual), "train": summary}
     if cfg.eval.zeroshot:
-        from dmclip.evaluation import zero_shot_accuracy
+        from dmclip.evaluation.zeroshot_classification import zero_shot_accuracy
 
         model = load_saved_model(run.path / "model")  # score exactly what was saved
         results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
