@@ -22,6 +22,7 @@ from torch import nn
 from dmclip.config import field, read_recipe, to_yaml
 from dmclip.errors import DmclipError, did_you_mean
 from dmclip.pretrain import DataConfig, EvalAfterConfig, image_caption_batch, pick_caption
+from dmclip.report import markdown_table, pyplot, save_figure
 from dmclip.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -447,9 +448,8 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
               f"\n## Paired difference against {arm_label(baseline)} (points; 95 % bootstrap CI over seeds and "
               "evaluation items; * = the interval excludes 0)\n", difference_table(stats, rq1["columns"])]
     lines += ["\n## RQ2: image encoder cost (same process, interleaved timing)\n",
-              "| " + " | ".join(rq2[0]) + " |", "|---|" + "---:|" * (len(rq2[0]) - 1)]
-    for row in rq2:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+              markdown_table(list(rq2[0]), [[f"{v:.3g}" if isinstance(v, float) else v for v in row.values()]
+                                            for row in rq2], align="l" + "r" * (len(rq2[0]) - 1)).rstrip("\n")]
     atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_text(sweep_dir / "summary.csv", suite_csv(rq1))
     atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats))
@@ -492,23 +492,19 @@ def _interval_cell(s: dict) -> str:
 
 def seed_table(stats: dict, columns: list[str]) -> str:
     """Per alpha: mean ± std [95 % t-interval] over seeds of every column, in percent."""
-    lines = ["| alpha | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
-    for arm, per_column in stats["arms"].items():
-        n = next(iter(per_column.values()))["n"]
-        lines.append(f"| {arm} | {n} | " + " | ".join(_interval_cell(per_column[c]) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[arm, next(iter(per_column.values()))["n"], *[_interval_cell(per_column[c]) for c in columns]]
+            for arm, per_column in stats["arms"].items()]
+    return markdown_table(["alpha", "seeds", *columns], rows, align="lr" + "r" * len(columns))
 
 
 def difference_table(stats: dict, columns: list[str]) -> str:
     """Per alpha: the paired difference against the baseline arm, in points, with its bootstrap interval."""
-    lines = ["| alpha − " + stats["baseline"] + " | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for arm, per_column in stats["differences"].items():
-        cells = [f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]" + ("*" if d["significant"] else "")
-                 for d in (per_column[c] for c in columns)]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    rows = [[arm, *[f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+                    + ("*" if d["significant"] else "") for d in (per_column[c] for c in columns)]]
+            for arm, per_column in stats["differences"].items()]
     if not stats["differences"]:
-        lines.append("| (one alpha: nothing to compare) |" + " |" * len(columns))
-    return "\n".join(lines) + "\n"
+        rows.append(["(one alpha: nothing to compare)", *[""] * len(columns)])
+    return markdown_table([f"alpha − {stats['baseline']}", *columns], rows, align="l" + "r" * len(columns))
 
 
 def seed_csv(stats: dict) -> str:
@@ -532,14 +528,7 @@ def seed_csv(stats: dict) -> str:
 
 def _plot_sweep(path, stats: dict, alphas: list[float], rq1: dict) -> None:
     """Accuracy against alpha: per column the mean over seeds with its 95 % interval as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dmclip.report import figure_png
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6.5, 3.8), dpi=120)
     for column in rq1["columns"]:
         cells = [stats["arms"][arm_label(a)][column] for a in alphas]
         means = [100 * c["mean"] for c in cells]
@@ -554,6 +543,4 @@ def _plot_sweep(path, stats: dict, alphas: list[float], rq1: dict) -> None:
     ax.set_title(f"student accuracy vs distillation weight ({seeds} seed{'s' if seeds > 1 else ''}; 95 % CI)")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    from dmclip.runs import atomic_write_bytes
-
-    atomic_write_bytes(path, figure_png(fig))
+    save_figure(fig, path)

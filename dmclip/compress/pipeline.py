@@ -24,6 +24,7 @@ from dmclip.compress.selectors import Selector, build_selector, restore_payload
 from dmclip.config import field
 from dmclip.data.base import float_images
 from dmclip.errors import DmclipError
+from dmclip.report import markdown_table, pyplot, save_figure
 
 log = logging.getLogger(__name__)
 QUALITY_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider")
@@ -315,9 +316,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(h for _, h in _TABLE) + " |\n|" + "---|" * len(_TABLE) + "\n"
-    return head + "".join("| " + " | ".join(_fmt(r.get(k)) for k, _ in _TABLE) + " |\n" for r in rows)
+def rows_markdown(rows: list[dict]) -> str:
+    """Result rows as the table of report.md and summary.md."""
+    return markdown_table([h for _, h in _TABLE], [[_fmt(r.get(k)) for k, _ in _TABLE] for r in rows])
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -334,7 +335,7 @@ def eval_report(result: dict) -> str:
                                                          if "compressed_finetuned" in result else [])
     if "compressed_finetuned" in result:
         rows[-1] = {**rows[-1], "label": rows[-1]["label"] + " (fine-tuned server)"}
-    lines = [f"# compress eval: {result['selector']}\n", markdown_table(rows),
+    lines = [f"# compress eval: {result['selector']}\n", rows_markdown(rows),
              "\ncomm. eff. = vectors sent / tokens (class token counted); bytes are whole codec frames per image.\n",
              "\n## example captions\n"]
     for ex in result["compressed"]["examples"]:
@@ -376,7 +377,7 @@ def run_sweep(cfg: CompressConfig, run, *, model=None, dataset=None,
         row = add_ratios(evaluate_selector(model, tokens, references, selector, **common), baseline)
         rows.append(row)
         run.log_metrics({"point": i, **{k: v for k, v in row.items() if k != "examples"}})
-    table = markdown_table(rows)
+    table = rows_markdown(rows)
     run.write_text("summary.md", table)
     run.write_text("summary.csv", csv_text(rows))
     plot_path = plot_sweep(rows, Path(run.path) / "compress-sweep.png", cfg.sweep.metric)
@@ -414,14 +415,10 @@ def plot_sweep(rows: list[dict], path: Path, metric: str = "bleu4") -> Path:
     One row of panels per metric: ``metric`` and, when it is another one, CIDEr (BLEU-4 saturates on short
     template-like captions, CIDEr's tf-idf weighting still separates the selectors).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     metrics = [metric] + (["cider"] if metric != "cider" and all("cider" in r for r in rows) else [])
-    fig, grid = plt.subplots(len(metrics), 2, figsize=(11, 4.2 * len(metrics)), squeeze=False)
+    fig, grid = pyplot().subplots(len(metrics), 2, figsize=(11, 4.2 * len(metrics)), squeeze=False)
     baseline = next((r for r in rows if r["selector"] == "none"), None)
     by_selector: dict[str, list[dict]] = {}
     for r in rows:
@@ -447,10 +444,7 @@ def plot_sweep(rows: list[dict], path: Path, metric: str = "bleu4") -> Path:
             ax.grid(True, alpha=0.3)
     grid[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------ the link

@@ -150,12 +150,7 @@ def draw_grid(ds, out: str | Path, *, n: int = 16, columns: int | None = None, s
               title: str | None = None) -> dict:
     """A PNG grid of ``n`` samples with their first caption (or class name); wrong world-noisy captions
     are drawn in red. Samples are the first ``n``, or a random ``n`` with ``seed``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from dmclip.runs import atomic_write_bytes
+    from dmclip.report import pyplot, save_figure
 
     n = max(1, min(int(n), len(ds)))
     if seed is None:
@@ -164,7 +159,7 @@ def draw_grid(ds, out: str | Path, *, n: int = 16, columns: int | None = None, s
         indices = sorted(np.random.default_rng(seed).choice(len(ds), size=n, replace=False).tolist())
     columns = int(columns or min(n, 8))
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.4 * rows + 0.3), squeeze=False,
+    fig, axes = pyplot().subplots(rows, columns, figsize=(1.9 * columns, 2.4 * rows + 0.3), squeeze=False,
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
@@ -178,7 +173,5 @@ def draw_grid(ds, out: str | Path, *, n: int = 16, columns: int | None = None, s
             colour = "red" if sample.get("caption_is_noisy", [False])[0] else "black"
         ax.set_title("\n".join(textwrap.wrap(text, 24)[:3]), fontsize=7, color=colour)
     fig.suptitle(title or f"{ds.name} ({len(ds)} samples)", fontsize=9)
-    from dmclip.report import figure_png
-
-    atomic_write_bytes(Path(out), figure_png(fig, dpi=100))
+    save_figure(fig, out, dpi=100)
     return {"path": str(out), "samples": indices}

@@ -14,6 +14,7 @@ from dmclip.metrics.zeroshot import class_embeddings, topk_accuracy, zero_shot_l
 
 __all__ = [
     "CAPTION_METRIC_KEYS", "best_positive_ranks", "caption_metrics", "class_embeddings", "count_flops",
-    "noise_removal_metrics", "peak_tensor_bytes", "precision_recall_curve", "ptb_tokenize", "rerank", "retrieval_metrics", "similarity", "summarize_times",
-    "time_calls", "topk_accuracy", "zero_shot_logits", "zero_shot_metrics",
+    "noise_removal_metrics", "peak_tensor_bytes", "precision_recall_curve", "ptb_tokenize", "rerank",
+    "retrieval_metrics", "similarity", "summarize_times", "time_calls", "topk_accuracy", "zero_shot_logits",
+    "zero_shot_metrics",
 ]
