@@ -54,7 +54,7 @@ class SweepConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class ServerFinetuneConfig:
     enabled: bool = field(False, "train the server decoder on compressed tokens of the selector first")
     dataset: str = field("world-train", "training split for the decoder fine-tuning")
     steps: int = field(200, "optimizer steps", min=1)
@@ -82,7 +82,7 @@ class CompressConfig:
     seed: int = field(0, "seed of k-means, random selection and fine-tuning")
     decode: DecodeConfig = field(DecodeConfig(), "caption decoding on the server")
     sweep: SweepConfig = field(SweepConfig(), "points of `compress sweep`")
-    finetune: FinetuneConfig = field(FinetuneConfig(), "--finetune-server")
+    finetune: ServerFinetuneConfig = field(ServerFinetuneConfig(), "--finetune-server")
 
 
 def selector_from_config(cfg: CompressConfig, name: str | None = None, **override) -> Selector:
@@ -102,11 +102,11 @@ def load_compress_model(ref: str):
     if not ref:
         raise DmclipError("no model given", "pass --model run:<pretrain run dir> (a BLIP model)")
     model = load_model_ref(ref)
-    check_model(model, ref)
+    check_compress_model(model, ref)
     return model
 
 
-def check_model(model, ref: str = "the model") -> None:
+def check_compress_model(model, ref: str = "the model") -> None:
     missing = [m for m in ("encode_image_tokens", "generate") if not callable(getattr(model, m, None))]
     if missing:
         raise DmclipError(f"{ref} cannot caption from image tokens (no {', '.join(missing)})",
@@ -280,7 +280,7 @@ def run_eval(cfg: CompressConfig, run, *, model=None, dataset=None, train_datase
              score_fn: Callable[[dict, dict], dict] = score_captions) -> dict:
     """`dmclip compress eval`: the selector against the uncompressed baseline on the test split."""
     model = model if model is not None else load_compress_model(cfg.model)
-    check_model(model)
+    check_compress_model(model)
     images, references = load_test_samples(cfg, model.image_size, dataset)
     tokens, encoder_seconds = edge_tokens(model, images, cfg.batch_size)
     selector = selector_from_config(cfg)
@@ -363,7 +363,7 @@ def run_sweep(cfg: CompressConfig, run, *, model=None, dataset=None,
               score_fn: Callable[[dict, dict], dict] = score_captions) -> dict:
     """`dmclip compress sweep`: every point of cfg.sweep -> summary.md, summary.csv, compress-sweep.png."""
     model = model if model is not None else load_compress_model(cfg.model)
-    check_model(model)
+    check_compress_model(model)
     points = sweep_points(cfg)
     images, references = load_test_samples(cfg, model.image_size, dataset)
     tokens, encoder_seconds = edge_tokens(model, images, cfg.batch_size)
@@ -462,7 +462,7 @@ class CaptionHandler:
                  selector_names: tuple[str, ...] | None = None):
         from dmclip.registry import selectors
 
-        check_model(model)
+        check_compress_model(model)
         self.model, self.decode_cfg = model, decode_cfg
         size = int(model.image_size)
         with torch.no_grad():
@@ -511,7 +511,7 @@ def send_images(model, selector: Selector, images: list[torch.Tensor], address, 
     """Edge side of the link: encode, compress, send one frame per image, collect captions and costs."""
     from dmclip.compress.link import LinkClient
 
-    check_model(model)
+    check_compress_model(model)
     rows = []
     with LinkClient(address, timeout=timeout) as client:
         info = client.info()
