@@ -99,18 +99,16 @@ def main() -> list[dict]:
     run here) vs the cheapest faiss setting reaching the same inertia (within 0.5 %), and vs scikit-learn.
     The full table is printed too."""
     from benchmarks.common import format_seconds, row
+    from dmclip.report import markdown_table
 
     rows = measure()
     best = min(r["inertia"] for r in rows if r["inertia"] is not None)
     print(f"### k-means, {TOKENS} tokens x {WIDTH} dims, k={K}, {ITERATIONS} iterations, "
           f"{torch.get_num_threads()} thread(s), {IMAGES} images, methods interleaved\n")
-    print("| method | ms / image | mean inertia | inertia / best |")
-    print("|---|---|---|---|")
-    for r in rows:
-        if r["inertia"] is None:
-            print(f"| {r['method']} | - | - | - |")
-        else:
-            print(f"| {r['method']} | {r['ms_per_image']:.2f} | {r['inertia']:.0f} | {r['inertia'] / best:.4f} |")
+    print(markdown_table(["method", "ms / image", "mean inertia", "inertia / best"],
+                         [[r["method"], "-", "-", "-"] if r["inertia"] is None else
+                          [r["method"], f"{r['ms_per_image']:.2f}", f"{r['inertia']:.0f}", f"{r['inertia'] / best:.4f}"]
+                          for r in rows]), end="")
     ours = next(r for r in rows if r["method"].startswith("dmclip") and "restarts=2" in r["method"]
                 and "one image at a time" in r["method"])
     value = format_seconds(ours["ms_per_image"] / 1000) + f" / image (inertia {ours['inertia']:.0f})"

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # `python benchmarks/run_all.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROW_KEYS, check_row, threads  # noqa: E402
+from dmclip.report import markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent / "docs" / "benchmarks.md"
@@ -125,11 +126,8 @@ def section(rows: list[dict], *, when: dt.datetime, machine_line: str, load: tup
              f"{benches} bench{'es' if benches != 1 else ''}, "
              + (f"{failed} FAILED." if failed else "none failed."), ""]
     columns = list(ROW_KEYS)
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "|".join("---" for _ in columns) + "|")
-    for item in rows:
-        lines.append("| " + " | ".join(_cell(item.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    lines.append(markdown_table(columns, [[_cell(item.get(c)) for c in columns] for item in rows]))
+    return "\n".join(lines)
 
 
 def _write(path: Path, text: str) -> None:

@@ -197,8 +197,9 @@ def build_new_model(cfg: PretrainConfig, tokenizer: dict):
                      momentum=m.momentum, alpha=m.distill_alpha, label_smoothing=m.label_smoothing)
 
 
-def run(cfg: PretrainConfig, run) -> dict:
-    """Train, save the model (safetensors + model.json) into ``run/model``, score zero-shot, return results."""
+def run(cfg: PretrainConfig, record) -> dict:
+    """Train, save the model (safetensors + model.json) into ``record/model`` (``record``: the RunDir), score
+    zero-shot, return results."""
     from dmclip.data import build_dataset
     from dmclip.models.base import count_parameters, load_saved_model, save_model
     from dmclip.train import distributed, fit
@@ -209,8 +210,8 @@ def run(cfg: PretrainConfig, run) -> dict:
     if getattr(dataset, "kind", "image-text") != "image-text":
         raise DmclipError(f"{cfg.data.train} is a classification set; pretraining needs image-caption pairs",
                           "use an image-text set, e.g. world-train, csv:PATH or coco:JSON")
-    resume = run.checkpoint_path("last.pt").exists()
-    tokenizer = load_or_fit_tokenizer(run, lambda: fit_tokenizer(dataset, cfg))
+    resume = record.checkpoint_path("last.pt").exists()
+    tokenizer = load_or_fit_tokenizer(record, lambda: fit_tokenizer(dataset, cfg))
     model = build_new_model(cfg, tokenizer)
     log.info("%s model: %.2f M parameters (image %.2f M), %d training pairs", cfg.objective,
              count_parameters(model) / 1e6, count_parameters(getattr(model, "visual", None)) / 1e6, len(dataset))
@@ -219,18 +220,18 @@ def run(cfg: PretrainConfig, run) -> dict:
     else:
         steps_per_epoch = max(1, len(dataset) // cfg.train.batch_size)
         task = BlipTask(model, cfg.seed, steps_per_epoch)
-    summary = fit(task, dataset, cfg.train, run, seed=cfg.seed, resume=resume)
+    summary = fit(task, dataset, cfg.train, record, seed=cfg.seed, resume=resume)
     if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
         return {"train": summary}
-    save_model(model, run.path / "model")
+    save_model(model, record.path / "model")
     results = {"objective": cfg.objective, "parameters": count_parameters(model),
                "image_parameters": count_parameters(model.visual), "train": summary}
     if cfg.eval.zeroshot:
-        from dmclip.evaluation import zero_shot_accuracy
+        from dmclip.evaluation.zeroshot_classification import zero_shot_accuracy
 
-        model = load_saved_model(run.path / "model")  # score exactly what was saved
+        model = load_saved_model(record.path / "model")  # score exactly what was saved
         results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
-    run.write_results(results)
+    record.write_results(results)
     return results
 
 

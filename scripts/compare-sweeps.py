@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     from dmclip.metrics.stats import compare_arms
+    from dmclip.report import markdown_table
 
     (name_a, runs_a, weights), (name_b, runs_b, _) = arm(argv[0]), arm(argv[1])
     seeds = sorted(set(runs_a) & set(runs_b))
@@ -51,12 +52,12 @@ def main(argv: list[str]) -> int:
     stats = compare_arms({name_a: [runs_a[s] for s in seeds], name_b: [runs_b[s] for s in seeds]}, name_a,
                          weights=weights)
     print(f"seeds: {seeds}")
-    print("| column | " + name_a + " | " + name_b + " | difference [95 % CI] |")
-    print("|---|---:|---:|---:|")
+    rows = []
     for column, d in stats["differences"][name_b].items():
         a, b = stats["arms"][name_a][column], stats["arms"][name_b][column]
-        print(f"| {column} | {100 * a['mean']:.2f} ± {100 * a['std']:.2f} | {100 * b['mean']:.2f} ± {100 * b['std']:.2f} "
-              f"| {100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]{'*' if d['significant'] else ''} |")
+        rows.append([column, f"{100 * a['mean']:.2f} ± {100 * a['std']:.2f}", f"{100 * b['mean']:.2f} ± {100 * b['std']:.2f}",
+                     f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]{'*' if d['significant'] else ''}"])
+    print(markdown_table(["column", name_a, name_b, "difference [95 % CI]"], rows, align="lrrr"), end="")
     return 0
 
 

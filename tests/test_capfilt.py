@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from dmclip import capfilt as lib
+from dmclip.capfilt import pipeline
+from dmclip.capfilt.config import CapfiltConfig
+from dmclip.capfilt.scoring import calibrated_threshold, score_batch, score_clean_pairs, select_kept
 from dmclip.cli.main import main
 from dmclip.config import load_config
 from dmclip.data import build_dataset
 from dmclip.errors import DmclipError
+from dmclip.metrics.filtering import noise_removal_metrics, precision_recall_curve
 from dmclip.runs import RunDir
 
 DATA = "world-noisy:size=24"
@@ -30,7 +33,7 @@ DATA = "world-noisy:size=24"
 def test_noise_removal_precision_and_recall_on_a_hand_case():
     noisy = [True, True, False, False, True, False]
     removed = [True, False, True, False, True, False]
-    m = lib.noise_removal_metrics(noisy, removed)
+    m = noise_removal_metrics(noisy, removed)
     # removed 3, of which 2 noisy -> precision 2/3; 3 noisy, 2 of them removed -> recall 2/3
     assert (m["true_positives"], m["false_positives"], m["false_negatives"], m["true_negatives"]) == (2, 1, 1, 2)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
@@ -38,13 +41,13 @@ def test_noise_removal_precision_and_recall_on_a_hand_case():
 
 
 def test_noise_removal_is_undefined_not_zero_when_nothing_is_removed():
-    m = lib.noise_removal_metrics([True, False], [False, False])
+    m = noise_removal_metrics([True, False], [False, False])
     assert m["precision"] is None and m["recall"] == 0.0 and m["f1"] is None
 
 
 def test_precision_recall_curve_hand_case():
     # removing the lowest scores first: {0.1} -> P 1, R 1/2; +{0.2} -> 1/2, 1/2; +{0.3} -> 2/3, 1; all -> 1/2, 1
-    curve = lib.precision_recall_curve([0.3, 0.1, 0.9, 0.2], [True, True, False, False])
+    curve = precision_recall_curve([0.3, 0.1, 0.9, 0.2], [True, True, False, False])
     assert curve["precision"] == pytest.approx([1.0, 0.5, 2 / 3, 0.5])
     assert curve["recall"] == pytest.approx([0.5, 0.5, 1.0, 1.0])
     assert curve["average_precision"] == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
@@ -56,10 +59,10 @@ def test_precision_recall_curve_matches_brute_force_with_ties():
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 20, size=300) / 20.0  # many ties
     noisy = rng.random(300) < 0.3
-    curve = lib.precision_recall_curve(scores, noisy)
+    curve = precision_recall_curve(scores, noisy)
     assert len(curve["thresholds"]) == len(np.unique(scores))
     for t, p, r in zip(curve["thresholds"], curve["precision"], curve["recall"]):
-        m = lib.noise_removal_metrics(noisy, scores < t)
+        m = noise_removal_metrics(noisy, scores < t)
         assert (p, r) == pytest.approx((m["precision"], m["recall"]))
 
 
@@ -69,7 +72,7 @@ def test_precision_recall_curve_and_average_precision_match_sklearn():
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 20, size=300) / 20.0
     noisy = rng.random(300) < 0.3
-    curve = lib.precision_recall_curve(scores, noisy)
+    curve = precision_recall_curve(scores, noisy)
     precision, recall, _ = metrics.precision_recall_curve(noisy, -scores)  # high "noisiness" = low ITM
     ours = sorted(zip(np.round(curve["recall"], 12), np.round(curve["precision"], 12)))
     theirs = sorted((round(r, 12), round(p, 12)) for p, r in zip(precision[:-1], recall[:-1]))
@@ -78,17 +81,17 @@ def test_precision_recall_curve_and_average_precision_match_sklearn():
 
 
 def test_threshold_keeps_scores_at_or_above_it():
-    kept, threshold = lib.select_kept([0.2, 0.5, 0.7, 0.49999], threshold=0.5)
+    kept, threshold = select_kept([0.2, 0.5, 0.7, 0.49999], threshold=0.5)
     assert kept.tolist() == [False, True, True, False] and threshold == 0.5
 
 
 def test_keep_fraction_keeps_exactly_that_many_of_the_best_scores_whatever_the_threshold():
     scores = [0.5, 0.9, 0.5, 0.1, 0.5]
-    kept, threshold = lib.select_kept(scores, threshold=0.95, keep_fraction=0.4)
+    kept, threshold = select_kept(scores, threshold=0.95, keep_fraction=0.4)
     assert kept.tolist() == [True, True, False, False, False]  # 2 of 5; the tie at 0.5 goes to the earlier pair
     assert threshold == 0.5
-    assert lib.select_kept(scores, keep_fraction=1.0)[0].all()
-    assert lib.select_kept(scores, keep_fraction=0.01)[0].sum() == 0  # round(0.05) = 0
+    assert select_kept(scores, keep_fraction=1.0)[0].all()
+    assert select_kept(scores, keep_fraction=0.01)[0].sum() == 0  # round(0.05) = 0
 
 
 # ----------------------------------------------------------------------------------- the command
@@ -99,18 +102,18 @@ def blip_dir(tmp_path_factory, save_tiny_blip) -> Path:
     return save_tiny_blip(tmp_path_factory.mktemp("tiny-blip"), DATA)
 
 
-def _config(blip_dir: Path, out: Path, **sets) -> lib.CapfiltConfig:
+def _config(blip_dir: Path, out: Path, **sets) -> CapfiltConfig:
     base = {"model": f"run:{blip_dir}", "data": DATA, "progress": False, "batch_size": 5,
             "output.out": str(out), "output.shard_size": 8, "captioner.num_captions": 2,
             "captioner.min_length": 2, "captioner.max_length": 6}
-    config, _ = load_config(lib.CapfiltConfig, None, [], {**base, **sets})
+    config, _ = load_config(CapfiltConfig, None, [], {**base, **sets})
     return config
 
 
 def _run(config, tmp_path: Path) -> dict:
     run = RunDir.create("capfilt", "test", config, root=tmp_path / "runs")
     with run.active():
-        return lib.run(config, run)
+        return pipeline.run(config, run)
 
 
 def _manifest(out: Path) -> list[dict]:
@@ -149,7 +152,7 @@ def test_output_dataset_loads_back_with_exactly_the_kept_captions(blip_dir, tmp_
     assert [c["itm"] for c in sample["captions"]] == pytest.approx(expected.tolist(), abs=1e-5)
     # world-noisy knows the truth: the report scores the filter with it
     web = [c for s in manifest for c in s["captions"] if c["source"] == "web"]
-    truth = lib.noise_removal_metrics([c["noisy"] for c in web], [not c["kept"] for c in web])
+    truth = noise_removal_metrics([c["noisy"] for c in web], [not c["kept"] for c in web])
     assert result["noise_removal"]["precision"] == truth["precision"]
     assert result["counts"]["web"]["total"] == 24
     assert sum(result["counts"][s]["kept"] for s in ("web", "synthetic")) == sum(map(len, kept.values()))
@@ -161,7 +164,7 @@ def test_an_interrupted_run_resumes_without_duplicates_and_matches_an_uninterrup
     _run(_config(blip_dir, whole), tmp_path)
 
     out = tmp_path / "interrupted"
-    real, calls = lib.process_shard, []
+    real, calls = pipeline.process_shard, []
 
     def interrupt_second(*args, **kwargs):
         calls.append(args[2])
@@ -171,11 +174,11 @@ def test_an_interrupted_run_resumes_without_duplicates_and_matches_an_uninterrup
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lib, "process_shard", interrupt_second)
+    monkeypatch.setattr(pipeline, "process_shard", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         _run(_config(blip_dir, out), tmp_path)
     assert sorted(p.name for p in (out / "shards").glob("*.json")) == ["shard-000000.json"]
-    monkeypatch.setattr(lib, "process_shard", real)
+    monkeypatch.setattr(pipeline, "process_shard", real)
 
     result = _run(_config(blip_dir, out), tmp_path)
     assert result["shards"] == {"total": 3, "resumed": 1, "processed": 2}
@@ -214,6 +217,42 @@ def test_webdataset_output_loads_back(blip_dir, tmp_path):
     manifest = _manifest(out)
     assert len(ds) == 10
     assert [sorted(ds.captions(i)) for i in range(10)] == [sorted(c["text"] for c in s["captions"]) for s in manifest]
+
+
+def test_webdataset_shards_hold_the_kept_pairs_and_read_back_as_the_csv_dataset(blip_dir, tmp_path):
+    import tarfile
+
+    out = tmp_path / "boot"
+    config = _config(blip_dir, out, limit=10, **{"output.format": "wds", "output.shard_size": 4,
+                                                 "filter.keep_fraction": 0.5})
+    result = _run(config, tmp_path)
+    kept = [s for s in _manifest(out) if any(c["kept"] for c in s["captions"])]
+    # per kept image: its exact PNG file and a json of its kept captions; images without one are left out
+    expected = {}
+    for sample in kept:
+        key = f"{sample['index']:08d}"
+        expected[f"{key}.png"] = (out / sample["image"]).read_bytes()
+        expected[f"{key}.json"] = json.dumps({"captions": [c["text"] for c in sample["captions"] if c["kept"]],
+                                              "index": sample["index"]}).encode()
+    shards = sorted((out / "wds").glob("shard-*.tar"))
+    assert len(shards) == -(-len(kept) // 4) and [p.name for p in shards][0] == "shard-000000.tar"
+    members = {}
+    for path in shards:
+        with tarfile.open(path) as tar:
+            assert len(tar.getmembers()) <= 2 * 4  # shard_size images per shard
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    assert members == expected
+    # the wds: reader gives the same images and captions as the csv: dataset written beside it
+    shards_ds = build_dataset(result["dataset"], image_size=32)
+    csv_ds = build_dataset(f"csv:{out / 'captions.csv'}", image_size=32)
+    assert len(shards_ds) == len(csv_ds) == len(kept)
+    for i in range(len(kept)):
+        assert torch.equal(shards_ds[i]["image"], csv_ds[i]["image"])
+        assert sorted(shards_ds.captions(i)) == sorted(csv_ds.captions(i))
+    # a rerun (it only re-filters) writes the same bytes
+    before = [p.read_bytes() for p in shards]
+    _run(config, tmp_path)
+    assert [p.read_bytes() for p in sorted((out / "wds").glob("shard-*.tar"))] == before
 
 
 def test_cli_writes_report_results_and_curve(blip_dir, tmp_path, capsys, plot_pixels):
@@ -259,15 +298,15 @@ def test_cli_refuses_a_clip_model_in_one_line_with_exit_code_2(tmp_path, capsys)
 
 def test_calibrated_threshold_keeps_at_least_that_fraction_of_clean_scores():
     scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    assert lib.calibrated_threshold(scores, 0.8) == 0.3  # 8 of 10 are >= 0.3
-    assert lib.calibrated_threshold(scores, 1.0) == 0.1
+    assert calibrated_threshold(scores, 0.8) == 0.3  # 8 of 10 are >= 0.3
+    assert calibrated_threshold(scores, 1.0) == 0.1
     rng = np.random.default_rng(0)
     many = rng.random(997)
     for keep in (0.5, 0.9, 0.95, 0.99):
-        threshold = lib.calibrated_threshold(many, keep)
+        threshold = calibrated_threshold(many, keep)
         assert (many >= threshold).mean() >= keep > (many > threshold).mean()  # the tightest such threshold
     with pytest.raises(DmclipError, match="no image-caption pairs"):
-        lib.calibrated_threshold([], 0.9)
+        calibrated_threshold([], 0.9)
 
 
 def test_calibration_scores_the_clean_sets_own_pairs_and_sets_the_threshold(blip_dir, tmp_path):
@@ -282,13 +321,13 @@ def test_calibration_scores_the_clean_sets_own_pairs_and_sets_the_threshold(blip
             image = dataset[i]["image"][None].float() / 255
             for text in dataset[i]["captions"]:
                 expected.append(float(model.itm_score(image, model.tokenize([text]))[0]))
-    got = lib.score_clean_pairs(model, clean, 0, 5, torch.device("cpu"))
+    got = score_clean_pairs(model, clean, 0, 5, torch.device("cpu"))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     result = _run(_config(blip_dir, tmp_path / "boot", **{"limit": 8, "filter.calibrate_on": clean,
                                                            "filter.clean_keep": 0.75}), tmp_path)
     calibration = result["filter"]["calibration"]
     assert calibration["pairs"] == len(expected)
-    assert result["filter"]["threshold"] == pytest.approx(lib.calibrated_threshold(expected, 0.75), abs=1e-5)
+    assert result["filter"]["threshold"] == pytest.approx(calibrated_threshold(expected, 0.75), abs=1e-5)
     kept = [c["kept"] for s in _manifest(tmp_path / "boot") for c in s["captions"]]
     scores = [c["itm"] for s in _manifest(tmp_path / "boot") for c in s["captions"]]
     assert kept == [score >= result["filter"]["threshold"] for score in scores]
@@ -316,7 +355,7 @@ def test_every_caption_carries_itm_itc_and_their_sum_and_the_filter_uses_the_cho
                 assert caption["kept"] == (caption["itc"] >= 0.0)
     assert result["filter"]["score"] == "itc"
     web = [c for s in samples for c in s["captions"] if c["source"] == "web"]
-    expected = lib.precision_recall_curve([c["itc"] for c in web], [c["noisy"] for c in web])
+    expected = precision_recall_curve([c["itc"] for c in web], [c["noisy"] for c in web])
     assert result["pr_curve"]["average_precision"] == pytest.approx(expected["average_precision"])
     again = _run(_config(blip_dir, out, **{"limit": 6, "filter.score": "itm+itc", "filter.keep_fraction": 0.5}),
                  tmp_path)  # another score on the same shards: a re-filter, nothing recomputed
@@ -375,13 +414,13 @@ def test_beam_search_captions_and_filter_only_mode(blip_dir):
     web = [["a red circle"], ["a blue star", "two green squares"], []]
     beam = _config(blip_dir, Path("unused"), **{"captioner.method": "beam", "captioner.num_captions": 2,
                                                  "captioner.num_beams": 1})
-    scored = lib.score_batch(model, images, web, beam, None)
+    scored = score_batch(model, images, web, beam, None)
     for captions, texts in zip(scored, web):
         assert [c["text"] for c in captions if c["source"] == "web"] == texts  # web captions first, in order
         synthetic = [c["text"] for c in captions if c["source"] == "synthetic"]
         assert 1 <= len(synthetic) <= 2 and len(set(synthetic)) == len(synthetic)
         assert all(0.0 <= c["itm"] <= 1.0 for c in captions)
-    only_web = lib.score_batch(model, images, web, _config(blip_dir, Path("unused"), **{"captioner.num_captions": 0}),
+    only_web = score_batch(model, images, web, _config(blip_dir, Path("unused"), **{"captioner.num_captions": 0}),
                                None)
     assert [[c["text"] for c in captions] for captions in only_web] == web
 
@@ -393,7 +432,7 @@ def test_cli_resume_continues_an_interrupted_run(blip_dir, tmp_path, monkeypatch
             "--min-length", "2", "--set", "progress=false", "--shard-size", "8"]
     assert main([*argv, "--out", str(tmp_path / "whole"), "--runs-dir", str(tmp_path / "whole-runs")]) == 0
 
-    real, calls = lib.process_shard, []
+    real, calls = pipeline.process_shard, []
 
     def interrupt_second(*args, **kwargs):
         calls.append(args[2])
@@ -401,12 +440,12 @@ def test_cli_resume_continues_an_interrupted_run(blip_dir, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lib, "process_shard", interrupt_second)
+    monkeypatch.setattr(pipeline, "process_shard", interrupt_second)
     out = tmp_path / "boot"
     assert main([*argv, "--out", str(out), "--runs-dir", str(tmp_path / "runs")]) == 130
     run = RunDir(next((tmp_path / "runs" / "capfilt").iterdir()))
     assert run.info["status"] == "interrupted"
-    monkeypatch.setattr(lib, "process_shard", real)
+    monkeypatch.setattr(pipeline, "process_shard", real)
 
     assert main(["capfilt", "--resume", str(run.path)]) == 0
     assert [p.name for p in (tmp_path / "runs" / "capfilt").iterdir()] == [run.path.name]  # no second run

@@ -303,7 +303,7 @@ def test_parse_sweep_values_errors(text, message):
 def test_a_section_set_in_part_keeps_its_fields_own_defaults(tmp_path):
     """capfilt's finetune.train defaults to TrainConfig(steps=100, batch_size=32, lr=1e-4, ...): a recipe, --set
     or shortcut that changes one key of it (--steps, --report-to) must keep the others, not TrainConfig()'s."""
-    from dmclip.capfilt import CapfiltConfig
+    from dmclip.capfilt.config import CapfiltConfig
 
     default = CapfiltConfig().finetune.train
     cfg, _ = load_config(CapfiltConfig, _recipe(tmp_path, "finetune:\n  train:\n    lr: 3.0e-4\n"),

@@ -52,7 +52,7 @@ SHELL_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 COMMAND_CONFIGS = {  # the config class behind each command's recipe and --set (eval has neither)
     "pretrain": "dmclip.pretrain:PretrainConfig",
     "distill": "dmclip.distill:DistillConfig",
-    "capfilt": "dmclip.capfilt:CapfiltConfig",
+    "capfilt": "dmclip.capfilt.config:CapfiltConfig",
     "compress": "dmclip.compress.pipeline:CompressConfig",
 }
 PAGE_COMMAND = {"docs/pretrain.md": "pretrain", "docs/distill.md": "distill", "docs/capfilt.md": "capfilt",

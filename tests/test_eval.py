@@ -17,21 +17,13 @@ from torch import nn
 
 from dmclip.data.base import ArrayClassificationDataset, ArrayImageTextDataset
 from dmclip.errors import DmclipError
-from dmclip.evaluation import (
-    EmbeddingCache,
-    caption,
-    latency,
-    latency_rows,
-    model_fingerprint,
-    retrieval,
-    retrieval_recall,
-    suite,
-    suite_csv,
-    suite_markdown,
-    zero_shot,
-    zero_shot_accuracy,
-)
+from dmclip.evaluation import caption, latency, retrieval, suite, zero_shot, zero_shot_accuracy
+from dmclip.evaluation.embeddings import EmbeddingCache
+from dmclip.evaluation.loading import model_fingerprint
+from dmclip.evaluation.output import suite_csv, suite_markdown
+from dmclip.evaluation.zeroshot_retrieval import retrieval_recall
 from dmclip.metrics.caption import caption_metrics
+from dmclip.metrics.latency import latency_rows
 
 COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0), "cyan": (0, 1, 1),
            "magenta": (1, 0, 1)}

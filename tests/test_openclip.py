@@ -22,7 +22,9 @@ from PIL import Image
 
 from dmclip.cli.main import main
 from dmclip.errors import DmclipError
-from dmclip.evaluation import encode_images, encode_texts, fill_template, zero_shot
+from dmclip.evaluation import zero_shot
+from dmclip.evaluation.embeddings import encode_images, encode_texts
+from dmclip.evaluation.loading import fill_template
 from dmclip.models.base import load_saved_model, save_model
 from dmclip.models.refs import load_model_ref
 from dmclip.runs import find_runs

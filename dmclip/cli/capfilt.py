@@ -79,7 +79,8 @@ def register(app: typer.Typer) -> None:
 
           dmclip capfilt --model run:<blip> --out data/boot --calibrate-on world-train:size=1000 --clean-keep 0.95
         """
-        from dmclip import capfilt as lib
+        from dmclip.capfilt.config import CapfiltConfig
+        from dmclip.capfilt.pipeline import run as run_capfilt
 
         if threshold is not None and keep_fraction is not None:
             raise DmclipError("--threshold and --keep-fraction both choose what the filter keeps",
@@ -103,8 +104,8 @@ def register(app: typer.Typer) -> None:
                      "finetune.data": finetune_on, "finetune.train.steps": steps, "output.format": fmt,
                      "output.shard_size": shard_size, "batch_size": batch_size, "limit": limit, "seed": seed,
                      "finetune.train.report_to": report_to_names(report_to)}
-        run, result = execute("capfilt", lib.CapfiltConfig, lib.run, recipe=recipe, sets=set_, shortcuts=shortcuts,
-                              name=name, runs_dir=runs_dir, resume=resume)
+        record, result = execute("capfilt", CapfiltConfig, run_capfilt, recipe=recipe, sets=set_, shortcuts=shortcuts,
+                                 name=name, runs_dir=runs_dir, resume=resume)
         rows = [{"source": source, "pairs": row["total"], "kept": row["kept"], "removed": row["removed"]}
                 for source, row in result["counts"].items()]
         console.print(metrics_table("capfilt: pairs by source", rows))
@@ -117,4 +118,4 @@ def register(app: typer.Typer) -> None:
                 "F1 %": None if noise["f1"] is None else 100 * noise["f1"],
                 "AP": ap, "threshold": result["filter"]["threshold"]}]))
         console.print(f"dataset: {result['dataset']}  ({result['images']['with_kept_captions']} images)", soft_wrap=True)
-        console.print(f"report: {run.path / 'report.md'}", soft_wrap=True)
+        console.print(f"report: {record.path / 'report.md'}", soft_wrap=True)

@@ -10,6 +10,7 @@ import typer
 
 from dmclip.cli.common import NameOpt, RunsDirOpt, console, err_console, execute, metrics_table
 from dmclip.errors import DmclipError
+from dmclip.report import percent
 
 eval_app = typer.Typer(help="Evaluate models: zero-shot, retrieval, caption, latency, suite.\n\n"
                             "Example: dmclip eval zero-shot --model run:runs/distill/<run>", no_args_is_help=True)
@@ -24,10 +25,6 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cud
 
 def _slug(ref: str) -> str:
     return ref.rstrip("/").replace("open_clip:", "").split("/")[-1].replace(":", "-")[:40] or "model"
-
-
-def _pct(value) -> str:
-    return "-" if not isinstance(value, (int, float)) or math.isnan(value) else f"{100 * value:.2f}"
 
 
 def _notes(result: dict) -> None:
@@ -55,10 +52,11 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip eval zero-shot --model run:runs/pretrain/<run> --data world-shift
         """
-        from dmclip.evaluation import ZeroShotConfig, check_model, load_model, run_zero_shot
+        from dmclip.evaluation.loading import check_eval_model, load_model
+        from dmclip.evaluation.runners import ZeroShotConfig, run_zero_shot
 
         loaded = load_model(model, device)  # a bad reference fails before a run directory exists
-        check_model(loaded, "zero-shot")
+        check_eval_model(loaded, "zero-shot")
         _, result = execute("eval", ZeroShotConfig, lambda c, r: run_zero_shot(c, r, progress=True, model=loaded),
                             shortcuts={"model": model, "data": data, "batch_size": batch_size, "device": device,
                                        "classnames": str(classnames) if classnames else None,
@@ -66,8 +64,8 @@ def register(app: typer.Typer) -> None:
                             name=name or f"zero-shot-{_slug(model)}", runs_dir=runs_dir)
         m = result["metrics"]
         console.print(metrics_table(f"zero-shot · {model} · {result['dataset']} (%)", [
-            {"dataset": result["dataset"], "acc@1": _pct(m["acc1"]), "acc@5": _pct(m["acc5"]),
-             "mean per-class recall": _pct(m["mean_per_class_recall"]),
+            {"dataset": result["dataset"], "acc@1": percent(m["acc1"]), "acc@5": percent(m["acc5"]),
+             "mean per-class recall": percent(m["mean_per_class_recall"]),
              "samples": result["details"]["num_samples"], "classes": result["details"]["num_classes"]}]))
         _notes(result)
 
@@ -87,16 +85,17 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip eval retrieval --model run:runs/pretrain/<run> --data world-retrieval-b --rerank-k 16
         """
-        from dmclip.evaluation import RetrievalConfig, check_model, load_model, run_retrieval
+        from dmclip.evaluation.loading import check_eval_model, load_model
+        from dmclip.evaluation.runners import RetrievalConfig, run_retrieval
 
         loaded = load_model(model, device)
-        check_model(loaded, "retrieval", rerank_k)
+        check_eval_model(loaded, "retrieval", rerank_k)
         _, result = execute("eval", RetrievalConfig, lambda c, r: run_retrieval(c, r, progress=True, model=loaded),
                             shortcuts={"model": model, "data": data, "rerank_k": rerank_k, "batch_size": batch_size,
                                        "device": device},
                             name=name or f"retrieval-{_slug(model)}", runs_dir=runs_dir)
         m = result["metrics"]
-        rows = [{"direction": label, **{f"R@{k} %": _pct(m[f"{prefix}_recall@{k}"]) for k in (1, 5, 10)},
+        rows = [{"direction": label, **{f"R@{k} %": percent(m[f"{prefix}_recall@{k}"]) for k in (1, 5, 10)},
                  "mean rank": m[f"{prefix}_mean_rank"], "median rank": m[f"{prefix}_median_rank"]}
                 for label, prefix in (("text → image", "image_retrieval"), ("image → text", "text_retrieval"))]
         details = result["details"]
@@ -133,7 +132,9 @@ def register(app: typer.Typer) -> None:
 
         Scoring captions written elsewhere: dmclip eval caption --predictions captions.json --data world-retrieval-a
         """
-        from dmclip.evaluation import CaptionConfig, check_model, load_model, read_predictions, run_caption
+        from dmclip.evaluation.captioning import read_predictions
+        from dmclip.evaluation.loading import check_eval_model, load_model
+        from dmclip.evaluation.runners import CaptionConfig, run_caption
 
         if predictions is not None:  # a bad file fails before a run directory exists
             read_predictions(predictions, data, limit or None)
@@ -143,7 +144,7 @@ def register(app: typer.Typer) -> None:
                               "pass --model run:<BLIP run>, or --predictions FILE (COCO results format)")
         else:
             loaded = load_model(model, device)
-            check_model(loaded, "caption")
+            check_eval_model(loaded, "caption")
         _, result = execute("eval", CaptionConfig, lambda c, r: run_caption(c, r, progress=True, model=loaded),
                             shortcuts={"model": model, "data": data, "method": method, "num_beams": num_beams,
                                        "top_p": top_p, "max_length": max_length, "min_length": min_length,
@@ -155,9 +156,9 @@ def register(app: typer.Typer) -> None:
         console.print(metrics_table(
             f"captioning · {model or predictions.name} · {result['dataset']} ({result['details']['num_images']} "
             f"images, {how}; ×100, CIDEr too)",
-            [{"BLEU-1": _pct(m["bleu1"]), "BLEU-2": _pct(m["bleu2"]), "BLEU-3": _pct(m["bleu3"]),
-              "BLEU-4": _pct(m["bleu4"]), "METEOR": _pct(m["meteor"]), "ROUGE-L": _pct(m["rouge_l"]),
-              "CIDEr": _pct(m["cider"])}]))
+            [{"BLEU-1": percent(m["bleu1"]), "BLEU-2": percent(m["bleu2"]), "BLEU-3": percent(m["bleu3"]),
+              "BLEU-4": percent(m["bleu4"]), "METEOR": percent(m["meteor"]), "ROUGE-L": percent(m["rouge_l"]),
+              "CIDEr": percent(m["cider"])}]))
         for index, text in list(result["captions"].items())[:3]:
             console.print(f"[dim]image {index}:[/dim] {text}", highlight=False)
         _notes(result)
@@ -179,7 +180,9 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip eval latency --model run:runs/distill/<run> --vs run:runs/pretrain/<teacher run>
         """
-        from dmclip.evaluation import LatencyConfig, latency_rows, load_model, run_latency
+        from dmclip.evaluation.loading import load_model
+        from dmclip.evaluation.runners import LatencyConfig, run_latency
+        from dmclip.metrics.latency import latency_rows
 
         loaded = load_model(model, device)
         loaded_vs = load_model(vs, device) if vs else None
@@ -221,7 +224,9 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip eval suite --models run:runs/pretrain/<teacher> run:runs/distill/<student>
         """
-        from dmclip.evaluation import SUITE_RETRIEVAL, SuiteConfig, check_model, load_model, run_suite
+        from dmclip.evaluation.benchmark import SUITE_RETRIEVAL
+        from dmclip.evaluation.loading import check_eval_model, load_model
+        from dmclip.evaluation.runners import SuiteConfig, run_suite
 
         refs = [model] if model else []
         if ctx.args and not models:
@@ -232,7 +237,7 @@ def register(app: typer.Typer) -> None:
             raise DmclipError("no model to evaluate", "pass --model REF, or --models A B C for a comparison")
         loaded = {ref: load_model(ref, device) for ref in dict.fromkeys(refs)}
         for ref_model in loaded.values():
-            check_model(ref_model, "retrieval")
+            check_eval_model(ref_model, "retrieval")
         _, result = execute("eval", SuiteConfig, lambda c, r: run_suite(c, r, progress=True, models=loaded),
                             shortcuts={"models": refs, "zero_shot": list(zero_shot or []),
                                        "retrieval": list(retrieval or SUITE_RETRIEVAL), "batch_size": batch_size,
@@ -247,7 +252,7 @@ def register(app: typer.Typer) -> None:
             finite = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
             best = max(finite) if len(values) > 1 and finite else None
             table_rows.append({"metric (%)": column, **{
-                label: (f"[bold]{_pct(v)}[/bold]" if v == best else _pct(v)) for label, v in zip(labels, values)}})
+                label: (f"[bold]{percent(v)}[/bold]" if v == best else percent(v)) for label, v in zip(labels, values)}})
         console.print(metrics_table("suite", table_rows, columns=["metric (%)", *labels]))
         if len(result["rows"]) > 1:
             for label, row in zip(labels, result["rows"]):

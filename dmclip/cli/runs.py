@@ -14,6 +14,8 @@ from rich.text import Text
 
 from dmclip.cli.common import RunsDirOpt, console
 from dmclip.errors import DmclipError, did_you_mean
+from dmclip.report import markdown_table
+from dmclip.report import percent as format_percent
 
 runs_app = typer.Typer(help="List, show and compare run directories.\n\nExample: dmclip runs list --command distill",
                        no_args_is_help=True)
@@ -220,7 +222,7 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
 
     def cell(value, key):
         if isinstance(value, float):
-            return f"{100 * value:.2f}" if as_percent(key) and 0.0 <= value <= 1.0 else f"{value:.4g}"
+            return format_percent(value) if as_percent(key) and 0.0 <= value <= 1.0 else f"{value:.4g}"
         return "-" if value is None else str(value)
 
     header = ["run", *differ, *[m + (" %" if as_percent(m) else "") for m in metrics]]
@@ -239,6 +241,5 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
         writer.writerow(header)
         writer.writerows(rows)
         return buffer.getvalue()
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(differ) + "|---|" + "---:|" * len(metrics)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n\n" + footer + "\n"
+    table = markdown_table(header, rows, align="l" * (1 + len(differ)) + "r" * len(metrics))
+    return table + "\n" + footer + "\n"

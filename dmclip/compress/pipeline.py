@@ -24,6 +24,7 @@ from dmclip.compress.selectors import Selector, build_selector, restore_payload
 from dmclip.config import field
 from dmclip.data.base import float_images
 from dmclip.errors import DmclipError
+from dmclip.report import markdown_table, pyplot, save_figure
 
 log = logging.getLogger(__name__)
 QUALITY_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider")
@@ -53,7 +54,7 @@ class SweepConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class ServerFinetuneConfig:
     enabled: bool = field(False, "train the server decoder on compressed tokens of the selector first")
     dataset: str = field("world-train", "training split for the decoder fine-tuning")
     steps: int = field(200, "optimizer steps", min=1)
@@ -81,7 +82,7 @@ class CompressConfig:
     seed: int = field(0, "seed of k-means, random selection and fine-tuning")
     decode: DecodeConfig = field(DecodeConfig(), "caption decoding on the server")
     sweep: SweepConfig = field(SweepConfig(), "points of `compress sweep`")
-    finetune: FinetuneConfig = field(FinetuneConfig(), "--finetune-server")
+    finetune: ServerFinetuneConfig = field(ServerFinetuneConfig(), "--finetune-server")
 
 
 def selector_from_config(cfg: CompressConfig, name: str | None = None, **override) -> Selector:
@@ -101,11 +102,11 @@ def load_compress_model(ref: str):
     if not ref:
         raise DmclipError("no model given", "pass --model run:<pretrain run dir> (a BLIP model)")
     model = load_model_ref(ref)
-    check_model(model, ref)
+    check_compress_model(model, ref)
     return model
 
 
-def check_model(model, ref: str = "the model") -> None:
+def check_compress_model(model, ref: str = "the model") -> None:
     missing = [m for m in ("encode_image_tokens", "generate") if not callable(getattr(model, m, None))]
     if missing:
         raise DmclipError(f"{ref} cannot caption from image tokens (no {', '.join(missing)})",
@@ -279,7 +280,7 @@ def run_eval(cfg: CompressConfig, run, *, model=None, dataset=None, train_datase
              score_fn: Callable[[dict, dict], dict] = score_captions) -> dict:
     """`dmclip compress eval`: the selector against the uncompressed baseline on the test split."""
     model = model if model is not None else load_compress_model(cfg.model)
-    check_model(model)
+    check_compress_model(model)
     images, references = load_test_samples(cfg, model.image_size, dataset)
     tokens, encoder_seconds = edge_tokens(model, images, cfg.batch_size)
     selector = selector_from_config(cfg)
@@ -315,9 +316,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(h for _, h in _TABLE) + " |\n|" + "---|" * len(_TABLE) + "\n"
-    return head + "".join("| " + " | ".join(_fmt(r.get(k)) for k, _ in _TABLE) + " |\n" for r in rows)
+def rows_markdown(rows: list[dict]) -> str:
+    """Result rows as the table of report.md and summary.md."""
+    return markdown_table([h for _, h in _TABLE], [[_fmt(r.get(k)) for k, _ in _TABLE] for r in rows])
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -334,7 +335,7 @@ def eval_report(result: dict) -> str:
                                                          if "compressed_finetuned" in result else [])
     if "compressed_finetuned" in result:
         rows[-1] = {**rows[-1], "label": rows[-1]["label"] + " (fine-tuned server)"}
-    lines = [f"# compress eval: {result['selector']}\n", markdown_table(rows),
+    lines = [f"# compress eval: {result['selector']}\n", rows_markdown(rows),
              "\ncomm. eff. = vectors sent / tokens (class token counted); bytes are whole codec frames per image.\n",
              "\n## example captions\n"]
     for ex in result["compressed"]["examples"]:
@@ -362,7 +363,7 @@ def run_sweep(cfg: CompressConfig, run, *, model=None, dataset=None,
               score_fn: Callable[[dict, dict], dict] = score_captions) -> dict:
     """`dmclip compress sweep`: every point of cfg.sweep -> summary.md, summary.csv, compress-sweep.png."""
     model = model if model is not None else load_compress_model(cfg.model)
-    check_model(model)
+    check_compress_model(model)
     points = sweep_points(cfg)
     images, references = load_test_samples(cfg, model.image_size, dataset)
     tokens, encoder_seconds = edge_tokens(model, images, cfg.batch_size)
@@ -376,7 +377,7 @@ def run_sweep(cfg: CompressConfig, run, *, model=None, dataset=None,
         row = add_ratios(evaluate_selector(model, tokens, references, selector, **common), baseline)
         rows.append(row)
         run.log_metrics({"point": i, **{k: v for k, v in row.items() if k != "examples"}})
-    table = markdown_table(rows)
+    table = rows_markdown(rows)
     run.write_text("summary.md", table)
     run.write_text("summary.csv", csv_text(rows))
     plot_path = plot_sweep(rows, Path(run.path) / "compress-sweep.png", cfg.sweep.metric)
@@ -414,14 +415,10 @@ def plot_sweep(rows: list[dict], path: Path, metric: str = "bleu4") -> Path:
     One row of panels per metric: ``metric`` and, when it is another one, CIDEr (BLEU-4 saturates on short
     template-like captions, CIDEr's tf-idf weighting still separates the selectors).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     metrics = [metric] + (["cider"] if metric != "cider" and all("cider" in r for r in rows) else [])
-    fig, grid = plt.subplots(len(metrics), 2, figsize=(11, 4.2 * len(metrics)), squeeze=False)
+    fig, grid = pyplot().subplots(len(metrics), 2, figsize=(11, 4.2 * len(metrics)), squeeze=False)
     baseline = next((r for r in rows if r["selector"] == "none"), None)
     by_selector: dict[str, list[dict]] = {}
     for r in rows:
@@ -447,10 +444,7 @@ def plot_sweep(rows: list[dict], path: Path, metric: str = "bleu4") -> Path:
             ax.grid(True, alpha=0.3)
     grid[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------ the link
@@ -468,7 +462,7 @@ class CaptionHandler:
                  selector_names: tuple[str, ...] | None = None):
         from dmclip.registry import selectors
 
-        check_model(model)
+        check_compress_model(model)
         self.model, self.decode_cfg = model, decode_cfg
         size = int(model.image_size)
         with torch.no_grad():
@@ -517,7 +511,7 @@ def send_images(model, selector: Selector, images: list[torch.Tensor], address, 
     """Edge side of the link: encode, compress, send one frame per image, collect captions and costs."""
     from dmclip.compress.link import LinkClient
 
-    check_model(model)
+    check_compress_model(model)
     rows = []
     with LinkClient(address, timeout=timeout) as client:
         info = client.info()

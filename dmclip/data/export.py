@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 EXPORT_FORMATS = ("webdataset", "csv", "coco", "imagefolder")
 
 
-def _encode(image: np.ndarray, image_format: str) -> bytes:
+def encode_image(image: np.ndarray, image_format: str = "png") -> bytes:
+    """An (H, W, 3) uint8 image as PNG (exact pixels) or JPEG (quality 95) bytes."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -57,6 +58,21 @@ def _prepare(out: Path) -> Path:
     return out
 
 
+def write_webdataset(samples, out: str | Path, shard_size: int, mtime: float | None = None) -> list[str]:
+    """Write webdataset samples (``{"__key__": ..., "<ext>": bytes, ...}``) as ``out/shard-NNNNNN.tar``, at most
+    ``shard_size`` samples per shard (img2dataset's layout); returns the shard file names.
+
+    ``mtime`` stamps every tar member (a fixed value makes the shards byte-reproducible; None = now).
+    """
+    import webdataset as wds
+
+    out = Path(out)
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=int(shard_size), verbose=0, mtime=mtime) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return sorted(p.name for p in out.glob("shard-*.tar"))
+
+
 def export(ds, fmt: str, out: str | Path, *, image_format: str = "png", shard_size: int = 1000,
            limit: int | None = None) -> dict:
     """Write ``ds`` to ``out`` in ``fmt``; returns {"format", "samples", "path", "files"}.
@@ -76,23 +92,23 @@ def export(ds, fmt: str, out: str | Path, *, image_format: str = "png", shard_si
     out = _prepare(out)
     count = 0
     if fmt == "webdataset":
-        import webdataset as wds
-
-        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=int(shard_size), verbose=0) as sink:
+        def shard_samples():
+            nonlocal count
             for i, image, texts, record in _samples(ds, limit):
-                sample = {"__key__": f"{i:08d}", image_format: _encode(image, image_format), "txt": texts[0],
+                sample = {"__key__": f"{i:08d}", image_format: encode_image(image, image_format), "txt": texts[0],
                           "json": json.dumps({"captions": texts, "index": i, **record}).encode()}
                 if "label" in record:
                     sample["cls"] = str(record["label"]).encode()
-                sink.write(sample)
+                yield sample
                 count += 1
-        files = sorted(p.name for p in out.glob("*.tar"))
+
+        files = write_webdataset(shard_samples(), out, shard_size)
     elif fmt in ("csv", "coco"):
         (out / "images").mkdir()
         rows, images, annotations = [], [], []
         for i, image, texts, record in _samples(ds, limit):
             name = f"images/{i:08d}.{image_format}"
-            (out / name).write_bytes(_encode(image, image_format))
+            (out / name).write_bytes(encode_image(image, image_format))
             images.append({"id": i, "file_name": name, "height": int(image.shape[0]), "width": int(image.shape[1]),
                            **({"label": record["label"]} if "label" in record else {})})
             for text in texts:
@@ -121,7 +137,7 @@ def export(ds, fmt: str, out: str | Path, *, image_format: str = "png", shard_si
         for folder in folders:
             (out / folder).mkdir()
         for i, image, _, record in _samples(ds, limit):
-            (out / folders[record["label"]] / f"{i:08d}.{image_format}").write_bytes(_encode(image, image_format))
+            (out / folders[record["label"]] / f"{i:08d}.{image_format}").write_bytes(encode_image(image, image_format))
             count += 1
         (out / "classnames.txt").write_text("\n".join(ds.classnames) + "\n", encoding="utf-8")
         (out / "templates.txt").write_text("\n".join(ds.templates) + "\n", encoding="utf-8")
@@ -134,12 +150,7 @@ def draw_grid(ds, out: str | Path, *, n: int = 16, columns: int | None = None, s
               title: str | None = None) -> dict:
     """A PNG grid of ``n`` samples with their first caption (or class name); wrong world-noisy captions
     are drawn in red. Samples are the first ``n``, or a random ``n`` with ``seed``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from dmclip.io import atomic_write_bytes
+    from dmclip.report import pyplot, save_figure
 
     n = max(1, min(int(n), len(ds)))
     if seed is None:
@@ -148,7 +159,7 @@ def draw_grid(ds, out: str | Path, *, n: int = 16, columns: int | None = None, s
         indices = sorted(np.random.default_rng(seed).choice(len(ds), size=n, replace=False).tolist())
     columns = int(columns or min(n, 8))
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.4 * rows + 0.3), squeeze=False,
+    fig, axes = pyplot().subplots(rows, columns, figsize=(1.9 * columns, 2.4 * rows + 0.3), squeeze=False,
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
@@ -162,7 +173,5 @@ def draw_grid(ds, out: str | Path, *, n: int = 16, columns: int | None = None, s
             colour = "red" if sample.get("caption_is_noisy", [False])[0] else "black"
         ax.set_title("\n".join(textwrap.wrap(text, 24)[:3]), fontsize=7, color=colour)
     fig.suptitle(title or f"{ds.name} ({len(ds)} samples)", fontsize=9)
-    from dmclip.report import figure_png
-
-    atomic_write_bytes(Path(out), figure_png(fig, dpi=100))
+    save_figure(fig, out, dpi=100)
     return {"path": str(out), "samples": indices}

@@ -207,8 +207,8 @@ class DistillTask:
             self.criterion.load_state_dict(state["criterion"])
 
 
-def run(cfg: DistillConfig, run) -> dict:
-    """Distil, save the student into ``run/model``, score zero-shot, return results."""
+def run(cfg: DistillConfig, record) -> dict:
+    """Distil, save the student into ``record/model`` (``record``: the RunDir), score zero-shot, return results."""
     from dmclip.data import build_dataset
     from dmclip.models.base import count_parameters, load_saved_model, save_model
     from dmclip.registry import losses
@@ -217,7 +217,7 @@ def run(cfg: DistillConfig, run) -> dict:
     losses.entry(cfg.loss.name)  # a misspelt loss fails before the teacher loads
     torch.manual_seed(cfg.seed)
     # a resumed run keeps the teacher it started with, even if a newer 'latest' exists by now
-    teacher_ref = run.info.get("teacher") or resolve_teacher_ref(cfg.teacher, _runs_root(run))
+    teacher_ref = record.info.get("teacher") or resolve_teacher_ref(cfg.teacher, _runs_root(record))
     teacher, data_spec = load_teacher(teacher_ref), cfg.data.train
     store = getattr(teacher, "store", None)  # embeddings:<store>: the teacher's outputs come from the store
     if store is not None:
@@ -225,29 +225,29 @@ def run(cfg: DistillConfig, run) -> dict:
             log.info("training on the store's data %s (data.train %s is ignored)", store.meta["data"], data_spec)
         data_spec = store.meta["data"]
         teacher = teacher.source  # only its text tower and sizes are used
-    if distributed.is_main() and run.info.get("teacher") != teacher_ref:
+    if distributed.is_main() and record.info.get("teacher") != teacher_ref:
         if teacher_ref != cfg.teacher:
             log.info("teacher: %s", teacher_ref)
-        run.update_info(teacher=teacher_ref)
+        record.update_info(teacher=teacher_ref)
     student = build_student(cfg, teacher)
     dataset = build_dataset(data_spec, image_size=teacher.image_size, max_skip_fraction=cfg.data.max_skip_fraction)
     log.info("student %s: image tower %.2f M params (teacher's %.2f M); alpha %.2f", cfg.student.name,
              count_parameters(student.visual) / 1e6, count_parameters(getattr(teacher, "visual", teacher)) / 1e6,
              cfg.loss.alpha)
     task = DistillTask(student, teacher, cfg, store)
-    resume = run.checkpoint_path("last.pt").exists()
-    summary = fit(task, dataset, cfg.train, run, seed=cfg.seed, resume=resume)
+    resume = record.checkpoint_path("last.pt").exists()
+    summary = fit(task, dataset, cfg.train, record, seed=cfg.seed, resume=resume)
     if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
         return {"train": summary}
-    save_model(student, run.path / "model", extra={"teacher": teacher_ref})
+    save_model(student, record.path / "model", extra={"teacher": teacher_ref})
     results = {"teacher": teacher_ref, "student": cfg.student.name, "alpha": cfg.loss.alpha,
                "image_parameters": count_parameters(student.visual), "train": summary}
     if cfg.eval.zeroshot:
-        from dmclip.evaluation import zero_shot_accuracy
+        from dmclip.evaluation.zeroshot_classification import zero_shot_accuracy
 
-        model = load_saved_model(run.path / "model")
+        model = load_saved_model(record.path / "model")
         results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
-    run.write_results(results)
+    record.write_results(results)
     return results
 
 

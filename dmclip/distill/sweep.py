@@ -5,6 +5,8 @@ alpha; RQ2, the image encoder's cost against the teacher and a ViT of the studen
 
 from __future__ import annotations
 
+from dmclip.report import markdown_table, pyplot, save_figure
+
 
 def _same_size_vit(student) -> dict:
     """The arch of a ViT image tower with the student's width, depth, patch and image size (RQ2's baseline)."""
@@ -38,7 +40,8 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
 
     import numpy as np
 
-    from dmclip.evaluation import suite, suite_csv, suite_markdown
+    from dmclip.evaluation.benchmark import suite
+    from dmclip.evaluation.output import suite_csv, suite_markdown
     from dmclip.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from dmclip.metrics.stats import compare_arms
 
@@ -61,9 +64,8 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
               f"\n## Paired difference against {arm_label(baseline)} (points; 95 % bootstrap CI over seeds and "
               "evaluation items; * = the interval excludes 0)\n", difference_table(stats, rq1["columns"])]
     lines += ["\n## RQ2: image encoder cost (same process, interleaved timing)\n",
-              "| " + " | ".join(rq2[0]) + " |", "|---|" + "---:|" * (len(rq2[0]) - 1)]
-    for row in rq2:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+              markdown_table(list(rq2[0]), [[f"{v:.3g}" if isinstance(v, float) else v for v in row.values()]
+                                            for row in rq2], align="l" + "r" * (len(rq2[0]) - 1)).rstrip("\n")]
     atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_text(sweep_dir / "summary.csv", suite_csv(rq1))
     atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats))
@@ -78,7 +80,7 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
 
 
 def _latency_table(student_ref: str, teacher_ref: str, latency_runs: int) -> list[dict]:
-    from dmclip.evaluation import latency
+    from dmclip.metrics.latency import measure
     from dmclip.models.base import build_model
     from dmclip.models.refs import load_model_ref
 
@@ -88,8 +90,7 @@ def _latency_table(student_ref: str, teacher_ref: str, latency_runs: int) -> lis
     rq2 = []
     for name, model in (("student (" + student.visual.arch["family"] + ")", student), ("teacher", teacher),
                         ("ViT of the student's size", vit)):
-        result = latency(model, batch_size=64, runs=latency_runs, warmup=3, vs=student if model is not student else None,
-                         model_name=name)
+        result = measure(model, batch_size=64, runs=latency_runs, warmup=3, vs=student if model is not student else None)
         m = result["metrics"]
         rq2.append({"model": name, "image params M": (m.get("image_params") or 0) / 1e6,
                     "image GFLOPs/img": m["image_flops"] / 1e9, "image ms (b=1)": m["image_b1_median_ms"],
@@ -107,23 +108,19 @@ def _interval_cell(s: dict) -> str:
 
 def seed_table(stats: dict, columns: list[str]) -> str:
     """Per alpha: mean ± std [95 % t-interval] over seeds of every column, in percent."""
-    lines = ["| alpha | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
-    for arm, per_column in stats["arms"].items():
-        n = next(iter(per_column.values()))["n"]
-        lines.append(f"| {arm} | {n} | " + " | ".join(_interval_cell(per_column[c]) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[arm, next(iter(per_column.values()))["n"], *[_interval_cell(per_column[c]) for c in columns]]
+            for arm, per_column in stats["arms"].items()]
+    return markdown_table(["alpha", "seeds", *columns], rows, align="lr" + "r" * len(columns))
 
 
 def difference_table(stats: dict, columns: list[str]) -> str:
     """Per alpha: the paired difference against the baseline arm, in points, with its bootstrap interval."""
-    lines = ["| alpha − " + stats["baseline"] + " | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for arm, per_column in stats["differences"].items():
-        cells = [f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]" + ("*" if d["significant"] else "")
-                 for d in (per_column[c] for c in columns)]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    rows = [[arm, *[f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+                    + ("*" if d["significant"] else "") for d in (per_column[c] for c in columns)]]
+            for arm, per_column in stats["differences"].items()]
     if not stats["differences"]:
-        lines.append("| (one alpha: nothing to compare) |" + " |" * len(columns))
-    return "\n".join(lines) + "\n"
+        rows.append(["(one alpha: nothing to compare)", *[""] * len(columns)])
+    return markdown_table([f"alpha − {stats['baseline']}", *columns], rows, align="l" + "r" * len(columns))
 
 
 def seed_csv(stats: dict) -> str:
@@ -147,14 +144,7 @@ def seed_csv(stats: dict) -> str:
 
 def _plot_sweep(path, stats: dict, alphas: list[float], rq1: dict) -> None:
     """Accuracy against alpha: per column the mean over seeds with its 95 % interval as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dmclip.report import figure_png
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6.5, 3.8), dpi=120)
     for column in rq1["columns"]:
         cells = [stats["arms"][arm_label(a)][column] for a in alphas]
         means = [100 * c["mean"] for c in cells]
@@ -169,6 +159,4 @@ def _plot_sweep(path, stats: dict, alphas: list[float], rq1: dict) -> None:
     ax.set_title(f"student accuracy vs distillation weight ({seeds} seed{'s' if seeds > 1 else ''}; 95 % CI)")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    from dmclip.io import atomic_write_bytes
-
-    atomic_write_bytes(path, figure_png(fig))
+    save_figure(fig, path)

@@ -1,5 +1,7 @@
-"""Latency, FLOPs, parameters and peak memory of encoder calls (pure measurement helpers).
+"""Latency, FLOPs, parameters and peak memory of encoder calls: what `dmclip eval latency` measures.
 
+    measure(model, batch_size=32, vs=other)    # every number of both models' encoders, timed interleaved
+    latency_rows(measured)                     # one row per (model, encoder, batch) for a table
     times = time_calls({"image": lambda: model.encode_image(x)}, warmup=5, runs=30)
     summarize_times(times["image"])        # median / p90 / mean in ms
     count_flops(lambda: model.encode_image(x))
@@ -15,13 +17,23 @@ registers its own; this module imports nothing above it).
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten
+
+from dmclip.device import model_device
+from dmclip.errors import DmclipError
+
+log = logging.getLogger(__name__)
+
+LATENCY_TEXT = "a photo of a small red circle on the left"  # the text encoder's timed input
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -189,3 +201,122 @@ def process_peak_rss_bytes() -> int | None:
         return int(peak if sys.platform == "darwin" else peak * 1024)
     except (ImportError, OSError):
         return None
+
+
+# ------------------------------------------------------------------------------------ whole encoders
+
+
+def encoder_parameters(model: torch.nn.Module, fn: Callable[[], torch.Tensor]) -> int | None:
+    """Parameters that one encoder call actually uses (those its output has a gradient path to)."""
+    params = [p for p in model.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = fn()
+            grads = torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        seen, total = set(), 0
+        for p, g in zip(params, grads):
+            if g is not None and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+    except RuntimeError as exc:  # an op without a backward: fall back to "unknown"
+        log.warning("could not attribute parameters to an encoder (%s)", str(exc).splitlines()[0][:120])
+        return None
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _measure_one(model: torch.nn.Module, batch_sizes: Sequence[int]) -> tuple[dict, dict[str, Callable[[], object]]]:
+    """Static numbers (params, FLOPs, memory) of one model and the timed calls (name -> fn)."""
+    device = model_device(model)
+    size = int(model.image_size)
+    numbers: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    calls: dict[str, Callable[[], object]] = {}
+    generator = torch.Generator().manual_seed(0)
+    encoders = [("image", model.encode_image)]
+    if getattr(model, "encode_text", None) is not None:
+        encoders.append(("text", model.encode_text))
+    for encoder, fn in encoders:
+        inputs = {}
+        for b in batch_sizes:
+            inputs[b] = (torch.rand(b, 3, size, size, generator=generator).to(device) if encoder == "image"
+                         else model.tokenize([LATENCY_TEXT] * b).to(device))
+        one = inputs[batch_sizes[0]][:1]
+        numbers[f"{encoder}_params"] = encoder_parameters(model, lambda fn=fn, one=one: fn(one))
+        numbers[f"{encoder}_flops"] = count_flops(lambda fn=fn, one=one: fn(one))["flops"]
+        for b in batch_sizes:
+            x = inputs[b]
+            numbers[f"{encoder}_b{b}_peak_bytes"] = peak_tensor_bytes(lambda fn=fn, x=x: fn(x), exclude=[model, x])
+            calls[f"{encoder}_b{b}"] = lambda fn=fn, x=x: fn(x)
+    numbers["weights_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return numbers, calls
+
+
+def measure(model: torch.nn.Module, *, batch_size: int = 32, warmup: int = 5, runs: int = 30,
+            threads: int | None = None, vs: torch.nn.Module | None = None) -> dict:
+    """Image/text encoder latency (median, p90 over ``runs`` timed calls after ``warmup``) at batch 1 and
+    ``batch_size``, parameters, FLOPs per item, peak activation memory; with ``vs``, the same for a second
+    model measured in the same process (timed calls interleaved) and the ratios model / vs.
+
+    Returns ``{"metrics": {...}, "details": {...}}``, plus ``"vs": {"metrics", "ratios"}`` with ``vs``.
+    """
+    if batch_size < 1 or runs < 1 or warmup < 0:
+        raise DmclipError("batch size and runs must be >= 1 and warmup >= 0", "e.g. --batch-size 32 --runs 30")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        batch_sizes = sorted({1, int(batch_size)})
+        models = {"model": model} if vs is None else {"model": model, "vs": vs}
+        numbers, calls = {}, {}
+        for key, m in models.items():
+            numbers[key], model_calls = _measure_one(m, batch_sizes)
+            calls.update({f"{key}/{name}": fn for name, fn in model_calls.items()})
+        times = time_calls(calls, warmup=warmup, runs=runs, device=model_device(model))
+        for name, seconds in times.items():
+            key, call = name.split("/", 1)
+            stats = summarize_times(seconds)
+            b = int(call.rsplit("_b", 1)[1])
+            numbers[key][f"{call}_median_ms"] = stats["median_ms"]
+            numbers[key][f"{call}_p90_ms"] = stats["p90_ms"]
+            numbers[key][f"{call}_items_per_s"] = 1e3 * b / stats["median_ms"] if stats["median_ms"] > 0 else math.inf
+        thread_count = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+    details = {"batch_sizes": batch_sizes, "warmup": warmup, "runs": runs, "threads": thread_count,
+               "interop_threads": torch.get_num_interop_threads(), "device": str(model_device(model)),
+               "process_peak_rss_bytes": process_peak_rss_bytes()}
+    measured = {"metrics": numbers["model"], "details": details}
+    if vs is not None:
+        ratios = {k: (v / numbers["vs"][k] if isinstance(v, (int, float)) and numbers["vs"].get(k) else None)
+                  for k, v in numbers["model"].items()}
+        measured["vs"] = {"metrics": numbers["vs"], "ratios": ratios}
+    return measured
+
+
+def latency_rows(measured: dict) -> list[dict]:
+    """(encoder, batch) rows of :func:`measure`'s numbers (or an eval latency result) for a table; "model" is
+    "model" or "vs" (the legend names them)."""
+    rows = []
+    models = [("model", measured["metrics"])] + ([("vs", measured["vs"]["metrics"])] if "vs" in measured else [])
+    for who, metrics in models:
+        for encoder in ("image", "text"):
+            for b in measured["details"]["batch_sizes"]:
+                if f"{encoder}_b{b}_median_ms" not in metrics:
+                    continue
+                row = {"model": who, "encoder": encoder,
+                       "batch": b, "median ms": metrics[f"{encoder}_b{b}_median_ms"],
+                       "p90 ms": metrics[f"{encoder}_b{b}_p90_ms"],
+                       "items/s": metrics[f"{encoder}_b{b}_items_per_s"],
+                       "params M": (metrics.get(f"{encoder}_params") or float("nan")) / 1e6,
+                       "GFLOPs/item": metrics[f"{encoder}_flops"] / 1e9,
+                       "peak act. MiB": metrics[f"{encoder}_b{b}_peak_bytes"] / 2**20}
+                if who == "model" and "vs" in measured:
+                    ratio = measured["vs"]["ratios"].get(f"{encoder}_b{b}_median_ms")
+                    row["× vs"] = ratio
+                rows.append(row)
+    return rows

@@ -1,0 +1,28 @@
+"""Which device a command runs on: one resolver for every ``device`` option, and where a model's weights are."""
+
+from __future__ import annotations
+
+import torch
+
+from dmclip.errors import DmclipError
+
+
+def resolve_device(device: str | torch.device | None = "auto", *,
+                   hint: str = "use --device cpu (or auto)") -> torch.device:
+    """``auto`` (or None) -> CUDA when a GPU is visible, else the CPU; a named device as given.
+
+    Asking for CUDA without a GPU is a one-line error; ``hint`` names the option that fixes it.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DmclipError("device 'cuda' was asked for but no GPU is visible", hint)
+    return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")

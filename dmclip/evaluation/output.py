@@ -1,0 +1,82 @@
+"""What eval writes for a person: report.md headers and metric tables, the suite's summary.md and summary.csv.
+
+Metrics are fractions in [0, 1] in results.json and percentages in tables; docs/eval.md defines every number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dmclip.metrics.latency import latency_rows
+from dmclip.report import markdown_table, percent
+
+ZERO_SHOT_ROWS = [("acc1", "acc@1 (%)", percent), ("acc5", "acc@5 (%)", percent),
+                  ("mean_per_class_recall", "mean per-class recall (%)", percent)]
+RETRIEVAL_ROWS = [*[(f"image_retrieval_recall@{k}", f"T→I R@{k} (%)", percent) for k in (1, 5, 10)],
+                  ("image_retrieval_mean_rank", "T→I mean rank", "{:.2f}".format),
+                  ("image_retrieval_median_rank", "T→I median rank", "{:.1f}".format),
+                  *[(f"text_retrieval_recall@{k}", f"I→T R@{k} (%)", percent) for k in (1, 5, 10)],
+                  ("text_retrieval_mean_rank", "I→T mean rank", "{:.2f}".format),
+                  ("text_retrieval_median_rank", "I→T median rank", "{:.1f}".format)]
+CAPTION_ROWS = [("bleu1", "BLEU-1 (%)", percent), ("bleu2", "BLEU-2 (%)", percent),
+                ("bleu3", "BLEU-3 (%)", percent), ("bleu4", "BLEU-4 (%)", percent),
+                ("meteor", "METEOR (%)", percent), ("rouge_l", "ROUGE-L (%)", percent),
+                ("cider", "CIDEr (%)", percent)]
+FOOTER = "\nDefinitions of every number: docs/eval.md.\n"
+
+
+def report_header(title: str, ref: str, result: dict) -> str:
+    """report.md's title, the model and dataset, and the result's notes."""
+    text = f"# {title}\n\nmodel: `{ref}`"
+    if result.get("dataset"):
+        text += f"  \ndataset: `{result['dataset']}`"
+    text += "\n\n"
+    if result.get("notes"):
+        text += "".join(f"> note: {n}\n" for n in result["notes"]) + "\n"
+    return text
+
+
+def metrics_markdown(result: dict, rows: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
+    """A (metric, value) table of the result's metrics that ``rows`` names, formatted as ``rows`` says."""
+    return markdown_table(["metric", "value"], [(label, fmt(result["metrics"][key])) for key, label, fmt in rows
+                                                if key in result["metrics"]], align="lr")
+
+
+def latency_markdown(result: dict) -> str:
+    """One row per (model, encoder, batch) of a latency result; floats to 3 significant digits."""
+    rows = latency_rows(result)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return markdown_table(columns, [[f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                                     for c in columns] for r in rows])
+
+
+def _best(rows: Sequence[dict], column: str) -> float | None:
+    values = [r.get(column) for r in rows if isinstance(r.get(column), (int, float)) and not math.isnan(r[column])]
+    return max(values) if values else None
+
+
+def suite_markdown(result: dict) -> str:
+    """The comparison table in markdown, percentages, the best value of each column in bold."""
+    columns, rows = result["columns"], result["rows"]
+    lines = []
+    for row in rows:
+        cells = []
+        for column in columns:
+            value, text = row.get(column), percent(row.get(column))
+            cells.append(f"**{text}**" if text != "-" and len(rows) > 1 and value == _best(rows, column) else text)
+        lines.append([row["model"], *cells])
+    return markdown_table(["model", *columns], lines, align="l" + "r" * len(columns))
+
+
+def suite_csv(result: dict) -> str:
+    """The comparison table as CSV (fractions, full precision)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", *result["columns"]])
+    for row in result["rows"]:
+        writer.writerow([row["model"], *[("" if row.get(c) is None else repr(float(row[c]))) for c in result["columns"]]])
+    return buffer.getvalue()

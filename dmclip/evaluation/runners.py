@@ -1,0 +1,201 @@
+"""What `dmclip eval` runs: one config per task and its ``run_*`` writer, which loads the model reference, runs
+the task and writes results.json + report.md into the run directory (``record``, a RunDir)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from dmclip.config import field
+from dmclip.errors import DmclipError
+from dmclip.evaluation.benchmark import SUITE_RETRIEVAL, suite
+from dmclip.evaluation.captioning import caption, score_captions
+from dmclip.evaluation.loading import TASK_LATENCY, describe_ref, load_model, read_lines, task_result
+from dmclip.evaluation.output import (
+    CAPTION_ROWS,
+    FOOTER,
+    RETRIEVAL_ROWS,
+    ZERO_SHOT_ROWS,
+    latency_markdown,
+    metrics_markdown,
+    report_header,
+    suite_csv,
+    suite_markdown,
+)
+from dmclip.evaluation.zeroshot_classification import zero_shot
+from dmclip.evaluation.zeroshot_retrieval import retrieval
+from dmclip.metrics import latency as latency_metrics
+from dmclip.report import markdown_table
+
+
+@dataclass
+class ZeroShotConfig:
+    model: str = field("", "model reference: run:<dir>, builtin:<name>, open_clip:<arch>:<weights> or a registered name")
+    data: str = field("world-zeroshot", "classification dataset spec (registered name or real format)")
+    classnames: str = field("", "file with one class name per line, in label order ('' = the dataset's)")
+    templates: str = field("", "file with one prompt template per line, '{}' marks the class ('' = the dataset's)")
+    batch_size: int = field(64, "images per encoder call", min=1)
+    device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+
+
+@dataclass
+class RetrievalConfig:
+    model: str = field("", "model reference: run:<dir>, builtin:<name>, open_clip:<arch>:<weights> or a registered name")
+    data: str = field("world-retrieval-a", "image-text dataset spec with one or more captions per image")
+    rerank_k: int = field(0, "re-rank each query's top-k ITC candidates by ITM (BLIP models; 0 = off)", min=0)
+    batch_size: int = field(64, "images per encoder call", min=1)
+    device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+
+
+@dataclass
+class CaptionConfig:
+    model: str = field("", "model reference of a captioner (a BLIP model)")
+    data: str = field("world-retrieval-a", "image-text dataset spec whose captions are the references")
+    method: str = field("beam", "decoding: beam search or nucleus sampling", choices=("beam", "nucleus"))
+    num_beams: int = field(3, "beams for beam search", min=1)
+    top_p: float = field(0.9, "nucleus sampling mass", min=0.0, max=1.0)
+    max_length: int = field(30, "most tokens generated per caption", min=1)
+    min_length: int = field(5, "fewest tokens before the caption may end", min=0)
+    limit: int = field(0, "caption at most this many images (0 = all)", min=0)
+    meteor: bool = field(True, "compute METEOR (starts a JVM, a few seconds)")
+    seed: int = field(0, "seed for nucleus sampling")
+    batch_size: int = field(32, "images per generate call", min=1)
+    device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+    predictions: str = field("", "COCO results file of captions to score instead of generating them "
+                                 "('' = the model captions)")
+
+
+@dataclass
+class LatencyConfig:
+    model: str = field("", "model reference to time")
+    vs: str = field("", "a second model reference timed in the same process ('' = none)")
+    batch_size: int = field(32, "the batch size timed besides batch 1", min=1)
+    warmup: int = field(5, "untimed calls before timing", min=0)
+    runs: int = field(30, "timed calls per encoder and batch size", min=1)
+    threads: int = field(0, "torch intra-op threads (0 = leave as is)", min=0)
+    device: str = field("cpu", "cpu, cuda or auto")
+
+
+@dataclass
+class SuiteConfig:
+    models: list[str] = field([], "model references, one table row each")
+    zero_shot: list[str] = field([], "zero-shot sets ([] = world-zeroshot, world-shift and every other registered one)")
+    retrieval: list[str] = field(list(SUITE_RETRIEVAL), "retrieval sets (T→I and I→T R@1 each)")
+    batch_size: int = field(64, "images per encoder call", min=1)
+    device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+
+
+def latency(model: nn.Module, *, batch_size: int = 32, warmup: int = 5, runs: int = 30, threads: int | None = None,
+            vs: nn.Module | None = None, model_name: str = "", vs_name: str = "") -> dict:
+    """:func:`dmclip.metrics.latency.measure` as an eval result (CLIP_benchmark's layout, ``dataset`` None)."""
+    measured = latency_metrics.measure(model, batch_size=batch_size, warmup=warmup, runs=runs, threads=threads, vs=vs)
+    result = task_result(TASK_LATENCY, "", measured["metrics"], model_name, **measured["details"])
+    result["dataset"] = None
+    if vs is not None:
+        vs_model, vs_pretrained = describe_ref(vs_name)
+        result["vs"] = {"model": vs_model, "pretrained": vs_pretrained, **measured["vs"]}
+    return result
+
+
+def run_zero_shot(config: ZeroShotConfig, record, progress: bool = False, model: nn.Module | None = None) -> dict:
+    model = model if model is not None else load_model(config.model, config.device)
+    result = zero_shot(model, config.data, batch_size=config.batch_size, model_name=config.model, progress=progress,
+                       classnames=read_lines(config.classnames, "classnames") if config.classnames else None,
+                       templates=read_lines(config.templates, "templates") if config.templates else None)
+    record.write_results(result)
+    record.write_text("report.md", report_header("Zero-shot classification", config.model, result)
+                      + metrics_markdown(result, ZERO_SHOT_ROWS) + FOOTER)
+    return result
+
+
+def run_retrieval(config: RetrievalConfig, record, progress: bool = False, model: nn.Module | None = None) -> dict:
+    model = model if model is not None else load_model(config.model, config.device)
+    result = retrieval(model, config.data, batch_size=config.batch_size, rerank_k=config.rerank_k,
+                       model_name=config.model, progress=progress)
+    record.write_results(result)
+    record.write_text("report.md", report_header("Image-text retrieval", config.model, result)
+                      + metrics_markdown(result, RETRIEVAL_ROWS) + FOOTER)
+    return result
+
+
+def run_caption(config: CaptionConfig, record, progress: bool = False, model: nn.Module | None = None) -> dict:
+    if config.predictions:
+        result = score_captions(config.predictions, config.data, limit=config.limit or None, meteor=config.meteor,
+                                model_name=config.model)
+    else:
+        model = model if model is not None else load_model(config.model, config.device)
+        result = caption(model, config.data, method=config.method, num_beams=config.num_beams, top_p=config.top_p,
+                         max_length=config.max_length, min_length=config.min_length, limit=config.limit or None,
+                         batch_size=config.batch_size, meteor=config.meteor, seed=config.seed,
+                         model_name=config.model, progress=progress)
+    captions = result.pop("captions")
+    # COCO results format, so the captions can be re-scored by any COCO tool
+    record.write_text("captions.json", json.dumps([{"image_id": k, "caption": v} for k, v in captions.items()],
+                                                  indent=1))
+    record.write_results(result)
+    samples = markdown_table(["image", "caption"], list(captions.items())[:10])
+    record.write_text("report.md", report_header("Captioning", config.model or f"predictions {config.predictions}",
+                                                 result)
+                      + metrics_markdown(result, CAPTION_ROWS)
+                      + "\nCIDEr is shown ×100 like the other scores (results.json keeps the raw value).\n"
+                      + f"\n## First captions\n\n{samples}" + FOOTER)
+    result["captions"] = captions
+    return result
+
+
+def run_latency(config: LatencyConfig, record, progress: bool = False, model: nn.Module | None = None,
+                vs_model: nn.Module | None = None) -> dict:
+    model = model if model is not None else load_model(config.model, config.device)
+    vs = vs_model if vs_model is not None else (load_model(config.vs, config.device) if config.vs else None)
+    result = latency(model, batch_size=config.batch_size, warmup=config.warmup, runs=config.runs,
+                     threads=config.threads or None, vs=vs, model_name=config.model, vs_name=config.vs)
+    record.write_results(result)
+    details = result["details"]
+    legend = f"model = `{config.model}`" + (f", vs = `{config.vs}`" if config.vs else "") + "\n\n"
+    record.write_text("report.md", report_header("Latency", config.model, result) + legend + latency_markdown(result)
+                      + "\n"
+                      + f"threads: {details['threads']}, device: {details['device']}, warmup {details['warmup']}, "
+                        f"{details['runs']} timed runs per row; total parameters {result['metrics']['params']:,}\n"
+                      + FOOTER)
+    return result
+
+
+def run_suite(config: SuiteConfig, record, progress: bool = False,
+              models: Mapping[str, nn.Module] | None = None) -> dict:
+    if not config.models:
+        raise DmclipError("the suite needs at least one model", "pass --model REF or --models A B C")
+    tasks_dir = record.path / "tasks"
+
+    def save_task(result: dict) -> None:  # one CLIP_benchmark file per (model, dataset, task)
+        from dmclip.runs import _slug, atomic_write_json
+
+        name = f"{_slug(result['model'] + '_' + result['pretrained'])}__{_slug(result['dataset'])}__{result['task']}.json"
+        atomic_write_json(tasks_dir / name, result)
+
+    given = models or {}
+    loaded = {ref: given.get(ref) or load_model(ref, config.device) for ref in config.models}
+    result = suite(loaded, zero_shot_specs=config.zero_shot or None, retrieval_specs=config.retrieval,
+                   batch_size=config.batch_size, progress=progress, device=config.device, on_task=save_task)
+    record.write_results(result)
+    markdown = suite_markdown(result)
+    record.write_text("summary.md", markdown)
+    record.write_text("summary.csv", suite_csv(result))
+    notes = sorted({f"{t['dataset']}: {n}" for t in result["tasks"] for n in t["notes"]})
+    record.write_text("report.md", "# Evaluation suite\n\nAll numbers in %; best per column in bold.\n\n" + markdown
+                      + ("\n" + "".join(f"> note: {n}\n" for n in notes) if notes else "") + FOOTER)
+    return result
+
+
+RUNNERS: dict[type, Callable] = {ZeroShotConfig: run_zero_shot, RetrievalConfig: run_retrieval,
+                                 CaptionConfig: run_caption, LatencyConfig: run_latency, SuiteConfig: run_suite}
+
+
+def run(config, record, progress: bool = False) -> dict:
+    """Run the eval task the config's type names inside ``record`` (a RunDir); returns the result."""
+    for cls, fn in RUNNERS.items():
+        if isinstance(config, cls):
+            return fn(config, record, progress=progress)
+    raise TypeError(f"not an eval config: {type(config).__name__}")

@@ -1,0 +1,63 @@
+"""The shared helpers every command's report goes through: markdown tables, percentages, figures, the device
+and the progress bar. What a user would notice if they broke: report.md tables a markdown viewer cannot
+render, 0.5 shown as 0.50 instead of 50.00, a half-written PNG, a run on the CPU that asked for a GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dmclip.device import model_device, resolve_device
+from dmclip.errors import DmclipError
+from dmclip.progress import progress_bar
+from dmclip.report import markdown_table, percent, pyplot, save_figure
+
+
+def test_markdown_table_by_hand():
+    table = markdown_table(["model", "acc@1 (%)", "n"], [["teacher", "49.95", 2000], ["student", "-", 7]], align="lr")
+    assert table == ("| model | acc@1 (%) | n |\n"
+                     "|---|---:|---|\n"  # columns past align's end are left-aligned
+                     "| teacher | 49.95 | 2000 |\n"
+                     "| student | - | 7 |\n")
+    assert markdown_table(["a"], []) == "| a |\n|---|\n"
+
+
+def test_percent_of_fractions_and_of_what_is_not_a_number():
+    assert percent(0.4995) == "49.95"
+    assert percent(1) == "100.00"
+    assert percent(0.12345, digits=1, suffix=" %") == "12.3 %"
+    assert percent(None) == percent(math.nan) == percent("0.5") == "-"
+
+
+def test_save_figure_writes_a_whole_png_and_closes_the_figure(tmp_path):
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "plot.png", dpi=50)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # no temporary file left beside it
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    with pytest.raises(DmclipError, match="no GPU is visible") as error:
+        resolve_device("cuda", hint="use device=cpu (or auto)")
+    assert error.value.hint == "use device=cpu (or auto)"
+
+
+def test_model_device():
+    assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert model_device(torch.nn.Identity()) == torch.device("cpu")  # no parameters: the CPU
+
+
+@pytest.mark.parametrize("enabled, unit", [(False, ""), (True, ""), (True, "images")])
+def test_progress_bar_keeps_stdout_clean(enabled, unit, capsys):
+    with progress_bar(enabled, "encoding", 10, completed=2, unit=unit) as advance:
+        for _ in range(4):
+            advance(2)
+    assert capsys.readouterr().out == ""  # stdout carries results only
