@@ -259,9 +259,9 @@ def export_model(ref: str, out: str | Path, *, towers: Sequence[str] = ("image",
     """Export the towers of the model ``ref`` names (any reference ``dmclip eval`` takes) into ``out``.
 
     Returns ``{"source": ref, "out": dir, "towers": {tower: the JSON written beside its .onnx, plus path, json,
-    bytes}}``. Files appear only once every tower asked for has passed its check. ``model`` skips loading (the
-    CLI loads first, so a bad reference fails before anything else); ``on_step(name)`` is called with
-    ``load``, then each tower's name, as the work starts.
+    bytes}}``. Files appear only once every tower asked for has passed its check. ``model`` skips loading (for a
+    caller that holds the model already; ``ref`` then only names it in the JSON); ``on_step(name)`` is called
+    with ``load``, then each tower's name, as the work starts. Bad options fail before the model loads.
     """
     from dmclip.runs import atomic_write_json
 
