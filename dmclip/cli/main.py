@@ -19,7 +19,7 @@ from dmclip.errors import DmclipError
 
 app = typer.Typer(
     name="dmclip",
-    help="Vision-language distillation experiments: pretrain, distill, capfilt, compress, eval.\n\n"
+    help="Vision-language distillation experiments: pretrain, distill, capfilt, compress, eval, export.\n\n"
          "Example: dmclip distill --alpha 0.75",
     no_args_is_help=True,
     add_completion=False,
@@ -61,9 +61,9 @@ def _setup_logging(level: int) -> None:
 
 
 def _register_commands() -> None:
-    from dmclip.cli import capfilt, compress, data, distill, evaluate, listing, pretrain, runs
+    from dmclip.cli import capfilt, compress, data, distill, evaluate, export, listing, pretrain, runs
 
-    for module in (pretrain, distill, capfilt, compress, evaluate, data, runs, listing):
+    for module in (pretrain, distill, capfilt, compress, evaluate, export, data, runs, listing):
         module.register(app)
 
 

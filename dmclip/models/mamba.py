@@ -10,6 +10,7 @@ mamba-ssm): dt log-uniform in [dt_min, dt_max] stored as an inverse-softplus bia
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -188,6 +189,25 @@ class VisionMamba(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self._encode(images)[:, self.cls_position])  # (B, embed_dim)
+
+
+@contextlib.contextmanager
+def scan_backend(model: nn.Module, backend: str):
+    """Run every Vision-Mamba inside ``model`` on ``backend`` for the block, then put each one's own back.
+
+    ONNX export needs this: the fused ``cpu`` kernel is opaque to the exporter, the ``reference`` scan is plain
+    PyTorch ops. Only the blocks' backend attribute changes, so the normal path pays nothing.
+    """
+    resolve_backend(backend)  # an unknown name fails here, before anything is switched
+    towers = [module for module in model.modules() if isinstance(module, VisionMamba)]
+    saved = [tower.arch["scan_backend"] for tower in towers]
+    for tower in towers:
+        tower.set_scan_backend(backend)
+    try:
+        yield towers
+    finally:
+        for tower, name in zip(towers, saved):
+            tower.set_scan_backend(name)
 
 
 @families.register("vision-mamba",
