@@ -13,7 +13,9 @@ the hypothesis tests found such cases (pinned below with ``@example``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 import pytest
 import torch
@@ -25,8 +27,11 @@ from dmclip.models import scan
 from dmclip.models.scan import count_scan_flops, scan_flops, selective_scan
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-# every backend is collected everywhere; the fused one skips, saying why, where its kernel did not build
-BACKENDS = ["chunked", pytest.param("cpu", marks=pytest.mark.requires_fused_scan)]
+# every backend is collected everywhere; the fused one skips, saying why, where its kernel did not build.
+# "cpu" runs the best instruction set this CPU has; "cpu:avx2" and "cpu:scalar" force the others (skipped,
+# saying why, on a CPU that lacks it), so the AVX2 kernels and the scalar fallback are held to the same oracle.
+FUSED = [pytest.param(name, marks=pytest.mark.requires_fused_scan) for name in ("cpu", "cpu:avx2", "cpu:scalar")]
+BACKENDS = ["chunked", *FUSED]
 RTOL = {"cpu": 1e-5, "chunked": 1e-4}
 SLACK = 8  # a backend may err up to this many times what the written-out recurrence errs in its precision
 
@@ -49,17 +54,29 @@ def make_inputs(batch, dim, L, N, *, delta_scale=1.0, softplus=True, with_D=True
     return {k: None if v is None else v.to(dtype) for k, v in tensors.items()}
 
 
+def isa_of(backend):
+    """``"cpu:avx2"`` -> a context running the fused kernels with AVX2 (skips where the CPU lacks it)."""
+    if ":" not in backend:
+        return contextlib.nullcontext()
+    isa = backend.split(":")[1]
+    if isa not in scan._cpu_extension().supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    return scan.forced_isa(isa)
+
+
 def run(backend, inputs, softplus, last_state, out_weight, last_weight, dtype=None):
     """Output, last state and the gradients of a fixed random projection of both, for every input."""
     leaves = {k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_() for k, v in inputs.items()}
-    result = selective_scan(*[leaves[k] for k in NAMES], delta_softplus=softplus, return_last_state=last_state,
-                            backend=backend)
+    with isa_of(backend):
+        result = selective_scan(*[leaves[k] for k in NAMES], delta_softplus=softplus, return_last_state=last_state,
+                                backend=backend.split(":")[0])
     out, last = result if last_state else (result, None)
     loss = (out.double() * out_weight).sum()
     if last_state:
         loss = loss + (last.double() * last_weight).sum()
     present = [k for k in NAMES if leaves[k] is not None]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in present])
+    with isa_of(backend):  # the backward runs under the same instruction set
+        grads = torch.autograd.grad(loss, [leaves[k] for k in present])
     return out, last, dict(zip(present, grads))
 
 
@@ -118,7 +135,7 @@ def test_float32_matches_reference_in_outputs_and_all_gradients(backend, case):
     case = dict(case)
     last_state, softplus = case.pop("last_state"), case["softplus"]
     inputs = make_inputs(case.pop("batch"), case.pop("dim"), case.pop("L"), case.pop("N"), **case)
-    assert_matches(backend, inputs, softplus, last_state, RTOL[backend])
+    assert_matches(backend, inputs, softplus, last_state, RTOL[backend.split(":")[0]])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,7 +150,7 @@ def test_bfloat16_inputs_match_reference_within_bf16_rounding(backend, case):
 
 
 @pytest.mark.parametrize("L,N", [(1, 1), (7, 4), (9, 16)])
-@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", "chunked", FUSED[0]])  # float64 runs the scalar loops on any ISA
 def test_gradcheck_float64(backend, L, N):
     inputs = make_inputs(1, 2, L, N, dtype=torch.float64, delta_scale=0.5)
     leaves = [inputs[k].clone().requires_grad_() for k in NAMES]
@@ -142,6 +159,14 @@ def test_gradcheck_float64(backend, L, N):
         return selective_scan(*tensors, delta_softplus=True, return_last_state=True, backend=backend)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["cpu", "cpu:avx2", "cpu:scalar"])
+@pytest.mark.requires_fused_scan
+def test_cpu_kernel_at_224px_length_matches_reference(isa):
+    # 197 tokens (224 px, patch 16): the lane kernels' scratch spills out of L1; every instruction set
+    assert_matches(isa, make_inputs(2, 40, 197, 16, delta_scale=1.0), True, True, RTOL["cpu"])
 
 
 @pytest.mark.slow
@@ -156,12 +181,53 @@ def test_cpu_kernel_on_the_bench_shape_matches_reference():
 def test_inference_path_equals_autograd_path(backend):
     inputs = make_inputs(2, 5, 13, 16)
     args = [inputs[k] for k in NAMES]
-    with torch.inference_mode():
-        fast, fast_last = selective_scan(*args, delta_softplus=True, return_last_state=True, backend=backend)
+    with isa_of(backend), torch.inference_mode():
+        fast, fast_last = selective_scan(*args, delta_softplus=True, return_last_state=True,
+                                         backend=backend.split(":")[0])
     leaves = [a.clone().requires_grad_() for a in args]
-    slow, slow_last = selective_scan(*leaves, delta_softplus=True, return_last_state=True, backend=backend)
+    with isa_of(backend):
+        slow, slow_last = selective_scan(*leaves, delta_softplus=True, return_last_state=True,
+                                         backend=backend.split(":")[0])
     assert torch.equal(fast, slow.detach()) and torch.equal(fast_last, slow_last.detach())
     assert slow.grad_fn is not None and fast.grad_fn is None
+
+
+@pytest.mark.requires_fused_scan
+def test_instruction_set_is_the_best_the_cpu_has_and_can_be_forced(monkeypatch):
+    module = scan._cpu_extension()
+    supported = list(module.supported_isas())
+    assert supported[-1] == "scalar" and scan.kernel_isa() == supported[0]  # auto: the best, scalar always there
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx512f " in flags and " avx512dq " in flags:
+        assert supported[0] == "avx512"
+    with scan.forced_isa("scalar"):
+        assert scan.kernel_isa() == "scalar"
+    assert scan.kernel_isa() == supported[0]  # put back
+    with pytest.raises(DmclipError, match="did you mean"):
+        scan.set_kernel_isa("avx521")
+    missing = [isa for isa in ("avx512", "avx2") if isa not in supported]
+    if missing:
+        with pytest.raises(DmclipError, match=f"cannot run the {missing[0]}"):
+            scan.set_kernel_isa(missing[0])
+    # the environment variable, read once when the extension is first used
+    monkeypatch.setitem(scan._isa_env, "applied", False)
+    monkeypatch.setenv("DMCLIP_SCAN_ISA", "sclar")
+    with pytest.raises(DmclipError, match="DMCLIP_SCAN_ISA=sclar"):
+        scan.kernel_isa()
+    monkeypatch.setitem(scan._isa_env, "applied", False)
+    monkeypatch.setenv("DMCLIP_SCAN_ISA", "scalar")
+    try:
+        assert scan.kernel_isa() == "scalar"
+    finally:
+        scan.set_kernel_isa("auto")
+
+
+def test_the_build_runs_on_any_x86_64():
+    # the vector kernels are picked at run time; a CPU-specific flag would make the .so crash on older CPUs
+    from dmclip.models import scan_build
+
+    assert not [f for f in scan_build.compile_flags() if f.startswith(("-mavx", "-mfma", "-march", "-mtune"))]
+    assert {p.name for p in scan_build.sources()} >= {"selective_scan.cpp", "scan_isa.h", "scan_lanes.h"}
 
 
 def test_reference_is_the_written_out_recurrence():
@@ -260,10 +326,10 @@ mixer_shapes = st.fixed_dictionaries({
 })
 
 
-@pytest.mark.requires_fused_scan
-@settings(max_examples=25, deadline=None)
+@pytest.mark.parametrize("isa", FUSED)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=mixer_shapes)
-def test_fused_mixer_matches_the_op_by_op_reference_in_outputs_and_all_gradients(case):
+def test_fused_mixer_matches_the_op_by_op_reference_in_outputs_and_all_gradients(isa, case):
     # oracle: conv1d / x_proj / dt_proj / flips around the reference scan, in float64; the fused kernel in
     # float32 to 1e-5 relative per tensor, cancellation-aware as above (channel tails: E not a multiple of 8; L shorter than the conv)
     inputs = make_mixer_inputs(**case)
@@ -275,13 +341,14 @@ def test_fused_mixer_matches_the_op_by_op_reference_in_outputs_and_all_gradients
     same = scan.bidirectional_mixer_reference(*same_leaves, backend="reference")
     same_grads = torch.autograd.grad((same.double() * weight).sum(), same_leaves)
     fused_leaves = [t.detach().float().requires_grad_() for t in inputs]
-    out = scan.bidirectional_mixer(*fused_leaves)
-    grads = torch.autograd.grad((out.double() * weight).sum(), fused_leaves)
+    with isa_of(isa):
+        out = scan.bidirectional_mixer(*fused_leaves)
+        grads = torch.autograd.grad((out.double() * weight).sum(), fused_leaves)
     assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
     named = lambda o, gs: [("out", o)] + [(f"d{k}", g) for k, g in zip(MIXER, gs)]
     assert_close_to_oracle("fused mixer", named(out, grads), named(ref, ref_grads), named(same, same_grads),
                            1e-5)
-    with torch.inference_mode():  # the inference path (no autograd node) gives the same output bit for bit
+    with isa_of(isa), torch.inference_mode():  # the inference path (no autograd node): the same output bit for bit
         assert torch.equal(scan.bidirectional_mixer(*[t.detach().float() for t in inputs]), out.detach())
 
 

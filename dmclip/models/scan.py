@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,9 @@ from dmclip.errors import DmclipError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "chunked", "cpu", "cuda")
+ISAS = ("auto", "avx512", "avx2", "scalar")  # instruction sets of the fused cpu kernels
 _warned: set[str] = set()
+_isa_env = {"applied": False}
 _cuda_fn: dict = {}
 _flop_counters: list[FlopCount] = []
 
@@ -74,6 +77,41 @@ def available_backends() -> list[str]:
     if torch.cuda.is_available() and _cuda_scan_fn() is not None:
         names.append("cuda")
     return names
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the fused ``cpu`` kernels run with (``avx512``, ``avx2`` or ``scalar``; None when
+    the extension is not built). ``auto`` is the best the CPU has; ``DMCLIP_SCAN_ISA`` or
+    :func:`set_kernel_isa` force another."""
+    module = _cpu_extension()
+    return None if module is None else module.isa()
+
+
+def set_kernel_isa(name: str) -> str:
+    """Run the fused ``cpu`` kernels with instruction set ``name`` (``auto``, ``avx512``, ``avx2``, ``scalar``:
+    the plain loops, also the float64 path); returns the setting before. Results agree to float32 rounding."""
+    if name not in ISAS:
+        from dmclip.errors import did_you_mean
+
+        raise DmclipError(f"unknown instruction set {name!r} for the fused scan", did_you_mean(name, ISAS))
+    module = _cpu_extension()
+    if module is None:
+        raise DmclipError("the fused CPU scan is not built, so it has no instruction set to choose",
+                          "run `python -m dmclip.models.scan_build` to see why")
+    supported = list(module.supported_isas())
+    if name != "auto" and name not in supported:
+        raise DmclipError(f"this CPU cannot run the {name} scan kernels", f"use one of: auto, {', '.join(supported)}")
+    return module.set_isa(name)
+
+
+@contextlib.contextmanager
+def forced_isa(name: str):
+    """``with forced_isa("scalar"): ...`` runs the fused kernels with ``name`` inside the block (tests, benches)."""
+    before = set_kernel_isa(name)
+    try:
+        yield
+    finally:
+        set_kernel_isa(before)
 
 
 def resolve_backend(backend: str, u: torch.Tensor | None = None) -> str:
@@ -265,7 +303,16 @@ def _fallback_once(key: str, message: str) -> None:
 def _cpu_extension():
     from dmclip.models.scan_build import load_extension
 
-    return load_extension()
+    module = load_extension()
+    if module is not None and not _isa_env["applied"]:
+        _isa_env["applied"] = True
+        name = os.environ.get("DMCLIP_SCAN_ISA")
+        if name:
+            try:
+                set_kernel_isa(name)
+            except DmclipError as exc:
+                raise DmclipError(f"DMCLIP_SCAN_ISA={name}: {exc.message}", exc.hint) from None
+    return module
 
 
 def _cuda_scan_fn():
@@ -302,12 +349,9 @@ def _run_function(function, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
 
 def _prepare(tensors):
-    """Cast to the compute dtype, contiguous; B, C transposed to (batch, L, N)."""
+    """Detached, in the compute dtype, contiguous (no copy for contiguous float32/float64 inputs)."""
     compute = _compute_dtype(tensors[0])
-    u, delta, A, B, C, D, z, delta_bias = (None if t is None else t.detach().to(compute) for t in tensors)
-    B = B.transpose(1, 2).contiguous()
-    C = C.transpose(1, 2).contiguous()
-    return tuple(None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, z, delta_bias))
+    return tuple(None if t is None else t.detach().to(compute).contiguous() for t in tensors)
 
 
 class _ScanFunction(torch.autograd.Function):
@@ -342,8 +386,6 @@ class _ScanFunction(torch.autograd.Function):
         dout = torch.zeros_like(prepared[0]) if dout is None else dout.to(compute).contiguous()
         dlast = None if dlast is None else dlast.to(compute).contiguous()
         grads = cls.kernel_backward(prepared, ctx.delta_softplus, dout, dlast)
-        du, ddelta, dA, dBt, dCt, dD, dz, dbias = grads
-        grads = [du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD, dz, dbias]
         result = []
         for grad, present, dtype, need in zip(grads, ctx.present, ctx.dtypes, ctx.needs_input_grad[2:]):
             result.append(grad.to(dtype) if present and need else None)
@@ -351,32 +393,15 @@ class _ScanFunction(torch.autograd.Function):
 
 
 class _CpuScan(_ScanFunction):
-    # float32 runs the kernel's vector path, which wants N a multiple of 8: pad A, B, C with zeros (padded
-    # states stay exactly 0: decay exp(0) = 1 times 0, input 0) and cut the padding off the results.
-    @staticmethod
-    def _pad(A, Bt, Ct):
-        N = A.shape[1]
-        pad = (-N) % 8 if A.dtype == torch.float32 else 0
-        if pad:
-            A, Bt, Ct = (F.pad(t, (0, pad)) for t in (A, Bt, Ct))
-        return A, Bt, Ct, N
-
+    # the kernel takes mamba-ssm's layout as it is: B, C (batch, N, L), any N, no padding or transposes
     @staticmethod
     def kernel_forward(prepared, delta_softplus, return_last_state):
-        u, delta, A, Bt, Ct, D, z, delta_bias = prepared
-        A, Bt, Ct, N = _CpuScan._pad(A, Bt, Ct)
-        out, last = _cpu_extension().fwd(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, return_last_state)
-        return out, (last[..., :N] if return_last_state else None)
+        out, last = _cpu_extension().fwd(*prepared, delta_softplus, return_last_state)
+        return out, (last if return_last_state else None)
 
     @staticmethod
     def kernel_backward(prepared, delta_softplus, dout, dlast):
-        u, delta, A, Bt, Ct, D, z, delta_bias = prepared
-        A, Bt, Ct, N = _CpuScan._pad(A, Bt, Ct)
-        if dlast is not None and dlast.shape[-1] != A.shape[1]:
-            dlast = F.pad(dlast, (0, A.shape[1] - dlast.shape[-1])).contiguous()
-        du, ddelta, dA, dBt, dCt, dD, dz, dbias = _cpu_extension().bwd(
-            u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, dout, dlast)
-        return du, ddelta, dA[:, :N], dBt[..., :N], dCt[..., :N], dD, dz, dbias
+        return _cpu_extension().bwd(*prepared, delta_softplus, dout, dlast)
 
 
 # ------------------------------------------------------------------------------------------------- chunked
@@ -427,9 +452,11 @@ def _chunked_states(u, delta, A, Bt, D, delta_bias, delta_softplus):
 
 
 class _ChunkedScan(_ScanFunction):
+    # works on B, C transposed to (batch, L, N), so that the state axis is last like the states'
     @staticmethod
     def kernel_forward(prepared, delta_softplus, return_last_state):
-        u, delta, A, Bt, Ct, D, z, delta_bias = prepared
+        u, delta, A, B, C, D, z, delta_bias = prepared
+        Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)
         _, _, _, x = _chunked_states(u, delta, A, Bt, D, delta_bias, delta_softplus)
         y = torch.einsum("bdln,bln->bdl", x, Ct)
         if D is not None:
@@ -440,7 +467,8 @@ class _ChunkedScan(_ScanFunction):
 
     @staticmethod
     def kernel_backward(prepared, delta_softplus, dout, dlast):
-        u, delta, A, Bt, Ct, D, z, delta_bias = prepared
+        u, delta, A, B, C, D, z, delta_bias = prepared
+        Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)
         v, dt, a, x = _chunked_states(u, delta, A, Bt, D, delta_bias, delta_softplus)
         y = torch.einsum("bdln,bln->bdl", x, Ct)
         dz = None
@@ -470,7 +498,7 @@ class _ChunkedScan(_ScanFunction):
         if delta_softplus:  # softplus is the identity above its threshold (F.softplus, threshold 20)
             ddelta = torch.where(v > 20, ddt, ddelta)
         dbias = ddelta.sum(dim=(0, 2)) if delta_bias is not None else None
-        return du, ddelta, dA, dBt, dCt, dD, dz, dbias
+        return du, ddelta, dA, dBt.transpose(1, 2), dCt.transpose(1, 2), dD, dz, dbias
 
 
 # ------------------------------------------------------------------------------- fused bidirectional mixer

@@ -22,7 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "selective_scan.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = CSRC / "selective_scan.cpp"  # includes the headers beside it
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None}
 
@@ -40,29 +41,22 @@ def _search_roots() -> list[Path]:
     return list(dict.fromkeys(roots))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def compile_flags() -> list[str]:
-    """-O3 and OpenMP; AVX2/FMA only when this CPU reports them (not -march=native: the cache key says
-    exactly which instructions the binary uses, and the flags are checked, not assumed)."""
-    flags = ["-O3", "-fopenmp"]
-    cpu = _cpu_flags()
-    if {"avx2", "fma"} <= cpu:
-        flags += ["-mavx2", "-mfma"]
-    return flags
+    """-O3 and OpenMP, nothing CPU-specific: the AVX-512 and AVX2 kernels are compiled inside
+    `#pragma GCC target` regions of the source and picked at run time, so one build runs on any x86-64."""
+    return ["-O3", "-fopenmp"]
+
+
+def sources() -> list[Path]:
+    """The kernel's source and the headers it includes (all of them key the build)."""
+    return [SOURCE, *sorted(p for p in CSRC.glob("*.h"))]
 
 
 def build_key() -> str:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for path in sources():
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(compile_flags()).encode())
     digest.update(sys.version.split()[0].encode())

@@ -1,0 +1,616 @@
+// The kernels vectorised over channels: one lane per channel, W neighbouring channels per work item.
+//
+// No include guard: selective_scan.cpp includes this file once per instruction set, each time inside a
+// `#pragma GCC target` region and with its own namespace (DMCLIP_ISA_NS) and lane count (DMCLIP_LANES);
+// a runtime check picks which copy runs. Nothing here allocates or starts threads (the drivers in
+// selective_scan.cpp do), so no library template is instantiated with an instruction set the CPU may lack.
+//
+// Why channels in lanes: the recurrence is sequential in time and the state axis is short (N = 16), but
+// every channel is independent. With channels in lanes the per-step work (softplus, silu, D skip) is vector
+// code, the readout <C_t, x_t> needs no horizontal sum, B_t and C_t are scalars broadcast to all lanes, and
+// any N works without padding.
+namespace DMCLIP_ISA_NS {
+
+constexpr int W = DMCLIP_LANES;
+template <typename T>
+struct VT { typedef T V __attribute__((vector_size(W * sizeof(T)))); };
+template <typename T>
+using Vec = typename VT<T>::V;
+typedef Vec<float> vf;
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+template <typename T>
+inline Vec<T> vzero() { return Vec<T>{}; }
+template <typename T>
+inline Vec<T> vsplat(T x) { return vzero<T>() + x; }
+template <typename T>
+inline Vec<T> vload(const T* p, int n) {  // n < W: the missing lanes are 0
+  Vec<T> v = vzero<T>();
+  std::memcpy(&v, p, (n == W ? W : n) * sizeof(T));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, const Vec<T>& v, int n) { std::memcpy(p, &v, (n == W ? W : n) * sizeof(T)); }
+template <typename T>
+inline T vsum(const Vec<T>& v) {
+  T s = 0;
+  for (int k = 0; k < W; ++k) s += v[k];
+  return s;
+}
+
+// exp: Cephes' polynomial on r = x - k ln2 (about 1 ulp), times 2^k. AVX-512 has instructions for the
+// rounding and the scaling; elsewhere the 1.5 * 2^23 rounding trick and an exponent-bits shift.
+inline vf vexp(vf x) {
+  x = x < -87.33654f ? vsplat(-87.33654f) : x;
+  x = x > 88.37626f ? vsplat(88.37626f) : x;
+#if DMCLIP_AVX512
+  const vf k = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT |
+                                        _MM_FROUND_NO_EXC);
+#else
+  const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+#endif
+  vf r = x - k * 0.693359375f;
+  r = r - k * (-2.12194440e-4f);
+  vf p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+#if DMCLIP_AVX512
+  return (vf)_mm512_scalef_ps((__m512)p, (__m512)k);
+#else
+  vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+#endif
+}
+inline Vec<double> vexp(Vec<double> x) {  // float64 serves gradcheck, not speed
+  for (int k = 0; k < W; ++k) x[k] = std::exp(x[k]);
+  return x;
+}
+
+inline vf vlog1p01(vf e) {  // log(1 + e) for e in [0, 1]: Cephes logf on w = 1 + e, Goldberg's correction
+  const vf w = 1.0f + e;
+  vi bits;
+  std::memcpy(&bits, &w, sizeof(bits));
+  const vf exponent = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vf);
+  bits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  vf m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const auto small = m < 0.707106781186547524f;
+  const vf ex = small ? exponent - 1.0f : exponent;
+  const vf x = small ? m + m - 1.0f : m - 1.0f;
+  const vf zz = x * x;
+  vf y = vsplat(7.0376836292e-2f);
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * zz;
+  y += -2.12194440e-4f * ex;
+  y += -0.5f * zz;
+  const vf logw = x + y + 0.693359375f * ex;
+  const vf wm1 = w - 1.0f;
+  const vf safe = wm1 == 0.0f ? vsplat(1.0f) : wm1;
+  return wm1 == 0.0f ? e : logw * (e / safe);
+}
+
+// softplus with torch's threshold 20: max(v, 0) + log1p(exp(-|v|)), the identity above 20
+inline vf vsoftplus(vf v) {
+  const vf a = v < 0.0f ? -v : v;
+  const vf sp = (v > 0.0f ? v : vsplat(0.0f)) + vlog1p01(vexp(-a));
+  return v > 20.0f ? v : sp;
+}
+inline Vec<double> vsoftplus(Vec<double> v) {
+  for (int k = 0; k < W; ++k) v[k] = v[k] > 20.0 ? v[k] : std::log1p(std::exp(v[k]));
+  return v;
+}
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+inline Vec<double> vsigmoid(Vec<double> x) { return 1.0 / (1.0 + vexp(-x)); }
+
+// (rows of L values, row stride `stride`) <-> (L, W) lanes; lanes >= n are zero
+template <typename T>
+inline void gather_rows(const T* src, int64_t stride, int n, int64_t L, Vec<T>* dst) {
+  for (int64_t t = 0; t < L; ++t) dst[t] = vzero<T>();
+  for (int l = 0; l < n; ++l)
+    for (int64_t t = 0; t < L; ++t) dst[t][l] = src[l * stride + t];
+}
+template <typename T>
+inline void scatter_rows(const Vec<T>* src, int64_t stride, int n, int64_t L, T* dst) {
+  for (int l = 0; l < n; ++l)
+    for (int64_t t = 0; t < L; ++t) dst[l * stride + t] = src[t][l];
+}
+
+// ======================================================================== the generic selective scan
+// One item = batch row b, channels c0 .. c0 + W - 1 of (batch, dim, L) tensors; B, C stay (batch, N, L).
+
+// work (in elements of T) one thread needs for one item; Vec-aligned slices
+inline int64_t scan_work_size(int64_t L, int64_t N) { return (8 * L + 2 * (L + 1) * N + 2 * L * N) * W; }
+
+template <typename T, int NS>
+void scan_forward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, T* out, T* last) {
+  const int64_t L = p.L, N = NS > 0 ? NS : p.N, dim = p.dim;
+  const int nc = static_cast<int>(imin(W, dim - c0));
+  const int64_t row = (b * dim + c0) * L;
+  Vec<T>* U = reinterpret_cast<Vec<T>*>(work);
+  Vec<T>* V = U + L;
+  Vec<T>* Z = V + L;
+  gather_rows(p.u + row, L, nc, L, U);
+  gather_rows(p.delta + row, L, nc, L, V);
+  if (p.z) gather_rows(p.z + row, L, nc, L, Z);
+  Vec<T> Av[NS > 0 ? NS : kMaxN], x[NS > 0 ? NS : kMaxN];
+  for (int64_t n = 0; n < N; ++n) {
+    Av[n] = vzero<T>();
+    for (int l = 0; l < nc; ++l) Av[n][l] = p.A[(c0 + l) * N + n];
+    x[n] = vzero<T>();
+  }
+  const Vec<T> bias = p.delta_bias ? vload(p.delta_bias + c0, nc) : vzero<T>();
+  const Vec<T> Dv = p.D ? vload(p.D + c0, nc) : vzero<T>();
+  const T* Bb = p.B + b * N * L;
+  const T* Cb = p.C + b * N * L;
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec<T> uv = U[t];
+    const Vec<T> v = V[t] + bias;
+    const Vec<T> dt = p.softplus ? vsoftplus(v) : v;
+    const Vec<T> dtu = dt * uv;
+    Vec<T> y = Dv * uv;
+    for (int64_t n = 0; n < N; ++n) {
+      x[n] = vexp(dt * Av[n]) * x[n] + dtu * Bb[n * L + t];
+      y += x[n] * Cb[n * L + t];
+    }
+    if (p.z) y = y * Z[t] * vsigmoid(Z[t]);
+    U[t] = y;  // the output, in place of u
+  }
+  scatter_rows(U, L, nc, L, out + row);
+  if (last)
+    for (int l = 0; l < nc; ++l)
+      for (int64_t n = 0; n < N; ++n) last[(b * dim + c0 + l) * N + n] = x[n][l];
+}
+
+template <typename T>
+void scan_forward_item(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, T* out, T* last) {
+  switch (p.N) {
+    case 16: return scan_forward_item_n<T, 16>(p, b, c0, work, out, last);
+    case 8: return scan_forward_item_n<T, 8>(p, b, c0, work, out, last);
+    default: return scan_forward_item_n<T, 0>(p, b, c0, work, out, last);
+  }
+}
+
+// Backward of one item: recompute states x_t and decays a_t into the work buffer, then sweep the adjoint
+// recurrence h_t = dy_t C_t + a_{t+1} h_{t+1} backwards. dB, dC (sums over channels) accumulate lane-wise
+// into dBC (2 L N vectors, flushed by scan_flush_BC); dA, dD, d delta_bias are added into the task's rows.
+template <typename T, int NS>
+void scan_backward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, const T* dout, const T* dlast,
+                          const ScanGrads<T>& g, T* dBC, T* dA, T* dD, T* dbias) {
+  const int64_t L = p.L, N = NS > 0 ? NS : p.N, dim = p.dim;
+  const int nc = static_cast<int>(imin(W, dim - c0));
+  const int64_t row = (b * dim + c0) * L;
+  Vec<T>* U = reinterpret_cast<Vec<T>*>(work);
+  Vec<T>* V = U + L;       // delta + bias
+  Vec<T>* Z = V + L;
+  Vec<T>* G = Z + L;       // dout
+  Vec<T>* DT = G + L;
+  Vec<T>* Y = DT + L;      // <C, x> + D u, before the gate
+  Vec<T>* DU = Y + L;
+  Vec<T>* DZ = DU + L;
+  Vec<T>* XS = DZ + L;     // XS[(t + 1) N + n] = x_t, XS[n] = x_{-1} = 0
+  Vec<T>* AS = XS + (L + 1) * N;  // AS[t N + n] = exp(dt_t A_n)
+  Vec<T>* dBa = reinterpret_cast<Vec<T>*>(dBC);
+  Vec<T>* dCa = dBa + L * N;
+  gather_rows(p.u + row, L, nc, L, U);
+  gather_rows(p.delta + row, L, nc, L, V);
+  if (p.z) gather_rows(p.z + row, L, nc, L, Z);
+  gather_rows(dout + row, L, nc, L, G);
+  Vec<T> Av[NS > 0 ? NS : kMaxN], h[NS > 0 ? NS : kMaxN], dAacc[NS > 0 ? NS : kMaxN];
+  for (int64_t n = 0; n < N; ++n) {
+    Av[n] = vzero<T>();
+    h[n] = vzero<T>();
+    for (int l = 0; l < nc; ++l) {
+      Av[n][l] = p.A[(c0 + l) * N + n];
+      if (dlast) h[n][l] = dlast[(b * dim + c0 + l) * N + n];
+    }
+    dAacc[n] = vzero<T>();
+    XS[n] = vzero<T>();
+  }
+  const Vec<T> bias = p.delta_bias ? vload(p.delta_bias + c0, nc) : vzero<T>();
+  const Vec<T> Dv = p.D ? vload(p.D + c0, nc) : vzero<T>();
+  const T* Bb = p.B + b * N * L;
+  const T* Cb = p.C + b * N * L;
+  // 1) recompute
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec<T> v = V[t] + bias;
+    V[t] = v;
+    const Vec<T> dt = p.softplus ? vsoftplus(v) : v;
+    DT[t] = dt;
+    const Vec<T> dtu = dt * U[t];
+    Vec<T> y = Dv * U[t];
+    const Vec<T>* xprev = XS + t * N;
+    Vec<T>* xt = XS + (t + 1) * N;
+    Vec<T>* at = AS + t * N;
+    for (int64_t n = 0; n < N; ++n) {
+      const Vec<T> a = vexp(dt * Av[n]);
+      at[n] = a;
+      xt[n] = a * xprev[n] + dtu * Bb[n * L + t];
+      y += xt[n] * Cb[n * L + t];
+    }
+    Y[t] = y;
+  }
+  // 2) sweep backwards; h holds dLoss/dx_t (times a_{t+1} once step t is done)
+  Vec<T> dDacc = vzero<T>(), dbacc = vzero<T>();
+  for (int64_t t = L - 1; t >= 0; --t) {
+    Vec<T> dy = G[t];
+    if (p.z) {
+      const Vec<T> zv = Z[t], s = vsigmoid(zv);
+      DZ[t] = dy * Y[t] * s * (T(1) + zv * (T(1) - s));
+      dy = dy * zv * s;
+    }
+    const Vec<T> uv = U[t], dt = DT[t], dtu = dt * uv;
+    dDacc += dy * uv;
+    const Vec<T>* xprev = XS + t * N;
+    const Vec<T>* xt = xprev + N;
+    const Vec<T>* at = AS + t * N;
+    Vec<T>* dBt = dBa + t * N;
+    Vec<T>* dCt = dCa + t * N;
+    Vec<T> ddt = vzero<T>(), hB = vzero<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      const Vec<T> hv = h[n] + dy * Cb[n * L + t];
+      dCt[n] += dy * xt[n];
+      const Vec<T> dlog = hv * xprev[n] * at[n];  // dLoss / d(dt A_n)
+      ddt += dlog * Av[n];
+      dAacc[n] += dlog * dt;
+      dBt[n] += hv * dtu;
+      hB += hv * Bb[n * L + t];
+      h[n] = hv * at[n];
+    }
+    ddt += hB * uv;
+    DU[t] = dy * Dv + hB * dt;
+    const Vec<T> v = V[t];
+    const Vec<T> dd = p.softplus ? (v > T(20) ? ddt : ddt * vsigmoid(v)) : ddt;
+    G[t] = dd;  // d delta, in place of dout
+    dbacc += dd;
+  }
+  scatter_rows(DU, L, nc, L, g.du + row);
+  scatter_rows(G, L, nc, L, g.ddelta + row);
+  if (p.z) scatter_rows(DZ, L, nc, L, g.dz + row);
+  for (int l = 0; l < nc; ++l) {
+    for (int64_t n = 0; n < N; ++n) dA[(c0 + l) * N + n] += dAacc[n][l];
+    dD[c0 + l] += dDacc[l];
+    dbias[c0 + l] += dbacc[l];
+  }
+}
+
+template <typename T>
+void scan_backward_item(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, const T* dout, const T* dlast,
+                        const ScanGrads<T>& g, T* dBC, T* dA, T* dD, T* dbias) {
+  switch (p.N) {
+    case 16: return scan_backward_item_n<T, 16>(p, b, c0, work, dout, dlast, g, dBC, dA, dD, dbias);
+    case 8: return scan_backward_item_n<T, 8>(p, b, c0, work, dout, dlast, g, dBC, dA, dD, dbias);
+    default: return scan_backward_item_n<T, 0>(p, b, c0, work, dout, dlast, g, dBC, dA, dD, dbias);
+  }
+}
+
+// lanes of the dB, dC accumulators -> one sum per (n, t) added into dB, dC rows (N, L); accumulators zeroed
+template <typename T>
+void scan_flush_BC(int64_t L, int64_t N, T* dBC, T* dB, T* dC) {
+  Vec<T>* dBa = reinterpret_cast<Vec<T>*>(dBC);
+  Vec<T>* dCa = dBa + L * N;
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      dB[n * L + t] += vsum<T>(dBa[t * N + n]);
+      dC[n * L + t] += vsum<T>(dCa[t * N + n]);
+      dBa[t * N + n] = vzero<T>();
+      dCa[t * N + n] = vzero<T>();
+    }
+}
+
+// ================================================================ Vim's bidirectional mixer (channels-last)
+// Item = (batch row b, channels c0 .. c0 + W - 1) of (batch, L, E) tensors; see selective_scan.cpp.
+
+// depthwise conv1d + silu of one (direction r, batch row b, channel block): x (row stride 2E) -> xc
+template <typename T>
+void conv_forward_item(const MixArgs<T>& a, int64_t r, int64_t b, int64_t c0, T* xc) {
+  const int64_t L = a.L, E = a.E, K = a.K;
+  const int nc = static_cast<int>(imin(W, E - c0));
+  Vec<T> wv[kMaxK];
+  for (int64_t k = 0; k < K; ++k) {
+    wv[k] = vzero<T>();
+    for (int l = 0; l < nc; ++l) wv[k][l] = a.conv_w[(r * E + c0 + l) * K + k];
+  }
+  const Vec<T> bias = vload(a.conv_b + r * E + c0, nc);
+  const T* x = a.xz + b * L * 2 * E + c0;
+  T* o = xc + (r * a.batch + b) * L * E + c0;
+  for (int64_t t = 0; t < L; ++t) {
+    Vec<T> acc = bias;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
+      if (s >= 0 && s < L) acc += wv[k] * vload(x + s * 2 * E, nc);
+    }
+    vstore(o + t * E, acc * vsigmoid(acc), nc);
+  }
+}
+
+// gradient of conv_forward for one channel block over every batch row: dxc -> dx (batch, L, E) columns,
+// dw (2, E, K), db (2, E) rows of these channels (the caller splits blocks over threads: no reduction)
+template <typename T>
+void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, T* dw, T* db) {
+  const int64_t L = a.L, E = a.E, K = a.K;
+  const int nc = static_cast<int>(imin(W, E - c0));
+  Vec<T> wv[kMaxK], dwv[kMaxK];
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t t = 0; t < L; ++t) vstore(dx + (b * L + t) * E + c0, vzero<T>(), nc);
+  for (int64_t r = 0; r < 2; ++r) {
+    for (int64_t k = 0; k < K; ++k) {
+      wv[k] = vzero<T>();
+      for (int l = 0; l < nc; ++l) wv[k][l] = a.conv_w[(r * E + c0 + l) * K + k];
+      dwv[k] = vzero<T>();
+    }
+    const Vec<T> bias = vload(a.conv_b + r * E + c0, nc);
+    Vec<T> dbv = vzero<T>();
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const T* x = a.xz + b * L * 2 * E + c0;
+      const T* g = dxc + (r * a.batch + b) * L * E + c0;
+      T* dxb = dx + b * L * E + c0;
+      for (int64_t t = 0; t < L; ++t) {
+        Vec<T> pre = bias;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
+          if (s >= 0 && s < L) pre += wv[k] * vload(x + s * 2 * E, nc);
+        }
+        const Vec<T> sg = vsigmoid(pre);
+        const Vec<T> gp = vload(g + t * E, nc) * sg * (T(1) + pre * (T(1) - sg));
+        dbv += gp;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
+          if (s >= 0 && s < L) {
+            dwv[k] += gp * vload(x + s * 2 * E, nc);
+            vstore(dxb + s * E, vload(dxb + s * E, nc) + gp * wv[k], nc);
+          }
+        }
+      }
+    }
+    for (int l = 0; l < nc; ++l) {
+      for (int64_t k = 0; k < K; ++k) dw[(r * E + c0 + l) * K + k] = dwv[k][l];
+      db[r * E + c0 + l] = dbv[l];
+    }
+  }
+}
+
+template <typename T>
+inline void load_A(const MixArgs<T>& a, int64_t r, int64_t c0, int nc, int64_t N, Vec<T>* Av) {
+  for (int64_t n = 0; n < N; ++n) {
+    Av[n] = vzero<T>();
+    for (int l = 0; l < nc; ++l) Av[n][l] = a.A_log[(r * a.E + c0 + l) * N + n];
+    Av[n] = -vexp(Av[n]);
+  }
+}
+
+// both directions of one item; writes out = silu(z) * (y_0 + y_1) / 2
+template <typename T, int NS>
+void mixer_forward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, T* out) {
+  const int64_t L = a.L, E = a.E, N = NS > 0 ? NS : a.N, R = a.R, P = a.P();
+  const int nc = static_cast<int>(imin(W, E - c0));
+  Vec<T> Av[NS > 0 ? NS : kMaxN], x[NS > 0 ? NS : kMaxN], wdt[kMaxR];
+  for (int64_t r = 0; r < 2; ++r) {
+    load_A(a, r, c0, nc, N, Av);
+    const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
+    const Vec<T> bias = vload(a.dt_bias + r * E + c0, nc);
+    for (int64_t n = 0; n < N; ++n) x[n] = vzero<T>();
+    for (int64_t k = 0; k < R; ++k) {  // dt_proj columns of these channels: delta_t = sum_k dt_low[t, k] W[:, k]
+      wdt[k] = vzero<T>();
+      for (int l = 0; l < nc; ++l) wdt[k][l] = a.dtproj_w[(r * E + c0 + l) * R + k];
+    }
+    const T* u = a.xc + (r * a.batch + b) * L * E + c0;
+    const T* xd = a.xdbl + (r * a.batch + b) * L * P;
+    for (int64_t s = 0; s < L; ++s) {
+      const int64_t t = r == 0 ? s : L - 1 - s;
+      const Vec<T> uv = vload(u + t * E, nc);
+      const T* low = xd + t * P;
+      Vec<T> v = bias;
+      for (int64_t k = 0; k < R; ++k) v += wdt[k] * low[k];
+      const Vec<T> dt = vsoftplus(v);
+      const Vec<T> dtu = dt * uv;
+      const T* Bp = low + R;
+      const T* Cp = Bp + N;
+      Vec<T> y = Dv * uv;
+      for (int64_t n = 0; n < N; ++n) {
+        x[n] = vexp(dt * Av[n]) * x[n] + dtu * Bp[n];
+        y += x[n] * Cp[n];
+      }
+      T* o = out + (b * L + t) * E + c0;
+      if (r == 0) {
+        vstore(o, y, nc);
+      } else {
+        const Vec<T> z = vload(a.xz + (b * L + t) * 2 * E + E + c0, nc);
+        vstore(o, (vload(o, nc) + y) * (z * vsigmoid(z)) * T(0.5), nc);
+      }
+    }
+  }
+}
+
+template <typename T>
+void mixer_forward_item(const MixArgs<T>& a, int64_t b, int64_t c0, T* out) {
+  switch (a.N) {
+    case 16: return mixer_forward_item_n<T, 16>(a, b, c0, out);
+    case 8: return mixer_forward_item_n<T, 8>(a, b, c0, out);
+    default: return mixer_forward_item_n<T, 0>(a, b, c0, out);
+  }
+}
+
+// per-thread work of the mixer backward (elements of T): per direction states (L + 1) N, decays L N, the
+// dB and dC accumulators 2 L N, dt and v L each; dy and the summed outputs L each
+inline int64_t mixer_work_size(int64_t L, int64_t N) { return (2 * ((L + 1) * N + 3 * L * N + 2 * L) + 2 * L) * W; }
+
+// Backward of one item (both directions): recompute states and decays, the gate, then each direction's
+// adjoint sweep against its scan order. dB, dC accumulate lane-wise in the work buffer across the items of
+// a batch row (flushed by mixer_flush_BC); dA_log, dD, d dt_bias are added into the task's rows.
+template <typename T, int NS>
+void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* dout, T* work,
+                           const MixGrads<T>& g, T* dA_log, T* dD, T* dbias) {
+  const int64_t L = a.L, E = a.E, N = NS > 0 ? NS : a.N, R = a.R, P = a.P();
+  const int nc = static_cast<int>(imin(W, E - c0));
+  Vec<T>* base = reinterpret_cast<Vec<T>*>(work);
+  Vec<T>* XS[2]; Vec<T>* AS[2]; Vec<T>* dBa[2]; Vec<T>* dCa[2]; Vec<T>* DT[2]; Vec<T>* VS[2];
+  for (int r = 0; r < 2; ++r) {
+    XS[r] = base; base += (L + 1) * N;
+    AS[r] = base; base += L * N;
+    dBa[r] = base; base += L * N;
+    dCa[r] = base; base += L * N;
+    DT[r] = base; base += L;
+    VS[r] = base; base += L;
+  }
+  Vec<T>* DY = base;
+  Vec<T>* YS = DY + L;
+  Vec<T> Av[NS > 0 ? NS : kMaxN], h[NS > 0 ? NS : kMaxN], dAacc[NS > 0 ? NS : kMaxN];
+  // 1) recompute both directions' states, decays and outputs
+  for (int64_t r = 0; r < 2; ++r) {
+    load_A(a, r, c0, nc, N, Av);
+    const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
+    const Vec<T> bias = vload(a.dt_bias + r * E + c0, nc);
+    Vec<T>* xs = XS[r];
+    Vec<T>* as = AS[r];
+    for (int64_t n = 0; n < N; ++n) xs[n] = vzero<T>();
+    const T* u = a.xc + (r * a.batch + b) * L * E + c0;
+    const T* dl = a.delta + (r * a.batch + b) * L * E + c0;
+    const T* xd = a.xdbl + (r * a.batch + b) * L * P + R;
+    for (int64_t s = 0; s < L; ++s) {
+      const int64_t t = r == 0 ? s : L - 1 - s;
+      const Vec<T> uv = vload(u + t * E, nc);
+      const Vec<T> v = vload(dl + t * E, nc) + bias;
+      const Vec<T> dt = vsoftplus(v);
+      VS[r][t] = v;
+      DT[r][t] = dt;
+      const Vec<T> dtu = dt * uv;
+      const T* Bp = xd + t * P;
+      const T* Cp = Bp + N;
+      Vec<T> y = Dv * uv;
+      const Vec<T>* xprev = xs + s * N;
+      Vec<T>* xt = xs + (s + 1) * N;
+      Vec<T>* at = as + s * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const Vec<T> da = vexp(dt * Av[n]);
+        at[n] = da;
+        xt[n] = da * xprev[n] + dtu * Bp[n];
+        y += xt[n] * Cp[n];
+      }
+      YS[t] = r == 0 ? y : YS[t] + y;
+    }
+  }
+  // 2) the gate: out = silu(z) * (y0 + y1) / 2
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec<T> z = vload(a.xz + (b * L + t) * 2 * E + E + c0, nc);
+    const Vec<T> s = vsigmoid(z);
+    const Vec<T> go = vload(dout + (b * L + t) * E + c0, nc) * T(0.5);
+    vstore(g.dz + (b * L + t) * E + c0, go * YS[t] * s * (T(1) + z * (T(1) - s)), nc);
+    DY[t] = go * z * s;
+  }
+  // 3) the adjoint recurrence of each direction, swept against its scan order
+  for (int64_t r = 0; r < 2; ++r) {
+    load_A(a, r, c0, nc, N, Av);
+    const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
+    for (int64_t n = 0; n < N; ++n) { h[n] = vzero<T>(); dAacc[n] = vzero<T>(); }
+    Vec<T> dDacc = vzero<T>(), dbacc = vzero<T>();
+    const Vec<T>* xs = XS[r];
+    const Vec<T>* as = AS[r];
+    const T* u = a.xc + (r * a.batch + b) * L * E + c0;
+    const T* xd = a.xdbl + (r * a.batch + b) * L * P + R;
+    T* du = g.dxc + (r * a.batch + b) * L * E + c0;
+    T* dd = g.ddelta + (r * a.batch + b) * L * E + c0;
+    for (int64_t s = L - 1; s >= 0; --s) {
+      const int64_t t = r == 0 ? s : L - 1 - s;
+      const Vec<T> dy = DY[t];
+      const Vec<T> uv = vload(u + t * E, nc);
+      const Vec<T> dt = DT[r][t];
+      const Vec<T> dtu = dt * uv;
+      const T* Bp = xd + t * P;
+      const T* Cp = Bp + N;
+      const Vec<T>* xprev = xs + s * N;
+      const Vec<T>* xt = xs + (s + 1) * N;
+      const Vec<T>* at = as + s * N;
+      Vec<T>* dBt = dBa[r] + t * N;
+      Vec<T>* dCt = dCa[r] + t * N;
+      Vec<T> ddt = vzero<T>(), hB = vzero<T>();
+      for (int64_t n = 0; n < N; ++n) {
+        const Vec<T> hv = h[n] + dy * Cp[n];
+        dCt[n] += dy * xt[n];
+        const Vec<T> dlog = hv * xprev[n] * at[n];  // dLoss / d(dt A)
+        ddt += dlog * Av[n];
+        dAacc[n] += dlog * dt;
+        dBt[n] += hv * dtu;
+        hB += hv * Bp[n];
+        h[n] = hv * at[n];
+      }
+      ddt += hB * uv;
+      vstore(du + t * E, dy * Dv + hB * dt, nc);
+      const Vec<T> v = VS[r][t];
+      const Vec<T> dv = v > T(20) ? ddt : ddt * vsigmoid(v);
+      vstore(dd + t * E, dv, nc);
+      dbacc += dv;
+      dDacc += dy * uv;
+    }
+    for (int l = 0; l < nc; ++l) {
+      for (int64_t n = 0; n < N; ++n) dA_log[(r * E + c0 + l) * N + n] += dAacc[n][l] * Av[n][l];  // dA * A
+      dD[r * E + c0 + l] += dDacc[l];
+      dbias[r * E + c0 + l] += dbacc[l];
+    }
+  }
+}
+
+template <typename T>
+void mixer_backward_item(const MixArgs<T>& a, int64_t b, int64_t c0, const T* dout, T* work, const MixGrads<T>& g,
+                         T* dA_log, T* dD, T* dbias) {
+  switch (a.N) {
+    case 16: return mixer_backward_item_n<T, 16>(a, b, c0, dout, work, g, dA_log, dD, dbias);
+    case 8: return mixer_backward_item_n<T, 8>(a, b, c0, dout, work, g, dA_log, dD, dbias);
+    default: return mixer_backward_item_n<T, 0>(a, b, c0, dout, work, g, dA_log, dD, dbias);
+  }
+}
+
+// dB and dC of one batch row, both directions: lanes -> one sum per (t, n) added into dest rows (L, P)
+template <typename T>
+void mixer_flush_BC(const MixArgs<T>& a, T* work, T* dest_r0, T* dest_r1) {
+  const int64_t L = a.L, N = a.N, P = a.P(), R = a.R;
+  Vec<T>* base = reinterpret_cast<Vec<T>*>(work);
+  for (int r = 0; r < 2; ++r) {
+    Vec<T>* dBa = base + (L + 1) * N + L * N;
+    Vec<T>* dCa = dBa + L * N;
+    T* dest = r == 0 ? dest_r0 : dest_r1;
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        dest[t * P + R + n] += vsum<T>(dBa[t * N + n]);
+        dest[t * P + R + N + n] += vsum<T>(dCa[t * N + n]);
+        dBa[t * N + n] = vzero<T>();
+        dCa[t * N + n] = vzero<T>();
+      }
+    base += (L + 1) * N + 3 * L * N + 2 * L;
+  }
+}
+
+// RMSNorm over the last dim (as torch.nn.RMSNorm) of rows [begin, end)
+template <typename T>
+void rmsnorm_rows(const T* x, const T* w, T eps, int64_t begin, int64_t end, int64_t D, T* y) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xi = x + i * D;
+    T* yi = y + i * D;
+    Vec<T> acc = vzero<T>();
+    int64_t k = 0;
+    for (; k + W <= D; k += W) {
+      const Vec<T> v = vload(xi + k, W);
+      acc += v * v;
+    }
+    T ss = vsum<T>(acc);
+    for (; k < D; ++k) ss += xi[k] * xi[k];
+    const T scale = T(1) / std::sqrt(ss / T(D) + eps);
+    for (k = 0; k + W <= D; k += W) vstore(yi + k, vload(xi + k, W) * scale * vload(w + k, W), W);
+    for (; k < D; ++k) yi[k] = xi[k] * scale * w[k];
+  }
+}
+
+}  // namespace DMCLIP_ISA_NS
