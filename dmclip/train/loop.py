@@ -40,7 +40,7 @@ from dmclip.config import to_dict
 from dmclip.errors import DmclipError
 from dmclip.train import distributed
 from dmclip.train.config import TrainConfig
-from dmclip.train.data import DataOrder, DataPosition
+from dmclip.train.data import DataOrder, DataPosition, data_order, is_stream
 from dmclip.train.schedule import WarmupCosine
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: bool = False,
         eval_fn: Callable[[nn.Module, int], dict | None] | None = None, eval_every: int = 0) -> dict:
-    """Train ``task.model`` on ``dataset`` (map-style: ``len`` and ``[i]``) for ``cfg.steps`` optimizer steps.
+    """Train ``task.model`` on ``dataset`` (map-style: ``len`` and ``[i]``; or a stream, read as
+    :class:`dmclip.train.data.StreamOrder` says) for ``cfg.steps`` optimizer steps.
 
     ``run`` is the RunDir; only rank 0 writes it (metrics.jsonl rows ``{"step", "loss", <parts>, "lr",
     "samples_per_s", "epoch", "grad_norm"}`` every ``log_every`` steps, ``checkpoints/last.pt`` every
@@ -325,9 +326,9 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     device = resolve_device(cfg)
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+    if not is_stream(dataset) and (not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")):
         raise DmclipError(f"the training data ({type(dataset).__name__}) has no length or indexing",
-                          "fit needs a map-style dataset (len(dataset) and dataset[i])")
+                          "fit needs a map-style dataset (len(dataset) and dataset[i]) or a stream")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise DmclipError("train.amp = 'fp16' needs a GPU", "use train.amp=bf16 on CPU, or off")
     if eval_every and eval_fn is None:
@@ -344,7 +345,8 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
                             min_lr_ratio=cfg.min_lr_ratio)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    order = DataOrder(len(dataset), cfg.batch_size, seed=seed, grad_accum=cfg.grad_accum, world_size=world, rank=rank)
+    order = data_order(dataset, cfg.batch_size, seed=seed, grad_accum=cfg.grad_accum, world_size=world, rank=rank,
+                       num_workers=cfg.num_workers)
 
     step, resumed_from, last_checkpoint_step = 0, None, None
     if resume:
@@ -375,7 +377,9 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
 
     fetcher = _BatchFetcher(dataset, task.collate, seed, rank)
     batches = None
-    if cfg.num_workers > 0:
+    if is_stream(dataset):  # the stream's readers hand out whole micro-batches from the restored position
+        batches = order.batches(task.collate, pin_memory=device.type == "cuda")
+    elif cfg.num_workers > 0:
         key_order = DataOrder(len(dataset), cfg.batch_size, seed=seed, grad_accum=cfg.grad_accum, world_size=world,
                               rank=rank, position=DataPosition(**order.position.state_dict()))
         loader = torch.utils.data.DataLoader(
@@ -393,7 +397,7 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
             raise _diverged(at_step, f"weights {', '.join(bad[:4])}", cfg, run, last_checkpoint_step)
         state = {
             "format": CHECKPOINT_FORMAT, "step": at_step, "seed": seed, "world_size": world,
-            "position": order.position.state_dict(), "dataset_size": len(dataset), "batch_size": cfg.batch_size,
+            "position": order.position.state_dict(), "dataset_size": order.n, "batch_size": cfg.batch_size,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
             "task": task.state_dict() if hasattr(task, "state_dict") else {}, "config": to_dict(cfg),
@@ -554,7 +558,7 @@ def _diverged(step: int, detail: str, cfg: TrainConfig, run, last_checkpoint_ste
                        f"lower train.lr (now {cfg.lr:g}){amp}, or lower train.grad_clip; {kept}")
 
 
-def _restore(state: dict, cfg: TrainConfig, model, optimizer, schedule, scaler, task, order: DataOrder,
+def _restore(state: dict, cfg: TrainConfig, model, optimizer, schedule, scaler, task, order,
              main: bool) -> int:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise DmclipError("checkpoints/last.pt is not a dmclip training checkpoint",
@@ -564,10 +568,12 @@ def _restore(state: dict, cfg: TrainConfig, model, optimizer, schedule, scaler, 
         raise DmclipError(f"the checkpoint is at step {step}, past train.steps = {cfg.steps}",
                           "resume with the run's own config (--resume reuses it)")
     if state.get("batch_size") != cfg.batch_size or state.get("dataset_size") != order.n:
+        data = [f"{n} samples" if isinstance(n, int) else n for n in (state.get("dataset_size"), order.n)]
         raise DmclipError(
-            f"the checkpoint was trained with batch_size {state.get('batch_size')} on {state.get('dataset_size')} "
-            f"samples, this run has batch_size {cfg.batch_size} on {order.n}",
-            "resume with the same data and batch size (the data order depends on both)")
+            f"the checkpoint was trained with batch_size {state.get('batch_size')} on {data[0]}, "
+            f"this run has batch_size {cfg.batch_size} on {data[1]}",
+            "resume with the same data and batch size (the data order depends on both"
+            + (", and for a stream on the ranks and train.num_workers)" if isinstance(order.n, str) else ")"))
     expected = model.state_dict()
     saved = state["model"]
     mismatch = ([f"{k} missing" for k in expected if k not in saved]
