@@ -17,6 +17,8 @@ from dmclip.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
+STREAM_VOCAB_SAMPLES = 10_000  # a streamed training set's compact vocabulary comes from its first samples
+
 
 @dataclass
 class ModelConfig:
@@ -158,7 +160,13 @@ def fit_tokenizer(dataset, cfg: PretrainConfig) -> dict:
 
     if not cfg.model.compact_vocab:
         return {"context_length": cfg.model.context_length, "vocab": None}
-    texts = [c for i in range(len(dataset)) for c in dataset.captions(i)]
+    if hasattr(dataset, "first_captions"):  # a stream is not read whole: the vocabulary of its first samples
+        first = dataset.first_captions(STREAM_VOCAB_SAMPLES)
+        texts = [c for captions in first for c in captions]
+        log.info("compact vocabulary from the captions of the first %d samples of %s (words first seen later read "
+                 "as unknown; model.compact_vocab=false keeps open_clip's whole vocabulary)", len(first), dataset.name)
+    else:
+        texts = [c for i in range(len(dataset)) for c in dataset.captions(i)]
     if cfg.eval.zeroshot:  # prompt words only (no labels): so "a photo of a {}" is not unknown at eval
         zs = build_dataset(cfg.eval.zeroshot, image_size=cfg.model.image_size)
         texts += [t.format(c) for c in zs.classnames for t in zs.templates]
@@ -203,22 +211,28 @@ def run(cfg: PretrainConfig, record) -> dict:
     from dmclip.data import build_dataset
     from dmclip.models.base import count_parameters, load_saved_model, save_model
     from dmclip.train import distributed, fit
+    from dmclip.train.data import is_stream
 
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(cfg.data.train, image_size=cfg.model.image_size,
-                            max_skip_fraction=cfg.data.max_skip_fraction)
+                            max_skip_fraction=cfg.data.max_skip_fraction, allow_stream=True)
     if getattr(dataset, "kind", "image-text") != "image-text":
         raise DmclipError(f"{cfg.data.train} is a classification set; pretraining needs image-caption pairs",
                           "use an image-text set, e.g. world-train, csv:PATH or coco:JSON")
     resume = record.checkpoint_path("last.pt").exists()
     tokenizer = load_or_fit_tokenizer(record, lambda: fit_tokenizer(dataset, cfg))
     model = build_new_model(cfg, tokenizer)
-    log.info("%s model: %.2f M parameters (image %.2f M), %d training pairs", cfg.objective,
-             count_parameters(model) / 1e6, count_parameters(getattr(model, "visual", None)) / 1e6, len(dataset))
+    log.info("%s model: %.2f M parameters (image %.2f M), %s training pairs", cfg.objective,
+             count_parameters(model) / 1e6, count_parameters(getattr(model, "visual", None)) / 1e6,
+             (dataset.size or "streamed") if is_stream(dataset) else len(dataset))
     if cfg.objective == "clip":
         task = ClipTask(model, cfg.seed)
     else:
-        steps_per_epoch = max(1, len(dataset) // cfg.train.batch_size)
+        size = dataset.size if is_stream(dataset) else len(dataset)
+        if size is None:
+            raise DmclipError(f"blip's ITC ramp needs the size of {cfg.data.train}, which is streamed",
+                              "write sizes.json beside the shards, add samples=N to the spec, or stream=false")
+        steps_per_epoch = max(1, size // cfg.train.batch_size)
         task = BlipTask(model, cfg.seed, steps_per_epoch)
     summary = fit(task, dataset, cfg.train, record, seed=cfg.seed, resume=resume)
     if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done

@@ -103,6 +103,15 @@ def export(ds, fmt: str, out: str | Path, *, image_format: str = "png", shard_si
                 count += 1
 
         files = write_webdataset(shard_samples(), out, shard_size)
+        # samples per shard (ShardWriter fills each to shard_size in turn), open_clip's sizes.json: a stream's size
+        sizes = {name: min(int(shard_size), count - k * int(shard_size)) for k, name in enumerate(files)}
+        (out / "sizes.json").write_text(json.dumps(sizes, indent=0) + "\n", encoding="utf-8")
+        files.append("sizes.json")
+        if ds.kind == "classification":  # CLIP_benchmark's files, read back by wds: for zero-shot
+            (out / "classnames.txt").write_text("\n".join(ds.classnames) + "\n", encoding="utf-8")
+            (out / "zeroshot_classification_templates.txt").write_text("\n".join(ds.templates) + "\n",
+                                                                        encoding="utf-8")
+            files += ["classnames.txt", "zeroshot_classification_templates.txt"]
     elif fmt in ("csv", "coco"):
         (out / "images").mkdir()
         rows, images, annotations = [], [], []

@@ -1,4 +1,5 @@
-"""Real dataset formats: CSV/TSV, webdataset shards, COCO/Karpathy JSON, ImageFolder, Hugging Face, Fashion-MNIST.
+"""Real dataset formats: CSV/TSV, COCO/Karpathy JSON, ImageFolder, Hugging Face, Fashion-MNIST (webdataset
+shards live in ``dmclip.data.wds``).
 
 Each loader returns a map-style ``ImageTextDataset`` or ``ClassificationDataset`` (see ``base``): rows
 that are visibly bad at load time (missing / zero-byte file, empty / non-UTF-8 caption) are dropped and
@@ -9,15 +10,12 @@ in these formats, so that the loaders can be tested on files the world itself pr
 from __future__ import annotations
 
 import csv
-import glob
 import gzip
 import io
 import json
 import logging
 import os
-import re
 import struct
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -197,102 +195,6 @@ def load_csv(positional, *, image_size, sep: str, spec: str, img_key: str | None
     skips.total = rows
     ds = FileImageTextDataset(f"{fmt}:{path}", [("file", str(base / f)) for f in grouped], list(grouped.values()),
                               image_size, skips)
-    return _finish(ds, skips)
-
-
-# ----------------------------------------------------------------------------------- webdataset
-
-
-_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split of a member name into key + extension
-
-
-def expand_shards(pattern: str) -> list[Path]:
-    path = Path(pattern).expanduser()
-    if path.is_dir():
-        shards = sorted(path.glob("*.tar"))
-        if not shards:
-            raise DmclipError(f"wds: no .tar shards in {path}", "point at the shards, e.g. wds:data/{000000..000009}.tar")
-        return shards
-    import braceexpand
-
-    shards = []
-    for item in braceexpand.braceexpand(pattern):
-        matches = sorted(glob.glob(os.path.expanduser(item))) if any(ch in item for ch in "*?[") else [item]
-        shards.extend(Path(m) for m in matches)
-    missing = [str(s) for s in shards if not s.is_file()]
-    if not shards or missing:
-        raise DmclipError(f"wds: shard {missing[0] if missing else pattern!r} does not exist"
-                          + (f" ({len(missing)} of {len(shards)} missing)" if len(missing) > 1 else ""),
-                          "check the path or brace pattern, e.g. wds:data/shard-{000000..000009}.tar")
-    return shards
-
-
-def load_wds(positional, *, image_size, spec: str, max_skip_fraction: float = 0.01):
-    """img2dataset layout: <key>.jpg|png + <key>.txt and/or <key>.json ("captions": [...] or "caption")."""
-    if not positional:
-        raise DmclipError("wds: no shard path given", "e.g. wds:data/shard-{000000..000009}.tar")
-    pattern = ":".join(positional)
-    shards = expand_shards(pattern)
-    skips = SkipCounter(f"wds:{pattern}", max_skip_fraction)
-    sources, captions = [], []
-    rows = 0
-
-    def flush(sample: dict | None):
-        nonlocal rows
-        if sample is None:
-            return
-        rows += 1
-        where = f"{sample['shard']} key {sample['key']}"
-        if "image" not in sample:
-            skips.add("missing-file", f"{where}: no image member")
-            return
-        if sample["image"][3] == 0:
-            skips.add("empty-file", where)
-            return
-        texts = sample.get("captions")
-        if texts is None and "txt" in sample:
-            texts = [sample["txt"]]
-        try:
-            texts = [clean_caption(t) for t in (texts or [None])]
-        except BadSample as exc:
-            skips.add(exc.reason, where)
-            return
-        sources.append(sample["image"])
-        captions.append(texts)
-
-    for shard in shards:
-        current = None
-        try:
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    match = _KEY.match(member.name)
-                    if not match:
-                        continue
-                    key, ext = match.group(1), match.group(2).lower()
-                    if current is None or current["key"] != key:
-                        flush(current)
-                        current = {"key": key, "shard": str(shard)}
-                    if "." + ext in IMAGE_EXTENSIONS:
-                        current["image"] = ("tar", str(shard), member.offset_data, member.size)
-                    elif ext in ("txt", "json"):
-                        data = tar.extractfile(member).read()
-                        if ext == "txt":
-                            current["txt"] = data
-                        else:
-                            try:
-                                meta = json.loads(data.decode("utf-8"))
-                            except (UnicodeDecodeError, json.JSONDecodeError):
-                                meta = {}
-                            found = meta.get("captions") or meta.get("caption") or meta.get("text")
-                            if found:
-                                current["captions"] = found if isinstance(found, list) else [found]
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            skips.add("truncated-shard", f"{shard}: {exc}")
-        flush(current)
-    skips.total = rows
-    ds = FileImageTextDataset(f"wds:{pattern}", sources, captions, image_size, skips)
     return _finish(ds, skips)
 
 
@@ -615,7 +517,6 @@ def fashion_mnist_available() -> bool:
 _LOADERS = {
     "csv": (lambda p, **kw: load_csv(p, sep=",", **kw), ("img_key", "caption_key", "root", "max_skip_fraction")),
     "tsv": (lambda p, **kw: load_csv(p, sep="\t", **kw), ("img_key", "caption_key", "root", "max_skip_fraction")),
-    "wds": (load_wds, ("max_skip_fraction",)),
     "coco": (load_coco, ("max_skip_fraction",)),
     "imagefolder": (load_imagefolder, ("classnames", "templates", "max_skip_fraction")),
     "hf": (load_hf, ("split", "image_column", "text_column", "label_column", "templates", "max_skip_fraction")),

@@ -6,7 +6,8 @@ Spec syntax (options are ``key=value`` parts after the name, separated by ``:`` 
     world-train:size=2000           ... with options
     world-noisy:noise=0.3,size=500
     csv:PATH  tsv:PATH              open_clip layout: filepath + caption columns
-    wds:PATH_OR_BRACE_PATTERN       webdataset tar shards (a directory means all *.tar in it)
+    wds:PATH_OR_BRACE_PATTERN       webdataset tar shards (a directory means all *.tar in it); streamed for
+                                    callers that take a stream (allow_stream=True), else indexed
     coco:JSON_PATH[:IMAGE_ROOT]     COCO captions JSON or BLIP's coco_karpathy_*.json
     imagefolder:DIR                 DIR/<class>/<image>, optional classnames.txt / templates.txt
     hf:NAME_OR_LOCAL_PATH           Hugging Face ``datasets`` (local imagefolder / json, or hub when online)
@@ -60,11 +61,14 @@ def parse_spec(spec: str) -> tuple[str, list[str], dict[str, Any]]:
     return head, positional, options
 
 
-def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None = None, **options):
+def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None = None, allow_stream: bool = False,
+                  **options):
     """Build the dataset named by ``spec`` (see the module doc). ``options`` override those in the spec.
 
     Returns an ``ImageTextDataset`` or a ``ClassificationDataset``; images are uint8 (3, S, S) with
-    S = ``image_size`` (default 64).
+    S = ``image_size`` (default 64). ``allow_stream=True`` says the caller can also take a
+    ``torch.utils.data.IterableDataset`` (the training engine can): webdataset shards are then streamed
+    (``dmclip.data.wds.WdsStream``) instead of indexed, unless the spec says ``stream=false``.
     """
     from dmclip.registry import datasets
 
@@ -78,6 +82,12 @@ def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None 
     seed = seed if seed is not None else spec_seed
     if image_size is not None and (int(image_size) != image_size or not 8 <= int(image_size) <= 1024):
         raise DmclipError(f"image_size {image_size} is out of range", "use a square size in pixels, e.g. 64")
+    if head == "wds":
+        from dmclip.data import wds
+        from dmclip.data.formats import _options
+
+        _options(head, merged, wds.OPTIONS)
+        return wds.load(positional, image_size=image_size, seed=seed, spec=spec, allow_stream=allow_stream, **merged)
     if head in FORMATS:
         from dmclip.data import formats
 

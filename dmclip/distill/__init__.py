@@ -230,7 +230,8 @@ def run(cfg: DistillConfig, record) -> dict:
             log.info("teacher: %s", teacher_ref)
         record.update_info(teacher=teacher_ref)
     student = build_student(cfg, teacher)
-    dataset = build_dataset(data_spec, image_size=teacher.image_size, max_skip_fraction=cfg.data.max_skip_fraction)
+    dataset = build_dataset(data_spec, image_size=teacher.image_size, max_skip_fraction=cfg.data.max_skip_fraction,
+                            allow_stream=store is None)  # a store looks its samples up by index
     log.info("student %s: image tower %.2f M params (teacher's %.2f M); alpha %.2f", cfg.student.name,
              count_parameters(student.visual) / 1e6, count_parameters(getattr(teacher, "visual", teacher)) / 1e6,
              cfg.loss.alpha)

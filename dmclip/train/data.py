@@ -12,6 +12,7 @@ would see, which is why 2 ranks reproduce 1 rank at the same global batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -101,3 +102,110 @@ def caption_choice(count: int, seed: int, step: int, index: int) -> int:
 
     digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % count
+
+
+# ------------------------------------------------------------------------------------------ streams
+
+
+def is_stream(dataset) -> bool:
+    """A dataset that orders itself (``dmclip.data.wds.WdsStream``): read by :class:`StreamOrder`."""
+    return isinstance(dataset, torch.utils.data.IterableDataset)
+
+
+class _Failure:
+    """A ``DmclipError`` raised in a DataLoader worker, carried to the training process whole (message + hint)."""
+
+    def __init__(self, error: DmclipError):
+        self.message, self.hint = error.message, error.hint
+
+
+def _reseed_batch(seed: int, slot: int, number: int) -> None:
+    from dmclip.train.loop import reseed
+
+    reseed(seed, number, slot, salt=2, cuda=False)
+
+
+class _ReaderBatches(torch.utils.data.IterableDataset):
+    """Rank ``rank``'s readers: DataLoader worker ``w`` is reader ``rank * workers + w`` of the stream."""
+
+    def __init__(self, stream, batch_size: int, collate, seed: int, rank: int, world_size: int, workers: int,
+                 starts: list[int]):
+        self.stream, self.batch_size, self.collate, self.seed = stream, batch_size, collate, seed
+        self.rank, self.world_size, self.workers, self.starts = rank, world_size, workers, starts
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        slot = self.rank * self.workers + worker
+        try:
+            yield from self.stream.slot_batches(
+                slot, self.world_size * self.workers, self.batch_size, self.collate, seed=self.seed,
+                start=self.starts[worker], before_batch=functools.partial(_reseed_batch, self.seed, slot))
+        except DmclipError as exc:
+            yield _Failure(exc)
+
+
+def _identity(item):
+    return item
+
+
+class StreamOrder:
+    """:class:`DataOrder`'s counterpart for a stream: the stream picks the samples, this counts them.
+
+    Each rank reads through ``max(1, num_workers)`` readers (its DataLoader workers), and every reader yields
+    micro-batches of ``batch_size / (grad_accum * world_size)`` samples forever (see
+    ``WdsStream.slot_batches``). The DataLoader takes them from its workers in turn, so after ``k``
+    micro-batches worker ``w`` has given ``ceil((k - w) / workers)``: the position is the step alone
+    (``offset`` = samples consumed by all ranks), and a resumed run skips each reader to exactly where it was
+    (counting tar headers, not reading samples) — the same batches as an uninterrupted run, given the same
+    ranks, workers and shards (checked on resume).
+    """
+
+    def __init__(self, stream, batch_size: int, *, seed: int, grad_accum: int = 1, world_size: int = 1,
+                 rank: int = 0, num_workers: int = 0, position: DataPosition | None = None):
+        if batch_size % (grad_accum * world_size):
+            raise DmclipError(
+                f"train.batch_size = {batch_size} cannot be split into {grad_accum} micro-batches on "
+                f"{world_size} rank(s)",
+                f"use a batch_size divisible by grad_accum x ranks = {grad_accum * world_size}")
+        self.stream, self.batch_size, self.seed = stream, batch_size, seed
+        self.grad_accum, self.world_size, self.rank = grad_accum, world_size, rank
+        self.num_workers, self.workers = num_workers, max(1, num_workers)
+        self.local = batch_size // (grad_accum * world_size)
+        stream.check_readers(world_size * self.workers, f" ({world_size} rank(s) x {self.workers} DataLoader "
+                                                        f"reader(s) each)")
+        # what a checkpoint must match to resume exactly (saved as its "dataset_size")
+        self.n = (f"{len(stream.shards)} shards{' resampled' if stream.resampled else ''} read by {world_size} "
+                  f"rank(s) x {self.workers} reader(s)")
+        self.position = position or DataPosition()
+
+    def next_step(self) -> tuple[list[None], DataPosition]:
+        """One placeholder per micro-batch (the batches come from :meth:`batches`) and the position after."""
+        return [None] * self.grad_accum, DataPosition(0, self.position.offset + self.batch_size)
+
+    def epoch_progress(self, position: DataPosition | None = None) -> float:
+        """Samples consumed / samples per epoch when the stream knows its size, else 0."""
+        position = position or self.position
+        return position.offset / self.stream.size if self.stream.size else 0.0
+
+    def batches(self, collate, *, pin_memory: bool = False):
+        """This rank's micro-batches from the current position on, forever."""
+        consumed = self.position.offset // (self.local * self.world_size)  # micro-batches this rank has used
+        starts = [max(0, -(-(consumed - w) // self.workers)) * self.local for w in range(self.workers)]
+        readers = _ReaderBatches(self.stream, self.local, collate, self.seed, self.rank, self.world_size,
+                                 self.workers, starts)
+        loader = torch.utils.data.DataLoader(readers, batch_size=None, num_workers=self.num_workers,
+                                             collate_fn=_identity, pin_memory=pin_memory)
+        for item in loader:
+            if isinstance(item, _Failure):
+                raise DmclipError(item.message, item.hint)
+            yield item
+
+
+def data_order(dataset, batch_size: int, *, seed: int, grad_accum: int, world_size: int, rank: int,
+               num_workers: int) -> DataOrder | StreamOrder:
+    """The order :func:`dmclip.train.fit` reads ``dataset`` in: seeded permutations, or the stream's own."""
+    if is_stream(dataset):
+        return StreamOrder(dataset, batch_size, seed=seed, grad_accum=grad_accum, world_size=world_size, rank=rank,
+                           num_workers=num_workers)
+    return DataOrder(len(dataset), batch_size, seed=seed, grad_accum=grad_accum, world_size=world_size, rank=rank)

@@ -41,7 +41,7 @@ from torch import nn
 from dmclip.errors import DmclipError
 from dmclip.train import distributed
 from dmclip.train.config import TrainConfig
-from dmclip.train.data import DataOrder, DataPosition
+from dmclip.train.data import DataOrder, DataPosition, is_stream
 from dmclip.train.interrupt import InterruptGuard
 from dmclip.train.progress import Progress
 from dmclip.train.rng import reseed
@@ -148,7 +148,9 @@ class _Batches:
         self.fetcher = _BatchFetcher(dataset, collate, state.seed, rank)
         self.device = device
         self.loader: Iterator | None = None
-        if cfg.num_workers > 0:
+        if is_stream(dataset):  # the stream's readers hand out whole micro-batches from the restored position
+            self.loader = state.order.batches(collate, pin_memory=device.type == "cuda")
+        elif cfg.num_workers > 0:
             key_order = DataOrder(state.order.n, cfg.batch_size, seed=state.seed, grad_accum=cfg.grad_accum,
                                   world_size=state.world, rank=rank,
                                   position=DataPosition(**state.order.position.state_dict()))
@@ -167,7 +169,8 @@ class _Batches:
 
 def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: bool = False,
         eval_fn: Callable[[nn.Module, int], dict | None] | None = None, eval_every: int = 0) -> dict:
-    """Train ``task.model`` on ``dataset`` (map-style: ``len`` and ``[i]``) for ``cfg.steps`` optimizer steps.
+    """Train ``task.model`` on ``dataset`` (map-style: ``len`` and ``[i]``; or a stream, read as
+    :class:`dmclip.train.data.StreamOrder` says) for ``cfg.steps`` optimizer steps.
 
     ``run`` is the RunDir; only rank 0 writes it (metrics.jsonl rows ``{"step", "loss", <parts>, "lr",
     "samples_per_s", "epoch", "grad_norm"}`` every ``log_every`` steps, ``checkpoints/last.pt`` every
@@ -184,9 +187,9 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     device = resolve_device(cfg)
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+    if not is_stream(dataset) and (not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")):
         raise DmclipError(f"the training data ({type(dataset).__name__}) has no length or indexing",
-                          "fit needs a map-style dataset (len(dataset) and dataset[i])")
+                          "fit needs a map-style dataset (len(dataset) and dataset[i]) or a stream")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise DmclipError("train.amp = 'fp16' needs a GPU", "use train.amp=bf16 on CPU, or off")
     if eval_every and eval_fn is None:
@@ -195,7 +198,7 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     # restore
     model = task.model.to(device)
     model.train()
-    state = TrainState.create(task, model, len(dataset), cfg, seed=seed, world=world, rank=rank)
+    state = TrainState.create(task, model, dataset, cfg, seed=seed, world=world, rank=rank)
     resumed_from = state.resume(run, cfg, main) if resume else None
     if main and cfg.report_to:
         from dmclip.train import report_to

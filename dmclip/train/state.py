@@ -17,7 +17,7 @@ from torch import nn
 from dmclip.config import to_dict
 from dmclip.errors import DmclipError
 from dmclip.train.config import TrainConfig
-from dmclip.train.data import DataOrder, DataPosition
+from dmclip.train.data import DataOrder, DataPosition, data_order
 from dmclip.train.rng import rng_state, set_rng_state
 from dmclip.train.schedule import WarmupCosine
 
@@ -61,7 +61,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosine
     scaler: Any  # torch.amp.GradScaler, or None without fp16
-    order: DataOrder
+    order: DataOrder  # or a StreamOrder (train.data.data_order)
     seed: int
     world: int
     step: int = 0
@@ -69,7 +69,7 @@ class TrainState:
     parameters: list[nn.Parameter] = field(default_factory=list)  # the trainable ones (gradient clipping)
 
     @classmethod
-    def create(cls, task, model: nn.Module, dataset_size: int, cfg: TrainConfig, *, seed: int, world: int,
+    def create(cls, task, model: nn.Module, dataset, cfg: TrainConfig, *, seed: int, world: int,
                rank: int) -> TrainState:
         groups = task.param_groups(model) if hasattr(task, "param_groups") else None
         if groups is None:
@@ -79,8 +79,8 @@ class TrainState:
         schedule = WarmupCosine(optimizer, peak=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                                 min_lr_ratio=cfg.min_lr_ratio)
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-        order = DataOrder(dataset_size, cfg.batch_size, seed=seed, grad_accum=cfg.grad_accum, world_size=world,
-                          rank=rank)
+        order = data_order(dataset, cfg.batch_size, seed=seed, grad_accum=cfg.grad_accum, world_size=world,
+                           rank=rank, num_workers=cfg.num_workers)
         return cls(task, model, optimizer, schedule, scaler, order, seed, world,
                    parameters=[p for p in model.parameters() if p.requires_grad])
 
@@ -132,10 +132,12 @@ class TrainState:
             raise DmclipError(f"the checkpoint is at step {step}, past train.steps = {cfg.steps}",
                               "resume with the run's own config (--resume reuses it)")
         if state.get("batch_size") != cfg.batch_size or state.get("dataset_size") != self.order.n:
+            data = [f"{n} samples" if isinstance(n, int) else n for n in (state.get("dataset_size"), self.order.n)]
             raise DmclipError(
-                f"the checkpoint was trained with batch_size {state.get('batch_size')} on "
-                f"{state.get('dataset_size')} samples, this run has batch_size {cfg.batch_size} on {self.order.n}",
-                "resume with the same data and batch size (the data order depends on both)")
+                f"the checkpoint was trained with batch_size {state.get('batch_size')} on {data[0]}, "
+                f"this run has batch_size {cfg.batch_size} on {data[1]}",
+                "resume with the same data and batch size (the data order depends on both"
+                + (", and for a stream on the ranks and train.num_workers)" if isinstance(self.order.n, str) else ")"))
         expected = self.model.state_dict()
         saved = state["model"]
         mismatch = ([f"{k} missing" for k in expected if k not in saved]

@@ -1,0 +1,305 @@
+"""Webdataset shards: streamed for training (split over ranks x DataLoader workers, resumable), indexed for
+evaluation (``.cls`` sets as classification), and DataLoader workers for every format.
+
+What a user would notice if these broke: a sample read twice (or never) in an epoch when training on 8 GPUs
+with 8 workers each, a resumed run that trains on other batches than the uninterrupted one, a 1 TB dataset
+read whole before the first step, CLIP_benchmark's webdataset sets refused by `dmclip eval zero-shot`, or
+`train.num_workers=4` failing on some format.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmclip.cli.main import main
+from dmclip.data import build_dataset, collate, export
+from dmclip.data.stream import WdsStream
+from dmclip.errors import DmclipError
+from dmclip.runs import RunDir
+from dmclip.train import TrainConfig, fit
+from dmclip.train.data import DataPosition, StreamOrder
+
+SIZE = 16
+
+
+def png(value: int) -> bytes:
+    """A 16 x 16 image whose pixels encode ``value`` (so a batch can be checked against its keys)."""
+    array = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    array[..., 0], array[..., 1], array[..., 2] = value % 256, value // 256 % 256, 7
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shards(folder: Path, shards: int, per_shard: int, *, bad: set[int] = frozenset(),
+                 layout: str = "datacomp") -> Path:
+    """``shards`` x ``per_shard`` samples keyed by their number: DataComp's layout (jpg-or-png + txt + json
+    {"caption"}); sample numbers in ``bad`` get bytes that are no image."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    number = 0
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"shard-{s:06d}.tar")) as sink:
+            for _ in range(per_shard):
+                sample = {"__key__": f"{number:09d}", "png": b"not an image" if number in bad else png(number),
+                          "txt": f"caption {number}"}
+                if layout == "datacomp":
+                    sample["json"] = json.dumps({"uid": f"{number:032x}", "caption": f"caption {number}"})
+                sink.write(sample)
+                number += 1
+    return folder
+
+
+def numbers(batch: dict) -> list[int]:
+    """The sample numbers of a batch, read from its keys, checked against its pixels and captions."""
+    out = []
+    for key, image, captions in zip(batch["key"], batch["image"], batch["captions"]):
+        number = int(key.split("/")[1])
+        assert int(image[0, 0, 0]) + 256 * int(image[1, 0, 0]) == number and captions == [f"caption {number}"]
+        out.append(number)
+    return out
+
+
+def stream(folder: Path, **options) -> WdsStream:
+    spec = ":".join([f"wds:{folder}", *(f"{k}={v}" for k, v in options.items())])
+    ds = build_dataset(spec, image_size=SIZE, allow_stream=True)
+    assert isinstance(ds, WdsStream)
+    return ds
+
+
+def take(order: StreamOrder, micro_batches: int) -> list[int]:
+    iterator = order.batches(collate)
+    return [n for _ in range(micro_batches) for n in numbers(next(iterator))]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("wds") / "shards", shards=8, per_shard=6)
+
+
+# ------------------------------------------------------------------------------ exactly once per epoch
+
+
+def test_plain_iteration_reads_every_sample_once_per_epoch_over_2_ranks_x_2_workers(shards):
+    """DataLoader(stream, num_workers=2) on each of 2 ranks: the 48 samples, each once; another epoch
+    reads them all again in another order."""
+    orders = []
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(2):
+            ds = stream(shards, shuffle_buffer=10).split(rank, 2)
+            ds.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate)
+            seen += [n for batch in loader for n in numbers(batch)]
+        assert sorted(seen) == list(range(48))
+        orders.append(seen)
+    assert orders[0] != orders[1]
+
+
+def test_training_readers_cover_each_epoch_once_over_2_ranks_x_2_workers(shards):
+    """fit's readers (StreamOrder): 2 ranks x 2 workers, 3 samples per micro-batch. Each reader holds 2 shards
+    (12 samples = 4 micro-batches) per epoch, so 8 micro-batches per rank are one epoch and 16 are two."""
+    per_rank = [take(StreamOrder(stream(shards), 12, seed=5, grad_accum=2, world_size=2, rank=rank, num_workers=2),
+                     16) for rank in range(2)]
+    first = per_rank[0][:24] + per_rank[1][:24]
+    second = per_rank[0][24:] + per_rank[1][24:]
+    assert sorted(first) == list(range(48)) and sorted(second) == list(range(48))
+    assert first != second  # epoch 1 shuffles shards and samples anew
+    again = take(StreamOrder(stream(shards), 12, seed=5, grad_accum=2, world_size=2, rank=0, num_workers=2), 16)
+    assert again == per_rank[0]  # the run seed fixes the order
+    other = take(StreamOrder(stream(shards), 12, seed=6, grad_accum=2, world_size=2, rank=0, num_workers=2), 16)
+    assert other != per_rank[0]
+
+
+def test_resampled_draws_shards_with_replacement_even_with_fewer_shards_than_readers(tmp_path):
+    folder = write_shards(tmp_path / "few", shards=3, per_shard=4)
+    with pytest.raises(DmclipError, match="3 shard\\(s\\) cannot feed 4 readers") as info:
+        StreamOrder(stream(folder), 8, seed=0, world_size=2, rank=0, num_workers=2)
+    assert "resampled=true" in info.value.hint
+    seen = collections.Counter()
+    for rank in range(2):
+        seen.update(take(StreamOrder(stream(folder, resampled="true"), 8, seed=0, world_size=2, rank=rank,
+                                     num_workers=2), 6))
+    assert sum(seen.values()) == 48 and set(seen) <= set(range(12))
+    assert max(seen.values()) > 1  # 48 draws of 12 samples: with replacement, repeats
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("workers,accum", [(0, 1), (2, 2)])
+def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers, accum):
+    """Position after any step (mid-epoch, at an epoch's end, epochs later) -> the uninterrupted run's next
+    batches; a bad image inside is replaced the same way both times."""
+    folder = write_shards(tmp_path / "shards", shards=4, per_shard=7, bad={9})
+    whole = take(StreamOrder(stream(folder), 8, seed=1, grad_accum=accum, num_workers=workers), 20 * accum)
+    for step in (1, 3, 7, 12):
+        resumed = StreamOrder(stream(folder), 8, seed=1, grad_accum=accum, num_workers=workers)
+        resumed.position = DataPosition(0, step * 8)
+        assert take(resumed, (20 - step) * accum) == whole[step * 8:], f"resumed at step {step}"
+    assert len(whole) == 160 and set(whole) == set(range(28)) - {9}  # 9 is unreadable: others take its place
+
+
+def test_the_first_batch_reads_only_the_first_shard(shards, monkeypatch):
+    """Nothing is read up front: building the stream peeks at one shard, the first batch opens one more."""
+    import sys
+
+    import webdataset  # noqa: F401  (its package attribute `gopen` is the function; the module is below)
+
+    gopen_module = sys.modules["webdataset.gopen"]  # the tar reader opens each shard through it
+    opened = []
+    real = gopen_module.gopen
+
+    def counting(url, *args, **kwargs):
+        opened.append(url)
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(gopen_module, "gopen", counting)
+    ds = stream(shards, shuffle_buffer=2)
+    assert len(opened) == 1
+    batch = next(StreamOrder(ds, 4, seed=0).batches(collate))
+    assert len(numbers(batch)) == 4 and len(opened) == 2 and len(ds.shards) == 8
+
+
+def test_stream_spec_errors_are_one_line_with_the_fix(shards, tmp_path):
+    with pytest.raises(DmclipError, match="reads the set by index") as info:
+        build_dataset(f"wds:{shards}:stream=true")  # e.g. dmclip data show
+    assert "drop stream=true" in info.value.hint
+    with pytest.raises(DmclipError, match="did you mean 'shuffle_buffer'"):
+        build_dataset(f"wds:{shards}:shuffle_bufer=10", allow_stream=True)
+    indexed = build_dataset(f"wds:{shards}:stream=false", image_size=SIZE, allow_stream=True)
+    assert len(indexed) == 48 and indexed.captions(5) == ["caption 5"]
+
+
+# -------------------------------------------------------------------------------- .cls classification
+
+
+@pytest.mark.slow  # two evaluations through main()
+def test_cls_shards_are_a_zero_shot_set_scored_as_the_original(tmp_path):
+    """`dmclip data export` of a classification set -> `.cls` shards + classnames.txt: `eval zero-shot` on them
+    scores exactly what it scores on the set itself (PNG keeps the pixels)."""
+    assert main(["data", "export", "world-zeroshot:size=40", str(tmp_path / "zs"), "--shard-size", "16",
+                 "--image-size", "32"]) == 0
+    loaded = build_dataset(f"wds:{tmp_path / 'zs'}", image_size=32, allow_stream=True)  # .cls: indexed
+    original = build_dataset("world-zeroshot:size=40", image_size=32)
+    assert loaded.kind == "classification" and loaded.classnames == original.classnames
+    assert loaded.templates == original.templates and loaded.labels() == original.labels()
+    scores = []
+    for data in (f"wds:{tmp_path / 'zs'}", "world-zeroshot:size=40"):
+        assert main(["eval", "zero-shot", "--model", "builtin:world-vit", "--data", data,
+                     "--runs-dir", str(tmp_path / "runs" / str(len(scores)))]) == 0
+        (run,) = (tmp_path / "runs" / str(len(scores)) / "eval").iterdir()
+        scores.append(json.loads((run / "results.json").read_text())["metrics"])
+    assert scores[0] == scores[1] and scores[0]["acc1"] > 0.1
+
+
+def test_clip_benchmark_layout_loads_with_its_class_names_and_templates(tmp_path):
+    """ROOT/test/{0..N}.tar (image + .cls), ROOT/classnames.txt, ROOT/zeroshot_classification_templates.txt."""
+    import webdataset as wds
+
+    (tmp_path / "root" / "test").mkdir(parents=True)
+    labels = [k % 3 for k in range(11)]
+    for shard in range(11 // 4 + 1):
+        with wds.TarWriter(str(tmp_path / "root" / "test" / f"{shard}.tar")) as sink:
+            for k in range(shard * 4, min(11, shard * 4 + 4)):
+                sink.write({"__key__": f"s{k:04d}", "webp": png(k), "cls": str(labels[k])})
+    (tmp_path / "root" / "test" / "nshards.txt").write_text("3\n")
+    (tmp_path / "root" / "classnames.txt").write_text("cat\ndog\nbird\n")
+    (tmp_path / "root" / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nart of the {c}.\n")
+    ds = build_dataset(f"wds:{tmp_path / 'root'}", image_size=SIZE)
+    assert ds.kind == "classification" and ds.classnames == ["cat", "dog", "bird"]
+    assert ds.templates == ["a photo of a {}.", "art of the {}."] and ds.labels() == labels
+    assert [int(ds[k]["image"][0, 0, 0]) for k in range(11)] == list(range(11))
+    (tmp_path / "root" / "classnames.txt").write_text("cat\ndog\n")
+    with pytest.raises(DmclipError, match="label 2 found but only 2 class names"):
+        build_dataset(f"wds:{tmp_path / 'root'}")
+
+
+# ---------------------------------------------------------------------------- DataLoader workers, every format
+
+
+class RecordingTask:
+    """Records what each micro-batch held (sample indices and an image checksum); trains a 1-weight model."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(1, 1)
+        self.seen = []
+
+    def collate(self, samples):
+        batch = collate(samples)
+        return {"image": batch["image"], "index": [int(i) for i in batch["index"]]}
+
+    def loss(self, model, batch, step):
+        self.seen.append((step, batch["index"], int(batch["image"].long().sum())))
+        return {"loss": model(batch["image"].float().mean().reshape(1, 1)).sum()}
+
+
+@pytest.fixture(scope="module")
+def every_format(tmp_path_factory, shards) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("formats")
+    world = build_dataset("world-retrieval-a:size=24", image_size=SIZE)
+    export(world, "csv", root / "csv")
+    export(world, "coco", root / "coco")
+    export(build_dataset("world-zeroshot:size=24", image_size=SIZE), "imagefolder", root / "folder")
+    with open(root / "csv" / "data.csv", encoding="utf-8") as fh:
+        rows = [{"image": f"csv/{row['filepath']}", "caption": row["caption"]} for row in csv.DictReader(fh)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"world": "world-train:size=24", "csv": f"csv:{root}/csv/data.csv", "coco": f"coco:{root}/coco/captions.json",
+            "imagefolder": f"imagefolder:{root}/folder", "hf-json": f"hf:{root}/data.jsonl",
+            "wds-index": f"wds:{shards}:stream=false", "wds-stream": f"wds:{shards}"}
+
+
+@pytest.mark.parametrize("name", ["world", "csv", "coco", "imagefolder", "wds-index", "wds-stream",
+                                  pytest.param("hf-json", marks=pytest.mark.slow)])  # importing datasets: seconds
+def test_train_num_workers_works_for_every_format(every_format, name, tmp_path):
+    """fit with 2 DataLoader workers: a map-style set gives the batches of loading in the training process; the
+    stream (whose readers are its workers) gives 16 distinct samples in 4 steps of 4, as with no worker."""
+    dataset = build_dataset(every_format[name], image_size=SIZE, allow_stream=True)
+    seen = []
+    for workers in (0, 2):
+        cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=1, num_workers=workers, progress=False,
+                          checkpoint_every=0, device="cpu")
+        run = RunDir.create("toy", f"{name}-{workers}", cfg, root=tmp_path, seed=0)
+        task = RecordingTask()
+        with run.active():
+            fit(task, dataset, cfg, run, seed=0)
+        seen.append(task.seen)
+        assert [step for step, _, _ in task.seen] == [0, 1, 2, 3]
+    if name == "wds-stream":
+        for records in seen:
+            assert len({i for _, indices, _ in records for i in indices}) == 16
+    else:
+        assert seen[0] == seen[1] and len({i for _, indices, _ in seen[0] for i in indices}) > 4
+
+
+# ---------------------------------------------------------------------------- kill and resume through main()
+
+
+@pytest.mark.slow
+def test_pretrain_on_a_stream_killed_twice_resumes_to_the_uninterrupted_weights(tmp_path, capsys, monkeypatch):
+    """As tests/test_kill_resume.py, on 8 shards streamed by 2 DataLoader workers: 6 steps of 16 cross an epoch
+    of each worker (32 samples), and the final resume starts mid-epoch (step 2)."""
+    from test_kill_resume import TINY_MODEL, assert_same_run, kill_twice_then_resume, one_thread_main, the_run
+
+    assert main(["data", "export", "world-train:size=64", str(tmp_path / "shards"), "--shard-size", "8",
+                 "--image-size", "32"]) == 0
+    argv = ["pretrain", "--data", f"wds:{tmp_path / 'shards'}", "--steps", "6", "--batch-size", "16",
+            "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=",
+            "--set", "train.log_every=1", "--set", "train.checkpoint_every=2", "--set", "train.num_workers=2",
+            *TINY_MODEL]
+    assert one_thread_main([*argv, "--runs-dir", str(tmp_path / "reference")]) == 0
+    reference = the_run(tmp_path / "reference")
+    assert [row["epoch"] for row in RunDir(reference).metrics()][-1] == 1.5  # sizes.json: 96 of 64 samples
+    resumed = kill_twice_then_resume(argv, tmp_path / "runs", tmp_path, capsys, monkeypatch)
+    assert_same_run(resumed, reference)
