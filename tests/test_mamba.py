@@ -97,6 +97,33 @@ def test_fused_inference_block_equals_the_op_by_op_model():
     assert fused_tokens.shape == (3, 16, 32)
 
 
+@pytest.mark.requires_fused_scan
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fused_stack_equals_block_by_block_inference(batch):
+    # eval + no grad runs all blocks in one C++ call; at batch >= 2 x threads each thread takes whole batch
+    # rows through every block (batch 8 at 2 threads), below that block after block. Same features either
+    # way as block-by-block calls (a forward hook forces those: hooks must see every block) and the reference.
+    model = tiny_model(scan_backend="cpu")
+    images = torch.rand(batch, 3, 32, 32)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            fused = model(images)
+            seen = []
+            handle = model.blocks[1].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+            by_block = model(images)
+            handle.remove()
+    finally:
+        torch.set_num_threads(saved)
+    assert seen == [(batch, 17, 32)]  # the hook ran: that call went block by block
+    torch.testing.assert_close(fused, by_block, rtol=1e-5, atol=1e-6)
+    model.set_scan_backend("reference")
+    with torch.no_grad():
+        ref = model(images)
+    assert (fused - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_weights_saved_with_one_module_per_direction_still_load():
     # the layout before the directions were stacked: {forward,backward}_branch.{conv1d,x_proj,dt_proj,A_log,D}
     model = tiny_model()

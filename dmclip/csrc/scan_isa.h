@@ -51,12 +51,14 @@ struct MixGrads { T* dxc; T* ddelta; T* dxdbl; T* dz; };
 #define DMCLIP_ISA_NS isa_avx512
 #define DMCLIP_LANES 16
 #define DMCLIP_AVX512 1
+#define DMCLIP_AVX2 1
 namespace dmclip {
 #include "scan_lanes.h"
 }
 #undef DMCLIP_ISA_NS
 #undef DMCLIP_LANES
 #undef DMCLIP_AVX512
+#undef DMCLIP_AVX2
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -64,23 +66,27 @@ namespace dmclip {
 #define DMCLIP_ISA_NS isa_avx2
 #define DMCLIP_LANES 8
 #define DMCLIP_AVX512 0
+#define DMCLIP_AVX2 1
 namespace dmclip {
 #include "scan_lanes.h"
 }
 #undef DMCLIP_ISA_NS
 #undef DMCLIP_LANES
 #undef DMCLIP_AVX512
+#undef DMCLIP_AVX2
 #pragma GCC pop_options
 
 #define DMCLIP_ISA_NS isa_base
 #define DMCLIP_LANES 8
 #define DMCLIP_AVX512 0
+#define DMCLIP_AVX2 0
 namespace dmclip {
 #include "scan_lanes.h"
 }
 #undef DMCLIP_ISA_NS
 #undef DMCLIP_LANES
 #undef DMCLIP_AVX512
+#undef DMCLIP_AVX2
 
 namespace dmclip {
 

@@ -14,9 +14,11 @@
 // copy runs: the best the CPU reports (__builtin_cpu_supports), or the one `set_isa` forces. "scalar" runs
 // the generic scan's plain loops below (also the float64 path, for gradcheck) and the baseline copy of the
 // mixer kernels.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/record_function.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with tensor casters (not torch/extension.h: it compiles for minutes)
 
 #include <algorithm>
 #include <cmath>
@@ -228,16 +230,16 @@ void lanes_backward(const ScanArgs<T>& p, const T* dout, const T* dlast, const S
 template <typename T>
 bool use_lanes() { return std::is_same_v<T, float> && current_isa() != kScalar; }
 
-void check(const torch::Tensor& t, const char* name, at::ScalarType dtype) {
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have the compute dtype");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 template <typename T>
-ScanArgs<T> scan_args(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
-                      const torch::Tensor& B, const torch::Tensor& C, const c10::optional<torch::Tensor>& D,
-                      const c10::optional<torch::Tensor>& z, const c10::optional<torch::Tensor>& delta_bias,
+ScanArgs<T> scan_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                      const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                      const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
                       bool delta_softplus) {
   ScanArgs<T> p;
   p.u = u.data_ptr<T>(); p.delta = delta.data_ptr<T>(); p.A = A.data_ptr<T>();
@@ -250,9 +252,9 @@ ScanArgs<T> scan_args(const torch::Tensor& u, const torch::Tensor& delta, const 
   return p;
 }
 
-void check_scan(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& B,
-                const torch::Tensor& C, const c10::optional<torch::Tensor>& D, const c10::optional<torch::Tensor>& z,
-                const c10::optional<torch::Tensor>& delta_bias) {
+void check_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                const c10::optional<at::Tensor>& delta_bias) {
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "compute dtype must be float32 or float64");
   check(u, "u", dtype);
@@ -274,14 +276,14 @@ void check_scan(const torch::Tensor& u, const torch::Tensor& delta, const torch:
 }  // namespace
 
 // Returns (out, last_state); last_state is empty unless requested.
-std::vector<torch::Tensor> selective_scan_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
-                                              torch::Tensor C, c10::optional<torch::Tensor> D,
-                                              c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
+std::vector<at::Tensor> selective_scan_fwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
+                                              at::Tensor C, c10::optional<at::Tensor> D,
+                                              c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias,
                                               bool delta_softplus, bool return_last_state) {
   RECORD_FUNCTION("dmclip::scan_fwd", std::vector<c10::IValue>());
   check_scan(u, delta, A, B, C, D, z, delta_bias);
-  auto out = torch::empty_like(u);
-  auto last = torch::empty({return_last_state ? u.size(0) : 0, u.size(1), A.size(1)}, u.options());
+  auto out = at::empty_like(u);
+  auto last = at::empty({return_last_state ? u.size(0) : 0, u.size(1), A.size(1)}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
     auto p = scan_args<scalar_t>(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
     scalar_t* last_ptr = return_last_state ? last.data_ptr<scalar_t>() : nullptr;
@@ -292,11 +294,11 @@ std::vector<torch::Tensor> selective_scan_fwd(torch::Tensor u, torch::Tensor del
 }
 
 // Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); the optional ones are empty when not given.
-std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
-                                              torch::Tensor C, c10::optional<torch::Tensor> D,
-                                              c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
-                                              bool delta_softplus, torch::Tensor dout,
-                                              c10::optional<torch::Tensor> dlast) {
+std::vector<at::Tensor> selective_scan_bwd(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
+                                              at::Tensor C, c10::optional<at::Tensor> D,
+                                              c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias,
+                                              bool delta_softplus, at::Tensor dout,
+                                              c10::optional<at::Tensor> dlast) {
   RECORD_FUNCTION("dmclip::scan_bwd", std::vector<c10::IValue>());
   check_scan(u, delta, A, B, C, D, z, delta_bias);
   check(dout, "dout", u.scalar_type());
@@ -306,15 +308,15 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
     TORCH_CHECK(dlast->dim() == 3 && dlast->size(0) == u.size(0) && dlast->size(1) == u.size(1) &&
                 dlast->size(2) == A.size(1), "dlast_state must be (batch, dim, N)");
   }
-  auto du = torch::empty_like(u);
-  auto ddelta = torch::empty_like(u);
-  auto dA = torch::empty_like(A);
-  auto dB = torch::empty_like(B);
-  auto dC = torch::empty_like(C);
-  auto empty = torch::empty({0}, u.options());
-  auto dD = D.has_value() ? torch::empty_like(*D) : empty;
-  auto dz = z.has_value() ? torch::empty_like(*z) : empty;
-  auto dbias = delta_bias.has_value() ? torch::empty_like(*delta_bias) : empty;
+  auto du = at::empty_like(u);
+  auto ddelta = at::empty_like(u);
+  auto dA = at::empty_like(A);
+  auto dB = at::empty_like(B);
+  auto dC = at::empty_like(C);
+  auto empty = at::empty({0}, u.options());
+  auto dD = D.has_value() ? at::empty_like(*D) : empty;
+  auto dz = z.has_value() ? at::empty_like(*z) : empty;
+  auto dbias = delta_bias.has_value() ? at::empty_like(*delta_bias) : empty;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_bwd", [&] {
     auto p = scan_args<scalar_t>(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
     ScanGrads<scalar_t> g{du.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(),
@@ -460,15 +462,15 @@ void rmsnorm(const T* x, const T* w, T eps, int64_t rows, int64_t D, T* y) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { k.rmsnorm(x, w, eps, begin, end, D, y); });
 }
 
-void check_param(const torch::Tensor& t, const char* name, at::ScalarType dtype, std::vector<int64_t> shape) {
+void check_param(const at::Tensor& t, const char* name, at::ScalarType dtype, std::vector<int64_t> shape) {
   check(t, name, dtype);
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " has shape ", t.sizes(), ", expected ", shape);
 }
 
 template <typename T>
-MixArgs<T> make_args(const torch::Tensor& xz, const torch::Tensor& conv_w, const torch::Tensor& conv_b,
-                     const torch::Tensor& dtproj_w, const torch::Tensor& dt_bias, const torch::Tensor& A_log,
-                     const c10::optional<torch::Tensor>& D) {
+MixArgs<T> make_args(const at::Tensor& xz, const at::Tensor& conv_w, const at::Tensor& conv_b,
+                     const at::Tensor& dtproj_w, const at::Tensor& dt_bias, const at::Tensor& A_log,
+                     const c10::optional<at::Tensor>& D) {
   MixArgs<T> a{};
   a.batch = xz.size(0); a.L = xz.size(1); a.E = xz.size(2) / 2;
   a.N = A_log.size(2); a.R = dtproj_w.size(2); a.K = conv_w.size(2);
@@ -478,9 +480,9 @@ MixArgs<T> make_args(const torch::Tensor& xz, const torch::Tensor& conv_w, const
   return a;
 }
 
-void check_inputs(const torch::Tensor& xz, const torch::Tensor& conv_w, const torch::Tensor& conv_b,
-                  const torch::Tensor& xproj_w, const torch::Tensor& dtproj_w, const torch::Tensor& dt_bias,
-                  const torch::Tensor& A_log, const c10::optional<torch::Tensor>& D) {
+void check_inputs(const at::Tensor& xz, const at::Tensor& conv_w, const at::Tensor& conv_b,
+                  const at::Tensor& xproj_w, const at::Tensor& dtproj_w, const at::Tensor& dt_bias,
+                  const at::Tensor& A_log, const c10::optional<at::Tensor>& D) {
   const auto dtype = xz.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "compute dtype must be float32 or float64");
   check(xz, "xz", dtype);
@@ -501,14 +503,14 @@ void check_inputs(const torch::Tensor& xz, const torch::Tensor& conv_w, const to
 }  // namespace
 
 // Returns (out, xc, xdbl); the last two are what the backward needs.
-std::vector<torch::Tensor> bimamba_fwd(torch::Tensor xz, torch::Tensor conv_w, torch::Tensor conv_b,
-                                       torch::Tensor xproj_w, torch::Tensor dtproj_w, torch::Tensor dt_bias,
-                                       torch::Tensor A_log, c10::optional<torch::Tensor> D) {
+std::vector<at::Tensor> bimamba_fwd(at::Tensor xz, at::Tensor conv_w, at::Tensor conv_b,
+                                       at::Tensor xproj_w, at::Tensor dtproj_w, at::Tensor dt_bias,
+                                       at::Tensor A_log, c10::optional<at::Tensor> D) {
   check_inputs(xz, conv_w, conv_b, xproj_w, dtproj_w, dt_bias, A_log, D);
   const int64_t batch = xz.size(0), L = xz.size(1), E = xz.size(2) / 2;
-  auto xc = torch::empty({2, batch, L, E}, xz.options());
-  auto out = torch::empty({batch, L, E}, xz.options());
-  torch::Tensor xdbl;
+  auto xc = at::empty({2, batch, L, E}, xz.options());
+  auto out = at::empty({batch, L, E}, xz.options());
+  at::Tensor xdbl;
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "bimamba_fwd", [&] {
     auto a = make_args<scalar_t>(xz, conv_w, conv_b, dtproj_w, dt_bias, A_log, D);
     conv_forward(a, xc.data_ptr<scalar_t>());
@@ -520,10 +522,10 @@ std::vector<torch::Tensor> bimamba_fwd(torch::Tensor xz, torch::Tensor conv_w, t
 }
 
 // Returns (dxz, dconv_w, dconv_b, dxproj_w, ddtproj_w, ddt_bias, dA_log, dD).
-std::vector<torch::Tensor> bimamba_bwd(torch::Tensor xz, torch::Tensor conv_w, torch::Tensor conv_b,
-                                       torch::Tensor xproj_w, torch::Tensor dtproj_w, torch::Tensor dt_bias,
-                                       torch::Tensor A_log, c10::optional<torch::Tensor> D, torch::Tensor xc,
-                                       torch::Tensor xdbl, torch::Tensor dout) {
+std::vector<at::Tensor> bimamba_bwd(at::Tensor xz, at::Tensor conv_w, at::Tensor conv_b,
+                                       at::Tensor xproj_w, at::Tensor dtproj_w, at::Tensor dt_bias,
+                                       at::Tensor A_log, c10::optional<at::Tensor> D, at::Tensor xc,
+                                       at::Tensor xdbl, at::Tensor dout) {
   check_inputs(xz, conv_w, conv_b, xproj_w, dtproj_w, dt_bias, A_log, D);
   const int64_t batch = xz.size(0), L = xz.size(1), E = xz.size(2) / 2, R = dtproj_w.size(2);
   const int64_t N = A_log.size(2), P = R + 2 * N;
@@ -532,18 +534,18 @@ std::vector<torch::Tensor> bimamba_bwd(torch::Tensor xz, torch::Tensor conv_w, t
   check(xc, "xc", xz.scalar_type());
   check(xdbl, "xdbl", xz.scalar_type());
   auto delta = at::bmm(xdbl.narrow(2, 0, R), dtproj_w.transpose(1, 2));  // (2, batch L, E), recomputed
-  auto dxc = torch::empty({2, batch, L, E}, xz.options());
-  auto ddelta = torch::empty({2, batch, L, E}, xz.options());
-  auto dxdbl = torch::empty({2, batch * L, P}, xz.options());
-  auto dxz = torch::empty({batch, L, 2 * E}, xz.options());
-  auto dz = torch::empty({batch, L, E}, xz.options());
-  auto dx = torch::empty({batch, L, E}, xz.options());
-  auto dA_log = torch::empty_like(A_log);
-  auto dD = torch::empty({2, E}, xz.options());
-  auto dbias = torch::empty_like(dt_bias);
-  auto dconv_w = torch::empty_like(conv_w);
-  auto dconv_b = torch::empty_like(conv_b);
-  torch::Tensor dxproj_w, ddtproj_w;
+  auto dxc = at::empty({2, batch, L, E}, xz.options());
+  auto ddelta = at::empty({2, batch, L, E}, xz.options());
+  auto dxdbl = at::empty({2, batch * L, P}, xz.options());
+  auto dxz = at::empty({batch, L, 2 * E}, xz.options());
+  auto dz = at::empty({batch, L, E}, xz.options());
+  auto dx = at::empty({batch, L, E}, xz.options());
+  auto dA_log = at::empty_like(A_log);
+  auto dD = at::empty({2, E}, xz.options());
+  auto dbias = at::empty_like(dt_bias);
+  auto dconv_w = at::empty_like(conv_w);
+  auto dconv_b = at::empty_like(conv_b);
+  at::Tensor dxproj_w, ddtproj_w;
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "bimamba_bwd", [&] {
     auto a = make_args<scalar_t>(xz, conv_w, conv_b, dtproj_w, dt_bias, A_log, D);
     a.xc = xc.data_ptr<scalar_t>(); a.xdbl = xdbl.data_ptr<scalar_t>(); a.delta = delta.data_ptr<scalar_t>();
@@ -563,19 +565,19 @@ std::vector<torch::Tensor> bimamba_bwd(torch::Tensor xz, torch::Tensor conv_w, t
   });
   dxz.narrow(2, 0, E).copy_(dx);
   dxz.narrow(2, E, E).copy_(dz);
-  return {dxz, dconv_w, dconv_b, dxproj_w, ddtproj_w, dbias, dA_log, D.has_value() ? dD : torch::Tensor()};
+  return {dxz, dconv_w, dconv_b, dxproj_w, ddtproj_w, dbias, dA_log, D.has_value() ? dD : at::Tensor()};
 }
 
 // Inference of one whole Vim block: x + out_proj(mixer(in_proj(rmsnorm(x)))), in 6 parallel regions.
-torch::Tensor bimamba_block_fwd(torch::Tensor x, torch::Tensor norm_w, double eps, torch::Tensor in_w,
-                                torch::Tensor conv_w, torch::Tensor conv_b, torch::Tensor xproj_w,
-                                torch::Tensor dtproj_w, torch::Tensor dt_bias, torch::Tensor A_log,
-                                c10::optional<torch::Tensor> D, torch::Tensor out_w) {
+at::Tensor bimamba_block_fwd(at::Tensor x, at::Tensor norm_w, double eps, at::Tensor in_w,
+                                at::Tensor conv_w, at::Tensor conv_b, at::Tensor xproj_w,
+                                at::Tensor dtproj_w, at::Tensor dt_bias, at::Tensor A_log,
+                                c10::optional<at::Tensor> D, at::Tensor out_w) {
   check(x, "x", x.scalar_type());
   check(norm_w, "norm weight", x.scalar_type());
   TORCH_CHECK(x.dim() == 3 && norm_w.dim() == 1 && norm_w.size(0) == x.size(2), "x must be (batch, L, width)");
   const int64_t batch = x.size(0), L = x.size(1), width = x.size(2);
-  auto h = torch::empty_like(x);
+  auto h = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bimamba_rmsnorm", [&] {
     rmsnorm<scalar_t>(x.data_ptr<scalar_t>(), norm_w.data_ptr<scalar_t>(), static_cast<scalar_t>(eps), batch * L,
                       width, h.data_ptr<scalar_t>());
@@ -583,6 +585,35 @@ torch::Tensor bimamba_block_fwd(torch::Tensor x, torch::Tensor norm_w, double ep
   auto xz = at::mm(h.view({batch * L, width}), in_w.t()).view({batch, L, in_w.size(0)});
   auto y = bimamba_fwd(xz, conv_w, conv_b, xproj_w, dtproj_w, dt_bias, A_log, D)[0];
   return at::addmm(x.view({batch * L, width}), y.view({batch * L, y.size(2)}), out_w.t()).view({batch, L, width});
+}
+
+// Inference of a stack of Vim blocks (the encoder's body) in one call. params: 10 tensors per block, in the
+// order of bimamba_block_fwd (norm weight, in_proj, conv weight, conv bias, x_proj, dt_proj, dt bias, A_log, D,
+// out_proj). With at least two batch rows per thread, each thread runs every block on its own rows, start to
+// end: one parallel region for the whole stack instead of six per block, and GEMMs of a whole chunk of rows.
+// With fewer rows, block after block with the work of each op split over threads.
+at::Tensor bimamba_stack_fwd(at::Tensor x, std::vector<at::Tensor> params, double eps) {
+  TORCH_CHECK(!params.empty() && params.size() % 10 == 0, "params must hold 10 tensors per block");
+  check(x, "x", x.scalar_type());
+  TORCH_CHECK(x.dim() == 3, "x must be (batch, L, width)");
+  auto run = [&](at::Tensor h) {
+    for (size_t k = 0; k < params.size(); k += 10)
+      h = bimamba_block_fwd(h, params[k], eps, params[k + 1], params[k + 2], params[k + 3], params[k + 4],
+                            params[k + 5], params[k + 6], params[k + 7], params[k + 8], params[k + 9]);
+    return h;
+  };
+  const int64_t batch = x.size(0), threads = at::get_num_threads();
+  if (threads < 2 || batch < 2 * threads) return run(x);
+  auto out = at::empty_like(x);
+  const at::ThreadLocalState state;  // grad / inference mode of the caller, for the ops the workers run
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t part = begin; part < end; ++part) {
+      const int64_t b0 = batch * part / threads, b1 = batch * (part + 1) / threads;
+      out.narrow(0, b0, b1 - b0).copy_(run(x.narrow(0, b0, b1 - b0)));
+    }
+  });
+  return out;
 }
 
 }  // namespace dmclip
@@ -596,6 +627,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bimamba_bwd", &dmclip::bimamba_bwd, "gradient of bimamba_fwd");
   m.def("bimamba_block_fwd", &dmclip::bimamba_block_fwd,
         "inference of a whole Vim block (norm, in_proj, mixer, out_proj, residual)");
+  m.def("bimamba_stack_fwd", &dmclip::bimamba_stack_fwd,
+        "inference of a stack of Vim blocks (one bimamba_block_fwd per block; whole rows per thread at batch >= 2 x threads)");
   m.def("isa", &dmclip::isa_name, "the instruction set the kernels run with");
   m.def("supported_isas", &dmclip::supported_isas, "the instruction sets this CPU can run, best first");
   m.def("set_isa", &dmclip::set_isa, "force an instruction set ('auto': the best); returns the setting before");

@@ -22,6 +22,7 @@ from dmclip.models.scan import (
     bidirectional_block_inference,
     bidirectional_mixer,
     bidirectional_mixer_reference,
+    bidirectional_stack_inference,
     resolve_backend,
 )
 from dmclip.models.vit import DropPath
@@ -108,6 +109,11 @@ class MambaBlock(nn.Module):
                                                  mixer.mixer_params(), mixer.out_proj.weight)
         return x + self.drop_path(self.mixer(self.norm(x)))
 
+    def fused_params(self) -> tuple:
+        """What :func:`bidirectional_stack_inference` takes for this block."""
+        mixer = self.mixer
+        return self.norm.weight, mixer.in_proj.weight, mixer.mixer_params(), mixer.out_proj.weight
+
     def _fused_inference(self, x: torch.Tensor) -> bool:
         if torch.is_grad_enabled() and (x.requires_grad or self.norm.weight.requires_grad):
             return False
@@ -177,9 +183,18 @@ class VisionMamba(nn.Module):
         p = self.cls_position
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([x[:, :p], cls, x[:, p:]], dim=1) + self.pos_embed  # (B, num_patches + 1, width)
-        for block in self.blocks:
-            x = block(x)
+        if self._fused_stack(x):  # inference on the cpu backend: every block in one kernel call
+            x = bidirectional_stack_inference(x, [block.fused_params() for block in self.blocks], self.blocks[0].norm.eps)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.norm(x)
+
+    def _fused_stack(self, x: torch.Tensor) -> bool:
+        blocks = self.blocks
+        if any(b._forward_hooks or b._forward_pre_hooks for b in blocks):  # hooks see every block's call
+            return False
+        return len({b.norm.eps for b in blocks}) == 1 and all(b._fused_inference(x) for b in blocks)
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Final-normed patch tokens (B, num_patches, width), the class token left out."""

@@ -551,6 +551,23 @@ def bidirectional_block_inference(x, norm_weight, eps, in_proj_weight, mixer_par
                                               out_proj_weight)
 
 
+def bidirectional_stack_inference(x, blocks, eps):
+    """Every block of ``blocks`` after the other (:func:`bidirectional_block_inference` each), one C++ call.
+
+    ``blocks``: per block ``(norm_weight, in_proj_weight, mixer_params, out_proj_weight)``, one RMSNorm
+    ``eps`` for all. With at least two batch rows per thread each thread runs the whole stack on its own
+    rows (one parallel region in all); with fewer, op by op as the single-block call does.
+    """
+    if _active_flop_counter_modes() or _flop_counters:  # count each block as the single-block path does
+        for norm_weight, in_proj_weight, mixer_params, out_proj_weight in blocks:
+            x = bidirectional_block_inference(x, norm_weight, eps, in_proj_weight, mixer_params, out_proj_weight)
+        return x
+    params = []
+    for norm_weight, in_proj_weight, mixer_params, out_proj_weight in blocks:
+        params += [norm_weight, in_proj_weight, *mixer_params, out_proj_weight]
+    return _cpu_extension().bimamba_stack_fwd(x.contiguous(), params, eps)
+
+
 class _BiMixer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, *params):
