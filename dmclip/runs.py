@@ -62,7 +62,6 @@ def slug(name: str) -> str:
     return keep.strip("-")[:60] or "run"
 
 
-_slug = slug  # the older private name, still imported by the eval module
 
 
 # -------------------------------------------------------------------------------------- run dirs

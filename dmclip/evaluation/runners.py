@@ -170,9 +170,9 @@ def run_suite(config: SuiteConfig, record, progress: bool = False,
     tasks_dir = record.path / "tasks"
 
     def save_task(result: dict) -> None:  # one CLIP_benchmark file per (model, dataset, task)
-        from dmclip.runs import _slug, atomic_write_json
+        from dmclip.runs import atomic_write_json, slug
 
-        name = f"{_slug(result['model'] + '_' + result['pretrained'])}__{_slug(result['dataset'])}__{result['task']}.json"
+        name = f"{slug(result['model'] + '_' + result['pretrained'])}__{slug(result['dataset'])}__{result['task']}.json"
         atomic_write_json(tasks_dir / name, result)
 
     given = models or {}
