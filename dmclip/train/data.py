@@ -108,7 +108,7 @@ def caption_choice(count: int, seed: int, step: int, index: int) -> int:
 
 
 def is_stream(dataset) -> bool:
-    """A dataset that orders itself (``dmclip.data.wds.WdsStream``): read by :class:`StreamOrder`."""
+    """A dataset that orders itself (``dmclip.data.stream.WdsStream``): read by :class:`StreamOrder`."""
     return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
@@ -167,10 +167,9 @@ class StreamOrder:
     micro-batches of ``batch_size / (grad_accum * world_size)`` samples forever (see
     ``WdsStream.slot_batches``). The DataLoader takes them from its workers in turn, so after ``k``
     micro-batches reader ``w`` has given ``ceil((k - w) / workers)`` and reader ``k % workers`` is next: the
-    position is the step alone
-    (``offset`` = samples consumed by all ranks), and a resumed run skips each reader to exactly where it was
-    (counting tar headers, not reading samples) — the same batches as an uninterrupted run, given the same
-    ranks, workers and shards (checked on resume).
+    position is the step alone (``offset`` = samples consumed by all ranks), and a resumed run skips each
+    reader to exactly where it was (counting tar headers, not reading samples) — the same batches as an
+    uninterrupted run, given the same ranks, workers and shards (checked on resume).
     """
 
     def __init__(self, stream, batch_size: int, *, seed: int, grad_accum: int = 1, world_size: int = 1,
