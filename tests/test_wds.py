@@ -137,10 +137,10 @@ def test_resampled_draws_shards_with_replacement_even_with_fewer_shards_than_rea
 # ----------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("workers,accum", [(0, 1), (2, 2)])
+@pytest.mark.parametrize("workers,accum", [(0, 1), (2, 1), (2, 2)])
 def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers, accum):
-    """Position after any step (mid-epoch, at an epoch's end, epochs later) -> the uninterrupted run's next
-    batches; a bad image inside is replaced the same way both times."""
+    """Position after any step (mid-epoch, at an epoch's end, epochs later; with any worker's turn next) ->
+    the uninterrupted run's next batches; a bad image inside is replaced the same way both times."""
     folder = write_shards(tmp_path / "shards", shards=4, per_shard=7, bad={9})
     whole = take(StreamOrder(stream(folder), 8, seed=1, grad_accum=accum, num_workers=workers), 20 * accum)
     for step in (1, 3, 7, 12):
@@ -303,3 +303,29 @@ def test_pretrain_on_a_stream_killed_twice_resumes_to_the_uninterrupted_weights(
     assert [row["epoch"] for row in RunDir(reference).metrics()][-1] == 1.5  # sizes.json: 96 of 64 samples
     resumed = kill_twice_then_resume(argv, tmp_path / "runs", tmp_path, capsys, monkeypatch)
     assert_same_run(resumed, reference)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_two_workers_each_resume_a_killed_streamed_run(tmp_path):
+    """torchrun, 2 ranks x 2 DataLoader workers = 4 readers of 8 shards: rank 1 is SIGKILLed in step 4; the
+    resumed run ends with the weights and losses of an uninterrupted 2-rank run."""
+    from test_distributed_e2e import TINY, assert_close_runs, torchrun
+
+    from dmclip.runs import find_runs
+
+    assert main(["data", "export", "world-train:size=64", str(tmp_path / "shards"), "--shard-size", "8",
+                 "--image-size", "32"]) == 0
+    argv = ["pretrain", "--data", f"wds:{tmp_path / 'shards'}", "--steps", "6", "--batch-size", "16",
+            "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=",
+            "--set", "train.log_every=1", "--set", "train.checkpoint_every=2", "--set", "train.num_workers=2", *TINY]
+    whole = torchrun([*argv, "--runs-dir", str(tmp_path / "whole")], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (reference,) = find_runs(tmp_path / "whole")
+    assert reference.load_checkpoint()["dataset_size"] == "8 shards read by 2 rank(s) x 2 reader(s)"
+    killed = torchrun([*argv, "--runs-dir", str(tmp_path / "killed")], tmp_path, die_at=3)
+    assert killed.returncode != 0
+    (run,) = find_runs(tmp_path / "killed")
+    assert run.load_checkpoint()["step"] == 3  # mid-epoch: each reader is 1.5 batches into its 2-batch epoch
+    resumed = torchrun(["pretrain", "--resume", str(run.path)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close_runs(run.path, reference.path)

@@ -68,7 +68,7 @@ def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None 
     Returns an ``ImageTextDataset`` or a ``ClassificationDataset``; images are uint8 (3, S, S) with
     S = ``image_size`` (default 64). ``allow_stream=True`` says the caller can also take a
     ``torch.utils.data.IterableDataset`` (the training engine can): webdataset shards are then streamed
-    (``dmclip.data.wds.WdsStream``) instead of indexed, unless the spec says ``stream=false``.
+    (``dmclip.data.stream.WdsStream``) instead of indexed, unless the spec says ``stream=false``.
     """
     from dmclip.registry import datasets
 

@@ -108,7 +108,7 @@ def caption_choice(count: int, seed: int, step: int, index: int) -> int:
 
 
 def is_stream(dataset) -> bool:
-    """A dataset that orders itself (``dmclip.data.wds.WdsStream``): read by :class:`StreamOrder`."""
+    """A dataset that orders itself (``dmclip.data.stream.WdsStream``): read by :class:`StreamOrder`."""
     return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
@@ -126,21 +126,22 @@ def _reseed_batch(seed: int, slot: int, number: int) -> None:
 
 
 class _ReaderBatches(torch.utils.data.IterableDataset):
-    """Rank ``rank``'s readers: DataLoader worker ``w`` is reader ``rank * workers + w`` of the stream."""
+    """Rank ``rank``'s readers: DataLoader worker ``i`` is reader ``rank * workers + (i + first) % workers`` of the
+    stream (a new DataLoader asks worker 0 first; ``first`` is the reader whose turn it is)."""
 
     def __init__(self, stream, batch_size: int, collate, seed: int, rank: int, world_size: int, workers: int,
-                 starts: list[int]):
+                 starts: list[int], first: int):
         self.stream, self.batch_size, self.collate, self.seed = stream, batch_size, collate, seed
-        self.rank, self.world_size, self.workers, self.starts = rank, world_size, workers, starts
+        self.rank, self.world_size, self.workers, self.starts, self.first = rank, world_size, workers, starts, first
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        slot = self.rank * self.workers + worker
+        reader = ((info.id if info is not None else 0) + self.first) % self.workers
+        slot = self.rank * self.workers + reader
         try:
             yield from self.stream.slot_batches(
                 slot, self.world_size * self.workers, self.batch_size, self.collate, seed=self.seed,
-                start=self.starts[worker], before_batch=functools.partial(_reseed_batch, self.seed, slot))
+                start=self.starts[reader], before_batch=functools.partial(_reseed_batch, self.seed, slot))
         except DmclipError as exc:
             yield _Failure(exc)
 
@@ -149,16 +150,26 @@ def _identity(item):
     return item
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: SIGTERM / SIGINT are for the training process, which saves the last
+    completed step and then shuts its workers down. (torchrun signals a rank's whole process group; a worker
+    killed first would make the DataLoader raise before the training process could save.)"""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StreamOrder:
     """:class:`DataOrder`'s counterpart for a stream: the stream picks the samples, this counts them.
 
     Each rank reads through ``max(1, num_workers)`` readers (its DataLoader workers), and every reader yields
     micro-batches of ``batch_size / (grad_accum * world_size)`` samples forever (see
     ``WdsStream.slot_batches``). The DataLoader takes them from its workers in turn, so after ``k``
-    micro-batches worker ``w`` has given ``ceil((k - w) / workers)``: the position is the step alone
-    (``offset`` = samples consumed by all ranks), and a resumed run skips each reader to exactly where it was
-    (counting tar headers, not reading samples) — the same batches as an uninterrupted run, given the same
-    ranks, workers and shards (checked on resume).
+    micro-batches reader ``w`` has given ``ceil((k - w) / workers)`` and reader ``k % workers`` is next: the
+    position is the step alone (``offset`` = samples consumed by all ranks), and a resumed run skips each
+    reader to exactly where it was (counting tar headers, not reading samples) — the same batches as an
+    uninterrupted run, given the same ranks, workers and shards (checked on resume).
     """
 
     def __init__(self, stream, batch_size: int, *, seed: int, grad_accum: int = 1, world_size: int = 1,
@@ -193,9 +204,10 @@ class StreamOrder:
         consumed = self.position.offset // (self.local * self.world_size)  # micro-batches this rank has used
         starts = [max(0, -(-(consumed - w) // self.workers)) * self.local for w in range(self.workers)]
         readers = _ReaderBatches(self.stream, self.local, collate, self.seed, self.rank, self.world_size,
-                                 self.workers, starts)
+                                 self.workers, starts, consumed % self.workers)
         loader = torch.utils.data.DataLoader(readers, batch_size=None, num_workers=self.num_workers,
-                                             collate_fn=_identity, pin_memory=pin_memory)
+                                             collate_fn=_identity, pin_memory=pin_memory,
+                                             worker_init_fn=ignore_stop_signals)
         for item in loader:
             if isinstance(item, _Failure):
                 raise DmclipError(item.message, item.hint)

@@ -41,7 +41,7 @@ from torch import nn
 from dmclip.errors import DmclipError
 from dmclip.train import distributed
 from dmclip.train.config import TrainConfig
-from dmclip.train.data import DataOrder, DataPosition, is_stream
+from dmclip.train.data import DataOrder, DataPosition, ignore_stop_signals, is_stream
 from dmclip.train.interrupt import InterruptGuard
 from dmclip.train.progress import Progress
 from dmclip.train.rng import reseed
@@ -156,7 +156,7 @@ class _Batches:
                                   position=DataPosition(**state.order.position.state_dict()))
             self.loader = iter(torch.utils.data.DataLoader(
                 self.fetcher, batch_size=None, sampler=_keys(key_order, state.step), num_workers=cfg.num_workers,
-                collate_fn=_identity, pin_memory=device.type == "cuda",
+                collate_fn=_identity, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
                 generator=torch.Generator().manual_seed(state.seed)))  # its own: the global RNG is not touched
 
     def get(self, step: int, micro: int, indices: list[int]) -> Any:
