@@ -69,7 +69,8 @@ def process_shard(model, dataset, k: int, start: int, stop: int, cfg: CapfiltCon
             for item, image, captions in zip(items, images, scored):
                 index = int(item["index"])
                 name = f"images/{index:08d}.png"
-                (out / name).write_bytes(encode_image(image.cpu().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()))
+                pixels = image.cpu().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()  # (S, S, 3)
+                (out / name).write_bytes(encode_image(pixels))
                 noisy, kinds = item.get("caption_is_noisy"), item.get("noise_kind")
                 web_rank = 0
                 for caption in captions:
