@@ -388,12 +388,12 @@ void conv_forward(const MixArgs<T>& a, T* xc) {
 
 // threads own channel blocks, so dw and db need no reduction across threads
 template <typename T>
-void conv_backward(const MixArgs<T>& a, const T* dxc, T* dx, T* dw, T* db) {
+void conv_backward(const MixArgs<T>& a, const T* dxc, T* dx, int64_t dx_stride, T* dw, T* db) {
   RECORD_FUNCTION("dmclip::mixer_conv_bwd", std::vector<c10::IValue>());
   const LaneKernels<T>& k = lane_kernels<T>();
   const int64_t W = k.lanes, blocks = (a.E + W - 1) / W;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) k.conv_bwd(a, blk * W, dxc, dx, dw, db);
+    for (int64_t blk = begin; blk < end; ++blk) k.conv_bwd(a, blk * W, dxc, dx, dx_stride, dw, db);
   });
 }
 
@@ -403,7 +403,9 @@ void mixer_scan_forward(const MixArgs<T>& a, T* out) {
   const LaneKernels<T>& k = lane_kernels<T>();
   const int64_t W = k.lanes, blocks = (a.E + W - 1) / W;
   at::parallel_for(0, a.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) k.mix_fwd(a, item / blocks, (item % blocks) * W, out);
+    Work<T> work(k.mix_fwd_work(a.L));
+    for (int64_t item = begin; item < end; ++item)
+      k.mix_fwd(a, item / blocks, (item % blocks) * W, out, work.data());
   });
 }
 
@@ -537,9 +539,7 @@ std::vector<at::Tensor> bimamba_bwd(at::Tensor xz, at::Tensor conv_w, at::Tensor
   auto dxc = at::empty({2, batch, L, E}, xz.options());
   auto ddelta = at::empty({2, batch, L, E}, xz.options());
   auto dxdbl = at::empty({2, batch * L, P}, xz.options());
-  auto dxz = at::empty({batch, L, 2 * E}, xz.options());
-  auto dz = at::empty({batch, L, E}, xz.options());
-  auto dx = at::empty({batch, L, E}, xz.options());
+  auto dxz = at::empty({batch, L, 2 * E}, xz.options());  // dx and dz are written into their halves
   auto dA_log = at::empty_like(A_log);
   auto dD = at::empty({2, E}, xz.options());
   auto dbias = at::empty_like(dt_bias);
@@ -550,7 +550,7 @@ std::vector<at::Tensor> bimamba_bwd(at::Tensor xz, at::Tensor conv_w, at::Tensor
     auto a = make_args<scalar_t>(xz, conv_w, conv_b, dtproj_w, dt_bias, A_log, D);
     a.xc = xc.data_ptr<scalar_t>(); a.xdbl = xdbl.data_ptr<scalar_t>(); a.delta = delta.data_ptr<scalar_t>();
     MixGrads<scalar_t> g{dxc.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(), dxdbl.data_ptr<scalar_t>(),
-                         dz.data_ptr<scalar_t>()};
+                         dxz.data_ptr<scalar_t>() + E, 2 * E};
     mixer_scan_backward(a, dout.data_ptr<scalar_t>(), g, dA_log.data_ptr<scalar_t>(), dD.data_ptr<scalar_t>(),
                         dbias.data_ptr<scalar_t>());
     auto ddelta_v = ddelta.view({2, batch * L, E});
@@ -560,11 +560,9 @@ std::vector<at::Tensor> bimamba_bwd(at::Tensor xz, at::Tensor conv_w, at::Tensor
     dxproj_w = at::bmm(dxdbl.transpose(1, 2), xc.view({2, batch * L, E}));  // (2, P, E)
     auto dxc_v = dxc.view({2, batch * L, E});
     dxc_v.baddbmm_(dxdbl, xproj_w);                                        // + dxdbl @ W_x
-    conv_backward(a, dxc.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dconv_w.data_ptr<scalar_t>(),
+    conv_backward(a, dxc.data_ptr<scalar_t>(), dxz.data_ptr<scalar_t>(), 2 * E, dconv_w.data_ptr<scalar_t>(),
                   dconv_b.data_ptr<scalar_t>());
   });
-  dxz.narrow(2, 0, E).copy_(dx);
-  dxz.narrow(2, E, E).copy_(dz);
   return {dxz, dconv_w, dconv_b, dxproj_w, ddtproj_w, dbias, dA_log, D.has_value() ? dD : at::Tensor()};
 }
 
