@@ -180,7 +180,7 @@ inline void scatter_rows(const Vec<T>* src, int64_t stride, int n, int64_t L, T*
 // One item = batch row b, channels c0 .. c0 + W - 1 of (batch, dim, L) tensors; B, C stay (batch, N, L).
 
 // work (in elements of T) one thread needs for one item; Vec-aligned slices
-inline int64_t scan_work_size(int64_t L, int64_t N) { return (10 * L + 2 * (L + 1) * N + 2 * L * N) * W; }
+inline int64_t scan_work_size(int64_t L, int64_t N) { return (11 * L + 2 * (L + 1) * N + 2 * L * N) * W; }
 
 // One step of the state recurrence for every n (x_t = 2^(dt A2) x_{t-1} + dt u B_t); returns <C_t, x_t>.
 // States go from xprev to xt (the same array in the forward); decays are stored when `at` is not null.
@@ -189,7 +189,8 @@ inline Vec<T> state_step(int64_t N, const Vec<T>* A2, Vec<T> dt, Vec<T> dtu, con
                          int64_t stride, const Vec<T>* xprev, Vec<T>* xt, Vec<T>* at) {
   Vec<T> y0 = vzero<T>(), y1 = vzero<T>();  // two sums: half the dependency chain
   int64_t n = 0;
-  for (; n + 1 < N; n += 2) {
+#pragma GCC unroll 8
+  for (; n + 1 < N; n += 2) {  // unrolled for a fixed N: the states can stay in registers
     const Vec<T> a0 = vexp2(dt * A2[n]), a1 = vexp2(dt * A2[n + 1]);
     if (at) { at[n] = a0; at[n + 1] = a1; }
     xt[n] = a0 * xprev[n] + dtu * Bp[n * stride];
@@ -204,6 +205,62 @@ inline Vec<T> state_step(int64_t N, const Vec<T>* A2, Vec<T> dt, Vec<T> dtu, con
     y0 += xt[n] * Cp[n * stride];
   }
   return y0 + y1;
+}
+
+// The adjoint sweep h_t = dy_t C_t + a_{t+1} h_{t+1} of one direction, for the states n0 .. n0 + count - 1
+// (count = NC when NC > 0, else < 8), steps s = L - 1 down to 0 at time t = reverse ? L - 1 - s : s. The h and
+// dA sums of these at most 8 states stay in registers for the whole sweep; what each step needs summed over
+// all n (d dt through A, and <h, B>) is added into DDT[t] and HB[t], dB and dC into the lane accumulators.
+template <typename T>
+struct Sweep {
+  const Vec<T>* DY; const Vec<T>* DT; const Vec<T>* DTU;  // by t
+  const T* B; const T* C; int64_t t_stride, n_stride;      // B_t[n] = B[t t_stride + n n_stride]
+  const Vec<T>* XS; const Vec<T>* AS;                      // by s: XS[(s + 1) N + n] = x after step s
+  Vec<T>* dBa; Vec<T>* dCa; Vec<T>* DDT; Vec<T>* HB;       // by t
+  int64_t L, N;
+  bool reverse;
+};
+
+template <typename T, int NC>
+inline void sweep_states(const Sweep<T>& w, int64_t n0, int64_t count, const Vec<T>* Av, Vec<T>* h, Vec<T>* dA) {
+  const int64_t M = NC > 0 ? NC : count, N = w.N, L = w.L, ns = w.n_stride;
+  Vec<T> hr[8], dr[8], ar[8];
+  for (int64_t j = 0; j < M; ++j) { hr[j] = h[n0 + j]; dr[j] = dA[n0 + j]; ar[j] = Av[n0 + j]; }
+  for (int64_t s = L - 1; s >= 0; --s) {
+    const int64_t t = w.reverse ? L - 1 - s : s;
+    const Vec<T> dy = w.DY[t], dt = w.DT[t], dtu = w.DTU[t];
+    const T* Bp = w.B + t * w.t_stride + n0 * ns;
+    const T* Cp = w.C + t * w.t_stride + n0 * ns;
+    const Vec<T>* xprev = w.XS + s * N + n0;
+    const Vec<T>* xt = xprev + N;
+    const Vec<T>* at = w.AS + s * N + n0;
+    Vec<T>* dBt = w.dBa + t * N + n0;
+    Vec<T>* dCt = w.dCa + t * N + n0;
+    Vec<T> ddt0 = vzero<T>(), ddt1 = vzero<T>(), hB0 = vzero<T>(), hB1 = vzero<T>();
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < M; ++j) {
+      const Vec<T> hv = hr[j] + dy * Cp[j * ns];
+      dCt[j] += dy * xt[j];
+      hr[j] = hv * at[j];                    // carried to step t - 1
+      const Vec<T> dlog = hr[j] * xprev[j];  // dLoss / d(dt A_n)
+      dr[j] += dlog * dt;
+      dBt[j] += hv * dtu;
+      if (j & 1) { ddt1 += dlog * ar[j]; hB1 += hv * Bp[j * ns]; }
+      else { ddt0 += dlog * ar[j]; hB0 += hv * Bp[j * ns]; }
+    }
+    w.DDT[t] += ddt0 + ddt1;
+    w.HB[t] += hB0 + hB1;
+  }
+  for (int64_t j = 0; j < M; ++j) { h[n0 + j] = hr[j]; dA[n0 + j] = dr[j]; }
+}
+
+// every state of one direction, in chunks of 8
+template <typename T>
+inline void sweep(const Sweep<T>& w, const Vec<T>* Av, Vec<T>* h, Vec<T>* dA) {
+  for (int64_t t = 0; t < w.L; ++t) { w.DDT[t] = vzero<T>(); w.HB[t] = vzero<T>(); }
+  int64_t n0 = 0;
+  for (; n0 + 8 <= w.N; n0 += 8) sweep_states<T, 8>(w, n0, 8, Av, h, dA);
+  if (n0 < w.N) sweep_states<T, 0>(w, n0, w.N - n0, Av, h, dA);
 }
 
 // The per-step scalars (softplus, silu) are computed for the whole row in a prepass before the recurrence:
@@ -274,10 +331,11 @@ void scan_backward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, 
   Vec<T>* G = GD + L;      // dout, then d delta
   Vec<T>* DT = G + L;
   Vec<T>* DTU = DT + L;
-  Vec<T>* Y = DTU + L;     // <C, x> + D u, before the gate
-  Vec<T>* DU = Y + L;
+  Vec<T>* Y = DTU + L;     // <C, x> + D u before the gate, then dLoss/dy
+  Vec<T>* DU = Y + L;      // <h, B>, then du
   Vec<T>* DZ = DU + L;
-  Vec<T>* XS = DZ + L;     // XS[(t + 1) N + n] = x_t, XS[n] = x_{-1} = 0
+  Vec<T>* DDT = DZ + L;
+  Vec<T>* XS = DDT + L;    // XS[(t + 1) N + n] = x_t, XS[n] = x_{-1} = 0
   Vec<T>* AS = XS + (L + 1) * N;  // AS[t N + n] = exp(dt_t A_n)
   Vec<T>* dBa = reinterpret_cast<Vec<T>*>(dBC);
   Vec<T>* dCa = dBa + L * N;
@@ -317,38 +375,24 @@ void scan_backward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, 
   for (int64_t t = 0; t < L; ++t)
     Y[t] = Dv * U[t] + state_step<T, NS>(N, A2, DT[t], DTU[t], Bb + t, Cb + t, L, XS + t * N, XS + (t + 1) * N,
                                          AS + t * N);
-  // 2) sweep backwards; h holds dLoss/dx_t (times a_{t+1} once step t is done)
-  Vec<T> dDacc = vzero<T>(), dbacc = vzero<T>();
-  for (int64_t t = L - 1; t >= 0; --t) {
-    Vec<T> dy = G[t];
+  // 2) the gate, then the adjoint sweep; h holds dLoss/dx_t (times a_{t+1} once step t is done)
+  for (int64_t t = 0; t < L; ++t) {
     if (p.z) {
-      DZ[t] = dy * Y[t] * GD[t];
-      dy = dy * Z[t];
+      DZ[t] = G[t] * Y[t] * GD[t];
+      Y[t] = G[t] * Z[t];
+    } else {
+      Y[t] = G[t];
     }
-    const Vec<T> uv = U[t], dt = DT[t], dtu = DTU[t];
-    dDacc += dy * uv;
-    const Vec<T>* xprev = XS + t * N;
-    const Vec<T>* xt = xprev + N;
-    const Vec<T>* at = AS + t * N;
-    Vec<T>* dBt = dBa + t * N;
-    Vec<T>* dCt = dCa + t * N;
-    Vec<T> ddt0 = vzero<T>(), ddt1 = vzero<T>(), hB0 = vzero<T>(), hB1 = vzero<T>();
-    for (int64_t n = 0; n < N; ++n) {
-      const Vec<T> hv = h[n] + dy * Cb[n * L + t];
-      dCt[n] += dy * xt[n];
-      h[n] = hv * at[n];                    // carried to step t - 1
-      const Vec<T> dlog = h[n] * xprev[n];  // dLoss / d(dt A_n)
-      dAacc[n] += dlog * dt;
-      dBt[n] += hv * dtu;
-      if (n & 1) { ddt1 += dlog * Av[n]; hB1 += hv * Bb[n * L + t]; }
-      else { ddt0 += dlog * Av[n]; hB0 += hv * Bb[n * L + t]; }
-    }
-    const Vec<T> hB = hB0 + hB1;
-    const Vec<T> ddt = ddt0 + ddt1 + hB * uv;
-    DU[t] = dy * Dv + hB * dt;
-    const Vec<T> dd = ddt * V[t];
-    G[t] = dd;
-    dbacc += dd;
+  }
+  const Sweep<T> w{Y, DT, DTU, Bb, Cb, 1, L, XS, AS, dBa, dCa, DDT, DU, L, N, false};
+  sweep(w, Av, h, dAacc);
+  Vec<T> dDacc = vzero<T>(), dbacc = vzero<T>();
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec<T> dy = Y[t], hB = DU[t];
+    dDacc += dy * U[t];
+    DU[t] = dy * Dv + hB * DT[t];
+    G[t] = (DDT[t] + hB * U[t]) * V[t];  // d delta
+    dbacc += G[t];
   }
   scatter_rows(DU, L, nc, L, g.du + row);
   scatter_rows(G, L, nc, L, g.ddelta + row);
@@ -480,7 +524,9 @@ void mixer_forward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T*
   Vec<T>* DTU = DT + L;
   Vec<T>* SK = DTU + L;  // the D u skip
   Vec<T>* G = SK + L;    // silu(z) / 2
+  constexpr int64_t ahead = 8;  // rows are E apart: each step touches a new cache line, so fetch ahead
   for (int64_t t = 0; t < L; ++t) {
+    if (t + ahead < L) __builtin_prefetch(a.xz + (b * L + t + ahead) * 2 * E + E + c0);
     const Vec<T> z = vload(a.xz + (b * L + t) * 2 * E + E + c0, nc);
     G[t] = z * vsigmoid(z) * T(0.5);
   }
@@ -497,6 +543,7 @@ void mixer_forward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T*
     const T* u = a.xc + (r * a.batch + b) * L * E + c0;
     const T* xd = a.xdbl + (r * a.batch + b) * L * P;
     for (int64_t t = 0; t < L; ++t) {
+      if (t + ahead < L) __builtin_prefetch(u + (t + ahead) * E);
       const Vec<T> uv = vload(u + t * E, nc);
       const T* low = xd + t * P;
       Vec<T> v = bias;
@@ -526,8 +573,8 @@ void mixer_forward_item(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T* w
 }
 
 // per-thread work of the mixer backward (elements of T): per direction states (L + 1) N, decays L N, the
-// dB and dC accumulators 2 L N, dt, dt u and softplus' L each; dy and the summed outputs L each
-inline int64_t mixer_work_size(int64_t L, int64_t N) { return (2 * ((L + 1) * N + 3 * L * N + 3 * L) + 2 * L) * W; }
+// dB and dC accumulators 2 L N, dt, dt u and softplus' L each; dy, the summed outputs, the sweep's sums L each
+inline int64_t mixer_work_size(int64_t L, int64_t N) { return (2 * ((L + 1) * N + 3 * L * N + 3 * L) + 4 * L) * W; }
 
 // Backward of one item (both directions): recompute states and decays, the gate, then each direction's
 // adjoint sweep against its scan order. dB, dC accumulate lane-wise in the work buffer across the items of
@@ -551,6 +598,8 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
   }
   Vec<T>* DY = base;
   Vec<T>* YS = DY + L;
+  Vec<T>* DDT = YS + L;
+  Vec<T>* HB = DDT + L;
   Vec<T> Av[NS > 0 ? NS : kMaxN], A2[NS > 0 ? NS : kMaxN], h[NS > 0 ? NS : kMaxN], dAacc[NS > 0 ? NS : kMaxN];
   // 1) recompute both directions' states, decays and outputs
   for (int64_t r = 0; r < 2; ++r) {
@@ -598,34 +647,12 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
     const T* xd = a.xdbl + (r * a.batch + b) * L * P + R;
     T* du = g.dxc + (r * a.batch + b) * L * E + c0;
     T* dd = g.ddelta + (r * a.batch + b) * L * E + c0;
-    for (int64_t s = L - 1; s >= 0; --s) {
-      const int64_t t = r == 0 ? s : L - 1 - s;
-      const Vec<T> dy = DY[t];
-      const Vec<T> uv = vload(u + t * E, nc);
-      const Vec<T> dt = DT[r][t];
-      const Vec<T> dtu = DTU[r][t];
-      const T* Bp = xd + t * P;
-      const T* Cp = Bp + N;
-      const Vec<T>* xprev = xs + s * N;
-      const Vec<T>* xt = xs + (s + 1) * N;
-      const Vec<T>* at = as + s * N;
-      Vec<T>* dBt = dBa[r] + t * N;
-      Vec<T>* dCt = dCa[r] + t * N;
-      Vec<T> ddt0 = vzero<T>(), ddt1 = vzero<T>(), hB0 = vzero<T>(), hB1 = vzero<T>();
-      for (int64_t n = 0; n < N; ++n) {
-        const Vec<T> hv = h[n] + dy * Cp[n];
-        dCt[n] += dy * xt[n];
-        h[n] = hv * at[n];                    // carried to step t - 1
-        const Vec<T> dlog = h[n] * xprev[n];  // dLoss / d(dt A)
-        dAacc[n] += dlog * dt;
-        dBt[n] += hv * dtu;
-        if (n & 1) { ddt1 += dlog * Av[n]; hB1 += hv * Bp[n]; }
-        else { ddt0 += dlog * Av[n]; hB0 += hv * Bp[n]; }
-      }
-      const Vec<T> hB = hB0 + hB1;
-      const Vec<T> ddt = ddt0 + ddt1 + hB * uv;
-      vstore(du + t * E, dy * Dv + hB * dt, nc);
-      const Vec<T> dv = ddt * VS[r][t];
+    const Sweep<T> w{DY, DT[r], DTU[r], xd, xd + N, P, 1, xs, as, dBa[r], dCa[r], DDT, HB, L, N, r == 1};
+    sweep(w, Av, h, dAacc);
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec<T> dy = DY[t], uv = vload(u + t * E, nc), hB = HB[t];
+      vstore(du + t * E, dy * Dv + hB * DT[r][t], nc);
+      const Vec<T> dv = (DDT[t] + hB * uv) * VS[r][t];
       vstore(dd + t * E, dv, nc);
       dbacc += dv;
       dDacc += dy * uv;
