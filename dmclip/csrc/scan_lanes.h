@@ -511,6 +511,15 @@ inline void load_A(const MixArgs<T>& a, int64_t r, int64_t c0, int nc, int64_t N
   }
 }
 
+// dt_proj's columns for these channels, one vector per k: delta_t = sum_k dt_low[t, k] wdt[k]
+template <typename T>
+inline void load_dtproj(const MixArgs<T>& a, int64_t r, int64_t c0, int nc, Vec<T>* wdt) {
+  for (int64_t k = 0; k < a.R; ++k) {
+    wdt[k] = vzero<T>();
+    for (int l = 0; l < nc; ++l) wdt[k][l] = a.dtproj_w[(r * a.E + c0 + l) * a.R + k];
+  }
+}
+
 // work (elements of T) of the mixer forward: dt, dt u, D u and the gate, L each
 inline int64_t mixer_forward_work_size(int64_t L) { return 4 * L * W; }
 
@@ -536,10 +545,7 @@ void mixer_forward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T*
     const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
     const Vec<T> bias = vload(a.dt_bias + r * E + c0, nc);
     for (int64_t n = 0; n < N; ++n) x[n] = vzero<T>();
-    for (int64_t k = 0; k < R; ++k) {  // dt_proj columns of these channels: delta_t = sum_k dt_low[t, k] W[:, k]
-      wdt[k] = vzero<T>();
-      for (int l = 0; l < nc; ++l) wdt[k][l] = a.dtproj_w[(r * E + c0 + l) * R + k];
-    }
+    load_dtproj(a, r, c0, nc, wdt);
     const T* u = a.xc + (r * a.batch + b) * L * E + c0;
     const T* xd = a.xdbl + (r * a.batch + b) * L * P;
     for (int64_t t = 0; t < L; ++t) {
@@ -573,25 +579,29 @@ void mixer_forward_item(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T* w
 }
 
 // per-thread work of the mixer backward (elements of T): per direction states (L + 1) N, decays L N, the
-// dB and dC accumulators 2 L N, dt, dt u and softplus' L each; dy, the summed outputs, the sweep's sums L each
-inline int64_t mixer_work_size(int64_t L, int64_t N) { return (2 * ((L + 1) * N + 3 * L * N + 3 * L) + 4 * L) * W; }
+// dB, dC accumulators 2 L N and the d dt_low accumulators L R, dt, dt u and softplus' L each; dy, the summed
+// outputs, the sweep's sums L each
+inline int64_t mixer_direction_size(int64_t L, int64_t N, int64_t R) { return (L + 1) * N + 3 * L * N + L * R + 3 * L; }
+inline int64_t mixer_work_size(int64_t L, int64_t N, int64_t R) { return (2 * mixer_direction_size(L, N, R) + 4 * L) * W; }
 
-// Backward of one item (both directions): recompute states and decays, the gate, then each direction's
-// adjoint sweep against its scan order. dB, dC accumulate lane-wise in the work buffer across the items of
-// a batch row (flushed by mixer_flush_BC); dA_log, dD, d dt_bias are added into the task's rows.
+// Backward of one item (both directions): recompute dt (dt_proj inside, as in the forward), states and
+// decays, the gate, then each direction's adjoint sweep against its scan order. dB, dC and d dt_low (sums
+// over channels) accumulate lane-wise in the work buffer across the items of a batch row (flushed by
+// mixer_flush_BC); dA_log, dD, d dt_bias, d dt_proj are added into the task's rows. No delta tensor exists.
 template <typename T, int NS>
 void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* dout, T* work,
-                           const MixGrads<T>& g, T* dA_log, T* dD, T* dbias) {
+                           const MixGrads<T>& g, T* dA_log, T* dD, T* dbias, T* dWdt) {
   const int64_t L = a.L, E = a.E, N = NS > 0 ? NS : a.N, R = a.R, P = a.P();
   const int nc = static_cast<int>(imin(W, E - c0));
   Vec<T>* base = reinterpret_cast<Vec<T>*>(work);
-  Vec<T>* XS[2]; Vec<T>* AS[2]; Vec<T>* dBa[2]; Vec<T>* dCa[2]; Vec<T>* DT[2]; Vec<T>* DTU[2];
+  Vec<T>* XS[2]; Vec<T>* AS[2]; Vec<T>* dBa[2]; Vec<T>* dCa[2]; Vec<T>* dLa[2]; Vec<T>* DT[2]; Vec<T>* DTU[2];
   Vec<T>* VS[2];  // softplus'
   for (int r = 0; r < 2; ++r) {
     XS[r] = base; base += (L + 1) * N;
     AS[r] = base; base += L * N;
     dBa[r] = base; base += L * N;
     dCa[r] = base; base += L * N;
+    dLa[r] = base; base += L * R;
     DT[r] = base; base += L;
     DTU[r] = base; base += L;
     VS[r] = base; base += L;
@@ -601,21 +611,24 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
   Vec<T>* DDT = YS + L;
   Vec<T>* HB = DDT + L;
   Vec<T> Av[NS > 0 ? NS : kMaxN], A2[NS > 0 ? NS : kMaxN], h[NS > 0 ? NS : kMaxN], dAacc[NS > 0 ? NS : kMaxN];
-  // 1) recompute both directions' states, decays and outputs
+  Vec<T> wdt[kMaxR], dW[kMaxR];
+  // 1) recompute both directions' dt, states, decays and outputs
   for (int64_t r = 0; r < 2; ++r) {
     load_A(a, r, c0, nc, N, Av, A2);
+    load_dtproj(a, r, c0, nc, wdt);
     const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
     const Vec<T> bias = vload(a.dt_bias + r * E + c0, nc);
     Vec<T>* xs = XS[r];
     Vec<T>* as = AS[r];
     for (int64_t n = 0; n < N; ++n) xs[n] = vzero<T>();
     const T* u = a.xc + (r * a.batch + b) * L * E + c0;
-    const T* dl = a.delta + (r * a.batch + b) * L * E + c0;
-    const T* xd = a.xdbl + (r * a.batch + b) * L * P + R;
+    const T* low = a.xdbl + (r * a.batch + b) * L * P;
+    const T* xd = low + R;
     for (int64_t t = 0; t < L; ++t) {
       const Vec<T> uv = vload(u + t * E, nc);
-      Vec<T> slope;
-      DT[r][t] = vsoftplus_grad(vload(dl + t * E, nc) + bias, &slope);
+      Vec<T> v = bias, slope;
+      for (int64_t k = 0; k < R; ++k) v += wdt[k] * low[t * P + k];
+      DT[r][t] = vsoftplus_grad(v, &slope);
       VS[r][t] = slope;
       DTU[r][t] = DT[r][t] * uv;
       YS[t] = r == 0 ? Dv * uv : YS[t] + Dv * uv;
@@ -638,25 +651,33 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
   // 3) the adjoint recurrence of each direction, swept against its scan order
   for (int64_t r = 0; r < 2; ++r) {
     load_A(a, r, c0, nc, N, Av, A2);
+    load_dtproj(a, r, c0, nc, wdt);
     const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
     for (int64_t n = 0; n < N; ++n) { h[n] = vzero<T>(); dAacc[n] = vzero<T>(); }
+    for (int64_t k = 0; k < R; ++k) dW[k] = vzero<T>();
     Vec<T> dDacc = vzero<T>(), dbacc = vzero<T>();
     const Vec<T>* xs = XS[r];
     const Vec<T>* as = AS[r];
     const T* u = a.xc + (r * a.batch + b) * L * E + c0;
-    const T* xd = a.xdbl + (r * a.batch + b) * L * P + R;
+    const T* low = a.xdbl + (r * a.batch + b) * L * P;
+    const T* xd = low + R;
     T* du = g.dxc + (r * a.batch + b) * L * E + c0;
-    T* dd = g.ddelta + (r * a.batch + b) * L * E + c0;
     const Sweep<T> w{DY, DT[r], DTU[r], xd, xd + N, P, 1, xs, as, dBa[r], dCa[r], DDT, HB, L, N, r == 1};
     sweep(w, Av, h, dAacc);
     for (int64_t t = 0; t < L; ++t) {
       const Vec<T> dy = DY[t], uv = vload(u + t * E, nc), hB = HB[t];
       vstore(du + t * E, dy * Dv + hB * DT[r][t], nc);
-      const Vec<T> dv = (DDT[t] + hB * uv) * VS[r][t];
-      vstore(dd + t * E, dv, nc);
+      const Vec<T> dv = (DDT[t] + hB * uv) * VS[r][t];  // dLoss / d delta
       dbacc += dv;
       dDacc += dy * uv;
+      Vec<T>* dl = dLa[r] + t * R;
+      for (int64_t k = 0; k < R; ++k) {  // delta = dt_low W^T: gradients of both factors
+        dW[k] += dv * low[t * P + k];
+        dl[k] += dv * wdt[k];
+      }
     }
+    for (int l = 0; l < nc; ++l)
+      for (int64_t k = 0; k < R; ++k) dWdt[(r * E + c0 + l) * R + k] += dW[k][l];
     for (int l = 0; l < nc; ++l) {
       for (int64_t n = 0; n < N; ++n) dA_log[(r * E + c0 + l) * N + n] += dAacc[n][l] * Av[n][l];  // dA * A
       dD[r * E + c0 + l] += dDacc[l];
@@ -667,15 +688,16 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
 
 template <typename T>
 void mixer_backward_item(const MixArgs<T>& a, int64_t b, int64_t c0, const T* dout, T* work, const MixGrads<T>& g,
-                         T* dA_log, T* dD, T* dbias) {
+                         T* dA_log, T* dD, T* dbias, T* dWdt) {
   switch (a.N) {
-    case 16: return mixer_backward_item_n<T, 16>(a, b, c0, dout, work, g, dA_log, dD, dbias);
-    case 8: return mixer_backward_item_n<T, 8>(a, b, c0, dout, work, g, dA_log, dD, dbias);
-    default: return mixer_backward_item_n<T, 0>(a, b, c0, dout, work, g, dA_log, dD, dbias);
+    case 16: return mixer_backward_item_n<T, 16>(a, b, c0, dout, work, g, dA_log, dD, dbias, dWdt);
+    case 8: return mixer_backward_item_n<T, 8>(a, b, c0, dout, work, g, dA_log, dD, dbias, dWdt);
+    default: return mixer_backward_item_n<T, 0>(a, b, c0, dout, work, g, dA_log, dD, dbias, dWdt);
   }
 }
 
-// dB and dC of one batch row, both directions: lanes -> one sum per (t, n) added into dest rows (L, P)
+// dB, dC and d dt_low of one batch row, both directions: lanes -> one sum per (t, n) added into dest rows
+// (L, P) = [dt_low | B | C]; the accumulators are zeroed for the next row
 template <typename T>
 void mixer_flush_BC(const MixArgs<T>& a, T* work, T* dest_r0, T* dest_r1) {
   const int64_t L = a.L, N = a.N, P = a.P(), R = a.R;
@@ -683,15 +705,21 @@ void mixer_flush_BC(const MixArgs<T>& a, T* work, T* dest_r0, T* dest_r1) {
   for (int r = 0; r < 2; ++r) {
     Vec<T>* dBa = base + (L + 1) * N + L * N;
     Vec<T>* dCa = dBa + L * N;
+    Vec<T>* dLa = dCa + L * N;
     T* dest = r == 0 ? dest_r0 : dest_r1;
-    for (int64_t t = 0; t < L; ++t)
+    for (int64_t t = 0; t < L; ++t) {
+      for (int64_t k = 0; k < R; ++k) {
+        dest[t * P + k] += vsum<T>(dLa[t * R + k]);
+        dLa[t * R + k] = vzero<T>();
+      }
       for (int64_t n = 0; n < N; ++n) {
         dest[t * P + R + n] += vsum<T>(dBa[t * N + n]);
         dest[t * P + R + N + n] += vsum<T>(dCa[t * N + n]);
         dBa[t * N + n] = vzero<T>();
         dCa[t * N + n] = vzero<T>();
       }
-    base += (L + 1) * N + 3 * L * N + 3 * L;
+    }
+    base += mixer_direction_size(L, N, R);
   }
 }
 
