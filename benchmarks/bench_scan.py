@@ -362,6 +362,31 @@ def cpu_time_table() -> list[str]:
     return lines
 
 
+def batch1_paths() -> list[str]:
+    """Markdown: mamba-nano batch-1 inference under no_grad, inference_mode and torch.compile, CPU time."""
+    from dmclip.models.mamba import VisionMamba
+
+    torch.manual_seed(0)
+    model = VisionMamba(**DEMO_STUDENT).eval()
+    images = torch.rand(1, 3, 32, 32)
+    start = time.perf_counter()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(images)  # the fused kernels are pybind calls: dynamo breaks the graph around them
+    seconds = time.perf_counter() - start
+
+    def under(context, fn):
+        def run():
+            with context():
+                fn(images)
+        return run
+    times = _cpu_seconds({"no_grad": under(torch.no_grad, model), "inference_mode": under(torch.inference_mode, model),
+                          "torch.compile, no_grad": under(torch.no_grad, compiled)}, repeats(15), number=20)
+    return ["mamba-nano inference, batch 1: eager under two modes vs torch.compile "
+            f"(compile and first call {seconds:.0f} s)", "", "| path | CPU time per call |", "|---|---|",
+            *[f"| {name} | {format_seconds(t)} |" for name, t in times.items()]]
+
+
 def _profile_scan_kernel() -> list[str]:
     from dmclip.models.scan import selective_scan
 
@@ -409,9 +434,11 @@ def main() -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the scan and Mamba-student benches (make bench runs them)",
                                      epilog="examples:\n  python -m benchmarks.bench_scan --profile --threads 1\n"
+                                            "  python -m benchmarks.bench_scan --profile --compile --threads 1\n"
                                             "  python -m benchmarks.run_all --only scan",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", action="store_true", help="print where the time goes instead of the rows")
+    parser.add_argument("--compile", action="store_true", help="with --profile: also time torch.compile at batch 1")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads is not None:
@@ -419,6 +446,6 @@ if __name__ == "__main__":
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.profile:
-        print(profile())
+        print(profile() + ("\n\n" + "\n".join(batch1_paths()) if args.compile else ""))
     else:
         main()
