@@ -34,13 +34,13 @@ struct ScanGrads { T* du; T* ddelta; T* dz; };
 template <typename T>
 struct MixArgs {
   const T* xz; const T* conv_w; const T* conv_b; const T* A_log; const T* D; const T* dt_bias;
-  const T* xc; const T* xdbl; const T* delta; const T* dtproj_w;
+  const T* xc; const T* xdbl; const T* dtproj_w;
   int64_t batch, L, E, N, R, K;
   int64_t P() const { return R + 2 * N; }
 };
 
 template <typename T>
-struct MixGrads { T* dxc; T* ddelta; T* dxdbl; T* dz; };
+struct MixGrads { T* dxc; T* dxdbl; T* dz; int64_t dz_stride; };
 
 }  // namespace dmclip
 
@@ -120,10 +120,11 @@ struct LaneKernels {
   void (*scan_bwd)(const ScanArgs<T>&, int64_t, int64_t, T*, const T*, const T*, const ScanGrads<T>&, T*, T*, T*, T*);
   void (*scan_flush)(int64_t, int64_t, T*, T*, T*);
   void (*conv_fwd)(const MixArgs<T>&, int64_t, int64_t, int64_t, T*);
-  void (*conv_bwd)(const MixArgs<T>&, int64_t, const T*, T*, T*, T*);
-  void (*mix_fwd)(const MixArgs<T>&, int64_t, int64_t, T*);
-  int64_t (*mix_work)(int64_t, int64_t);
-  void (*mix_bwd)(const MixArgs<T>&, int64_t, int64_t, const T*, T*, const MixGrads<T>&, T*, T*, T*);
+  void (*conv_bwd)(const MixArgs<T>&, int64_t, const T*, T*, int64_t, T*, T*);
+  int64_t (*mix_fwd_work)(int64_t);
+  void (*mix_fwd)(const MixArgs<T>&, int64_t, int64_t, T*, T*);
+  int64_t (*mix_work)(int64_t, int64_t, int64_t);
+  void (*mix_bwd)(const MixArgs<T>&, int64_t, int64_t, const T*, T*, const MixGrads<T>&, T*, T*, T*, T*);
   void (*mix_flush)(const MixArgs<T>&, T*, T*, T*);
   void (*rmsnorm)(const T*, const T*, T, int64_t, int64_t, int64_t, T*);
 };
@@ -131,7 +132,8 @@ struct LaneKernels {
 #define DMCLIP_TABLE(NS, T)                                                                                 \
   LaneKernels<T> {                                                                                          \
     NS::W, &NS::scan_work_size, &NS::scan_forward_item<T>, &NS::scan_backward_item<T>, &NS::scan_flush_BC<T>, \
-        &NS::conv_forward_item<T>, &NS::conv_backward_block<T>, &NS::mixer_forward_item<T>,                  \
+        &NS::conv_forward_item<T>, &NS::conv_backward_block<T>, &NS::mixer_forward_work_size,               \
+        &NS::mixer_forward_item<T>,                                                                          \
         &NS::mixer_work_size, &NS::mixer_backward_item<T>, &NS::mixer_flush_BC<T>, &NS::rmsnorm_rows<T>      \
   }
 

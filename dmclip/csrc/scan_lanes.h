@@ -61,34 +61,6 @@ inline T vsum(const Vec<T>& v) {
   return s;
 }
 
-// exp: Cephes' polynomial on r = x - k ln2 (about 1 ulp), times 2^k. AVX-512 has instructions for the
-// rounding and the scaling; elsewhere the 1.5 * 2^23 rounding trick and an exponent-bits shift.
-inline vf vexp(vf x) {
-  x = vmin(vmax(x, vsplat(-87.33654f)), vsplat(88.37626f));
-#if DMCLIP_AVX512
-  const vf k = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT |
-                                        _MM_FROUND_NO_EXC);
-#else
-  const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-#endif
-  vf r = x - k * 0.693359375f;
-  r = r - k * (-2.12194440e-4f);
-  vf p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-#if DMCLIP_AVX512
-  return (vf)_mm512_scalef_ps((__m512)p, (__m512)k);
-#else
-  vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-#endif
-}
 inline Vec<double> vexp(Vec<double> x) {  // float64 serves gradcheck, not speed
   for (int k = 0; k < W; ++k) x[k] = std::exp(x[k]);
   return x;
@@ -133,6 +105,8 @@ inline Vec<double> vexp2(Vec<double> x) {
 }
 template <typename T>
 constexpr T log2e() { return T(1.44269504088896340736); }
+// exp(x) = 2^(x log2 e): about |x| 1e-7 relative (the rounding of x log2 e), enough for softplus and silu
+inline vf vexp(vf x) { return vexp2(x * kLog2e); }
 
 inline vf vlog1p01(vf e) {  // log(1 + e) for e in [0, 1]: Cephes logf on w = 1 + e, Goldberg's correction
   const vf w = 1.0f + e;
@@ -176,6 +150,18 @@ inline Vec<double> vsoftplus(Vec<double> v) {
 }
 inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 inline Vec<double> vsigmoid(Vec<double> x) { return 1.0 / (1.0 + vexp(-x)); }
+// softplus(v) and its derivative (sigmoid(v); 1 above the threshold, as torch's) from one exp(-|v|)
+inline vf vsoftplus_grad(vf v, vf* slope) {
+  const vf a = v < 0.0f ? -v : v;
+  const vf e = vexp(-a);
+  const vf sig = (v < 0.0f ? e : vsplat(1.0f)) / (1.0f + e);
+  *slope = v > 20.0f ? vsplat(1.0f) : sig;
+  return v > 20.0f ? v : (v > 0.0f ? v : vsplat(0.0f)) + vlog1p01(e);
+}
+inline Vec<double> vsoftplus_grad(Vec<double> v, Vec<double>* slope) {
+  *slope = v > 20.0 ? 1.0 + vzero<double>() : vsigmoid(v);
+  return vsoftplus(v);
+}
 
 // (rows of L values, row stride `stride`) <-> (L, W) lanes; lanes >= n are zero
 template <typename T>
@@ -194,16 +180,101 @@ inline void scatter_rows(const Vec<T>* src, int64_t stride, int n, int64_t L, T*
 // One item = batch row b, channels c0 .. c0 + W - 1 of (batch, dim, L) tensors; B, C stay (batch, N, L).
 
 // work (in elements of T) one thread needs for one item; Vec-aligned slices
-inline int64_t scan_work_size(int64_t L, int64_t N) { return (8 * L + 2 * (L + 1) * N + 2 * L * N) * W; }
+inline int64_t scan_work_size(int64_t L, int64_t N) { return (11 * L + 2 * (L + 1) * N + 2 * L * N) * W; }
 
+// One step of the state recurrence for every n (x_t = 2^(dt A2) x_{t-1} + dt u B_t); returns <C_t, x_t>.
+// States go from xprev to xt (the same array in the forward); decays are stored when `at` is not null.
+template <typename T, int NS>
+inline Vec<T> state_step(int64_t N, const Vec<T>* A2, Vec<T> dt, Vec<T> dtu, const T* Bp, const T* Cp,
+                         int64_t stride, const Vec<T>* xprev, Vec<T>* xt, Vec<T>* at) {
+  Vec<T> y0 = vzero<T>(), y1 = vzero<T>();  // two sums: half the dependency chain
+  int64_t n = 0;
+#pragma GCC unroll 8
+  for (; n + 1 < N; n += 2) {  // unrolled for a fixed N: the states can stay in registers
+    const Vec<T> a0 = vexp2(dt * A2[n]), a1 = vexp2(dt * A2[n + 1]);
+    if (at) { at[n] = a0; at[n + 1] = a1; }
+    xt[n] = a0 * xprev[n] + dtu * Bp[n * stride];
+    xt[n + 1] = a1 * xprev[n + 1] + dtu * Bp[(n + 1) * stride];
+    y0 += xt[n] * Cp[n * stride];
+    y1 += xt[n + 1] * Cp[(n + 1) * stride];
+  }
+  if (n < N) {
+    const Vec<T> a0 = vexp2(dt * A2[n]);
+    if (at) at[n] = a0;
+    xt[n] = a0 * xprev[n] + dtu * Bp[n * stride];
+    y0 += xt[n] * Cp[n * stride];
+  }
+  return y0 + y1;
+}
+
+// The adjoint sweep h_t = dy_t C_t + a_{t+1} h_{t+1} of one direction, for the states n0 .. n0 + count - 1
+// (count = NC when NC > 0, else < 8), steps s = L - 1 down to 0 at time t = reverse ? L - 1 - s : s. The h and
+// dA sums of these at most 8 states stay in registers for the whole sweep; what each step needs summed over
+// all n (d dt through A, and <h, B>) is added into DDT[t] and HB[t], dB and dC into the lane accumulators.
+template <typename T>
+struct Sweep {
+  const Vec<T>* DY; const Vec<T>* DT; const Vec<T>* DTU;  // by t
+  const T* B; const T* C; int64_t t_stride, n_stride;      // B_t[n] = B[t t_stride + n n_stride]
+  const Vec<T>* XS; const Vec<T>* AS;                      // by s: XS[(s + 1) N + n] = x after step s
+  Vec<T>* dBa; Vec<T>* dCa; Vec<T>* DDT; Vec<T>* HB;       // by t
+  int64_t L, N;
+  bool reverse;
+};
+
+template <typename T, int NC>
+inline void sweep_states(const Sweep<T>& w, int64_t n0, int64_t count, const Vec<T>* Av, Vec<T>* h, Vec<T>* dA) {
+  const int64_t M = NC > 0 ? NC : count, N = w.N, L = w.L, ns = w.n_stride;
+  Vec<T> hr[8], dr[8], ar[8];
+  for (int64_t j = 0; j < M; ++j) { hr[j] = h[n0 + j]; dr[j] = dA[n0 + j]; ar[j] = Av[n0 + j]; }
+  for (int64_t s = L - 1; s >= 0; --s) {
+    const int64_t t = w.reverse ? L - 1 - s : s;
+    const Vec<T> dy = w.DY[t], dt = w.DT[t], dtu = w.DTU[t];
+    const T* Bp = w.B + t * w.t_stride + n0 * ns;
+    const T* Cp = w.C + t * w.t_stride + n0 * ns;
+    const Vec<T>* xprev = w.XS + s * N + n0;
+    const Vec<T>* xt = xprev + N;
+    const Vec<T>* at = w.AS + s * N + n0;
+    Vec<T>* dBt = w.dBa + t * N + n0;
+    Vec<T>* dCt = w.dCa + t * N + n0;
+    Vec<T> ddt0 = vzero<T>(), ddt1 = vzero<T>(), hB0 = vzero<T>(), hB1 = vzero<T>();
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < M; ++j) {
+      const Vec<T> hv = hr[j] + dy * Cp[j * ns];
+      dCt[j] += dy * xt[j];
+      hr[j] = hv * at[j];                    // carried to step t - 1
+      const Vec<T> dlog = hr[j] * xprev[j];  // dLoss / d(dt A_n)
+      dr[j] += dlog * dt;
+      dBt[j] += hv * dtu;
+      if (j & 1) { ddt1 += dlog * ar[j]; hB1 += hv * Bp[j * ns]; }
+      else { ddt0 += dlog * ar[j]; hB0 += hv * Bp[j * ns]; }
+    }
+    w.DDT[t] += ddt0 + ddt1;
+    w.HB[t] += hB0 + hB1;
+  }
+  for (int64_t j = 0; j < M; ++j) { h[n0 + j] = hr[j]; dA[n0 + j] = dr[j]; }
+}
+
+// every state of one direction, in chunks of 8
+template <typename T>
+inline void sweep(const Sweep<T>& w, const Vec<T>* Av, Vec<T>* h, Vec<T>* dA) {
+  for (int64_t t = 0; t < w.L; ++t) { w.DDT[t] = vzero<T>(); w.HB[t] = vzero<T>(); }
+  int64_t n0 = 0;
+  for (; n0 + 8 <= w.N; n0 += 8) sweep_states<T, 8>(w, n0, 8, Av, h, dA);
+  if (n0 < w.N) sweep_states<T, 0>(w, n0, w.N - n0, Av, h, dA);
+}
+
+// The per-step scalars (softplus, silu) are computed for the whole row in a prepass before the recurrence:
+// they do not depend on the states, so the recurrence then runs at the throughput of its exps instead of
+// waiting, step after step, on the latency of a softplus.
 template <typename T, int NS>
 void scan_forward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, T* out, T* last) {
   const int64_t L = p.L, N = NS > 0 ? NS : p.N, dim = p.dim;
   const int nc = static_cast<int>(imin(W, dim - c0));
   const int64_t row = (b * dim + c0) * L;
-  Vec<T>* U = reinterpret_cast<Vec<T>*>(work);
-  Vec<T>* V = U + L;
-  Vec<T>* Z = V + L;
+  Vec<T>* U = reinterpret_cast<Vec<T>*>(work);  // u, then D u, then the output
+  Vec<T>* V = U + L;                              // delta, then dt
+  Vec<T>* Z = V + L;                              // z, then silu(z)
+  Vec<T>* DTU = Z + L;
   gather_rows(p.u + row, L, nc, L, U);
   gather_rows(p.delta + row, L, nc, L, V);
   if (p.z) gather_rows(p.z + row, L, nc, L, Z);
@@ -216,28 +287,18 @@ void scan_forward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, T
   }
   const Vec<T> bias = p.delta_bias ? vload(p.delta_bias + c0, nc) : vzero<T>();
   const Vec<T> Dv = p.D ? vload(p.D + c0, nc) : vzero<T>();
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec<T> v = V[t] + bias;
+    V[t] = p.softplus ? vsoftplus(v) : v;
+    DTU[t] = V[t] * U[t];
+    U[t] = Dv * U[t];
+    if (p.z) Z[t] = Z[t] * vsigmoid(Z[t]);
+  }
   const T* Bb = p.B + b * N * L;
   const T* Cb = p.C + b * N * L;
   for (int64_t t = 0; t < L; ++t) {
-    const Vec<T> uv = U[t];
-    const Vec<T> v = V[t] + bias;
-    const Vec<T> dt = p.softplus ? vsoftplus(v) : v;
-    const Vec<T> dtu = dt * uv;
-    Vec<T> y = Dv * uv, y1 = vzero<T>();  // two sums: half the dependency chain
-    int64_t n = 0;
-    for (; n + 1 < N; n += 2) {
-      x[n] = vexp2(dt * A2[n]) * x[n] + dtu * Bb[n * L + t];
-      x[n + 1] = vexp2(dt * A2[n + 1]) * x[n + 1] + dtu * Bb[(n + 1) * L + t];
-      y += x[n] * Cb[n * L + t];
-      y1 += x[n + 1] * Cb[(n + 1) * L + t];
-    }
-    if (n < N) {
-      x[n] = vexp2(dt * A2[n]) * x[n] + dtu * Bb[n * L + t];
-      y += x[n] * Cb[n * L + t];
-    }
-    y += y1;
-    if (p.z) y = y * Z[t] * vsigmoid(Z[t]);
-    U[t] = y;  // the output, in place of u
+    const Vec<T> y = U[t] + state_step<T, NS>(N, A2, V[t], DTU[t], Bb + t, Cb + t, L, x, x, nullptr);
+    U[t] = p.z ? y * Z[t] : y;
   }
   scatter_rows(U, L, nc, L, out + row);
   if (last)
@@ -264,14 +325,17 @@ void scan_backward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, 
   const int nc = static_cast<int>(imin(W, dim - c0));
   const int64_t row = (b * dim + c0) * L;
   Vec<T>* U = reinterpret_cast<Vec<T>*>(work);
-  Vec<T>* V = U + L;       // delta + bias
-  Vec<T>* Z = V + L;
-  Vec<T>* G = Z + L;       // dout
+  Vec<T>* V = U + L;       // delta, then d dt / d(delta + bias)
+  Vec<T>* Z = V + L;       // z, then silu(z)
+  Vec<T>* GD = Z + L;      // silu'(z)
+  Vec<T>* G = GD + L;      // dout, then d delta
   Vec<T>* DT = G + L;
-  Vec<T>* Y = DT + L;      // <C, x> + D u, before the gate
-  Vec<T>* DU = Y + L;
+  Vec<T>* DTU = DT + L;
+  Vec<T>* Y = DTU + L;     // <C, x> + D u before the gate, then dLoss/dy
+  Vec<T>* DU = Y + L;      // <h, B>, then du
   Vec<T>* DZ = DU + L;
-  Vec<T>* XS = DZ + L;     // XS[(t + 1) N + n] = x_t, XS[n] = x_{-1} = 0
+  Vec<T>* DDT = DZ + L;
+  Vec<T>* XS = DDT + L;    // XS[(t + 1) N + n] = x_t, XS[n] = x_{-1} = 0
   Vec<T>* AS = XS + (L + 1) * N;  // AS[t N + n] = exp(dt_t A_n)
   Vec<T>* dBa = reinterpret_cast<Vec<T>*>(dBC);
   Vec<T>* dCa = dBa + L * N;
@@ -295,68 +359,40 @@ void scan_backward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, 
   const Vec<T> Dv = p.D ? vload(p.D + c0, nc) : vzero<T>();
   const T* Bb = p.B + b * N * L;
   const T* Cb = p.C + b * N * L;
-  // 1) recompute
+  // 1) the per-step scalars, then the states and decays
   for (int64_t t = 0; t < L; ++t) {
     const Vec<T> v = V[t] + bias;
-    V[t] = v;
-    const Vec<T> dt = p.softplus ? vsoftplus(v) : v;
-    DT[t] = dt;
-    const Vec<T> dtu = dt * U[t];
-    Vec<T> y = Dv * U[t];
-    const Vec<T>* xprev = XS + t * N;
-    Vec<T>* xt = XS + (t + 1) * N;
-    Vec<T>* at = AS + t * N;
-    Vec<T> y1 = vzero<T>();
-    int64_t n = 0;
-    for (; n + 1 < N; n += 2) {
-      const Vec<T> a0 = vexp2(dt * A2[n]), a1 = vexp2(dt * A2[n + 1]);
-      at[n] = a0;
-      at[n + 1] = a1;
-      xt[n] = a0 * xprev[n] + dtu * Bb[n * L + t];
-      xt[n + 1] = a1 * xprev[n + 1] + dtu * Bb[(n + 1) * L + t];
-      y += xt[n] * Cb[n * L + t];
-      y1 += xt[n + 1] * Cb[(n + 1) * L + t];
-    }
-    if (n < N) {
-      at[n] = vexp2(dt * A2[n]);
-      xt[n] = at[n] * xprev[n] + dtu * Bb[n * L + t];
-      y += xt[n] * Cb[n * L + t];
-    }
-    Y[t] = y + y1;
-  }
-  // 2) sweep backwards; h holds dLoss/dx_t (times a_{t+1} once step t is done)
-  Vec<T> dDacc = vzero<T>(), dbacc = vzero<T>();
-  for (int64_t t = L - 1; t >= 0; --t) {
-    Vec<T> dy = G[t];
+    Vec<T> slope = vzero<T>() + T(1);
+    DT[t] = p.softplus ? vsoftplus_grad(v, &slope) : v;
+    V[t] = slope;
+    DTU[t] = DT[t] * U[t];
     if (p.z) {
       const Vec<T> zv = Z[t], s = vsigmoid(zv);
-      DZ[t] = dy * Y[t] * s * (T(1) + zv * (T(1) - s));
-      dy = dy * zv * s;
+      Z[t] = zv * s;
+      GD[t] = s * (T(1) + zv * (T(1) - s));
     }
-    const Vec<T> uv = U[t], dt = DT[t], dtu = dt * uv;
-    dDacc += dy * uv;
-    const Vec<T>* xprev = XS + t * N;
-    const Vec<T>* xt = xprev + N;
-    const Vec<T>* at = AS + t * N;
-    Vec<T>* dBt = dBa + t * N;
-    Vec<T>* dCt = dCa + t * N;
-    Vec<T> ddt = vzero<T>(), hB = vzero<T>();
-    for (int64_t n = 0; n < N; ++n) {
-      const Vec<T> hv = h[n] + dy * Cb[n * L + t];
-      dCt[n] += dy * xt[n];
-      const Vec<T> dlog = hv * xprev[n] * at[n];  // dLoss / d(dt A_n)
-      ddt += dlog * Av[n];
-      dAacc[n] += dlog * dt;
-      dBt[n] += hv * dtu;
-      hB += hv * Bb[n * L + t];
-      h[n] = hv * at[n];
+  }
+  for (int64_t t = 0; t < L; ++t)
+    Y[t] = Dv * U[t] + state_step<T, NS>(N, A2, DT[t], DTU[t], Bb + t, Cb + t, L, XS + t * N, XS + (t + 1) * N,
+                                         AS + t * N);
+  // 2) the gate, then the adjoint sweep; h holds dLoss/dx_t (times a_{t+1} once step t is done)
+  for (int64_t t = 0; t < L; ++t) {
+    if (p.z) {
+      DZ[t] = G[t] * Y[t] * GD[t];
+      Y[t] = G[t] * Z[t];
+    } else {
+      Y[t] = G[t];
     }
-    ddt += hB * uv;
-    DU[t] = dy * Dv + hB * dt;
-    const Vec<T> v = V[t];
-    const Vec<T> dd = p.softplus ? (v > T(20) ? ddt : ddt * vsigmoid(v)) : ddt;
-    G[t] = dd;  // d delta, in place of dout
-    dbacc += dd;
+  }
+  const Sweep<T> w{Y, DT, DTU, Bb, Cb, 1, L, XS, AS, dBa, dCa, DDT, DU, L, N, false};
+  sweep(w, Av, h, dAacc);
+  Vec<T> dDacc = vzero<T>(), dbacc = vzero<T>();
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec<T> dy = Y[t], hB = DU[t];
+    dDacc += dy * U[t];
+    DU[t] = dy * Dv + hB * DT[t];
+    G[t] = (DDT[t] + hB * U[t]) * V[t];  // d delta
+    dbacc += G[t];
   }
   scatter_rows(DU, L, nc, L, g.du + row);
   scatter_rows(G, L, nc, L, g.ddelta + row);
@@ -418,15 +454,15 @@ void conv_forward_item(const MixArgs<T>& a, int64_t r, int64_t b, int64_t c0, T*
   }
 }
 
-// gradient of conv_forward for one channel block over every batch row: dxc -> dx (batch, L, E) columns,
-// dw (2, E, K), db (2, E) rows of these channels (the caller splits blocks over threads: no reduction)
+// gradient of conv_forward for one channel block over every batch row: dxc -> dx (batch, L, row stride
+// dx_stride) columns, dw (2, E, K), db (2, E) rows of these channels (blocks split over threads: no reduction)
 template <typename T>
-void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, T* dw, T* db) {
+void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, int64_t dx_stride, T* dw, T* db) {
   const int64_t L = a.L, E = a.E, K = a.K;
   const int nc = static_cast<int>(imin(W, E - c0));
   Vec<T> wv[kMaxK], dwv[kMaxK];
   for (int64_t b = 0; b < a.batch; ++b)
-    for (int64_t t = 0; t < L; ++t) vstore(dx + (b * L + t) * E + c0, vzero<T>(), nc);
+    for (int64_t t = 0; t < L; ++t) vstore(dx + (b * L + t) * dx_stride + c0, vzero<T>(), nc);
   for (int64_t r = 0; r < 2; ++r) {
     for (int64_t k = 0; k < K; ++k) {
       wv[k] = vzero<T>();
@@ -438,7 +474,7 @@ void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, T
     for (int64_t b = 0; b < a.batch; ++b) {
       const T* x = a.xz + b * L * 2 * E + c0;
       const T* g = dxc + (r * a.batch + b) * L * E + c0;
-      T* dxb = dx + b * L * E + c0;
+      T* dxb = dx + b * L * dx_stride + c0;
       for (int64_t t = 0; t < L; ++t) {
         Vec<T> pre = bias;
         for (int64_t k = 0; k < K; ++k) {
@@ -452,7 +488,7 @@ void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, T
           const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
           if (s >= 0 && s < L) {
             dwv[k] += gp * vload(x + s * 2 * E, nc);
-            vstore(dxb + s * E, vload(dxb + s * E, nc) + gp * wv[k], nc);
+            vstore(dxb + s * dx_stride, vload(dxb + s * dx_stride, nc) + gp * wv[k], nc);
           }
         }
       }
@@ -475,134 +511,133 @@ inline void load_A(const MixArgs<T>& a, int64_t r, int64_t c0, int nc, int64_t N
   }
 }
 
-// both directions of one item; writes out = silu(z) * (y_0 + y_1) / 2
+// dt_proj's columns for these channels, one vector per k: delta_t = sum_k dt_low[t, k] wdt[k]
+template <typename T>
+inline void load_dtproj(const MixArgs<T>& a, int64_t r, int64_t c0, int nc, Vec<T>* wdt) {
+  for (int64_t k = 0; k < a.R; ++k) {
+    wdt[k] = vzero<T>();
+    for (int l = 0; l < nc; ++l) wdt[k][l] = a.dtproj_w[(r * a.E + c0 + l) * a.R + k];
+  }
+}
+
+// work (elements of T) of the mixer forward: dt, dt u, D u and the gate, L each
+inline int64_t mixer_forward_work_size(int64_t L) { return 4 * L * W; }
+
+// both directions of one item; writes out = silu(z) * (y_0 + y_1) / 2. Per-step scalars in a prepass, as
+// in the generic scan.
 template <typename T, int NS>
-void mixer_forward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, T* out) {
+void mixer_forward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T* work) {
   const int64_t L = a.L, E = a.E, N = NS > 0 ? NS : a.N, R = a.R, P = a.P();
   const int nc = static_cast<int>(imin(W, E - c0));
+  Vec<T>* DT = reinterpret_cast<Vec<T>*>(work);
+  Vec<T>* DTU = DT + L;
+  Vec<T>* SK = DTU + L;  // the D u skip
+  Vec<T>* G = SK + L;    // silu(z) / 2
+  constexpr int64_t ahead = 8;  // rows are E apart: each step touches a new cache line, so fetch ahead
+  for (int64_t t = 0; t < L; ++t) {
+    if (t + ahead < L) __builtin_prefetch(a.xz + (b * L + t + ahead) * 2 * E + E + c0);
+    const Vec<T> z = vload(a.xz + (b * L + t) * 2 * E + E + c0, nc);
+    G[t] = z * vsigmoid(z) * T(0.5);
+  }
   Vec<T> Av[NS > 0 ? NS : kMaxN], A2[NS > 0 ? NS : kMaxN], x[NS > 0 ? NS : kMaxN], wdt[kMaxR];
   for (int64_t r = 0; r < 2; ++r) {
     load_A(a, r, c0, nc, N, Av, A2);
     const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
     const Vec<T> bias = vload(a.dt_bias + r * E + c0, nc);
     for (int64_t n = 0; n < N; ++n) x[n] = vzero<T>();
-    for (int64_t k = 0; k < R; ++k) {  // dt_proj columns of these channels: delta_t = sum_k dt_low[t, k] W[:, k]
-      wdt[k] = vzero<T>();
-      for (int l = 0; l < nc; ++l) wdt[k][l] = a.dtproj_w[(r * E + c0 + l) * R + k];
-    }
+    load_dtproj(a, r, c0, nc, wdt);
     const T* u = a.xc + (r * a.batch + b) * L * E + c0;
     const T* xd = a.xdbl + (r * a.batch + b) * L * P;
-    for (int64_t s = 0; s < L; ++s) {
-      const int64_t t = r == 0 ? s : L - 1 - s;
+    for (int64_t t = 0; t < L; ++t) {
+      if (t + ahead < L) __builtin_prefetch(u + (t + ahead) * E);
       const Vec<T> uv = vload(u + t * E, nc);
       const T* low = xd + t * P;
       Vec<T> v = bias;
       for (int64_t k = 0; k < R; ++k) v += wdt[k] * low[k];
-      const Vec<T> dt = vsoftplus(v);
-      const Vec<T> dtu = dt * uv;
-      const T* Bp = low + R;
-      const T* Cp = Bp + N;
-      Vec<T> y = Dv * uv, y1 = vzero<T>();
-      int64_t n = 0;
-      for (; n + 1 < N; n += 2) {
-        x[n] = vexp2(dt * A2[n]) * x[n] + dtu * Bp[n];
-        x[n + 1] = vexp2(dt * A2[n + 1]) * x[n + 1] + dtu * Bp[n + 1];
-        y += x[n] * Cp[n];
-        y1 += x[n + 1] * Cp[n + 1];
-      }
-      if (n < N) {
-        x[n] = vexp2(dt * A2[n]) * x[n] + dtu * Bp[n];
-        y += x[n] * Cp[n];
-      }
-      y += y1;
+      DT[t] = vsoftplus(v);
+      DTU[t] = DT[t] * uv;
+      SK[t] = Dv * uv;
+    }
+    for (int64_t s = 0; s < L; ++s) {
+      const int64_t t = r == 0 ? s : L - 1 - s;
+      const T* Bp = xd + t * P + R;
+      const Vec<T> y = SK[t] + state_step<T, NS>(N, A2, DT[t], DTU[t], Bp, Bp + N, 1, x, x, nullptr);
       T* o = out + (b * L + t) * E + c0;
-      if (r == 0) {
-        vstore(o, y, nc);
-      } else {
-        const Vec<T> z = vload(a.xz + (b * L + t) * 2 * E + E + c0, nc);
-        vstore(o, (vload(o, nc) + y) * (z * vsigmoid(z)) * T(0.5), nc);
-      }
+      if (r == 0) vstore(o, y, nc);
+      else vstore(o, (vload(o, nc) + y) * G[t], nc);
     }
   }
 }
 
 template <typename T>
-void mixer_forward_item(const MixArgs<T>& a, int64_t b, int64_t c0, T* out) {
+void mixer_forward_item(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T* work) {
   switch (a.N) {
-    case 16: return mixer_forward_item_n<T, 16>(a, b, c0, out);
-    case 8: return mixer_forward_item_n<T, 8>(a, b, c0, out);
-    default: return mixer_forward_item_n<T, 0>(a, b, c0, out);
+    case 16: return mixer_forward_item_n<T, 16>(a, b, c0, out, work);
+    case 8: return mixer_forward_item_n<T, 8>(a, b, c0, out, work);
+    default: return mixer_forward_item_n<T, 0>(a, b, c0, out, work);
   }
 }
 
 // per-thread work of the mixer backward (elements of T): per direction states (L + 1) N, decays L N, the
-// dB and dC accumulators 2 L N, dt and v L each; dy and the summed outputs L each
-inline int64_t mixer_work_size(int64_t L, int64_t N) { return (2 * ((L + 1) * N + 3 * L * N + 2 * L) + 2 * L) * W; }
+// dB, dC accumulators 2 L N and the d dt_low accumulators L R, dt, dt u and softplus' L each; dy, the summed
+// outputs, the sweep's sums L each
+inline int64_t mixer_direction_size(int64_t L, int64_t N, int64_t R) { return (L + 1) * N + 3 * L * N + L * R + 3 * L; }
+inline int64_t mixer_work_size(int64_t L, int64_t N, int64_t R) { return (2 * mixer_direction_size(L, N, R) + 4 * L) * W; }
 
-// Backward of one item (both directions): recompute states and decays, the gate, then each direction's
-// adjoint sweep against its scan order. dB, dC accumulate lane-wise in the work buffer across the items of
-// a batch row (flushed by mixer_flush_BC); dA_log, dD, d dt_bias are added into the task's rows.
+// Backward of one item (both directions): recompute dt (dt_proj inside, as in the forward), states and
+// decays, the gate, then each direction's adjoint sweep against its scan order. dB, dC and d dt_low (sums
+// over channels) accumulate lane-wise in the work buffer across the items of a batch row (flushed by
+// mixer_flush_BC); dA_log, dD, d dt_bias, d dt_proj are added into the task's rows. No delta tensor exists.
 template <typename T, int NS>
 void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* dout, T* work,
-                           const MixGrads<T>& g, T* dA_log, T* dD, T* dbias) {
+                           const MixGrads<T>& g, T* dA_log, T* dD, T* dbias, T* dWdt) {
   const int64_t L = a.L, E = a.E, N = NS > 0 ? NS : a.N, R = a.R, P = a.P();
   const int nc = static_cast<int>(imin(W, E - c0));
   Vec<T>* base = reinterpret_cast<Vec<T>*>(work);
-  Vec<T>* XS[2]; Vec<T>* AS[2]; Vec<T>* dBa[2]; Vec<T>* dCa[2]; Vec<T>* DT[2]; Vec<T>* VS[2];
+  Vec<T>* XS[2]; Vec<T>* AS[2]; Vec<T>* dBa[2]; Vec<T>* dCa[2]; Vec<T>* dLa[2]; Vec<T>* DT[2]; Vec<T>* DTU[2];
+  Vec<T>* VS[2];  // softplus'
   for (int r = 0; r < 2; ++r) {
     XS[r] = base; base += (L + 1) * N;
     AS[r] = base; base += L * N;
     dBa[r] = base; base += L * N;
     dCa[r] = base; base += L * N;
+    dLa[r] = base; base += L * R;
     DT[r] = base; base += L;
+    DTU[r] = base; base += L;
     VS[r] = base; base += L;
   }
   Vec<T>* DY = base;
   Vec<T>* YS = DY + L;
+  Vec<T>* DDT = YS + L;
+  Vec<T>* HB = DDT + L;
   Vec<T> Av[NS > 0 ? NS : kMaxN], A2[NS > 0 ? NS : kMaxN], h[NS > 0 ? NS : kMaxN], dAacc[NS > 0 ? NS : kMaxN];
-  // 1) recompute both directions' states, decays and outputs
+  Vec<T> wdt[kMaxR], dW[kMaxR];
+  // 1) recompute both directions' dt, states, decays and outputs
   for (int64_t r = 0; r < 2; ++r) {
     load_A(a, r, c0, nc, N, Av, A2);
+    load_dtproj(a, r, c0, nc, wdt);
     const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
     const Vec<T> bias = vload(a.dt_bias + r * E + c0, nc);
     Vec<T>* xs = XS[r];
     Vec<T>* as = AS[r];
     for (int64_t n = 0; n < N; ++n) xs[n] = vzero<T>();
     const T* u = a.xc + (r * a.batch + b) * L * E + c0;
-    const T* dl = a.delta + (r * a.batch + b) * L * E + c0;
-    const T* xd = a.xdbl + (r * a.batch + b) * L * P + R;
+    const T* low = a.xdbl + (r * a.batch + b) * L * P;
+    const T* xd = low + R;
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec<T> uv = vload(u + t * E, nc);
+      Vec<T> v = bias, slope;
+      for (int64_t k = 0; k < R; ++k) v += wdt[k] * low[t * P + k];
+      DT[r][t] = vsoftplus_grad(v, &slope);
+      VS[r][t] = slope;
+      DTU[r][t] = DT[r][t] * uv;
+      YS[t] = r == 0 ? Dv * uv : YS[t] + Dv * uv;
+    }
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = r == 0 ? s : L - 1 - s;
-      const Vec<T> uv = vload(u + t * E, nc);
-      const Vec<T> v = vload(dl + t * E, nc) + bias;
-      const Vec<T> dt = vsoftplus(v);
-      VS[r][t] = v;
-      DT[r][t] = dt;
-      const Vec<T> dtu = dt * uv;
       const T* Bp = xd + t * P;
-      const T* Cp = Bp + N;
-      Vec<T> y = Dv * uv;
-      const Vec<T>* xprev = xs + s * N;
-      Vec<T>* xt = xs + (s + 1) * N;
-      Vec<T>* at = as + s * N;
-      Vec<T> y1 = vzero<T>();
-      int64_t n = 0;
-      for (; n + 1 < N; n += 2) {
-        const Vec<T> a0 = vexp2(dt * A2[n]), a1 = vexp2(dt * A2[n + 1]);
-        at[n] = a0;
-        at[n + 1] = a1;
-        xt[n] = a0 * xprev[n] + dtu * Bp[n];
-        xt[n + 1] = a1 * xprev[n + 1] + dtu * Bp[n + 1];
-        y += xt[n] * Cp[n];
-        y1 += xt[n + 1] * Cp[n + 1];
-      }
-      if (n < N) {
-        at[n] = vexp2(dt * A2[n]);
-        xt[n] = at[n] * xprev[n] + dtu * Bp[n];
-        y += xt[n] * Cp[n];
-      }
-      y += y1;
-      YS[t] = r == 0 ? y : YS[t] + y;
+      YS[t] += state_step<T, NS>(N, A2, DT[r][t], DTU[r][t], Bp, Bp + N, 1, xs + s * N, xs + (s + 1) * N,
+                                 as + s * N);
     }
   }
   // 2) the gate: out = silu(z) * (y0 + y1) / 2
@@ -610,53 +645,39 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
     const Vec<T> z = vload(a.xz + (b * L + t) * 2 * E + E + c0, nc);
     const Vec<T> s = vsigmoid(z);
     const Vec<T> go = vload(dout + (b * L + t) * E + c0, nc) * T(0.5);
-    vstore(g.dz + (b * L + t) * E + c0, go * YS[t] * s * (T(1) + z * (T(1) - s)), nc);
+    vstore(g.dz + (b * L + t) * g.dz_stride + c0, go * YS[t] * s * (T(1) + z * (T(1) - s)), nc);
     DY[t] = go * z * s;
   }
   // 3) the adjoint recurrence of each direction, swept against its scan order
   for (int64_t r = 0; r < 2; ++r) {
     load_A(a, r, c0, nc, N, Av, A2);
+    load_dtproj(a, r, c0, nc, wdt);
     const Vec<T> Dv = a.D ? vload(a.D + r * E + c0, nc) : vzero<T>();
     for (int64_t n = 0; n < N; ++n) { h[n] = vzero<T>(); dAacc[n] = vzero<T>(); }
+    for (int64_t k = 0; k < R; ++k) dW[k] = vzero<T>();
     Vec<T> dDacc = vzero<T>(), dbacc = vzero<T>();
     const Vec<T>* xs = XS[r];
     const Vec<T>* as = AS[r];
     const T* u = a.xc + (r * a.batch + b) * L * E + c0;
-    const T* xd = a.xdbl + (r * a.batch + b) * L * P + R;
+    const T* low = a.xdbl + (r * a.batch + b) * L * P;
+    const T* xd = low + R;
     T* du = g.dxc + (r * a.batch + b) * L * E + c0;
-    T* dd = g.ddelta + (r * a.batch + b) * L * E + c0;
-    for (int64_t s = L - 1; s >= 0; --s) {
-      const int64_t t = r == 0 ? s : L - 1 - s;
-      const Vec<T> dy = DY[t];
-      const Vec<T> uv = vload(u + t * E, nc);
-      const Vec<T> dt = DT[r][t];
-      const Vec<T> dtu = dt * uv;
-      const T* Bp = xd + t * P;
-      const T* Cp = Bp + N;
-      const Vec<T>* xprev = xs + s * N;
-      const Vec<T>* xt = xs + (s + 1) * N;
-      const Vec<T>* at = as + s * N;
-      Vec<T>* dBt = dBa[r] + t * N;
-      Vec<T>* dCt = dCa[r] + t * N;
-      Vec<T> ddt = vzero<T>(), hB = vzero<T>();
-      for (int64_t n = 0; n < N; ++n) {
-        const Vec<T> hv = h[n] + dy * Cp[n];
-        dCt[n] += dy * xt[n];
-        const Vec<T> dlog = hv * xprev[n] * at[n];  // dLoss / d(dt A)
-        ddt += dlog * Av[n];
-        dAacc[n] += dlog * dt;
-        dBt[n] += hv * dtu;
-        hB += hv * Bp[n];
-        h[n] = hv * at[n];
-      }
-      ddt += hB * uv;
-      vstore(du + t * E, dy * Dv + hB * dt, nc);
-      const Vec<T> v = VS[r][t];
-      const Vec<T> dv = v > T(20) ? ddt : ddt * vsigmoid(v);
-      vstore(dd + t * E, dv, nc);
+    const Sweep<T> w{DY, DT[r], DTU[r], xd, xd + N, P, 1, xs, as, dBa[r], dCa[r], DDT, HB, L, N, r == 1};
+    sweep(w, Av, h, dAacc);
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec<T> dy = DY[t], uv = vload(u + t * E, nc), hB = HB[t];
+      vstore(du + t * E, dy * Dv + hB * DT[r][t], nc);
+      const Vec<T> dv = (DDT[t] + hB * uv) * VS[r][t];  // dLoss / d delta
       dbacc += dv;
       dDacc += dy * uv;
+      Vec<T>* dl = dLa[r] + t * R;
+      for (int64_t k = 0; k < R; ++k) {  // delta = dt_low W^T: gradients of both factors
+        dW[k] += dv * low[t * P + k];
+        dl[k] += dv * wdt[k];
+      }
     }
+    for (int l = 0; l < nc; ++l)
+      for (int64_t k = 0; k < R; ++k) dWdt[(r * E + c0 + l) * R + k] += dW[k][l];
     for (int l = 0; l < nc; ++l) {
       for (int64_t n = 0; n < N; ++n) dA_log[(r * E + c0 + l) * N + n] += dAacc[n][l] * Av[n][l];  // dA * A
       dD[r * E + c0 + l] += dDacc[l];
@@ -667,15 +688,16 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
 
 template <typename T>
 void mixer_backward_item(const MixArgs<T>& a, int64_t b, int64_t c0, const T* dout, T* work, const MixGrads<T>& g,
-                         T* dA_log, T* dD, T* dbias) {
+                         T* dA_log, T* dD, T* dbias, T* dWdt) {
   switch (a.N) {
-    case 16: return mixer_backward_item_n<T, 16>(a, b, c0, dout, work, g, dA_log, dD, dbias);
-    case 8: return mixer_backward_item_n<T, 8>(a, b, c0, dout, work, g, dA_log, dD, dbias);
-    default: return mixer_backward_item_n<T, 0>(a, b, c0, dout, work, g, dA_log, dD, dbias);
+    case 16: return mixer_backward_item_n<T, 16>(a, b, c0, dout, work, g, dA_log, dD, dbias, dWdt);
+    case 8: return mixer_backward_item_n<T, 8>(a, b, c0, dout, work, g, dA_log, dD, dbias, dWdt);
+    default: return mixer_backward_item_n<T, 0>(a, b, c0, dout, work, g, dA_log, dD, dbias, dWdt);
   }
 }
 
-// dB and dC of one batch row, both directions: lanes -> one sum per (t, n) added into dest rows (L, P)
+// dB, dC and d dt_low of one batch row, both directions: lanes -> one sum per (t, n) added into dest rows
+// (L, P) = [dt_low | B | C]; the accumulators are zeroed for the next row
 template <typename T>
 void mixer_flush_BC(const MixArgs<T>& a, T* work, T* dest_r0, T* dest_r1) {
   const int64_t L = a.L, N = a.N, P = a.P(), R = a.R;
@@ -683,15 +705,21 @@ void mixer_flush_BC(const MixArgs<T>& a, T* work, T* dest_r0, T* dest_r1) {
   for (int r = 0; r < 2; ++r) {
     Vec<T>* dBa = base + (L + 1) * N + L * N;
     Vec<T>* dCa = dBa + L * N;
+    Vec<T>* dLa = dCa + L * N;
     T* dest = r == 0 ? dest_r0 : dest_r1;
-    for (int64_t t = 0; t < L; ++t)
+    for (int64_t t = 0; t < L; ++t) {
+      for (int64_t k = 0; k < R; ++k) {
+        dest[t * P + k] += vsum<T>(dLa[t * R + k]);
+        dLa[t * R + k] = vzero<T>();
+      }
       for (int64_t n = 0; n < N; ++n) {
         dest[t * P + R + n] += vsum<T>(dBa[t * N + n]);
         dest[t * P + R + N + n] += vsum<T>(dCa[t * N + n]);
         dBa[t * N + n] = vzero<T>();
         dCa[t * N + n] = vzero<T>();
       }
-    base += (L + 1) * N + 3 * L * N + 2 * L;
+    }
+    base += mixer_direction_size(L, N, R);
   }
 }
 

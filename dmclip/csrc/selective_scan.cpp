@@ -388,12 +388,12 @@ void conv_forward(const MixArgs<T>& a, T* xc) {
 
 // threads own channel blocks, so dw and db need no reduction across threads
 template <typename T>
-void conv_backward(const MixArgs<T>& a, const T* dxc, T* dx, T* dw, T* db) {
+void conv_backward(const MixArgs<T>& a, const T* dxc, T* dx, int64_t dx_stride, T* dw, T* db) {
   RECORD_FUNCTION("dmclip::mixer_conv_bwd", std::vector<c10::IValue>());
   const LaneKernels<T>& k = lane_kernels<T>();
   const int64_t W = k.lanes, blocks = (a.E + W - 1) / W;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) k.conv_bwd(a, blk * W, dxc, dx, dw, db);
+    for (int64_t blk = begin; blk < end; ++blk) k.conv_bwd(a, blk * W, dxc, dx, dx_stride, dw, db);
   });
 }
 
@@ -403,29 +403,33 @@ void mixer_scan_forward(const MixArgs<T>& a, T* out) {
   const LaneKernels<T>& k = lane_kernels<T>();
   const int64_t W = k.lanes, blocks = (a.E + W - 1) / W;
   at::parallel_for(0, a.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) k.mix_fwd(a, item / blocks, (item % blocks) * W, out);
+    Work<T> work(k.mix_fwd_work(a.L));
+    for (int64_t item = begin; item < end; ++item)
+      k.mix_fwd(a, item / blocks, (item % blocks) * W, out, work.data());
   });
 }
 
-// tasks own whole batch rows, or channel blocks when batch < threads; dB, dC of a row are summed over
-// channels lane-wise in each task's work buffer and flushed once per (task, row); dA_log, dD, d dt_bias per
-// task, reduced in task order (deterministic for a given thread count)
+// tasks own whole batch rows, or channel blocks when batch < threads; dB, dC, d dt_low of a row are summed
+// over channels lane-wise in each task's work buffer and flushed once per (task, row); dA_log, dD, d dt_bias,
+// d dt_proj per task, reduced in task order (deterministic for a given thread count)
 template <typename T>
-void mixer_scan_backward(const MixArgs<T>& a, const T* dout, const MixGrads<T>& g, T* dA_log, T* dD, T* dbias) {
+void mixer_scan_backward(const MixArgs<T>& a, const T* dout, const MixGrads<T>& g, T* dA_log, T* dD, T* dbias,
+                         T* dWdt) {
   RECORD_FUNCTION("dmclip::mixer_scan_bwd", std::vector<c10::IValue>());
   const LaneKernels<T>& k = lane_kernels<T>();
-  const int64_t L = a.L, E = a.E, N = a.N, P = a.P(), batch = a.batch, W = k.lanes;
+  const int64_t L = a.L, E = a.E, N = a.N, R = a.R, P = a.P(), batch = a.batch, W = k.lanes;
   const int64_t blocks = (E + W - 1) / W;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch * blocks));
   const bool split_batch = batch >= tasks;
-  std::vector<std::vector<T>> part_A(tasks), part_D(tasks), part_b(tasks), part_BC(tasks);
+  std::vector<std::vector<T>> part_A(tasks), part_D(tasks), part_b(tasks), part_W(tasks), part_BC(tasks);
   std::fill(g.dxdbl, g.dxdbl + 2 * batch * L * P, T(0));
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    Work<T> work(k.mix_work(L, N));
+    Work<T> work(k.mix_work(L, N, R));
     for (int64_t task = task_begin; task < task_end; ++task) {
       part_A[task].assign(2 * E * N, T(0));
       part_D[task].assign(2 * E, T(0));
       part_b[task].assign(2 * E, T(0));
+      part_W[task].assign(2 * E * R, T(0));
       int64_t b0 = 0, b1 = batch, k0 = 0, k1 = blocks;
       if (split_batch) {
         b0 = batch * task / tasks; b1 = batch * (task + 1) / tasks;
@@ -436,7 +440,7 @@ void mixer_scan_backward(const MixArgs<T>& a, const T* dout, const MixGrads<T>& 
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t blk = k0; blk < k1; ++blk)
           k.mix_bwd(a, b, blk * W, dout, work.data(), g, part_A[task].data(), part_D[task].data(),
-                    part_b[task].data());
+                    part_b[task].data(), part_W[task].data());
         T* base = split_batch ? g.dxdbl : part_BC[task].data();
         k.mix_flush(a, work.data(), base + b * L * P, base + (batch + b) * L * P);
       }
@@ -445,10 +449,12 @@ void mixer_scan_backward(const MixArgs<T>& a, const T* dout, const MixGrads<T>& 
   std::fill(dA_log, dA_log + 2 * E * N, T(0));
   std::fill(dD, dD + 2 * E, T(0));
   std::fill(dbias, dbias + 2 * E, T(0));
+  std::fill(dWdt, dWdt + 2 * E * R, T(0));
   for (int64_t task = 0; task < tasks; ++task) {  // fixed order: deterministic for a given thread count
     if (part_A[task].empty()) continue;
     for (int64_t i = 0; i < 2 * E * N; ++i) dA_log[i] += part_A[task][i];
     for (int64_t i = 0; i < 2 * E; ++i) { dD[i] += part_D[task][i]; dbias[i] += part_b[task][i]; }
+    for (int64_t i = 0; i < 2 * E * R; ++i) dWdt[i] += part_W[task][i];
     if (!part_BC[task].empty())
       for (int64_t i = 0; i < 2 * batch * L * P; ++i) g.dxdbl[i] += part_BC[task][i];
   }
@@ -533,38 +539,28 @@ std::vector<at::Tensor> bimamba_bwd(at::Tensor xz, at::Tensor conv_w, at::Tensor
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({batch, L, E}), "dout must be (batch, L, E)");
   check(xc, "xc", xz.scalar_type());
   check(xdbl, "xdbl", xz.scalar_type());
-  auto delta = at::bmm(xdbl.narrow(2, 0, R), dtproj_w.transpose(1, 2));  // (2, batch L, E), recomputed
   auto dxc = at::empty({2, batch, L, E}, xz.options());
-  auto ddelta = at::empty({2, batch, L, E}, xz.options());
   auto dxdbl = at::empty({2, batch * L, P}, xz.options());
-  auto dxz = at::empty({batch, L, 2 * E}, xz.options());
-  auto dz = at::empty({batch, L, E}, xz.options());
-  auto dx = at::empty({batch, L, E}, xz.options());
+  auto dxz = at::empty({batch, L, 2 * E}, xz.options());  // dx and dz are written into their halves
   auto dA_log = at::empty_like(A_log);
   auto dD = at::empty({2, E}, xz.options());
   auto dbias = at::empty_like(dt_bias);
+  auto ddtproj_w = at::empty_like(dtproj_w);
   auto dconv_w = at::empty_like(conv_w);
   auto dconv_b = at::empty_like(conv_b);
-  at::Tensor dxproj_w, ddtproj_w;
+  at::Tensor dxproj_w;
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "bimamba_bwd", [&] {
     auto a = make_args<scalar_t>(xz, conv_w, conv_b, dtproj_w, dt_bias, A_log, D);
-    a.xc = xc.data_ptr<scalar_t>(); a.xdbl = xdbl.data_ptr<scalar_t>(); a.delta = delta.data_ptr<scalar_t>();
-    MixGrads<scalar_t> g{dxc.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(), dxdbl.data_ptr<scalar_t>(),
-                         dz.data_ptr<scalar_t>()};
+    a.xc = xc.data_ptr<scalar_t>(); a.xdbl = xdbl.data_ptr<scalar_t>();
+    MixGrads<scalar_t> g{dxc.data_ptr<scalar_t>(), dxdbl.data_ptr<scalar_t>(), dxz.data_ptr<scalar_t>() + E, 2 * E};
     mixer_scan_backward(a, dout.data_ptr<scalar_t>(), g, dA_log.data_ptr<scalar_t>(), dD.data_ptr<scalar_t>(),
-                        dbias.data_ptr<scalar_t>());
-    auto ddelta_v = ddelta.view({2, batch * L, E});
-    auto dt_low = xdbl.narrow(2, 0, R);
-    ddtproj_w = at::bmm(ddelta_v.transpose(1, 2), dt_low);                  // (2, E, R)
-    dxdbl.narrow(2, 0, R).copy_(at::bmm(ddelta_v, dtproj_w));              // (2, batch L, R)
+                        dbias.data_ptr<scalar_t>(), ddtproj_w.data_ptr<scalar_t>());
     dxproj_w = at::bmm(dxdbl.transpose(1, 2), xc.view({2, batch * L, E}));  // (2, P, E)
     auto dxc_v = dxc.view({2, batch * L, E});
     dxc_v.baddbmm_(dxdbl, xproj_w);                                        // + dxdbl @ W_x
-    conv_backward(a, dxc.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dconv_w.data_ptr<scalar_t>(),
+    conv_backward(a, dxc.data_ptr<scalar_t>(), dxz.data_ptr<scalar_t>(), 2 * E, dconv_w.data_ptr<scalar_t>(),
                   dconv_b.data_ptr<scalar_t>());
   });
-  dxz.narrow(2, 0, E).copy_(dx);
-  dxz.narrow(2, E, E).copy_(dz);
   return {dxz, dconv_w, dconv_b, dxproj_w, ddtproj_w, dbias, dA_log, D.has_value() ? dD : at::Tensor()};
 }
 

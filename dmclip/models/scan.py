@@ -19,8 +19,9 @@ Backends:
 - ``chunked``: pure PyTorch: a sequential scan inside chunks run for all chunks at once, then a carry pass
   between chunks (stable: decays are only multiplied, never divided), with its own backward (the adjoint
   recurrence, scanned the same way in reverse).
-- ``cpu``: the fused C++ kernel (dmclip/csrc/selective_scan.cpp): forward and backward without any
-  (batch, dim, L, N) tensor, threads over batch x channel, the state loop vectorised.
+- ``cpu``: the fused C++ kernel (dmclip/csrc/): forward and backward without any (batch, dim, L, N)
+  tensor, threads over batch x channel blocks, channels in vector lanes (AVX-512 or AVX2 chosen at run
+  time, scalar loops otherwise; :func:`kernel_isa`, :func:`forced_isa`, ``DMCLIP_SCAN_ISA``).
 - ``cuda``: mamba-ssm's kernel, for CUDA tensors when ``mamba_ssm`` imports.
 ``auto`` picks cuda for CUDA tensors when available, else cpu when the extension builds, else chunked
 (saying so once in the log).

@@ -6,7 +6,7 @@ compiler, no ninja, a compile error) is logged in one line and returns None, so 
 to the pure-PyTorch scan: a missing compiler never crashes dmclip.
 
 The cache lives in ``$DMCLIP_CACHE/ext`` (else ``~/.cache/dmclip/ext``), in a folder keyed by a hash of
-the source, the torch version and the compiler flags, so a new torch or an edited kernel rebuilds.
+the sources, the torch version and the compiler flags, so a new torch or an edited kernel rebuilds.
 """
 
 from __future__ import annotations
@@ -122,12 +122,12 @@ def main() -> int:
 
     start = time.perf_counter()
     try:
-        build()
+        module = build()
     except Exception as exc:
         print(f"fused CPU selective scan NOT built ({type(exc).__name__}: {describe_failure(exc)})")
         return 1
     print(f"fused CPU selective scan ready in {cache_root()} ({' '.join(compile_flags())}, "
-          f"{time.perf_counter() - start:.1f} s)")
+          f"{time.perf_counter() - start:.1f} s; runs the {module.isa()} kernels on this CPU)")
     return 0
 
 
