@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dmclip.errors import DmclipError
-from dmclip.models import scan
+from dmclip.models import mixer, scan, scan_ext, scan_ref
 from dmclip.models.scan import count_scan_flops, scan_flops, selective_scan
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -59,7 +59,7 @@ def isa_of(backend):
     if ":" not in backend:
         return contextlib.nullcontext()
     isa = backend.split(":")[1]
-    if isa not in scan._cpu_extension().supported_isas():
+    if isa not in scan_ext.cpu_extension().supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     return scan.forced_isa(isa)
 
@@ -194,7 +194,7 @@ def test_inference_path_equals_autograd_path(backend):
 
 @pytest.mark.requires_fused_scan
 def test_instruction_set_is_the_best_the_cpu_has_and_can_be_forced(monkeypatch):
-    module = scan._cpu_extension()
+    module = scan_ext.cpu_extension()
     supported = list(module.supported_isas())
     assert supported[-1] == "scalar" and scan.kernel_isa() == supported[0]  # auto: the best, scalar always there
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
@@ -210,11 +210,11 @@ def test_instruction_set_is_the_best_the_cpu_has_and_can_be_forced(monkeypatch):
         with pytest.raises(DmclipError, match=f"cannot run the {missing[0]}"):
             scan.set_kernel_isa(missing[0])
     # the environment variable, read once when the extension is first used
-    monkeypatch.setitem(scan._isa_env, "applied", False)
+    monkeypatch.setitem(scan_ext._isa_env, "applied", False)
     monkeypatch.setenv("DMCLIP_SCAN_ISA", "sclar")
     with pytest.raises(DmclipError, match="DMCLIP_SCAN_ISA=sclar"):
         scan.kernel_isa()
-    monkeypatch.setitem(scan._isa_env, "applied", False)
+    monkeypatch.setitem(scan_ext._isa_env, "applied", False)
     monkeypatch.setenv("DMCLIP_SCAN_ISA", "scalar")
     try:
         assert scan.kernel_isa() == "scalar"
@@ -246,7 +246,7 @@ def test_reference_is_the_written_out_recurrence():
 
 
 def test_auto_falls_back_to_chunked_with_one_log_line(monkeypatch, caplog):
-    monkeypatch.setattr(scan, "_cpu_extension", lambda: None)
+    monkeypatch.setattr(scan_ext, "cpu_extension", lambda: None)
     monkeypatch.setattr(scan, "_warned", set())
     inputs = make_inputs(1, 2, 5, 4)
     with caplog.at_level(logging.WARNING, logger="dmclip.models.scan"):
@@ -301,7 +301,7 @@ def test_linear_scan_is_stable_when_decays_underflow():
     # decays of exp(-200) per step: a log-space cumsum/division scheme would overflow; the chunked scan must not
     a = torch.full((1, 50, 2), torch.exp(torch.tensor(-200.0)).item())
     b = torch.randn(1, 50, 2)
-    x = scan.linear_scan(a, b)
+    x = scan_ref.linear_scan(a, b)
     assert torch.isfinite(x).all()
     torch.testing.assert_close(x, b, rtol=1e-6, atol=1e-30)
 
@@ -334,34 +334,34 @@ def test_fused_mixer_matches_the_op_by_op_reference_in_outputs_and_all_gradients
     # float32 to 1e-5 relative per tensor, cancellation-aware as above (channel tails: E not a multiple of 8; L shorter than the conv)
     inputs = make_mixer_inputs(**case)
     leaves = [t.clone().requires_grad_() for t in inputs]
-    ref = scan.bidirectional_mixer_reference(*leaves, backend="reference")
+    ref = mixer.bidirectional_mixer_reference(*leaves, backend="reference")
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
     ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
     same_leaves = [t.detach().float().requires_grad_() for t in inputs]  # the op-by-op reference in float32
-    same = scan.bidirectional_mixer_reference(*same_leaves, backend="reference")
+    same = mixer.bidirectional_mixer_reference(*same_leaves, backend="reference")
     same_grads = torch.autograd.grad((same.double() * weight).sum(), same_leaves)
     fused_leaves = [t.detach().float().requires_grad_() for t in inputs]
     with isa_of(isa):
-        out = scan.bidirectional_mixer(*fused_leaves)
+        out = mixer.bidirectional_mixer(*fused_leaves)
         grads = torch.autograd.grad((out.double() * weight).sum(), fused_leaves)
     assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
     named = lambda o, gs: [("out", o)] + [(f"d{k}", g) for k, g in zip(MIXER, gs)]
     assert_close_to_oracle("fused mixer", named(out, grads), named(ref, ref_grads), named(same, same_grads),
                            1e-5)
     with isa_of(isa), torch.inference_mode():  # the inference path (no autograd node): the same output bit for bit
-        assert torch.equal(scan.bidirectional_mixer(*[t.detach().float() for t in inputs]), out.detach())
+        assert torch.equal(mixer.bidirectional_mixer(*[t.detach().float() for t in inputs]), out.detach())
 
 
 @pytest.mark.requires_fused_scan
 @pytest.mark.parametrize("shape", [(1, 1, 3, 1, 1, 4), (2, 7, 10, 4, 2, 4), (1, 9, 8, 16, 3, 2)])
 def test_fused_mixer_gradcheck_float64(shape):
     leaves = [t.requires_grad_() for t in make_mixer_inputs(*shape)]
-    assert torch.autograd.gradcheck(scan.bidirectional_mixer, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(mixer.bidirectional_mixer, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.requires_fused_scan
 def test_fused_mixer_counts_both_scans():
     inputs = make_mixer_inputs(2, 5, 8, 4, 2, 4, dtype=torch.float32)
     with count_scan_flops() as counter:
-        scan.bidirectional_mixer(*inputs)
+        mixer.bidirectional_mixer(*inputs)
     assert counter.total == 2 * scan_flops(2, 8, 5, 4)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dmclip.metrics.latency import count_flops
-from dmclip.models import scan
+from dmclip.models import mixer
 from dmclip.models.mamba import VisionMamba
 from dmclip.models.scan import scan_flops, selective_scan
 
@@ -47,7 +47,7 @@ def test_mamba_flops_are_the_same_on_every_backend_and_count_the_scan_once(backe
     model = tiny_mamba(backend)
     measured = count_flops(lambda: model(x))
     # the same model with every scan replaced by a no-op: what FlopCounterMode sees around the scans
-    monkeypatch.setattr(scan, "selective_scan", lambda u, *args, **kwargs: torch.zeros_like(u))
+    monkeypatch.setattr(mixer, "selective_scan", lambda u, *args, **kwargs: torch.zeros_like(u))
     reference = tiny_mamba("reference")
     without_scan = count_flops(lambda: reference(x))
     assert without_scan["scan"] == 0 and without_scan["counted"] > 0
@@ -85,13 +85,13 @@ def test_fused_mixer_counts_the_same_flops_as_the_op_by_op_mixer():
               torch.randn(2, E, generator=g), torch.randn(2, R + 2 * N, E, generator=g) * 0.3,
               torch.randn(2, E, R, generator=g) * 0.5, torch.randn(2, E, generator=g) - 1,
               torch.log(torch.rand(2, E, N, generator=g) + 0.5), torch.randn(2, E, generator=g)]
-    fused = count_flops(lambda: scan.bidirectional_mixer(*inputs))
+    fused = count_flops(lambda: mixer.bidirectional_mixer(*inputs))
     for backend in ("reference", "chunked"):
-        assert count_flops(lambda b=backend: scan.bidirectional_mixer_reference(*inputs, backend=b)) == fused
+        assert count_flops(lambda b=backend: mixer.bidirectional_mixer_reference(*inputs, backend=b)) == fused
     assert fused["scan"] == 2 * scan_flops(batch, E, L, N) and fused["counted"] > 0
     with FlopCounterMode(display=False):  # counted op by op, still the fused kernel's result
-        counted_out = scan.bidirectional_mixer(*inputs)
-    torch.testing.assert_close(counted_out, scan.bidirectional_mixer(*inputs), rtol=1e-5, atol=1e-6)
+        counted_out = mixer.bidirectional_mixer(*inputs)
+    torch.testing.assert_close(counted_out, mixer.bidirectional_mixer(*inputs), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.requires_fused_scan

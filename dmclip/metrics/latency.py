@@ -87,8 +87,8 @@ def summarize_times(seconds: list[float]) -> dict:
 
 
 # Ops FlopCounterMode cannot see (a fused kernel) are counted analytically by the module that owns them: it
-# registers a context-manager factory here (dmclip.models.scan does, for the selective scan), so this layer
-# needs no import of the models.
+# registers a context-manager factory here (dmclip.models.scan_flops does, for the selective scan), so this
+# layer needs no import of the models.
 _ANALYTIC_COUNTERS: list[Callable[[], contextlib.AbstractContextManager]] = []
 
 

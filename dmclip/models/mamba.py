@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmclip.models.base import Normalize
-from dmclip.models.scan import (
+from dmclip.models.mixer import (
     bidirectional_block_inference,
     bidirectional_mixer,
     bidirectional_mixer_reference,
     bidirectional_stack_inference,
-    resolve_backend,
 )
+from dmclip.models.scan import resolve_backend
 from dmclip.models.vit import DropPath
 from dmclip.registry import families, students
 
@@ -36,7 +36,7 @@ class BiMamba(nn.Module):
     The per-direction parameters are stacked along a leading 2 (index 0: the forward scan, 1: the backward
     scan), so the fused ``cpu`` backend runs conv, x_proj, dt_proj and both scans of a block in one kernel
     call on the (batch, L, channels) layout (no flips, transposes or copies); the other backends run the
-    same maths op by op (:func:`dmclip.models.scan.bidirectional_mixer_reference`).
+    same maths op by op (:func:`dmclip.models.mixer.bidirectional_mixer_reference`).
     """
 
     def __init__(self, width: int, d_state: int, expand: int, d_conv: int, backend: str, dt_min=0.001,
