@@ -8,7 +8,8 @@ errors can name the key path, the value and what is allowed:
         lr: float = field(5e-4, "peak learning rate", min=0.0)
 
 ``load_config(DistillConfig, recipe, sets=["train.lr=1e-3"], shortcuts={"loss.alpha": 0.75})``
-resolves recipe -> overrides -> shortcuts, in that order, and validates the result.
+resolves recipe -> overrides -> shortcuts, in that order, and validates the result. Reading the YAML is
+``dmclip.recipe``'s job; converting and range-checking each value is ``dmclip.coerce``'s.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import math
 import types
 import typing
 from pathlib import Path, PurePath
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, get_args, get_origin
 
 import yaml
 
+from dmclip.coerce import check_range, coerce, type_name
 from dmclip.errors import DmclipError
+from dmclip.recipe import parse_yaml, read_recipe
 
 _MISSING = dataclasses.MISSING
 
@@ -43,233 +46,6 @@ def field(default: Any = _MISSING, help: str = "", *, min: float | None = None, 
         cls = type(default)
         return dataclasses.field(default_factory=cls, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-# ---------------------------------------------------------------------------------------------- YAML
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that also refuses duplicated keys (a common silent recipe bug)."""
-
-
-def _construct_mapping(loader, node, deep=False):
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        where = f"line {key_node.start_mark.line + 1}, column {key_node.start_mark.column + 1}"
-        try:
-            duplicate = key in seen
-        except TypeError:  # a list or mapping used as a key (`? [a, b]`)
-            raise DmclipError(f"a key at {where} is a {type(key).__name__}, not a plain name",
-                              "write keys as plain words: `key: value`") from None
-        if duplicate:
-            raise DmclipError(f"duplicated key {key!r} at {where} (first at line {seen[key]})",
-                              "keep one of the two entries: YAML would silently use the last one")
-        seen[key] = key_node.start_mark.line + 1
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_MAX_DEPTH = 64
-
-
-def _check_plain(data: Any, where: str, depth: int = 0, parents: tuple = ()) -> None:
-    """Refuse self-referencing anchors (``&x [*x]``) and absurd nesting before anything walks them."""
-    if not isinstance(data, (dict, list)):
-        return
-    if id(data) in parents:
-        raise DmclipError(f"{where} refers to itself through a YAML anchor/alias",
-                          "replace the recursive *alias with a plain value")
-    if depth > _MAX_DEPTH:
-        raise DmclipError(f"{where} is nested more than {_MAX_DEPTH} levels deep", "flatten the recipe")
-    children = data.values() if isinstance(data, dict) else data
-    for child in children:
-        _check_plain(child, where, depth + 1, parents + (id(data),))
-
-
-def parse_yaml(text: str, where: str = "recipe") -> Any:
-    """Parse YAML with ``safe_load`` semantics (no code tags, no duplicated keys) and one-line errors."""
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except DmclipError as exc:
-        raise DmclipError(f"{where}: {exc.message}", exc.hint) from None
-    except RecursionError:
-        raise DmclipError(f"{where} is nested too deeply to read", "flatten the recipe") from None
-    except yaml.constructor.ConstructorError as exc:
-        mark = exc.problem_mark
-        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = str(exc.problem or exc)
-        tag = problem.split("tag '", 1)[1].rstrip("'") if "tag '" in problem else None
-        if tag is not None:
-            tag = tag.replace("tag:yaml.org,2002:", "!!")
-            raise DmclipError(f"{where}: refused tag {tag}{line}",
-                              "recipes are plain data (yaml.safe_load): remove the tag and write the value") from None
-        raise DmclipError(f"{where} cannot be read{line}: {problem}", "check the YAML near that line") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        hint = ("indent with spaces, not tabs" if "\t" in text
-                else "check the YAML syntax near that line" if mark else "remove the control characters")
-        raise DmclipError(f"{where} is not valid YAML{line}: {problem}", hint) from None
-    _check_plain(data, where)
-    return data
-
-
-def read_recipe(path: str | Path) -> tuple[dict, str]:
-    """Read a recipe file -> (mapping, text as given)."""
-    path = Path(path)
-    if path.is_dir():
-        raise DmclipError(f"recipe {str(path)!r} is a directory", "pass a YAML file inside it")
-    if not path.is_file():
-        raise DmclipError(f"recipe {str(path)!r} does not exist",
-                          "pass a YAML file, e.g. recipes/distill-demo.yaml (ls recipes/ shows the built-in ones)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DmclipError(f"recipe {str(path)!r} is not UTF-8 text", "save it as UTF-8 YAML") from None
-    except OSError as exc:
-        raise DmclipError(f"recipe {str(path)!r} cannot be read ({exc.strerror or exc})",
-                          "check its permissions") from None
-    data = parse_yaml(text, where=f"recipe {path.name}")
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise DmclipError(f"recipe {path.name} must be a mapping of keys to values, not a {type(data).__name__}",
-                          "write it as `key: value` lines")
-    return data, text
-
-
-# ------------------------------------------------------------------------------------- conversion
-
-
-def _type_name(tp) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin in (list, tuple):
-        args = get_args(tp)
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, path)
-            except DmclipError:
-                continue
-        raise _type_error(path, value, tp)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if any(value == a and type(value) is type(a) for a in allowed):
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        raise DmclipError(f"{path} = {value!r} is not allowed",
-                          f"use one of {', '.join(repr(a) for a in allowed)}"
-                          + (f" (did you mean {close[0]!r}?)" if close else ""))
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise _type_error(path, value, tp)
-        return from_dict(tp, value, path)
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(path, value, tp)
-        args = get_args(tp)
-        if not args or (len(args) == 2 and args[1] is Ellipsis):
-            item = args[0] if args else Any
-            return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise DmclipError(f"{path} = {value!r} has {len(value)} items, expected {len(args)}",
-                              f"set {path} to a list of {len(args)} values")
-        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list or tp is list:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # a single value where a list is expected
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(path, value, tp)
-        args = get_args(tp)
-        item = args[0] if args else Any
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _type_error(path, value, tp)
-        args = get_args(tp)
-        if len(args) == 2:
-            return {_convert(k, args[0], path): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
-        return dict(value)
-    if isinstance(tp, type) and issubclass(tp, PurePath):
-        if isinstance(value, (str, PurePath)):
-            return tp(value)
-        raise _type_error(path, value, tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(path, value, tp)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _type_error(path, value, tp)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(path, value, tp)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _type_error(path, value, tp)
-    return value
-
-
-def _type_error(path: str, value: Any, tp: Any) -> DmclipError:
-    return DmclipError(f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}",
-                       f"set {path} to a value of type {_type_name(tp)}")
-
-
-def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
-    lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if v is None:
-            continue
-        if choices and v not in choices:
-            close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
-            raise DmclipError(f"{path} = {v!r} is not allowed",
-                              f"use one of {', '.join(map(str, choices))}"
-                              + (f" (did you mean {close[0]!r}?)" if close else ""))
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if (lo is not None or hi is not None) and math.isnan(v):
-                raise DmclipError(f"{path} = nan is not a number", f"set {path} to a number")
-            if (lo is not None and v < lo) or (hi is not None and v > hi):
-                bounds = (f"between {lo} and {hi}" if lo is not None and hi is not None
-                          else f">= {lo}" if lo is not None else f"<= {hi}")
-                raise DmclipError(f"{path} = {v!r} is out of range", f"{path} must be {bounds}")
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -302,8 +78,8 @@ def from_dict(cls, data: dict, path: str = ""):
             default = f.default_factory()
             if dataclasses.is_dataclass(default):
                 value = _merged(to_dict(default), value)
-        converted = _convert(value, hints[name], full)
-        _check_range(f, converted, full)
+        converted = coerce(value, hints[name], full, from_dict)
+        check_range(f, converted, full)
         kwargs[name] = converted
     prefix = f"{path}." if path else ""
     missing = [n for n, f in fields.items() if n not in kwargs and f.init
@@ -394,7 +170,7 @@ def set_path(data: dict, key: str, value: Any, cls=None) -> None:
     for i, part in enumerate(parts):
         walked.append(part)
         if leaf is not None:  # a.b.c where a.b is a number, string, ...
-            raise DmclipError(f"--set {key}: {leaf[0]} is a {_type_name(leaf[1])} value, not a section",
+            raise DmclipError(f"--set {key}: {leaf[0]} is a {type_name(leaf[1])} value, not a section",
                               f"set {leaf[0]} itself, e.g. --set {leaf[0]}=...")
         if node_cls is not None:
             names = {f.name: f for f in dataclasses.fields(node_cls)}
@@ -486,5 +262,5 @@ def describe(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
             rows.extend(describe(tp, key + "."))
             continue
         default = f.default if f.default is not _MISSING else (f.default_factory() if f.default_factory is not _MISSING else "")
-        rows.append((key, _type_name(tp), repr(default), f.metadata.get("help", "")))
+        rows.append((key, type_name(tp), repr(default), f.metadata.get("help", "")))
     return rows

@@ -456,10 +456,11 @@ def test_a_full_disk_while_appending_metrics_is_a_user_error(tmp_path, monkeypat
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from dmclip.config import describe, from_dict, load_config, parse_yaml, to_yaml  # noqa: E402
+from dmclip.config import describe, from_dict, load_config, to_yaml  # noqa: E402
 from dmclip.distill import DistillConfig  # noqa: E402
 from dmclip.errors import DmclipError  # noqa: E402
 from dmclip.pretrain import PretrainConfig  # noqa: E402
+from dmclip.recipe import parse_yaml  # noqa: E402
 
 CONFIGS = (PretrainConfig, DistillConfig)
 _KEYS = sorted({part for cls in CONFIGS for key, *_ in describe(cls) for part in key.split(".")} | {"zzz", ""})

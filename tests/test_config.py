@@ -19,13 +19,13 @@ from dmclip.config import (
     load_config,
     parse_override,
     parse_sweep_values,
-    parse_yaml,
     save_config,
     set_path,
     to_dict,
     to_yaml,
 )
 from dmclip.errors import DmclipError
+from dmclip.recipe import parse_yaml
 
 
 @dataclass

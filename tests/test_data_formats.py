@@ -16,8 +16,7 @@ import torch
 from PIL import Image
 
 from dmclip.cli.main import main
-from dmclip.data import build_dataset, collate, export, parse_spec
-from dmclip.data import formats as fmt
+from dmclip.data import build_dataset, collate, export, fashion_mnist, parse_spec
 from dmclip.errors import DmclipError
 
 SIZE = 32
@@ -179,7 +178,7 @@ def test_huggingface_column_label_and_template_options(world, tmp_path):
 # ---------------------------------------------------------------------------------- Fashion-MNIST
 
 
-@pytest.mark.skipif(not fmt.fashion_mnist_available(),
+@pytest.mark.skipif(not fashion_mnist.fashion_mnist_available(),
                     reason="Fashion-MNIST files absent: apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_from_the_debian_package():
     ds = build_dataset("fashion-mnist:size=200", image_size=SIZE)
@@ -190,7 +189,7 @@ def test_fashion_mnist_from_the_debian_package():
     assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])  # grey photos
     assert image.float().std() > 20  # a real picture, not a blank
     train = build_dataset("fashion-mnist:split=train:size=5", image_size=SIZE)
-    assert train.labels() == fmt.read_idx(Path(fmt.FASHION_MNIST_DIR) / "train-labels-idx1-ubyte.gz")[:5].tolist()
+    assert train.labels() == fashion_mnist.read_idx(Path(fashion_mnist.FASHION_MNIST_DIR) / "train-labels-idx1-ubyte.gz")[:5].tolist()
 
 
 def test_idx_reader_plain_and_gzip_and_bad_header(tmp_path):

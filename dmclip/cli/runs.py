@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
 
 def _flat_configs(runs) -> list[dict]:
     """Each run's resolved.yaml as a flat {dotted key: value} dict ({} where it has none)."""
-    from dmclip.config import parse_yaml
+    from dmclip.recipe import parse_yaml
 
     configs = []
     for r in runs:

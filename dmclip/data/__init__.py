@@ -3,7 +3,7 @@
 Importing this package registers the built-in datasets (the world splits and fashion-mnist).
 """
 
-from dmclip.data import formats, world  # noqa: F401  (registers world-* and fashion-mnist)
+from dmclip.data import fashion_mnist, world  # noqa: F401  (registers world-* and fashion-mnist)
 from dmclip.data.base import (
     BadSample,
     ClassificationDataset,

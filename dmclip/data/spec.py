@@ -84,9 +84,9 @@ def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None 
         raise DmclipError(f"image_size {image_size} is out of range", "use a square size in pixels, e.g. 64")
     if head == "wds":
         from dmclip.data import wds
-        from dmclip.data.formats import _options
+        from dmclip.data.files import check_options
 
-        _options(head, merged, wds.OPTIONS)
+        check_options(head, merged, wds.OPTIONS)
         return wds.load(positional, image_size=image_size, seed=seed, spec=spec, allow_stream=allow_stream, **merged)
     if head in FORMATS:
         from dmclip.data import formats

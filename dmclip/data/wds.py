@@ -26,12 +26,12 @@ import tarfile
 from pathlib import Path
 
 from dmclip.data.base import BadSample, SkipCounter, check_templates, clean_caption
-from dmclip.data.formats import (
+from dmclip.data.files import (
     DEFAULT_TEMPLATES,
     IMAGE_EXTENSIONS,
     FileClassificationDataset,
     FileImageTextDataset,
-    _finish,
+    finish,
 )
 from dmclip.errors import DmclipError
 
@@ -215,7 +215,7 @@ def load_index(shards: list[Path], name: str, *, image_size, classification: boo
         flush(current)
     skips.total = rows
     if not classification:
-        return _finish(FileImageTextDataset(name, sources, captions, image_size, skips), skips)
+        return finish(FileImageTextDataset(name, sources, captions, image_size, skips), skips)
     names, prompts = _class_files(shards, classnames, templates)
     top = max(labels, default=-1)
     if names is None:
@@ -229,7 +229,7 @@ def load_index(shards: list[Path], name: str, *, image_size, classification: boo
         raise DmclipError(f"{name}: label {top} found but only {len(names)} class names",
                           "give one class name per label 0..N-1 (classnames.txt or classnames=FILE)")
     dataset = FileClassificationDataset(name, sources, labels, names, prompts, image_size, skips)
-    return _finish(dataset, skips)
+    return finish(dataset, skips)
 
 
 # ------------------------------------------------------------------------------------------ dispatch

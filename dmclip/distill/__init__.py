@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmclip.config import field, read_recipe, to_yaml
+from dmclip.config import field, to_yaml
 from dmclip.errors import DmclipError, did_you_mean
 from dmclip.models.teachers import (
     EnsembleTeacher,
@@ -30,6 +30,7 @@ from dmclip.models.teachers import (
     teacher_features,
 )
 from dmclip.pretrain import DataConfig, EvalAfterConfig, image_caption_batch, pick_caption
+from dmclip.recipe import read_recipe
 from dmclip.train import TrainConfig
 
 log = logging.getLogger(__name__)
