@@ -42,10 +42,12 @@ class ServerFinetuneConfig:
 
 @dataclass
 class CompressConfig:
+    """Grouped by who reads them: ``model`` (every subcommand but ``load``); the selector and the wire dtype
+    (``eval``, ``sweep``, ``send``; ``load`` takes ``k``, ``dtype`` and ``seed``); the test split (``eval`` and
+    ``sweep``); then decoding on the server, the sweep's points and the server fine-tuning."""
+
     model: str = field("", "model reference with an image tower and a captioning decoder, e.g. run:<pretrain dir>")
-    dataset: str = field("world-retrieval-a", "test split captioned")
-    limit: int = field(100, "images of the test split captioned (0 = all)", min=0)
-    batch_size: int = field(16, "images per batch on the edge and the server", min=1)
+    # what the edge sends
     selector: str = field("kmeans", "token selector (`dmclip list selectors`)")
     k: int = field(8, "k-means centroids", min=1)
     fraction: float = field(0.4, "kept fraction for random / topk-norm / tome", min=0.0, max=1.0)
@@ -58,6 +60,10 @@ class CompressConfig:
     kmeans_restarts: int = field(2, "k-means++ starts per image; the lowest inertia wins", min=1)
     class_token: bool = field(True, "token 0 is a class token: sent verbatim, never clustered or dropped")
     seed: int = field(0, "seed of k-means, random selection and fine-tuning")
+    # the test split `eval` and `sweep` caption
+    dataset: str = field("world-retrieval-a", "test split captioned")
+    limit: int = field(100, "images of the test split captioned (0 = all)", min=0)
+    batch_size: int = field(16, "images per batch on the edge and the server", min=1)
     decode: DecodeConfig = field(DecodeConfig(), "caption decoding on the server")
     sweep: SweepConfig = field(SweepConfig(), "points of `compress sweep`")
     finetune: ServerFinetuneConfig = field(ServerFinetuneConfig(), "--finetune-server")
