@@ -56,7 +56,7 @@ def _attack(width: int) -> bytes:
 
 
 def _refusal_ms(port: int, tries: int) -> tuple[float, float, int]:
-    from dmclip.compress.link import LinkClient
+    from dmclip.compress.client import LinkClient
 
     body, times = _attack(ARCH["vision_width"]), []
     with LinkClient(("127.0.0.1", port), timeout=30) as client:
@@ -69,9 +69,10 @@ def _refusal_ms(port: int, tries: int) -> tuple[float, float, int]:
 
 
 def measure(requests: int = 8, echo_requests: int = 50) -> list[dict]:
-    from dmclip.compress.link import CaptionServer
+    from dmclip.compress.config import DecodeConfig
+    from dmclip.compress.endpoints import caption_handler
     from dmclip.compress.load import run_load
-    from dmclip.compress.pipeline import DecodeConfig, caption_handler
+    from dmclip.compress.server import CaptionServer
 
     blip, echo = caption_handler(_model(), DecodeConfig()), caption_handler(_Echo(), DecodeConfig())
     rows = []

@@ -16,11 +16,15 @@ from hypothesis import strategies as st
 from test_compress_standin import StandInCaptioner, colour_dataset
 
 from dmclip.compress import Payload, codec, encode
+from dmclip.compress.batching import ModelQueue
+from dmclip.compress.client import LinkClient
 from dmclip.compress.codec import payload_crc, quantize
-from dmclip.compress.link import INFO_REQUEST, CaptionServer, LinkClient, _ModelQueue, parse_address
+from dmclip.compress.config import DecodeConfig
+from dmclip.compress.endpoints import caption_handler, send_images
+from dmclip.compress.link import INFO_REQUEST, parse_address
 from dmclip.compress.load import loopback_address, run_load
-from dmclip.compress.pipeline import DecodeConfig, caption_handler, send_images
 from dmclip.compress.selectors import build_selector
+from dmclip.compress.server import CaptionServer
 from dmclip.errors import DmclipError
 
 
@@ -229,7 +233,7 @@ def test_concurrent_requests_are_captioned_together_and_each_gets_its_own_rows()
     def payload(value: float) -> Payload:
         return Payload("none", 1, torch.full((1, 1, 2), value))
 
-    model = _ModelQueue(Gated(), batch_images=8, batch_wait=0.0, stats_add=lambda **kw: None)
+    model = ModelQueue(Gated(), batch_images=8, batch_wait=0.0, stats_add=lambda **kw: None)
     try:
         first = model.submit(payload(1))
         assert entered.wait(10)  # the model thread is busy with the first request

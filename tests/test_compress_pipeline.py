@@ -9,7 +9,10 @@ import threading
 import pytest
 from test_compress_standin import StandInCaptioner, colour_dataset
 
-from dmclip.compress.pipeline import CompressConfig, run_eval, run_sweep, score_captions, seed_claims
+from dmclip.compress.config import CompressConfig
+from dmclip.compress.measure import score_captions
+from dmclip.compress.pipeline import run_eval, run_sweep
+from dmclip.compress.summary import seed_claims
 from dmclip.config import load_config
 from dmclip.runs import RunDir
 
@@ -73,8 +76,9 @@ def test_cli_eval_sweep_serve_send_on_a_tiny_blip(tmp_path):
     from PIL import Image
 
     from dmclip.cli.main import main
-    from dmclip.compress.link import CaptionServer
-    from dmclip.compress.pipeline import DecodeConfig, caption_handler
+    from dmclip.compress.config import DecodeConfig
+    from dmclip.compress.endpoints import caption_handler
+    from dmclip.compress.server import CaptionServer
     from dmclip.models.base import load_saved_model, save_model
     from dmclip.models.blip import BlipModel, blip_tokenizer
 
@@ -110,7 +114,7 @@ def test_cli_eval_sweep_serve_send_on_a_tiny_blip(tmp_path):
 def test_finetune_server_trains_the_decoder_on_compressed_tokens_only(tmp_path):
     import torch
 
-    from dmclip.compress.pipeline import finetune_server
+    from dmclip.compress.finetune import finetune_server
     from dmclip.models.blip import BlipModel, blip_tokenizer
 
     model = BlipModel(image_size=16, patch_size=4, vision_width=16, vision_depth=1, vision_heads=2, text_width=16,

@@ -53,7 +53,7 @@ COMMAND_CONFIGS = {  # the config class behind each command's recipe and --set (
     "pretrain": "dmclip.pretrain:PretrainConfig",
     "distill": "dmclip.distill:DistillConfig",
     "capfilt": "dmclip.capfilt.config:CapfiltConfig",
-    "compress": "dmclip.compress.pipeline:CompressConfig",
+    "compress": "dmclip.compress.config:CompressConfig",
 }
 PAGE_COMMAND = {"docs/pretrain.md": "pretrain", "docs/distill.md": "distill", "docs/capfilt.md": "capfilt",
                 "docs/compress.md": "compress", "docs/eval.md": "eval"}

@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         Example: dmclip compress eval --model run:runs/pretrain/<run> --selector kmeans --k 8
         """
         from dmclip.cli.common import metrics_table
-        from dmclip.compress.pipeline import CompressConfig, run_eval
+        from dmclip.compress.config import CompressConfig
+        from dmclip.compress.pipeline import run_eval
 
         shortcuts = _shortcuts(model, selector, k, fraction, pool_size, dtype, limit, seed,
                                **({"finetune.enabled": True} if finetune_server else {}))
@@ -63,7 +64,8 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress sweep --model run:runs/pretrain/<run> --set sweep.k=[1,4,16]
         """
-        from dmclip.compress.pipeline import CompressConfig, run_sweep
+        from dmclip.compress.config import CompressConfig
+        from dmclip.compress.pipeline import run_sweep
 
         shortcuts = _shortcuts(model, None, None, None, None, dtype, limit, seed)
         run, result = execute("compress", CompressConfig, run_sweep, recipe=recipe, sets=sets, shortcuts=shortcuts,
@@ -100,8 +102,10 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress serve --model run:runs/pretrain/<run> --port 5000
         """
-        from dmclip.compress.link import CaptionServer
-        from dmclip.compress.pipeline import CompressConfig, caption_handler, load_compress_model
+        from dmclip.compress.config import CompressConfig
+        from dmclip.compress.endpoints import caption_handler
+        from dmclip.compress.model import load_compress_model
+        from dmclip.compress.server import CaptionServer
 
         def serve(cfg, run):
             captioner = load_compress_model(cfg.model)
@@ -141,8 +145,8 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress load --server 127.0.0.1:5000 --clients 4 --requests 20
         """
+        from dmclip.compress.config import CompressConfig
         from dmclip.compress.load import check_bounds, loopback_address, run_load
-        from dmclip.compress.pipeline import CompressConfig
 
         address = loopback_address(server)  # both before a run directory is made
         check_bounds(clients, requests, time_limit, timeout)
@@ -179,13 +183,9 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress send --server 127.0.0.1:5000 --model run:runs/pretrain/<run> a.png b.png
         """
-        from dmclip.compress.pipeline import (
-            CompressConfig,
-            load_compress_model,
-            load_images,
-            selector_from_config,
-            send_images,
-        )
+        from dmclip.compress.config import CompressConfig, selector_from_config
+        from dmclip.compress.endpoints import load_images, send_images
+        from dmclip.compress.model import load_compress_model
 
         def send(cfg, run):
             edge = load_compress_model(cfg.model)

@@ -19,8 +19,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from dmclip.compress.client import LinkClient
 from dmclip.compress.codec import Accepts, Payload, encode, payload_crc, quantize
-from dmclip.compress.link import LinkClient, parse_address
+from dmclip.compress.link import parse_address
 from dmclip.errors import DmclipError
 
 MAX_CLIENTS = 64

@@ -88,6 +88,7 @@ def _count(fraction: float, n: int) -> int:
     return max(1, min(n, math.ceil(fraction * n - 1e-9)))
 
 
+@selectors.register("none", description="send every token (uncompressed baseline)", tiny={})
 class NoneSelector(Selector):
     """Send every token (the uncompressed baseline)."""
 
@@ -97,6 +98,8 @@ class NoneSelector(Selector):
         return patches, None
 
 
+@selectors.register("kmeans", description="k centroids + a ceil(log2 k)-bit index per token",
+                    tiny={"k": 2, "iterations": 3, "restarts": 1})
 class KMeansSelector(Selector):
     """k-means vector quantisation: k centroids, plus one ceil(log2 k)-bit index per token ("expand")."""
 
@@ -121,47 +124,54 @@ class KMeansSelector(Selector):
         return result.centroids, (result.assignments if self.restore_mode == "expand" else None)
 
 
-class RandomSelector(Selector):
+class FractionSelector(Selector):
+    """Base class of the selectors that keep ``ceil(fraction * N)`` of the N patch tokens (at least one)."""
+
+    def __init__(self, fraction: float = 0.4, **kw):
+        super().__init__(**kw)
+        _count(fraction, 1)  # refuses a fraction outside (0, 1] when the selector is built
+        self.fraction = fraction
+
+    def describe(self):
+        return f"{self.name} {self.fraction:g}"
+
+
+def _keep(patches: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """patches (B, N, W), token positions (B, keep) -> the kept tokens (B, keep, W)."""
+    return torch.gather(patches, 1, order.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+
+
+@selectors.register("random", description="keep a random fraction of the tokens", tiny={"fraction": 0.5})
+class RandomSelector(FractionSelector):
     """Keep a random fraction of the patch tokens (original order), drawn from ``seed``."""
 
     name = "random"
 
     def __init__(self, fraction: float = 0.4, **kw):
-        super().__init__(**kw)
-        _count(fraction, 1)
-        self.fraction = fraction
+        super().__init__(fraction, **kw)
         self._generator = torch.Generator().manual_seed(self.seed)
 
-    def describe(self):
-        return f"random {self.fraction:g}"
-
     def select(self, patches):
-        B, N, W = patches.shape
+        B, N = patches.shape[:2]
         keep = _count(self.fraction, N)
         order = torch.rand(B, N, generator=self._generator).argsort(-1)[:, :keep].sort(-1).values  # (B, keep)
-        return torch.gather(patches, 1, order.unsqueeze(-1).expand(-1, -1, W)), None
+        return _keep(patches, order), None
 
 
-class TopkNormSelector(Selector):
+@selectors.register("topk-norm", description="keep the fraction of tokens with the largest L2 norm",
+                    tiny={"fraction": 0.5})
+class TopkNormSelector(FractionSelector):
     """Keep the fraction of patch tokens with the largest L2 norm (original order)."""
 
     name = "topk-norm"
 
-    def __init__(self, fraction: float = 0.4, **kw):
-        super().__init__(**kw)
-        _count(fraction, 1)
-        self.fraction = fraction
-
-    def describe(self):
-        return f"topk-norm {self.fraction:g}"
-
     def select(self, patches):
-        B, N, W = patches.shape
-        keep = _count(self.fraction, N)
+        keep = _count(self.fraction, patches.shape[1])
         order = patches.norm(dim=-1).topk(keep, dim=-1).indices.sort(-1).values  # (B, keep)
-        return torch.gather(patches, 1, order.unsqueeze(-1).expand(-1, -1, W)), None
+        return _keep(patches, order), None
 
 
+@selectors.register("pool", description="average-pool the patch grid in size x size windows", tiny={"size": 2})
 class PoolSelector(Selector):
     """Average-pool the patch grid in size x size windows (the grid must be square, or given)."""
 
@@ -188,7 +198,9 @@ class PoolSelector(Selector):
         return pooled.flatten(2).transpose(1, 2).contiguous(), None
 
 
-class TomeSelector(Selector):
+@selectors.register("tome", description="ToMe bipartite soft matching merge down to a fraction",
+                    tiny={"fraction": 0.5})
+class TomeSelector(FractionSelector):
     """Token merging (ToMe, Bolya et al. 2023): bipartite soft matching, size-weighted averages.
 
     Each round splits tokens alternately into sets A and B, matches every A token to its most similar
@@ -199,12 +211,7 @@ class TomeSelector(Selector):
     name = "tome"
 
     def __init__(self, fraction: float = 0.25, **kw):
-        super().__init__(**kw)
-        _count(fraction, 1)
-        self.fraction = fraction
-
-    def describe(self):
-        return f"tome {self.fraction:g}"
+        super().__init__(fraction, **kw)
 
     def select(self, patches):
         B, N, W = patches.shape
@@ -236,42 +243,6 @@ def _bipartite_merge(x: torch.Tensor, size: torch.Tensor, remove: int) -> tuple[
     keep_x = torch.gather(a, 1, kept.unsqueeze(-1).expand(-1, -1, W))
     keep_size = torch.gather(size_a, 1, kept.unsqueeze(-1))
     return torch.cat([keep_x, b_sum / b_size], 1), torch.cat([keep_size, b_size], 1)
-
-
-# ---------------------------------------------------------------------------------------- registry
-
-
-@selectors.register("none", description="send every token (uncompressed baseline)", tiny={})
-def _none(**kw) -> Selector:
-    return NoneSelector(**kw)
-
-
-@selectors.register("kmeans", description="k centroids + a ceil(log2 k)-bit index per token",
-                    tiny={"k": 2, "iterations": 3, "restarts": 1})
-def _kmeans(**kw) -> Selector:
-    return KMeansSelector(**kw)
-
-
-@selectors.register("random", description="keep a random fraction of the tokens", tiny={"fraction": 0.5})
-def _random(**kw) -> Selector:
-    return RandomSelector(**kw)
-
-
-@selectors.register("topk-norm", description="keep the fraction of tokens with the largest L2 norm",
-                    tiny={"fraction": 0.5})
-def _topk(**kw) -> Selector:
-    return TopkNormSelector(**kw)
-
-
-@selectors.register("pool", description="average-pool the patch grid in size x size windows", tiny={"size": 2})
-def _pool(**kw) -> Selector:
-    return PoolSelector(**kw)
-
-
-@selectors.register("tome", description="ToMe bipartite soft matching merge down to a fraction",
-                    tiny={"fraction": 0.5})
-def _tome(**kw) -> Selector:
-    return TomeSelector(**kw)
 
 
 def build_selector(name: str, *, k: int | None = None, fraction: float | None = None, size: int | None = None,

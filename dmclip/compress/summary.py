@@ -1,0 +1,112 @@
+"""What `dmclip compress eval` and `sweep` write for a person: the result table (report.md, summary.md and
+summary.csv), the seed paper's two claims checked on the rows, and the quality-vs-bytes plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from dmclip.report import markdown_table, pyplot, save_figure
+
+_TABLE = [("label", "selector"), ("communication_efficiency", "comm. eff."), ("bytes_per_image", "bytes/img"),
+          ("bytes_per_image_without_indices", "bytes w/o idx"), ("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"),
+          ("cider", "CIDEr"), ("bleu4_ratio", "BLEU-4 / full"), ("cider_ratio", "CIDEr / full"),
+          ("edge_ms", "edge ms"), ("server_ms", "server ms")]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
+
+
+def rows_markdown(rows: list[dict]) -> str:
+    """Result rows as the table of report.md and summary.md."""
+    return markdown_table([h for _, h in _TABLE], [[_fmt(r.get(k)) for k, _ in _TABLE] for r in rows])
+
+
+def csv_text(rows: list[dict]) -> str:
+    keys = [k for k in rows[0] if k != "examples"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def eval_report(result: dict) -> str:
+    rows = [result["baseline"], result["compressed"]] + ([result["compressed_finetuned"]]
+                                                         if "compressed_finetuned" in result else [])
+    if "compressed_finetuned" in result:
+        rows[-1] = {**rows[-1], "label": rows[-1]["label"] + " (fine-tuned server)"}
+    lines = [f"# compress eval: {result['selector']}\n", rows_markdown(rows),
+             "\ncomm. eff. = vectors sent / tokens (class token counted); bytes are whole codec frames per image.\n",
+             "\n## example captions\n"]
+    for ex in result["compressed"]["examples"]:
+        lines.append(f"- {ex['caption']!r} (references: {'; '.join(ex['references'])})\n")
+    return "".join(lines)
+
+
+def seed_claims(rows: list[dict]) -> list[str]:
+    """The two claims of the seed paper, checked on these rows (stated, not assumed)."""
+    out = []
+    k8 = next((r for r in rows if r["selector"] == "kmeans" and r["setting"] == 8), None)
+    if k8 and k8.get("bleu4_ratio") is not None:
+        out.append(f"kmeans k=8 keeps {100 * k8['bleu4_ratio']:.0f} % of full BLEU-4 "
+                   f"({100 * k8['bleu1_ratio']:.0f} % of BLEU-1) at communication efficiency "
+                   f"{100 * k8['communication_efficiency']:.1f} % — seed claim ≥ 80 %: "
+                   f"{'holds' if k8['bleu4_ratio'] >= 0.8 else 'does not hold'} here")
+    randoms = [r for r in rows if r["selector"] == "random"]
+    kms = [r for r in rows if r["selector"] == "kmeans"]
+    if randoms and kms:
+        wins = 0
+        for r in randoms:  # kmeans point with the most bytes not above this random point's bytes
+            cheaper = [k for k in kms if k["bytes_per_image"] <= r["bytes_per_image"]]
+            if cheaper and max(k["bleu4"] for k in cheaper) >= r["bleu4"]:
+                wins += 1
+        out.append(f"kmeans matches or beats random at equal-or-fewer bytes for {wins} of {len(randoms)} random points")
+    return out
+
+
+def plot_sweep(rows: list[dict], path: Path, metric: str = "bleu4") -> Path:
+    """Quality vs communication efficiency and vs bytes per image, one line per selector.
+
+    One row of panels per metric: ``metric`` and, when it is another one, CIDEr (BLEU-4 saturates on short
+    template-like captions, CIDEr's tf-idf weighting still separates the selectors).
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    metrics = [metric] + (["cider"] if metric != "cider" and all("cider" in r for r in rows) else [])
+    fig, grid = pyplot().subplots(len(metrics), 2, figsize=(11, 4.2 * len(metrics)), squeeze=False)
+    baseline = next((r for r in rows if r["selector"] == "none"), None)
+    by_selector: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["selector"] != "none":
+            by_selector.setdefault(r["selector"], []).append(r)
+    axes_x = (("communication_efficiency", "communication efficiency (vectors sent / tokens)",
+               FuncFormatter(lambda v, _: f"{100 * v:g} %")),
+              ("bytes_per_image", "bytes per image on the wire", FuncFormatter(lambda v, _: f"{v:,.0f}")))
+    for axes, name_y in zip(grid, metrics):
+        for ax, (x_key, x_label, formatter) in zip(axes, axes_x):
+            for name, points in by_selector.items():
+                points = sorted(points, key=lambda r: r[x_key])
+                ax.plot([p[x_key] for p in points], [p[name_y] for p in points], marker="o", label=name)
+            if baseline:
+                ax.axhline(baseline[name_y], color="grey", linestyle="--", label="none (all tokens)")
+                ax.axhline(0.8 * baseline[name_y], color="grey", linestyle=":", label="80 % of none")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(formatter)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(name_y.upper() if name_y != "cider" else "CIDEr")
+            ax.grid(True, alpha=0.3)
+    grid[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
