@@ -98,15 +98,17 @@ def test_fused_inference_block_equals_the_op_by_op_model():
 
 
 @pytest.mark.requires_fused_scan
-@pytest.mark.parametrize("batch", [1, 8])
-def test_fused_stack_equals_block_by_block_inference(batch):
+@pytest.mark.parametrize("batch,threads", [(1, 2), (8, 2), (256, 1), (256, 2)])
+def test_fused_stack_equals_block_by_block_inference(batch, threads):
     # eval + no grad runs all blocks in one C++ call; at batch >= 2 x threads each thread takes whole batch
-    # rows through every block (batch 8 at 2 threads), below that block after block. Same features either
-    # way as block-by-block calls (a forward hook forces those: hooks must see every block) and the reference.
+    # rows through every block (batch 8 at 2 threads), below that block after block; rows go in chunks of
+    # about 1 MB of in_proj output (120 rows of this model: batch 256 is chunks of 120, 120, 16 on one thread
+    # and 120, 8 per thread on two). Same features every way as block-by-block calls (a forward hook forces
+    # those: hooks must see every block) and the reference.
     model = tiny_model(scan_backend="cpu")
     images = torch.rand(batch, 3, 32, 32)
     saved = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
         with torch.no_grad():
             fused = model(images)
