@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dmclip.cli.common import RunsDirOpt, console
+from dmclip.cli.common import RunsDirOpt, console, largest_unit
 from dmclip.errors import DmclipError, did_you_mean
 from dmclip.report import markdown_table
 from dmclip.report import percent as format_percent
@@ -53,11 +53,9 @@ def _age(iso: str | None) -> str:
         then = dt.datetime.fromisoformat(iso)
     except ValueError:
         return "-"
-    seconds = (dt.datetime.now().astimezone() - then).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit} ago"
-    return f"{int(seconds)}s ago"
+    value, unit = largest_unit((dt.datetime.now().astimezone() - then).total_seconds(),
+                               (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)))
+    return f"{int(value)}{unit} ago"
 
 
 def register(app: typer.Typer) -> None:
