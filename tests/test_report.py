@@ -50,6 +50,15 @@ def test_resolve_device(monkeypatch):
     assert error.value.hint == "use device=cpu (or auto)"
 
 
+def test_resolve_device_gives_this_process_its_gpu(monkeypatch):
+    """Under torchrun each rank has made its own GPU current: auto and cuda resolve to that one, by number."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_model_device():
     assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
     assert model_device(torch.nn.Identity()) == torch.device("cpu")  # no parameters: the CPU

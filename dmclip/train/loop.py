@@ -38,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from dmclip.device import resolve_device
 from dmclip.errors import DmclipError
 from dmclip.train import distributed
 from dmclip.train.config import TrainConfig
@@ -48,7 +49,7 @@ from dmclip.train.rng import reseed
 from dmclip.train.state import TrainState, default_param_groups, diverged
 
 log = logging.getLogger(__name__)
-__all__ = ["TrainTask", "fit", "resolve_device", "default_param_groups"]  # the last one is state's
+__all__ = ["TrainTask", "fit", "default_param_groups"]  # the last one is state's
 
 
 @runtime_checkable
@@ -95,15 +96,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """The device fit trains on for ``cfg.device`` (a task moves its frozen parts, e.g. a teacher, there too)."""
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DmclipError("train.device = 'cuda' but no GPU is available", "set train.device=auto or cpu")
-    return distributed.default_device()
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -186,7 +178,7 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     distributed.setup()
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device, hint="set train.device=auto or cpu")
     if not is_stream(dataset) and (not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")):
         raise DmclipError(f"the training data ({type(dataset).__name__}) has no length or indexing",
                           "fit needs a map-style dataset (len(dataset) and dataset[i]) or a stream")
