@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import typer
@@ -224,3 +225,57 @@ def test_config_errors_reach_the_user_as_two_lines(tmp_path, capsys):
         main_module.app = original
     assert _stderr_lines(capsys) == ["error: --set alpah: unknown config key 'alpah'", "hint: did you mean alpha?"]
     assert not (tmp_path / "distill").exists()  # nothing is created for a config that does not resolve
+
+
+# ------------------------------------------------------------------------------------- shared options
+
+RUN_FLAGS = ["--seed", "--report-to", "--set", "--name", "--runs-dir", "--resume"]
+
+
+def test_run_options_reach_the_command_parsed_and_checked(tmp_path, capsys):
+    """@RunOptions.add: one declaration of the options every run-making command takes; the command gets
+    them as one object, after its own options, with values parsed (and refused) as if written out."""
+    seen = {}
+
+    def command(steps: Annotated[int, typer.Option("--steps")] = 1, *, options: common.RunOptions) -> None:
+        seen.update(steps=steps, options=options)
+
+    click_command = typer.main.get_command(_single(common.RunOptions.add(command)))
+    click_command.main(["--steps", "3", "--seed", "7", "--set", "a=1", "-s", "b=2", "--runs-dir", str(tmp_path)],
+                       standalone_mode=False)
+    assert seen == {"steps": 3, "options": common.RunOptions(seed=7, sets=["a=1", "b=2"], runs_dir=tmp_path)}
+    assert seen["options"].shortcuts(report_to="finetune.train.report_to") == {
+        "seed": 7, "finetune.train.report_to": None}
+    assert [p.opts[0] for p in click_command.params] == ["--steps", *RUN_FLAGS]
+    assert main(["pretrain", "--seed", "seven"]) == 2  # refused before anything runs, as a written-out option is
+    assert _stderr_lines(capsys)[0].startswith("error: Invalid value for '--seed'")
+
+
+def _single(function) -> typer.Typer:
+    app = typer.Typer(add_completion=False)
+    app.command()(function)
+    return app
+
+
+@pytest.mark.parametrize("argv", [["pretrain"], ["distill"], ["capfilt"]], ids=" ".join)
+def test_every_run_command_lists_the_run_options(argv, plain_help, capsys):
+    assert main([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in RUN_FLAGS)
+    assert "dmclip[dashboards]" in out  # square brackets in help survive Rich markup
+
+
+def test_sizes_and_ages_in_the_largest_unit_they_reach():
+    import datetime as dt
+
+    from dmclip.cli.export import _size
+    from dmclip.cli.runs import _age
+
+    assert common.largest_unit(2.5e6, (("MB", 1e6), ("kB", 1e3), ("B", 1))) == (2.5, "MB")
+    assert common.largest_unit(0.5, (("kB", 1e3), ("B", 1))) == (0.5, "B")  # below the last: in the last
+    assert [_size(n) for n in (512, 1536, 2_500_000, 3_000_000_000)] == ["512 B", "1.5 kB", "2.5 MB", "3.0 GB"]
+    now = dt.datetime.now().astimezone()
+    ages = [_age((now - dt.timedelta(seconds=s)).isoformat()) for s in (30, 150, 7300, 3 * 86400 + 5)]
+    assert ages == ["30s ago", "2m ago", "2h ago", "3d ago"]
+    assert _age(None) == _age("not a date") == "-"
+

@@ -11,7 +11,7 @@ import torch
 
 from dmclip.device import model_device, resolve_device
 from dmclip.errors import DmclipError
-from dmclip.progress import progress_bar
+from dmclip.progress import ProgressBar, progress_bar
 from dmclip.report import markdown_table, percent, pyplot, save_figure
 
 
@@ -50,6 +50,15 @@ def test_resolve_device(monkeypatch):
     assert error.value.hint == "use device=cpu (or auto)"
 
 
+def test_resolve_device_gives_this_process_its_gpu(monkeypatch):
+    """Under torchrun each rank has made its own GPU current: auto and cuda resolve to that one, by number."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_model_device():
     assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
     assert model_device(torch.nn.Identity()) == torch.device("cpu")  # no parameters: the CPU
@@ -61,3 +70,22 @@ def test_progress_bar_keeps_stdout_clean(enabled, unit, capsys):
         for _ in range(4):
             advance(2)
     assert capsys.readouterr().out == ""  # stdout carries results only
+
+
+def test_training_bar_on_a_terminal_shows_the_rate_and_the_loss_line(monkeypatch, capsys):
+    """The training loop's bar: step n/total, the rate text it passes (samples/s, lr) and the loss parts under
+    it, kept on the screen at the end; off a terminal nothing at all, so logs and CI output stay clean."""
+    monkeypatch.setenv("COLUMNS", "160")
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    with ProgressBar(True, "step", 40, unit="samples", detail=True, keep=True) as bar:
+        bar.update(12, rate="1,883 samples/s  lr 1.8e-05", detail="loss 0.412  distill 0.3")
+    assert not bar.shown and capsys.readouterr() == ("", "")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    with ProgressBar(True, "step", 40, completed=10, unit="samples", detail=True, keep=True) as bar:
+        assert bar.shown
+        bar.update(12, rate="1,883 samples/s  lr 1.8e-05", detail="loss 0.412  distill 0.3")
+    out, err = capsys.readouterr()
+    assert out == "" and not bar.shown
+    assert "step" in err and "12/40" in err and "1,883 samples/s  lr 1.8e-05" in err
+    assert "loss 0.412  distill 0.3" in err
+

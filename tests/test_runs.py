@@ -334,6 +334,42 @@ def test_runs_report_renders_the_runs_results_and_the_config_that_differs(tmp_pa
     assert rows[0] == ["run", "lr", "zeroshot.acc1", "zeroshot.acc5"] and rows[1][2:] == ["0.125", "0.5"]
 
 
+def test_a_key_an_older_run_lacks_differs_only_where_the_newer_one_sets_it(tmp_path, capsys, wide_console):
+    """A setting added since an older run: beside the new run's [] or default it is no difference (not
+    `- vs []`); set to something else, it is one, and the older run's cell says `absent`, not `-`."""
+    from dmclip.pretrain import PretrainConfig
+
+    def pretrain_run(name: str, drop: tuple[str, ...] = (), **train) -> RunDir:
+        config = PretrainConfig()
+        for key, value in train.items():
+            setattr(config.train, key, value)
+        run = _create(tmp_path, name, config, command="pretrain")
+        path = run.path / "resolved.yaml"
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if line.strip().split(":")[0] not in drop))
+        run.write_results({"zeroshot": {"acc1": 0.25}})
+        return run
+
+    old = pretrain_run("old", drop=("report_to", "amp"))  # made before train.report_to and train.amp existed
+    assert "report_to" not in (old.path / "resolved.yaml").read_text()
+    same = pretrain_run("same")  # report_to: [], amp: off (the default)
+    assert main(["runs", "report", str(old.path), str(same.path), "--metrics", "zeroshot.acc1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "| run | zeroshot.acc1 % |"
+    assert main(["runs", "compare", str(old.path), str(same.path)]) == 0
+    assert "config: identical" in capsys.readouterr().out
+
+    new = pretrain_run("new", report_to=["tensorboard"], amp="bf16", lr=1e-3)
+    assert main(["runs", "report", str(old.path), str(same.path), str(new.path), "--metrics", "zeroshot.acc1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert lines[0] == "| run | train.lr | train.amp | train.report_to | zeroshot.acc1 % |"
+    assert lines[2] == f"| {old.path.name} | 0.0005 | absent | absent | 25.00 |"
+    assert lines[3] == f"| {same.path.name} | 0.0005 | off | [] | 25.00 |"
+    assert lines[4] == f"| {new.path.name} | 0.001 | bf16 | ['tensorboard'] | 25.00 |"
+    assert main(["runs", "compare", str(old.path), str(new.path)]) == 0
+    amp_row = next(line for line in capsys.readouterr().out.splitlines() if line.strip("│ ").startswith("train.amp"))
+    assert "absent" in amp_row and "bf16" in amp_row
+
+
 def test_runs_report_names_a_missing_result_key(tmp_path, capsys):
     a = _create(tmp_path, "a")
     a.write_results({"zeroshot": {"acc1": 0.1}})

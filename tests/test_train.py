@@ -407,6 +407,20 @@ def test_fp16_without_a_gpu_is_a_user_error(tmp_path):
         fit(ToyTask(), PairDataset(), cfg, new_run(tmp_path, cfg), seed=0)
 
 
+def test_cuda_without_a_gpu_is_a_user_error_naming_the_setting(tmp_path, monkeypatch):
+    """train.device goes through the one device resolver: its error, with the fix for train's setting."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = make_cfg(device="cuda")
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(DmclipError, match="no GPU is visible") as error:
+        fit(ToyTask(), PairDataset(), cfg, run, seed=0)
+    assert error.value.hint == "set train.device=auto or cpu"
+    assert not run.checkpoint_path().exists()
+    task, cfg = ToyTask(), make_cfg(device="auto", steps=1, checkpoint_every=0)
+    train(new_run(tmp_path, cfg, "auto"), cfg, task)
+    assert {p.device for p in task.model.parameters()} == {torch.device("cpu")}
+
+
 def test_config_rejects_out_of_range_values():
     from dmclip.config import from_dict
 

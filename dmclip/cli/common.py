@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import sys
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,8 +35,58 @@ ResumeOpt = Annotated[Path | None, typer.Option(
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (overrides the recipe's).")]
 ReportToOpt = Annotated[str | None, typer.Option(
     "--report-to", help="Also write every metrics row and the results to tensorboard, wandb (offline) or "
-                        "tensorboard,wandb, inside the run directory (needs pip install 'dmclip[dashboards]').",
+                        "tensorboard,wandb, inside the run directory (needs pip install 'dmclip\\[dashboards]').",
     show_default=False)]
+
+
+class SharedOptions:
+    """Options that several commands take, declared once as the ``Annotated`` fields (with defaults) of a
+    dataclass that subclasses this. ``@Options.add`` gives a command those options after its own; it gets them
+    as one keyword argument, ``options``. Typer sees ordinary options: ``--help`` lists them and each value is
+    parsed and checked as if written out in the command's signature.
+
+        @app.command("pretrain")
+        @RunOptions.add
+        def pretrain(recipe: RecipeArg = None, ..., *, options: RunOptions) -> None: ...
+    """
+
+    @classmethod
+    def add(cls, command: Callable) -> Callable:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                    annotation=hints[f.name]) for f in dataclasses.fields(cls)]
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "options"]
+
+        @functools.wraps(command)
+        def with_shared(**values):
+            options = cls(**{p.name: values.pop(p.name) for p in shared})
+            return command(**values, options=options)
+
+        with_shared.__signature__ = signature.replace(parameters=[*own, *shared])  # what Typer reads
+        return with_shared
+
+
+@dataclasses.dataclass
+class RunOptions(SharedOptions):
+    """The options of every command that makes one run directory (pretrain, distill, capfilt)."""
+
+    seed: SeedOpt = None
+    report_to: ReportToOpt = None
+    sets: SetOpt = None
+    name: NameOpt = None
+    runs_dir: RunsDirOpt = None
+    resume: ResumeOpt = None
+
+    def shortcuts(self, report_to: str = "train.report_to") -> dict:
+        """The config fields --seed and --report-to set (``report_to``: where the dashboards go in the config)."""
+        return {"seed": self.seed, report_to: report_to_names(self.report_to)}
+
+    def execute(self, command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe: Path | None,
+                shortcuts: dict) -> tuple[Any, dict]:
+        """:func:`execute` with these options."""
+        return execute(command, config_cls, fn, recipe=recipe, sets=self.sets, shortcuts=shortcuts, name=self.name,
+                       runs_dir=self.runs_dir, resume=self.resume)
 
 
 def report_to_names(value: str | None) -> list[str] | None:
@@ -102,6 +156,16 @@ def execute(command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe:
     finally:
         distributed.teardown()
     return run, result
+
+
+def largest_unit(value: float, units: Sequence[tuple[str, float]]) -> tuple[float, str]:
+    """``value`` in the largest of ``units`` (``(name, size)``, largest first) that it reaches, else in the last:
+    ``largest_unit(2.5e6, (("MB", 1e6), ("kB", 1e3), ("B", 1)))`` -> ``(2.5, "MB")``."""
+    for unit, size in units:
+        if value >= size:
+            return value / size, unit
+    unit, size = units[-1]
+    return value / size, unit
 
 
 def metrics_table(title: str, rows: list[dict], columns: list[str] | None = None, fmt: str = "{:.2f}") -> Table:

@@ -15,8 +15,8 @@ data_app = typer.Typer(help="Export datasets and draw sample grids.\n\nExample: 
 SpecArg = Annotated[str, typer.Argument(
     help="Dataset spec: a registered name (world-train:size=2000) or a format (csv:PATH, wds:PATH, coco:JSON, "
          "imagefolder:DIR, hf:PATH, fashion-mnist).", show_default=False)]
-ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Square image size in pixels [default: 64].")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Generator seed of a world split [default: 0].")]
+ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Square image size in pixels \\[default: 64].")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Generator seed of a world split \\[default: 0].")]
 
 
 def register(app: typer.Typer) -> None:
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         spec: SpecArg,
         n: Annotated[int, typer.Option("--n", "-n", help="How many samples to draw.", min=1, max=256)] = 16,
         output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")] = Path("grid.png"),
-        columns: Annotated[int | None, typer.Option("--columns", help="Images per row [default: up to 8].",
+        columns: Annotated[int | None, typer.Option("--columns", help="Images per row \\[default: up to 8].",
                                                        min=1)] = None,
         sample_seed: Annotated[int | None, typer.Option(
             "--sample-seed", help="Draw a random n (with this seed) instead of the first n.")] = None,

@@ -8,21 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dmclip.cli.common import (
-    NameOpt,
-    RecipeArg,
-    ReportToOpt,
-    ResumeOpt,
-    RunsDirOpt,
-    SeedOpt,
-    SetOpt,
-    console,
-    err_console,
-    execute,
-    metrics_table,
-    parse_seeds,
-    report_to_names,
-)
+from dmclip.cli.common import RecipeArg, RunOptions, console, err_console, metrics_table, parse_seeds
 from dmclip.errors import DmclipError
 
 
@@ -96,6 +82,7 @@ def _row(run, result) -> dict:
 
 def register(app: typer.Typer) -> None:
     @app.command("distill")
+    @RunOptions.add
     def distill(
         recipe: RecipeArg = None,
         alpha: Annotated[str | None, typer.Option(
@@ -107,18 +94,14 @@ def register(app: typer.Typer) -> None:
         data: Annotated[str | None, typer.Option("--data", "-d", help="Training set spec.")] = None,
         steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
         batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Global batch size.")] = None,
-        seed: SeedOpt = None,
         seeds: Annotated[str | None, typer.Option(
             "--seeds", help="Comma list of seeds (0,1,2): every alpha runs at every seed, and the summary gives "
                             "mean ± std, 95 % intervals and paired differences. Overrides the recipe's sweep.seeds.")] = None,
-        report_to: ReportToOpt = None,
-        set_: SetOpt = None,
-        name: NameOpt = None,
-        runs_dir: RunsDirOpt = None,
-        resume: ResumeOpt = None,
         out: Annotated[Path | None, typer.Option("--out", help="distill cache: the store directory.")] = None,
         augmentations: Annotated[int, typer.Option(
             "--augmentations", help="distill cache: teacher views per image (the first is the full image).")] = 4,
+        *,
+        options: RunOptions,
     ) -> None:
         """Distil a CLIP teacher into a small student image encoder (Vision-Mamba by default).
 
@@ -145,28 +128,27 @@ def register(app: typer.Typer) -> None:
         from dmclip import distill as lib
 
         if recipe is not None and str(recipe) == "cache":
-            _cache(teacher, data, out, augmentations, seed)
+            _cache(teacher, data, out, augmentations, options.seed)
             return
         alphas = sweep_alphas(recipe, alpha)
         seed_list = sweep_seeds(recipe, seeds)
-        if seed_list is not None and seed is not None:
+        if seed_list is not None and options.seed is not None:
             raise DmclipError("--seed and --seeds both given", "use --seed N for one run, --seeds 0,1,2 for a sweep")
         shortcuts = {"teacher": teacher, "student.name": student, "data.train": data, "train.steps": steps,
-                     "train.batch_size": batch_size, "seed": seed, "train.report_to": report_to_names(report_to)}
+                     "train.batch_size": batch_size, **options.shortcuts()}
         if seed_list is not None and len(seed_list) == 1:
             shortcuts["seed"], seed_list = seed_list[0], None
         if (alphas is None or len(alphas) == 1) and seed_list is None:
             shortcuts["loss.alpha"] = alphas[0] if alphas else None
-            run, result = execute("distill", lib.DistillConfig, lib.run, recipe=recipe, sets=set_,
-                                  shortcuts=shortcuts, name=name, runs_dir=runs_dir, resume=resume)
+            run, result = options.execute("distill", lib.DistillConfig, lib.run, recipe=recipe, shortcuts=shortcuts)
             if set(result) == {"train"}:  # a non-zero torchrun rank: rank 0 reports
                 return
             console.print(metrics_table("distill", [_row(run, result)]))
             console.print(f"student: run:{run.path}")
             return
-        if resume is not None:
+        if options.resume is not None:
             raise DmclipError("--resume continues one run, not a sweep", "resume the member run that was interrupted")
-        _sweep(lib, alphas, seed_list, recipe, set_, shortcuts, name, runs_dir)
+        _sweep(lib, alphas, seed_list, recipe, shortcuts, options)
 
 
 def _cache(teacher, data, out, augmentations, seed) -> None:
@@ -190,7 +172,7 @@ def _cache(teacher, data, out, augmentations, seed) -> None:
     console.print(f"use it: dmclip distill --teacher embeddings:{out}")
 
 
-def _sweep(lib, alphas, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
+def _sweep(lib, alphas, seeds, recipe, shortcuts, options: RunOptions) -> None:
     """One run per (alpha, seed) inside a sweep directory, then the summary tables."""
     import datetime as dt
 
@@ -199,9 +181,10 @@ def _sweep(lib, alphas, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
     from dmclip.io import atomic_write_text
     from dmclip.runs import RunDir, default_runs_root
 
-    base, recipe_text, configs = sweep_members(alphas, recipe, sets, shortcuts, runs_dir, seeds)
+    name = options.name
+    base, recipe_text, configs = sweep_members(alphas, recipe, options.sets, shortcuts, options.runs_dir, seeds)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    sweep_dir = (runs_dir or default_runs_root()) / "distill" / f"{stamp}-sweep-{name or 'alpha'}"
+    sweep_dir = (options.runs_dir or default_runs_root()) / "distill" / f"{stamp}-sweep-{name or 'alpha'}"
     sweep_dir.mkdir(parents=True, exist_ok=False)
     alphas = list(dict.fromkeys(cfg.loss.alpha for cfg in configs))  # --seeds alone: the config's alpha
     block = {"alpha": alphas, **({"seeds": seeds} if seeds else {})}
@@ -212,7 +195,7 @@ def _sweep(lib, alphas, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
         alpha = cfg.loss.alpha
         label = f"{name or 'distill'}-alpha{alpha:g}" + (f"-seed{cfg.seed}" if seeds else "")
         run = RunDir.create("distill", label, cfg, parent=sweep_dir, recipe_text=recipe_text,
-                            overrides=list(sets or []), argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
+                            overrides=list(options.sets or []), argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
                             seed=cfg.seed)
         err_console.print(f"[bold]alpha {alpha:g}, seed {cfg.seed}[/bold] -> {run.path}")
         with run.active():

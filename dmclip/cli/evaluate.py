@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from dmclip.cli.common import NameOpt, RunsDirOpt, console, err_console, execute, metrics_table
+from dmclip.cli.common import NameOpt, RunsDirOpt, SharedOptions, console, err_console, execute, metrics_table
 from dmclip.errors import DmclipError
 from dmclip.report import percent
 
@@ -23,6 +24,15 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per en
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto (cuda when visible).")]
 
 
+@dataclasses.dataclass
+class EvalOptions(SharedOptions):
+    """The options zero-shot, retrieval, caption and suite end with (latency times on the CPU unless told)."""
+
+    device: DeviceOpt = "auto"
+    runs_dir: RunsDirOpt = None
+    name: NameOpt = None
+
+
 def _slug(ref: str) -> str:
     return ref.rstrip("/").replace("open_clip:", "").split("/")[-1].replace(":", "-")[:40] or "model"
 
@@ -34,6 +44,7 @@ def _notes(result: dict) -> None:
 
 def register(app: typer.Typer) -> None:
     @eval_app.command("zero-shot")
+    @EvalOptions.add
     def zero_shot_command(
         model: ModelOpt,
         data: Annotated[str, typer.Option("--data", "-d", help="Classification dataset spec.")] = "world-zeroshot",
@@ -44,9 +55,8 @@ def register(app: typer.Typer) -> None:
             "--templates", help="File with one prompt template per line; '{}' marks the class name.",
             show_default=False)] = None,
         batch_size: BatchOpt = 64,
-        device: DeviceOpt = "auto",
-        runs_dir: RunsDirOpt = None,
-        name: NameOpt = None,
+        *,
+        options: EvalOptions,
     ) -> None:
         """Zero-shot classification: acc@1, acc@5 and mean per-class recall (CLIP_benchmark's definitions).
 
@@ -55,13 +65,13 @@ def register(app: typer.Typer) -> None:
         from dmclip.evaluation.loading import check_eval_model, load_model
         from dmclip.evaluation.runners import ZeroShotConfig, run_zero_shot
 
-        loaded = load_model(model, device)  # a bad reference fails before a run directory exists
+        loaded = load_model(model, options.device)  # a bad reference fails before a run directory exists
         check_eval_model(loaded, "zero-shot")
         _, result = execute("eval", ZeroShotConfig, lambda c, r: run_zero_shot(c, r, progress=True, model=loaded),
-                            shortcuts={"model": model, "data": data, "batch_size": batch_size, "device": device,
+                            shortcuts={"model": model, "data": data, "batch_size": batch_size, "device": options.device,
                                        "classnames": str(classnames) if classnames else None,
                                        "templates": str(templates) if templates else None},
-                            name=name or f"zero-shot-{_slug(model)}", runs_dir=runs_dir)
+                            name=options.name or f"zero-shot-{_slug(model)}", runs_dir=options.runs_dir)
         m = result["metrics"]
         console.print(metrics_table(f"zero-shot · {model} · {result['dataset']} (%)", [
             {"dataset": result["dataset"], "acc@1": percent(m["acc1"]), "acc@5": percent(m["acc5"]),
@@ -70,6 +80,7 @@ def register(app: typer.Typer) -> None:
         _notes(result)
 
     @eval_app.command("retrieval")
+    @EvalOptions.add
     def retrieval_command(
         model: ModelOpt,
         data: Annotated[str, typer.Option("--data", "-d", help="Image-text dataset spec.")] = "world-retrieval-a",
@@ -77,9 +88,8 @@ def register(app: typer.Typer) -> None:
             "--rerank-k", help="Re-rank the top-k ITC candidates by ITM match probability (BLIP models; 0 = off).",
             min=0)] = 0,
         batch_size: BatchOpt = 64,
-        device: DeviceOpt = "auto",
-        runs_dir: RunsDirOpt = None,
-        name: NameOpt = None,
+        *,
+        options: EvalOptions,
     ) -> None:
         """Image-text retrieval both ways: R@1/5/10, mean and median rank (any caption of an image is a hit).
 
@@ -88,12 +98,12 @@ def register(app: typer.Typer) -> None:
         from dmclip.evaluation.loading import check_eval_model, load_model
         from dmclip.evaluation.runners import RetrievalConfig, run_retrieval
 
-        loaded = load_model(model, device)
+        loaded = load_model(model, options.device)
         check_eval_model(loaded, "retrieval", rerank_k)
         _, result = execute("eval", RetrievalConfig, lambda c, r: run_retrieval(c, r, progress=True, model=loaded),
                             shortcuts={"model": model, "data": data, "rerank_k": rerank_k, "batch_size": batch_size,
-                                       "device": device},
-                            name=name or f"retrieval-{_slug(model)}", runs_dir=runs_dir)
+                                       "device": options.device},
+                            name=options.name or f"retrieval-{_slug(model)}", runs_dir=options.runs_dir)
         m = result["metrics"]
         rows = [{"direction": label, **{f"R@{k} %": percent(m[f"{prefix}_recall@{k}"]) for k in (1, 5, 10)},
                  "mean rank": m[f"{prefix}_mean_rank"], "median rank": m[f"{prefix}_median_rank"]}
@@ -104,6 +114,7 @@ def register(app: typer.Typer) -> None:
         _notes(result)
 
     @eval_app.command("caption")
+    @EvalOptions.add
     def caption_command(
         model: Annotated[str | None, typer.Option(
             "--model", "-m", help="Captioner: run:<BLIP run> (with --predictions: only the name results.json records).",
@@ -122,9 +133,8 @@ def register(app: typer.Typer) -> None:
         meteor: Annotated[bool, typer.Option("--meteor/--no-meteor", help="Compute METEOR (a JVM, a few seconds).")] = True,
         seed: Annotated[int, typer.Option("--seed", help="Seed for nucleus sampling.")] = 0,
         batch_size: BatchOpt = 32,
-        device: DeviceOpt = "auto",
-        runs_dir: RunsDirOpt = None,
-        name: NameOpt = None,
+        *,
+        options: EvalOptions,
     ) -> None:
         """Caption images and score BLEU-1..4, METEOR, ROUGE-L, CIDEr as the COCO caption evaluation.
 
@@ -143,14 +153,14 @@ def register(app: typer.Typer) -> None:
             raise DmclipError("eval caption needs a captioner or captions to score",
                               "pass --model run:<BLIP run>, or --predictions FILE (COCO results format)")
         else:
-            loaded = load_model(model, device)
+            loaded = load_model(model, options.device)
             check_eval_model(loaded, "caption")
         _, result = execute("eval", CaptionConfig, lambda c, r: run_caption(c, r, progress=True, model=loaded),
                             shortcuts={"model": model, "data": data, "method": method, "num_beams": num_beams,
                                        "top_p": top_p, "max_length": max_length, "min_length": min_length,
                                        "limit": limit, "meteor": meteor, "seed": seed, "batch_size": batch_size,
-                                       "device": device, "predictions": str(predictions) if predictions else None},
-                            name=name or f"caption-{_slug(model or predictions.stem)}", runs_dir=runs_dir)
+                                       "device": options.device, "predictions": str(predictions) if predictions else None},
+                            name=options.name or f"caption-{_slug(model or predictions.stem)}", runs_dir=options.runs_dir)
         m = result["metrics"]
         how = f"predictions {predictions}" if predictions is not None else method
         console.print(metrics_table(
@@ -203,6 +213,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"{model} / {vs}: " + ", ".join(parts), highlight=False)
 
     @eval_app.command("suite", context_settings={"allow_extra_args": True})
+    @EvalOptions.add
     def suite_command(
         ctx: typer.Context,
         model: Annotated[str | None, typer.Option(
@@ -216,9 +227,8 @@ def register(app: typer.Typer) -> None:
             "--retrieval", help="Retrieval sets (repeatable) (default: world-retrieval-a, world-retrieval-b).",
             show_default=False)] = None,
         batch_size: BatchOpt = 64,
-        device: DeviceOpt = "auto",
-        runs_dir: RunsDirOpt = None,
-        name: NameOpt = None,
+        *,
+        options: EvalOptions,
     ) -> None:
         """The DM-CLIP table row: zero-shot, robustness and retrieval sets and their average (Avg Perf).
 
@@ -235,15 +245,15 @@ def register(app: typer.Typer) -> None:
             refs.extend(part for part in item.split(",") if part)
         if not refs:
             raise DmclipError("no model to evaluate", "pass --model REF, or --models A B C for a comparison")
-        loaded = {ref: load_model(ref, device) for ref in dict.fromkeys(refs)}
+        loaded = {ref: load_model(ref, options.device) for ref in dict.fromkeys(refs)}
         for ref_model in loaded.values():
             check_eval_model(ref_model, "retrieval")
         _, result = execute("eval", SuiteConfig, lambda c, r: run_suite(c, r, progress=True, models=loaded),
                             shortcuts={"models": refs, "zero_shot": list(zero_shot or []),
                                        "retrieval": list(retrieval or SUITE_RETRIEVAL), "batch_size": batch_size,
-                                       "device": device},
-                            name=name or f"suite-{_slug(refs[0])}" + (f"-and-{len(refs) - 1}" if len(refs) > 1 else ""),
-                            runs_dir=runs_dir)
+                                       "device": options.device},
+                            name=options.name or f"suite-{_slug(refs[0])}" + (f"-and-{len(refs) - 1}" if len(refs) > 1 else ""),
+                            runs_dir=options.runs_dir)
         # one row per column of the suite, one column per model: readable in an 80-column terminal
         labels = [f"#{i + 1}" for i in range(len(result["rows"]))] if len(result["rows"]) > 1 else ["value"]
         table_rows = []

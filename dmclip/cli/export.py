@@ -7,17 +7,15 @@ from typing import Annotated
 
 import typer
 
-from dmclip.cli.common import console, err_console, metrics_table
+from dmclip.cli.common import console, err_console, largest_unit, metrics_table
 
 STEPS = {"load": "loading the model", "image": "exporting the image tower (dynamo) and checking it with onnxruntime",
          "text": "exporting the text tower (dynamo) and checking it with onnxruntime"}
 
 
 def _size(count: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} B"
+    value, unit = largest_unit(count, (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)))
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def register(app: typer.Typer) -> None:

@@ -7,42 +7,25 @@ from typing import Annotated
 
 import typer
 
-from dmclip.cli.common import (
-    NameOpt,
-    RecipeArg,
-    ReportToOpt,
-    ResumeOpt,
-    RunsDirOpt,
-    SeedOpt,
-    SetOpt,
-    console,
-    err_console,
-    execute,
-    metrics_table,
-    parse_seeds,
-    report_to_names,
-)
+from dmclip.cli.common import RecipeArg, RunOptions, console, err_console, metrics_table, parse_seeds
 from dmclip.errors import DmclipError
 
 
 def register(app: typer.Typer) -> None:
     @app.command("pretrain")
+    @RunOptions.add
     def pretrain(
         recipe: RecipeArg = None,
         objective: Annotated[str | None, typer.Option("--objective", "-o", help="clip | blip")] = None,
-        data: Annotated[str | None, typer.Option("--data", "-d", help="Training set spec [default: world-train].")] = None,
+        data: Annotated[str | None, typer.Option("--data", "-d", help="Training set spec \\[default: world-train].")] = None,
         steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
         batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Global batch size.")] = None,
         lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
-        seed: SeedOpt = None,
         seeds: Annotated[str | None, typer.Option(
             "--seeds", help="Comma list of seeds (0,1,2): one run per seed in a sweep directory, and a summary "
                             "with mean ± std and a 95 % interval over the seeds.")] = None,
-        report_to: ReportToOpt = None,
-        set_: SetOpt = None,
-        name: NameOpt = None,
-        runs_dir: RunsDirOpt = None,
-        resume: ResumeOpt = None,
+        *,
+        options: RunOptions,
     ) -> None:
         """Train a CLIP or BLIP image-text model from scratch.
 
@@ -61,21 +44,19 @@ def register(app: typer.Typer) -> None:
         from dmclip import pretrain as lib
 
         shortcuts = {"objective": objective, "data.train": data, "train.steps": steps,
-                     "train.batch_size": batch_size, "train.lr": lr, "seed": seed,
-                     "train.report_to": report_to_names(report_to)}
+                     "train.batch_size": batch_size, "train.lr": lr, **options.shortcuts()}
         seed_list = parse_seeds(seeds) if seeds is not None else None
         if seed_list is not None and len(seed_list) > 1:
-            if seed is not None:
+            if options.seed is not None:
                 raise DmclipError("--seed and --seeds both given", "use --seed N for one run, --seeds 0,1,2 for several")
-            if resume is not None:
+            if options.resume is not None:
                 raise DmclipError("--resume continues one run, not a set of seeds",
                                   "resume the member run that was interrupted")
-            _seeds(lib, seed_list, recipe, set_, shortcuts, name, runs_dir)
+            _seeds(lib, seed_list, recipe, shortcuts, options)
             return
         if seed_list is not None:
             shortcuts["seed"] = seed_list[0]
-        run, result = execute("pretrain", lib.PretrainConfig, lib.run, recipe=recipe, sets=set_, shortcuts=shortcuts,
-                              name=name, runs_dir=runs_dir, resume=resume)
+        run, result = options.execute("pretrain", lib.PretrainConfig, lib.run, recipe=recipe, shortcuts=shortcuts)
         if set(result) == {"train"}:  # a non-zero torchrun rank: rank 0 reports
             return
         console.print(metrics_table("pretrain", [_row(run, result)]))
@@ -92,7 +73,7 @@ def _row(run, result) -> dict:
     return row
 
 
-def _seeds(lib, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
+def _seeds(lib, seeds, recipe, shortcuts, options: RunOptions) -> None:
     """One pretrain run per seed inside a sweep directory, then the summary over seeds."""
     import copy
     import datetime as dt
@@ -101,10 +82,10 @@ def _seeds(lib, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
     from dmclip.config import load_config
     from dmclip.runs import RunDir, default_runs_root
 
-    base, recipe_text = load_config(lib.PretrainConfig, recipe, sets or [], shortcuts)
+    base, recipe_text = load_config(lib.PretrainConfig, recipe, options.sets or [], shortcuts)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    label = name or (recipe.stem if recipe else "pretrain")
-    sweep_dir = (runs_dir or default_runs_root()) / "pretrain" / f"{stamp}-seeds-{label}"
+    label = options.name or (recipe.stem if recipe else "pretrain")
+    sweep_dir = (options.runs_dir or default_runs_root()) / "pretrain" / f"{stamp}-seeds-{label}"
     sweep_dir.mkdir(parents=True, exist_ok=False)
     err_console.print(f"[dim]sweep directory:[/dim] {sweep_dir}")
     rows, members = [], []
@@ -112,7 +93,7 @@ def _seeds(lib, seeds, recipe, sets, shortcuts, name, runs_dir) -> None:
         cfg = copy.deepcopy(base)
         cfg.seed = seed
         run = RunDir.create("pretrain", f"{label}-seed{seed}", cfg, parent=sweep_dir, recipe_text=recipe_text,
-                            overrides=list(sets or []), argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
+                            overrides=list(options.sets or []), argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
                             seed=seed)
         err_console.print(f"[bold]seed {seed}[/bold] -> {run.path}")
         with run.active():

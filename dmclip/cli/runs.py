@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dmclip.cli.common import RunsDirOpt, console
+from dmclip.cli.common import RunsDirOpt, console, largest_unit
 from dmclip.errors import DmclipError, did_you_mean
 from dmclip.report import markdown_table
 from dmclip.report import percent as format_percent
@@ -22,6 +22,11 @@ runs_app = typer.Typer(help="List, show and compare run directories.\n\nExample:
 
 # The metric a person looks at first, per command (first one present wins).
 KEY_METRICS = ["zeroshot_acc1", "acc1", "avg_perf", "bleu4", "precision", "loss"]
+# The config each command's run directory holds (eval has one per task: none here), for its defaults.
+COMMAND_CONFIGS = {"pretrain": ("dmclip.pretrain", "PretrainConfig"), "distill": ("dmclip.distill", "DistillConfig"),
+                   "capfilt": ("dmclip.capfilt.config", "CapfiltConfig"),
+                   "compress": ("dmclip.compress.pipeline", "CompressConfig")}
+ABSENT = "absent"  # the cell of a config key a run does not have (made before the setting existed)
 
 
 def _flatten(prefix: str, obj, out: dict) -> dict:
@@ -53,11 +58,9 @@ def _age(iso: str | None) -> str:
         then = dt.datetime.fromisoformat(iso)
     except ValueError:
         return "-"
-    seconds = (dt.datetime.now().astimezone() - then).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit} ago"
-    return f"{int(seconds)}s ago"
+    value, unit = largest_unit((dt.datetime.now().astimezone() - then).total_seconds(),
+                               (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)))
+    return f"{int(value)}{unit} ago"
 
 
 def register(app: typer.Typer) -> None:
@@ -140,13 +143,13 @@ def register(app: typer.Typer) -> None:
             table.add_row(key, *[f"{res[key]:.4f}" if isinstance(res.get(key), float) else str(res.get(key, "-")) for res in results])
         console.print(table)
         configs = _flat_configs(runs)
-        diff = _differing_keys(configs)
+        diff = _differing_keys(configs, _defaults(runs))
         cfg_table = Table(title="config keys that differ", title_justify="left")
         cfg_table.add_column("key")
         for n in names:
             cfg_table.add_column(n)
         for key in diff:
-            cfg_table.add_row(key, *[str(c.get(key, "-")) for c in configs])
+            cfg_table.add_row(key, *[str(c[key]) if key in c else ABSENT for c in configs])
         console.print(cfg_table if diff else "config: identical")
 
     @runs_app.command("report")
@@ -182,10 +185,39 @@ def _flat_configs(runs) -> list[dict]:
     return configs
 
 
-def _differing_keys(configs: list[dict], ignored: tuple[str, ...] = ()) -> list[str]:
-    """The keys whose value is not the same in every config, in first-seen order."""
-    return [k for k in dict.fromkeys(k for c in configs for k in c)
-            if k not in ignored and len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+def _defaults(runs) -> list[dict]:
+    """Each run's command's config defaults, flat ({} where the command has no one config)."""
+    import importlib
+
+    from dmclip.config import to_dict
+
+    flat = {}
+    for command in {r.command for r in runs} & set(COMMAND_CONFIGS):
+        module, name = COMMAND_CONFIGS[command]
+        flat[command] = _flatten("", to_dict(getattr(importlib.import_module(module), name)()), {})
+    return [flat.get(r.command, {}) for r in runs]
+
+
+def _unset(value, default) -> bool:
+    """Whether a config value says no more than leaving the key out would: empty, or the key's default."""
+    return value is None or (isinstance(value, (str, list, dict)) and not value) or value == default
+
+
+def _differing_keys(configs: list[dict], defaults: list[dict], ignored: tuple[str, ...] = ()) -> list[str]:
+    """The keys whose value is not the same in every config, in first-seen order.
+
+    A key some configs lack (runs made before it existed) differs only where a config that has it sets it:
+    ``report_to: []`` or a default beside a run without the key is the same run.
+    """
+    missing = object()
+    differ = []
+    for key in dict.fromkeys(k for c in configs for k in c):
+        values = {json.dumps(c[key], default=str) for c in configs if key in c}
+        lacking = any(key not in c for c in configs)
+        if key not in ignored and (len(values) > 1 or lacking and not all(
+                _unset(c[key], d.get(key, missing)) for c, d in zip(configs, defaults) if key in c)):
+            differ.append(key)
+    return differ
 
 
 def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md", percent: bool = True) -> str:
@@ -210,7 +242,8 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
         return (Path(sweeps[0]) / "summary.md").read_text()
     runs = [RunDir.open(p) for p in run_dirs]
     configs = _flat_configs(runs)
-    differ = _differing_keys(configs, ignored=("train.log_every", "train.checkpoint_every", "train.progress"))
+    differ = _differing_keys(configs, _defaults(runs),
+                             ignored=("train.log_every", "train.checkpoint_every", "train.progress"))
     results = [_flatten("", r.results() or {}, {}) for r in runs]
     missing = [m for m in metrics if all(m not in res for res in results)]
     if missing:
@@ -226,7 +259,7 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
         return "-" if value is None else str(value)
 
     header = ["run", *differ, *[m + (" %" if as_percent(m) else "") for m in metrics]]
-    rows = [[r.path.name, *[cell(c.get(k), k) for k in differ], *[cell(res.get(m), m) for m in metrics]]
+    rows = [[r.path.name, *[cell(c[k], k) if k in c else ABSENT for k in differ], *[cell(res.get(m), m) for m in metrics]]
             for r, c, res in zip(runs, configs, results)]
     seeds = sorted({str(c.get("seed")) for c in configs})
     command = "dmclip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["runs"] else \

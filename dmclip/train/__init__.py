@@ -11,9 +11,9 @@ restore), :mod:`dmclip.train.rng` (per-micro-batch seeding), :mod:`dmclip.train.
 
 from dmclip.train.config import TrainConfig
 from dmclip.train.data import DataOrder, DataPosition, epoch_permutation
-from dmclip.train.loop import TrainTask, fit, resolve_device
+from dmclip.train.loop import TrainTask, fit
 from dmclip.train.schedule import WarmupCosine, lr_at
 from dmclip.train.state import TrainState, default_param_groups
 
-__all__ = ["TrainConfig", "TrainState", "TrainTask", "fit", "resolve_device", "default_param_groups", "lr_at", "WarmupCosine", "DataOrder",
+__all__ = ["TrainConfig", "TrainState", "TrainTask", "fit", "default_param_groups", "lr_at", "WarmupCosine", "DataOrder",
            "DataPosition", "epoch_permutation"]

@@ -104,13 +104,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def default_device() -> torch.device:
-    """The device of this rank: its GPU under NCCL / when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank() if is_distributed() else torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -38,17 +38,18 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from dmclip.device import resolve_device
 from dmclip.errors import DmclipError
+from dmclip.progress import ProgressBar
 from dmclip.train import distributed
 from dmclip.train.config import TrainConfig
 from dmclip.train.data import DataOrder, DataPosition, ignore_stop_signals, is_stream
 from dmclip.train.interrupt import InterruptGuard
-from dmclip.train.progress import Progress
 from dmclip.train.rng import reseed
 from dmclip.train.state import TrainState, default_param_groups, diverged
 
 log = logging.getLogger(__name__)
-__all__ = ["TrainTask", "fit", "resolve_device", "default_param_groups"]  # the last one is state's
+__all__ = ["TrainTask", "fit", "default_param_groups"]  # the last one is state's
 
 
 @runtime_checkable
@@ -95,15 +96,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """The device fit trains on for ``cfg.device`` (a task moves its frozen parts, e.g. a teacher, there too)."""
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DmclipError("train.device = 'cuda' but no GPU is available", "set train.device=auto or cpu")
-    return distributed.default_device()
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -186,7 +178,7 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     distributed.setup()
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device, hint="set train.device=auto or cpu")
     if not is_stream(dataset) and (not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")):
         raise DmclipError(f"the training data ({type(dataset).__name__}) has no length or indexing",
                           "fit needs a map-style dataset (len(dataset) and dataset[i]) or a stream")
@@ -210,7 +202,9 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     # train, checkpoint, stop on an interrupt
     last_values, last_eval, lr, steps_done = {}, None, state.schedule.last_lr, 0
     start_step = interval_step = state.step
-    progress = Progress(cfg.progress and main, cfg.steps, state.step)
+    # rank 0 on a terminal: step 12/40, samples/s and lr, time left; the loss parts on the line under it
+    progress = ProgressBar(cfg.progress and main, "step", cfg.steps, completed=state.step, unit="samples",
+                           detail=True, keep=True)
     started = interval_start = time.perf_counter()
     checkpoint_file: Path | None = run.checkpoint_path() if state.last_checkpoint_step is not None else None
     try:
@@ -224,8 +218,10 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
                     interval_start, interval_step = now, step
                     run.log_metrics({"step": step, **last_values, "lr": lr, "samples_per_s": round(samples_per_s, 2),
                                      "epoch": round(state.order.epoch_progress(), 4)})
-                if progress.bar is not None:
-                    progress.update(step, last_values, lr, steps_done * cfg.batch_size / max(now - started, 1e-9))
+                if progress.shown:
+                    since_start = steps_done * cfg.batch_size / max(now - started, 1e-9)  # samples/s
+                    progress.update(step, rate=f"{since_start:,.0f} samples/s  lr {lr:.3g}",
+                                    detail="  ".join(f"{k} {v:.4g}" for k, v in last_values.items()))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     with guard.deferred():
                         checkpoint_file = state.save(run, cfg, main) or checkpoint_file
