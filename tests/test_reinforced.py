@@ -190,3 +190,57 @@ def test_cached_teacher_gives_the_online_teachers_loss(teacher_dir, tmp_path):
     b = cached.loss(student, batch, step=3)
     for key in ("loss", "contrastive", "distill"):
         torch.testing.assert_close(a[key], b[key], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("text", ["frozen-teacher", "finetune-teacher"])
+def test_cached_step_reads_the_chosen_crops_and_tokenises_only_for_a_text_tower_that_trains(teacher_dir, tmp_path,
+                                                                                           text):
+    """The cached step's batch is the stored crop and the chosen caption of each image, and its loss and
+    gradients are the student's on exactly those with the store's features. A frozen text tower's features
+    come from the store, so the step tokenises nothing (the tokens were computed and thrown away before);
+    a text tower that trains gets the chosen captions' tokens."""
+    ref = f"run:{teacher_dir}"
+    build_store(ref, DATA3, tmp_path / "store", augmentations=4, captions_per_image=3, progress=False)
+    store = ReinforcedStore(tmp_path / "store")
+    cfg = DistillConfig(teacher=ref)
+    cfg.student.name, cfg.student.text = "vit-nano", text
+    teacher = load_teacher(ref)
+    torch.manual_seed(0)
+    student = build_student(cfg, teacher)
+    task = DistillTask(student, teacher, cfg, store)
+    ds = build_dataset(DATA3, image_size=32)
+    batch = task.collate([ds[i] for i in range(12)])
+    step = 5
+    chosen = [store.choose(cfg.seed, step, i) for i in batch["index"]]
+    assert any(a > 0 for a, _ in chosen) and any(c > 0 for _, c in chosen)
+    crops = apply_boxes(batch["images"], torch.stack([store.boxes[i, a] for i, (a, _) in zip(batch["index"], chosen)]))
+    captions = [caps[c] for caps, (_, c) in zip(batch["captions"], chosen)]
+    target = store.features(batch["index"], [a for a, _ in chosen], [c for _, c in chosen])
+
+    images, got_captions, got_target = task.cached_inputs(batch, step)
+    assert torch.equal(images, crops) and got_captions == captions
+    for key in target:
+        assert torch.equal(got_target[key], target[key]), key
+
+    tokenized = []
+    tokenize = student.tokenize
+    student.tokenize = lambda texts: tokenized.append(list(texts)) or tokenize(texts)
+    got = task.loss(student, batch, step)
+    got["loss"].backward()
+    got_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    assert tokenized == ([] if text == "frozen-teacher" else [captions])
+
+    student.zero_grad(set_to_none=True)
+    if text == "frozen-teacher":
+        out = student(crops)
+        out["text_features"] = target["text_features"]
+    else:
+        out = student(crops, tokenize(captions))
+    expected = task.criterion(out, target)
+    expected["loss"].backward()
+    for key in ("loss", "contrastive", "distill"):
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-6)
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert set(got_grads) == set(grads) and any(n.startswith("text.") for n in grads) == (text != "frozen-teacher")
+    for name, grad in grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -164,32 +164,35 @@ class DistillTask:
             return {**members[0], "members": members}  # the first member's text = the student's text tower
         return teacher_features(self.teacher, images, captions)
 
-    def loss(self, model, batch: dict, step: int) -> dict:
-        images = batch["images"]
-        if self.store is not None:
-            from dmclip.data.reinforced import apply_boxes
+    def cached_inputs(self, batch: dict, step: int) -> tuple[torch.Tensor, list[str], dict]:
+        """(the chosen views, their captions, the store's teacher features of both) for the cached path:
+        every image's (view, caption) comes from (seed, step, index), its crop from the stored box."""
+        from dmclip.data.reinforced import apply_boxes
 
-            chosen = [self.store.choose(self.seed, step, i) for i in batch["index"]]
-            augs, caps = [a for a, _ in chosen], [c for _, c in chosen]
-            per_image = self.store.text_embeddings.shape[1]
-            captions = [(c[:per_image] + [c[-1]] * per_image)[k] for c, k in zip(batch["captions"], caps)]
-            tokens = self.model.tokenize(captions).to(images.device)
-            boxes = self.store.boxes[torch.tensor(batch["index"]), torch.tensor(augs)].to(images.device)
-            images = apply_boxes(images, boxes)
-            teacher = {k: v.to(images.device) for k, v in self.store.features(batch["index"], augs, caps).items()}
+        images, indices = batch["images"], batch["index"]
+        chosen = [self.store.choose(self.seed, step, i) for i in indices]
+        augs, caps = [a for a, _ in chosen], [c for _, c in chosen]
+        per_image = self.store.text_embeddings.shape[1]
+        captions = [(c[:per_image] + [c[-1]] * per_image)[k] for c, k in zip(batch["captions"], caps)]
+        boxes = self.store.boxes[torch.tensor(indices), torch.tensor(augs)].to(images.device)
+        teacher = {k: v.to(images.device) for k, v in self.store.features(indices, augs, caps).items()}
+        return apply_boxes(images, boxes), captions, teacher
+
+    def loss(self, model, batch: dict, step: int) -> dict:
+        if self.store is not None:
+            images, captions, teacher = self.cached_inputs(batch, step)
         else:
+            images = batch["images"]
             captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
-            tokens = self.model.tokenize(captions)
             teacher = self.teacher_features(images, captions)
         if images.shape[-1] != self.model.image_size:
             images = F.interpolate(images, size=self.model.image_size, mode="bilinear", align_corners=False)
-        tokens = tokens.to(images.device)
         self.criterion.to(images.device)  # FD's projection, if any, lives beside the student
-        if self.text_frozen:  # same weights as the teacher's text tower: reuse its features
+        if self.text_frozen:  # same weights as the teacher's text tower: reuse its features, tokenise nothing
             student = model(images)
             student["text_features"] = teacher["text_features"]
         else:
-            student = model(images, tokens)
+            student = model(images, self.model.tokenize(captions).to(images.device))
         return self.criterion(student, teacher)
 
     def param_groups(self, model) -> list[dict]:
