@@ -191,3 +191,35 @@ def test_every_registered_student_tiny_variant_trains_a_step(name):
     assert features.shape == (2, model.embed_dim)
     features.square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+STACK_UNDER_A_DISPATCH_MODE = """
+import torch
+from dmclip.metrics.latency import peak_tensor_bytes
+from dmclip.models.mamba import VisionMamba
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = VisionMamba(image_size=32, patch_size=8, width=32, depth=2, embed_dim=16, scan_backend="cpu").eval()
+images = torch.rand(8, 3, 32, 32)
+with torch.no_grad():
+    plain = model(images)
+    peak = peak_tensor_bytes(lambda: model(images), exclude=[model, images])
+    again = model(images)
+print(peak, float((plain - again).abs().max()))
+"""
+
+
+@pytest.mark.requires_fused_scan
+def test_stack_inference_under_a_dispatch_mode_finishes_and_is_measured():
+    # `dmclip eval latency` measures peak memory under a TorchDispatchMode. The stack's worker threads used to
+    # dispatch their ops back into that Python mode while the caller held the GIL: batch 8 on 2 threads hung
+    # forever. Now the stack goes block by block under a mode (the mode sees every op) and releases the GIL.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", STACK_UNDER_A_DISPATCH_MODE], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak, difference = result.stdout.split()
+    assert int(peak) > 8 * 17 * 64 * 4  # at least one (batch, L, 2E) float32 activation was seen
+    assert float(difference) == 0.0

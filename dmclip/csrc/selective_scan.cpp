@@ -637,7 +637,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bimamba_bwd", &dmclip::bimamba_bwd, "gradient of bimamba_fwd");
   m.def("bimamba_block_fwd", &dmclip::bimamba_block_fwd,
         "inference of a whole Vim block (norm, in_proj, mixer, out_proj, residual)");
-  m.def("bimamba_stack_fwd", &dmclip::bimamba_stack_fwd,
+  // no Python object is touched inside: other Python threads (and a worker thread that ends up dispatching an
+  // op to Python) may run meanwhile
+  m.def("bimamba_stack_fwd", &dmclip::bimamba_stack_fwd, py::call_guard<py::gil_scoped_release>(),
         "inference of a stack of Vim blocks (one bimamba_block_fwd per block; whole rows per thread at batch >= 2 x threads)");
   m.def("isa", &dmclip::isa_name, "the instruction set the kernels run with");
   m.def("supported_isas", &dmclip::supported_isas, "the instruction sets this CPU can run, best first");

@@ -73,8 +73,12 @@ def bidirectional_stack_inference(x, blocks, eps):
     ``blocks``: per block ``(norm_weight, in_proj_weight, mixer_params, out_proj_weight)``, one RMSNorm
     ``eps`` for all. With at least two batch rows per thread each thread runs the whole stack on its own
     rows (one parallel region in all); with fewer, op by op as the single-block call does.
+
+    Under a ``TorchDispatchMode`` (a FLOP counter, ``metrics.latency.peak_tensor_bytes``) it goes block by
+    block on this thread: the mode sees every op there, where the stack's worker threads would have to call
+    back into Python for each op.
     """
-    if active_flop_counter_modes() or counting_scan_flops():  # count each block as the single-block path does
+    if active_flop_counter_modes() or counting_scan_flops() or torch._C._len_torch_dispatch_stack():
         for norm_weight, in_proj_weight, mixer_params, out_proj_weight in blocks:
             x = bidirectional_block_inference(x, norm_weight, eps, in_proj_weight, mixer_params, out_proj_weight)
         return x
