@@ -66,14 +66,20 @@ def require_onnx() -> dict[str, str]:
     return versions
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session for ``path`` (``threads`` intra-op threads; None: torch's current count)."""
+def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = True):
+    """An onnxruntime CPU session for ``path`` (``threads`` intra-op threads; None: torch's current count).
+
+    ``spinning=False`` stops its idle worker threads from busy-waiting after each run (onnxruntime's default
+    keeps them spinning for a while, which takes the cores from whatever runs next in the process).
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

@@ -17,6 +17,7 @@ import torch
 from dmclip.cli.main import main
 from dmclip.data.tokenizer import Tokenizer
 from dmclip.errors import DmclipError
+from dmclip.export import onnx_session
 from dmclip.models.base import IMAGE_MEAN, IMAGE_STD, save_model
 from dmclip.models.refs import load_model_ref
 
@@ -123,6 +124,11 @@ def test_export_a_vit_dynamic_and_fixed_batch(tmp_path):
         assert _max_diff(session, "images", images, model.encode_image(images)) <= TOLERANCE
     with pytest.raises(Exception, match="(?i)dimension|shape"):  # the batch axis is fixed: 1 is not 3
         session.run(None, {"images": images[:1].numpy()})
+    # the bench's session: same outputs, idle threads told not to busy-wait (onnxruntime's default spins)
+    quiet = onnx_session(tmp_path / "fixed" / "image_encoder.onnx", threads=2, spinning=False)
+    assert quiet.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with torch.no_grad():
+        assert _max_diff(quiet, "images", images, model.encode_image(images)) <= TOLERANCE
 
 
 @pytest.mark.slow
