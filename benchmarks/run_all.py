@@ -1,4 +1,5 @@
-"""Run every ``benchmarks/bench_*.py`` in one process and write one complete section to docs/benchmarks.md.
+"""Run every ``benchmarks/bench_*.py``, each in a process of its own, and write one complete section to
+docs/benchmarks.md.
 
     python -m benchmarks.run_all                  # what `make bench` runs: every bench, recorded
     python -m benchmarks.run_all --only scan      # just benchmarks/bench_scan.py: printed, not recorded
@@ -11,6 +12,12 @@ docs/benchmarks.md always holds exactly one run. Each bench runs at its own thre
 is a row saying FAILED with the error line (traceback on stderr), the others still run, the section is
 still written, and the exit code is 1. A run with ``--only`` or ``--quick`` is not a run of everything, so
 it only prints its section: it never writes a partial section into the docs.
+
+Each bench runs in a fresh Python process (``--child``; its output is passed through and its rows come back as
+JSON), so nothing one bench leaves behind reaches the next one's timings: thread pools of other OpenMP or BLAS
+runtimes (faiss, scikit-learn, onnxruntime), the allocator's state, imported libraries. In one process the
+k-means bench (faiss, scikit-learn) made the fused-scan row after it run about twice as slow in 4 of 5 runs
+(``--only kmeans --only scan``, against 4 of 4 at full speed with ``--only scan``).
 """
 
 from __future__ import annotations
@@ -183,6 +190,42 @@ def run_bench(name: str, path: Path, default_threads: int) -> list[dict]:
     return [{**item, "threads": item["threads"] or count, "bench": name} for item in rows]
 
 
+def run_isolated(name: str, path: Path, default_threads: int) -> list[dict]:
+    """:func:`run_bench` in a child process (``--child``); a child that dies without rows is one FAILED row."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dmclip-bench-") as tmp:
+        rows_file = Path(tmp) / "rows.json"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(HERE.parent)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+        child = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--child", name, "--bench-dir",
+                                str(path.parent), "--threads", str(default_threads), "--rows-out", str(rows_file)],
+                               cwd=HERE.parent, env=env, capture_output=True, text=True)
+        sys.stdout.write(child.stdout)
+        sys.stderr.write(child.stderr)
+        if rows_file.exists():
+            return json.loads(rows_file.read_text(encoding="utf-8"))
+    last = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else ""
+    print(f"[bench] {name} FAILED (its process exited with code {child.returncode})", file=sys.stderr, flush=True)
+    return [{**check_row({"benchmark": f"bench_{name}", "value": "FAILED", "threads": default_threads,
+                          "notes": f"the bench's process exited with code {child.returncode}: {last}"}),
+             "bench": name}]
+
+
+def _child(name: str, bench_dir: Path, threads_: int, rows_out: Path) -> int:
+    """The child side of :func:`run_isolated`: one bench, its rows written as JSON to ``rows_out``."""
+    import json
+
+    import torch
+
+    torch.set_num_threads(threads_)
+    found = discover(bench_dir)
+    rows = run_bench(name, found[name], threads_)
+    rows_out.write_text(json.dumps(rows), encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", metavar="NAME",
@@ -195,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny repeat counts (DMCLIP_BENCH_QUICK=1); prints, records nothing")
     parser.add_argument("--bench-dir", type=Path, default=HERE, help=argparse.SUPPRESS)  # tests
+    parser.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)  # run_isolated's child process
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # with --child
+    parser.add_argument("--rows-out", type=Path, help=argparse.SUPPRESS)  # with --child
     args = parser.parse_args(argv)
+    if args.child:
+        return _child(args.child, args.bench_dir, args.threads, args.rows_out)
     if args.quick:
         os.environ["DMCLIP_BENCH_QUICK"] = "1"
 
@@ -224,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     when = dt.datetime.now()
     rows: list[dict] = []
     for name in names:
-        rows.extend(run_bench(name, found[name], default_threads))
+        rows.extend(run_isolated(name, found[name], default_threads))
 
     partial = " and ".join(p for p in ("--only " + " ".join(names) if args.only else "",
                                        "--quick smoke run" if args.quick else "") if p)

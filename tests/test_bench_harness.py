@@ -1,4 +1,4 @@
-"""`make bench`: one process, a thread count per bench (restored, written per row), a complete section per run
+"""`make bench`: each bench in its own process, a thread count per bench (restored, written per row), a complete section per run
 (a broken bench is a FAILED row), partial runs print only, the replaced run moves to the history file."""
 
 from __future__ import annotations
@@ -244,3 +244,42 @@ def test_module_entry_point_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--only", "nothing"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no benchmark named nothing" in out.stderr
+
+
+ISOLATED_BENCHES = {
+    "a_pollutes": """
+        import os
+
+        def main():
+            os.environ["DMCLIP_BENCH_LEFTOVER"] = "from a"  # state a bench leaves behind in its process
+            return [{"benchmark": "a pid", "value": str(os.getpid())}]
+    """,
+    "b_looks": """
+        import os
+
+        def main():
+            return [{"benchmark": "b pid", "value": str(os.getpid())},
+                    {"benchmark": "b sees", "value": os.environ.get("DMCLIP_BENCH_LEFTOVER", "nothing")}]
+    """,
+    "c_dies": """
+        import os
+
+        def main():
+            os._exit(3)  # a hard crash: no exception, no rows
+    """,
+}
+
+
+def test_every_bench_runs_in_its_own_process_and_a_crash_is_a_failed_row(run_all, tmp_path, capsys):
+    import os
+
+    benches = tmp_path / "benches"
+    benches.mkdir()
+    for name, body in ISOLATED_BENCHES.items():
+        _bench(benches, name, body)
+    assert run_all.main(["--bench-dir", str(benches), "--no-write"]) == 1
+    rows = {cells[0]: cells for cells in _table(capsys.readouterr().out)[1:]}
+    pids = {rows["a pid"][1], rows["b pid"][1], str(os.getpid())}
+    assert len(pids) == 3  # two children and the harness: three processes
+    assert rows["b sees"][1] == "nothing"  # what a left in its process did not reach b
+    assert rows["bench_c_dies"][1] == "FAILED" and "exited with code 3" in rows["bench_c_dies"][-1]
