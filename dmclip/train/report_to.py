@@ -147,7 +147,13 @@ class Reporter:
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            # finish() can return before W&B's service process has written the run's last records (seen under
+            # load: an offline run file without its history); teardown waits for the service, so the run file
+            # is complete when the command returns (`wandb sync` right after works)
+            wandb.teardown()
 
 
 def attach(run, names: Iterable[str] | str | None, *, start_step: int = 0) -> Reporter | None:
