@@ -261,6 +261,18 @@ def profile_step(step, calls: int) -> tuple[float, dict[str, float], list[tuple[
     return wall, parts, sorted(ops, key=lambda item: -item[1])
 
 
+def _demo_step(model, images, mode: str) -> None:
+    """One inference call (eval, inference_mode) or one training fwd+bwd of ``model`` on ``images``."""
+    if mode == "inference":
+        model.eval()
+        with torch.inference_mode():
+            model(images)
+    else:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(images).square().mean().backward()
+
+
 def profile(batches=(1, 64), top: int = 6) -> str:
     """Markdown: where mamba-nano's inference and training step spend their time, by part and by op, at each
     batch size, beside the same-size ViT's wall time; then the fused scan at the bench shape split into its
@@ -277,14 +289,7 @@ def profile(batches=(1, 64), top: int = 6) -> str:
         images = torch.rand(batch, 3, 32, 32)
         for mode in ("inference", "training"):
             def step(model, images=images, mode=mode):
-                if mode == "inference":
-                    model.eval()
-                    with torch.inference_mode():
-                        model(images)
-                else:
-                    model.train()
-                    model.zero_grad(set_to_none=True)
-                    model(images).square().mean().backward()
+                _demo_step(model, images, mode)
             calls = repeats(40 if batch == 1 else 5)
             wall, parts, ops = profile_step(lambda: step(mamba), calls)
             vit_wall, _, _ = profile_step(lambda: step(vit), calls)
@@ -344,16 +349,7 @@ def cpu_time_table() -> list[str]:
             images = torch.rand(batch, 3, 32, 32)
 
             def step(model, images=images, mode=mode):
-                def run():
-                    if mode == "inference":
-                        model.eval()
-                        with torch.inference_mode():
-                            model(images)
-                    else:
-                        model.train()
-                        model.zero_grad(set_to_none=True)
-                        model(images).square().mean().backward()
-                return run
+                return lambda: _demo_step(model, images, mode)
             times = _cpu_seconds({"mamba": step(mamba), "vit": step(vit)}, repeats(9 if batch == 1 else 5),
                                  number=10 if batch == 1 else 1)
             lines.append(f"| mamba-nano {mode}, batch {batch} | {format_seconds(times['mamba'])} | same-size ViT "
