@@ -509,6 +509,21 @@ void check_inputs(const at::Tensor& xz, const at::Tensor& conv_w, const at::Tens
 }  // namespace
 
 // Returns (out, xc, xdbl); the last two are what the backward needs.
+// bimamba_fwd's computation into given tensors: xc (2, batch, L, E), xdbl (2, batch L, R + 2N), out (batch, L, E)
+void bimamba_fwd_into(const at::Tensor& xz, const at::Tensor& conv_w, const at::Tensor& conv_b,
+                      const at::Tensor& xproj_w, const at::Tensor& dtproj_w, const at::Tensor& dt_bias,
+                      const at::Tensor& A_log, const c10::optional<at::Tensor>& D, at::Tensor& xc, at::Tensor& xdbl,
+                      at::Tensor& out) {
+  const int64_t batch = xz.size(0), L = xz.size(1), E = xz.size(2) / 2;
+  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "bimamba_fwd", [&] {
+    auto a = make_args<scalar_t>(xz, conv_w, conv_b, dtproj_w, dt_bias, A_log, D);
+    conv_forward(a, xc.data_ptr<scalar_t>());
+    at::bmm_out(xdbl, xc.view({2, batch * L, E}), xproj_w.transpose(1, 2));  // (2, batch L, R + 2N)
+    a.xc = xc.data_ptr<scalar_t>(); a.xdbl = xdbl.data_ptr<scalar_t>();  // dt_proj runs inside the scan
+    mixer_scan_forward(a, out.data_ptr<scalar_t>());
+  });
+}
+
 std::vector<at::Tensor> bimamba_fwd(at::Tensor xz, at::Tensor conv_w, at::Tensor conv_b,
                                        at::Tensor xproj_w, at::Tensor dtproj_w, at::Tensor dt_bias,
                                        at::Tensor A_log, c10::optional<at::Tensor> D) {
@@ -516,14 +531,8 @@ std::vector<at::Tensor> bimamba_fwd(at::Tensor xz, at::Tensor conv_w, at::Tensor
   const int64_t batch = xz.size(0), L = xz.size(1), E = xz.size(2) / 2;
   auto xc = at::empty({2, batch, L, E}, xz.options());
   auto out = at::empty({batch, L, E}, xz.options());
-  at::Tensor xdbl;
-  AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "bimamba_fwd", [&] {
-    auto a = make_args<scalar_t>(xz, conv_w, conv_b, dtproj_w, dt_bias, A_log, D);
-    conv_forward(a, xc.data_ptr<scalar_t>());
-    xdbl = at::bmm(xc.view({2, batch * L, E}), xproj_w.transpose(1, 2));  // (2, batch L, R + 2N)
-    a.xc = xc.data_ptr<scalar_t>(); a.xdbl = xdbl.data_ptr<scalar_t>();  // dt_proj runs inside the scan
-    mixer_scan_forward(a, out.data_ptr<scalar_t>());
-  });
+  auto xdbl = at::empty({2, batch * L, xproj_w.size(1)}, xz.options());
+  bimamba_fwd_into(xz, conv_w, conv_b, xproj_w, dtproj_w, dt_bias, A_log, D, xc, xdbl, out);
   return {out, xc, xdbl};
 }
 
@@ -583,6 +592,54 @@ at::Tensor bimamba_block_fwd(at::Tensor x, at::Tensor norm_w, double eps, at::Te
   return at::addmm(x.view({batch * L, width}), y.view({batch * L, y.size(2)}), out_w.t()).view({batch, L, width});
 }
 
+// Per-thread scratch tensors of the stack's chunks, kept from call to call and resized in place: the same
+// storage serves every chunk and block, so a call touches no fresh pages. (Freshly allocated, glibc gave the
+// MBs of each chunk back to the OS and the next chunk faulted them in again: about 2000 page faults per
+// batch-64 call of mamba-nano, ~7 % of its time.) A few MB per thread for as long as the thread lives.
+struct StackScratch {
+  at::Tensor h, xz, xc, xdbl, y, even, odd;
+};
+StackScratch& stack_scratch() {
+  thread_local StackScratch scratch;
+  return scratch;
+}
+at::Tensor& reuse(at::Tensor& t, at::IntArrayRef sizes, const at::Tensor& like) {
+  if (!t.defined() || t.scalar_type() != like.scalar_type()) t = at::empty(sizes, like.options());
+  else t.resize_(sizes);
+  return t;
+}
+
+// One chunk of rows through every block (what bimamba_block_fwd does per block), in this thread's scratch.
+at::Tensor stack_chunk(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps, StackScratch& s) {
+  const int64_t batch = x.size(0), L = x.size(1), width = x.size(2);
+  at::Tensor cur = x;
+  for (size_t k = 0; k < params.size(); k += 10) {
+    const at::Tensor& in_w = params[k + 1];
+    const c10::optional<at::Tensor> D = params[k + 8].defined() ? c10::optional<at::Tensor>(params[k + 8])
+                                                                : c10::nullopt;
+    at::Tensor& h = reuse(s.h, {batch, L, width}, x);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bimamba_rmsnorm", [&] {
+      rmsnorm<scalar_t>(cur.data_ptr<scalar_t>(), params[k].data_ptr<scalar_t>(), static_cast<scalar_t>(eps),
+                        batch * L, width, h.data_ptr<scalar_t>());
+    });
+    at::Tensor& xz = reuse(s.xz, {batch * L, in_w.size(0)}, x);
+    at::mm_out(xz, h.view({batch * L, width}), in_w.t());
+    const at::Tensor xz3 = xz.view({batch, L, in_w.size(0)});
+    check_inputs(xz3, params[k + 2], params[k + 3], params[k + 4], params[k + 5], params[k + 6], params[k + 7], D);
+    const int64_t E = in_w.size(0) / 2;
+    at::Tensor& xc = reuse(s.xc, {2, batch, L, E}, x);
+    at::Tensor& xdbl = reuse(s.xdbl, {2, batch * L, params[k + 4].size(1)}, x);
+    at::Tensor& y = reuse(s.y, {batch, L, E}, x);
+    bimamba_fwd_into(xz3, params[k + 2], params[k + 3], params[k + 4], params[k + 5], params[k + 6], params[k + 7],
+                     D, xc, xdbl, y);
+    at::Tensor& next = reuse((k / 10) % 2 == 0 ? s.even : s.odd, {batch, L, width}, x);
+    at::Tensor next_rows = next.view({batch * L, width});
+    at::addmm_out(next_rows, cur.view({batch * L, width}), y.view({batch * L, E}), params[k + 9].t());
+    cur = next;
+  }
+  return cur;
+}
+
 // Inference of a stack of Vim blocks (the encoder's body) in one call. params: 10 tensors per block, in the
 // order of bimamba_block_fwd (norm weight, in_proj, conv weight, conv bias, x_proj, dt_proj, dt bias, A_log, D,
 // out_proj). With at least two batch rows per thread, each thread runs every block on its own rows, start to
@@ -599,6 +656,10 @@ at::Tensor bimamba_stack_fwd(at::Tensor x, std::vector<at::Tensor> params, doubl
                             params[k + 5], params[k + 6], params[k + 7], params[k + 8], params[k + 9]);
     return h;
   };
+  for (size_t k = 0; k < params.size(); k += 10) {  // the chunk path below skips bimamba_block_fwd's checks
+    check(params[k], "norm weight", x.scalar_type());
+    TORCH_CHECK(params[k].dim() == 1 && params[k].size(0) == x.size(2), "norm weight must be (width,)");
+  }
   const int64_t batch = x.size(0), threads = at::get_num_threads();
   // rows per chunk: a chunk's in_proj output (L x 2E per row) about 1 MB, so a chunk's activations stay in
   // the core's L2 from one op to the next instead of streaming through L3 (at batch 64 on one thread of the
@@ -608,7 +669,12 @@ at::Tensor bimamba_stack_fwd(at::Tensor x, std::vector<at::Tensor> params, doubl
   auto run_rows = [&](int64_t b0, int64_t b1, at::Tensor& out) {
     for (int64_t c = b0; c < b1; c += chunk) {
       const int64_t c1 = std::min(b1, c + chunk);
-      out.narrow(0, c, c1 - c).copy_(run(x.narrow(0, c, c1 - c)));
+      at::Tensor y;
+      {
+        c10::InferenceMode inference;  // the scratch tensors are inference tensors, resized in place
+        y = stack_chunk(x.narrow(0, c, c1 - c), params, eps, stack_scratch());
+      }
+      out.narrow(0, c, c1 - c).copy_(y);
     }
   };
   if (threads < 2 || batch < 2 * threads) {
