@@ -573,29 +573,11 @@ std::vector<at::Tensor> bimamba_bwd(at::Tensor xz, at::Tensor conv_w, at::Tensor
   return {dxz, dconv_w, dconv_b, dxproj_w, ddtproj_w, dbias, dA_log, D.has_value() ? dD : at::Tensor()};
 }
 
-// Inference of one whole Vim block: x + out_proj(mixer(in_proj(rmsnorm(x)))), in 6 parallel regions.
-at::Tensor bimamba_block_fwd(at::Tensor x, at::Tensor norm_w, double eps, at::Tensor in_w,
-                                at::Tensor conv_w, at::Tensor conv_b, at::Tensor xproj_w,
-                                at::Tensor dtproj_w, at::Tensor dt_bias, at::Tensor A_log,
-                                c10::optional<at::Tensor> D, at::Tensor out_w) {
-  check(x, "x", x.scalar_type());
-  check(norm_w, "norm weight", x.scalar_type());
-  TORCH_CHECK(x.dim() == 3 && norm_w.dim() == 1 && norm_w.size(0) == x.size(2), "x must be (batch, L, width)");
-  const int64_t batch = x.size(0), L = x.size(1), width = x.size(2);
-  auto h = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bimamba_rmsnorm", [&] {
-    rmsnorm<scalar_t>(x.data_ptr<scalar_t>(), norm_w.data_ptr<scalar_t>(), static_cast<scalar_t>(eps), batch * L,
-                      width, h.data_ptr<scalar_t>());
-  });
-  auto xz = at::mm(h.view({batch * L, width}), in_w.t()).view({batch, L, in_w.size(0)});
-  auto y = bimamba_fwd(xz, conv_w, conv_b, xproj_w, dtproj_w, dt_bias, A_log, D)[0];
-  return at::addmm(x.view({batch * L, width}), y.view({batch * L, y.size(2)}), out_w.t()).view({batch, L, width});
-}
-
-// Per-thread scratch tensors of the stack's chunks, kept from call to call and resized in place: the same
-// storage serves every chunk and block, so a call touches no fresh pages. (Freshly allocated, glibc gave the
-// MBs of each chunk back to the OS and the next chunk faulted them in again: about 2000 page faults per
-// batch-64 call of mamba-nano, ~7 % of its time.) A few MB per thread for as long as the thread lives.
+// Intermediate tensors of one block's inference. A single block call gets fresh ones; the stack's chunks keep
+// one set per thread from call to call, resized in place: the same storage serves every chunk and block, so
+// a call touches no fresh pages. (Freshly allocated, glibc gave the MBs of each chunk back to the OS and the
+// next chunk faulted them in again: about 2000 page faults per batch-64 call of mamba-nano, ~7 % of its
+// time.) A few MB per thread for as long as the thread lives.
 struct StackScratch {
   at::Tensor h, xz, xc, xdbl, y, even, odd;
 };
@@ -609,32 +591,53 @@ at::Tensor& reuse(at::Tensor& t, at::IntArrayRef sizes, const at::Tensor& like) 
   return t;
 }
 
-// One chunk of rows through every block (what bimamba_block_fwd does per block), in this thread's scratch.
+// One Vim block's inference, next = x + out_proj(mixer(in_proj(rmsnorm(x)))) (next: (batch, L, width), not x),
+// every intermediate in s; 6 parallel regions.
+void block_fwd_into(const at::Tensor& x, const at::Tensor& norm_w, double eps, const at::Tensor& in_w,
+                    const at::Tensor& conv_w, const at::Tensor& conv_b, const at::Tensor& xproj_w,
+                    const at::Tensor& dtproj_w, const at::Tensor& dt_bias, const at::Tensor& A_log,
+                    const c10::optional<at::Tensor>& D, const at::Tensor& out_w, StackScratch& s, at::Tensor& next) {
+  check(x, "x", x.scalar_type());
+  check(norm_w, "norm weight", x.scalar_type());
+  TORCH_CHECK(x.dim() == 3 && norm_w.dim() == 1 && norm_w.size(0) == x.size(2), "x must be (batch, L, width)");
+  const int64_t batch = x.size(0), L = x.size(1), width = x.size(2), E = in_w.size(0) / 2;
+  at::Tensor& h = reuse(s.h, {batch, L, width}, x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bimamba_rmsnorm", [&] {
+    rmsnorm<scalar_t>(x.data_ptr<scalar_t>(), norm_w.data_ptr<scalar_t>(), static_cast<scalar_t>(eps), batch * L,
+                      width, h.data_ptr<scalar_t>());
+  });
+  at::Tensor& xz = reuse(s.xz, {batch * L, in_w.size(0)}, x);
+  at::mm_out(xz, h.view({batch * L, width}), in_w.t());
+  const at::Tensor xz3 = xz.view({batch, L, in_w.size(0)});
+  check_inputs(xz3, conv_w, conv_b, xproj_w, dtproj_w, dt_bias, A_log, D);
+  at::Tensor& xc = reuse(s.xc, {2, batch, L, E}, x);
+  at::Tensor& xdbl = reuse(s.xdbl, {2, batch * L, xproj_w.size(1)}, x);
+  at::Tensor& y = reuse(s.y, {batch, L, E}, x);
+  bimamba_fwd_into(xz3, conv_w, conv_b, xproj_w, dtproj_w, dt_bias, A_log, D, xc, xdbl, y);
+  at::Tensor rows = next.view({batch * L, width});
+  at::addmm_out(rows, x.view({batch * L, width}), y.view({batch * L, E}), out_w.t());
+}
+
+// Inference of one whole Vim block: x + out_proj(mixer(in_proj(rmsnorm(x)))).
+at::Tensor bimamba_block_fwd(at::Tensor x, at::Tensor norm_w, double eps, at::Tensor in_w,
+                                at::Tensor conv_w, at::Tensor conv_b, at::Tensor xproj_w,
+                                at::Tensor dtproj_w, at::Tensor dt_bias, at::Tensor A_log,
+                                c10::optional<at::Tensor> D, at::Tensor out_w) {
+  StackScratch fresh;
+  at::Tensor next = at::empty_like(x);
+  block_fwd_into(x, norm_w, eps, in_w, conv_w, conv_b, xproj_w, dtproj_w, dt_bias, A_log, D, out_w, fresh, next);
+  return next;
+}
+
+// Rows through every block of the stack (params as for bimamba_stack_fwd), in s; returns s.even or s.odd.
 at::Tensor stack_chunk(const at::Tensor& x, const std::vector<at::Tensor>& params, double eps, StackScratch& s) {
-  const int64_t batch = x.size(0), L = x.size(1), width = x.size(2);
   at::Tensor cur = x;
   for (size_t k = 0; k < params.size(); k += 10) {
-    const at::Tensor& in_w = params[k + 1];
     const c10::optional<at::Tensor> D = params[k + 8].defined() ? c10::optional<at::Tensor>(params[k + 8])
                                                                 : c10::nullopt;
-    at::Tensor& h = reuse(s.h, {batch, L, width}, x);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bimamba_rmsnorm", [&] {
-      rmsnorm<scalar_t>(cur.data_ptr<scalar_t>(), params[k].data_ptr<scalar_t>(), static_cast<scalar_t>(eps),
-                        batch * L, width, h.data_ptr<scalar_t>());
-    });
-    at::Tensor& xz = reuse(s.xz, {batch * L, in_w.size(0)}, x);
-    at::mm_out(xz, h.view({batch * L, width}), in_w.t());
-    const at::Tensor xz3 = xz.view({batch, L, in_w.size(0)});
-    check_inputs(xz3, params[k + 2], params[k + 3], params[k + 4], params[k + 5], params[k + 6], params[k + 7], D);
-    const int64_t E = in_w.size(0) / 2;
-    at::Tensor& xc = reuse(s.xc, {2, batch, L, E}, x);
-    at::Tensor& xdbl = reuse(s.xdbl, {2, batch * L, params[k + 4].size(1)}, x);
-    at::Tensor& y = reuse(s.y, {batch, L, E}, x);
-    bimamba_fwd_into(xz3, params[k + 2], params[k + 3], params[k + 4], params[k + 5], params[k + 6], params[k + 7],
-                     D, xc, xdbl, y);
-    at::Tensor& next = reuse((k / 10) % 2 == 0 ? s.even : s.odd, {batch, L, width}, x);
-    at::Tensor next_rows = next.view({batch * L, width});
-    at::addmm_out(next_rows, cur.view({batch * L, width}), y.view({batch * L, E}), params[k + 9].t());
+    at::Tensor& next = reuse((k / 10) % 2 == 0 ? s.even : s.odd, x.sizes(), x);
+    block_fwd_into(cur, params[k], eps, params[k + 1], params[k + 2], params[k + 3], params[k + 4], params[k + 5],
+                   params[k + 6], params[k + 7], D, params[k + 9], s, next);
     cur = next;
   }
   return cur;
@@ -650,16 +653,6 @@ at::Tensor bimamba_stack_fwd(at::Tensor x, std::vector<at::Tensor> params, doubl
   TORCH_CHECK(!params.empty() && params.size() % 10 == 0, "params must hold 10 tensors per block");
   check(x, "x", x.scalar_type());
   TORCH_CHECK(x.dim() == 3, "x must be (batch, L, width)");
-  auto run = [&](at::Tensor h) {
-    for (size_t k = 0; k < params.size(); k += 10)
-      h = bimamba_block_fwd(h, params[k], eps, params[k + 1], params[k + 2], params[k + 3], params[k + 4],
-                            params[k + 5], params[k + 6], params[k + 7], params[k + 8], params[k + 9]);
-    return h;
-  };
-  for (size_t k = 0; k < params.size(); k += 10) {  // the chunk path below skips bimamba_block_fwd's checks
-    check(params[k], "norm weight", x.scalar_type());
-    TORCH_CHECK(params[k].dim() == 1 && params[k].size(0) == x.size(2), "norm weight must be (width,)");
-  }
   const int64_t batch = x.size(0), threads = at::get_num_threads();
   // rows per chunk: a chunk's in_proj output (L x 2E per row) about 1 MB, so a chunk's activations stay in
   // the core's L2 from one op to the next instead of streaming through L3 (at batch 64 on one thread of the
@@ -678,7 +671,10 @@ at::Tensor bimamba_stack_fwd(at::Tensor x, std::vector<at::Tensor> params, doubl
     }
   };
   if (threads < 2 || batch < 2 * threads) {
-    if (batch <= chunk) return run(x);
+    if (batch <= chunk) {  // one chunk: fresh tensors, block after block, each op over every thread
+      StackScratch fresh;
+      return stack_chunk(x, params, eps, fresh);
+    }
     auto out = at::empty_like(x);
     run_rows(0, batch, out);
     return out;

@@ -78,7 +78,7 @@ def bidirectional_stack_inference(x, blocks, eps):
     block on this thread: the mode sees every op there, where the stack's worker threads would have to call
     back into Python for each op.
     """
-    if active_flop_counter_modes() or counting_scan_flops() or torch._C._len_torch_dispatch_stack():
+    if counting_scan_flops() or torch._C._len_torch_dispatch_stack():  # a FlopCounterMode is a dispatch mode too
         for norm_weight, in_proj_weight, mixer_params, out_proj_weight in blocks:
             x = bidirectional_block_inference(x, norm_weight, eps, in_proj_weight, mixer_params, out_proj_weight)
         return x
