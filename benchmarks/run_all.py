@@ -161,6 +161,12 @@ def record(out: Path, history: Path, text: str) -> None:
     _write(out, head + MARKER + "\n\n" + text)
 
 
+def _failed_row(name: str, threads_: int, notes: str) -> dict:
+    """The one row a bench that failed gets: value FAILED, the reason in the notes."""
+    return {**check_row({"benchmark": f"bench_{name}", "value": "FAILED", "threads": threads_, "notes": notes}),
+            "bench": name}
+
+
 def run_bench(name: str, path: Path, default_threads: int) -> list[dict]:
     """Rows of one bench, each with ``bench`` (its name) and ``threads``; a failure is one FAILED row."""
     import torch
@@ -184,8 +190,7 @@ def run_bench(name: str, path: Path, default_threads: int) -> list[dict]:
         traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else ""
         print(f"[bench] {name} FAILED", file=sys.stderr, flush=True)
-        return [{**check_row({"benchmark": f"bench_{name}", "value": "FAILED", "threads": count,
-                              "notes": f"{type(exc).__name__}: {message}"}), "bench": name}]
+        return [_failed_row(name, count, f"{type(exc).__name__}: {message}")]
     print(f"[bench] {name}: {len(rows)} rows in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return [{**item, "threads": item["threads"] or count, "bench": name} for item in rows]
 
@@ -208,9 +213,7 @@ def run_isolated(name: str, path: Path, default_threads: int) -> list[dict]:
             return json.loads(rows_file.read_text(encoding="utf-8"))
     last = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else ""
     print(f"[bench] {name} FAILED (its process exited with code {child.returncode})", file=sys.stderr, flush=True)
-    return [{**check_row({"benchmark": f"bench_{name}", "value": "FAILED", "threads": default_threads,
-                          "notes": f"the bench's process exited with code {child.returncode}: {last}"}),
-             "bench": name}]
+    return [_failed_row(name, default_threads, f"the bench's process exited with code {child.returncode}: {last}")]
 
 
 def _child(name: str, bench_dir: Path, threads_: int, rows_out: Path) -> int:
