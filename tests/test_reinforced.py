@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -134,26 +136,36 @@ def test_store_of_several_views_and_captions_holds_each_crop_and_caption(teacher
             torch.testing.assert_close(got["text_features"][0], text, atol=1e-3, rtol=1e-3)
 
 
-def test_cached_teacher_with_several_views_and_captions_gives_the_loss_of_the_chosen_crop(teacher_dir, tmp_path):
-    """distill from a K = 4, 3-caption store: the loss is the online teacher's on the chosen crop and caption."""
-    from dmclip.distill import teacher_features
-
+def _cached_case(teacher_dir, tmp_path, step: int, text: str = "frozen-teacher") -> SimpleNamespace:
+    """A K = 4, 3-caption store of DATA3, a vit-nano student distilling from it, a 12-image batch, and the crops
+    and captions the store chooses for that batch at ``step`` (some not the first view or caption)."""
     ref = f"run:{teacher_dir}"
     build_store(ref, DATA3, tmp_path / "store", augmentations=4, captions_per_image=3, progress=False)
     store = ReinforcedStore(tmp_path / "store")
     cfg = DistillConfig(teacher=ref)
-    cfg.student.name = "vit-nano"
+    cfg.student.name, cfg.student.text = "vit-nano", text
     teacher = load_teacher(ref)
     torch.manual_seed(0)
-    student = build_student(cfg, teacher).eval()
-    cached = DistillTask(student, teacher, cfg, store)
+    student = build_student(cfg, teacher)
+    task = DistillTask(student, teacher, cfg, store)
     ds = build_dataset(DATA3, image_size=32)
-    batch = cached.collate([ds[i] for i in range(12)])
-    step = 4
+    batch = task.collate([ds[i] for i in range(12)])
     chosen = [store.choose(cfg.seed, step, i) for i in batch["index"]]
     assert any(a > 0 for a, _ in chosen) and any(c > 0 for _, c in chosen)
     crops = apply_boxes(batch["images"], torch.stack([store.boxes[i, a] for i, (a, _) in zip(batch["index"], chosen)]))
     captions = [caps[c] for caps, (_, c) in zip(batch["captions"], chosen)]
+    return SimpleNamespace(store=store, teacher=teacher, student=student, task=task, batch=batch, chosen=chosen,
+                           crops=crops, captions=captions)
+
+
+def test_cached_teacher_with_several_views_and_captions_gives_the_loss_of_the_chosen_crop(teacher_dir, tmp_path):
+    """distill from a K = 4, 3-caption store: the loss is the online teacher's on the chosen crop and caption."""
+    from dmclip.distill import teacher_features
+
+    step = 4
+    case = _cached_case(teacher_dir, tmp_path, step)
+    student, teacher, cached, batch = case.student.eval(), case.teacher, case.task, case.batch
+    crops, captions = case.crops, case.captions
     with torch.no_grad():
         got = cached.loss(student, batch, step=step)
         target = teacher_features(teacher, crops, captions)
@@ -199,22 +211,10 @@ def test_cached_step_reads_the_chosen_crops_and_tokenises_only_for_a_text_tower_
     gradients are the student's on exactly those with the store's features. A frozen text tower's features
     come from the store, so the step tokenises nothing (the tokens were computed and thrown away before);
     a text tower that trains gets the chosen captions' tokens."""
-    ref = f"run:{teacher_dir}"
-    build_store(ref, DATA3, tmp_path / "store", augmentations=4, captions_per_image=3, progress=False)
-    store = ReinforcedStore(tmp_path / "store")
-    cfg = DistillConfig(teacher=ref)
-    cfg.student.name, cfg.student.text = "vit-nano", text
-    teacher = load_teacher(ref)
-    torch.manual_seed(0)
-    student = build_student(cfg, teacher)
-    task = DistillTask(student, teacher, cfg, store)
-    ds = build_dataset(DATA3, image_size=32)
-    batch = task.collate([ds[i] for i in range(12)])
     step = 5
-    chosen = [store.choose(cfg.seed, step, i) for i in batch["index"]]
-    assert any(a > 0 for a, _ in chosen) and any(c > 0 for _, c in chosen)
-    crops = apply_boxes(batch["images"], torch.stack([store.boxes[i, a] for i, (a, _) in zip(batch["index"], chosen)]))
-    captions = [caps[c] for caps, (_, c) in zip(batch["captions"], chosen)]
+    case = _cached_case(teacher_dir, tmp_path, step, text=text)
+    store, student, task, batch, chosen = case.store, case.student, case.task, case.batch, case.chosen
+    crops, captions = case.crops, case.captions
     target = store.features(batch["index"], [a for a, _ in chosen], [c for _, c in chosen])
 
     images, got_captions, got_target = task.cached_inputs(batch, step)
