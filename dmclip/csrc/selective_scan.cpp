@@ -32,6 +32,13 @@
 namespace dmclip {
 namespace {
 
+// What task `task` of `tasks` owns in a backward driver: whole batch rows [b0, b1) when split_batch, else
+// channel blocks [k0, k1) of every row
+struct TaskRange { int64_t b0, b1, k0, k1; };
+inline TaskRange task_range(int64_t task, int64_t tasks, bool split_batch, int64_t batch, int64_t blocks) {
+  if (split_batch) return {batch * task / tasks, batch * (task + 1) / tasks, 0, blocks};
+  return {0, batch, blocks * task / tasks, blocks * (task + 1) / tasks};
+}
 
 // ------------------------------------------------------------------ the generic scan: scalar loops
 // One (batch, channel) row at a time with libm's exp: the float64 path (gradcheck) and, forced, the float32
@@ -192,13 +199,8 @@ void lanes_backward(const ScanArgs<T>& p, const T* dout, const T* dlast, const S
       part_A[task].assign(dim * N, T(0));
       part_D[task].assign(dim, T(0));
       part_b[task].assign(dim, T(0));
-      int64_t b0 = 0, b1 = batch, k0 = 0, k1 = blocks;
-      if (split_batch) {
-        b0 = batch * task / tasks; b1 = batch * (task + 1) / tasks;
-      } else {
-        k0 = blocks * task / tasks; k1 = blocks * (task + 1) / tasks;
-        part_BC[task].assign(2 * batch * N * L, T(0));
-      }
+      const auto [b0, b1, k0, k1] = task_range(task, tasks, split_batch, batch, blocks);
+      if (!split_batch) part_BC[task].assign(2 * batch * N * L, T(0));
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t blk = k0; blk < k1; ++blk)
           k.scan_bwd(p, b, blk * W, work.data(), dout, dlast, g, dBC.data(), part_A[task].data(),
@@ -430,13 +432,8 @@ void mixer_scan_backward(const MixArgs<T>& a, const T* dout, const MixGrads<T>& 
       part_D[task].assign(2 * E, T(0));
       part_b[task].assign(2 * E, T(0));
       part_W[task].assign(2 * E * R, T(0));
-      int64_t b0 = 0, b1 = batch, k0 = 0, k1 = blocks;
-      if (split_batch) {
-        b0 = batch * task / tasks; b1 = batch * (task + 1) / tasks;
-      } else {
-        k0 = blocks * task / tasks; k1 = blocks * (task + 1) / tasks;
-        part_BC[task].assign(2 * batch * L * P, T(0));
-      }
+      const auto [b0, b1, k0, k1] = task_range(task, tasks, split_batch, batch, blocks);
+      if (!split_batch) part_BC[task].assign(2 * batch * L * P, T(0));
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t blk = k0; blk < k1; ++blk)
           k.mix_bwd(a, b, blk * W, dout, work.data(), g, part_A[task].data(), part_D[task].data(),
