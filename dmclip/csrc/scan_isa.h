@@ -55,7 +55,11 @@ struct MixGrads { T* dxc; T* dxdbl; T* dz; int64_t dz_stride; };
 
 // vectors wider than the baseline ABI's passed by value between inline functions: GCC's note about the ABI
 // change is about calls across translation units, which these are not
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__clang__)
+#if __has_warning("-Wpsabi")
+#pragma clang diagnostic ignored "-Wpsabi"
+#endif
+#elif defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 

@@ -41,7 +41,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCE = CSRC / "selective_scan.cpp"  # includes the headers beside it
 INSTALL_FIX = "install g++ (or clang), then run `python -m dmclip.models.scan_build`"
 _lock = threading.Lock()
-_state: dict = {"tried": False, "module": None, "error": None}
+_state: dict = {"tried": False, "module": None, "error": None, "fix": None}
 _openmp: dict[str, bool] = {}
 
 
@@ -169,14 +169,14 @@ def load_extension():
             return _state["module"]
         _state["tried"] = True
         if os.environ.get("DMCLIP_NO_EXTENSION"):
-            _state["error"] = "disabled by DMCLIP_NO_EXTENSION"
+            _state["error"], _state["fix"] = "disabled by DMCLIP_NO_EXTENSION", "unset DMCLIP_NO_EXTENSION"
             return None
         try:
             _state["module"] = build()
         except Exception as exc:  # no compiler / ninja / headers: fall back, never crash
-            message = describe_failure(exc)
-            _state["error"] = message
-            log.warning("fused CPU selective scan unavailable (%s); using the pure-PyTorch scan", message)
+            _state["error"], _state["fix"] = describe_failure(exc), failure_fix(exc)
+            log.warning("fused CPU selective scan unavailable (%s); using the pure-PyTorch scan. Fix: %s",
+                        _state["error"], _state["fix"])
         return _state["module"]
 
 
@@ -189,9 +189,21 @@ def describe_failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: " + " ".join((errors[0] if errors else text).split())[:300]
 
 
+def failure_fix(exc: Exception) -> str:
+    """What to do about a failed build, in one line."""
+    if isinstance(exc, NoCompilerError):
+        return INSTALL_FIX
+    return "run `python -m dmclip.models.scan_build --verbose` to see the compiler's output"
+
+
 def extension_error() -> str | None:
     """Why the extension did not load (None if it did or was not tried yet)."""
     return _state["error"]
+
+
+def extension_fix() -> str | None:
+    """How to get the extension where it did not load (None if it did or was not tried yet)."""
+    return _state["fix"]
 
 
 def threads_note(module) -> str:
@@ -213,12 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         module = build(verbose=verbose)
     except Exception as exc:
         required = bool(os.environ.get("DMCLIP_REQUIRE_FUSED_SCAN")) and compiler() is not None
-        if isinstance(exc, NoCompilerError):
-            fix = INSTALL_FIX
-        else:
-            fix = "run `python -m dmclip.models.scan_build --verbose` to see the compiler's output"
         print(f"{'error: ' if required else ''}fused CPU selective scan NOT built ({describe_failure(exc)}); "
-              f"dmclip uses the slower pure-PyTorch scan. Fix: {fix}")
+              f"dmclip uses the slower pure-PyTorch scan. Fix: {failure_fix(exc)}")
         return 1 if required else 0
     print(f"fused CPU selective scan ready in {Path(module.__file__).parent} ({time.perf_counter() - start:.1f} s): "
           f"the {module.isa()} kernels on this CPU, {threads_note(module)}")
