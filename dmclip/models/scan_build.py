@@ -69,11 +69,11 @@ def compiler() -> str | None:
 
 
 def compiler_takes_openmp(command: str) -> bool:
-    """Whether ``command -fopenmp`` preprocesses ``#include <omp.h>`` (Apple's clang, or a clang without
-    libomp, does not). Asked once per compiler and process."""
+    """Whether ``command -fopenmp`` (``command`` as ``$CXX`` is written, e.g. ``ccache g++``) preprocesses
+    ``#include <omp.h>`` (Apple's clang, or a clang without libomp, does not). Asked once per process."""
     if command not in _openmp:
         try:
-            probe = subprocess.run([command, "-fopenmp", "-x", "c++", "-E", "-", "-o", os.devnull],
+            probe = subprocess.run([*shlex.split(command), "-fopenmp", "-x", "c++", "-E", "-", "-o", os.devnull],
                                    input="#include <omp.h>\n", capture_output=True, text=True, timeout=60)
             _openmp[command] = probe.returncode == 0
         except (OSError, subprocess.SubprocessError):
@@ -90,8 +90,7 @@ def compile_flags(openmp: bool | None = None) -> list[str]:
     """-O3, OpenMP where the compiler takes it, nothing CPU-specific: the AVX-512 and AVX2 kernels are compiled
     inside target regions of the source and picked at run time, so one build runs on any x86-64."""
     if openmp is None:
-        command = compiler()
-        openmp = command is not None and compiler_takes_openmp(command)
+        openmp = compiler() is not None and compiler_takes_openmp(os.environ.get("CXX") or "c++")
     return ["-O3", *(["-fopenmp"] if openmp else []), *(["-DDMCLIP_SCAN_NO_SIMD=1"] if no_simd() else [])]
 
 
