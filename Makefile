@@ -29,14 +29,13 @@ $(STAMP): pyproject.toml
 		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q default-jre-headless >/dev/null 2>&1)); \
 		command -v java >/dev/null 2>&1; } || \
 		echo "Java not found: caption metrics (eval caption, compress eval/sweep) need it; install a JRE, e.g. apt-get install default-jre-headless (their tests skip until then)"
-	@# the fused C++ scan: where a compiler exists a failed build stops the install (a silent fallback to the
-	@# slower PyTorch scan hid broken kernels); without a compiler, or with DMCLIP_NO_FUSED_SCAN=1, it is skipped
+	@# the fused C++ scan (any 64-bit CPU with a C++ compiler): without a compiler, or when its build fails, the
+	@# install goes on with the pure-PyTorch scan and says so in one line with the fix; DMCLIP_REQUIRE_FUSED_SCAN=1
+	@# (make ci) makes a failed build an error where a compiler exists; DMCLIP_NO_FUSED_SCAN=1 skips it
 	@if [ -n "$(DMCLIP_NO_FUSED_SCAN)" ]; then \
 		echo "fused CPU scan not built (DMCLIP_NO_FUSED_SCAN is set): the slower PyTorch scan is used, its tests skip"; \
-	elif command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1; then \
-		$(BIN)/python -m dmclip.models.scan_build || { echo "error: the fused CPU scan kernel did not build (see the line above): fix that, or run DMCLIP_NO_FUSED_SCAN=1 make install to install without it"; exit 1; }; \
 	else \
-		echo "fused CPU scan not built: no C++ compiler (c++ or g++); install g++ and run make install again, or set DMCLIP_NO_FUSED_SCAN=1"; \
+		$(BIN)/python -m dmclip.models.scan_build; \
 	fi
 	touch $(STAMP)
 
@@ -57,7 +56,12 @@ lint: install
 	$(BIN)/ruff check dmclip tests benchmarks scripts
 	$(BIN)/lint-imports
 
-ci: lint test
+# CI must not go green on a broken kernel: where a compiler exists the fused scan must build (checked even when
+# the install stamp is current) and its tests fail instead of skipping without it
+ci: export DMCLIP_REQUIRE_FUSED_SCAN := 1
+ci: install
+	$(BIN)/python -m dmclip.models.scan_build
+	$(MAKE) lint test
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

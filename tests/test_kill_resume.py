@@ -9,8 +9,10 @@ first after step 3 has been logged (the last checkpoint is step 2, so step 3 is 
 resumed process, half-way through writing the step-4 checkpoint (a `.last.pt.*.tmp` file exists). The
 hook only *pauses* the child there; the test sees the evidence in the run directory (the metrics row, the
 temporary file) and sends the SIGKILL itself. The final weights (model/model.safetensors) and metrics must
-then equal an uninterrupted run bit for bit: on CPU with one thread every op is deterministic and the engine
-reseeds every RNG from (seed, step) before each micro-batch.
+then equal an uninterrupted run at the same thread count bit for bit: on CPU at a given thread count every op
+is deterministic (the fused scan kernels split work by the thread count and add the threads' partial sums in a
+fixed order) and the engine reseeds every RNG from (seed, step) before each micro-batch. Checked at one thread,
+and for distill (the Vision-Mamba student on the fused kernels) at two.
 """
 
 from __future__ import annotations
@@ -89,19 +91,24 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def one_thread_main(argv: list[str]) -> int:
-    """``main(argv)`` with one torch thread, as the children run (OMP_NUM_THREADS=1): a different thread count
-    may sum in another order. Module fixtures run before conftest's per-test ``set_num_threads(1)``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def main_at(threads: int, argv: list[str]) -> int:
+    """``main(argv)`` with ``threads`` torch threads, as the children run (OMP_NUM_THREADS): a different thread
+    count may sum in another order. Module fixtures run before conftest's per-test ``set_num_threads(1)``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return main(argv)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
-def start_child(argv: list[str], mode: str, at: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KILL_MODE": mode, "KILL_AT": str(at)}
+def one_thread_main(argv: list[str]) -> int:
+    return main_at(1, argv)
+
+
+def start_child(argv: list[str], mode: str, at: int, log: Path, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "KILL_MODE": mode,
+           "KILL_AT": str(at)}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
     with open(log, "wb") as out:
@@ -163,11 +170,12 @@ def runs_list_line(root: Path, run: Path, capsys, monkeypatch) -> str:
     return next(line for line in capsys.readouterr().out.splitlines() if run.name[:20] in line)
 
 
-def kill_twice_then_resume(argv: list[str], root: Path, tmp_path: Path, capsys, monkeypatch) -> Path:
-    """Kill after step 3; resume and kill while the step-4 checkpoint is half written; resume to the end."""
+def kill_twice_then_resume(argv: list[str], root: Path, tmp_path: Path, capsys, monkeypatch, threads: int = 1) -> Path:
+    """Kill after step 3; resume and kill while the step-4 checkpoint is half written; resume to the end, every
+    process with ``threads`` torch threads."""
     command = argv[0]
     log = tmp_path / "child.log"
-    proc = start_child([*argv, "--runs-dir", str(root)], "after-step", 3, log)
+    proc = start_child([*argv, "--runs-dir", str(root)], "after-step", 3, log, threads)
     kill_when(proc, lambda: logged_step(root, 3), log, "metrics row for step 3")
     run = RunDir(the_run(root))
     assert run.status == "running" and run.display_status() == "crashed"
@@ -175,12 +183,12 @@ def kill_twice_then_resume(argv: list[str], root: Path, tmp_path: Path, capsys, 
     assert "crashed" in line and " 3 " in line, line  # the status and the last step it logged
     assert run.load_checkpoint()["step"] == 2
 
-    proc = start_child([command, "--resume", str(run.path)], "mid-checkpoint", 4, log)
+    proc = start_child([command, "--resume", str(run.path)], "mid-checkpoint", 4, log, threads)
     kill_when(proc, lambda: checkpoint_tmp(root), log, "temporary checkpoint file")
     assert run.display_status() == "crashed"
     assert run.load_checkpoint()["step"] == 2  # the previous checkpoint is intact and readable
 
-    assert one_thread_main([command, "--resume", str(run.path)]) == 0
+    assert main_at(threads, [command, "--resume", str(run.path)]) == 0
     assert run.status == "completed"
     assert not list((run.path / "checkpoints").glob("*.tmp"))  # the orphan was cleaned up by the next save
     assert find_runs(root) and len(find_runs(root)) == 1  # resumed in place, no new run directory
@@ -219,10 +227,13 @@ def teacher(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_distill_killed_twice_resumes_to_the_uninterrupted_weights(teacher, tmp_path, capsys, monkeypatch):
-    assert one_thread_main([*distill_argv(teacher), "--runs-dir", str(tmp_path / "reference")]) == 0
+@pytest.mark.parametrize("threads", [1, 2])
+def test_distill_killed_twice_resumes_to_the_uninterrupted_weights(threads, teacher, tmp_path, capsys, monkeypatch):
+    # at two threads the student's fused kernels split each step's 16 rows over the threads
+    assert main_at(threads, [*distill_argv(teacher), "--runs-dir", str(tmp_path / "reference")]) == 0
     reference = the_run(tmp_path / "reference")
-    resumed = kill_twice_then_resume(distill_argv(teacher), tmp_path / "runs", tmp_path, capsys, monkeypatch)
+    resumed = kill_twice_then_resume(distill_argv(teacher), tmp_path / "runs", tmp_path, capsys, monkeypatch,
+                                     threads)
     assert_same_run(resumed, reference)
 
 

@@ -16,6 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +27,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dmclip.errors import DmclipError
-from dmclip.models import mixer, scan, scan_ext, scan_ref
+from dmclip.models import mixer, scan, scan_build, scan_ext, scan_ref
 from dmclip.models.scan import count_scan_flops, scan_flops, selective_scan
 
+REPO = Path(__file__).resolve().parents[1]
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # every backend is collected everywhere; the fused one skips, saying why, where its kernel did not build.
 # "cpu" runs the best instruction set this CPU has; "cpu:avx2" and "cpu:scalar" force the others (skipped,
@@ -59,6 +64,8 @@ def isa_of(backend):
     if ":" not in backend:
         return contextlib.nullcontext()
     isa = backend.split(":")[1]
+    if isa not in scan_ext.cpu_extension().compiled_isas():
+        pytest.skip(f"this build has no {isa} kernels (not x86-64, or DMCLIP_SCAN_NO_SIMD=1)")
     if isa not in scan_ext.cpu_extension().supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     return scan.forced_isa(isa)
@@ -197,15 +204,21 @@ def test_instruction_set_is_the_best_the_cpu_has_and_can_be_forced(monkeypatch):
     module = scan_ext.cpu_extension()
     supported = list(module.supported_isas())
     assert supported[-1] == "scalar" and scan.kernel_isa() == supported[0]  # auto: the best, scalar always there
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    compiled = ["avx512", "avx2", "scalar"] if x86 and not scan_build.no_simd() else ["scalar"]
+    assert list(module.compiled_isas()) == compiled
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if " avx512f " in flags and " avx512dq " in flags:
+    if " avx512f " in flags and " avx512dq " in flags and "avx512" in compiled:
         assert supported[0] == "avx512"
+    if compiled == ["scalar"]:
+        with pytest.raises(DmclipError, match="this build of the fused scan has no avx2 kernels"):
+            scan.set_kernel_isa("avx2")
     with scan.forced_isa("scalar"):
         assert scan.kernel_isa() == "scalar"
     assert scan.kernel_isa() == supported[0]  # put back
     with pytest.raises(DmclipError, match="did you mean"):
         scan.set_kernel_isa("avx521")
-    missing = [isa for isa in ("avx512", "avx2") if isa not in supported]
+    missing = [isa for isa in compiled if isa not in supported]
     if missing:
         with pytest.raises(DmclipError, match=f"cannot run the {missing[0]}"):
             scan.set_kernel_isa(missing[0])
@@ -224,10 +237,38 @@ def test_instruction_set_is_the_best_the_cpu_has_and_can_be_forced(monkeypatch):
 
 def test_the_build_runs_on_any_x86_64():
     # the vector kernels are picked at run time; a CPU-specific flag would make the .so crash on older CPUs
-    from dmclip.models import scan_build
-
     assert not [f for f in scan_build.compile_flags() if f.startswith(("-mavx", "-mfma", "-march", "-mtune"))]
     assert {p.name for p in scan_build.sources()} >= {"selective_scan.cpp", "scan_isa.h", "scan_lanes.h"}
+
+
+def test_each_build_variant_has_its_own_cache_key(monkeypatch):
+    # OpenMP only where the compiler takes it; with or without, and without the vector kernels, are three builds
+    monkeypatch.delenv("DMCLIP_SCAN_NO_SIMD", raising=False)
+    assert "-fopenmp" in scan_build.compile_flags(openmp=True)
+    assert "-fopenmp" not in scan_build.compile_flags(openmp=False)
+    assert not scan_build.compiler_takes_openmp("false")  # a compiler that fails every probe
+    plain = scan_build.build_key(scan_build.compile_flags(openmp=True))
+    assert scan_build.build_key(scan_build.compile_flags(openmp=False)) != plain
+    monkeypatch.setenv("DMCLIP_SCAN_NO_SIMD", "1")
+    assert "-DDMCLIP_SCAN_NO_SIMD=1" in scan_build.compile_flags(openmp=True)
+    assert scan_build.build_key(scan_build.compile_flags(openmp=True)) != plain
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(scan_build.compiler() is None, reason="no C++ compiler to build the variant with")
+def test_the_build_without_vector_instructions_passes_the_scan_tests(tmp_path):
+    # the kernels every CPU other than x86-64 runs (portable vectors and scalar loops only), built here into a
+    # temporary cache and held to the same oracle by the fused-kernel tests of this file and the thread matrix
+    env = {**os.environ, "DMCLIP_SCAN_NO_SIMD": "1", "DMCLIP_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    built = subprocess.run([sys.executable, "-m", "dmclip.models.scan_build"], env=env, capture_output=True,
+                           text=True, timeout=900, cwd=REPO)
+    assert built.returncode == 0 and "the scalar kernels on this CPU" in built.stdout, built.stdout + built.stderr
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+                            "-n", "0", "-m", "not slow", "-k", "cpu or fused or instruction_set",
+                            "tests/test_scan.py", "tests/test_threads.py"],
+                           env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    summary = tests.stdout.strip().splitlines()[-1]
+    assert tests.returncode == 0 and " passed" in summary and " failed" not in summary, tests.stdout[-3000:]
 
 
 def test_reference_is_the_written_out_recurrence():
@@ -261,18 +302,17 @@ def test_auto_falls_back_to_chunked_with_one_log_line(monkeypatch, caplog):
 
 
 def test_failed_build_is_one_log_line_not_a_crash(monkeypatch, caplog):
-    from dmclip.models import scan_build
-
     def broken_build(verbose=False):
         raise RuntimeError("Error building extension 'x'\nfoo.cpp:1:1: error: no compiler here\nninja: build stopped")
 
     monkeypatch.setattr(scan_build, "build", broken_build)
-    monkeypatch.setattr(scan_build, "_state", {"tried": False, "module": None, "error": None})
+    monkeypatch.setattr(scan_build, "_state", {"tried": False, "module": None, "error": None, "fix": None})
     monkeypatch.delenv("DMCLIP_NO_EXTENSION", raising=False)  # it would stop the loader before the build
     with caplog.at_level(logging.WARNING, logger="dmclip.models.scan_build"):
         assert scan_build.load_extension() is None
         assert scan_build.load_extension() is None
     assert len(caplog.records) == 1 and "no compiler here" in caplog.records[0].getMessage()
+    assert "Fix: run `python -m dmclip.models.scan_build --verbose`" in caplog.records[0].getMessage()
 
 
 def test_bad_shapes_and_backend_names_are_user_errors():
@@ -333,23 +373,38 @@ def test_fused_mixer_matches_the_op_by_op_reference_in_outputs_and_all_gradients
     # oracle: conv1d / x_proj / dt_proj / flips around the reference scan, in float64; the fused kernel in
     # float32 to 1e-5 relative per tensor, cancellation-aware as above (channel tails: E not a multiple of 8; L shorter than the conv)
     inputs = make_mixer_inputs(**case)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    ref = mixer.bidirectional_mixer_reference(*leaves, backend="reference")
-    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
-    ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
-    same_leaves = [t.detach().float().requires_grad_() for t in inputs]  # the op-by-op reference in float32
-    same = mixer.bidirectional_mixer_reference(*same_leaves, backend="reference")
-    same_grads = torch.autograd.grad((same.double() * weight).sum(), same_leaves)
-    fused_leaves = [t.detach().float().requires_grad_() for t in inputs]
+    weight, oracle, same_precision = mixer_oracle(inputs, case["seed"])
     with isa_of(isa):
-        out = mixer.bidirectional_mixer(*fused_leaves)
-        grads = torch.autograd.grad((out.double() * weight).sum(), fused_leaves)
-    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
-    named = lambda o, gs: [("out", o)] + [(f"d{k}", g) for k, g in zip(MIXER, gs)]
-    assert_close_to_oracle("fused mixer", named(out, grads), named(ref, ref_grads), named(same, same_grads),
-                           1e-5)
+        out, results = run_fused_mixer(inputs, weight)
+    assert_close_to_oracle("fused mixer", results, oracle, same_precision, 1e-5)
     with isa_of(isa), torch.inference_mode():  # the inference path (no autograd node): the same output bit for bit
         assert torch.equal(mixer.bidirectional_mixer(*[t.detach().float() for t in inputs]), out.detach())
+
+
+def mixer_results(out, grads):
+    return [("out", out)] + [(f"d{k}", g) for k, g in zip(MIXER, grads)]
+
+
+def mixer_oracle(inputs, seed):
+    """``(weight, oracle, same_precision)``: a random projection of the output, and the output and gradients of
+    its sum through the op-by-op reference in float64 and in float32."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    ref = mixer.bidirectional_mixer_reference(*leaves, backend="reference")
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
+    same_leaves = [t.detach().float().requires_grad_() for t in inputs]
+    same = mixer.bidirectional_mixer_reference(*same_leaves, backend="reference")
+    same_grads = torch.autograd.grad((same.double() * weight).sum(), same_leaves)
+    return weight, mixer_results(ref, ref_grads), mixer_results(same, same_grads)
+
+
+def run_fused_mixer(inputs, weight):
+    """The fused mixer in float32 on ``inputs``: ``(out, [(name, tensor), ...])`` for the output and gradients."""
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    out = mixer.bidirectional_mixer(*leaves)
+    grads = torch.autograd.grad((out.double() * weight).sum(), leaves)
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    return out, mixer_results(out, grads)
 
 
 @pytest.mark.requires_fused_scan

@@ -61,9 +61,9 @@ def _setup_logging(level: int) -> None:
 
 
 def _register_commands() -> None:
-    from dmclip.cli import capfilt, compress, data, distill, evaluate, export, listing, pretrain, runs
+    from dmclip.cli import capfilt, compress, data, distill, doctor, evaluate, export, listing, pretrain, runs
 
-    for module in (pretrain, distill, capfilt, compress, evaluate, export, data, runs, listing):
+    for module in (pretrain, distill, capfilt, compress, evaluate, export, data, runs, listing, doctor):
         module.register(app)
 
 

@@ -1,9 +1,18 @@
 // Shared by the torch bindings (selective_scan.cpp): the argument structs, the lane kernels compiled once per
 // instruction set (scan_lanes.h), the runtime choice between them, and an aligned scratch buffer. No torch
 // headers, so the kernels can also be compiled and checked on their own.
+//
+// Portability: the AVX-512 and AVX2 copies exist only where the target is x86-64 and the compiler is GCC or
+// Clang (their target pragmas); everywhere else (arm64, ...) and in a build with DMCLIP_SCAN_NO_SIMD=1 (CI
+// builds one on x86-64 to test the code every other CPU runs) only the portable copy and the scalar loops.
 #pragma once
 
+#if (defined(__x86_64__) || defined(__amd64__)) && defined(__GNUC__) && !DMCLIP_SCAN_NO_SIMD
+#define DMCLIP_X86_SIMD 1
 #include <immintrin.h>
+#else
+#define DMCLIP_X86_SIMD 0
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -44,10 +53,25 @@ struct MixGrads { T* dxc; T* dxdbl; T* dz; int64_t dz_stride; };
 
 }  // namespace dmclip
 
+// vectors wider than the baseline ABI's passed by value between inline functions: GCC's note about the ABI
+// change is about calls across translation units, which these are not
+#if defined(__clang__)
+#if __has_warning("-Wpsabi")
+#pragma clang diagnostic ignored "-Wpsabi"
+#endif
+#elif defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
+#if DMCLIP_X86_SIMD
+// Each copy inside a region that compiles its functions for the instruction set: GCC's target pragma, or the
+// same attribute on every function with Clang (which has no target pragma)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx2,fma")
+#endif
 #define DMCLIP_ISA_NS isa_avx512
 #define DMCLIP_LANES 16
 #define DMCLIP_AVX512 1
@@ -59,10 +83,18 @@ namespace dmclip {
 #undef DMCLIP_LANES
 #undef DMCLIP_AVX512
 #undef DMCLIP_AVX2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 #define DMCLIP_ISA_NS isa_avx2
 #define DMCLIP_LANES 8
 #define DMCLIP_AVX512 0
@@ -74,7 +106,12 @@ namespace dmclip {
 #undef DMCLIP_LANES
 #undef DMCLIP_AVX512
 #undef DMCLIP_AVX2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
+#endif  // DMCLIP_X86_SIMD
 
 #define DMCLIP_ISA_NS isa_base
 #define DMCLIP_LANES 8
@@ -94,7 +131,9 @@ namespace dmclip {
 enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 inline const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
 
+// the best instruction set this CPU runs among those compiled in
 inline int best_isa() {
+#if DMCLIP_X86_SIMD
   static const int best = [] {
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -102,7 +141,13 @@ inline int best_isa() {
     return avx2 ? int(kAvx2) : int(kScalar);
   }();
   return best;
+#else
+  return kScalar;
+#endif
 }
+
+// the instruction sets compiled into this build, best first
+inline int best_compiled_isa() { return DMCLIP_X86_SIMD ? kAvx512 : kScalar; }
 
 inline std::atomic<int> forced_isa{-1};  // -1: the best this CPU has
 
@@ -143,14 +188,19 @@ const LaneKernels<T>& lane_kernels(int isa = current_isa()) {
     static const LaneKernels<double> base = DMCLIP_TABLE(isa_base, double);
     return base;
   } else {
+    static const LaneKernels<float> base = DMCLIP_TABLE(isa_base, float);
+#if DMCLIP_X86_SIMD
     static const LaneKernels<float> avx512 = DMCLIP_TABLE(isa_avx512, float);
     static const LaneKernels<float> avx2 = DMCLIP_TABLE(isa_avx2, float);
-    static const LaneKernels<float> base = DMCLIP_TABLE(isa_base, float);
     switch (isa) {
       case kAvx512: return avx512;
       case kAvx2: return avx2;
       default: return base;
     }
+#else
+    (void)isa;
+    return base;
+#endif
   }
 }
 

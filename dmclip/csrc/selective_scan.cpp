@@ -8,12 +8,15 @@
 // Shapes (mamba-ssm's): u, delta, z, out: (batch, dim, L); A: (dim, N); B, C: (batch, N, L); D, delta_bias:
 // (dim,); last_state: (batch, dim, N). Nothing of size (batch, dim, L, N) is ever allocated.
 //
-// Instruction sets. The lane kernels (scan_lanes.h) are compiled three times: for AVX-512 (16 channels per
-// vector), for AVX2 + FMA (8) and for baseline x86-64 (8, portable vector code), each copy inside its own
-// `#pragma GCC target` region, so the .so itself needs nothing beyond baseline x86-64. `isa()` says which
-// copy runs: the best the CPU reports (__builtin_cpu_supports), or the one `set_isa` forces. "scalar" runs
-// the generic scan's plain loops below (also the float64 path, for gradcheck) and the baseline copy of the
-// mixer kernels.
+// Instruction sets. On x86-64 the lane kernels (scan_lanes.h) are compiled three times: for AVX-512 (16
+// channels per vector), for AVX2 + FMA (8) and for the baseline CPU (8, portable vector code), the first two
+// inside target regions (scan_isa.h), so the .so itself needs nothing beyond baseline x86-64. Elsewhere, and
+// with DMCLIP_SCAN_NO_SIMD=1, only the portable copy is compiled. `isa()` says which copy runs: the best the
+// CPU reports (__builtin_cpu_supports), or the one `set_isa` forces. "scalar" runs the generic scan's plain
+// loops below (also the float64 path, for gradcheck) and the portable copy of the mixer kernels.
+//
+// Threads: at::parallel_for is a header template. With torch's OpenMP backend (Linux wheels) it threads only
+// where this file is compiled with OpenMP; without, every loop runs on the calling thread (`threaded()`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -339,11 +342,25 @@ std::vector<at::Tensor> selective_scan_bwd(at::Tensor u, at::Tensor delta, at::T
 // The instruction set the kernels run with: "avx512", "avx2" or "scalar".
 std::string isa_name() { return kIsaNames[current_isa()]; }
 
-// The instruction sets this CPU can run, best first.
-std::vector<std::string> supported_isas() {
+static std::vector<std::string> isas_from(int best) {
   std::vector<std::string> names;
-  for (int level = best_isa(); level >= 0; --level) names.push_back(kIsaNames[level]);
+  for (int level = best; level >= 0; --level) names.push_back(kIsaNames[level]);
   return names;
+}
+
+// The instruction sets this CPU can run, best first.
+std::vector<std::string> supported_isas() { return isas_from(best_isa()); }
+
+// The instruction sets this build has, best first (only "scalar" off x86-64 or with DMCLIP_SCAN_NO_SIMD).
+std::vector<std::string> compiled_isas() { return isas_from(best_compiled_isa()); }
+
+// Whether at::parallel_for can use more than the calling thread in this build (see the top of the file).
+bool threaded() {
+#ifdef INTRA_OP_PARALLEL
+  return true;
+#else
+  return false;
+#endif
 }
 
 // Force an instruction set ("auto": the best this CPU has); returns the setting before ("auto" or a name).
@@ -352,6 +369,8 @@ std::string set_isa(const std::string& name) {
   for (int k = 0; k < 3; ++k)
     if (name == kIsaNames[k]) level = k;
   TORCH_CHECK(name == "auto" || level >= 0, "unknown instruction set '", name, "' (auto, avx512, avx2, scalar)");
+  TORCH_CHECK(level <= best_compiled_isa(), "this build has no ", name,
+              " kernels (built for a CPU other than x86-64, or with DMCLIP_SCAN_NO_SIMD=1)");
   TORCH_CHECK(level <= best_isa(), "this CPU cannot run the ", name, " kernels (best: ", kIsaNames[best_isa()], ")");
   const int before = forced_isa.exchange(level);
   return before < 0 ? "auto" : kIsaNames[before];
@@ -702,5 +721,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "inference of a stack of Vim blocks (one bimamba_block_fwd per block; whole rows per thread at batch >= 2 x threads)");
   m.def("isa", &dmclip::isa_name, "the instruction set the kernels run with");
   m.def("supported_isas", &dmclip::supported_isas, "the instruction sets this CPU can run, best first");
+  m.def("compiled_isas", &dmclip::compiled_isas, "the instruction sets compiled into this build, best first");
+  m.def("threaded", &dmclip::threaded, "whether the kernels' parallel loops can use more than one thread");
   m.def("set_isa", &dmclip::set_isa, "force an instruction set ('auto': the best); returns the setting before");
 }

@@ -99,8 +99,10 @@ def resolve_backend(backend: str, u: torch.Tensor | None = None) -> str:
             return "chunked"
         if scan_ext.cpu_extension() is not None:
             return "cpu"
-        _fallback_once("cpu", "the fused CPU scan is not available; using the chunked PyTorch scan "
-                              "(run `python -m dmclip.models.scan_build` to see why)")
+        from dmclip.models.scan_build import extension_error, extension_fix
+
+        _fallback_once("cpu", f"the fused CPU scan is not available ({extension_error()}); using the slower "
+                              f"chunked PyTorch scan. Fix: {extension_fix() or 'python -m dmclip.models.scan_build'}")
         return "chunked"
     if backend == "cuda":
         if not on_cuda and u is not None:
@@ -111,10 +113,11 @@ def resolve_backend(backend: str, u: torch.Tensor | None = None) -> str:
         if u is not None and u.device.type != "cpu":
             raise DmclipError("the cpu scan backend needs CPU tensors", "use backend 'auto'")
         if scan_ext.cpu_extension() is None:
-            from dmclip.models.scan_build import extension_error
+            from dmclip.models.scan_build import extension_error, extension_fix
 
             raise DmclipError(f"the fused CPU scan could not be built ({extension_error()})",
-                              "install gcc/g++ and ninja, or use backend 'chunked'")
+                              f"{extension_fix() or 'run `python -m dmclip.models.scan_build` to see why'}, "
+                              "or use backend 'chunked'")
     return backend
 
 

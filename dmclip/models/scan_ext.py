@@ -2,8 +2,8 @@
 mamba-ssm's CUDA function.
 
 The fused ``cpu`` kernels (dmclip/csrc/) run forward and backward without any (batch, dim, L, N) tensor,
-threads over batch x channel blocks, channels in vector lanes: AVX-512 or AVX2 chosen at run time, scalar
-loops otherwise (:func:`kernel_isa`, :func:`set_kernel_isa`, :func:`forced_isa`, ``DMCLIP_SCAN_ISA``, read
+threads over batch x channel blocks, channels in vector lanes: AVX-512 or AVX2 chosen at run time on x86-64,
+scalar loops otherwise (:func:`kernel_isa`, :func:`set_kernel_isa`, :func:`forced_isa`, ``DMCLIP_SCAN_ISA``, read
 when the extension is first used). ``dmclip.models.scan_build`` builds and caches the extension.
 """
 
@@ -59,6 +59,9 @@ def set_kernel_isa(name: str) -> str:
         raise DmclipError("the fused CPU scan is not built, so it has no instruction set to choose",
                           "run `python -m dmclip.models.scan_build` to see why")
     supported = list(module.supported_isas())
+    if name != "auto" and name not in module.compiled_isas():
+        raise DmclipError(f"this build of the fused scan has no {name} kernels (built for a CPU other than x86-64, "
+                          "or with DMCLIP_SCAN_NO_SIMD=1)", f"use one of: auto, {', '.join(supported)}")
     if name != "auto" and name not in supported:
         raise DmclipError(f"this CPU cannot run the {name} scan kernels", f"use one of: auto, {', '.join(supported)}")
     return module.set_isa(name)
