@@ -56,6 +56,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check dmclip tests benchmarks scripts
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/import-circles.py
 
 ci: lint test
 
