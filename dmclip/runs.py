@@ -34,9 +34,6 @@ from dmclip.io import (  # noqa: F401  (the atomic writes were first imported fr
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
-# "created" until the work starts; "crashed" is never written: display_status() shows a "running" run
-# whose process is gone that way.
-STATUSES = ("created", "running", "completed", "failed", "interrupted")
 
 
 def default_runs_root() -> Path:

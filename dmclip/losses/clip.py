@@ -42,11 +42,6 @@ def clip_loss(features: dict) -> torch.Tensor:
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """-sum softmax(teacher) * log_softmax(student), averaged over rows (open_clip DistillClipLoss.dist_loss)."""
-    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
-
-
 def kd_loss(student: dict, teacher: dict) -> torch.Tensor:
     """Soft-label KD between teacher and student similarity distributions, both directions (MobileCLIP/DM-CLIP).
 
