@@ -23,14 +23,7 @@ import sys
 from pathlib import Path
 
 from dmclip.errors import DmclipError
-from dmclip.io import (  # noqa: F401  (the atomic writes were first imported from here)
-    atomic_torch_save,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    jsonable,
-    torch_load,
-)
+from dmclip.io import atomic_torch_save, atomic_write_json, atomic_write_text, jsonable, torch_load
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
