@@ -13,20 +13,17 @@ import signal
 
 import pytest
 import torch
+from helpers.toy import PairDataset, ToyTask, toy_config
 
 from dmclip.errors import DmclipError
 from dmclip.runs import RunDir
 from dmclip.train import DataOrder, TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
-from dmclip.train.toy import PairDataset, ToyTask
 
 TIMING_KEYS = ("samples_per_s",)
 
 
 def make_cfg(**overrides) -> TrainConfig:
-    base = dict(steps=12, batch_size=16, lr=1e-2, warmup_steps=3, log_every=1, checkpoint_every=5, progress=False,
-                device="cpu")
-    base.update(overrides)
-    return TrainConfig(**base)
+    return toy_config(**{"steps": 12, "warmup_steps": 3, "checkpoint_every": 5, **overrides})
 
 
 def new_run(tmp_path, cfg, name="toy") -> RunDir:
