@@ -86,11 +86,11 @@ class ClipTask:
     """InfoNCE on (image, one caption) pairs; the engine calls collate/loss."""
 
     def __init__(self, model, seed: int):
-        from dmclip.registry import losses
+        from dmclip.losses.clip import ClipLoss
 
         self.model = model
         self.seed = seed
-        self.criterion = losses.get("clip")  # the objective's name is its loss's
+        self.criterion = ClipLoss()
 
     def collate(self, samples: list[dict]) -> dict:
         return image_caption_batch(samples)
