@@ -110,7 +110,7 @@ class RunDir:
             "git_sha": _git_sha(),
             "python": platform.python_version(),
             "torch": _torch_version(),
-            "device": "cpu",
+            "device": None,  # set by the training loop to the device it trains on
             "host": socket.gethostname(),
             "seed": seed,
             "status": "created",
