@@ -55,6 +55,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check dmclip tests benchmarks scripts
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/import-circles.py
 
 # CI must not go green on a broken kernel: where a compiler exists the fused scan must build (checked even when
 # the install stamp is current) and its tests fail instead of skipping without it

@@ -19,20 +19,68 @@ run.json and the checkpoint) is therefore not in the whole-fit number.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from benchmarks.common import interleaved, repeats, row, threads
 from dmclip.runs import RunDir
 from dmclip.train import TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
-from dmclip.train.toy import PairDataset, ToyTask
 
 THREADS = 1
 SIZES = {"tiny (width 32, batch 32)": (32, 32), "small (width 512, batch 256)": (512, 256)}
+
+
+def pairs(n: int, image_dim: int = 16, text_dim: int = 12, seed: int = 1) -> list[dict]:
+    """``n`` (image, text) vector pairs, the text a fixed linear map of the image plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, image_dim, generator=generator)
+    mixing = torch.randn(image_dim, text_dim, generator=generator) / math.sqrt(image_dim)
+    text = image @ mixing + 0.1 * torch.randn(n, text_dim, generator=generator)
+    return [{"image": i, "text": t} for i, t in zip(image, text)]
+
+
+def _tower(dim: int, width: int, embed_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, embed_dim))
+
+
+class TwoTowers(nn.Module):
+    def __init__(self, width: int, image_dim: int = 16, text_dim: int = 12, embed_dim: int = 8):
+        super().__init__()
+        self.image_tower, self.text_tower = _tower(image_dim, width, embed_dim), _tower(text_dim, width, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict:
+        return {"image_features": F.normalize(self.image_tower(image), dim=-1),  # (B, E)
+                "text_features": F.normalize(self.text_tower(text), dim=-1),  # (B, E)
+                "logit_scale": self.logit_scale.exp().clamp(max=100)}
+
+
+def info_nce(out: dict) -> dict:
+    """CLIP's loss both ways over the batch, as parts: ``{"image_to_text", "text_to_image"}``."""
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # (B, B)
+    labels = torch.arange(len(logits))
+    return {"image_to_text": F.cross_entropy(logits, labels), "text_to_image": F.cross_entropy(logits.T, labels)}
+
+
+class PairTask:
+    """The engine's ``TrainTask`` for :class:`TwoTowers` on :func:`pairs`."""
+
+    def __init__(self, width: int):
+        torch.manual_seed(0)
+        self.model = TwoTowers(width)
+
+    def collate(self, samples: list[dict]) -> dict:
+        return {"image": torch.stack([s["image"] for s in samples]), "text": torch.stack([s["text"] for s in samples])}
+
+    def loss(self, model, batch: dict, step: int) -> dict:
+        parts = info_nce(model(batch["image"], batch["text"]))
+        return {"loss": sum(parts.values()) / 2, **parts}
 
 
 class StepClock:
@@ -48,7 +96,7 @@ class StepClock:
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
 
-def bare_loop(task: ToyTask, dataset: PairDataset, cfg: TrainConfig, seed: int, clock: StepClock) -> float:
+def bare_loop(task: PairTask, dataset: list[dict], cfg: TrainConfig, seed: int, clock: StepClock) -> float:
     """A plain loop doing the same work; returns CPU seconds."""
     model = task.model
     optimizer = torch.optim.AdamW(default_param_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -65,10 +113,7 @@ def bare_loop(task: ToyTask, dataset: PairDataset, cfg: TrainConfig, seed: int, 
         lr = lr_at(step, peak=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        out = model(batch["image"], batch["text"])
-        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
-        labels = torch.arange(len(logits))
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss = sum(info_nce(model(batch["image"], batch["text"])).values()) / 2
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -77,7 +122,7 @@ def bare_loop(task: ToyTask, dataset: PairDataset, cfg: TrainConfig, seed: int, 
     return time.process_time() - started
 
 
-def engine_loop(task: ToyTask, dataset: PairDataset, cfg: TrainConfig, seed: int, root: str,
+def engine_loop(task: PairTask, dataset: list[dict], cfg: TrainConfig, seed: int, root: str,
                 clock: StepClock) -> float:
     run = RunDir.create("bench", "train", cfg, root=root, seed=seed)
     task.on_step_end = clock
@@ -90,7 +135,7 @@ def engine_loop(task: ToyTask, dataset: PairDataset, cfg: TrainConfig, seed: int
 def measure(width: int, batch: int, steps: int, repeats: int) -> dict:
     """Per-step cost = the median CPU time between consecutive step ends (robust to other jobs' spikes; a
     metrics row every 10 steps is in the mean, shown as the whole-fit overhead); the best of the repeats."""
-    dataset = PairDataset(n=8192, seed=1)
+    dataset = pairs(8192)
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=10, log_every=10, checkpoint_every=0,
                       progress=False, device="cpu")
     per_step: dict[str, list[float]] = {"bare": [], "engine": []}
@@ -100,9 +145,9 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> dict:
             def run() -> None:
                 clock = StepClock()
                 if kind == "bare":
-                    seconds = bare_loop(ToyTask(width=width), dataset, cfg, 0, clock)
+                    seconds = bare_loop(PairTask(width), dataset, cfg, 0, clock)
                 else:
-                    seconds = engine_loop(ToyTask(width=width), dataset, cfg, 0, root, clock)
+                    seconds = engine_loop(PairTask(width), dataset, cfg, 0, root, clock)
                 per_step[kind].append(statistics.median(clock.step_costs()))
                 total[kind].append(seconds)
             return run

@@ -269,7 +269,7 @@ def export_model(ref: str, out: str | Path, *, towers: Sequence[str] = ("image",
     caller that holds the model already; ``ref`` then only names it in the JSON); ``on_step(name)`` is called
     with ``load``, then each tower's name, as the work starts. Bad options fail before the model loads.
     """
-    from dmclip.runs import atomic_write_json
+    from dmclip.io import atomic_write_json
 
     versions = require_onnx()
     unknown = [t for t in towers if t not in TOWERS]

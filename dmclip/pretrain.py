@@ -86,11 +86,11 @@ class ClipTask:
     """InfoNCE on (image, one caption) pairs; the engine calls collate/loss."""
 
     def __init__(self, model, seed: int):
-        from dmclip.registry import losses
+        from dmclip.losses.clip import ClipLoss
 
         self.model = model
         self.seed = seed
-        self.criterion = losses.get("clip")  # the objective's name is its loss's
+        self.criterion = ClipLoss()
 
     def collate(self, samples: list[dict]) -> dict:
         return image_caption_batch(samples)
@@ -256,8 +256,8 @@ SEED_COLUMNS = (("zeroshot.acc1", "zero-shot acc@1"), ("zeroshot.acc5", "zero-sh
 def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
     """`pretrain --seeds`: one row per (seed, run, results) member and, per column, mean ± std with a 95 %
     t-interval over the seeds. Writes summary.md and summary.json into ``sweep_dir``; returns the summary."""
+    from dmclip.io import atomic_write_json, atomic_write_text
     from dmclip.metrics.stats import seed_interval
-    from dmclip.runs import atomic_write_json, atomic_write_text
 
     def value(results: dict, path: str):
         for key in path.split("."):

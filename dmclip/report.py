@@ -54,7 +54,7 @@ def figure_png(fig, dpi: int | None = None) -> bytes:
 
 def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:
     """Write the figure to ``path`` as a PNG, atomically (a reader never sees half a file); the figure is closed."""
-    from dmclip.runs import atomic_write_bytes
+    from dmclip.io import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, figure_png(fig, dpi))

@@ -23,20 +23,10 @@ import sys
 from pathlib import Path
 
 from dmclip.errors import DmclipError
-from dmclip.io import (  # noqa: F401  (the atomic writes were first imported from here)
-    atomic_torch_save,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    jsonable,
-    torch_load,
-)
+from dmclip.io import atomic_torch_save, atomic_write_json, atomic_write_text, jsonable, torch_load
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
-# "created" until the work starts; "crashed" is never written: display_status() shows a "running" run
-# whose process is gone that way.
-STATUSES = ("created", "running", "completed", "failed", "interrupted")
 
 
 def default_runs_root() -> Path:
@@ -120,7 +110,7 @@ class RunDir:
             "git_sha": _git_sha(),
             "python": platform.python_version(),
             "torch": _torch_version(),
-            "device": "cpu",
+            "device": None,  # set by the training loop to the device it trains on
             "host": socket.gethostname(),
             "seed": seed,
             "status": "created",

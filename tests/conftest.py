@@ -104,24 +104,26 @@ def plot_pixels():
     return count
 
 
-@pytest.fixture(scope="session")
-def save_tiny_blip():
-    """``save_tiny_blip(directory, data_spec) -> model dir``: an untrained BLIP of width 32 at 32 px whose
-    tokenizer covers ``data_spec``'s captions, saved as a dmclip model (for capfilt and caption tests)."""
+# the sets the caption and CapFilt tests read: the tiny BLIP's vocabulary covers their captions
+BLIP_CAPTION_SETS = ("world-noisy:size=24", "world-retrieval-a:size=12")
 
-    def save(directory, data_spec: str):
-        import torch
 
-        from dmclip.data import build_dataset
-        from dmclip.models.base import save_model
-        from dmclip.models.blip import BlipModel, blip_tokenizer
+@pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory):
+    """An untrained BLIP of width 32 at 32 px whose tokenizer covers :data:`BLIP_CAPTION_SETS`, saved as a dmclip
+    model (``run:<blip_dir>``); one per test module, so no module sees another's changes to it."""
+    import torch
 
-        torch.manual_seed(0)
-        dataset = build_dataset(data_spec, image_size=32)
-        captions = [c for i in range(len(dataset)) for c in dataset.captions(i)]
-        model = BlipModel(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2,
-                          text_width=32, text_depth=1, text_heads=2, embed_dim=32, context_length=16,
-                          tokenizer=blip_tokenizer(captions, 16), queue_size=32)
-        return save_model(model, directory / "model")
+    from dmclip.data import build_dataset
+    from dmclip.models.base import save_model
+    from dmclip.models.blip import BlipModel, blip_tokenizer
 
-    return save
+    torch.manual_seed(0)
+    captions = []
+    for spec in BLIP_CAPTION_SETS:
+        dataset = build_dataset(spec, image_size=32)
+        captions += [c for i in range(len(dataset)) for c in dataset.captions(i)]
+    model = BlipModel(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2,
+                      text_width=32, text_depth=1, text_heads=2, embed_dim=32, context_length=16,
+                      tokenizer=blip_tokenizer(captions, 16), queue_size=32)
+    return save_model(model, tmp_path_factory.mktemp("tiny-blip") / "model")

@@ -22,16 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.cli import TINY_CLIP
 from PIL import Image
 
 from dmclip.cli.main import main
 from dmclip.data import build_dataset
 from dmclip.runs import RunDir, find_runs
 
-TINY = ["--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
-        "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
-        "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16",
-        "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot="]
+TINY = [*TINY_CLIP, "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot="]
 
 
 def pretrain(*args: str) -> list[str]:

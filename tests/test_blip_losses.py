@@ -22,7 +22,6 @@ from dmclip.losses.blip import (
     lm_loss,
     sample_hard_negatives,
 )
-from dmclip.registry import losses
 
 
 def test_soft_targets_mix_momentum_softmax_and_positives():
@@ -131,12 +130,3 @@ def test_lm_loss_ignores_masked_targets_and_smooths_labels():
     changed[:, :2] += torch.randn(B, 2, V, generator=g)
     changed[1, 4:] += 5.0
     assert lm_loss(changed, targets, 0.1).item() == pytest.approx(expected.item(), abs=1e-5)
-
-
-def test_losses_are_registered():
-    assert losses.get("blip-itc") is itc_loss
-    assert losses.get("blip-itm") is itm_loss
-    logits, targets = torch.randn(1, 3, 5), torch.tensor([[IGNORE_INDEX, 2, 3]])
-    assert losses.get("blip-lm")(logits, targets).item() == pytest.approx(lm_loss(logits, targets).item())
-    for name in ("blip-itc", "blip-itm", "blip-lm"):
-        assert losses.entry(name).description

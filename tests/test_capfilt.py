@@ -97,11 +97,6 @@ def test_keep_fraction_keeps_exactly_that_many_of_the_best_scores_whatever_the_t
 # ----------------------------------------------------------------------------------- the command
 
 
-@pytest.fixture(scope="module")
-def blip_dir(tmp_path_factory, save_tiny_blip) -> Path:
-    return save_tiny_blip(tmp_path_factory.mktemp("tiny-blip"), DATA)
-
-
 def _config(blip_dir: Path, out: Path, **sets) -> CapfiltConfig:
     base = {"model": f"run:{blip_dir}", "data": DATA, "progress": False, "batch_size": 5,
             "output.out": str(out), "output.shard_size": 8, "captioner.num_captions": 2,

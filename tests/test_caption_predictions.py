@@ -20,11 +20,6 @@ DATA = "world-retrieval-a:size=12"
 LIMIT = 8
 
 
-@pytest.fixture(scope="module")
-def blip_dir(tmp_path_factory, save_tiny_blip) -> Path:
-    return save_tiny_blip(tmp_path_factory.mktemp("tiny-blip"), DATA)
-
-
 def _caption(tmp_path: Path, *argv: str) -> dict:
     runs = tmp_path / "runs"
     before = {r.path for r in find_runs(runs)}

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import pytest
 import typer
+from helpers.cli import stderr_lines
 
 from dmclip import __version__
 from dmclip.cli import common
@@ -33,10 +34,6 @@ def plain_help(monkeypatch):
     monkeypatch.setattr(rich_utils, "MAX_WIDTH", 100)
     monkeypatch.setattr(rich_utils, "COLOR_SYSTEM", None)
     monkeypatch.setattr(rich_utils, "FORCE_TERMINAL", False)
-
-
-def _stderr_lines(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------- help
@@ -95,18 +92,18 @@ def test_version(capsys):
 ])
 def test_usage_errors_exit_2_with_error_and_hint(argv, error, hint, capsys):
     assert main(argv) == 2
-    lines = _stderr_lines(capsys)
+    lines = stderr_lines(capsys)
     assert len(lines) == 2 and lines[0].startswith(error) and lines[1] == hint
 
 
 def test_user_error_is_exactly_two_lines(capsys):
     assert main(["list", "studnts"]) == 2
-    assert _stderr_lines(capsys) == ["error: no registry named 'studnts'", "hint: did you mean 'students'?"]
+    assert stderr_lines(capsys) == ["error: no registry named 'studnts'", "hint: did you mean 'students'?"]
 
 
 def test_user_text_is_not_read_as_markup(capsys):
     assert main(["list", "[bold]x[/bold]"]) == 2
-    assert _stderr_lines(capsys)[0] == "error: no registry named '[bold]x[/bold]'"
+    assert stderr_lines(capsys)[0] == "error: no registry named '[bold]x[/bold]'"
 
 
 def test_debug_variable_shows_the_traceback(monkeypatch, capsys):
@@ -223,7 +220,7 @@ def test_config_errors_reach_the_user_as_two_lines(tmp_path, capsys):
         assert main(["echo", "--set", "alpah=1"]) == 2
     finally:
         main_module.app = original
-    assert _stderr_lines(capsys) == ["error: --set alpah: unknown config key 'alpah'", "hint: did you mean alpha?"]
+    assert stderr_lines(capsys) == ["error: --set alpah: unknown config key 'alpah'", "hint: did you mean alpha?"]
     assert not (tmp_path / "distill").exists()  # nothing is created for a config that does not resolve
 
 
@@ -248,7 +245,7 @@ def test_run_options_reach_the_command_parsed_and_checked(tmp_path, capsys):
         "seed": 7, "finetune.train.report_to": None}
     assert [p.opts[0] for p in click_command.params] == ["--steps", *RUN_FLAGS]
     assert main(["pretrain", "--seed", "seven"]) == 2  # refused before anything runs, as a written-out option is
-    assert _stderr_lines(capsys)[0].startswith("error: Invalid value for '--seed'")
+    assert stderr_lines(capsys)[0].startswith("error: Invalid value for '--seed'")
 
 
 def _single(function) -> typer.Typer:

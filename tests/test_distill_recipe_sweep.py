@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers.cli import TINY_CLIP
 
 from dmclip.cli.distill import parse_alphas, sweep_alphas, sweep_members, sweep_seeds
 from dmclip.cli.main import main
@@ -149,17 +150,15 @@ def test_set_cannot_reach_the_sweep_block(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ end to end
 
 TINY_DATA = "world-train:size=96"
-TINY_CLIP = ["--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
-             "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
-             "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16",
-             "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot="]
+TINY_PRETRAIN = [*TINY_CLIP, "--set", "train.warmup_steps=1", "--set", "train.progress=false",
+                 "--set", "eval.zeroshot="]
 
 
 @pytest.mark.slow
 def test_recipe_sweep_end_to_end_writes_the_alpha_sweep_layout(tmp_path):
     teachers = tmp_path / "teachers"
     assert main(["pretrain", "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(teachers),
-                 "--name", "tiny-teacher", *TINY_CLIP]) == 0
+                 "--name", "tiny-teacher", *TINY_PRETRAIN]) == 0
     (teacher,) = find_runs(teachers, "pretrain")
     recipe = _recipe(tmp_path, f"teacher: run:{teacher.path}\nstudent:\n  name: mamba-tiny-test\n"
                                f"data:\n  train: {TINY_DATA}\ntrain:\n  steps: 2\n  batch_size: 16\n  progress: false\n"

@@ -9,80 +9,21 @@ losses and final weights agree to 1e-4.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
+from helpers.cli import SIX_STEPS, TINY_CLIP, one_rank
+from helpers.torchrun import assert_close_runs, torchrun_dmclip
 from safetensors.torch import load_file
 
-from dmclip.cli.main import main
 from dmclip.runs import RunDir, find_runs
 
-REPO = Path(__file__).resolve().parents[1]
-TOL = 1e-4
-TINY = ["--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
-        "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
-        "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16"]
-SCHEDULE = ["--data", "world-train:size=64", "--steps", "6", "--batch-size", "16", "--set", "train.warmup_steps=1",
-            "--set", "train.progress=false", "--set", "eval.zeroshot=", "--set", "train.log_every=1",
-            "--set", "train.checkpoint_every=2"]
-# rank 1 SIGKILLs itself in the loss of step index 3 (the 4th step) when DIE_AT is set
-WORKER = textwrap.dedent("""
-    import os, signal, sys
-    die_at = int(os.environ.get("DIE_AT", "-1"))
-    if die_at >= 0 and os.environ.get("RANK") == "1":
-        import dmclip.pretrain as pretrain
-        loss = pretrain.ClipTask.loss
-        def dying_loss(self, model, batch, step):
-            if step == die_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return loss(self, model, batch, step)
-        pretrain.ClipTask.loss = dying_loss
-    from dmclip.cli.main import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-def torchrun(argv: list[str], tmp_path: Path, die_at: int = -1) -> subprocess.CompletedProcess:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMCLIP_DIST_TIMEOUT": "60", "PYTHONPATH": str(REPO),
-           "DIE_AT": str(die_at)}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), *argv]
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-
-
-def one_rank(argv: list[str], root: Path) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*argv, "--runs-dir", str(root)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return find_runs(root)[0].path
-
-
-def assert_close_runs(a: Path, b: Path) -> None:
-    la = [r["loss"] for r in RunDir(a).metrics()]
-    lb = [r["loss"] for r in RunDir(b).metrics()]
-    assert len(la) == 6 and la == pytest.approx(lb, abs=TOL)
-    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=TOL, rtol=0, msg=key)
+SCHEDULE = ["--data", "world-train:size=64", *SIX_STEPS]
 
 
 @pytest.mark.slow
 def test_pretrain_on_two_ranks_equals_one_rank(tmp_path):
-    argv = ["pretrain", *SCHEDULE, *TINY]
-    result = torchrun([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
+    argv = ["pretrain", *SCHEDULE, *TINY_CLIP]
+    result = torchrun_dmclip([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (two,) = [r.path for r in find_runs(tmp_path / "two")]  # one run directory, written by rank 0
     assert RunDir(two).load_checkpoint()["world_size"] == 2
@@ -93,8 +34,8 @@ def test_pretrain_on_two_ranks_equals_one_rank(tmp_path):
 def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path):
     """Rank 1 is SIGKILLed in step 4: torchrun exits non-zero (bounded by the subprocess timeout, gloo
     notices at once), rank 0 says what happened and keeps a checkpoint, `--resume` ends where 1 rank ends."""
-    argv = ["pretrain", *SCHEDULE, *TINY]
-    result = torchrun([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path, die_at=3)
+    argv = ["pretrain", *SCHEDULE, *TINY_CLIP]
+    result = torchrun_dmclip([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path, die_at=3)
     assert result.returncode != 0
     (run,) = find_runs(tmp_path / "two")
     # Rank 0 learns of the death one of two ways, whichever comes first: its next collective fails (gloo) ->
@@ -105,7 +46,7 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path):
     if status == "failed":
         assert "rank 0 lost contact with the other training processes at step 4" in run.info["error"], run.info
     assert run.load_checkpoint()["step"] == 3
-    resumed = torchrun(["pretrain", "--resume", str(run.path)], tmp_path)
+    resumed = torchrun_dmclip(["pretrain", "--resume", str(run.path)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run.status == "completed"
     assert_close_runs(run.path, one_rank(argv, tmp_path / "one"))
@@ -115,12 +56,9 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path):
 def test_distill_on_two_ranks_equals_one_rank(tmp_path):
     """The distill loss (contrastive + KD) with features gathered over ranks: 2 ranks = 1 rank at one global batch."""
     teacher = one_rank(["pretrain", "--data", "world-train:size=32", "--steps", "2", "--batch-size", "16",
-                        "--set", "train.progress=false", "--set", "eval.zeroshot=", *TINY], tmp_path / "teacher")
-    argv = ["distill", "--teacher", f"run:{teacher}", "--student", "mamba-tiny-test", "--alpha", "0.5",
-            "--data", "world-train:size=64", "--steps", "6", "--batch-size", "16", "--set", "train.warmup_steps=1",
-            "--set", "train.progress=false", "--set", "eval.zeroshot=", "--set", "train.log_every=1",
-            "--set", "train.checkpoint_every=2"]
-    result = torchrun([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
+                        "--set", "train.progress=false", "--set", "eval.zeroshot=", *TINY_CLIP], tmp_path / "teacher")
+    argv = ["distill", "--teacher", f"run:{teacher}", "--student", "mamba-tiny-test", "--alpha", "0.5", *SCHEDULE]
+    result = torchrun_dmclip([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (two,) = [r.path for r in find_runs(tmp_path / "two")]
     assert RunDir(two).load_checkpoint()["world_size"] == 2
@@ -135,8 +73,8 @@ def test_blip_pretrain_on_two_ranks_fills_its_queue_from_both(tmp_path):
     would leave 32 slots empty (-100)."""
     argv = ["pretrain", "--objective", "blip", "--data", "world-train:size=64", "--steps", "4", "--batch-size", "16",
             "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=",
-            "--set", "train.log_every=1", "--set", "model.queue_size=64", *TINY]
-    result = torchrun([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
+            "--set", "train.log_every=1", "--set", "model.queue_size=64", *TINY_CLIP]
+    result = torchrun_dmclip([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = find_runs(tmp_path / "two")
     assert run.status == "completed" and run.load_checkpoint()["world_size"] == 2

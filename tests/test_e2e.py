@@ -3,36 +3,27 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import TINY_CLIP, only_run
 
 from dmclip.cli.main import main
 from dmclip.models.refs import load_model_ref
-from dmclip.runs import RunDir, find_runs
+from dmclip.runs import RunDir
 
 TINY_DATA = "world-train:size=96"
-TINY_CLIP = ["--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
-             "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
-             "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16",
-             "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=world-zeroshot",
-             "--set", "train.log_every=1"]
-
-
-def _only_run(root: Path, command: str) -> RunDir:
-    runs = find_runs(root, command)
-    assert len(runs) == 1, [r.path for r in runs]
-    return runs[0]
+TINY_PRETRAIN = [*TINY_CLIP, "--set", "train.warmup_steps=1", "--set", "train.progress=false",
+                 "--set", "eval.zeroshot=world-zeroshot", "--set", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> RunDir:
     root = tmp_path_factory.mktemp("runs")
     code = main(["pretrain", "--data", TINY_DATA, "--steps", "4", "--batch-size", "16", "--runs-dir", str(root),
-                 "--name", "tiny-teacher", *TINY_CLIP])
+                 "--name", "tiny-teacher", *TINY_PRETRAIN])
     assert code == 0
-    return _only_run(root, "pretrain")
+    return only_run(root, "pretrain")
 
 
 def test_pretrain_writes_a_complete_run_directory(teacher_run):
@@ -60,7 +51,7 @@ def test_resolved_yaml_repeats_the_run_exactly(teacher_run, tmp_path):
     """`dmclip pretrain runs/.../resolved.yaml` trains the same model (CPU, same seed)."""
     code = main(["pretrain", str(teacher_run.path / "resolved.yaml"), "--runs-dir", str(tmp_path)])
     assert code == 0
-    again = _only_run(tmp_path, "pretrain")
+    again = only_run(tmp_path, "pretrain")
     a = teacher_run.metrics()[-1]["loss"]
     b = again.metrics()[-1]["loss"]
     assert a == pytest.approx(b, rel=1e-5)
@@ -71,7 +62,7 @@ def test_distill_from_the_teacher_and_eval(teacher_run, tmp_path):
                  "--data", TINY_DATA, "--steps", "3", "--batch-size", "16", "--runs-dir", str(tmp_path),
                  "--set", "train.progress=false", "--set", "train.warmup_steps=1"])
     assert code == 0
-    run = _only_run(tmp_path, "distill")
+    run = only_run(tmp_path, "distill")
     results = run.results()
     assert results["alpha"] == 0.75 and results["teacher"] == f"run:{teacher_run.path}"
     parts = run.metrics()[-1]
@@ -159,9 +150,9 @@ def second_teacher(tmp_path_factory) -> RunDir:
     """Another tiny CLIP teacher: same data and sizes as `teacher_run`, another seed, so other weights."""
     root = tmp_path_factory.mktemp("runs2")
     code = main(["pretrain", "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(root),
-                 "--name", "tiny-teacher-2", "--seed", "1", *TINY_CLIP, "--set", "eval.zeroshot="])
+                 "--name", "tiny-teacher-2", "--seed", "1", *TINY_PRETRAIN, "--set", "eval.zeroshot="])
     assert code == 0
-    return _only_run(root, "pretrain")
+    return only_run(root, "pretrain")
 
 
 def _kd_oracle(student_out: dict, members: list, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -195,7 +186,7 @@ def test_distill_from_an_ensemble_of_teachers(teacher_run, second_teacher, tmp_p
                  "--batch-size", "16", "--runs-dir", str(tmp_path), "--set", "train.progress=false",
                  "--set", "eval.zeroshot="])
     assert code == 0
-    run = _only_run(tmp_path, "distill")
+    run = only_run(tmp_path, "distill")
     assert run.results()["teacher"] == ref
     assert load_model_ref(f"run:{run.path}").encode_image(torch.rand(1, 3, 32, 32)).shape[-1] == 32
 
@@ -250,7 +241,7 @@ def test_distill_cache_then_distill_from_the_store_through_the_cli(teacher_run, 
                  "--batch-size", "16", "--runs-dir", str(tmp_path / "runs"), "--set", "train.progress=false",
                  "--set", "train.log_every=1",
                  "--set", "eval.zeroshot="]) == 0
-    run = _only_run(tmp_path / "runs", "distill")
+    run = only_run(tmp_path / "runs", "distill")
     assert run.info["status"] == "completed" and run.results()["teacher"] == ref
     rows = run.metrics()
     assert [r["step"] for r in rows] == [1, 2] and all(r["distill"] > 0 for r in rows)
@@ -262,9 +253,9 @@ def test_distill_cache_then_distill_from_the_store_through_the_cli(teacher_run, 
 def test_pretrain_blip_in_one_process(tmp_path):
     """`dmclip pretrain --objective blip`: a completed run whose saved BLIP captions an image."""
     code = main(["pretrain", "--objective", "blip", "--data", TINY_DATA, "--steps", "2", "--batch-size", "8",
-                 "--runs-dir", str(tmp_path), *TINY_CLIP, "--set", "eval.zeroshot="])
+                 "--runs-dir", str(tmp_path), *TINY_PRETRAIN, "--set", "eval.zeroshot="])
     assert code == 0
-    run = _only_run(tmp_path, "pretrain")
+    run = only_run(tmp_path, "pretrain")
     assert run.info["status"] == "completed" and run.results()["objective"] == "blip"
     rows = run.metrics()
     assert [r["step"] for r in rows] == [1, 2]

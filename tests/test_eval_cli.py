@@ -10,6 +10,7 @@ import csv
 import json
 
 import pytest
+from helpers.cli import only_run
 
 from dmclip.cli.main import main
 
@@ -29,16 +30,10 @@ def model_dir(tmp_path_factory):
     return save_model(CLIP(**arch), tmp_path_factory.mktemp("tiny-clip"))
 
 
-def _only_run(root):
-    runs = [p for p in (root / "eval").iterdir() if p.is_dir()]
-    assert len(runs) == 1
-    return runs[0]
-
-
 def test_zero_shot_writes_clip_benchmark_results(model_dir, tmp_path, capsys):
     assert main(["eval", "zero-shot", "--model", f"run:{model_dir}", "--data", ZS, "--runs-dir", str(tmp_path),
                  "--batch-size", "8"]) == 0
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path, "eval").path
     results = json.loads((run / "results.json").read_text())
     assert {"dataset", "model", "pretrained", "task", "metrics"} <= set(results)
     assert results["task"] == "zeroshot_classification" and results["dataset"] == ZS
@@ -59,13 +54,13 @@ def test_custom_classnames_and_templates_files(model_dir, tmp_path):
     templates.write_text("# comment lines are skipped\na photo of {c}\n")
     assert main(["eval", "zero-shot", "--model", f"run:{model_dir}", "--data", ZS, "--runs-dir", str(tmp_path / "r"),
                  "--classnames", str(names), "--templates", str(templates)]) == 0
-    results = json.loads((_only_run(tmp_path / "r") / "results.json").read_text())
+    results = json.loads((only_run(tmp_path / "r", "eval").path / "results.json").read_text())
     assert results["details"]["num_templates"] == 1
 
 
 def test_retrieval_and_latency_commands(model_dir, tmp_path, capsys):
     assert main(["eval", "retrieval", "--model", f"run:{model_dir}", "--data", RET, "--runs-dir", str(tmp_path / "r")]) == 0
-    results = json.loads((_only_run(tmp_path / "r") / "results.json").read_text())
+    results = json.loads((only_run(tmp_path / "r", "eval").path / "results.json").read_text())
     assert results["details"] == {"num_images": 8, "num_texts": 40, "rerank_k": 0}
     for key in ("image_retrieval_recall@1", "text_retrieval_recall@10", "text_retrieval_median_rank"):
         assert key in results["metrics"]
@@ -80,7 +75,7 @@ def test_retrieval_and_latency_commands(model_dir, tmp_path, capsys):
     wide_dir = save_model(CLIP(**arch), tmp_path / "wide")
     assert main(["eval", "latency", "--model", f"run:{model_dir}", "--vs", f"run:{wide_dir}", "--runs", "2",
                  "--warmup", "0", "--batch-size", "2", "--threads", "1", "--runs-dir", str(tmp_path / "l")]) == 0
-    results = json.loads((_only_run(tmp_path / "l") / "results.json").read_text())
+    results = json.loads((only_run(tmp_path / "l", "eval").path / "results.json").read_text())
     assert results["task"] == "latency" and results["details"]["threads"] == 1
     small, wide = load_saved_model(model_dir), load_saved_model(wide_dir)
     ratios = results["vs"]["ratios"]
@@ -99,7 +94,7 @@ def test_retrieval_and_latency_commands(model_dir, tmp_path, capsys):
 def test_suite_with_several_models(model_dir, tmp_path, capsys):
     assert main(["eval", "suite", "--models", f"run:{model_dir}", str(model_dir), "--zero-shot", ZS,
                  "--retrieval", RET, "--runs-dir", str(tmp_path)]) == 0
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path, "eval").path
     results = json.loads((run / "results.json").read_text())
     assert [r["model"] for r in results["rows"]] == [f"run:{model_dir}", str(model_dir)]
     # the same weights under two references: the second is served from the embedding cache

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import stderr_lines
 
 from dmclip.cli.main import main
 from dmclip.data.tokenizer import Tokenizer
@@ -161,10 +162,6 @@ def test_scan_backend_switches_every_mamba_tower_and_puts_it_back():
     assert backends() == {"chunked"}
 
 
-def _error_lines(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
-
 @pytest.mark.parametrize("argv, error, hint", [
     (["nope-model"], "error: no model 'nope-model'", "hint: use run:<run dir>"),
     (["run:/no/such/run"], "error: run directory '/no/such/run' does not exist", "hint: `dmclip runs list`"),
@@ -175,7 +172,7 @@ def _error_lines(capsys) -> list[str]:
 def test_bad_input_is_one_line_with_a_hint(argv, error, hint, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["export", *argv, "--out", str(out)]) == 2
-    err = _error_lines(capsys)
+    err = stderr_lines(capsys)
     assert len(err) == 2 and err[0].startswith(error) and hint in err[1], err
     assert not out.exists()
 
@@ -183,7 +180,7 @@ def test_bad_input_is_one_line_with_a_hint(argv, error, hint, tmp_path, capsys):
 def test_an_existing_export_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "image_encoder.onnx").write_bytes(b"earlier export")
     assert main(["export", "mamba-tiny-test", "--out", str(tmp_path)]) == 2
-    err = _error_lines(capsys)
+    err = stderr_lines(capsys)
     assert err[0] == f"error: {tmp_path / 'image_encoder.onnx'} already exists" and "another --out" in err[1]
     assert (tmp_path / "image_encoder.onnx").read_bytes() == b"earlier export"
 
@@ -191,6 +188,6 @@ def test_an_existing_export_is_not_overwritten(tmp_path, capsys):
 def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     assert main(["export", "mamba-tiny-test", "--out", str(tmp_path / "out")]) == 2
-    err = _error_lines(capsys)
+    err = stderr_lines(capsys)
     assert err[0] == "error: dmclip export needs onnxruntime, which is not installed", err
     assert "pip install 'dmclip[export]'" in err[1]

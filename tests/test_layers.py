@@ -29,3 +29,26 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
     lines = zeroshot.read_text().count("\n")  # the import is the file's last line
     assert f"dmclip.metrics.zeroshot -> dmclip.distill (l.{lines})" in out, out[-2000:]
     assert "dmclip.config -> dmclip.runs" in out, out[-2000:]
+
+
+def _import_circles(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "import-circles.py"), str(root)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_no_import_circle_inside_the_package():
+    result = _import_circles(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_lazy_import_circle_fails_the_circle_check_naming_its_lines(tmp_path):
+    """A function-level import that closes a circle inside one package (invisible to the layer contracts)
+    fails `make lint`'s circle check, with both imports' lines."""
+    shutil.copytree(REPO / "dmclip", tmp_path / "dmclip", ignore=shutil.ignore_patterns("builtin", "csrc", "__pycache__"))
+    members = tmp_path / "dmclip" / "data" / "wds_members.py"
+    members.write_text(members.read_text() + "\n\ndef _circle():\n    from dmclip.data.wds import load  # noqa\n")
+    result = _import_circles(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "import circle: dmclip.data.wds -> dmclip.data.wds_members -> dmclip.data.wds\n" in result.stdout
+    assert f"dmclip.data.wds_members -> dmclip.data.wds (l.{members.read_text().count(chr(10))})" in result.stdout
+    assert "import circle(s) in dmclip: move what both sides need" in result.stderr

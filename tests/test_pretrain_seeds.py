@@ -11,14 +11,12 @@ import math
 
 import numpy as np
 import pytest
+from helpers.cli import TINY_CLIP
 
 from dmclip.cli.main import main
 from dmclip.runs import RunDir
 
-TINY = ["--data", "world-train:size=64", "--steps", "2", "--batch-size", "16",
-        "--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
-        "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
-        "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16",
+TINY = ["--data", "world-train:size=64", "--steps", "2", "--batch-size", "16", *TINY_CLIP,
         "--set", "train.warmup_steps=1", "--set", "train.progress=false",
         "--set", "eval.zeroshot=world-zeroshot:size=200"]
 

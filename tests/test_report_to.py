@@ -9,24 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.cli import TINY_CLIP
+from helpers.torchrun import torchrun_dmclip
 
 from dmclip.cli.main import main
 from dmclip.runs import RunDir, find_runs
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--data", "world-train:size=48", "--steps", "4", "--batch-size", "16",
-        "--set", "model.vision_width=32", "--set", "model.vision_depth=1", "--set", "model.vision_heads=2",
-        "--set", "model.text_width=32", "--set", "model.text_depth=1", "--set", "model.text_heads=2",
-        "--set", "model.embed_dim=32", "--set", "model.patch_size=8", "--set", "model.context_length=16",
+TINY = ["--data", "world-train:size=48", "--steps", "4", "--batch-size", "16", *TINY_CLIP,
         "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "train.log_every=1",
         "--set", "eval.zeroshot=world-zeroshot:size=40"]
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
@@ -167,25 +161,12 @@ def test_a_missing_package_in_a_recipe_fails_the_run_before_training(tmp_path, c
     assert run.status == "failed" and run.metrics() == []
 
 
-WORKER = textwrap.dedent("""
-    import sys
-    from dmclip.cli.main import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
 @needs_tensorboard
 @pytest.mark.slow
 def test_under_torchrun_only_rank_0_writes_the_dashboard(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMCLIP_DIST_TIMEOUT": "60", "PYTHONPATH": str(REPO)}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     argv = ["pretrain", *TINY, "--set", "eval.zeroshot=", "--report-to", "tensorboard", "--runs-dir",
             str(tmp_path / "runs")]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun_dmclip(argv, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = find_runs(tmp_path / "runs", "pretrain")
     files, events = _events(run)

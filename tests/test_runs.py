@@ -21,7 +21,8 @@ from dmclip import runs as runs_module
 from dmclip.cli.main import main
 from dmclip.config import field
 from dmclip.errors import DmclipError
-from dmclip.runs import RunDir, find_runs, latest_run, torch_load
+from dmclip.io import torch_load
+from dmclip.runs import RunDir, find_runs, latest_run
 
 REPO = Path(__file__).resolve().parents[1]
 

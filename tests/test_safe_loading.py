@@ -18,7 +18,8 @@ import torch
 
 from dmclip.cli.main import main
 from dmclip.errors import DmclipError
-from dmclip.runs import RunDir, torch_load
+from dmclip.io import torch_load
+from dmclip.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,26 +7,24 @@ a NaN that overwrites the last good checkpoint, Ctrl-C that loses the work done.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
 
 import pytest
 import torch
+from helpers.toy import PairDataset, ToyTask, toy_config
 
 from dmclip.errors import DmclipError
 from dmclip.runs import RunDir
 from dmclip.train import DataOrder, TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
-from dmclip.train.toy import PairDataset, ToyTask
 
 TIMING_KEYS = ("samples_per_s",)
 
 
 def make_cfg(**overrides) -> TrainConfig:
-    base = dict(steps=12, batch_size=16, lr=1e-2, warmup_steps=3, log_every=1, checkpoint_every=5, progress=False,
-                device="cpu")
-    base.update(overrides)
-    return TrainConfig(**base)
+    return toy_config(**{"steps": 12, "warmup_steps": 3, "checkpoint_every": 5, **overrides})
 
 
 def new_run(tmp_path, cfg, name="toy") -> RunDir:
@@ -102,6 +100,44 @@ def test_optimizer_gets_the_scheduled_lr_and_groups_keep_their_ratio(tmp_path):
         assert lr_text == pytest.approx(expected / 10, rel=1e-12)
     assert [r["lr"] for r in run.metrics()] == pytest.approx([lr_at(s, peak=cfg.lr, steps=8, warmup_steps=3,
                                                                      min_lr_ratio=0.1) for s in range(8)])
+
+
+def _warmup_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "warmup_steps" in r.getMessage()]
+
+
+def test_a_warmup_longer_than_the_run_is_one_warning_naming_the_fix(tmp_path, caplog):
+    """20 steps with 100 warmup steps end at lr 0.0006 of 0.003: said once, at the start, with the setting to change."""
+    cfg = make_cfg(steps=20, warmup_steps=100, lr=3e-3, checkpoint_every=0)
+    with caplog.at_level(logging.WARNING, logger="dmclip"):
+        summary = train(new_run(tmp_path, cfg), cfg, ToyTask())
+    assert summary["lr"] == pytest.approx(6e-4)  # 3e-3 * 20 / 100
+    assert _warmup_warnings(caplog) == [
+        "train.warmup_steps = 100 is longer than the run (train.steps = 20): the learning rate ends at 0.0006, never "
+        "reaching train.lr = 0.003; set --set train.warmup_steps=N with N at most 20, e.g. --set train.warmup_steps=2"]
+
+
+@pytest.mark.parametrize("warmup", [3, 20])
+def test_a_warmup_within_the_run_is_not_warned_about(tmp_path, caplog, warmup):
+    cfg = make_cfg(steps=20, warmup_steps=warmup, lr=3e-3, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    with caplog.at_level(logging.WARNING, logger="dmclip"):
+        train(run, cfg, ToyTask())
+    assert _warmup_warnings(caplog) == []
+    assert max(r["lr"] for r in run.metrics()) == pytest.approx(3e-3)  # the peak is reached
+
+
+def test_run_json_records_the_device_training_resolved(tmp_path, monkeypatch):
+    """run.json names the device the run trained on, as resolved when training starts (under torchrun: rank 0's
+    GPU, cuda:0); here the resolver answers an indexed CPU device, which no default could guess."""
+    import dmclip.train.loop as loop
+
+    monkeypatch.setattr(loop, "resolve_device", lambda device, hint: torch.device("cpu", 0))
+    cfg = make_cfg(steps=2, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    assert run.info["device"] is None  # nothing trained yet
+    train(run, cfg, ToyTask())
+    assert RunDir.open(run.path).info["device"] == "cpu:0"
 
 
 def test_default_param_groups_decay_only_weight_matrices():

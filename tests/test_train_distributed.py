@@ -4,39 +4,31 @@ What a user would notice: 2 processes that do not learn what 1 process learns at
 feature gathering that differs from open_clip's, a dead rank that hangs the job instead of stopping it.
 
 Run as a script (``torchrun ... tests/test_train_distributed.py --gather-check OUT``) this file is also the
-2-rank worker that compares :func:`dmclip.train.distributed.gather_features` with open_clip's.
+2-rank worker that compares :func:`dmclip.losses.gather.gather_features` with open_clip's.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.torchrun import torchrun
+from helpers.toy import PairDataset, ToyTask, main, toy_config
 
+from dmclip.losses.gather import gather_features
 from dmclip.runs import RunDir
 from dmclip.train import distributed, fit
-from dmclip.train.toy import PairDataset, ToyTask, main, toy_config
 
-REPO = Path(__file__).resolve().parents[1]
 # 2 ranks vs 1 rank: the same math summed in another order (all-reduce of per-rank gradients), float32
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-5
 
 
-def torchrun(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DMCLIP_DIST_TIMEOUT": "60", "PYTHONPATH": str(REPO)}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def one_rank(tmp_path: Path, *args: str) -> dict:
+def toy_on_one_process(tmp_path: Path, *args: str) -> dict:
+    """The toy run of ``helpers.toy.main`` in this process: its summary and run path."""
     summary = tmp_path / "one.json"
     assert main(["--runs-dir", str(tmp_path / "one"), "--summary", str(summary), *args]) == 0
     return json.loads(summary.read_text())
@@ -48,7 +40,7 @@ def losses(run: RunDir) -> list[float]:
 
 def test_gather_features_on_one_process_returns_the_inputs():
     image, text = torch.randn(4, 3), torch.randn(4, 3)
-    all_image, all_text = distributed.gather_features(image, text)
+    all_image, all_text = gather_features(image, text)
     assert all_image is image and all_text is text
     assert distributed.rank() == 0 and distributed.world_size() == 1 and not distributed.is_distributed()
 
@@ -90,7 +82,7 @@ def test_two_ranks_follow_the_one_rank_loss_curve(two_ranks, tmp_path):
     """Global batch 16 with 2 micro-batches: 2 ranks x 4 samples (local_loss + gather_with_grad, the
     lead's ClipLoss setting) vs 1 process x 8 samples. Loss curve and weights agree to 1e-5."""
     two = json.loads((two_ranks / "two.json").read_text())
-    one = one_rank(tmp_path, "--mode", "clip", *TWO_RANK_ARGS)
+    one = toy_on_one_process(tmp_path, "--mode", "clip", *TWO_RANK_ARGS)
     two_run, one_run = RunDir.open(two["run"]), RunDir.open(one["run"])
     assert len(losses(two_run)) == 6
     assert losses(two_run) == pytest.approx(losses(one_run), abs=LOSS_TOL)
@@ -107,7 +99,7 @@ def test_a_dying_rank_stops_the_job_and_the_run_resumes(tmp_path):
     """Rank 1 exits hard at step 4: torchrun fails, rank 0 keeps the last good step, and resuming (on 1
     process here) ends where an uninterrupted run ends."""
     summary_path = tmp_path / "two.json"
-    result = torchrun(["-m", "dmclip.train.toy", "--runs-dir", str(tmp_path / "two"), "--summary",
+    result = torchrun(["-m", "helpers.toy", "--runs-dir", str(tmp_path / "two"), "--summary",
                        str(summary_path), "--steps", "6", "--die-at", "3"], tmp_path)
     assert result.returncode != 0
     assert not summary_path.exists()
@@ -117,7 +109,7 @@ def test_a_dying_rank_stops_the_job_and_the_run_resumes(tmp_path):
     assert run.display_status() != "running"
     step = run.load_checkpoint()["step"]
     assert step in (2, 3)  # the periodic checkpoint, or the last completed step saved on the way out
-    one = one_rank(tmp_path, "--steps", "6")
+    one = toy_on_one_process(tmp_path, "--steps", "6")
     task = ToyTask()
     with run.active():
         fit(task, PairDataset(seed=1), toy_config(steps=6), run, seed=0, resume=True)
@@ -146,7 +138,7 @@ def _gather_check(out: str) -> None:
                 image = torch.randn(3, 5, generator=torch.Generator().manual_seed(rank)).requires_grad_()
                 text = torch.randn(3, 5, generator=torch.Generator().manual_seed(10 + rank)).requires_grad_()
                 if gather == "ours":
-                    all_image, all_text = distributed.gather_features(image, text, local_loss, with_grad)
+                    all_image, all_text = gather_features(image, text, local_loss, with_grad)
                 else:
                     all_image, all_text = reference.gather_features(image, text, local_loss, with_grad, rank, world)
                 if local_loss:

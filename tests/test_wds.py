@@ -18,13 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.cli import SIX_STEPS, TINY_CLIP, one_thread_main
+from helpers.kill_resume import assert_same_run, kill_twice_then_resume, the_run
+from helpers.torchrun import assert_close_runs, torchrun_dmclip
 from PIL import Image
 
 from dmclip.cli.main import main
 from dmclip.data import build_dataset, collate, export
 from dmclip.data.stream import WdsStream
 from dmclip.errors import DmclipError
-from dmclip.runs import RunDir
+from dmclip.runs import RunDir, find_runs
 from dmclip.train import TrainConfig, fit
 from dmclip.train.data import DataPosition, StreamOrder
 
@@ -290,14 +293,9 @@ def test_train_num_workers_works_for_every_format(every_format, name, tmp_path):
 def test_pretrain_on_a_stream_killed_twice_resumes_to_the_uninterrupted_weights(tmp_path, capsys, monkeypatch):
     """As tests/test_kill_resume.py, on 8 shards streamed by 2 DataLoader workers: 6 steps of 16 cross an epoch
     of each worker (32 samples), and the final resume starts mid-epoch (step 2)."""
-    from test_kill_resume import TINY_MODEL, assert_same_run, kill_twice_then_resume, one_thread_main, the_run
-
     assert main(["data", "export", "world-train:size=64", str(tmp_path / "shards"), "--shard-size", "8",
                  "--image-size", "32"]) == 0
-    argv = ["pretrain", "--data", f"wds:{tmp_path / 'shards'}", "--steps", "6", "--batch-size", "16",
-            "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=",
-            "--set", "train.log_every=1", "--set", "train.checkpoint_every=2", "--set", "train.num_workers=2",
-            *TINY_MODEL]
+    argv = ["pretrain", "--data", f"wds:{tmp_path / 'shards'}", *SIX_STEPS, "--set", "train.num_workers=2", *TINY_CLIP]
     assert one_thread_main([*argv, "--runs-dir", str(tmp_path / "reference")]) == 0
     reference = the_run(tmp_path / "reference")
     assert [row["epoch"] for row in RunDir(reference).metrics()][-1] == 1.5  # sizes.json: 96 of 64 samples
@@ -309,23 +307,17 @@ def test_pretrain_on_a_stream_killed_twice_resumes_to_the_uninterrupted_weights(
 def test_two_ranks_with_two_workers_each_resume_a_killed_streamed_run(tmp_path):
     """torchrun, 2 ranks x 2 DataLoader workers = 4 readers of 8 shards: rank 1 is SIGKILLed in step 4; the
     resumed run ends with the weights and losses of an uninterrupted 2-rank run."""
-    from test_distributed_e2e import TINY, assert_close_runs, torchrun
-
-    from dmclip.runs import find_runs
-
     assert main(["data", "export", "world-train:size=64", str(tmp_path / "shards"), "--shard-size", "8",
                  "--image-size", "32"]) == 0
-    argv = ["pretrain", "--data", f"wds:{tmp_path / 'shards'}", "--steps", "6", "--batch-size", "16",
-            "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=",
-            "--set", "train.log_every=1", "--set", "train.checkpoint_every=2", "--set", "train.num_workers=2", *TINY]
-    whole = torchrun([*argv, "--runs-dir", str(tmp_path / "whole")], tmp_path)
+    argv = ["pretrain", "--data", f"wds:{tmp_path / 'shards'}", *SIX_STEPS, "--set", "train.num_workers=2", *TINY_CLIP]
+    whole = torchrun_dmclip([*argv, "--runs-dir", str(tmp_path / "whole")], tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     (reference,) = find_runs(tmp_path / "whole")
     assert reference.load_checkpoint()["dataset_size"] == "8 shards read by 2 rank(s) x 2 reader(s)"
-    killed = torchrun([*argv, "--runs-dir", str(tmp_path / "killed")], tmp_path, die_at=3)
+    killed = torchrun_dmclip([*argv, "--runs-dir", str(tmp_path / "killed")], tmp_path, die_at=3)
     assert killed.returncode != 0
     (run,) = find_runs(tmp_path / "killed")
     assert run.load_checkpoint()["step"] == 3  # mid-epoch: each reader is 1.5 batches into its 2-batch epoch
-    resumed = torchrun(["pretrain", "--resume", str(run.path)], tmp_path)
+    resumed = torchrun_dmclip(["pretrain", "--resume", str(run.path)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close_runs(run.path, reference.path)

@@ -48,7 +48,7 @@ def read_shard(path: Path, start: int, stop: int) -> dict | None:
 def process_shard(model, dataset, k: int, start: int, stop: int, cfg: CapfiltConfig, out: Path,
                   device: torch.device, advance: Callable[[int], None]) -> dict:
     """Caption, score and write the images of samples [start, stop); commit the shard file last."""
-    from dmclip.runs import atomic_write_json
+    from dmclip.io import atomic_write_json
 
     began = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(_shard_seed(cfg.seed, k))
@@ -103,7 +103,7 @@ def out_path(out_text: str) -> Path:
 
 def prepare_out(out_text: str, state: dict) -> Path:
     """Check ``--out`` and its state file: a new directory, or one this same configuration started."""
-    from dmclip.runs import atomic_write_json
+    from dmclip.io import atomic_write_json
 
     out = out_path(out_text)
     state_path = out / STATE_FILE
@@ -133,7 +133,7 @@ def write_dataset(out: Path, samples: list[dict], fmt: str, shard_size: int) -> 
     import csv
     import io
 
-    from dmclip.runs import atomic_write_text
+    from dmclip.io import atomic_write_text
 
     manifest = "".join(json.dumps(s) + "\n" for s in samples)
     atomic_write_text(out / "manifest.jsonl", manifest)

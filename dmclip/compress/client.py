@@ -58,10 +58,6 @@ class LinkClient:
                               "run the same dmclip version on the edge and the server")
         return reply["info"]
 
-    def send_raw(self, data: bytes) -> None:
-        """Write bytes as they are (tests: truncated or garbage frames)."""
-        self._sock.sendall(data)
-
     def close(self) -> None:
         self._sock.close()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dmclip.data.base import DEFAULT_IMAGE_SIZE, BadSample, SkipCounter, decode_image, to_chw
-from dmclip.data.wds import _META, captions_of, image_member
+from dmclip.data.wds_members import META_MEMBER, captions_of, image_member
 from dmclip.errors import DmclipError
 
 # a reader checks max_skip_fraction once it has read this many samples: a fraction of fewer is noise
@@ -37,7 +37,7 @@ def _count(path: str, mtime_ns: int, size: int) -> int:
     try:
         with tarfile.open(path, "r:") as tar:  # reads headers and seeks over the member data
             for member in tar:
-                if not member.isreg() or _META.match(member.name):
+                if not member.isreg() or META_MEMBER.match(member.name):
                     continue
                 key = base_plus_ext(member.name)[0]
                 if key is not None and key != current:

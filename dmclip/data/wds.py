@@ -25,21 +25,14 @@ import re
 import tarfile
 from pathlib import Path
 
-from dmclip.data.base import BadSample, SkipCounter, check_templates, clean_caption
-from dmclip.data.files import (
-    DEFAULT_TEMPLATES,
-    IMAGE_EXTENSIONS,
-    FileClassificationDataset,
-    FileImageTextDataset,
-    finish,
-)
+from dmclip.data.base import BadSample, SkipCounter, check_templates
+from dmclip.data.files import DEFAULT_TEMPLATES, FileClassificationDataset, FileImageTextDataset, finish
+from dmclip.data.wds_members import IMAGE_SUFFIXES, META_MEMBER, captions_of, label_of
 from dmclip.errors import DmclipError
 
-IMAGE_SUFFIXES = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)
 CLASSNAMES_FILES = ("classnames.txt",)
 TEMPLATES_FILES = ("zeroshot_classification_templates.txt", "templates.txt")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split of a member name into key + suffix
-_META = re.compile(r"__[^/]*__($|/)")  # members webdataset's tar reader leaves out
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -96,38 +89,6 @@ def dataset_size(shards: list[Path]) -> int | None:
         return sum(int(sizes[s.name]) for s in shards)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-# ------------------------------------------------------------------------------------------- samples
-
-
-def image_member(members: dict) -> str | None:
-    """The suffix of a sample's image member ('jpg', 'seg.png' ...), or None."""
-    return next((s for s in members if not s.startswith("__") and s.rsplit(".", 1)[-1] in IMAGE_SUFFIXES), None)
-
-
-def captions_of(txt: bytes | None, meta: bytes | None) -> list[str]:
-    """Captions from ``.json`` (``captions`` list, or ``caption`` / ``text``), else ``.txt``; ``BadSample`` if none."""
-    found = None
-    if meta is not None:
-        try:
-            data = json.loads(meta.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            data = {}
-        if isinstance(data, dict):
-            found = data.get("captions") or data.get("caption") or data.get("text")
-    texts = (found if isinstance(found, list) else [found]) if found else ([txt] if txt is not None else [None])
-    return [clean_caption(t) for t in texts]
-
-
-def label_of(cls: bytes | None) -> int:
-    try:
-        label = int(cls.decode("utf-8").strip())
-    except (AttributeError, UnicodeDecodeError, ValueError):
-        raise BadSample("bad-label", f".cls holds {cls[:20]!r}" if cls is not None else "no .cls member") from None
-    if label < 0:
-        raise BadSample("bad-label", f".cls holds {label}")
-    return label
 
 
 def _peek(shard: Path) -> dict:
@@ -197,7 +158,7 @@ def load_index(shards: list[Path], name: str, *, image_size, classification: boo
         try:
             with tarfile.open(shard, "r:") as tar:
                 for member in tar:
-                    if not member.isfile() or _META.match(member.name):
+                    if not member.isfile() or META_MEMBER.match(member.name):
                         continue
                     match = _KEY.match(member.name)
                     if not match:

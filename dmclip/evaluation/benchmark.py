@@ -109,8 +109,3 @@ def suite(models: Mapping[str, nn.Module] | Sequence[str], *, zero_shot_specs: S
             "avg_perf_weights": avg_perf_weights(zero_shot_specs, retrieval_specs),
             "avg_perf": rows[0]["Avg Perf"] if len(rows) == 1 else None, "tasks": tasks,
             "cache": {"hits": cache.hits, "misses": cache.misses}}
-
-
-def suite_row(model: nn.Module, name: str = "model", **kwargs) -> dict:
-    """One row of the suite table ({column: fraction, "Avg Perf": ...}) for one model."""
-    return suite({name: model}, **kwargs)["rows"][0]

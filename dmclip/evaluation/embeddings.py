@@ -45,7 +45,7 @@ class EmbeddingCache:
     def put(self, key: str, value: torch.Tensor) -> torch.Tensor:
         self._memory[key] = value
         if self.directory is not None:
-            from dmclip.runs import atomic_torch_save
+            from dmclip.io import atomic_torch_save
 
             atomic_torch_save(value, self.directory / f"{key}.pt")
         return value

@@ -170,7 +170,8 @@ def run_suite(config: SuiteConfig, record, progress: bool = False,
     tasks_dir = record.path / "tasks"
 
     def save_task(result: dict) -> None:  # one CLIP_benchmark file per (model, dataset, task)
-        from dmclip.runs import atomic_write_json, slug
+        from dmclip.io import atomic_write_json
+        from dmclip.runs import slug
 
         name = f"{slug(result['model'] + '_' + result['pretrained'])}__{slug(result['dataset'])}__{result['task']}.json"
         atomic_write_json(tasks_dir / name, result)

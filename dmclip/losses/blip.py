@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from dmclip.errors import DmclipError
-from dmclip.registry import losses
 
 IGNORE_INDEX = -100
 
@@ -77,18 +76,3 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
     labels = targets[:, 1:].reshape(-1)
     return F.cross_entropy(shifted.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
-
-
-@losses.register("blip-itc", description="BLIP image-text contrastive loss with momentum-distilled soft targets")
-def _blip_itc():
-    return itc_loss
-
-
-@losses.register("blip-itm", description="BLIP image-text matching loss (1 positive : 2 hard negatives)")
-def _blip_itm():
-    return itm_loss
-
-
-@losses.register("blip-lm", description="BLIP captioning loss: next-token CE with label smoothing, prompt ignored")
-def _blip_lm(label_smoothing: float = 0.1):
-    return lambda logits, targets: lm_loss(logits, targets, label_smoothing)

@@ -42,11 +42,6 @@ def clip_loss(features: dict) -> torch.Tensor:
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """-sum softmax(teacher) * log_softmax(student), averaged over rows (open_clip DistillClipLoss.dist_loss)."""
-    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
-
-
 def kd_loss(student: dict, teacher: dict) -> torch.Tensor:
     """Soft-label KD between teacher and student similarity distributions, both directions (MobileCLIP/DM-CLIP).
 
@@ -102,31 +97,11 @@ def interactive_contrastive_loss(student: dict, teacher: dict) -> torch.Tensor:
 
 
 class ClipLoss(nn.Module):
-    """InfoNCE image<->text with the model's (clamped) learnable temperature."""
+    """InfoNCE image<->text with the model's (clamped) learnable temperature: pretrain's CLIP objective."""
 
     def forward(self, student: dict, teacher: dict | None = None) -> dict:
         loss = clip_loss(student)
         return {"loss": loss, "contrastive": loss.detach()}
-
-
-class KDLoss(nn.Module):
-    """Soft-label cross-entropy to the teacher's image<->text similarity distributions."""
-
-    def forward(self, student: dict, teacher: dict) -> dict:
-        loss = kd_loss(student, teacher)
-        return {"loss": loss, "distill": loss.detach()}
-
-
-class FeatureLoss(nn.Module):
-    """Cosine (or MSE) distance between student and teacher image embeddings."""
-
-    def __init__(self, kind: str = "cosine"):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, student: dict, teacher: dict) -> dict:
-        loss = feature_loss(student, teacher, self.kind)
-        return {"loss": loss, "feature": loss.detach()}
 
 
 class FeatureDistillLoss(nn.Module):
@@ -138,17 +113,8 @@ class FeatureDistillLoss(nn.Module):
         differ = student_dim is not None and teacher_dim is not None and student_dim != teacher_dim
         self.projection = nn.Linear(student_dim, teacher_dim, bias=False) if differ else nn.Identity()
 
-    def forward(self, student: dict, teacher: dict) -> dict:
-        loss = feature_distillation_loss(student, teacher, self.projection)
-        return {"loss": loss, "fd": loss.detach()}
-
-
-class InteractiveContrastiveLoss(nn.Module):
-    """CLIP-KD interactive contrastive learning: student image <-> teacher text and student text <-> teacher image."""
-
-    def forward(self, student: dict, teacher: dict) -> dict:
-        loss = interactive_contrastive_loss(student, teacher)
-        return {"loss": loss, "icl": loss.detach()}
+    def forward(self, student: dict, teacher: dict) -> torch.Tensor:
+        return feature_distillation_loss(student, teacher, self.projection)
 
 
 class DistillMix(nn.Module):
@@ -182,7 +148,7 @@ class DistillMix(nn.Module):
             total = total + self.feature_weight * feature
             parts["feature"] = feature.detach()
         if self.fd is not None:
-            fd = feature_distillation_loss(student, teacher, self.fd.projection)
+            fd = self.fd(student, teacher)
             total = total + self.fd_weight * fd
             parts["fd"] = fd.detach()
         if self.icl_weight > 0:
@@ -192,12 +158,7 @@ class DistillMix(nn.Module):
         return {"loss": total, **parts}
 
 
-losses.add("clip", ClipLoss, description="InfoNCE image<->text (CLIP), learnable temperature clamped at 100")
-losses.add("kd", KDLoss, description="soft-label KD on image<->text similarities, both ways (DistillClipLoss)")
-losses.add("feature", FeatureLoss, description="cosine/MSE between student and teacher image embeddings (CLIP-KD)")
-losses.add("fd", FeatureDistillLoss,
-           description="CLIP-KD feature distillation: MSE to the teacher's embeddings (learned projection if widths differ)")
-losses.add("icl", InteractiveContrastiveLoss,
-           description="CLIP-KD interactive contrastive: student image<->teacher text, student text<->teacher image")
+# the objectives `loss.name` selects; each factory takes distill's loss.* settings and both embedding widths
 losses.add("distill", DistillMix,
-           description="alpha*kd + (1-alpha)*clip (+ feature, fd, icl): DM-CLIP's objective with CLIP-KD's terms")
+           description="alpha * KD + (1 - alpha) * InfoNCE (DM-CLIP), + CLIP-KD's feature, FD and ICL terms "
+                       "at loss.feature_weight, fd_weight, icl_weight")

@@ -120,7 +120,7 @@ class _Failure:
 
 
 def _reseed_batch(seed: int, slot: int, number: int) -> None:
-    from dmclip.train.loop import reseed
+    from dmclip.train.rng import reseed
 
     reseed(seed, number, slot, salt=2, cuda=False)
 

@@ -1,4 +1,6 @@
-"""Running under ``torchrun``: process group, rank helpers, feature gathering, one writer of the run dir.
+"""Running under ``torchrun``: process group, rank helpers, one writer of the run dir.
+
+Contrastive losses gather features across ranks with :func:`dmclip.losses.gather.gather_features`.
 
 A command that trains does this (and works unchanged with and without torchrun)::
 
@@ -33,7 +35,6 @@ import torch
 import torch.distributed as dist
 
 from dmclip.errors import DmclipError
-from dmclip.losses.gather import gather_features  # noqa: F401  (re-exported: the engine's name for it)
 
 log = logging.getLogger(__name__)
 

@@ -46,6 +46,7 @@ from dmclip.train.config import TrainConfig
 from dmclip.train.data import DataOrder, DataPosition, ignore_stop_signals, is_stream
 from dmclip.train.interrupt import InterruptGuard
 from dmclip.train.rng import reseed
+from dmclip.train.schedule import warmup_outlasts_run
 from dmclip.train.state import TrainState, default_param_groups, diverged
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,8 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     model.train()
     state = TrainState.create(task, model, dataset, cfg, seed=seed, world=world, rank=rank)
     resumed_from = state.resume(run, cfg, main) if resume else None
+    if main:
+        _record_start(run, cfg, device)
     if main and cfg.report_to:
         from dmclip.train import report_to
 
@@ -273,6 +276,15 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
         "eval": last_eval,
         "checkpoint": str(checkpoint_file) if checkpoint_file is not None else None,
     }
+
+
+def _record_start(run, cfg: TrainConfig, device: torch.device) -> None:
+    """Rank 0 as training starts: run.json records the device trained on (under torchrun rank 0's own GPU), and
+    a warmup longer than the run, whose learning rate never reaches train.lr, is a warning naming the fix."""
+    run.update_info(device=str(device))
+    warning = warmup_outlasts_run(peak=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+    if warning:
+        log.warning(warning)
 
 
 def _wrap(model: nn.Module, task, cfg: TrainConfig, device: torch.device) -> nn.Module:

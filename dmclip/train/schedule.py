@@ -25,6 +25,17 @@ def lr_at(step: int, *, peak: float, steps: int, warmup_steps: int = 0, min_lr_r
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_outlasts_run(*, peak: float, steps: int, warmup_steps: int) -> str | None:
+    """The warning for a warmup longer than the run (its lr never reaches ``peak``), naming the fix; None when
+    the warmup ends within the run."""
+    if warmup_steps <= steps:
+        return None
+    reached = lr_at(steps - 1, peak=peak, steps=steps, warmup_steps=warmup_steps)
+    return (f"train.warmup_steps = {warmup_steps} is longer than the run (train.steps = {steps}): the learning rate "
+            f"ends at {reached:.3g}, never reaching train.lr = {peak:.3g}; set --set train.warmup_steps=N with N "
+            f"at most {steps}, e.g. --set train.warmup_steps={steps // 10}")
+
+
 class WarmupCosine:
     """Sets each param group's lr to ``group["peak_lr"] * lr_at(step) / peak`` before each optimizer step.
 

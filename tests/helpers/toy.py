@@ -1,10 +1,10 @@
-"""A tiny CLIP-like task for the engine's tests and benchmark (and a torchrun smoke run).
+"""A tiny CLIP-like task for the training engine's tests (and a torchrun smoke run).
 
 Two small MLP towers map paired random vectors to normalised features; the loss is CLIP's InfoNCE over
 features gathered across ranks (``mode="clip"``) or a per-sample regression (``mode="mse"``, whose gradient
 does not depend on how the batch is split, the oracle for gradient accumulation).
 
-    torchrun --nproc_per_node 2 -m dmclip.train.toy --runs-dir /tmp/runs --steps 6 --batch-size 16
+    torchrun --nproc_per_node 2 tests/helpers/toy.py --runs-dir /tmp/runs --steps 6 --batch-size 16
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmclip.losses.gather import gather_features
 from dmclip.train import distributed
+from dmclip.train.config import TrainConfig
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -87,12 +89,12 @@ class ToyTask:
             parts = {"align": align, "scale": (out["logit_scale"] - 10.0).pow(2) * 1e-3}
         elif self.mode == "clip-local":  # open_clip local_loss=True: this rank's rows against all columns
             image, text = out["image_features"], out["text_features"]
-            all_image, all_text = distributed.gather_features(image, text, local_loss=True)
+            all_image, all_text = gather_features(image, text, local_loss=True)
             labels = torch.arange(len(image), device=image.device) + distributed.rank() * len(image)
             parts = {"image_to_text": F.cross_entropy(out["logit_scale"] * image @ all_text.T, labels),
                      "text_to_image": F.cross_entropy(out["logit_scale"] * text @ all_image.T, labels)}
         else:  # local_loss=False: every rank computes the loss of the whole gathered batch
-            image, text = distributed.gather_features(out["image_features"], out["text_features"])
+            image, text = gather_features(out["image_features"], out["text_features"])
             logits = out["logit_scale"] * image @ text.T  # (B, B) over all ranks
             labels = torch.arange(len(logits), device=logits.device)
             parts = {"image_to_text": F.cross_entropy(logits, labels), "text_to_image": F.cross_entropy(logits.T, labels)}
@@ -112,10 +114,8 @@ class ToyTask:
         self.steps_ended += 1
 
 
-def toy_config(**overrides):
+def toy_config(**overrides) -> TrainConfig:
     """The TrainConfig of the toy runs (the torchrun tests rebuild it in-process to compare)."""
-    from dmclip.train.config import TrainConfig
-
     base = dict(steps=6, batch_size=16, lr=1e-2, warmup_steps=2, log_every=1, checkpoint_every=2, progress=False,
                 device="cpu")
     base.update(overrides)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from dmclip.runs import RunDir
     from dmclip.train.loop import fit
 
-    parser = argparse.ArgumentParser(prog="python -m dmclip.train.toy")
+    parser = argparse.ArgumentParser(prog="tests/helpers/toy.py")
     parser.add_argument("--runs-dir", required=True)
     parser.add_argument("--resume", default=None, help="a run directory to continue")
     parser.add_argument("--steps", type=int, default=6)
