@@ -270,6 +270,9 @@ def test_cli_writes_report_results_and_curve(blip_dir, tmp_path, capsys, plot_pi
     assert colours["C0"] > 300  # the precision-recall curve is drawn, not only its legend entry
     report = (run.path / "report.md").read_text()
     assert "precision" in report and "| web | 16 |" in report
+    noise, ap = results["noise_removal"], results["pr_curve"]["average_precision"]  # fractions in the file ...
+    assert f"noisy web captions {100 * noise['noisy_fraction_before']:.1f} % before" in report  # ... percent here
+    assert f"Average precision over thresholds: {100 * ap:.1f} %" in report
     assert "dataset: csv:" in capsys.readouterr().out.replace("\n", "")
 
 

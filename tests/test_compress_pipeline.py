@@ -39,7 +39,13 @@ def test_eval_compares_with_the_baseline_and_writes_the_run(tmp_path):
     assert row["bytes_per_image"] < base["bytes_per_image"]
     saved = json.loads((run.path / "results.json").read_text())
     assert saved["compressed"]["bleu1"] == row["bleu1"]
-    assert "BLEU-4" in (run.path / "report.md").read_text()
+    table = [line.split(" | ") for line in (run.path / "report.md").read_text().splitlines() if line.startswith("|")]
+    header, compressed = table[0], table[3]
+    # scores and shares in percent, each with its unit in the header; bytes are no percentage
+    assert header[1:8] == ["comm. eff. %", "bytes/img", "bytes w/o idx", "BLEU-1 %", "BLEU-4 %", "CIDEr ×100",
+                           "BLEU-4 / full %"]
+    assert compressed[1:3] == [f"{100 * 3 / 17:.2f}", f"{row['bytes_per_image']:.3f}"]
+    assert compressed[4] == f"{100 * row['bleu1']:.2f}" and compressed[6] == f"{100 * row['cider']:.2f}"
 
 
 def test_sweep_writes_table_csv_plot_and_checks_the_claims(tmp_path, plot_pixels):
@@ -56,6 +62,9 @@ def test_sweep_writes_table_csv_plot_and_checks_the_claims(tmp_path, plot_pixels
     assert min(colours["C0"], colours["C1"], colours["C2"]) > 300 and colours["C3"] > 50, colours
     csv_lines = (run.path / "summary.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(labels) and "bytes_per_image" in csv_lines[0]
+    header = csv_lines[0].split(",")  # the CSV is for machines: fractions, as in results.json
+    none = dict(zip(header, csv_lines[1].split(",")))
+    assert float(none["communication_efficiency"]) == result["rows"][0]["communication_efficiency"] <= 1
     assert "| kmeans k=8 |" in (run.path / "summary.md").read_text()
     assert any("k=8" in c for c in result["claims"]) and any("random" in c for c in result["claims"])
 

@@ -45,9 +45,10 @@ def test_zero_shot_writes_clip_benchmark_results(model_dir, tmp_path, capsys):
     assert set(results["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     assert 0.0 <= results["metrics"]["acc1"] <= results["metrics"]["acc5"] <= 1.0
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
-    assert "acc@1" in (run / "report.md").read_text()
-    out = capsys.readouterr().out
-    assert "acc@1" in out and f"{100 * results['metrics']['acc1']:.2f}" in out
+    acc1 = f"{100 * results['metrics']['acc1']:.2f}"  # tables show percent, results.json keeps the fraction
+    assert f"| acc@1 % | {acc1} |" in (run / "report.md").read_text()
+    header, row = [line for line in capsys.readouterr().out.splitlines() if "┃" in line or "│" in line][-2:]
+    assert header.split("┃")[1:3] == [" acc@1 % ", " acc@5 % "] and row.split("│")[1].strip() == acc1
 
 
 def test_custom_classnames_and_templates_files(model_dir, tmp_path):
@@ -69,6 +70,13 @@ def test_retrieval_and_latency_commands(model_dir, tmp_path, capsys):
     assert results["details"] == {"num_images": 8, "num_texts": 40, "rerank_k": 0}
     for key in ("image_retrieval_recall@1", "text_retrieval_recall@10", "text_retrieval_median_rank"):
         assert key in results["metrics"]
+    metrics = results["metrics"]
+    report = (_only_run(tmp_path / "r") / "report.md").read_text()
+    assert f"| T→I R@5 % | {100 * metrics['image_retrieval_recall@5']:.2f} |" in report
+    assert f"| I→T mean rank | {metrics['text_retrieval_mean_rank']:.2f} |" in report  # a rank is no percentage
+    row = next(line for line in capsys.readouterr().out.splitlines() if "image → text" in line)
+    assert [cell.strip() for cell in row.split("│")[2:5]] == [
+        f"{100 * metrics[f'text_retrieval_recall@{k}']:.2f}" for k in (1, 5, 10)]
     # against a model with a wider image tower (same text tower): the ratios are model / vs
     from dmclip.models.base import count_parameters, load_saved_model, save_model
     from dmclip.models.clip import CLIP, clip_arch
