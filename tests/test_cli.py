@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import re
 import subprocess
@@ -276,6 +277,21 @@ def test_sizes_and_ages_in_the_largest_unit_they_reach():
     assert [_size(n) for n in (512, 1536, 2_500_000, 3_000_000_000)] == ["512 B", "1.5 kB", "2.5 MB", "3.0 GB"]
     now = dt.datetime.now().astimezone()
     ages = [_age((now - dt.timedelta(seconds=s)).isoformat()) for s in (30, 150, 7300, 3 * 86400 + 5)]
-    assert ages == ["30s ago", "2m ago", "2h ago", "3d ago"]
+    assert ages == ["30s", "2m", "2h", "3d"]  # under the header "age"
     assert _age(None) == _age("not a date") == "-"
 
+
+
+def test_metrics_table_shows_fraction_columns_in_percent_with_the_unit_in_the_header():
+    from rich.console import Console
+
+    def rendered(**options) -> list[list[str]]:
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(common.metrics_table("t", [{"model": "a", "acc@1": 0.4995, "bleu4": float("nan"),
+                                                   "cider": 1.2, "loss": 0.123456}], **options))
+        lines = [line for line in console.export_text().splitlines() if "┃" in line or "│" in line]
+        return [[cell.strip() for cell in re.split("[┃│]", line)[1:-1]] for line in lines]
+
+    assert rendered(percent=True, labels={"bleu4": "BLEU-4"}) == [
+        ["model", "acc@1 %", "BLEU-4 %", "cider ×100", "loss"], ["a", "49.95", "-", "120.00", "0.12"]]
+    assert rendered() == [["model", "acc@1", "bleu4", "cider", "loss"], ["a", "0.50", "nan", "1.20", "0.12"]]

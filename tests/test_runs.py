@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as real_dt
+import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +22,7 @@ import torch
 
 from dmclip import runs as runs_module
 from dmclip.cli.main import main
+from dmclip.cli.runs import differing_parts, short_names
 from dmclip.config import field
 from dmclip.errors import DmclipError
 from dmclip.runs import RunDir, find_runs, latest_run, torch_load
@@ -278,29 +282,124 @@ def test_runs_list_shows_crashed_with_last_step_and_survives_damage(tmp_path, ca
     assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     dead = next(line for line in lines if " dead " in line)
-    assert "crashed" in dead and "loss=0.9" in dead and " 77 " in dead
+    assert "crashed" in dead and "loss 0.9 " in dead and " 77 " in dead
     assert "completed" in next(line for line in lines if " done " in line)
-    assert "zeroshot_acc1=0.4321" in next(line for line in lines if " done " in line)
-    assert "damaged" in next(line for line in lines if damaged.path.name in line)
+    assert "acc@1 43.21 %" in next(line for line in lines if " done " in line)  # percent, like every table
+    assert "damaged" in next(line for line in lines if " broken " in line)
 
 
 def test_runs_list_filters_by_command_and_says_when_empty(tmp_path, capsys):
     _create(tmp_path, "x", command="eval")
     assert main(["runs", "list", "--runs-dir", str(tmp_path), "--command", "pretrain"]) == 0
-    assert "no runs under" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out == "" and "no runs under" in err
+
+
+def _stamped(root: Path, stamp: str, name: str, config=None, command: str = "eval", parent: Path | None = None,
+             results: dict | None = None) -> RunDir:
+    """A completed run made at ``stamp`` (YYYYmmdd-HHMMSS)."""
+    frozen = real_dt.datetime.strptime(stamp, "%Y%m%d-%H%M%S")
+
+    class Frozen(real_dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return frozen if tz is None else frozen.replace(tzinfo=tz)
+
+    original = runs_module.dt
+    runs_module.dt = types.SimpleNamespace(datetime=Frozen)
+    try:
+        run = RunDir.create(command, name, config or TinyConfig(), root=root, parent=parent, argv=["dmclip"])
+    finally:
+        runs_module.dt = original
+    run.update_info(status="completed", start_time=frozen.astimezone().isoformat())
+    run.write_results(results or {"metrics": {"acc1": 0.625}})
+    return run
+
+
+@pytest.fixture
+def columns_80(monkeypatch):
+    """A terminal 80 columns wide, as Rich reads it from $COLUMNS."""
+    from rich.console import Console
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr("dmclip.cli.runs.console", Console())
+
+
+def _rows(out: str) -> list[list[str]]:
+    """The body rows of a borderless table, each as its cells."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line.strip()) == {"─"})
+    return [re.split(r"\s{2,}", line.strip()) for line in lines[rule + 1:] if line.strip()]
+
+
+def test_runs_list_fits_80_columns_one_line_per_run_with_the_part_that_tells_runs_apart(tmp_path, capsys, columns_80,
+                                                                                        monkeypatch):
+    """Typical runs: two evals of one model with other data (same name, other config hash), two pretrains with
+    the same name and config a minute apart, sweep members. Each is one line of at most 80 characters, and what
+    tells two runs apart (hash, time stamp, seed) is on screen; --wide and --format show the whole names."""
+    from rich.console import Console
+
+    runs = [_stamped(tmp_path, "20261207-101500", "zero-shot-builtin-world-vit", TinyConfig(seed=1)),
+            _stamped(tmp_path, "20261207-101600", "zero-shot-builtin-world-vit", TinyConfig(seed=2)),
+            _stamped(tmp_path, "20261207-101700", "pretrain", command="pretrain",
+                     results={"zeroshot": {"acc1": 0.038}}),
+            _stamped(tmp_path, "20261207-101800", "pretrain", command="pretrain")]
+    sweep = tmp_path / "distill" / "20261207-102000-sweep-demo"
+    runs += [_stamped(tmp_path, "20261207-102000", f"demo-alpha{alpha}-seed0", TinyConfig(lr=alpha), "distill",
+                      parent=sweep) for alpha in (0.25, 0.75)]
+    assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    rows = _rows(out)
+    assert len(rows) == len(runs)  # one line per run: no row wraps
+    shown = {row[1]: row for row in rows}
+    assert len(shown) == len(runs)  # every run has a name of its own
+    hashes = [r.path.name[-6:] for r in runs[:2]]
+    assert all(any(name.endswith(h) for name in shown) for h in hashes)  # same name: the config hash says which
+    assert {"20261207-101700-pretrain", "20261207-101800-pretrain"} <= set(shown)  # same config: the time stamp
+    assert {"demo-alpha0.25-seed0", "demo-alpha0.75-seed0"} <= set(shown)  # no stamp or hash where none is needed
+    assert shown["20261207-101700-pretrain"][3] == "acc@1 3.80 %"
+
+    monkeypatch.setattr("dmclip.cli.runs.console", Console(width=250))
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--wide", "--command", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert all(f" {r.path} " in out for r in runs[:2])  # --wide: whole directories
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--format", "md"]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0] == "| command | run | status | metric | value | step | started | directory |"
+    assert f"| pretrain | {runs[2].path.name} | completed | zeroshot.acc1 % | 3.80 | - |" in "\n".join(md)
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    row = next(r for r in table if r["run"] == runs[2].path.name)
+    assert (row["metric"], row["value"], row["directory"]) == ("zeroshot.acc1", "0.038", str(runs[2].path))
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--format", "html"]) == 2
+    assert "use --format table" in capsys.readouterr().err
+
+
+def test_short_names_and_differing_parts():
+    assert short_names(["20261207-101500-a-0eb6a6", "20261207-101600-b-0eb6a6"]) == ["a", "b"]
+    assert short_names(["20261207-101500-a-0eb6a6", "20261207-101600-a-123abc"]) == ["a-0eb6a6", "a-123abc"]
+    assert short_names(["20261207-101500-a-0eb6a6", "20261207-101500-a-0eb6a6-2", "my-own-dir"]) == [
+        "20261207-101500-a-0eb6a6", "20261207-101500-a-0eb6a6-2", "my-own-dir"]
+    values = ["world-train:image_size=32,count=20000", "world-train:image_size=64,count=20000", "absent"]
+    assert differing_parts(values, 40) == values  # it fits: whole
+    assert differing_parts(values, 20) == ["…image_size=32…", "…image_size=64…", "absent"]
+    assert differing_parts(["run:runs/distill/x-alpha0.25", "run:runs/distill/x-alpha0.75"], 12) == [
+        "…x-alpha0.25", "…x-alpha0.75"]
+    assert differing_parts(["a" * 30, "a" * 30], 10) == ["a" * 30] * 2  # nothing differs: left to the table
 
 
 def test_runs_show_and_compare(tmp_path, capsys, wide_console):
     a = _create(tmp_path, "a", TinyConfig(lr=0.1))
     b = _create(tmp_path, "b", TinyConfig(lr=0.2))
-    a.write_results({"acc1": 0.5})
-    b.write_results({"acc1": 0.75})
+    a.write_results({"acc1": 0.5, "train": {"loss": 1.25}})
+    b.write_results({"acc1": 0.75, "train": {"loss": 1.5}})
     assert main(["runs", "show", str(a.path)]) == 0
     out = capsys.readouterr().out
-    assert "acc1" in out and "0.5000" in out and "created" in out
+    assert "created" in out and re.search(r"acc1 % +│ +50\.00 ", out) and re.search(r"train\.loss +│ +1\.25 ", out)
     assert main(["runs", "compare", str(a.path), str(b.path)]) == 0
     out = capsys.readouterr().out
-    assert "0.5000" in out and "0.7500" in out
+    assert re.search(r"acc1 % +50\.00 +75\.00", out)  # percent, the unit beside the key
     lr_row = next(line for line in out.splitlines() if line.strip("│ ").startswith("lr "))
     assert "0.1" in lr_row and "0.2" in lr_row
     assert "seed" not in out.split("config keys that differ")[1]  # equal keys are not listed
@@ -308,6 +407,29 @@ def test_runs_show_and_compare(tmp_path, capsys, wide_console):
     assert main(["runs", "show", str(tmp_path)]) == 2
     assert "is not a dmclip run directory" in capsys.readouterr().err
 
+
+def test_runs_compare_fits_80_columns_and_shows_where_values_differ(tmp_path, capsys, columns_80):
+    spec = "world-train:image_size={},count=20000,seed=0"
+    a, b = [_stamped(tmp_path, "20261207-101500", "pretrain", TinyConfig(seed=seed), "pretrain",
+                     results={"zeroshot": {"acc1": acc}}) for seed, acc in ((0, 0.038), (1, 0.0175))]
+    for run, size in ((a, 32), (b, 64)):
+        path = run.path / "resolved.yaml"
+        path.write_text(path.read_text() + f"data:\n  train: {spec.format(size)}\n")
+    assert main(["runs", "compare", str(a.path), str(b.path)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    row = next(line for line in out.splitlines() if line.startswith("data.train"))
+    assert "image_size=32" in row and "image_size=64" in row  # the part that differs, not the shared start
+    assert re.search(r"zeroshot\.acc1 % +3\.80 +1\.75", out)
+    assert main(["runs", "compare", str(a.path), str(b.path), "--format", "md"]) == 0
+    md = capsys.readouterr().out
+    assert f"| metric | {a.path.name} | {b.path.name} |" in md and "| zeroshot.acc1 % | 3.80 | 1.75 |" in md
+    assert f"| data.train | {spec.format(32)} | {spec.format(64)} |" in md
+    assert main(["runs", "compare", str(a.path), str(b.path), "--format", "csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["table", "key", a.path.name, b.path.name]
+    assert ["metric", "zeroshot.acc1", "0.038", "0.0175"] in rows and ["config", "seed", "0", "1"] in rows
+    assert ["config", "data.train", spec.format(32), spec.format(64)] in rows
 
 
 # ------------------------------------------------------------------------------------ runs report
