@@ -451,9 +451,12 @@ def test_runs_report_renders_the_runs_results_and_the_config_that_differs(tmp_pa
     assert lines[2] == f"| {a.path.name} | 0.001 | 12.50 | 250 |"
     assert lines[3] == f"| {b.path.name} | 0.003 | 50.00 | 240 |"
     assert "Rendered by `dmclip runs report" in out and "seeds: 0" in out
-    assert main(["runs", "report", str(a.path), str(b.path), "--format", "csv", "--fractions"]) == 0
+    assert main(["runs", "report", str(a.path), str(b.path), "--format", "csv"]) == 0  # CSV: fractions
     rows = list(csv.reader(capsys.readouterr().out.strip().splitlines()))
     assert rows[0] == ["run", "lr", "zeroshot.acc1", "zeroshot.acc5"] and rows[1][2:] == ["0.125", "0.5"]
+    assert main(["runs", "report", str(a.path), str(b.path), "--format", "csv", "--percent"]) == 0
+    rows = list(csv.reader(capsys.readouterr().out.strip().splitlines()))
+    assert rows[0][2] == "zeroshot.acc1 %" and rows[1][2:] == ["12.50", "50.00"]
 
 
 def test_a_key_an_older_run_lacks_differs_only_where_the_newer_one_sets_it(tmp_path, capsys, wide_console):
@@ -498,3 +501,101 @@ def test_runs_report_names_a_missing_result_key(tmp_path, capsys):
     assert main(["runs", "report", str(a.path), "--metrics", "zeroshot.ac1"]) == 2
     err = capsys.readouterr().err
     assert "no run has the result key 'zeroshot.ac1'" in err and "zeroshot.acc1" in err
+
+
+# ------------------------------------------------------------------------------------- runs clean
+
+
+def _with_status(root: Path, name: str, status: str, parent: Path | None = None, days_old: float = 0) -> RunDir:
+    run = RunDir.create("distill", name, TinyConfig(), root=root, parent=parent, argv=["dmclip"])
+    started = real_dt.datetime.now().astimezone() - real_dt.timedelta(days=days_old)
+    fields = {"status": status, "start_time": started.isoformat(timespec="seconds")}
+    if status in ("running", "crashed"):  # running: this process; crashed: a process that is gone
+        fields.update(status="running", pid=os.getpid() if status == "running" else _dead_pid(),
+                      pid_start=runs_module._process_start(os.getpid()) if status == "running" else None,
+                      host=socket.gethostname())
+    run.update_info(**fields)
+    run.log_metrics({"step": 1, "loss": 1.0})
+    return run
+
+
+@pytest.fixture
+def mixed_runs(tmp_path) -> dict[str, RunDir]:
+    return {status: _with_status(tmp_path, status, status)
+            for status in ("completed", "failed", "interrupted", "crashed", "running", "created")}
+
+
+def test_clean_removes_failed_interrupted_and_crashed_runs_and_keeps_the_rest(tmp_path, mixed_runs, capsys):
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--yes"]) == 0
+    out = capsys.readouterr().out
+    left = {status for status, run in mixed_runs.items() if run.path.exists()}
+    assert left == {"completed", "running", "created"}  # a live process's run and a finished result stay
+    assert "removed 3 run(s)" in out and str(mixed_runs["failed"].path) in out
+
+
+def test_clean_lists_first_and_removes_nothing_without_yes(tmp_path, mixed_runs, capsys, monkeypatch):
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "would remove: 3 run(s)" in out and "nothing removed" in err
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path)]) == 2  # no terminal to ask at: refuse
+    err = capsys.readouterr().err
+    assert "error: refusing to remove 3 run directories without confirmation" in err and "--yes" in err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path)]) == 0
+    assert all(run.path.exists() for run in mixed_runs.values())  # answered no
+    monkeypatch.setattr(sys, "stdin", Terminal("y\n"))
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path)]) == 0
+    assert not mixed_runs["failed"].path.exists() and mixed_runs["completed"].path.exists()
+
+
+def test_clean_by_status_and_age(tmp_path, capsys):
+    old = _with_status(tmp_path, "old", "failed", days_old=10)
+    new = _with_status(tmp_path, "new", "failed", days_old=1)
+    stopped = _with_status(tmp_path, "stopped", "interrupted", days_old=10)
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--status", "failed", "--older-than", "7d",
+                 "--yes"]) == 0
+    assert (old.path.exists(), new.path.exists(), stopped.path.exists()) == (False, True, True)
+    for argv, message in [(["--status", "completed"], "a completed run is never removed by a filter"),
+                          (["--status", "running"], "a running run is never removed by a filter"),
+                          (["--status", "faild"], "'faild' is not a status"),
+                          (["--older-than", "a week"], "is not a duration"),
+                          ([str(new.path), "--status", "failed"], "ambiguous")]:
+        assert main(["runs", "clean", "--runs-dir", str(tmp_path), *argv[:1], *argv[1:]]
+                    if not argv[0].startswith("/") else ["runs", "clean", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "hint:" in err, argv
+    assert new.path.exists()
+
+
+def test_clean_removes_a_named_completed_run_but_never_a_running_one(tmp_path, mixed_runs, capsys):
+    running, completed = mixed_runs["running"], mixed_runs["completed"]
+    assert main(["runs", "clean", str(completed.path), str(running.path), "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert f"{running.path} is running (pid {os.getpid()}" in err and "stop that process first" in err
+    assert completed.path.exists() and running.path.exists()  # refused before anything was removed
+    assert main(["runs", "clean", str(completed.path), "--yes"]) == 0
+    assert not completed.path.exists() and running.path.exists()
+
+
+def test_clean_takes_a_sweep_directory_with_its_last_run(tmp_path, capsys):
+    sweep = tmp_path / "distill" / "20261207-102000-sweep-demo"
+    members = [_with_status(tmp_path, f"alpha{a}", "failed", parent=sweep) for a in (0, 1)]
+    (sweep / "resolved.yaml").write_text("command: distill\n")
+    kept = tmp_path / "distill" / "20261207-103000-sweep-kept"
+    _with_status(tmp_path, "alpha0", "failed", parent=kept)
+    done = _with_status(tmp_path, "alpha1", "completed", parent=kept)
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    assert "would remove: 3 run(s) and 1 sweep directory" in capsys.readouterr().out
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--yes"]) == 0
+    assert not sweep.exists() and not any(m.path.exists() for m in members)
+    assert kept.is_dir() and done.path.exists()  # a sweep with a completed run stays, with that run
+    assert (tmp_path / "distill").is_dir()  # the command's folder is no sweep
+    sweep2 = tmp_path / "distill" / "20261207-104000-sweep-named"
+    named = [_with_status(tmp_path, f"alpha{a}", "completed", parent=sweep2) for a in (0, 1)]
+    assert main(["runs", "clean", str(sweep2), "--yes"]) == 0  # a named sweep: all its runs, then itself
+    assert not sweep2.exists() and not any(m.path.exists() for m in named)
