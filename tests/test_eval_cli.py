@@ -45,6 +45,9 @@ def test_zero_shot_writes_clip_benchmark_results(model_dir, tmp_path, capsys):
     assert set(results["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     assert 0.0 <= results["metrics"]["acc1"] <= results["metrics"]["acc5"] <= 1.0
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    # only what the command produced: no empty recipe.yaml, overrides.txt or log.txt, no checkpoints/
+    assert {p.name for p in run.iterdir()} <= {"run.json", "resolved.yaml", "results.json", "report.md", "log.txt"}
+    assert all(p.stat().st_size > 0 for p in run.iterdir())
     acc1 = f"{100 * results['metrics']['acc1']:.2f}"  # tables show percent, results.json keeps the fraction
     assert f"| acc@1 % | {acc1} |" in (run / "report.md").read_text()
     header, row = [line for line in capsys.readouterr().out.splitlines() if "┃" in line or "│" in line][-2:]

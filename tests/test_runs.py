@@ -62,7 +62,6 @@ def test_create_writes_the_documented_layout(tmp_path):
     stamp, rest = run.path.name[:15], run.path.name[16:]
     real_dt.datetime.strptime(stamp, "%Y%m%d-%H%M%S")
     assert rest.startswith("my-run-1-") and len(rest.rsplit("-", 1)[1]) == 6
-    assert (run.path / "checkpoints").is_dir()
     assert (run.path / "recipe.yaml").read_text() == "lr: 0.001\n"
     assert (run.path / "overrides.txt").read_text() == "seed=0\n"
     assert (run.path / "resolved.yaml").read_text().startswith("command: distill\nseed: 0\nlr: 0.001\n")
@@ -72,6 +71,30 @@ def test_create_writes_the_documented_layout(tmp_path):
                 "start_time", "end_time", "error"):
         assert key in info
     assert run.resolved_config(TinyConfig) == TinyConfig()
+
+
+def test_a_run_directory_holds_only_what_was_produced(tmp_path):
+    """No recipe, no overrides (an eval run): no empty recipe.yaml, overrides.txt, log.txt or checkpoints/."""
+    run = RunDir.create("eval", "zero-shot", TinyConfig(), root=tmp_path, argv=["dmclip", "eval"])
+    with run.active():
+        pass
+    assert sorted(p.name for p in run.path.iterdir()) == ["resolved.yaml", "run.json"]
+    with run.active():
+        runs_module.log.info("first line")  # the first line makes log.txt, the first checkpoint checkpoints/
+        run.save_checkpoint({"step": 1})
+    assert "first line" in (run.path / "log.txt").read_text() and run.load_checkpoint()["step"] == 1
+    assert sorted(p.name for p in run.path.iterdir()) == ["checkpoints", "log.txt", "resolved.yaml", "run.json"]
+
+
+def test_a_checkpoints_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, monkeypatch):
+    run = _create(tmp_path)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "mkdir", disk_full)
+    with pytest.raises(DmclipError, match="could not write .*checkpoints/last.pt: No space left on device"):
+        run.save_checkpoint({"step": 1})
 
 
 def test_same_second_same_config_never_reuses_a_directory(tmp_path, monkeypatch):
