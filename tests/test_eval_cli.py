@@ -54,6 +54,32 @@ def test_zero_shot_writes_clip_benchmark_results(model_dir, tmp_path, capsys):
     assert header.split("┃")[1:3] == [" acc@1 % ", " acc@5 % "] and row.split("│")[1].strip() == acc1
 
 
+def test_a_warning_is_printed_once_after_open_clip_logged_through_the_root_logger(model_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """open_clip logs with logging.info, which gives the root logger a stderr handler: dmclip's log lines must
+    still show once (here the unknown-word warning: this model's vocabulary is 300 BPE pieces, not words), and
+    still reach the run's log.txt."""
+    import logging
+
+    import open_clip
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one log record, one line
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as outside pytest, whose handlers hang on the root
+    open_clip.get_tokenizer("ViT-B-32")  # logs "Parsing tokenizer identifier" through the root logger
+    assert logging.getLogger().handlers  # ... which now has a stderr handler of its own
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"crimson disc {i}\n" for i in range(100)))
+    assert main(["eval", "zero-shot", "--model", f"run:{model_dir}", "--data", ZS, "--runs-dir", str(tmp_path / "r"),
+                 "--classnames", str(names)]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("not in the model's vocabulary") == 1, err
+    assert out.count("not in the model's vocabulary") == 1  # the note under the table
+    log = (_only_run(tmp_path / "r") / "log.txt").read_text()
+    assert log.count("not in the model's vocabulary") == 1
+    results = json.loads((_only_run(tmp_path / "r") / "results.json").read_text())
+    assert {"crimson", "disc"} <= set(results["details"]["unknown_words"])
+
+
 def test_custom_classnames_and_templates_files(model_dir, tmp_path):
     from dmclip.data import build_dataset
 

@@ -58,6 +58,9 @@ def _setup_logging(level: int) -> None:
     handler.setLevel(level)
     logger.addHandler(handler)
     logger.setLevel(min(level, logging.INFO))
+    # open_clip logs through the root logger (logging.info), which gives the root a stderr handler of its own:
+    # a dmclip record passed on to it would be printed a second time. log.txt hangs on this logger.
+    logger.propagate = False
 
 
 def _register_commands() -> None:
@@ -83,10 +86,21 @@ def _print_error(message: str, hint: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (without the program name); return the exit code."""
     from dmclip.cli import common
-    from dmclip.cli.common import err_console
 
     argv = list(sys.argv[1:] if argv is None else argv)
     common.CURRENT_ARGV = ["dmclip", *argv]  # what run.json records, also when tests call main([...])
+    logger = logging.getLogger("dmclip")
+    propagate = logger.propagate
+    try:
+        return _run(argv)
+    finally:  # dmclip used as a library after main() returns logs through the root logger again
+        logger.propagate = propagate
+
+
+def _run(argv: list[str]) -> int:
+    """The command's exit code; every error becomes one message (a traceback for a bug)."""
+    from dmclip.cli.common import err_console
+
     debug = bool(os.environ.get("DMCLIP_DEBUG"))
     try:
         result = app(args=argv, prog_name="dmclip", standalone_mode=False)
