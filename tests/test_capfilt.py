@@ -256,7 +256,7 @@ def test_webdataset_shards_hold_the_kept_pairs_and_read_back_as_the_csv_dataset(
 
 
 def test_cli_writes_report_results_and_curve(blip_dir, tmp_path, capsys, plot_pixels):
-    out = tmp_path / "boot"
+    out = tmp_path / "data" / "bootstrapped"  # a fresh clone has no data/: capfilt makes it
     code = main(["capfilt", "--model", f"run:{blip_dir}", "--data", "world-noisy:size=16", "--out", str(out),
                  "--num-captions", "1", "--max-length", "6", "--min-length", "2", "--runs-dir", str(tmp_path / "runs"),
                  "--set", "progress=false", "--shard-size", "8"])
@@ -368,7 +368,8 @@ def test_every_caption_carries_itm_itc_and_their_sum_and_the_filter_uses_the_cho
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--out", "{tmp}/no/such/parent/boot"], "parent of --out"),
+    (["--out", "{tmp}/a-file/boot"], "which is a file"),
+    (["--out", "{tmp}/a-file"], "is a file"),
     (["--out", "{tmp}/boot", "--score", "clip"], "score"),
     (["--calibrate-on", "world-train-clean:size=4", "--threshold", "0.3", "--out", "{tmp}/boot"], "--calibrate-on"),
     (["--clean-keep", "0.9", "--out", "{tmp}/boot"], "--calibrate-on"),
@@ -378,6 +379,7 @@ def test_every_caption_carries_itm_itc_and_their_sum_and_the_filter_uses_the_cho
 ])
 def test_cli_bad_options_are_one_line_errors(blip_dir, tmp_path, capsys, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "a-file").write_text("not a folder")
     code = main(["capfilt", "--model", f"run:{blip_dir}", "--data", DATA, "--runs-dir", str(tmp_path / "runs"), *args])
     assert code == 2
     err = capsys.readouterr().err
