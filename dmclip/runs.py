@@ -277,7 +277,7 @@ class RunDir:
             yield self
         except KeyboardInterrupt:
             self._record_end(status="interrupted", end_time=_now(), error="interrupted (Ctrl-C or SIGTERM)")
-            log.warning("run interrupted; resume with --resume %s", self.path)
+            log.warning("run interrupted: %s", self.path)  # the CLI says how to go on, for its command
             raise
         except DmclipError as exc:
             self._record_end(status="failed", end_time=_now(), error=str(exc))

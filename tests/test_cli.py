@@ -17,7 +17,7 @@ import typer
 
 from dmclip import __version__
 from dmclip.cli import common
-from dmclip.cli.main import app, main
+from dmclip.cli.main import app, interrupted_message, main
 from dmclip.config import field
 from dmclip.errors import DmclipError
 from dmclip.runs import RunDir
@@ -295,3 +295,39 @@ def test_metrics_table_shows_fraction_columns_in_percent_with_the_unit_in_the_he
     assert rendered(percent=True, labels={"bleu4": "BLEU-4"}) == [
         ["model", "acc@1 %", "BLEU-4 %", "cider ×100", "loss"], ["a", "49.95", "-", "120.00", "0.12"]]
     assert rendered() == [["model", "acc@1", "bleu4", "cider", "loss"], ["a", "0.50", "nan", "1.20", "0.12"]]
+
+
+@pytest.mark.parametrize("argv, advice", [
+    (["pretrain", "--steps", "3"], "continue the run with `dmclip pretrain --resume <run directory>`"),
+    (["-v", "distill", "--alpha", "0,1"], "continue the run with `dmclip distill --resume <run directory>`"),
+    (["capfilt", "--out", "data/boot"], "continue the run with `dmclip capfilt --resume <run directory>`"),
+    (["distill", "cache", "--out", "stores/x"], "run the same `dmclip distill cache` command again"),
+    (["eval", "zero-shot", "--model", "run:x"], "`dmclip eval zero-shot` has no --resume: run it again"),
+    (["compress", "serve", "--port", "0"], "`dmclip compress serve` has no --resume: run it again"),
+    (["export", "run:x"], "run `dmclip export` again"),
+    (["runs", "list"], "run `dmclip runs list` again"),
+])
+def test_ctrl_c_names_a_way_on_that_the_command_has(argv, advice):
+    """Only the commands that take --resume are told to use it."""
+    message = interrupted_message(argv)
+    assert message.startswith(advice)
+    assert ("--resume <run directory>" in message) == ("continue the run" in advice)
+
+
+def test_ctrl_c_prints_one_line_with_the_way_on(tmp_path, monkeypatch, capsys):
+    import dmclip.pretrain
+    import dmclip.runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dmclip.pretrain, "run", interrupted)
+    assert main(["pretrain", "--runs-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; continue the run with `dmclip pretrain --resume <run directory>`" in err
+    (run,) = dmclip.runs.find_runs(tmp_path)
+    assert run.status == "interrupted" and str(run.path) in err
+    monkeypatch.setattr(dmclip.runs, "find_runs", interrupted)
+    assert main(["runs", "list"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run `dmclip runs list` again" in err and "--resume" not in err

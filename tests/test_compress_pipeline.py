@@ -138,3 +138,33 @@ def test_finetune_server_trains_the_decoder_on_compressed_tokens_only(tmp_path):
     assert all(torch.equal(v, model.visual.state_dict()[k]) for k, v in visual_before.items())  # edge frozen
     after = model.text_decoder.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in decoder_before.items())  # the decoder is what trains
+
+
+def test_ctrl_c_stops_compress_serve_as_its_normal_end(tmp_path, capsys, monkeypatch):
+    """Ctrl-C is how a server is stopped: the run completes with its statistics, exit code 0, and nobody is
+    told to --resume a command that has no such option."""
+    from dmclip.cli.main import main
+    from dmclip.compress.server import CaptionServer
+    from dmclip.models.base import save_model
+    from dmclip.models.blip import BlipModel, blip_tokenizer
+
+    model = BlipModel(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, text_width=32,
+                      text_depth=1, text_heads=2, embed_dim=16, context_length=12, queue_size=8,
+                      tokenizer=blip_tokenizer(["a red circle"], 12))
+    save_model(model, tmp_path / "blip")
+    real_serve = CaptionServer.serve
+
+    def serve_then_ctrl_c(self):
+        self.stats.requests = 3  # what it served before the key was pressed
+        self.stop()
+        real_serve(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CaptionServer, "serve", serve_then_ctrl_c)
+    assert main(["compress", "serve", "--model", f"run:{tmp_path / 'blip'}", "--port", "0",
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert "server stopped" in err and "--resume" not in err and "interrupted" not in err
+    (run,) = [RunDir(p) for p in (tmp_path / "runs" / "compress").iterdir()]
+    assert run.status == "completed" and run.results()["requests"] == 3
+    assert "requests: 3" in (run.path / "report.md").read_text()

@@ -120,6 +120,9 @@ def register(app: typer.Typer) -> None:
                               f"{max_connections} connections)")
             try:
                 stats = server.serve().as_dict()
+            except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) is how a server is stopped: the run ends normally
+                stats = server.stats.as_dict()
+                err_console.print("server stopped", highlight=False)
             finally:
                 run.write_results(server.stats.as_dict())
             run.write_text("report.md", "# compress serve\n\n" + "".join(f"- {k}: {v}\n" for k, v in stats.items()))
