@@ -620,5 +620,5 @@ def test_clean_takes_a_sweep_directory_with_its_last_run(tmp_path, capsys):
     assert (tmp_path / "distill").is_dir()  # the command's folder is no sweep
     sweep2 = tmp_path / "distill" / "20261207-104000-sweep-named"
     named = [_with_status(tmp_path, f"alpha{a}", "completed", parent=sweep2) for a in (0, 1)]
-    assert main(["runs", "clean", str(sweep2), "--yes"]) == 0  # a named sweep: all its runs, then itself
+    assert main(["runs", "clean", str(sweep2), str(named[0].path), "--yes"]) == 0  # a sweep: its runs, itself
     assert not sweep2.exists() and not any(m.path.exists() for m in named)

@@ -94,7 +94,7 @@ def short_names(names: list[str]) -> list[str]:
     for parts in _NAME_PARTS:
         candidates = {i: "-".join(m[p] for p in parts if m[p]) for i, m in enumerate(matches)
                       if m and shown[i] is None}
-        taken = [c for c in candidates.values()] + [s for s in shown if s is not None]
+        taken = [*candidates.values(), *(s for s in shown if s is not None)]
         for i, candidate in candidates.items():
             if taken.count(candidate) == 1:
                 shown[i] = candidate
@@ -290,9 +290,9 @@ def register(app: typer.Typer) -> None:
             _print_comparison([r.path.name for r in runs], metrics, differ, format_)
             return
         names = [r.path.name for r in runs] if wide else short_names([r.path.name for r in runs])
-        console.print(_comparison_table("metrics", names, [[metric_label(key), *[
-            format_metric(key, value) if value is not None else "-" for value in values]]
-            for key, *values in metrics], wide, numbers=True))
+        console.print(_comparison_table("metrics", names, [
+            [metric_label(key), *[format_metric(key, value) for value in values]] for key, *values in metrics],
+            wide, numbers=True))
         console.print(_comparison_table("config keys that differ", names, [
             [key, *[str(value) for value in values]] for key, *values in differ], wide) if differ
             else "config: identical")
@@ -501,7 +501,7 @@ def select_named(paths: list[Path]) -> list:
     """The runs named on the command line (a sweep directory names its members); a running one is refused."""
     from dmclip.runs import RunDir
 
-    chosen = []
+    chosen = {}  # resolved path -> run: a run named twice (or with its sweep) is removed once
     for path in paths:
         members = sorted(p.parent for p in Path(path).glob("*/run.json")) if not (Path(path) / "run.json").is_file() \
             else []
@@ -510,8 +510,8 @@ def select_named(paths: list[Path]) -> list:
                 info = run.info
                 raise DmclipError(f"{run.path} is running (pid {info.get('pid')} on {info.get('host')})",
                                   "stop that process first; a running run's directory is never removed")
-            chosen.append(run)
-    return chosen
+            chosen.setdefault(run.path.resolve(), run)
+    return list(chosen.values())
 
 
 def _status(run) -> str:
