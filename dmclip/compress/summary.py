@@ -30,7 +30,7 @@ def _fmt(key: str, value) -> str:
 def rows_markdown(rows: list[dict]) -> str:
     """Result rows as the table of report.md and summary.md (scores and shares in percent)."""
     return markdown_table([metric_label(key, label) for key, label in COLUMNS.items()],
-                          [[_fmt(key, r.get(key)) for key in COLUMNS] for r in rows])
+                          [[_fmt(key, r.get(key)) for key in COLUMNS] for r in rows], align="l" + "r" * (len(COLUMNS) - 1))
 
 
 def csv_text(rows: list[dict]) -> str:
