@@ -4,6 +4,9 @@
       run.json  recipe.yaml  resolved.yaml  overrides.txt  metrics.jsonl  log.txt
       checkpoints/last.pt  model/  results.json  report.md  *.png
 
+A run directory holds only what was produced: recipe.yaml where there was a recipe, overrides.txt where
+there were --set overrides, checkpoints/ from the first checkpoint, log.txt from the first log line.
+
 ``RunDir.create(...)`` makes a new one, ``RunDir.open(path)`` reopens one for ``--resume``;
 ``with run.active(): ...`` records status running -> completed | failed | interrupted.
 """
@@ -91,7 +94,6 @@ class RunDir:
                 except FileExistsError:  # same second, same config: never reuse, add a counter
                     suffix += 1
                     path = base / f"{stamp}-{slug(name)}-{digest}-{suffix}"
-            (path / "checkpoints").mkdir()
         except OSError as exc:  # the runs root is a file, read-only, on a full disk ...
             raise DmclipError(f"cannot create the run directory {path}: {exc.strerror or exc}",
                               "choose another --runs-dir (or $DMCLIP_RUNS), one that is a writable directory"
@@ -99,8 +101,10 @@ class RunDir:
         run = cls(path)
         if config is not None:
             atomic_write_text(path / "resolved.yaml", f"command: {command}\n" + to_yaml(config))
-        atomic_write_text(path / "recipe.yaml", recipe_text)
-        atomic_write_text(path / "overrides.txt", "\n".join(overrides or []) + ("\n" if overrides else ""))
+        if recipe_text:
+            atomic_write_text(path / "recipe.yaml", recipe_text)
+        if overrides:
+            atomic_write_text(path / "overrides.txt", "\n".join(overrides) + "\n")
         info = {
             "schema_version": SCHEMA_VERSION,
             "command": command,
@@ -234,7 +238,13 @@ class RunDir:
         return self.path / "checkpoints" / name
 
     def save_checkpoint(self, state: dict, name: str = "last.pt") -> Path:
+        """Write ``checkpoints/<name>`` atomically; the first one makes checkpoints/."""
         path = self.checkpoint_path(name)
+        try:
+            path.parent.mkdir(exist_ok=True)
+        except OSError as exc:  # a full disk: the run fails with the fix, not a traceback
+            raise DmclipError(f"could not write {path}: {exc.strerror or exc}",
+                              "free disk space or choose another --runs-dir; --resume continues the run") from exc
         atomic_torch_save(state, path)
         for stale in path.parent.glob(f".{name}.*.tmp"):  # left by a process killed mid-write
             with contextlib.suppress(OSError):
@@ -257,7 +267,7 @@ class RunDir:
             yield self
         except KeyboardInterrupt:
             self._record_end(status="interrupted", end_time=_now(), error="interrupted (Ctrl-C or SIGTERM)")
-            log.warning("run interrupted; resume with --resume %s", self.path)
+            log.warning("run interrupted: %s", self.path)  # the CLI says how to go on, for its command
             raise
         except DmclipError as exc:
             self._record_end(status="failed", end_time=_now(), error=str(exc))
@@ -281,7 +291,7 @@ class RunDir:
             log.error("%s (the run's status could not be recorded)", exc.message)
 
     def _attach_log(self) -> None:
-        handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
+        handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8", delay=True)  # made by the first line
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
         root = logging.getLogger("dmclip")

@@ -251,7 +251,7 @@ def test_webdataset_shards_hold_the_kept_pairs_and_read_back_as_the_csv_dataset(
 
 
 def test_cli_writes_report_results_and_curve(blip_dir, tmp_path, capsys, plot_pixels):
-    out = tmp_path / "boot"
+    out = tmp_path / "data" / "bootstrapped"  # a fresh clone has no data/: capfilt makes it
     code = main(["capfilt", "--model", f"run:{blip_dir}", "--data", "world-noisy:size=16", "--out", str(out),
                  "--num-captions", "1", "--max-length", "6", "--min-length", "2", "--runs-dir", str(tmp_path / "runs"),
                  "--set", "progress=false", "--shard-size", "8"])
@@ -265,6 +265,9 @@ def test_cli_writes_report_results_and_curve(blip_dir, tmp_path, capsys, plot_pi
     assert colours["C0"] > 300  # the precision-recall curve is drawn, not only its legend entry
     report = (run.path / "report.md").read_text()
     assert "precision" in report and "| web | 16 |" in report
+    noise, ap = results["noise_removal"], results["pr_curve"]["average_precision"]  # fractions in the file ...
+    assert f"noisy web captions {100 * noise['noisy_fraction_before']:.1f} % before" in report  # ... percent here
+    assert f"Average precision over thresholds: {100 * ap:.1f} %" in report
     assert "dataset: csv:" in capsys.readouterr().out.replace("\n", "")
 
 
@@ -360,7 +363,8 @@ def test_every_caption_carries_itm_itc_and_their_sum_and_the_filter_uses_the_cho
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--out", "{tmp}/no/such/parent/boot"], "parent of --out"),
+    (["--out", "{tmp}/a-file/boot"], "which is a file"),
+    (["--out", "{tmp}/a-file"], "is a file"),
     (["--out", "{tmp}/boot", "--score", "clip"], "score"),
     (["--calibrate-on", "world-train-clean:size=4", "--threshold", "0.3", "--out", "{tmp}/boot"], "--calibrate-on"),
     (["--clean-keep", "0.9", "--out", "{tmp}/boot"], "--calibrate-on"),
@@ -370,6 +374,7 @@ def test_every_caption_carries_itm_itc_and_their_sum_and_the_filter_uses_the_cho
 ])
 def test_cli_bad_options_are_one_line_errors(blip_dir, tmp_path, capsys, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "a-file").write_text("not a folder")
     code = main(["capfilt", "--model", f"run:{blip_dir}", "--data", DATA, "--runs-dir", str(tmp_path / "runs"), *args])
     assert code == 2
     err = capsys.readouterr().err

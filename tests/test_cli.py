@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ from helpers.cli import stderr_lines
 
 from dmclip import __version__
 from dmclip.cli import common
-from dmclip.cli.main import app, main
+from dmclip.cli.main import app, interrupted_message, main
 from dmclip.config import field
 from dmclip.errors import DmclipError
 from dmclip.runs import RunDir
@@ -273,6 +274,57 @@ def test_sizes_and_ages_in_the_largest_unit_they_reach():
     assert [_size(n) for n in (512, 1536, 2_500_000, 3_000_000_000)] == ["512 B", "1.5 kB", "2.5 MB", "3.0 GB"]
     now = dt.datetime.now().astimezone()
     ages = [_age((now - dt.timedelta(seconds=s)).isoformat()) for s in (30, 150, 7300, 3 * 86400 + 5)]
-    assert ages == ["30s ago", "2m ago", "2h ago", "3d ago"]
+    assert ages == ["30s", "2m", "2h", "3d"]  # under the header "age"
     assert _age(None) == _age("not a date") == "-"
 
+
+
+def test_metrics_table_shows_fraction_columns_in_percent_with_the_unit_in_the_header():
+    from rich.console import Console
+
+    def rendered(**options) -> list[list[str]]:
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(common.metrics_table("t", [{"model": "a", "acc@1": 0.4995, "bleu4": float("nan"),
+                                                   "cider": 1.2, "loss": 0.123456}], **options))
+        lines = [line for line in console.export_text().splitlines() if "┃" in line or "│" in line]
+        return [[cell.strip() for cell in re.split("[┃│]", line)[1:-1]] for line in lines]
+
+    assert rendered(percent=True, labels={"bleu4": "BLEU-4"}) == [
+        ["model", "acc@1 %", "BLEU-4 %", "cider ×100", "loss"], ["a", "49.95", "-", "120.00", "0.12"]]
+    assert rendered() == [["model", "acc@1", "bleu4", "cider", "loss"], ["a", "0.50", "nan", "1.20", "0.12"]]
+
+
+@pytest.mark.parametrize("argv, advice", [
+    (["pretrain", "--steps", "3"], "continue the run with `dmclip pretrain --resume <run directory>`"),
+    (["-v", "distill", "--alpha", "0,1"], "continue the run with `dmclip distill --resume <run directory>`"),
+    (["capfilt", "--out", "data/boot"], "continue the run with `dmclip capfilt --resume <run directory>`"),
+    (["distill", "cache", "--out", "stores/x"], "run the same `dmclip distill cache` command again"),
+    (["eval", "zero-shot", "--model", "run:x"], "`dmclip eval zero-shot` has no --resume: run it again"),
+    (["compress", "serve", "--port", "0"], "`dmclip compress serve` has no --resume: run it again"),
+    (["export", "run:x"], "run `dmclip export` again"),
+    (["runs", "list"], "run `dmclip runs list` again"),
+])
+def test_ctrl_c_names_a_way_on_that_the_command_has(argv, advice):
+    """Only the commands that take --resume are told to use it."""
+    message = interrupted_message(argv)
+    assert message.startswith(advice)
+    assert ("--resume <run directory>" in message) == ("continue the run" in advice)
+
+
+def test_ctrl_c_prints_one_line_with_the_way_on(tmp_path, monkeypatch, capsys):
+    import dmclip.pretrain
+    import dmclip.runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dmclip.pretrain, "run", interrupted)
+    assert main(["pretrain", "--runs-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; continue the run with `dmclip pretrain --resume <run directory>`" in err
+    (run,) = dmclip.runs.find_runs(tmp_path)
+    assert run.status == "interrupted" and str(run.path) in err
+    monkeypatch.setattr(dmclip.runs, "find_runs", interrupted)
+    assert main(["runs", "list"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run `dmclip runs list` again" in err and "--resume" not in err

@@ -39,7 +39,13 @@ def test_eval_compares_with_the_baseline_and_writes_the_run(tmp_path):
     assert row["bytes_per_image"] < base["bytes_per_image"]
     saved = json.loads((run.path / "results.json").read_text())
     assert saved["compressed"]["bleu1"] == row["bleu1"]
-    assert "BLEU-4" in (run.path / "report.md").read_text()
+    table = [line.split(" | ") for line in (run.path / "report.md").read_text().splitlines() if line.startswith("|")]
+    header, compressed = table[0], table[3]
+    # scores and shares in percent, each with its unit in the header; bytes are no percentage
+    assert header[1:8] == ["comm. eff. %", "bytes/img", "bytes w/o idx", "BLEU-1 %", "BLEU-4 %", "CIDEr ×100",
+                           "BLEU-4 / full %"]
+    assert compressed[1:3] == [f"{100 * 3 / 17:.2f}", f"{row['bytes_per_image']:.3f}"]
+    assert compressed[4] == f"{100 * row['bleu1']:.2f}" and compressed[6] == f"{100 * row['cider']:.2f}"
 
 
 def test_sweep_writes_table_csv_plot_and_checks_the_claims(tmp_path, plot_pixels):
@@ -56,6 +62,9 @@ def test_sweep_writes_table_csv_plot_and_checks_the_claims(tmp_path, plot_pixels
     assert min(colours["C0"], colours["C1"], colours["C2"]) > 300 and colours["C3"] > 50, colours
     csv_lines = (run.path / "summary.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(labels) and "bytes_per_image" in csv_lines[0]
+    header = csv_lines[0].split(",")  # the CSV is for machines: fractions, as in results.json
+    none = dict(zip(header, csv_lines[1].split(",")))
+    assert float(none["communication_efficiency"]) == result["rows"][0]["communication_efficiency"] <= 1
     assert "| kmeans k=8 |" in (run.path / "summary.md").read_text()
     assert any("k=8" in c for c in result["claims"]) and any("random" in c for c in result["claims"])
 
@@ -129,3 +138,33 @@ def test_finetune_server_trains_the_decoder_on_compressed_tokens_only(tmp_path):
     assert all(torch.equal(v, model.visual.state_dict()[k]) for k, v in visual_before.items())  # edge frozen
     after = model.text_decoder.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in decoder_before.items())  # the decoder is what trains
+
+
+def test_ctrl_c_stops_compress_serve_as_its_normal_end(tmp_path, capsys, monkeypatch):
+    """Ctrl-C is how a server is stopped: the run completes with its statistics, exit code 0, and nobody is
+    told to --resume a command that has no such option."""
+    from dmclip.cli.main import main
+    from dmclip.compress.server import CaptionServer
+    from dmclip.models.base import save_model
+    from dmclip.models.blip import BlipModel, blip_tokenizer
+
+    model = BlipModel(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, text_width=32,
+                      text_depth=1, text_heads=2, embed_dim=16, context_length=12, queue_size=8,
+                      tokenizer=blip_tokenizer(["a red circle"], 12))
+    save_model(model, tmp_path / "blip")
+    real_serve = CaptionServer.serve
+
+    def serve_then_ctrl_c(self):
+        self.stats.requests = 3  # what it served before the key was pressed
+        self.stop()
+        real_serve(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CaptionServer, "serve", serve_then_ctrl_c)
+    assert main(["compress", "serve", "--model", f"run:{tmp_path / 'blip'}", "--port", "0",
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert "server stopped" in err and "--resume" not in err and "interrupted" not in err
+    (run,) = [RunDir(p) for p in (tmp_path / "runs" / "compress").iterdir()]
+    assert run.status == "completed" and run.results()["requests"] == 3
+    assert "requests: 3" in (run.path / "report.md").read_text()

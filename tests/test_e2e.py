@@ -29,9 +29,10 @@ def teacher_run(tmp_path_factory) -> RunDir:
 def test_pretrain_writes_a_complete_run_directory(teacher_run):
     info = teacher_run.info
     assert info["status"] == "completed" and info["command"] == "pretrain"
-    for name in ("resolved.yaml", "recipe.yaml", "overrides.txt", "metrics.jsonl", "log.txt", "results.json",
+    for name in ("resolved.yaml", "overrides.txt", "metrics.jsonl", "log.txt", "results.json",
                  "model/model.json", "model/model.safetensors", "checkpoints/last.pt"):
         assert (teacher_run.path / name).exists(), name
+    assert not (teacher_run.path / "recipe.yaml").exists()  # no recipe was given: no empty placeholder
     rows = teacher_run.metrics()
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

@@ -8,6 +8,7 @@ results.json files CLIP_benchmark cannot merge.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -113,6 +114,45 @@ def test_oracle_zero_shot_is_perfect(classification):
     assert (result["dataset"], result["model"], result["pretrained"], result["task"]) == (
         "colours", "ViT-B-32", "/tmp/x.pt", "zeroshot_classification")
     assert result["details"] == {"num_samples": 18, "num_classes": 6, "num_templates": 2}
+
+
+def _compact_clip(captions: list[str]) -> nn.Module:
+    """A tiny dmclip CLIP whose compact vocabulary holds the words of ``captions`` only."""
+    from dmclip.data.tokenizer import Tokenizer
+    from dmclip.models.base import build_model
+    from dmclip.models.clip import clip_arch
+
+    torch.manual_seed(0)
+    return build_model(clip_arch(8, 4, 16, 1, 2, 16, 1, 2, 16, Tokenizer.fit(captions, 16).to_dict())).eval()
+
+
+def test_class_names_outside_a_compact_vocabulary_are_named_with_the_fix(classification, caplog):
+    """'crimson disc' in a model that never saw either word: both become the unknown token, the class prompt
+    says nothing, and accuracy falls toward chance. The user is told which words, how many, and the fix."""
+    model = _compact_clip([f"a photo of a {name} thing" for name in NAMES])
+    names = ["crimson disc", "Crimson square", *NAMES[2:]]
+    with caplog.at_level(logging.WARNING, logger="dmclip"):
+        result = zero_shot(model, classification, classnames=names)
+    assert result["details"]["unknown_words"] == ["crimson", "disc", "square"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0] in result["notes"]
+    assert warnings[0].startswith("3 words of the class names and templates are not in the model's vocabulary "
+                                  "('crimson', 'disc', 'square')")
+    assert "rename the classes" in warnings[0] and "model.compact_vocab=false" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dmclip"):
+        known = zero_shot(model, classification)
+    assert "unknown_words" not in known["details"] and not known["notes"] and not caplog.records
+
+
+def test_a_full_vocabulary_knows_every_word():
+    """open_clip's tokenizer (the full BPE table) reads any word: never a warning."""
+    from dmclip.data.tokenizer import Tokenizer
+
+    assert Tokenizer(16).unknown_words(["a photo of a crimson disc."]) == []
+    compact = Tokenizer.fit(["a red circle"], 16)
+    assert compact.unknown_words(["A RED circle!", "a crimson disc, 3 of them"]) == ["crimson", "disc", "3", "of",
+                                                                                   "them"]
 
 
 def test_swapped_class_names_cost_exactly_those_classes(classification):

@@ -40,9 +40,38 @@ def test_zero_shot_writes_clip_benchmark_results(model_dir, tmp_path, capsys):
     assert set(results["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     assert 0.0 <= results["metrics"]["acc1"] <= results["metrics"]["acc5"] <= 1.0
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
-    assert "acc@1" in (run / "report.md").read_text()
-    out = capsys.readouterr().out
-    assert "acc@1" in out and f"{100 * results['metrics']['acc1']:.2f}" in out
+    # only what the command produced: no empty recipe.yaml, overrides.txt or log.txt, no checkpoints/
+    assert {p.name for p in run.iterdir()} <= {"run.json", "resolved.yaml", "results.json", "report.md", "log.txt"}
+    assert all(p.stat().st_size > 0 for p in run.iterdir())
+    acc1 = f"{100 * results['metrics']['acc1']:.2f}"  # tables show percent, results.json keeps the fraction
+    assert f"| acc@1 % | {acc1} |" in (run / "report.md").read_text()
+    header, row = [line for line in capsys.readouterr().out.splitlines() if "┃" in line or "│" in line][-2:]
+    assert header.split("┃")[1:3] == [" acc@1 % ", " acc@5 % "] and row.split("│")[1].strip() == acc1
+
+
+def test_a_warning_is_printed_once_after_open_clip_logged_through_the_root_logger(model_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """open_clip logs with logging.info, which gives the root logger a stderr handler: dmclip's log lines must
+    still show once (here the unknown-word warning: this model's vocabulary is 300 BPE pieces, not words), and
+    still reach the run's log.txt."""
+    import logging
+
+    import open_clip
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as outside pytest, whose handlers hang on the root
+    open_clip.get_tokenizer("ViT-B-32")  # logs "Parsing tokenizer identifier" through the root logger
+    assert logging.getLogger().handlers  # ... which now has a stderr handler of its own
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"crimson disc {i}\n" for i in range(100)))
+    assert main(["eval", "zero-shot", "--model", f"run:{model_dir}", "--data", ZS, "--runs-dir", str(tmp_path / "r"),
+                 "--classnames", str(names)]) == 0
+    out, err = (" ".join(text.split()) for text in capsys.readouterr())  # Rich wraps lines at the terminal width
+    assert err.count("not in the model's vocabulary") == 1, err
+    assert out.count("not in the model's vocabulary") == 1  # the note under the table
+    log = (only_run(tmp_path / "r", "eval").path / "log.txt").read_text()
+    assert log.count("not in the model's vocabulary") == 1
+    results = json.loads((only_run(tmp_path / "r", "eval").path / "results.json").read_text())
+    assert {"crimson", "disc"} <= set(results["details"]["unknown_words"])
 
 
 def test_custom_classnames_and_templates_files(model_dir, tmp_path):
@@ -64,6 +93,13 @@ def test_retrieval_and_latency_commands(model_dir, tmp_path, capsys):
     assert results["details"] == {"num_images": 8, "num_texts": 40, "rerank_k": 0}
     for key in ("image_retrieval_recall@1", "text_retrieval_recall@10", "text_retrieval_median_rank"):
         assert key in results["metrics"]
+    metrics = results["metrics"]
+    report = (only_run(tmp_path / "r", "eval").path / "report.md").read_text()
+    assert f"| T→I R@5 % | {100 * metrics['image_retrieval_recall@5']:.2f} |" in report
+    assert f"| I→T mean rank | {metrics['text_retrieval_mean_rank']:.2f} |" in report  # a rank is no percentage
+    row = next(line for line in capsys.readouterr().out.splitlines() if "image → text" in line)
+    assert [cell.strip() for cell in row.split("│")[2:5]] == [
+        f"{100 * metrics[f'text_retrieval_recall@{k}']:.2f}" for k in (1, 5, 10)]
     # against a model with a wider image tower (same text tower): the ratios are model / vs
     from dmclip.models.base import count_parameters, load_saved_model, save_model
     from dmclip.models.clip import CLIP, clip_arch

@@ -12,7 +12,15 @@ import torch
 from dmclip.device import model_device, resolve_device
 from dmclip.errors import DmclipError
 from dmclip.progress import ProgressBar, progress_bar
-from dmclip.report import markdown_table, percent, pyplot, save_figure
+from dmclip.report import (
+    format_metric,
+    markdown_table,
+    metric_label,
+    metric_unit,
+    percent,
+    pyplot,
+    save_figure,
+)
 
 
 def test_markdown_table_by_hand():
@@ -29,6 +37,34 @@ def test_percent_of_fractions_and_of_what_is_not_a_number():
     assert percent(1) == "100.00"
     assert percent(0.12345, digits=1, suffix=" %") == "12.3 %"
     assert percent(None) == percent(math.nan) == percent("0.5") == "-"
+
+
+@pytest.mark.parametrize("key", ["acc1", "zeroshot.acc5", "acc@1", "mean_per_class_recall", "mean per-class recall",
+                                 "image_retrieval_recall@10", "world-retrieval-a T→I R@1", "R@5", "Avg Perf",
+                                 "avg_perf", "bleu4", "BLEU-1", "meteor", "ROUGE-L", "precision", "f1",
+                                 "noise_removal.recall", "communication_efficiency", "bleu4_ratio"])
+def test_fractions_are_shown_in_percent_with_the_unit_in_the_header(key):
+    assert metric_unit(key) == "%"
+    assert metric_label(key) == f"{key} %" and metric_label(key, "acc") == "acc %"
+    assert format_metric(key, 0.4995) == "49.95" and format_metric(key, 1) == "100.00"
+
+
+@pytest.mark.parametrize("key, value, cell", [
+    ("loss", 4.76853, "4.769"), ("train.lr", 0.0005, "0.0005"), ("image_retrieval_median_rank", 3.0, "3"),
+    ("alpha", 0.75, "0.75"), ("filter.keep_fraction", 0.5, "0.5"), ("mlp_ratio", 4.0, "4"),
+    ("min_lr_ratio", 0.1, "0.1"), ("parameters", 1654529, "1654529"), ("acc@1 %", 49.95, "49.95"),
+    ("zero-shot acc@1 %", 12.5, "12.5")])
+def test_other_numbers_keep_their_own_unit(key, value, cell):
+    """Losses, rates, ranks, config values, and labels that already carry their unit are not scaled."""
+    assert metric_unit(key) == "" and metric_label(key) == key
+    assert format_metric(key, value) == cell
+
+
+def test_cider_is_shown_times_100_and_what_is_not_a_number_as_is():
+    assert metric_unit("cider") == metric_unit("CIDEr") == "×100" and metric_label("cider", "CIDEr") == "CIDEr ×100"
+    assert format_metric("cider", 1.2345) == "123.45"
+    assert format_metric("acc1", None) == format_metric("acc1", math.nan) == "-"
+    assert format_metric("acc1", "n/a") == "n/a" and format_metric("acc1", True) == "True"
 
 
 def test_save_figure_writes_a_whole_png_and_closes_the_figure(tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as real_dt
+import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +22,7 @@ import torch
 
 from dmclip import runs as runs_module
 from dmclip.cli.main import main
+from dmclip.cli.runs import differing_parts, short_names
 from dmclip.config import field
 from dmclip.errors import DmclipError
 from dmclip.io import torch_load
@@ -59,7 +63,6 @@ def test_create_writes_the_documented_layout(tmp_path):
     stamp, rest = run.path.name[:15], run.path.name[16:]
     real_dt.datetime.strptime(stamp, "%Y%m%d-%H%M%S")
     assert rest.startswith("my-run-1-") and len(rest.rsplit("-", 1)[1]) == 6
-    assert (run.path / "checkpoints").is_dir()
     assert (run.path / "recipe.yaml").read_text() == "lr: 0.001\n"
     assert (run.path / "overrides.txt").read_text() == "seed=0\n"
     assert (run.path / "resolved.yaml").read_text().startswith("command: distill\nseed: 0\nlr: 0.001\n")
@@ -69,6 +72,30 @@ def test_create_writes_the_documented_layout(tmp_path):
                 "start_time", "end_time", "error"):
         assert key in info
     assert run.resolved_config(TinyConfig) == TinyConfig()
+
+
+def test_a_run_directory_holds_only_what_was_produced(tmp_path):
+    """No recipe, no overrides (an eval run): no empty recipe.yaml, overrides.txt, log.txt or checkpoints/."""
+    run = RunDir.create("eval", "zero-shot", TinyConfig(), root=tmp_path, argv=["dmclip", "eval"])
+    with run.active():
+        pass
+    assert sorted(p.name for p in run.path.iterdir()) == ["resolved.yaml", "run.json"]
+    with run.active():
+        runs_module.log.info("first line")  # the first line makes log.txt, the first checkpoint checkpoints/
+        run.save_checkpoint({"step": 1})
+    assert "first line" in (run.path / "log.txt").read_text() and run.load_checkpoint()["step"] == 1
+    assert sorted(p.name for p in run.path.iterdir()) == ["checkpoints", "log.txt", "resolved.yaml", "run.json"]
+
+
+def test_a_checkpoints_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, monkeypatch):
+    run = _create(tmp_path)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "mkdir", disk_full)
+    with pytest.raises(DmclipError, match="could not write .*checkpoints/last.pt: No space left on device"):
+        run.save_checkpoint({"step": 1})
 
 
 def test_same_second_same_config_never_reuses_a_directory(tmp_path, monkeypatch):
@@ -279,29 +306,124 @@ def test_runs_list_shows_crashed_with_last_step_and_survives_damage(tmp_path, ca
     assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     dead = next(line for line in lines if " dead " in line)
-    assert "crashed" in dead and "loss=0.9" in dead and " 77 " in dead
+    assert "crashed" in dead and "loss 0.9 " in dead and " 77 " in dead
     assert "completed" in next(line for line in lines if " done " in line)
-    assert "zeroshot_acc1=0.4321" in next(line for line in lines if " done " in line)
-    assert "damaged" in next(line for line in lines if damaged.path.name in line)
+    assert "acc@1 43.21 %" in next(line for line in lines if " done " in line)  # percent, like every table
+    assert "damaged" in next(line for line in lines if " broken " in line)
 
 
 def test_runs_list_filters_by_command_and_says_when_empty(tmp_path, capsys):
     _create(tmp_path, "x", command="eval")
     assert main(["runs", "list", "--runs-dir", str(tmp_path), "--command", "pretrain"]) == 0
-    assert "no runs under" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out == "" and "no runs under" in err
+
+
+def _stamped(root: Path, stamp: str, name: str, config=None, command: str = "eval", parent: Path | None = None,
+             results: dict | None = None) -> RunDir:
+    """A completed run made at ``stamp`` (YYYYmmdd-HHMMSS)."""
+    frozen = real_dt.datetime.strptime(stamp, "%Y%m%d-%H%M%S")
+
+    class Frozen(real_dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return frozen if tz is None else frozen.replace(tzinfo=tz)
+
+    original = runs_module.dt
+    runs_module.dt = types.SimpleNamespace(datetime=Frozen)
+    try:
+        run = RunDir.create(command, name, config or TinyConfig(), root=root, parent=parent, argv=["dmclip"])
+    finally:
+        runs_module.dt = original
+    run.update_info(status="completed", start_time=frozen.astimezone().isoformat())
+    run.write_results(results or {"metrics": {"acc1": 0.625}})
+    return run
+
+
+@pytest.fixture
+def columns_80(monkeypatch):
+    """A terminal 80 columns wide, as Rich reads it from $COLUMNS."""
+    from rich.console import Console
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr("dmclip.cli.runs.console", Console())
+
+
+def _rows(out: str) -> list[list[str]]:
+    """The body rows of a borderless table, each as its cells."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line.strip()) == {"─"})
+    return [re.split(r"\s{2,}", line.strip()) for line in lines[rule + 1:] if line.strip()]
+
+
+def test_runs_list_fits_80_columns_one_line_per_run_with_the_part_that_tells_runs_apart(tmp_path, capsys, columns_80,
+                                                                                        monkeypatch):
+    """Typical runs: two evals of one model with other data (same name, other config hash), two pretrains with
+    the same name and config a minute apart, sweep members. Each is one line of at most 80 characters, and what
+    tells two runs apart (hash, time stamp, seed) is on screen; --wide and --format show the whole names."""
+    from rich.console import Console
+
+    runs = [_stamped(tmp_path, "20261207-101500", "zero-shot-builtin-world-vit", TinyConfig(seed=1)),
+            _stamped(tmp_path, "20261207-101600", "zero-shot-builtin-world-vit", TinyConfig(seed=2)),
+            _stamped(tmp_path, "20261207-101700", "pretrain", command="pretrain",
+                     results={"zeroshot": {"acc1": 0.038}}),
+            _stamped(tmp_path, "20261207-101800", "pretrain", command="pretrain")]
+    sweep = tmp_path / "distill" / "20261207-102000-sweep-demo"
+    runs += [_stamped(tmp_path, "20261207-102000", f"demo-alpha{alpha}-seed0", TinyConfig(lr=alpha), "distill",
+                      parent=sweep) for alpha in (0.25, 0.75)]
+    assert main(["runs", "list", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    rows = _rows(out)
+    assert len(rows) == len(runs)  # one line per run: no row wraps
+    shown = {row[1]: row for row in rows}
+    assert len(shown) == len(runs)  # every run has a name of its own
+    hashes = [r.path.name[-6:] for r in runs[:2]]
+    assert all(any(name.endswith(h) for name in shown) for h in hashes)  # same name: the config hash says which
+    assert {"20261207-101700-pretrain", "20261207-101800-pretrain"} <= set(shown)  # same config: the time stamp
+    assert {"demo-alpha0.25-seed0", "demo-alpha0.75-seed0"} <= set(shown)  # no stamp or hash where none is needed
+    assert shown["20261207-101700-pretrain"][3] == "acc@1 3.80 %"
+
+    monkeypatch.setattr("dmclip.cli.runs.console", Console(width=250))
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--wide", "--command", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert all(f" {r.path} " in out for r in runs[:2])  # --wide: whole directories
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--format", "md"]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0] == "| command | run | status | metric | value | step | started | directory |"
+    assert f"| pretrain | {runs[2].path.name} | completed | zeroshot.acc1 % | 3.80 | - |" in "\n".join(md)
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    row = next(r for r in table if r["run"] == runs[2].path.name)
+    assert (row["metric"], row["value"], row["directory"]) == ("zeroshot.acc1", "0.038", str(runs[2].path))
+    assert main(["runs", "list", "--runs-dir", str(tmp_path), "--format", "html"]) == 2
+    assert "use --format table" in capsys.readouterr().err
+
+
+def test_short_names_and_differing_parts():
+    assert short_names(["20261207-101500-a-0eb6a6", "20261207-101600-b-0eb6a6"]) == ["a", "b"]
+    assert short_names(["20261207-101500-a-0eb6a6", "20261207-101600-a-123abc"]) == ["a-0eb6a6", "a-123abc"]
+    assert short_names(["20261207-101500-a-0eb6a6", "20261207-101500-a-0eb6a6-2", "my-own-dir"]) == [
+        "20261207-101500-a-0eb6a6", "20261207-101500-a-0eb6a6-2", "my-own-dir"]
+    values = ["world-train:image_size=32,count=20000", "world-train:image_size=64,count=20000", "absent"]
+    assert differing_parts(values, 40) == values  # it fits: whole
+    assert differing_parts(values, 20) == ["…image_size=32…", "…image_size=64…", "absent"]
+    assert differing_parts(["run:runs/distill/x-alpha0.25", "run:runs/distill/x-alpha0.75"], 12) == [
+        "…x-alpha0.25", "…x-alpha0.75"]
+    assert differing_parts(["a" * 30, "a" * 30], 10) == ["a" * 30] * 2  # nothing differs: left to the table
 
 
 def test_runs_show_and_compare(tmp_path, capsys, wide_console):
     a = _create(tmp_path, "a", TinyConfig(lr=0.1))
     b = _create(tmp_path, "b", TinyConfig(lr=0.2))
-    a.write_results({"acc1": 0.5})
-    b.write_results({"acc1": 0.75})
+    a.write_results({"acc1": 0.5, "train": {"loss": 1.25}})
+    b.write_results({"acc1": 0.75, "train": {"loss": 1.5}})
     assert main(["runs", "show", str(a.path)]) == 0
     out = capsys.readouterr().out
-    assert "acc1" in out and "0.5000" in out and "created" in out
+    assert "created" in out and re.search(r"acc1 % +│ +50\.00 ", out) and re.search(r"train\.loss +│ +1\.25 ", out)
     assert main(["runs", "compare", str(a.path), str(b.path)]) == 0
     out = capsys.readouterr().out
-    assert "0.5000" in out and "0.7500" in out
+    assert re.search(r"acc1 % +50\.00 +75\.00", out)  # percent, the unit beside the key
     lr_row = next(line for line in out.splitlines() if line.strip("│ ").startswith("lr "))
     assert "0.1" in lr_row and "0.2" in lr_row
     assert "seed" not in out.split("config keys that differ")[1]  # equal keys are not listed
@@ -309,6 +431,29 @@ def test_runs_show_and_compare(tmp_path, capsys, wide_console):
     assert main(["runs", "show", str(tmp_path)]) == 2
     assert "is not a dmclip run directory" in capsys.readouterr().err
 
+
+def test_runs_compare_fits_80_columns_and_shows_where_values_differ(tmp_path, capsys, columns_80):
+    spec = "world-train:image_size={},count=20000,seed=0"
+    a, b = [_stamped(tmp_path, "20261207-101500", "pretrain", TinyConfig(seed=seed), "pretrain",
+                     results={"zeroshot": {"acc1": acc}}) for seed, acc in ((0, 0.038), (1, 0.0175))]
+    for run, size in ((a, 32), (b, 64)):
+        path = run.path / "resolved.yaml"
+        path.write_text(path.read_text() + f"data:\n  train: {spec.format(size)}\n")
+    assert main(["runs", "compare", str(a.path), str(b.path)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    row = next(line for line in out.splitlines() if line.startswith("data.train"))
+    assert "image_size=32" in row and "image_size=64" in row  # the part that differs, not the shared start
+    assert re.search(r"zeroshot\.acc1 % +3\.80 +1\.75", out)
+    assert main(["runs", "compare", str(a.path), str(b.path), "--format", "md"]) == 0
+    md = capsys.readouterr().out
+    assert f"| metric | {a.path.name} | {b.path.name} |" in md and "| zeroshot.acc1 % | 3.80 | 1.75 |" in md
+    assert f"| data.train | {spec.format(32)} | {spec.format(64)} |" in md
+    assert main(["runs", "compare", str(a.path), str(b.path), "--format", "csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["table", "key", a.path.name, b.path.name]
+    assert ["metric", "zeroshot.acc1", "0.038", "0.0175"] in rows and ["config", "seed", "0", "1"] in rows
+    assert ["config", "data.train", spec.format(32), spec.format(64)] in rows
 
 
 # ------------------------------------------------------------------------------------ runs report
@@ -330,9 +475,12 @@ def test_runs_report_renders_the_runs_results_and_the_config_that_differs(tmp_pa
     assert lines[2] == f"| {a.path.name} | 0.001 | 12.50 | 250 |"
     assert lines[3] == f"| {b.path.name} | 0.003 | 50.00 | 240 |"
     assert "Rendered by `dmclip runs report" in out and "seeds: 0" in out
-    assert main(["runs", "report", str(a.path), str(b.path), "--format", "csv", "--fractions"]) == 0
+    assert main(["runs", "report", str(a.path), str(b.path), "--format", "csv"]) == 0  # CSV: fractions
     rows = list(csv.reader(capsys.readouterr().out.strip().splitlines()))
     assert rows[0] == ["run", "lr", "zeroshot.acc1", "zeroshot.acc5"] and rows[1][2:] == ["0.125", "0.5"]
+    assert main(["runs", "report", str(a.path), str(b.path), "--format", "csv", "--percent"]) == 0
+    rows = list(csv.reader(capsys.readouterr().out.strip().splitlines()))
+    assert rows[0][2] == "zeroshot.acc1 %" and rows[1][2:] == ["12.50", "50.00"]
 
 
 def test_a_key_an_older_run_lacks_differs_only_where_the_newer_one_sets_it(tmp_path, capsys, wide_console):
@@ -377,3 +525,101 @@ def test_runs_report_names_a_missing_result_key(tmp_path, capsys):
     assert main(["runs", "report", str(a.path), "--metrics", "zeroshot.ac1"]) == 2
     err = capsys.readouterr().err
     assert "no run has the result key 'zeroshot.ac1'" in err and "zeroshot.acc1" in err
+
+
+# ------------------------------------------------------------------------------------- runs clean
+
+
+def _with_status(root: Path, name: str, status: str, parent: Path | None = None, days_old: float = 0) -> RunDir:
+    run = RunDir.create("distill", name, TinyConfig(), root=root, parent=parent, argv=["dmclip"])
+    started = real_dt.datetime.now().astimezone() - real_dt.timedelta(days=days_old)
+    fields = {"status": status, "start_time": started.isoformat(timespec="seconds")}
+    if status in ("running", "crashed"):  # running: this process; crashed: a process that is gone
+        fields.update(status="running", pid=os.getpid() if status == "running" else _dead_pid(),
+                      pid_start=runs_module._process_start(os.getpid()) if status == "running" else None,
+                      host=socket.gethostname())
+    run.update_info(**fields)
+    run.log_metrics({"step": 1, "loss": 1.0})
+    return run
+
+
+@pytest.fixture
+def mixed_runs(tmp_path) -> dict[str, RunDir]:
+    return {status: _with_status(tmp_path, status, status)
+            for status in ("completed", "failed", "interrupted", "crashed", "running", "created")}
+
+
+def test_clean_removes_failed_interrupted_and_crashed_runs_and_keeps_the_rest(tmp_path, mixed_runs, capsys):
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--yes"]) == 0
+    out = capsys.readouterr().out
+    left = {status for status, run in mixed_runs.items() if run.path.exists()}
+    assert left == {"completed", "running", "created"}  # a live process's run and a finished result stay
+    assert "removed 3 run(s)" in out and str(mixed_runs["failed"].path) in out
+
+
+def test_clean_lists_first_and_removes_nothing_without_yes(tmp_path, mixed_runs, capsys, monkeypatch):
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "would remove: 3 run(s)" in out and "nothing removed" in err
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path)]) == 2  # no terminal to ask at: refuse
+    err = capsys.readouterr().err
+    assert "error: refusing to remove 3 run directories without confirmation" in err and "--yes" in err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path)]) == 0
+    assert all(run.path.exists() for run in mixed_runs.values())  # answered no
+    monkeypatch.setattr(sys, "stdin", Terminal("y\n"))
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path)]) == 0
+    assert not mixed_runs["failed"].path.exists() and mixed_runs["completed"].path.exists()
+
+
+def test_clean_by_status_and_age(tmp_path, capsys):
+    old = _with_status(tmp_path, "old", "failed", days_old=10)
+    new = _with_status(tmp_path, "new", "failed", days_old=1)
+    stopped = _with_status(tmp_path, "stopped", "interrupted", days_old=10)
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--status", "failed", "--older-than", "7d",
+                 "--yes"]) == 0
+    assert (old.path.exists(), new.path.exists(), stopped.path.exists()) == (False, True, True)
+    for argv, message in [(["--status", "completed"], "a completed run is never removed by a filter"),
+                          (["--status", "running"], "a running run is never removed by a filter"),
+                          (["--status", "faild"], "'faild' is not a status"),
+                          (["--older-than", "a week"], "is not a duration"),
+                          ([str(new.path), "--status", "failed"], "ambiguous")]:
+        assert main(["runs", "clean", "--runs-dir", str(tmp_path), *argv[:1], *argv[1:]]
+                    if not argv[0].startswith("/") else ["runs", "clean", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "hint:" in err, argv
+    assert new.path.exists()
+
+
+def test_clean_removes_a_named_completed_run_but_never_a_running_one(tmp_path, mixed_runs, capsys):
+    running, completed = mixed_runs["running"], mixed_runs["completed"]
+    assert main(["runs", "clean", str(completed.path), str(running.path), "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert f"{running.path} is running (pid {os.getpid()}" in err and "stop that process first" in err
+    assert completed.path.exists() and running.path.exists()  # refused before anything was removed
+    assert main(["runs", "clean", str(completed.path), "--yes"]) == 0
+    assert not completed.path.exists() and running.path.exists()
+
+
+def test_clean_takes_a_sweep_directory_with_its_last_run(tmp_path, capsys):
+    sweep = tmp_path / "distill" / "20261207-102000-sweep-demo"
+    members = [_with_status(tmp_path, f"alpha{a}", "failed", parent=sweep) for a in (0, 1)]
+    (sweep / "resolved.yaml").write_text("command: distill\n")
+    kept = tmp_path / "distill" / "20261207-103000-sweep-kept"
+    _with_status(tmp_path, "alpha0", "failed", parent=kept)
+    done = _with_status(tmp_path, "alpha1", "completed", parent=kept)
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    assert "would remove: 3 run(s) and 1 sweep directory" in capsys.readouterr().out
+    assert main(["runs", "clean", "--runs-dir", str(tmp_path), "--yes"]) == 0
+    assert not sweep.exists() and not any(m.path.exists() for m in members)
+    assert kept.is_dir() and done.path.exists()  # a sweep with a completed run stays, with that run
+    assert (tmp_path / "distill").is_dir()  # the command's folder is no sweep
+    sweep2 = tmp_path / "distill" / "20261207-104000-sweep-named"
+    named = [_with_status(tmp_path, f"alpha{a}", "completed", parent=sweep2) for a in (0, 1)]
+    assert main(["runs", "clean", str(sweep2), str(named[0].path), "--yes"]) == 0  # a sweep: its runs, itself
+    assert not sweep2.exists() and not any(m.path.exists() for m in named)

@@ -64,6 +64,7 @@ def test_resume_from_a_checkpoint_with_code_is_one_error_line(tmp_path, capsys):
     run = RunDir.create("pretrain", "evil", PretrainConfig(), root=tmp_path / "runs")
     run.update_info(status="interrupted")
     (run.path / "tokenizer.json").write_text('{"context_length": 8, "vocab": null}')
+    run.checkpoint_path().parent.mkdir()  # made by the first checkpoint a run saves
     evil_checkpoint(run.checkpoint_path(), marker)
     before = run.checkpoint_path().read_bytes()
     # the default config would build world-train at full size: make the data small, as the run would be

@@ -93,11 +93,12 @@ def out_path(out_text: str) -> Path:
     if not out_text:
         raise DmclipError("capfilt needs an output directory", "pass --out <new dataset dir>")
     out = Path(out_text).expanduser()
-    if not out.parent.is_dir():
-        raise DmclipError(f"the parent of --out {out} does not exist ({out.parent})",
-                          "create it first, or choose an --out inside an existing directory")
     if out.exists() and not out.is_dir():
         raise DmclipError(f"--out {out} is a file", "choose a directory path for the new dataset")
+    existing = next((p for p in out.parents if p.exists()), None)  # the folders below it are made
+    if existing is not None and not existing.is_dir():
+        raise DmclipError(f"--out {out} is inside {existing}, which is a file",
+                          "choose an --out whose folders are folders (missing ones are created)")
     return out
 
 
@@ -122,7 +123,11 @@ def prepare_out(out_text: str, state: dict) -> Path:
                               "continuing would mix two datasets",
                               "use a new --out, or repeat the first run's settings (only the filter's threshold "
                               "and keep fraction may change)")
-    (out / "shards").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "shards").mkdir(parents=True, exist_ok=True)  # and --out's missing parents, as distill cache does
+    except OSError as exc:
+        raise DmclipError(f"cannot create --out {out}: {exc.strerror or exc}",
+                          "choose an --out in a directory you can write to") from None
     if not state_path.is_file():
         atomic_write_json(state_path, state)
     return out

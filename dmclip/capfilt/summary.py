@@ -106,7 +106,8 @@ def report_markdown(result: dict) -> str:
                   f"noisy web captions {pct['noisy_fraction_before']} before, "
                   f"{pct['noisy_fraction_after']} of the kept ones after.", ""]
         if result.get("pr_curve") and result["pr_curve"].get("average_precision") is not None:
-            lines += [f"Average precision over thresholds: {result['pr_curve']['average_precision']:.3f}; "
+            lines += [f"Average precision over thresholds: "
+                      f"{percent(result['pr_curve']['average_precision'], digits=1, suffix=' %')}; "
                       "the curve: ![precision-recall](pr_curve.png)", ""]
         if result.get("noise_removal_by_kind"):
             lines += markdown_table(["noise kind", "noisy captions", "removed"],

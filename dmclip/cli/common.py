@@ -168,18 +168,32 @@ def largest_unit(value: float, units: Sequence[tuple[str, float]]) -> tuple[floa
     return value / size, unit
 
 
-def metrics_table(title: str, rows: list[dict], columns: list[str] | None = None, fmt: str = "{:.2f}") -> Table:
-    """A Rich table of result rows (numbers formatted, None shown as '-')."""
+def metrics_table(title: str, rows: list[dict], columns: list[str] | None = None, fmt: str = "{:.2f}",
+                  percent: bool = False, labels: dict[str, str] | None = None) -> Table:
+    """A Rich table of result rows (numbers formatted with ``fmt``, None shown as '-').
+
+    ``percent``: the columns whose name :func:`dmclip.report.metric_unit` knows as fractions in [0, 1]
+    (``"acc@1"``, ``"bleu4"``, ``"mean per-class recall"``) hold fractions; they are shown in percent with the
+    unit in the header (``"acc@1 %"``), CIDEr x100. Pass fractions, never values already multiplied by 100.
+    ``labels``: headers for some columns (``{"bleu4": "BLEU-4"}``); the unit still follows the column's name.
+    """
+    from dmclip.report import format_metric, metric_label, metric_unit
+
     table = Table(title=title, title_justify="left")
     columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    scaled = {col for col in columns if percent and metric_unit(col)}
+    labels = labels or {}
     for col in columns:
-        table.add_column(col, justify="right" if rows and isinstance(rows[0].get(col), (int, float)) else "left")
+        header = metric_label(col, labels.get(col)) if col in scaled else labels.get(col, col)
+        table.add_column(header, justify="right" if rows and isinstance(rows[0].get(col), (int, float)) else "left")
     for row in rows:
         cells = []
         for col in columns:
             value = row.get(col)
             if value is None:
                 cells.append("-")
+            elif col in scaled:
+                cells.append(format_metric(col, value))
             elif isinstance(value, float):
                 cells.append(fmt.format(value))
             else:

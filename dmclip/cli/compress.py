@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         from dmclip.cli.common import metrics_table
         from dmclip.compress.config import CompressConfig
         from dmclip.compress.pipeline import run_eval
+        from dmclip.compress.summary import COLUMNS
 
         shortcuts = _shortcuts(model, selector, k, fraction, pool_size, dtype, limit, seed,
                                **({"finetune.enabled": True} if finetune_server else {}))
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
                                                              if k_ == "compressed_finetuned"]
         console.print(metrics_table("compress eval", rows, ["label", "communication_efficiency", "bytes_per_image",
                                                             "bleu1", "bleu4", "cider", "bleu4_ratio", "edge_ms",
-                                                            "server_ms"], fmt="{:.3f}"))
+                                                            "server_ms"], fmt="{:.1f}", percent=True, labels=COLUMNS))
         console.print(f"report: {run.path / 'report.md'}")
 
     @group.command("sweep")
@@ -119,6 +120,9 @@ def register(app: typer.Typer) -> None:
                               f"{max_connections} connections)")
             try:
                 stats = server.serve().as_dict()
+            except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) is how a server is stopped: the run ends normally
+                stats = server.stats.as_dict()
+                err_console.print("server stopped", highlight=False)
             finally:
                 run.write_results(server.stats.as_dict())
             run.write_text("report.md", "# compress serve\n\n" + "".join(f"- {k}: {v}\n" for k, v in stats.items()))

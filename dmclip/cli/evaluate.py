@@ -73,10 +73,11 @@ def register(app: typer.Typer) -> None:
                                        "templates": str(templates) if templates else None},
                             name=options.name or f"zero-shot-{_slug(model)}", runs_dir=options.runs_dir)
         m = result["metrics"]
-        console.print(metrics_table(f"zero-shot · {model} · {result['dataset']} (%)", [
-            {"dataset": result["dataset"], "acc@1": percent(m["acc1"]), "acc@5": percent(m["acc5"]),
-             "mean per-class recall": percent(m["mean_per_class_recall"]),
-             "samples": result["details"]["num_samples"], "classes": result["details"]["num_classes"]}]))
+        console.print(metrics_table(f"zero-shot · {model} · {result['dataset']}", [
+            {"acc@1": m["acc1"], "acc@5": m["acc5"],
+             "mean per-class recall": m["mean_per_class_recall"],
+             "samples": result["details"]["num_samples"], "classes": result["details"]["num_classes"]}],
+            percent=True))
         _notes(result)
 
     @eval_app.command("retrieval")
@@ -105,12 +106,13 @@ def register(app: typer.Typer) -> None:
                                        "device": options.device},
                             name=options.name or f"retrieval-{_slug(model)}", runs_dir=options.runs_dir)
         m = result["metrics"]
-        rows = [{"direction": label, **{f"R@{k} %": percent(m[f"{prefix}_recall@{k}"]) for k in (1, 5, 10)},
+        rows = [{"direction": label, **{f"R@{k}": m[f"{prefix}_recall@{k}"] for k in (1, 5, 10)},
                  "mean rank": m[f"{prefix}_mean_rank"], "median rank": m[f"{prefix}_median_rank"]}
                 for label, prefix in (("text → image", "image_retrieval"), ("image → text", "text_retrieval"))]
         details = result["details"]
         console.print(metrics_table(f"retrieval · {model} · {result['dataset']} "
-                                    f"({details['num_images']} images, {details['num_texts']} captions)", rows))
+                                    f"({details['num_images']} images, {details['num_texts']} captions)", rows,
+                                    percent=True))
         _notes(result)
 
     @eval_app.command("caption")
@@ -165,10 +167,9 @@ def register(app: typer.Typer) -> None:
         how = f"predictions {predictions}" if predictions is not None else method
         console.print(metrics_table(
             f"captioning · {model or predictions.name} · {result['dataset']} ({result['details']['num_images']} "
-            f"images, {how}; ×100, CIDEr too)",
-            [{"BLEU-1": percent(m["bleu1"]), "BLEU-2": percent(m["bleu2"]), "BLEU-3": percent(m["bleu3"]),
-              "BLEU-4": percent(m["bleu4"]), "METEOR": percent(m["meteor"]), "ROUGE-L": percent(m["rouge_l"]),
-              "CIDEr": percent(m["cider"])}]))
+            f"images, {how})",
+            [{"BLEU-1": m["bleu1"], "BLEU-2": m["bleu2"], "BLEU-3": m["bleu3"], "BLEU-4": m["bleu4"],
+              "METEOR": m["meteor"], "ROUGE-L": m["rouge_l"], "CIDEr": m["cider"]}], percent=True))
         for index, text in list(result["captions"].items())[:3]:
             console.print(f"[dim]image {index}:[/dim] {text}", highlight=False)
         _notes(result)

@@ -58,6 +58,9 @@ def _setup_logging(level: int) -> None:
     handler.setLevel(level)
     logger.addHandler(handler)
     logger.setLevel(min(level, logging.INFO))
+    # open_clip logs through the root logger (logging.info), which gives the root a stderr handler of its own:
+    # a dmclip record passed on to it would be printed a second time. log.txt hangs on this logger.
+    logger.propagate = False
 
 
 def _register_commands() -> None:
@@ -80,17 +83,59 @@ def _print_error(message: str, hint: str) -> None:
     err_console.print(f"[yellow]hint:[/yellow] {escape(hint)}", highlight=False, soft_wrap=True)
 
 
+# the commands whose run continues with --resume (one run; a sweep's or a seed set's member runs alike)
+RESUMABLE = ("pretrain", "distill", "capfilt")
+GROUPS = ("eval", "compress", "data", "runs")  # commands whose second word names the subcommand
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """What Ctrl-C leaves and how to go on, for the command ``argv`` runs: only commands that take --resume
+    mention it."""
+    words = [a for a in argv if not a.startswith("-")]
+    command = " ".join(words[:2] if words[:1] and words[0] in GROUPS else words[:1]) or "dmclip"
+    if command in RESUMABLE and words[1:2] != ["cache"]:
+        return (f"continue the run with `dmclip {command} --resume <run directory>` (printed above as 'run "
+                "directory'; in a sweep, the member run that was interrupted)")
+    if words[:2] == ["distill", "cache"]:
+        return "run the same `dmclip distill cache` command again: the store continues where it stopped"
+    if command.split()[0] in ("eval", "compress"):  # they make a run directory, which stays as "interrupted"
+        return (f"`dmclip {command}` has no --resume: run it again; `dmclip runs clean` removes the interrupted "
+                "run directory")
+    return f"run `dmclip {command}` again"
+
+
+def _print_interrupted(argv: list[str]) -> None:
+    from rich.markup import escape
+
+    from dmclip.cli.common import err_console
+
+    err_console.print(f"[bold red]interrupted[/bold red]; {escape(interrupted_message(argv))}", highlight=False,
+                      soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (without the program name); return the exit code."""
     from dmclip.cli import common
-    from dmclip.cli.common import err_console
 
     argv = list(sys.argv[1:] if argv is None else argv)
     common.CURRENT_ARGV = ["dmclip", *argv]  # what run.json records, also when tests call main([...])
+    logger = logging.getLogger("dmclip")
+    propagate = logger.propagate
+    try:
+        return _run(argv)
+    finally:  # dmclip used as a library after main() returns logs through the root logger again
+        logger.propagate = propagate
+
+
+def _run(argv: list[str]) -> int:
+    """The command's exit code; every error becomes one message (a traceback for a bug)."""
     debug = bool(os.environ.get("DMCLIP_DEBUG"))
     try:
         result = app(args=argv, prog_name="dmclip", standalone_mode=False)
-        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+        code = result if isinstance(result, int) and not isinstance(result, bool) else 0
+        if code == 130:  # Typer returns Ctrl-C as exit code 130
+            _print_interrupted(argv)
+        return code
     except DmclipError as exc:
         if debug:
             traceback.print_exc()
@@ -112,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        err_console.print("[bold red]interrupted[/bold red]; a run directory left behind can be continued "
-                          "with --resume", highlight=False, soft_wrap=True)
+        _print_interrupted(argv)
         return 130
     except Exception as exc:  # a bug: the traceback is what a report needs
         traceback.print_exc()

@@ -1,32 +1,50 @@
-"""`dmclip runs`: list, show and compare run directories."""
+"""`dmclip runs`: list, show, compare, report and clean run directories."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dmclip.cli.common import RunsDirOpt, console, largest_unit
+from dmclip.cli.common import RunsDirOpt, console, err_console, largest_unit
 from dmclip.errors import DmclipError, did_you_mean
-from dmclip.report import markdown_table
-from dmclip.report import percent as format_percent
+from dmclip.report import format_metric, markdown_table, metric_label, metric_unit
 
-runs_app = typer.Typer(help="List, show and compare run directories.\n\nExample: dmclip runs list --command distill",
-                       no_args_is_help=True)
+runs_app = typer.Typer(help="List, show, compare, report and clean run directories.\n\n"
+                            "Example: dmclip runs list --command distill", no_args_is_help=True)
 
-# The metric a person looks at first, per command (first one present wins).
-KEY_METRICS = ["zeroshot_acc1", "acc1", "avg_perf", "bleu4", "precision", "loss"]
+# The metric a person looks at first, per command (first one present wins), and its label in `runs list`.
+KEY_METRICS = {"zeroshot_acc1": "acc@1", "acc1": "acc@1", "avg_perf": "Avg Perf", "image_retrieval_recall@1": "T→I R@1",
+               "bleu4": "BLEU-4", "precision": "precision", "loss": "loss"}
 # The config each command's run directory holds (eval has one per task: none here), for its defaults.
 COMMAND_CONFIGS = {"pretrain": ("dmclip.pretrain", "PretrainConfig"), "distill": ("dmclip.distill", "DistillConfig"),
                    "capfilt": ("dmclip.capfilt.config", "CapfiltConfig"),
                    "compress": ("dmclip.compress.pipeline", "CompressConfig")}
 ABSENT = "absent"  # the cell of a config key a run does not have (made before the setting existed)
+STATUS_STYLES = {"completed": "green", "failed": "red", "crashed": "red", "interrupted": "yellow", "damaged": "red"}
+FORMATS = ("table", "md", "csv")
+
+WideOpt = Annotated[bool, typer.Option(
+    "--wide", "-w", help="Whole run names and values (and the directories): rows wrap where the terminal is narrow.")]
+FormatOpt = Annotated[str, typer.Option(
+    "--format", help="table (fits the terminal), md or csv: the whole table, for docs and scripts "
+                     "(csv keeps fractions, md shows percent).")]
+# a run directory's name: <YYYYmmdd-HHMMSS>-<name>-<6 hex of the config hash>[-<n>: the n-th in one second]
+_DIR_NAME = re.compile(r"(?P<stamp>\d{8}-\d{6})-(?P<name>.+?)(?:-(?P<hash>[0-9a-f]{6})(?:-(?P<count>\d+))?)?")
+# the parts a short name keeps, shortest first, until the names are told apart
+_NAME_PARTS = (("name",), ("name", "hash"), ("stamp", "name"), ("stamp", "name", "hash"))
+# where a value splits into items (after the delimiter), for showing the items that differ
+_ITEMS = re.compile(r"(?<=[,:/; ])")
 
 
 def _flatten(prefix: str, obj, out: dict) -> dict:
@@ -39,12 +57,14 @@ def _flatten(prefix: str, obj, out: dict) -> dict:
 
 
 def key_metric(run) -> tuple[str, object] | None:
+    """(dotted result key, value) of the metric a person looks at first, or of the last logged loss."""
     results = run.results()
     flat = _flatten("", results or {}, {})
-    for name in KEY_METRICS:
-        for key, value in flat.items():
-            if key.split(".")[-1] == name and isinstance(value, (int, float)):
-                return name, value
+    for name in KEY_METRICS:  # the last match: compress eval's "compressed" row comes after its baseline
+        found = [(key, value) for key, value in flat.items()
+                 if key.split(".")[-1] == name and isinstance(value, (int, float))]
+        if found:
+            return found[-1]
     rows = run.metrics()
     if rows and isinstance(rows[-1].get("loss"), (int, float)):
         return "loss", rows[-1]["loss"]
@@ -52,15 +72,151 @@ def key_metric(run) -> tuple[str, object] | None:
 
 
 def _age(iso: str | None) -> str:
-    if not iso:
+    seconds = _seconds_since(iso)
+    if seconds is None:
         return "-"
+    value, unit = largest_unit(seconds, (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)))
+    return f"{int(value)}{unit}"
+
+
+def _seconds_since(iso: str | None) -> float | None:
     try:
-        then = dt.datetime.fromisoformat(iso)
-    except ValueError:
+        return (dt.datetime.now().astimezone() - dt.datetime.fromisoformat(iso)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Run directory names as short as still tells them apart: the run's name alone, with its config hash
+    or its time stamp where runs share a name, the whole directory name where nothing shorter does."""
+    matches = [_DIR_NAME.fullmatch(name) for name in names]
+    shown: list[str | None] = [None if m else name for name, m in zip(names, matches)]
+    for parts in _NAME_PARTS:
+        candidates = {i: "-".join(m[p] for p in parts if m[p]) for i, m in enumerate(matches)
+                      if m and shown[i] is None}
+        taken = [*candidates.values(), *(s for s in shown if s is not None)]
+        for i, candidate in candidates.items():
+            if taken.count(candidate) == 1:
+                shown[i] = candidate
+    return [s if s is not None else name for s, name in zip(shown, names)]
+
+
+def middle_cut(text: str, width: int) -> str:
+    """``text`` in ``width`` characters, its middle elided: names differ at their ends (a hash, a seed)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def differing_parts(values: list[str], width: int) -> list[str]:
+    """Values too long for ``width`` shown by the items where they differ, what they share elided:
+    ``world-train:image_size=32,count=20000`` beside ``...=64,...`` -> ``…image_size=32…``."""
+    real = [v for v in values if v not in (ABSENT, "-")]
+    if max(map(len, values), default=0) <= width or len(set(real)) < 2:
+        return values
+    items = [_ITEMS.split(v) for v in real]
+    head = _common_length(items)
+    tail = _common_length([i[head:][::-1] for i in items])
+    out = []
+    for value in values:
+        parts = _ITEMS.split(value)
+        middle = "".join(parts[head:len(parts) - tail]).strip(",:/; ")
+        out.append(value if value in (ABSENT, "-") or not middle
+                   else ("…" if head else "") + middle + ("…" if tail else ""))
+    return out
+
+
+def _common_length(sequences: list[list[str]]) -> int:
+    """How many leading items all ``sequences`` share."""
+    count = 0
+    for column in zip(*sequences):
+        if len(set(column)) > 1:
+            break
+        count += 1
+    return count
+
+
+def _table(title: str, wide: bool) -> Table:
+    """A terminal table that spends few columns on rules: rows stay one line at 80 columns."""
+    style = {} if wide else {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False}
+    return Table(title=title, title_justify="left", min_width=min(len(title), console.width), **style)
+
+
+def _csv_text(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _print_text_table(header: list[str], rows: list[list], format_: str, align: str = "") -> None:
+    """``rows`` as markdown or CSV on stdout, whole, for docs and scripts."""
+    text = _csv_text(header, rows) if format_ == "csv" else markdown_table(header, rows, align=align)
+    console.print(text, markup=False, highlight=False, soft_wrap=True, end="")
+
+
+def _check_format(format_: str) -> None:
+    if format_ not in FORMATS:
+        raise DmclipError(f"--format {format_!r} is not one of {', '.join(FORMATS)}",
+                          "use --format table (the default), md or csv")
+
+
+def _run_row(run) -> dict:
+    """What `runs list` knows of one run; a damaged run.json gives a row that says so."""
+    try:
+        info = run.info
+    except DmclipError:  # a damaged run.json must not hide every other run
+        return {"command": "?", "run": run.path.name, "status": "damaged", "metric": None, "value": None,
+                "step": None, "started": None, "directory": str(run.path)}
+    metric = key_metric(run)
+    return {"command": str(info.get("command", "?")), "run": run.path.name, "status": run.display_status(),
+            "metric": metric[0] if metric else None, "value": metric[1] if metric else None,
+            "step": run.last_step(), "started": info.get("start_time"), "directory": str(run.path)}
+
+
+def _metric_text(row: dict) -> str:
+    if row["metric"] is None:
         return "-"
-    value, unit = largest_unit((dt.datetime.now().astimezone() - then).total_seconds(),
-                               (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)))
-    return f"{int(value)}{unit} ago"
+    unit = metric_unit(row["metric"])
+    label = KEY_METRICS.get(row["metric"].split(".")[-1], row["metric"])
+    return f"{label} {format_metric(row['metric'], row['value'])}" + (f" {unit}" if unit else "")
+
+
+def _list_table(rows: list[dict], title: str, wide: bool) -> Table:
+    """The runs as a terminal table: one line per run at 80 columns (short names, cut to what is left of the
+    line), or with ``wide`` every cell whole and the directory in place of the name."""
+    table = _table(title, wide)
+    columns = (["command"] if wide or len({row["command"] for row in rows}) > 1 else []) + [
+        "directory" if wide else "run", "status", "key metric", "step", "age"]
+    names = short_names([row["run"] for row in rows])
+    cells = [{"command": row["command"], "run": name, "directory": row["directory"], "status": row["status"],
+              "key metric": _metric_text(row), "step": "-" if row["step"] is None else str(row["step"]),
+              "age": _age(row["started"])} for row, name in zip(rows, names)]
+    room = max(12, console.width - sum(max(len(c), *(len(cell[c]) for cell in cells)) + 3
+                                       for c in columns if c != "run"))
+    for cell in cells:
+        cell["run"] = middle_cut(cell["run"], room)
+    for column in columns:
+        table.add_column(column, no_wrap=not wide, overflow="fold" if wide else "ellipsis",
+                         justify="right" if column in ("step", "age") else "left")
+    for cell in cells:  # Text: names and paths are user text, never Rich markup
+        table.add_row(*[Text(cell[c], style=STATUS_STYLES.get(cell[c], "") if c == "status" else "")
+                        for c in columns])
+    return table
+
+
+def _print_list(rows: list[dict], format_: str) -> None:
+    """The runs as markdown (fractions in percent) or CSV (fractions as stored), every column whole."""
+    header = ["command", "run", "status", "metric", "value", "step", "started", "directory"]
+    if format_ == "csv":
+        lines = [[row[k] if row[k] is not None else "" for k in header] for row in rows]
+    else:
+        lines = [[row["command"], row["run"], row["status"], metric_label(row["metric"]) if row["metric"] else "-",
+                  format_metric(row["metric"] or "", row["value"]), "-" if row["step"] is None else row["step"],
+                  row["started"] or "-", row["directory"]] for row in rows]
+    _print_text_table(header, lines, format_, align="lllllrll")
 
 
 def register(app: typer.Typer) -> None:
@@ -69,34 +225,24 @@ def register(app: typer.Typer) -> None:
         runs_dir: RunsDirOpt = None,
         command: Annotated[str | None, typer.Option("--command", "-c", help="Only runs of this command.")] = None,
         limit: Annotated[int, typer.Option("--limit", help="Show at most this many (newest first).")] = 30,
+        wide: WideOpt = False,
+        format_: FormatOpt = "table",
     ) -> None:
         """List runs, newest first. Example: dmclip runs list --command pretrain"""
         from dmclip.runs import default_runs_root, find_runs
 
+        _check_format(format_)
         root = runs_dir or default_runs_root()
         found = find_runs(root, command)
         if not found:
-            console.print(f"no runs under {escape(str(root))} yet — start one with `dmclip pretrain` or `make demo`")
+            err_console.print(f"no runs under {escape(str(root))} yet — start one with `dmclip pretrain` or "
+                              "`make demo`", highlight=False, soft_wrap=True)
             return
-        table = Table(title=f"runs under {root}", title_justify="left")
-        for col in ("command", "name", "status", "key metric", "step", "age"):
-            table.add_column(col, no_wrap=col != "name")
-        table.add_column("directory", overflow="fold")  # wraps instead of hiding the path to copy
-        for run in found[:limit]:
-            try:
-                info = run.info
-            except DmclipError:  # a damaged run.json must not hide every other run
-                table.add_row("?", "?", Text("damaged", style="red"), "-", "-", "-", str(run.path))
-                continue
-            status = run.display_status()
-            metric = key_metric(run)
-            step = run.last_step()
-            style = {"completed": "green", "failed": "red", "crashed": "red", "interrupted": "yellow"}.get(status, "")
-            # Text cells: names and paths are user text, never Rich markup
-            table.add_row(str(info.get("command", "?")), str(info.get("name", "?")), Text(status, style=style),
-                          f"{metric[0]}={metric[1]:.4g}" if metric else "-", "-" if step is None else str(step),
-                          _age(info.get("start_time")), str(run.path))
-        console.print(table)
+        rows = [_run_row(run) for run in found[:limit]]
+        if format_ != "table":
+            _print_list(rows, format_)
+            return
+        console.print(_list_table(rows, f"runs under {root}", wide))
 
     @runs_app.command("show")
     def show(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
@@ -116,41 +262,40 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         results = run.results()
         if results:
-            flat = _flatten("", results, {})
-            res = Table(title="results.json", title_justify="left")
+            res = Table(title="results.json (fractions shown in percent)", title_justify="left")
             res.add_column("metric")
             res.add_column("value", justify="right")
-            for key, value in flat.items():
-                res.add_row(key, f"{value:.4f}" if isinstance(value, float) else json.dumps(value))
+            for key, value in _flatten("", results, {}).items():
+                res.add_row(metric_label(key), format_metric(key, value) if isinstance(value, (int, float))
+                            and not isinstance(value, bool) else json.dumps(value))
             console.print(res)
 
     @runs_app.command("compare")
-    def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")]) -> None:
+    def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+                wide: WideOpt = False, format_: FormatOpt = "table") -> None:
         """Metrics side by side and the config keys that differ. Example: dmclip runs compare runs/distill/a runs/distill/b"""
         from dmclip.runs import RunDir
 
+        _check_format(format_)
         if len(run_dirs) < 2:
             raise DmclipError("compare needs at least two run directories", "pass two or more paths")
         runs = [RunDir.open(p) for p in run_dirs]
-        names = [r.path.name for r in runs]
         results = [_flatten("", r.results() or {}, {}) for r in runs]
         keys = list(dict.fromkeys(k for res in results for k, v in res.items() if isinstance(v, (int, float))))
-        table = Table(title="metrics", title_justify="left")
-        table.add_column("metric")
-        for n in names:
-            table.add_column(n, justify="right")
-        for key in keys:
-            table.add_row(key, *[f"{res[key]:.4f}" if isinstance(res.get(key), float) else str(res.get(key, "-")) for res in results])
-        console.print(table)
+        metrics = [[key, *[res.get(key) for res in results]] for key in keys]
         configs = _flat_configs(runs)
-        diff = _differing_keys(configs, _defaults(runs))
-        cfg_table = Table(title="config keys that differ", title_justify="left")
-        cfg_table.add_column("key")
-        for n in names:
-            cfg_table.add_column(n)
-        for key in diff:
-            cfg_table.add_row(key, *[str(c[key]) if key in c else ABSENT for c in configs])
-        console.print(cfg_table if diff else "config: identical")
+        differ = [[key, *[c[key] if key in c else ABSENT for c in configs]]
+                  for key in _differing_keys(configs, _defaults(runs))]
+        if format_ != "table":
+            _print_comparison([r.path.name for r in runs], metrics, differ, format_)
+            return
+        names = [r.path.name for r in runs] if wide else short_names([r.path.name for r in runs])
+        console.print(_comparison_table("metrics", names, [
+            [metric_label(key), *[format_metric(key, value) for value in values]] for key, *values in metrics],
+            wide, numbers=True))
+        console.print(_comparison_table("config keys that differ", names, [
+            [key, *[str(value) for value in values]] for key, *values in differ], wide) if differ
+            else "config: identical")
 
     @runs_app.command("report")
     def report(
@@ -158,8 +303,9 @@ def register(app: typer.Typer) -> None:
         metrics: Annotated[str, typer.Option(
             "--metrics", help="Comma list of result keys (dotted) to show.")] = "zeroshot.acc1,zeroshot.acc5",
         format_: Annotated[str, typer.Option("--format", help="md or csv.")] = "md",
-        percent: Annotated[bool, typer.Option("--percent/--fractions",
-                                              help="Show fractions in [0, 1] as percent.")] = True,
+        percent: Annotated[bool | None, typer.Option(
+            "--percent/--fractions", help="Fractions in [0, 1] as percent (default: md in percent, csv in fractions).",
+            show_default=False)] = None,
     ) -> None:
         """A table for docs, rendered from run directories: one row per run, the config keys that differ
         between the runs, the chosen result keys, and a footer naming this command, the date, machine and
@@ -167,10 +313,43 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip runs report runs/pretrain/a runs/pretrain/b --metrics zeroshot.acc1,train.samples_per_s
         """
-        console.print(render_report(run_dirs, metrics.split(","), format_, percent), markup=False,
-                      highlight=False, soft_wrap=True)
+        console.print(render_report(run_dirs, metrics.split(","), format_, format_ == "md" if percent is None else percent),
+                      markup=False, highlight=False, soft_wrap=True)
 
+    register_clean(runs_app)
     app.add_typer(runs_app, name="runs")
+
+
+def _comparison_table(title: str, names: list[str], rows: list[list[str]], wide: bool, numbers: bool = False) -> Table:
+    """One row per key, one column per run; unless ``wide``, long names and keys keep their ends and a long
+    value shows the part where the runs differ, so that a row is one line at 80 columns."""
+    table = _table(title, wide)
+    key_width = min(max((len(row[0]) for row in rows), default=0), 32)
+    value_width = max(12, (console.width - key_width) // len(names) - 3)
+    fit = (lambda text, width: text) if wide else middle_cut
+    table.add_column("metric" if numbers else "key", no_wrap=not wide, overflow="fold" if wide else "ellipsis")
+    for name in names:
+        table.add_column(Text(fit(name, value_width)), justify="right" if numbers else "left", no_wrap=not wide,
+                         overflow="fold" if wide else "ellipsis")
+    for key, *values in rows:
+        table.add_row(Text(fit(key, key_width)), *[Text(v) for v in (values if wide else
+                                                                    differing_parts(values, value_width))])
+    return table
+
+
+def _print_comparison(names: list[str], metrics: list[list], differ: list[list], format_: str) -> None:
+    """`runs compare --format md|csv`: the metrics and the config keys that differ, whole; CSV in fractions."""
+    if format_ == "csv":
+        rows = [["metric", key, *["" if v is None else v for v in values]] for key, *values in metrics]
+        rows += [["config", key, *[json.dumps(v) if isinstance(v, (list, dict)) else v for v in values]]
+                 for key, *values in differ]
+        _print_text_table(["table", "key", *names], rows, format_)
+        return
+    _print_text_table(["metric", *names], [[metric_label(key), *[format_metric(key, v) for v in values]]
+                                           for key, *values in metrics], format_, align="l" + "r" * len(names))
+    if differ:
+        console.print()
+        _print_text_table(["config key that differs", *names], differ, format_)
 
 
 def _flat_configs(runs) -> list[dict]:
@@ -222,9 +401,6 @@ def _differing_keys(configs: list[dict], defaults: list[dict], ignored: tuple[st
 
 def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md", percent: bool = True) -> str:
     """The `dmclip runs report` text (see its help)."""
-    import csv
-    import datetime as dt
-    import io
     import platform
     import shlex
     import sys
@@ -250,16 +426,13 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
         keys = sorted({k for res in results for k, v in res.items() if isinstance(v, (int, float))})
         raise DmclipError(f"no run has the result key {missing[0]!r}", did_you_mean(missing[0], keys))
 
-    def as_percent(key: str) -> bool:  # accuracies and recalls are fractions in [0, 1]
-        return percent and key.split(".")[-1].startswith(("acc", "recall", "avg", "r@"))
-
-    def cell(value, key):
+    def cell(value, key: str | None = None) -> str:  # key: a result key, shown in its unit when ``percent``
         if isinstance(value, float):
-            return format_percent(value) if as_percent(key) and 0.0 <= value <= 1.0 else f"{value:.4g}"
+            return format_metric(key, value) if key and percent else repr(value) if format_ == "csv" else f"{value:.4g}"
         return "-" if value is None else str(value)
 
-    header = ["run", *differ, *[m + (" %" if as_percent(m) else "") for m in metrics]]
-    rows = [[r.path.name, *[cell(c[k], k) if k in c else ABSENT for k in differ], *[cell(res.get(m), m) for m in metrics]]
+    header = ["run", *differ, *[metric_label(m) if percent else m for m in metrics]]
+    rows = [[r.path.name, *[cell(c[k]) if k in c else ABSENT for k in differ], *[cell(res.get(m), m) for m in metrics]]
             for r, c, res in zip(runs, configs, results)]
     seeds = sorted({str(c.get("seed")) for c in configs})
     command = "dmclip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["runs"] else \
@@ -269,10 +442,192 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
               f"{', '.join(seeds)}; runs made on {', '.join(hosts)} ({platform.machine()}), torch "
               f"{', '.join(sorted({str(r.info.get('torch')) for r in runs}))}.")
     if format_ == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-        return buffer.getvalue()
+        return _csv_text(header, rows)
     table = markdown_table(header, rows, align="l" * (1 + len(differ)) + "r" * len(metrics))
     return table + "\n" + footer + "\n"
+
+
+# ------------------------------------------------------------------------------------------ clean
+
+# statuses `runs clean` removes by filter: runs that ended without results, or never started
+CLEANABLE = ("failed", "interrupted", "crashed", "created")
+DEFAULT_CLEAN = "failed,interrupted,crashed"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# a sweep directory: made by `distill --alpha ...` / `pretrain --seeds ...`, stamped like a run, no run.json
+_SWEEP_NAME = re.compile(r"\d{8}-\d{6}-.+")
+
+
+def parse_duration(text: str) -> float:
+    """``"7d"`` -> seconds; units s, m, h, d, w."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match:
+        raise DmclipError(f"--older-than {text!r} is not a duration", "write a number and a unit: 30m, 12h, 7d, 2w")
+    return float(match[1]) * _SECONDS[match[2]]
+
+
+def parse_statuses(text: str) -> list[str]:
+    """``"failed,interrupted"`` -> the statuses, each one `runs clean` may remove by filter."""
+    statuses = [s.strip() for s in text.split(",") if s.strip()]
+    for status in statuses:
+        if status in ("completed", "running"):
+            raise DmclipError(f"--status {status}: a {status} run is never removed by a filter",
+                              "name its directory instead: dmclip runs clean runs/<command>/<run>"
+                              if status == "completed" else "stop its process first; then it shows as interrupted")
+        if status not in CLEANABLE:
+            raise DmclipError(f"--status {status!r} is not a status", did_you_mean(status, list(CLEANABLE)))
+    if not statuses:
+        raise DmclipError("--status names no status", f"e.g. --status {','.join(CLEANABLE[:2])}")
+    return statuses
+
+
+def select_by_filter(root: Path, command: str | None, statuses: list[str], older_than: float | None) -> list:
+    """The runs under ``root`` with one of ``statuses`` that started more than ``older_than`` seconds ago."""
+    from dmclip.runs import find_runs
+
+    chosen = []
+    for run in find_runs(root, command):
+        try:
+            status, started = run.display_status(), run.info.get("start_time")
+        except DmclipError:  # damaged: its status is unknown, so only naming it removes it
+            continue
+        age = _seconds_since(started)
+        if status in statuses and (older_than is None or age is not None and age > older_than):
+            chosen.append(run)
+    return chosen
+
+
+def select_named(paths: list[Path]) -> list:
+    """The runs named on the command line (a sweep directory names its members); a running one is refused."""
+    from dmclip.runs import RunDir
+
+    chosen = {}  # resolved path -> run: a run named twice (or with its sweep) is removed once
+    for path in paths:
+        members = sorted(p.parent for p in Path(path).glob("*/run.json")) if not (Path(path) / "run.json").is_file() \
+            else []
+        for run in [RunDir(p) for p in members] or [RunDir.open(path)]:
+            if _status(run) == "running":
+                info = run.info
+                raise DmclipError(f"{run.path} is running (pid {info.get('pid')} on {info.get('host')})",
+                                  "stop that process first; a running run's directory is never removed")
+            chosen.setdefault(run.path.resolve(), run)
+    return list(chosen.values())
+
+
+def _status(run) -> str:
+    try:
+        return run.display_status()
+    except DmclipError:
+        return "damaged"
+
+
+def emptied_sweeps(runs: list) -> list[Path]:
+    """The sweep directories all of whose runs are in ``runs``: they go with them."""
+    removed = {run.path.resolve() for run in runs}
+    sweeps = []
+    for parent in dict.fromkeys(run.path.parent for run in runs):
+        members = {p.parent.resolve() for p in parent.glob("*/run.json")}
+        if _SWEEP_NAME.fullmatch(parent.name) and not (parent / "run.json").exists() and members <= removed:
+            sweeps.append(parent)
+    return sweeps
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _confirmed(count: int, yes: bool) -> bool:
+    """--yes, or the user's answer at a terminal; elsewhere (a script) refuse rather than guess."""
+    import sys
+
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise DmclipError(f"refusing to remove {count} run director{'y' if count == 1 else 'ies'} without "
+                          "confirmation", "pass --yes to remove them, or --dry-run to only list them")
+    return typer.confirm(f"remove {'it' if count == 1 else f'these {count}'}?", default=False)
+
+
+def remove_all(paths: list[Path]) -> None:
+    """Remove each directory; one that cannot be removed stops nothing else and is named at the end."""
+    import shutil
+
+    failed = []
+    for path in paths:
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            failed.append(f"{path}: {exc.strerror or exc}")
+    if failed:
+        raise DmclipError(f"{len(failed)} director{'y' if len(failed) == 1 else 'ies'} could not be removed "
+                          f"({failed[0]})", "check the permissions of the runs directory, then run clean again")
+
+
+def register_clean(group: typer.Typer) -> None:
+    @group.command("clean")
+    def clean(
+        run_dirs: Annotated[list[Path] | None, typer.Argument(
+            help="Remove these runs instead (any status but running; a sweep directory: all its runs).",
+            show_default=False)] = None,
+        status: Annotated[str | None, typer.Option(
+            "--status", help=f"Remove runs with these statuses, a comma list of {', '.join(CLEANABLE)} (default: "
+                             f"{DEFAULT_CLEAN}); completed and running runs are never chosen this way.",
+            show_default=False)] = None,
+        older_than: Annotated[str | None, typer.Option(
+            "--older-than", help="Only runs started more than this long ago: 30m, 12h, 7d, 2w.",
+            show_default=False)] = None,
+        command: Annotated[str | None, typer.Option("--command", "-c", help="Only runs of this command.")] = None,
+        runs_dir: RunsDirOpt = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")] = False,
+        yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+    ) -> None:
+        """Remove failed, interrupted and crashed run directories, or the ones named; a sweep directory goes with
+        its last run. Lists them first, then asks (or needs --yes).
+
+        Example: dmclip runs clean --status failed,interrupted --older-than 7d --dry-run
+        """
+        from dmclip.runs import default_runs_root
+
+        if run_dirs and (status or older_than or command or runs_dir):
+            raise DmclipError("run directories named and a filter given: which runs to remove is ambiguous",
+                              "name the run directories, or choose them with --status/--older-than/--command")
+        if run_dirs:
+            chosen = select_named(run_dirs)
+        else:
+            age = parse_duration(older_than) if older_than is not None else None
+            chosen = select_by_filter(runs_dir or default_runs_root(), command,
+                                      parse_statuses(status or DEFAULT_CLEAN), age)
+        if not chosen:
+            err_console.print("nothing to remove", highlight=False)
+            return
+        sweeps = emptied_sweeps(chosen)
+        _print_plan(chosen, sweeps, dry_run)
+        if dry_run or not _confirmed(len(chosen), yes):
+            err_console.print("nothing removed", highlight=False)
+            return
+        remove_all([*[run.path for run in chosen], *sweeps])
+        console.print(f"removed {_counted(chosen, sweeps)}")
+
+
+def _counted(runs: list, sweeps: list) -> str:
+    return f"{len(runs)} run(s)" + (f" and {len(sweeps)} sweep director{'y' if len(sweeps) == 1 else 'ies'}"
+                                    if sweeps else "")
+
+
+def _print_plan(runs: list, sweeps: list[Path], dry_run: bool) -> None:
+    """What `runs clean` removes, one line each: status, age, size and the whole directory (last, to copy)."""
+    console.print(f"{'would remove' if dry_run else 'to remove'}: {_counted(runs, sweeps)}", highlight=False)
+    lines = [(_status(run), _age(_started(run)), run.path) for run in runs] + [("sweep", "-", p) for p in sweeps]
+    for status, age, path in lines:
+        console.print(Text(f"  {status:<11} {age:>4} {_megabytes(_size(path)):>9}  {path}"), soft_wrap=True)
+
+
+def _started(run) -> str | None:
+    try:
+        return run.info.get("start_time")
+    except DmclipError:
+        return None
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"

@@ -8,27 +8,29 @@ import io
 import math
 from pathlib import Path
 
-from dmclip.report import markdown_table, pyplot, save_figure
+from dmclip.report import format_metric, markdown_table, metric_label, metric_unit, pyplot, save_figure
 
-_TABLE = [("label", "selector"), ("communication_efficiency", "comm. eff."), ("bytes_per_image", "bytes/img"),
-          ("bytes_per_image_without_indices", "bytes w/o idx"), ("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"),
-          ("cider", "CIDEr"), ("bleu4_ratio", "BLEU-4 / full"), ("cider_ratio", "CIDEr / full"),
-          ("edge_ms", "edge ms"), ("server_ms", "server ms")]
+# result key -> column header of the tables a person reads (the unit follows the key: dmclip.report.metric_unit)
+COLUMNS = {"label": "selector", "communication_efficiency": "comm. eff.", "bytes_per_image": "bytes/img",
+           "bytes_per_image_without_indices": "bytes w/o idx", "bleu1": "BLEU-1", "bleu4": "BLEU-4",
+           "cider": "CIDEr", "bleu4_ratio": "BLEU-4 / full", "cider_ratio": "CIDEr / full", "edge_ms": "edge ms",
+           "server_ms": "server ms"}
 
 
-def _fmt(value) -> str:
-    if value is None:
+def _fmt(key: str, value) -> str:
+    if metric_unit(key):
+        return format_metric(key, value)
+    if value is None or isinstance(value, float) and math.isnan(value):
         return "-"
     if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
         return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
     return str(value)
 
 
 def rows_markdown(rows: list[dict]) -> str:
-    """Result rows as the table of report.md and summary.md."""
-    return markdown_table([h for _, h in _TABLE], [[_fmt(r.get(k)) for k, _ in _TABLE] for r in rows])
+    """Result rows as the table of report.md and summary.md (scores and shares in percent)."""
+    return markdown_table([metric_label(key, label) for key, label in COLUMNS.items()],
+                          [[_fmt(key, r.get(key)) for key in COLUMNS] for r in rows], align="l" + "r" * (len(COLUMNS) - 1))
 
 
 def csv_text(rows: list[dict]) -> str:

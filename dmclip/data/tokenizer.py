@@ -84,6 +84,19 @@ class Tokenizer:
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
+    def unknown_words(self, texts: Iterable[str]) -> list[str]:
+        """The words of ``texts`` (lower case, as the BPE splits them) that this compact vocabulary lacks a piece
+        of: each is read as the unknown token. In first-seen order; none for open_clip's full vocabulary."""
+        if self._to_compact is None:
+            return []
+        tok = bpe()
+        unknown: dict[str, None] = {}
+        for text in texts:
+            for word in tok.pat.findall(tok.clean_fn(text)):
+                if any(c.isalnum() for c in word) and any(i not in self._to_compact for i in tok.encode(word)):
+                    unknown[word] = None
+        return list(unknown)
+
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of one id sequence; stops at eot, skips sot/pad/unk."""
         if isinstance(ids, torch.Tensor):

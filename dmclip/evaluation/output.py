@@ -8,24 +8,19 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from dmclip.metrics.latency import latency_rows
-from dmclip.report import markdown_table, percent
+from dmclip.report import format_metric, markdown_table, metric_label, percent
 
-ZERO_SHOT_ROWS = [("acc1", "acc@1 (%)", percent), ("acc5", "acc@5 (%)", percent),
-                  ("mean_per_class_recall", "mean per-class recall (%)", percent)]
-RETRIEVAL_ROWS = [*[(f"image_retrieval_recall@{k}", f"T→I R@{k} (%)", percent) for k in (1, 5, 10)],
-                  ("image_retrieval_mean_rank", "T→I mean rank", "{:.2f}".format),
-                  ("image_retrieval_median_rank", "T→I median rank", "{:.1f}".format),
-                  *[(f"text_retrieval_recall@{k}", f"I→T R@{k} (%)", percent) for k in (1, 5, 10)],
-                  ("text_retrieval_mean_rank", "I→T mean rank", "{:.2f}".format),
-                  ("text_retrieval_median_rank", "I→T median rank", "{:.1f}".format)]
-CAPTION_ROWS = [("bleu1", "BLEU-1 (%)", percent), ("bleu2", "BLEU-2 (%)", percent),
-                ("bleu3", "BLEU-3 (%)", percent), ("bleu4", "BLEU-4 (%)", percent),
-                ("meteor", "METEOR (%)", percent), ("rouge_l", "ROUGE-L (%)", percent),
-                ("cider", "CIDEr (%)", percent)]
+# (result key, label) per row of report.md's table; the unit comes from the key (dmclip.report.metric_unit)
+ZERO_SHOT_ROWS = [("acc1", "acc@1"), ("acc5", "acc@5"), ("mean_per_class_recall", "mean per-class recall")]
+RETRIEVAL_ROWS = [*[(f"image_retrieval_recall@{k}", f"T→I R@{k}") for k in (1, 5, 10)],
+                  ("image_retrieval_mean_rank", "T→I mean rank"), ("image_retrieval_median_rank", "T→I median rank"),
+                  *[(f"text_retrieval_recall@{k}", f"I→T R@{k}") for k in (1, 5, 10)],
+                  ("text_retrieval_mean_rank", "I→T mean rank"), ("text_retrieval_median_rank", "I→T median rank")]
+CAPTION_ROWS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"),
+                ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr")]
 FOOTER = "\nDefinitions of every number: docs/eval.md.\n"
 
 
@@ -40,10 +35,11 @@ def report_header(title: str, ref: str, result: dict) -> str:
     return text
 
 
-def metrics_markdown(result: dict, rows: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
-    """A (metric, value) table of the result's metrics that ``rows`` names, formatted as ``rows`` says."""
-    return markdown_table(["metric", "value"], [(label, fmt(result["metrics"][key])) for key, label, fmt in rows
-                                                if key in result["metrics"]], align="lr")
+def metrics_markdown(result: dict, rows: Sequence[tuple[str, str]]) -> str:
+    """A (metric, value) table of the result's metrics that ``rows`` names, each in its unit."""
+    return markdown_table(["metric", "value"], [(metric_label(key, label), format_metric(key, result["metrics"][key],
+                                                                                           other="{:.2f}"))
+                                                for key, label in rows if key in result["metrics"]], align="lr")
 
 
 def latency_markdown(result: dict) -> str:
@@ -60,7 +56,8 @@ def _best(rows: Sequence[dict], column: str) -> float | None:
 
 
 def suite_markdown(result: dict) -> str:
-    """The comparison table in markdown, percentages, the best value of each column in bold."""
+    """The comparison table in markdown, in percent (the unit in each header), the best value of each column
+    in bold."""
     columns, rows = result["columns"], result["rows"]
     lines = []
     for row in rows:
@@ -69,7 +66,7 @@ def suite_markdown(result: dict) -> str:
             value, text = row.get(column), percent(row.get(column))
             cells.append(f"**{text}**" if text != "-" and len(rows) > 1 and value == _best(rows, column) else text)
         lines.append([row["model"], *cells])
-    return markdown_table(["model", *columns], lines, align="l" + "r" * len(columns))
+    return markdown_table(["model", *[metric_label(c) for c in columns]], lines, align="l" + "r" * len(columns))
 
 
 def suite_csv(result: dict) -> str:

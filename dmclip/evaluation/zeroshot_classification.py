@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,8 @@ from dmclip.evaluation.loading import (
     task_result,
 )
 from dmclip.metrics.zeroshot import class_embeddings, ranked_classes, zero_shot_logits, zero_shot_metrics
+
+log = logging.getLogger(__name__)
 
 
 def zero_shot(model: nn.Module, dataset="world-zeroshot", *, classnames: Sequence[str] | None = None,
@@ -47,6 +50,7 @@ def zero_shot(model: nn.Module, dataset="world-zeroshot", *, classnames: Sequenc
         raise DmclipError(f"{dataset_name(dataset)} has no samples", "check --data")
     fingerprint = fingerprint or (model_fingerprint(model) if cache is not None else None)
     texts = [fill_template(t, c) for c in names for t in prompts]
+    unknown = unknown_words(model, texts)
     text_features = encode_texts(model, texts, batch_size=max(batch_size, 64), cache=cache, fingerprint=fingerprint,
                                  progress=progress, description="encoding class prompts")
     classifier = class_embeddings(text_features.view(len(names), len(prompts), -1))  # (C, D)
@@ -58,9 +62,34 @@ def zero_shot(model: nn.Module, dataset="world-zeroshot", *, classnames: Sequenc
     scored = zero_shot_metrics(logits, labels)
     if items is not None:
         items["acc1"] = (ranked_classes(logits)[:, 0] == labels).float()
-    notes = scored.pop("notes")
+    notes = scored.pop("notes") + ([unknown_words_note(unknown)] if unknown else [])
     return task_result(TASK_ZERO_SHOT, name, scored, model_name, notes, num_samples=len(labels),
-                       num_classes=len(names), num_templates=len(prompts))
+                       num_classes=len(names), num_templates=len(prompts),
+                       **({"unknown_words": unknown} if unknown else {}))
+
+
+def unknown_words(model: nn.Module, prompts: Sequence[str]) -> list[str]:
+    """The prompt words outside a dmclip model's compact vocabulary, with a warning naming them and the fix.
+
+    Such a word becomes the unknown token, so two classes that differ only in unknown words get the same
+    prompt and zero-shot falls toward chance without any error. open_clip models (full BPE) have none.
+    """
+    from dmclip.data.tokenizer import Tokenizer
+
+    tokenizer = getattr(model, "tokenizer", None)
+    unknown = tokenizer.unknown_words(prompts) if isinstance(tokenizer, Tokenizer) else []
+    if unknown:
+        log.warning("%s", unknown_words_note(unknown))
+    return unknown
+
+
+def unknown_words_note(unknown: Sequence[str], shown: int = 5) -> str:
+    words = ", ".join(repr(w) for w in unknown[:shown]) + (f" and {len(unknown) - shown} more" if len(unknown) > shown
+                                                          else "")
+    return (f"{len(unknown)} word{'s' if len(unknown) > 1 else ''} of the class names and templates "
+            f"{'are' if len(unknown) > 1 else 'is'} not in the model's vocabulary ({words}) and read as one unknown "
+            "token, so classes that differ only there look alike: rename the classes with words the model knows "
+            "(its training captions' words, e.g. --classnames FILE), or retrain with --set model.compact_vocab=false")
 
 
 def zero_shot_accuracy(model: nn.Module, spec="world-zeroshot", *, batch_size: int = 64,

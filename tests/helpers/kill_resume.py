@@ -126,7 +126,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 def runs_list_line(root: Path, run: Path, capsys, monkeypatch) -> str:
     monkeypatch.setattr("dmclip.cli.runs.console", Console(width=250))
     capsys.readouterr()
-    assert main(["runs", "list", "--runs-dir", str(root)]) == 0
+    assert main(["runs", "list", "--runs-dir", str(root), "--wide"]) == 0  # --wide: the whole directory
     return next(line for line in capsys.readouterr().out.splitlines() if run.name[:20] in line)
 
 
