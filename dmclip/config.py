@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import math
 import types
 import typing
@@ -31,6 +32,7 @@ from dmclip.errors import DmclipError
 from dmclip.recipe import parse_yaml, read_recipe
 
 _MISSING = dataclasses.MISSING
+log = logging.getLogger(__name__)
 
 
 def field(default: Any = _MISSING, help: str = "", *, min: float | None = None, max: float | None = None,
@@ -52,11 +54,23 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def renamed(cls, key: str, path: str = "") -> str:
+    """``key``, or the field it was renamed to: a dataclass lists its old field names in ``RENAMED`` (old -> new),
+    so older recipes and resolved.yaml files still read, with a one-line deprecation warning."""
+    new = getattr(cls, "RENAMED", {}).get(key)
+    if new is None:
+        return key
+    prefix = f"{path}." if path else ""
+    log.warning("config key %s%s is now %s%s (the old name still reads)", prefix, key, prefix, new)
+    return new
+
+
 def from_dict(cls, data: dict, path: str = ""):
     """Build dataclass ``cls`` from a mapping, naming the key path of any problem."""
     if not isinstance(data, dict):
         raise DmclipError(f"{path or 'config'} must be a mapping of keys to values, got {type(data).__name__}",
                           f"write {path or 'it'} as indented `key: value` lines")
+    data = {renamed(cls, key, path): value for key, value in data.items()}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
     unknown = [k for k in data if k not in fields]
@@ -173,6 +187,7 @@ def set_path(data: dict, key: str, value: Any, cls=None) -> None:
             raise DmclipError(f"--set {key}: {leaf[0]} is a {type_name(leaf[1])} value, not a section",
                               f"set {leaf[0]} itself, e.g. --set {leaf[0]}=...")
         if node_cls is not None:
+            part = walked[-1] = renamed(node_cls, part, ".".join(walked[:-1]))
             names = {f.name: f for f in dataclasses.fields(node_cls)}
             if part not in names:
                 prefix = ".".join(walked[:-1])

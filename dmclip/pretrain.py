@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from dmclip.config import field
 from dmclip.errors import DmclipError
 from dmclip.train import TrainConfig
+from dmclip.train.config import DataConfig, EvalAfterConfig
+from dmclip.train.tasks import BlipTask, ClipTask
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +42,11 @@ class ModelConfig:
     # BLIP only
     queue_size: int = field(1024, "BLIP: ITC feature queue length", min=0)
     momentum: float = field(0.995, "BLIP: momentum-encoder EMA factor", min=0.0, max=1.0)
-    distill_alpha: float = field(0.4, "BLIP: weight of momentum-distilled soft targets in ITC", min=0.0, max=1.0)
+    momentum_distill_weight: float = field(0.4, "BLIP: weight of the momentum encoder's soft targets in ITC "
+                                                "(BLIP's momentum distillation)", min=0.0, max=1.0)
     label_smoothing: float = field(0.1, "BLIP: LM label smoothing", min=0.0, max=1.0)
 
-
-@dataclass
-class DataConfig:
-    train: str = field("world-train", "training set spec (`dmclip list datasets`, csv:PATH, wds:PATH, coco:JSON ...)")
-    max_skip_fraction: float = field(0.01, "fail once more than this fraction of samples is unreadable",
-                                     min=0.0, max=1.0)
-
-
-@dataclass
-class EvalAfterConfig:
-    zeroshot: str = field("world-zeroshot", "zero-shot set scored at the end ('' = skip)")
-    batch_size: int = field(256, "evaluation batch size", min=1)
+    RENAMED: ClassVar[dict[str, str]] = {"distill_alpha": "momentum_distill_weight"}
 
 
 @dataclass
@@ -65,92 +57,6 @@ class PretrainConfig:
     data: DataConfig = field(factory=DataConfig, help="data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     eval: EvalAfterConfig = field(factory=EvalAfterConfig, help="evaluation at the end of training")
-
-
-def pick_caption(captions: list[str], seed: int, step: int, index: int) -> str:
-    """A caption of the image, chosen deterministically from (seed, step, index): resumable."""
-    from dmclip.train.data import caption_choice
-
-    return captions[caption_choice(len(captions), seed, step, index)]
-
-
-def image_caption_batch(samples: list[dict]) -> dict:
-    """Dataset samples -> {"images" float [0, 1], "captions" (all of each image's), "index"}."""
-    from dmclip.data import image_batch
-
-    return {"images": image_batch(samples), "captions": [s["captions"] for s in samples],
-            "index": [int(s["index"]) for s in samples]}
-
-
-class ClipTask:
-    """InfoNCE on (image, one caption) pairs; the engine calls collate/loss."""
-
-    def __init__(self, model, seed: int):
-        from dmclip.registry import losses
-
-        self.model = model
-        self.seed = seed
-        self.criterion = losses.get("clip")  # the objective's name is its loss's
-
-    def collate(self, samples: list[dict]) -> dict:
-        return image_caption_batch(samples)
-
-    def loss(self, model, batch: dict, step: int) -> dict:
-        captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
-        tokens = self.model.tokenize(captions).to(batch["images"].device)
-        return self.criterion(model(batch["images"], tokens))
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class BlipTask:
-    """BLIP pre-training of a :class:`dmclip.models.blip.BlipModel` for the training engine: collate,
-    loss(model, batch, step), on_step_end(step)."""
-
-    def __init__(self, model, seed: int, steps_per_epoch: int, ramp_epochs: float = 2.0):
-        self.model = model
-        self.seed = int(seed)
-        self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.ramp_epochs = ramp_epochs
-
-    def collate(self, samples: list[dict]) -> dict:
-        """samples {"image": uint8 (3, S, S), "captions": [str], "index": int} -> a batch."""
-        for sample in samples:
-            if not sample["captions"]:
-                raise DmclipError(f"sample {sample['index']} has no caption", "drop it from the dataset")
-        from dmclip.data import image_batch
-
-        return {"images": image_batch(samples), "captions": [list(s["captions"]) for s in samples],
-                "indices": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}
-
-    def alpha_scale(self, step: int) -> float:
-        """BLIP: alpha * min(1, step / (2 epochs of steps))."""
-        return min(1.0, step / (self.ramp_epochs * self.steps_per_epoch)) if self.ramp_epochs > 0 else 1.0
-
-    def captions_at(self, batch: dict, step: int) -> list[str]:
-        from dmclip.train.data import caption_choice
-
-        return [captions[caption_choice(len(captions), self.seed, step, int(index))]
-                for captions, index in zip(batch["captions"], batch["indices"])]
-
-    def loss(self, model, batch: dict, step: int) -> dict:
-        tokens = self.model.tokenize(self.captions_at(batch, step))
-        device = batch["images"].device
-        return model(batch["images"], tokens.to(device), alpha_scale=self.alpha_scale(step),
-                     indices=batch["indices"].to(device))
-
-    def on_step_end(self, step: int) -> None:
-        self.model.momentum_update()
-
-    def state_dict(self) -> dict:
-        return {}  # the queues and momentum encoders are buffers/parameters of the model
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def fit_tokenizer(dataset, cfg: PretrainConfig) -> dict:
@@ -202,7 +108,7 @@ def build_new_model(cfg: PretrainConfig, tokenizer: dict):
                      vision_depth=m.vision_depth, vision_heads=m.vision_heads, text_width=m.text_width,
                      text_depth=m.text_depth, text_heads=m.text_heads, embed_dim=m.embed_dim,
                      context_length=m.context_length, tokenizer=tokenizer, queue_size=m.queue_size,
-                     momentum=m.momentum, alpha=m.distill_alpha, label_smoothing=m.label_smoothing)
+                     momentum=m.momentum, alpha=m.momentum_distill_weight, label_smoothing=m.label_smoothing)
 
 
 def run(cfg: PretrainConfig, record) -> dict:

@@ -187,7 +187,7 @@ def _kd_oracle(student_out: dict, members: list, images: torch.Tensor, captions:
 def test_distill_from_an_ensemble_of_teachers(teacher_run, second_teacher, tmp_path):
     from dmclip.data import build_dataset
     from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
-    from dmclip.pretrain import pick_caption
+    from dmclip.train.tasks import pick_caption
 
     a, b = f"run:{teacher_run.path}", f"run:{second_teacher.path}"
     ref = f"ensemble:{a}+{b}"

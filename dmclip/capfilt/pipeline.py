@@ -33,7 +33,7 @@ def finetune(model, cfg: CapfiltConfig, record) -> dict:
     """Fine-tune captioner + filter (all BLIP losses) on ``cfg.finetune.data`` with the engine, in the run
     directory ``record``."""
     from dmclip.data import build_dataset
-    from dmclip.pretrain import BlipTask
+    from dmclip.train.tasks import BlipTask
     from dmclip.train import fit
 
     dataset = build_dataset(cfg.finetune.data, image_size=model.image_size)

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         Example: dmclip eval zero-shot --model run:runs/pretrain/<run> --data world-shift
         """
         from dmclip.evaluation.loading import check_eval_model, load_model
-        from dmclip.evaluation.runners import ZeroShotConfig, run_zero_shot
+        from dmclip.evaluate import ZeroShotConfig, run_zero_shot
 
         loaded = load_model(model, options.device)  # a bad reference fails before a run directory exists
         check_eval_model(loaded, "zero-shot")
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         Example: dmclip eval retrieval --model run:runs/pretrain/<run> --data world-retrieval-b --rerank-k 16
         """
         from dmclip.evaluation.loading import check_eval_model, load_model
-        from dmclip.evaluation.runners import RetrievalConfig, run_retrieval
+        from dmclip.evaluate import RetrievalConfig, run_retrieval
 
         loaded = load_model(model, options.device)
         check_eval_model(loaded, "retrieval", rerank_k)
@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         """
         from dmclip.evaluation.captioning import read_predictions
         from dmclip.evaluation.loading import check_eval_model, load_model
-        from dmclip.evaluation.runners import CaptionConfig, run_caption
+        from dmclip.evaluate import CaptionConfig, run_caption
 
         if predictions is not None:  # a bad file fails before a run directory exists
             read_predictions(predictions, data, limit or None)
@@ -191,7 +191,7 @@ def register(app: typer.Typer) -> None:
         Example: dmclip eval latency --model run:runs/distill/<run> --vs run:runs/pretrain/<teacher run>
         """
         from dmclip.evaluation.loading import load_model
-        from dmclip.evaluation.runners import LatencyConfig, run_latency
+        from dmclip.evaluate import LatencyConfig, run_latency
         from dmclip.metrics.latency import latency_rows
 
         loaded = load_model(model, device)
@@ -236,7 +236,7 @@ def register(app: typer.Typer) -> None:
         """
         from dmclip.evaluation.benchmark import SUITE_RETRIEVAL
         from dmclip.evaluation.loading import check_eval_model, load_model
-        from dmclip.evaluation.runners import SuiteConfig, run_suite
+        from dmclip.evaluate import SuiteConfig, run_suite
 
         refs = [model] if model else []
         if ctx.args and not models:

@@ -29,7 +29,8 @@ from dmclip.models.teachers import (
     resolve_teacher_ref,
     teacher_features,
 )
-from dmclip.pretrain import DataConfig, EvalAfterConfig, image_caption_batch, pick_caption
+from dmclip.train.config import DataConfig, EvalAfterConfig
+from dmclip.train.tasks import image_caption_batch, pick_caption
 from dmclip.recipe import read_recipe
 from dmclip.train import TrainConfig
 
