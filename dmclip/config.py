@@ -245,20 +245,24 @@ def load_config(cls, recipe: str | Path | None = None, sets: typing.Sequence[str
     """Resolve recipe -> ``--set`` overrides -> CLI shortcuts (None = not given) into a ``cls``.
 
     Returns ``(config, recipe_text)``; ``recipe_text`` is the recipe as given ("" without one).
-    Top-level keys named in ``cls.RECIPE_BLOCKS`` are left out: the command reads them itself (distill's
-    ``sweep:``).
+    Top-level keys named in ``cls.RECIPE_BLOCKS`` are left out: the command reads them itself (a ``sweep:``).
     """
     data, text = read_recipe(recipe) if recipe else ({}, "")
-    data.pop("command", None)  # a resolved.yaml may say which command wrote it
     for key in getattr(cls, "RECIPE_BLOCKS", ()):
         data.pop(key, None)
+    return build_config(cls, data, sets, shortcuts), text
+
+
+def build_config(cls, data: dict, sets: typing.Sequence[str] = (), shortcuts: dict[str, Any] | None = None):
+    """A ``cls`` from a recipe's mapping (changed in place) with ``--set`` overrides, then shortcuts, on top."""
+    data.pop("command", None)  # a resolved.yaml may say which command wrote it
     for item in sets:
         key, value = parse_override(item)
         set_path(data, key, value, cls)
     for key, value in (shortcuts or {}).items():
         if value is not None:
             set_path(data, key, value, cls)
-    return from_dict(cls, data), text
+    return from_dict(cls, data)
 
 
 def save_config(cfg, path: Path) -> None:

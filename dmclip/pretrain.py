@@ -1,6 +1,7 @@
 """`dmclip pretrain`: train an image-text model from scratch — CLIP (ITC) or BLIP (ITC + ITM + LM).
 
-Library entry point: ``run(config, run_dir) -> results``; the CLI only parses options around it.
+Library entry points: ``run(config, run_dir) -> results`` for one run and ``COMMAND``, what
+:func:`dmclip.runner.launch` runs (one run, or one per seed with ``seeds_report`` over them).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from dmclip.config import field
 from dmclip.errors import DmclipError
+from dmclip.runner import Command, Member
 from dmclip.train import TrainConfig
 from dmclip.train.config import DataConfig, EvalAfterConfig
 from dmclip.train.tasks import BlipTask, ClipTask
@@ -52,11 +54,14 @@ class ModelConfig:
 @dataclass
 class PretrainConfig:
     objective: Literal["clip", "blip"] = field("clip", "clip: InfoNCE only; blip: ITC + ITM + LM (captioning)")
-    seed: int = field(0, "seed for init, data order and caption choice")
+    seed: int = field(0, "seed for init, data order and caption choice", min=0)
     model: ModelConfig = field(factory=ModelConfig, help="architecture")
     data: DataConfig = field(factory=DataConfig, help="data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     eval: EvalAfterConfig = field(factory=EvalAfterConfig, help="evaluation at the end of training")
+
+    # a recipe's `sweep: {seeds: [...]}` is read by dmclip.runner (each seed one run), not a field
+    RECIPE_BLOCKS: ClassVar[tuple[str, ...]] = ("sweep",)
 
 
 def fit_tokenizer(dataset, cfg: PretrainConfig) -> dict:
@@ -73,19 +78,20 @@ def fit_tokenizer(dataset, cfg: PretrainConfig) -> dict:
                  "as unknown; model.compact_vocab=false keeps open_clip's whole vocabulary)", len(first), dataset.name)
     else:
         texts = [c for i in range(len(dataset)) for c in dataset.captions(i)]
-    if cfg.eval.zeroshot:  # prompt words only (no labels): so "a photo of a {}" is not unknown at eval
-        zs = build_dataset(cfg.eval.zeroshot, image_size=cfg.model.image_size)
+    for spec in cfg.eval.run_sets()[0] if cfg.eval.each_run else []:
+        # prompt words only (no labels): so "a photo of a {}" is not unknown at eval
+        zs = build_dataset(spec, image_size=cfg.model.image_size)
         texts += [t.format(c) for c in zs.classnames for t in zs.templates]
     return Tokenizer.fit(texts, cfg.model.context_length).to_dict()
 
 
-def load_or_fit_tokenizer(run, fit_fn) -> dict:
+def load_or_fit_tokenizer(run_dir, fit_fn) -> dict:
     """The run's tokenizer.json (a resumed run keeps the vocabulary it started with), else a new one."""
     import json
 
     from dmclip.io import atomic_write_json
 
-    path = run.path / "tokenizer.json"
+    path = run_dir.path / "tokenizer.json"
     if path.exists():
         return json.loads(path.read_text())
     tokenizer = fit_fn()
@@ -111,11 +117,11 @@ def build_new_model(cfg: PretrainConfig, tokenizer: dict):
                      momentum=m.momentum, alpha=m.momentum_distill_weight, label_smoothing=m.label_smoothing)
 
 
-def run(cfg: PretrainConfig, record) -> dict:
-    """Train, save the model (safetensors + model.json) into ``record/model`` (``record``: the RunDir), score
-    zero-shot, return results."""
+def run(cfg: PretrainConfig, run_dir) -> dict:
+    """Train, save the model (safetensors + model.json) into ``run_dir/model`` (``run_dir``: the RunDir), score
+    it, return results."""
     from dmclip.data import build_dataset
-    from dmclip.models.base import count_parameters, load_saved_model, save_model
+    from dmclip.models.base import count_parameters, save_model
     from dmclip.train import distributed, fit
     from dmclip.train.data import is_stream
 
@@ -125,8 +131,8 @@ def run(cfg: PretrainConfig, record) -> dict:
     if getattr(dataset, "kind", "image-text") != "image-text":
         raise DmclipError(f"{cfg.data.train} is a classification set; pretraining needs image-caption pairs",
                           "use an image-text set, e.g. world-train, csv:PATH or coco:JSON")
-    resume = record.checkpoint_path("last.pt").exists()
-    tokenizer = load_or_fit_tokenizer(record, lambda: fit_tokenizer(dataset, cfg))
+    resume = run_dir.checkpoint_path("last.pt").exists()
+    tokenizer = load_or_fit_tokenizer(run_dir, lambda: fit_tokenizer(dataset, cfg))
     model = build_new_model(cfg, tokenizer)
     log.info("%s model: %.2f M parameters (image %.2f M), %s training pairs", cfg.objective,
              count_parameters(model) / 1e6, count_parameters(getattr(model, "visual", None)) / 1e6,
@@ -140,18 +146,18 @@ def run(cfg: PretrainConfig, record) -> dict:
                               "write sizes.json beside the shards, add samples=N to the spec, or stream=false")
         steps_per_epoch = max(1, size // cfg.train.batch_size)
         task = BlipTask(model, cfg.seed, steps_per_epoch)
-    summary = fit(task, dataset, cfg.train, record, seed=cfg.seed, resume=resume)
+    summary = fit(task, dataset, cfg.train, run_dir, seed=cfg.seed, resume=resume)
     if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
         return {"train": summary}
-    save_model(model, record.path / "model")
+    save_model(model, run_dir.path / "model")
     results = {"objective": cfg.objective, "parameters": count_parameters(model),
                "image_parameters": count_parameters(model.visual), "train": summary}
-    if cfg.eval.zeroshot:
-        from dmclip.evaluation.zeroshot_classification import zero_shot_accuracy
+    if cfg.eval.each_run:
+        from dmclip.evaluation.benchmark import score_saved_model
 
-        model = load_saved_model(record.path / "model")  # score exactly what was saved
-        results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
-    record.write_results(results)
+        cfg.eval.note_world_sets(cfg.data.train)
+        results.update(score_saved_model(run_dir.path / "model", *cfg.eval.run_sets(), batch_size=cfg.eval.batch_size))
+    run_dir.write_results(results)
     return results
 
 
@@ -159,8 +165,8 @@ def run(cfg: PretrainConfig, record) -> dict:
 SEED_COLUMNS = (("zeroshot.acc1", "zero-shot acc@1"), ("zeroshot.acc5", "zero-shot acc@5"), ("train.loss", "final loss"))
 
 
-def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
-    """`pretrain --seeds`: one row per (seed, run, results) member and, per column, mean ± std with a 95 %
+def seeds_report(sweep_dir, members: list[Member]) -> dict:
+    """`pretrain --seeds`: one row per member (its seed, run directory name, results) and, per column, mean ± std with a 95 %
     t-interval over the seeds. Writes summary.md and summary.json into ``sweep_dir``; returns the summary."""
     from dmclip.metrics.stats import seed_interval
     from dmclip.runs import atomic_write_json, atomic_write_text
@@ -171,9 +177,9 @@ def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
         return results
 
     columns = [(path, label) for path, label in SEED_COLUMNS
-               if all(value(results, path) is not None for _, _, results in members)]
-    rows = [{"seed": seed, "run": run, **{label: value(results, path) for path, label in columns}}
-            for seed, run, results in members]
+               if all(value(m.result, path) is not None for m in members)]
+    rows = [{"seed": m.config.seed, "run": m.run_dir.path.name, **{label: value(m.result, path) for path, label in columns}}
+            for m in members]
     stats = {label: seed_interval([row[label] for row in rows]) for _, label in columns}
     percent = {label: not path.startswith("train.") for path, label in columns}
 
@@ -186,7 +192,7 @@ def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
         return f"{cell(s['mean'], label)} ± {cell(s['std'], label)} [{cell(s['low'], label)}, {cell(s['high'], label)}]"
 
     labels = [label + (" %" if percent[label] else "") for _, label in columns]
-    lines = [f"# pretrain over seeds\n\nseeds: {', '.join(str(m[0]) for m in members)}\n",
+    lines = [f"# pretrain over seeds\n\nseeds: {', '.join(str(row['seed']) for row in rows)}\n",
              "| seed | run | " + " | ".join(labels) + " |", "|---:|---|" + "---:|" * len(labels)]
     lines += [f"| {row['seed']} | {row['run']} | " + " | ".join(cell(row[label], label) for _, label in columns) + " |"
               for row in rows]
@@ -197,3 +203,13 @@ def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
     summary = {"rows": rows, "seeds": stats}
     atomic_write_json(sweep_dir / "summary.json", summary)
     return summary
+
+
+def _label(name: str | None, recipe) -> str:
+    return name or (recipe.stem if recipe else "pretrain")
+
+
+COMMAND = Command("pretrain", PretrainConfig, run, sweep_fields={"seeds": "seed"},
+                  summarize=lambda sweep_dir, members, base: seeds_report(sweep_dir, members),
+                  sweep_name=lambda name, recipe: f"seeds-{_label(name, recipe)}",
+                  member_name=lambda name, recipe, cfg, point: f"{_label(name, recipe)}-seed{cfg.seed}")

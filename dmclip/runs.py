@@ -240,6 +240,10 @@ class RunDir:
         atomic_write_text(self.path / name, text)
         return self.path / name
 
+    def begun(self) -> bool:
+        """Whether training has begun here (a checkpoint or a metrics row): such a run is kept for --resume."""
+        return self.checkpoint_path().exists() or bool(self.metrics())
+
     def checkpoint_path(self, name: str = "last.pt") -> Path:
         return self.path / "checkpoints" / name
 

@@ -61,13 +61,38 @@ def _setup_logging(level: int) -> None:
 
 
 def _register_commands() -> None:
-    from dmclip.cli import capfilt, compress, data, distill, evaluate, export, listing, pretrain, runs
+    from dmclip.cli import (
+        capfilt,
+        compress,
+        data,
+        distill,
+        evaluate,
+        export,
+        listing,
+        pretrain,
+        reinforce,
+        runs,
+    )
 
-    for module in (pretrain, distill, capfilt, compress, evaluate, export, data, runs, listing):
+    for module in (pretrain, distill, reinforce, capfilt, compress, evaluate, export, data, runs, listing):
         module.register(app)
 
 
 _register_commands()
+
+
+# commands that moved: the words that started them -> (the new command, how it is written now)
+MOVED = {("distill", "cache"): ("reinforce", "dmclip reinforce --teacher REF --data SPEC --out DIR "
+                                            "[--augmentations K] [--seed N]")}
+
+
+def _check_moved(argv: list[str]) -> None:
+    """A moved command is refused with its new spelling (not with the old one's options reported unknown)."""
+    first = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    words = tuple(argv[first:first + 2])
+    if words in MOVED:
+        new, usage = MOVED[words]
+        raise DmclipError(f"`dmclip {' '.join(words)}` is now `dmclip {new}`", usage)
 
 
 def _print_error(message: str, hint: str) -> None:
@@ -89,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     common.CURRENT_ARGV = ["dmclip", *argv]  # what run.json records, also when tests call main([...])
     debug = bool(os.environ.get("DMCLIP_DEBUG"))
     try:
+        _check_moved(argv)
         result = app(args=argv, prog_name="dmclip", standalone_mode=False)
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
     except DmclipError as exc:

@@ -114,3 +114,18 @@ def suite(models: Mapping[str, nn.Module] | Sequence[str], *, zero_shot_specs: S
 def suite_row(model: nn.Module, name: str = "model", **kwargs) -> dict:
     """One row of the suite table ({column: fraction, "Avg Perf": ...}) for one model."""
     return suite({name: model}, **kwargs)["rows"][0]
+
+
+def score_saved_model(model_dir, zero_shot_specs: Sequence[str], retrieval_specs: Sequence[str], *,
+                      batch_size: int = 64) -> dict:
+    """What a training run records when it ends, scored on exactly the model it saved in ``model_dir``:
+    ``{"eval": {suite column: fraction, ..., "Avg Perf": ...}, "zeroshot": {acc1, acc5, mean_per_class_recall}
+    of the first zero-shot set}`` (``zeroshot`` only when a zero-shot set is named)."""
+    from dmclip.models.base import load_saved_model
+
+    result = suite({"model": load_saved_model(model_dir)}, zero_shot_specs=zero_shot_specs,
+                   retrieval_specs=retrieval_specs, batch_size=batch_size)
+    scores = {"eval": {column: result["rows"][0][column] for column in result["columns"]}}
+    if zero_shot_specs:
+        scores["zeroshot"] = dict(result["tasks"][0]["metrics"])
+    return scores

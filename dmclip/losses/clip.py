@@ -114,7 +114,7 @@ class KDLoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict) -> dict:
         loss = kd_loss(student, teacher)
-        return {"loss": loss, "distill": loss.detach()}
+        return {"loss": loss, "kd": loss.detach()}
 
 
 class FeatureLoss(nn.Module):
@@ -174,9 +174,9 @@ class DistillMix(nn.Module):
                           if teacher.get("members") else {})}
         zero = student["image_features"].new_zeros(())
         contrastive = clip_loss(student) if self.alpha < 1 else zero
-        distill = kd_loss(student, teacher) if self.alpha > 0 else zero
-        total = self.alpha * distill + (1 - self.alpha) * contrastive
-        parts = {"contrastive": contrastive.detach(), "distill": distill.detach()}
+        kd = kd_loss(student, teacher) if self.alpha > 0 else zero
+        total = self.alpha * kd + (1 - self.alpha) * contrastive
+        parts = {"contrastive": contrastive.detach(), "kd": kd.detach()}
         if self.feature_weight > 0:
             feature = feature_loss(student, teacher, self.feature_kind)
             total = total + self.feature_weight * feature

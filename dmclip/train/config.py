@@ -3,6 +3,7 @@ data (``data``) and what is scored when training ends (``eval``, pretrain and di
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -92,8 +93,13 @@ class EvalAfterConfig:
         return list(WORLD_RUN_SETS), []
 
     def note_world_sets(self, data_spec: str) -> None:
-        """One log line when the world's sets will score a model trained on other data."""
-        if not self.named and self.each_run and not data_spec.startswith("world-"):
-            log.info("scoring the built-in world's sets (world-zeroshot; a sweep's summary: the world suite), not "
-                     "sets like %s; name yours with --set eval.zeroshot=[imagefolder:DIR] or "
-                     "--set eval.retrieval=[csv:FILE]", data_spec)
+        """One log line (once per process and training set) when the world's sets score a model trained on
+        other data."""
+        if not self.named and not data_spec.startswith("world-"):
+            _note_world_sets(data_spec)
+
+
+@functools.cache
+def _note_world_sets(data_spec: str) -> None:
+    log.info("scoring the built-in world's sets, not sets like %s: name yours with "
+             "--set eval.zeroshot=[imagefolder:DIR] or --set eval.retrieval=[csv:FILE]", data_spec)
