@@ -19,7 +19,6 @@ import difflib
 import hashlib
 import json
 import logging
-import math
 import types
 import typing
 from pathlib import Path, PurePath
@@ -207,37 +206,6 @@ def set_path(data: dict, key: str, value: Any, cls=None) -> None:
                 child = {}
                 node[part] = child
             node = child
-
-
-def parse_sweep_values(text: Any, type: typing.Callable = float, option: str = "value") -> list:
-    """``"0,0.25,0.75,1"`` -> ``[0.0, 0.25, 0.75, 1.0]``: the values of a shortcut option that sweeps.
-
-    A single value gives a one-item list; a number or a list is accepted as already parsed.
-    ``option`` names the option in errors (e.g. ``"--alpha"``).
-    """
-    if isinstance(text, (list, tuple)):
-        items = list(text)
-    elif isinstance(text, (int, float)) and not isinstance(text, bool):
-        items = [text]
-    else:
-        items = [part.strip() for part in str(text).split(",")]
-    if not items or any(isinstance(i, str) and not i for i in items):
-        raise DmclipError(f"{option} {text!r} has an empty value",
-                          f"separate values with commas and no empty items, e.g. {option} 0,0.25,0.75,1")
-    values = []
-    for item in items:
-        try:
-            value = type(item)
-        except (TypeError, ValueError):
-            name = getattr(type, "__name__", "value")
-            raise DmclipError(f"{option} {item!r} is not a {name}",
-                              f"pass one {name} or a comma-separated list, e.g. {option} 0,0.25,0.75,1") from None
-        if isinstance(value, float) and math.isnan(value):
-            raise DmclipError(f"{option} {item!r} is not a number", f"pass numbers, e.g. {option} 0,0.25")
-        values.append(value)
-    if len(set(values)) != len(values):
-        raise DmclipError(f"{option} {text!r} repeats a value", "list each sweep point once")
-    return values
 
 
 def load_config(cls, recipe: str | Path | None = None, sets: typing.Sequence[str] = (),

@@ -102,18 +102,42 @@ def launch(command: Command, *, recipe: Path | None = None, sets: Sequence[str] 
     try:
         if resume is not None:
             return _resume(request, Path(resume), {k: v for k, v in (sweep or {}).items() if v is not None})
-        data, request.recipe_text = read_recipe(recipe) if recipe is not None else ({}, "")
-        points = _sweep_points(command, data.pop("sweep", None), dict(sweep or {}), Path(recipe) if recipe else None)
-        base = build_config(command.config, data, request.sets, shortcuts)
-        values = {key: _checked(command, base, key, given, request.shortcuts) for key, given in points.items()}
-        single = {key: listed[0] for key, listed in values.items() if len(listed) == 1}
-        swept = {key: listed for key, listed in values.items() if len(listed) > 1}
-        base = _member_config(command, base, single, "") if single else base
-        if command.prepare is not None:
-            command.prepare(base, runs_root)
-        return _sweep(request, base, swept) if swept else _single(request, base)
+        planned = plan(command, recipe=recipe, sets=request.sets, shortcuts=request.shortcuts, sweep=sweep,
+                       runs_root=runs_root)
+        request.recipe_text = planned.recipe_text
+        return _sweep(request, planned) if planned.swept else _single(request, planned.base)
     finally:
         distributed.teardown()
+
+
+@dataclass
+class Plan:
+    """What :func:`launch` will run, resolved and checked: the shared config, the swept keys and their values
+    (empty for one run), one (point, config) per sweep member, and the recipe's text as given."""
+
+    base: Any
+    swept: dict[str, list]
+    members: list[tuple[dict, Any]]
+    recipe_text: str
+
+
+def plan(command: Command, *, recipe: Path | None = None, sets: Sequence[str] | None = None,
+         shortcuts: Mapping[str, Any] | None = None, sweep: Mapping[str, str | None] | None = None,
+         runs_root: Path | None = None) -> Plan:
+    """The configs :func:`launch` runs for these arguments (``command.prepare`` applied), nothing created."""
+    data, recipe_text = read_recipe(recipe) if recipe is not None else ({}, "")
+    block = data.pop("sweep") if "sweep" in data else _NO_BLOCK
+    points = _sweep_points(command, block, dict(sweep or {}), Path(recipe) if recipe else None)
+    base = build_config(command.config, data, list(sets or []), shortcuts)
+    values = {key: _checked(command, base, key, given, dict(shortcuts or {})) for key, given in points.items()}
+    single = {key: listed[0] for key, listed in values.items() if len(listed) == 1}
+    swept = {key: listed for key, listed in values.items() if len(listed) > 1}
+    base = _member_config(command, base, single, "") if single else base
+    if command.prepare is not None:
+        command.prepare(base, Path(runs_root) if runs_root is not None else default_runs_root())
+    members = [(point, _member_config(command, base, point, ""))
+               for point in (dict(zip(swept, values)) for values in itertools.product(*swept.values()))] if swept else []
+    return Plan(base, swept, members, recipe_text)
 
 
 @dataclass
@@ -140,7 +164,7 @@ class _Request:
 def _sweep_points(command: Command, block, options: dict[str, str | None], recipe: Path | None) -> dict:
     """{sweep key: (where it was given, [(value, where)])}: the recipe's ``sweep:`` block (checked even where an
     option overrides it), each key replaced by its option when given."""
-    points = _recipe_block(command, block, f"recipe {recipe.name}") if block is not None else {}
+    points = _recipe_block(command, block, f"recipe {recipe.name}") if block is not _NO_BLOCK else {}
     for key, text in options.items():
         if text is None:
             continue
@@ -162,6 +186,7 @@ def _checked(command: Command, base, key: str, given: tuple[str, list], shortcut
     return [value for value, _ in values]
 
 
+_NO_BLOCK = object()  # a recipe without `sweep:` (`sweep:` alone is None, and refused)
 _SWEEP_EXAMPLE = "sweep: {alpha: [0.0, 0.75], seeds: [0, 1, 2]}"
 
 
@@ -250,21 +275,18 @@ def _single(request: _Request, config) -> Run:
     return Run(run_dir, _run_in(request.command, config, run_dir), distributed.is_main())
 
 
-def _sweep(request: _Request, base, swept: dict[str, list]) -> Sweep:
+def _sweep(request: _Request, planned: Plan) -> Sweep:
     command = request.command
     sweep_dir = _create_sweep_dir(request)
     if distributed.is_main():
-        block = yaml.safe_dump({"sweep": swept}, sort_keys=False, default_flow_style=None)
-        atomic_write_text(sweep_dir / "resolved.yaml", f"command: {command.name}\n" + to_yaml(base) + block)
-    points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
+        atomic_write_text(sweep_dir / "resolved.yaml", sweep_yaml(command, planned))
     members = []
     try:
-        for number, point in enumerate(points, 1):
-            config = _member_config(command, base, point, "")
+        for number, (point, config) in enumerate(planned.members, 1):
             run_dir = request.create(config, command.member_name(request.name, request.recipe, config, point),
                                      parent=sweep_dir)
             members.append(Member(point, config, run_dir, _run_in(command, config, run_dir)))
-            log.info("%s %d of %d done (%s): %s", command.name, number, len(points),
+            log.info("%s %d of %d done (%s): %s", command.name, number, len(planned.members),
                      ", ".join(f"{key} {value}" for key, value in point.items()), run_dir.path)
     except DmclipError:
         if distributed.is_main() and not any(p.is_dir() for p in sweep_dir.iterdir()):
@@ -272,8 +294,15 @@ def _sweep(request: _Request, base, swept: dict[str, list]) -> Sweep:
         raise
     summary = None
     if distributed.is_main() and command.summarize is not None:
-        summary = command.summarize(sweep_dir, members, base)
+        summary = command.summarize(sweep_dir, members, planned.base)
     return Sweep(sweep_dir, members, summary, distributed.is_main())
+
+
+def sweep_yaml(command: Command, planned: Plan) -> str:
+    """A sweep directory's resolved.yaml: the members' shared config and the ``sweep:`` block, so that
+    `dmclip <command> <sweep dir>/resolved.yaml` runs the same sweep again."""
+    block = yaml.safe_dump({"sweep": planned.swept}, sort_keys=False, default_flow_style=None)
+    return f"command: {command.name}\n" + to_yaml(planned.base) + block
 
 
 def _create_sweep_dir(request: _Request) -> Path:
@@ -304,7 +333,7 @@ def _run_in(command: Command, config, run_dir: RunDir) -> dict:
     except DmclipError:
         if distributed.is_main():
             if run_dir.begun():
-                log.warning("run directory kept: %s (continue it with --resume %s)", run_dir.path, run_dir.path)
+                log.warning("run directory kept: continue it with --resume %s", run_dir.path)
             else:
                 _remove(run_dir.path)
         raise

@@ -18,7 +18,6 @@ from dmclip.config import (
     from_dict,
     load_config,
     parse_override,
-    parse_sweep_values,
     save_config,
     set_path,
     to_dict,
@@ -281,23 +280,6 @@ def test_to_dict_is_plain_data():
 
 
 # ------------------------------------------------------------------------------------ sweeps
-
-
-def test_parse_sweep_values():
-    assert parse_sweep_values("0,0.25,0.75,1") == [0.0, 0.25, 0.75, 1.0]
-    assert parse_sweep_values(" 0.5 ") == [0.5]
-    assert parse_sweep_values(0.3) == [0.3]
-    assert parse_sweep_values("8,16", type=int) == [8, 16]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("0,,1", "--alpha '0,,1' has an empty value"),
-    ("0,a", "--alpha 'a' is not a float"),
-    ("0,nan", "--alpha 'nan' is not a number"),
-    ("0,1,0", "--alpha '0,1,0' repeats a value"),
-])
-def test_parse_sweep_values_errors(text, message):
-    assert _error(parse_sweep_values, text, option="--alpha").message == message
 
 
 def test_a_section_set_in_part_keeps_its_fields_own_defaults(tmp_path):

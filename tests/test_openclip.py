@@ -279,7 +279,7 @@ def test_distil_a_mamba_student_from_an_open_clip_teacher_and_evaluate_it(saved,
     [run] = find_runs(runs, "distill")
     assert run.results()["teacher"] == ref
     rows = run.metrics()
-    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["distill"]) for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kd"]) for r in rows)
     teacher = load_model_ref(ref)
     tokens = teacher.tokenize(["a red circle"])
     shutil.rmtree(teacher_dir)  # the student keeps the teacher's text tower; it needs nothing else

@@ -11,7 +11,7 @@ from dmclip.data import build_dataset
 from dmclip.data.reinforced import ReinforcedStore, apply_boxes, crop_boxes
 from dmclip.data.tokenizer import Tokenizer
 from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
-from dmclip.distill.cache import build_store
+from dmclip.distill.reinforce import build_store
 from dmclip.errors import DmclipError
 from dmclip.models.base import build_model, save_model
 from dmclip.models.clip import clip_arch
