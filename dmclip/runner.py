@@ -181,9 +181,13 @@ def _checked(command: Command, base, key: str, given: tuple[str, list], shortcut
     if shortcuts.get(field_path) is not None:
         raise DmclipError(f"{field_path} is given by an option and swept by {where}",
                           f"give one value or a sweep, not both (one run: drop {where}; a sweep: drop the option)")
+    checked = []
     for value, item in values:
-        _member_config(command, base, {key: value}, item)
-    return [value for value, _ in values]
+        config = _member_config(command, base, {key: value}, item)
+        for part in field_path.split("."):  # the value as the field holds it (--alpha 1 -> 1.0)
+            config = getattr(config, part)
+        checked.append(config)
+    return checked
 
 
 _NO_BLOCK = object()  # a recipe without `sweep:` (`sweep:` alone is None, and refused)

@@ -5,7 +5,7 @@
       checkpoints/last.pt  model/  results.json  report.md  *.png
 
 ``RunDir.create(...)`` makes a new one, ``RunDir.open(path)`` reopens one for ``--resume``;
-``with run.active(): ...`` records status running -> completed | failed | interrupted.
+``with run_dir.active(): ...`` records status running -> completed | failed | interrupted.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class RunDir:
             raise DmclipError(f"cannot create the run directory {path}: {exc.strerror or exc}",
                               "choose another --runs-dir (or $DMCLIP_RUNS), one that is a writable directory"
                               ) from None
-        run = cls(path)
+        run_dir = cls(path)
         if config is not None:
             atomic_write_text(path / "resolved.yaml", f"command: {command}\n" + to_yaml(config))
         atomic_write_text(path / "recipe.yaml", recipe_text)
@@ -129,7 +129,7 @@ class RunDir:
             "error": None,
         }
         atomic_write_json(path / "run.json", info)
-        return run
+        return run_dir
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -405,16 +405,16 @@ def find_runs(root: Path | None = None, command: str | None = None) -> list[RunD
     return sorted(found, key=lambda r: r.path.name, reverse=True)
 
 
-def _safe_info(run: RunDir) -> dict:
+def _safe_info(run_dir: RunDir) -> dict:
     try:
-        return run.info
+        return run_dir.info
     except DmclipError:
         return {}
 
 
 def latest_run(command: str, root: Path | None = None, status: str = "completed", name: str | None = None) -> RunDir | None:
-    for run in find_runs(root, command):
-        info = _safe_info(run)
+    for run_dir in find_runs(root, command):
+        info = _safe_info(run_dir)
         if info.get("status") == status and (name is None or info.get("name") == name):
-            return run
+            return run_dir
     return None

@@ -182,6 +182,15 @@ def test_misspelt_scheme_suggests_the_registered_one():
     assert "'open_clip'" in info.value.hint and "dmclip list references" in info.value.hint
 
 
+def test_the_old_store_scheme_still_reads_with_a_warning(tmp_path, caplog):
+    from dmclip.models.teachers import load_teacher
+
+    with pytest.raises(DmclipError) as info:
+        load_teacher(f"embeddings:{tmp_path}")
+    assert info.value.message == f"{tmp_path} is not a reinforced store (no meta.json)"  # read as store:<dir>
+    assert "the scheme embeddings: is now store:" in caplog.text
+
+
 def test_a_distill_only_scheme_is_a_teacher_but_not_a_model():
     from dmclip.models.refs import load_model_ref
     from dmclip.models.teachers import EnsembleTeacher, load_teacher

@@ -230,3 +230,59 @@ def test_distill_cache_names_the_command_that_replaced_it(capsys):
     assert _error_lines(capsys) == ["error: `dmclip distill cache` is now `dmclip reinforce`",
                                     "hint: dmclip reinforce --teacher REF --data SPEC --out DIR [--augmentations K] "
                                     "[--seed N]"]
+
+
+# ------------------------------------------------------------------------------------------ the user's sets
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def _user_sets(root: Path) -> tuple[Path, Path]:
+    """A CSV image-text set (16 pairs) and an ImageFolder of 4 colour classes (3 images each), as a user has them."""
+    from PIL import Image
+
+    rows = ["filepath,caption"]
+    for k, (name, rgb) in enumerate(list(COLOURS.items()) * 4):
+        path = root / "images" / f"{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), tuple(min(255, c + 3 * k) for c in rgb)).save(path)
+        rows.append(f"{path},a {name} square")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    for name, rgb in COLOURS.items():
+        (root / "zs" / name).mkdir(parents=True)
+        for k in range(3):
+            Image.new("RGB", (32, 32), tuple(max(0, c - 10 * k) for c in rgb)).save(root / "zs" / name / f"{k}.png")
+    return root / "train.csv", root / "zs"
+
+
+@pytest.mark.slow
+def test_a_sweep_scores_the_users_sets_and_builds_no_world_split(tmp_path, monkeypatch, capsys):
+    """`dmclip distill --data csv:... --alpha 0,1 --seeds 0,1 --set eval.zeroshot=[imagefolder:...]`: the
+    ImageFolder is the summary's column, Avg Perf is over it alone, and no world split is built."""
+    import csv
+
+    from dmclip import registry
+
+    train, folder = _user_sets(tmp_path)
+    built = []
+    original = registry.datasets.get
+    monkeypatch.setattr(registry.datasets, "get", lambda name, **kw: built.append(name) or original(name, **kw))
+    runs = tmp_path / "runs"
+    spec = f"imagefolder:{folder}"
+    assert main(["distill", "--data", f"csv:{train}", "--alpha", "0,1", "--seeds", "0,1", "--student",
+                 "mamba-tiny-test", "--steps", "1", "--batch-size", "8", "--runs-dir", str(runs),
+                 "--set", f"eval.zeroshot=[{spec}]", "--set", "eval.latency=false",
+                 "--set", "train.progress=false"]) == 0
+    assert built == []  # not one world split: not for training, not for scoring
+    (sweep,) = (runs / "distill").iterdir()
+    column = f"{spec} acc@1"
+    header, *rows = list(csv.reader((sweep / "summary.csv").open()))
+    assert header == ["model", column, "Avg Perf"] and len(rows) == 5  # the teacher and 4 members
+    assert all(row[1] == row[2] for row in rows)  # Avg Perf over exactly the named set
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["rq1"]["columns"] == [column, "Avg Perf"] and summary["rq2"] == []
+    markdown = (sweep / "summary.md").read_text()
+    assert spec in markdown and "world-" not in markdown and "RQ2" not in markdown
+    member = json.loads(next(p / "results.json" for p in sweep.iterdir() if p.is_dir()).read_text())
+    assert set(member["eval"]) == {column, "Avg Perf"} and member["zeroshot"]["acc1"] == member["eval"][column]
+    assert f"{column} %" in capsys.readouterr().out  # the terminal table, in percent
