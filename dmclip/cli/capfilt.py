@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         *,
         options: RunOptions,
     ) -> None:
-        """Bootstrap a noisy image-text set: synthetic captions + an ITM filter (BLIP's CapFilt).
+        """Bootstrap a noisy image-text set: synthetic captions, an ITM filter (BLIP's CapFilt).
 
         Writes csv:<out>/captions.csv for pretrain/distill, a manifest, and a report in the run directory.
 

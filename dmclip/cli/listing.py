@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
             help="references | students | losses | datasets | selectors | families (all when omitted).")] = None,
         pattern: Annotated[str, typer.Option("--pattern", "-p", help="Glob on names, e.g. 'mamba*'.")] = "*",
     ) -> None:
-        """List registered model reference schemes, students, losses, datasets, selectors, families.
+        """List registered reference schemes, students, losses, datasets, selectors, families.
 
         Example: dmclip list students --pattern 'mamba*'
         """

@@ -25,8 +25,10 @@ def register(app: typer.Typer) -> None:
             "--augmentations", help="Teacher views per image (the first is the full image).", min=1)] = 4,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the views' random crops.", min=0)] = 0,
     ) -> None:
-        """Run a teacher once over a dataset and store its image embeddings of K views per image and its text
-        embeddings of every caption (DataCompDR's reinforced data), so that distill need not run it.
+        """Cache a teacher's outputs over a dataset (a reinforced store) for `dmclip distill`.
+
+        The teacher runs once: its image embeddings of K views per image and its text embeddings of every
+        caption (DataCompDR's reinforced data) are stored, so that distill need not run it.
 
         Example:
 
