@@ -126,7 +126,8 @@ def plan(command: Command, *, recipe: Path | None = None, sets: Sequence[str] | 
          runs_root: Path | None = None) -> Plan:
     """The configs :func:`launch` runs for these arguments (``command.prepare`` applied), nothing created."""
     data, recipe_text = read_recipe(recipe) if recipe is not None else ({}, "")
-    block = data.pop("sweep") if "sweep" in data else _NO_BLOCK
+    reads_sweep = "sweep" in getattr(command.config, "RECIPE_BLOCKS", ())  # else `sweep:` may be a field (compress)
+    block = data.pop("sweep") if reads_sweep and "sweep" in data else _NO_BLOCK
     points = _sweep_points(command, block, dict(sweep or {}), Path(recipe) if recipe else None)
     base = build_config(command.config, data, list(sets or []), shortcuts)
     values = {key: _checked(command, base, key, given, dict(shortcuts or {})) for key, given in points.items()}
@@ -135,9 +136,8 @@ def plan(command: Command, *, recipe: Path | None = None, sets: Sequence[str] | 
     base = _member_config(command, base, single, "") if single else base
     if command.prepare is not None:
         command.prepare(base, Path(runs_root) if runs_root is not None else default_runs_root())
-    members = [(point, _member_config(command, base, point, ""))
-               for point in (dict(zip(swept, values)) for values in itertools.product(*swept.values()))] if swept else []
-    return Plan(base, swept, members, recipe_text)
+    points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())] if swept else []
+    return Plan(base, swept, [(point, _member_config(command, base, point, "")) for point in points], recipe_text)
 
 
 @dataclass
@@ -197,8 +197,6 @@ _SWEEP_EXAMPLE = "sweep: {alpha: [0.0, 0.75], seeds: [0, 1, 2]}"
 def _recipe_block(command: Command, block, where: str) -> dict:
     keys = command.sweep_fields
     example = _SWEEP_EXAMPLE if "alpha" in keys else "sweep: {seeds: [0, 1, 2]}"
-    if not keys:
-        raise DmclipError(f"{where}: `dmclip {command.name}` does not sweep", "remove the sweep: block")
     if not isinstance(block, dict) or not block:
         raise DmclipError(f"{where}: sweep must map a field to its list of values, got {block!r}", f"write e.g. {example}")
     points = {}
