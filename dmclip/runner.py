@@ -126,8 +126,8 @@ def plan(command: Command, *, recipe: Path | None = None, sets: Sequence[str] | 
          runs_root: Path | None = None) -> Plan:
     """The configs :func:`launch` runs for these arguments (``command.prepare`` applied), nothing created."""
     data, recipe_text = read_recipe(recipe) if recipe is not None else ({}, "")
-    reads_sweep = "sweep" in getattr(command.config, "RECIPE_BLOCKS", ())  # else `sweep:` may be a field (compress)
-    block = data.pop("sweep") if reads_sweep and "sweep" in data else _NO_BLOCK
+    # a command that sweeps reads the recipe's `sweep:` block; for another it may be a field (compress's)
+    block = data.pop("sweep") if command.sweep_fields and "sweep" in data else _NO_BLOCK
     points = _sweep_points(command, block, dict(sweep or {}), Path(recipe) if recipe else None)
     base = build_config(command.config, data, list(sets or []), shortcuts)
     values = {key: _checked(command, base, key, given, dict(shortcuts or {})) for key, given in points.items()}
