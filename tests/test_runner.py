@@ -286,4 +286,6 @@ def test_a_sweep_scores_the_users_sets_and_builds_no_world_split(tmp_path, monke
     assert spec in markdown and not re.search(r"world-(zeroshot|shift|retrieval)", markdown) and "RQ2" not in markdown
     member = json.loads(next(p / "results.json" for p in sweep.iterdir() if p.is_dir()).read_text())
     assert set(member["eval"]) == {column, "Avg Perf"} and member["zeroshot"]["acc1"] == member["eval"][column]
-    assert f"{column} %" in capsys.readouterr().out  # the terminal table, in percent
+    teacher = next(row for row in summary["rq1"]["rows"] if row["model"] == "teacher")
+    out = capsys.readouterr().out
+    assert "RQ1: eval suite" in out and f"{100 * teacher[column]:.2f}" in out  # the terminal table, in percent
