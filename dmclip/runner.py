@@ -255,6 +255,15 @@ def _resume(request: _Request, path: Path, sweep: dict) -> Run:
     if request.recipe is not None or given:
         raise DmclipError("--resume continues a run with its own saved config; other options would change it",
                           f"drop {', '.join(given) or 'the recipe argument'} or start a new run without --resume")
+    # rank 0 checks and shares the directory: another rank checking after rank 0 marked it running would refuse it
+    run_dir = distributed.shared_run(lambda: _resumable(command, path))
+    with distributed.active(run_dir):
+        result = command.run(run_dir.resolved_config(command.config), run_dir)
+    return Run(run_dir, result, distributed.is_main())
+
+
+def _resumable(command: Command, path: Path) -> RunDir:
+    """The run directory at ``path``, if it is ``command``'s and neither completed nor running."""
     run_dir = RunDir.open(path)
     if run_dir.command != command.name:
         raise DmclipError(f"{path} is a `{run_dir.command}` run, not a `{command.name}` run",
@@ -266,9 +275,7 @@ def _resume(request: _Request, path: Path, sweep: dict) -> Run:
         raise DmclipError(f"{path} is still running (pid {run_dir.info.get('pid')} on {run_dir.info.get('host')})",
                           "wait for it to finish, or stop that process first; two processes must not "
                           "write one run directory")
-    with distributed.active(run_dir):
-        result = command.run(run_dir.resolved_config(command.config), run_dir)
-    return Run(run_dir, result, distributed.is_main())
+    return run_dir
 
 
 def _single(request: _Request, config) -> Run:

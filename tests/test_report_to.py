@@ -163,8 +163,7 @@ def test_a_missing_package_in_a_recipe_fails_the_run_before_training(tmp_path, c
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     assert main(["pretrain", *TINY, "--runs-dir", str(tmp_path / "runs"), "--set", "train.report_to=[tensorboard]"]) == 2
     assert "hint: pip install 'dmclip[dashboards]'" in capsys.readouterr().err
-    [run] = find_runs(tmp_path / "runs", "pretrain")
-    assert run.status == "failed" and run.metrics() == []
+    assert find_runs(tmp_path / "runs", "pretrain") == []  # it failed before training: no run directory left
 
 
 WORKER = textwrap.dedent("""
