@@ -39,7 +39,7 @@ def _setup(vision: tuple[int, int, int], dataset, tokenizer, tmp: Path) -> dict:
     """A saved teacher of this ViT size, its store (2 views), the student, its optimizer and one batch."""
     from dmclip.data.reinforced import ReinforcedStore
     from dmclip.distill import DistillConfig, build_student, load_teacher
-    from dmclip.distill.cache import build_store
+    from dmclip.distill.reinforce import build_store
     from dmclip.models.base import build_model, save_model
     from dmclip.models.clip import clip_arch
 

@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
+import logging
 import types
 import typing
 from pathlib import Path, PurePath
@@ -31,6 +31,7 @@ from dmclip.errors import DmclipError
 from dmclip.recipe import parse_yaml, read_recipe
 
 _MISSING = dataclasses.MISSING
+log = logging.getLogger(__name__)
 
 
 def field(default: Any = _MISSING, help: str = "", *, min: float | None = None, max: float | None = None,
@@ -52,11 +53,23 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def renamed(cls, key: str, path: str = "") -> str:
+    """``key``, or the field it was renamed to: a dataclass lists its old field names in ``RENAMED`` (old -> new),
+    so older recipes and resolved.yaml files still read, with a one-line deprecation warning."""
+    new = getattr(cls, "RENAMED", {}).get(key)
+    if new is None:
+        return key
+    prefix = f"{path}." if path else ""
+    log.warning("config key %s%s is now %s%s (the old name still reads)", prefix, key, prefix, new)
+    return new
+
+
 def from_dict(cls, data: dict, path: str = ""):
     """Build dataclass ``cls`` from a mapping, naming the key path of any problem."""
     if not isinstance(data, dict):
         raise DmclipError(f"{path or 'config'} must be a mapping of keys to values, got {type(data).__name__}",
                           f"write {path or 'it'} as indented `key: value` lines")
+    data = {renamed(cls, key, path): value for key, value in data.items()}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _hints(cls)
     unknown = [k for k in data if k not in fields]
@@ -168,6 +181,7 @@ def set_path(data: dict, key: str, value: Any, cls=None) -> None:
             raise DmclipError(f"--set {key}: {leaf[0]} is a {type_name(leaf[1])} value, not a section",
                               f"set {leaf[0]} itself, e.g. --set {leaf[0]}=...")
         if node_cls is not None:
+            part = walked[-1] = renamed(node_cls, part, ".".join(walked[:-1]))
             names = {f.name: f for f in dataclasses.fields(node_cls)}
             if part not in names:
                 prefix = ".".join(walked[:-1])
@@ -189,56 +203,29 @@ def set_path(data: dict, key: str, value: Any, cls=None) -> None:
             node = child
 
 
-def parse_sweep_values(text: Any, type: typing.Callable = float, option: str = "value") -> list:
-    """``"0,0.25,0.75,1"`` -> ``[0.0, 0.25, 0.75, 1.0]``: the values of a shortcut option that sweeps.
-
-    A single value gives a one-item list; a number or a list is accepted as already parsed.
-    ``option`` names the option in errors (e.g. ``"--alpha"``).
-    """
-    if isinstance(text, (list, tuple)):
-        items = list(text)
-    elif isinstance(text, (int, float)) and not isinstance(text, bool):
-        items = [text]
-    else:
-        items = [part.strip() for part in str(text).split(",")]
-    if not items or any(isinstance(i, str) and not i for i in items):
-        raise DmclipError(f"{option} {text!r} has an empty value",
-                          f"separate values with commas and no empty items, e.g. {option} 0,0.25,0.75,1")
-    values = []
-    for item in items:
-        try:
-            value = type(item)
-        except (TypeError, ValueError):
-            name = getattr(type, "__name__", "value")
-            raise DmclipError(f"{option} {item!r} is not a {name}",
-                              f"pass one {name} or a comma-separated list, e.g. {option} 0,0.25,0.75,1") from None
-        if isinstance(value, float) and math.isnan(value):
-            raise DmclipError(f"{option} {item!r} is not a number", f"pass numbers, e.g. {option} 0,0.25")
-        values.append(value)
-    if len(set(values)) != len(values):
-        raise DmclipError(f"{option} {text!r} repeats a value", "list each sweep point once")
-    return values
-
-
 def load_config(cls, recipe: str | Path | None = None, sets: typing.Sequence[str] = (),
                 shortcuts: dict[str, Any] | None = None):
     """Resolve recipe -> ``--set`` overrides -> CLI shortcuts (None = not given) into a ``cls``.
 
     Returns ``(config, recipe_text)``; ``recipe_text`` is the recipe as given ("" without one).
-    Top-level keys named in ``cls.RECIPE_BLOCKS`` are left out: the command reads them itself (distill's
-    ``sweep:``).
+    Top-level keys named in ``cls.RECIPE_BLOCKS`` are left out: the command reads them itself (a ``sweep:``).
     """
     data, text = read_recipe(recipe) if recipe else ({}, "")
-    data.pop("command", None)  # a resolved.yaml may say which command wrote it
     for key in getattr(cls, "RECIPE_BLOCKS", ()):
         data.pop(key, None)
+    return build_config(cls, data, sets, shortcuts), text
+
+
+def build_config(cls, data: dict, sets: typing.Sequence[str] = (), shortcuts: dict[str, Any] | None = None):
+    """A ``cls`` from a recipe's mapping (changed in place) with ``--set`` overrides, then shortcuts, on top."""
+    data.pop("command", None)  # a resolved.yaml may say which command wrote it
     for item in sets:
         key, value = parse_override(item)
         set_path(data, key, value, cls)
     for key, value in (shortcuts or {}).items():
         if value is not None:
             set_path(data, key, value, cls)
-    return from_dict(cls, data), text
+    return from_dict(cls, data)
 
 
 def save_config(cfg, path: Path) -> None:

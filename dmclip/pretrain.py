@@ -1,19 +1,23 @@
 """`dmclip pretrain`: train an image-text model from scratch — CLIP (ITC) or BLIP (ITC + ITM + LM).
 
-Library entry point: ``run(config, run_dir) -> results``; the CLI only parses options around it.
+Library entry points: ``run(config, run_dir) -> results`` for one run and ``COMMAND``, what
+:func:`dmclip.runner.launch` runs (one run, or one per seed with ``seeds_report`` over them).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from dmclip.config import field
 from dmclip.errors import DmclipError
+from dmclip.runner import Command, Member
 from dmclip.train import TrainConfig
+from dmclip.train.config import DataConfig, EvalAfterConfig
+from dmclip.train.tasks import BlipTask, ClipTask
 
 log = logging.getLogger(__name__)
 
@@ -40,117 +44,24 @@ class ModelConfig:
     # BLIP only
     queue_size: int = field(1024, "BLIP: ITC feature queue length", min=0)
     momentum: float = field(0.995, "BLIP: momentum-encoder EMA factor", min=0.0, max=1.0)
-    distill_alpha: float = field(0.4, "BLIP: weight of momentum-distilled soft targets in ITC", min=0.0, max=1.0)
+    momentum_distill_weight: float = field(0.4, "BLIP: weight of the momentum encoder's soft targets in ITC "
+                                                "(BLIP's momentum distillation)", min=0.0, max=1.0)
     label_smoothing: float = field(0.1, "BLIP: LM label smoothing", min=0.0, max=1.0)
 
-
-@dataclass
-class DataConfig:
-    train: str = field("world-train", "training set spec (`dmclip list datasets`, csv:PATH, wds:PATH, coco:JSON ...)")
-    max_skip_fraction: float = field(0.01, "fail once more than this fraction of samples is unreadable",
-                                     min=0.0, max=1.0)
-
-
-@dataclass
-class EvalAfterConfig:
-    zeroshot: str = field("world-zeroshot", "zero-shot set scored at the end ('' = skip)")
-    batch_size: int = field(256, "evaluation batch size", min=1)
+    RENAMED: ClassVar[dict[str, str]] = {"distill_alpha": "momentum_distill_weight"}
 
 
 @dataclass
 class PretrainConfig:
     objective: Literal["clip", "blip"] = field("clip", "clip: InfoNCE only; blip: ITC + ITM + LM (captioning)")
-    seed: int = field(0, "seed for init, data order and caption choice")
+    seed: int = field(0, "seed for init, data order and caption choice", min=0)
     model: ModelConfig = field(factory=ModelConfig, help="architecture")
     data: DataConfig = field(factory=DataConfig, help="data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     eval: EvalAfterConfig = field(factory=EvalAfterConfig, help="evaluation at the end of training")
 
-
-def pick_caption(captions: list[str], seed: int, step: int, index: int) -> str:
-    """A caption of the image, chosen deterministically from (seed, step, index): resumable."""
-    from dmclip.train.data import caption_choice
-
-    return captions[caption_choice(len(captions), seed, step, index)]
-
-
-def image_caption_batch(samples: list[dict]) -> dict:
-    """Dataset samples -> {"images" float [0, 1], "captions" (all of each image's), "index"}."""
-    from dmclip.data import image_batch
-
-    return {"images": image_batch(samples), "captions": [s["captions"] for s in samples],
-            "index": [int(s["index"]) for s in samples]}
-
-
-class ClipTask:
-    """InfoNCE on (image, one caption) pairs; the engine calls collate/loss."""
-
-    def __init__(self, model, seed: int):
-        from dmclip.losses.clip import ClipLoss
-
-        self.model = model
-        self.seed = seed
-        self.criterion = ClipLoss()
-
-    def collate(self, samples: list[dict]) -> dict:
-        return image_caption_batch(samples)
-
-    def loss(self, model, batch: dict, step: int) -> dict:
-        captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
-        tokens = self.model.tokenize(captions).to(batch["images"].device)
-        return self.criterion(model(batch["images"], tokens))
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class BlipTask:
-    """BLIP pre-training of a :class:`dmclip.models.blip.BlipModel` for the training engine: collate,
-    loss(model, batch, step), on_step_end(step)."""
-
-    def __init__(self, model, seed: int, steps_per_epoch: int, ramp_epochs: float = 2.0):
-        self.model = model
-        self.seed = int(seed)
-        self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.ramp_epochs = ramp_epochs
-
-    def collate(self, samples: list[dict]) -> dict:
-        """samples {"image": uint8 (3, S, S), "captions": [str], "index": int} -> a batch."""
-        for sample in samples:
-            if not sample["captions"]:
-                raise DmclipError(f"sample {sample['index']} has no caption", "drop it from the dataset")
-        from dmclip.data import image_batch
-
-        return {"images": image_batch(samples), "captions": [list(s["captions"]) for s in samples],
-                "indices": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}
-
-    def alpha_scale(self, step: int) -> float:
-        """BLIP: alpha * min(1, step / (2 epochs of steps))."""
-        return min(1.0, step / (self.ramp_epochs * self.steps_per_epoch)) if self.ramp_epochs > 0 else 1.0
-
-    def captions_at(self, batch: dict, step: int) -> list[str]:
-        from dmclip.train.data import caption_choice
-
-        return [captions[caption_choice(len(captions), self.seed, step, int(index))]
-                for captions, index in zip(batch["captions"], batch["indices"])]
-
-    def loss(self, model, batch: dict, step: int) -> dict:
-        tokens = self.model.tokenize(self.captions_at(batch, step))
-        device = batch["images"].device
-        return model(batch["images"], tokens.to(device), alpha_scale=self.alpha_scale(step),
-                     indices=batch["indices"].to(device))
-
-    def on_step_end(self, step: int) -> None:
-        self.model.momentum_update()
-
-    def state_dict(self) -> dict:
-        return {}  # the queues and momentum encoders are buffers/parameters of the model
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    # a recipe's `sweep: {seeds: [...]}` is read by dmclip.runner (each seed one run), not a field
+    RECIPE_BLOCKS: ClassVar[tuple[str, ...]] = ("sweep",)
 
 
 def fit_tokenizer(dataset, cfg: PretrainConfig) -> dict:
@@ -167,19 +78,20 @@ def fit_tokenizer(dataset, cfg: PretrainConfig) -> dict:
                  "as unknown; model.compact_vocab=false keeps open_clip's whole vocabulary)", len(first), dataset.name)
     else:
         texts = [c for i in range(len(dataset)) for c in dataset.captions(i)]
-    if cfg.eval.zeroshot:  # prompt words only (no labels): so "a photo of a {}" is not unknown at eval
-        zs = build_dataset(cfg.eval.zeroshot, image_size=cfg.model.image_size)
+    for spec in cfg.eval.run_sets()[0] if cfg.eval.each_run else []:
+        # prompt words only (no labels): so "a photo of a {}" is not unknown at eval
+        zs = build_dataset(spec, image_size=cfg.model.image_size)
         texts += [t.format(c) for c in zs.classnames for t in zs.templates]
     return Tokenizer.fit(texts, cfg.model.context_length).to_dict()
 
 
-def load_or_fit_tokenizer(run, fit_fn) -> dict:
+def load_or_fit_tokenizer(run_dir, fit_fn) -> dict:
     """The run's tokenizer.json (a resumed run keeps the vocabulary it started with), else a new one."""
     import json
 
     from dmclip.io import atomic_write_json
 
-    path = run.path / "tokenizer.json"
+    path = run_dir.path / "tokenizer.json"
     if path.exists():
         return json.loads(path.read_text())
     tokenizer = fit_fn()
@@ -202,14 +114,14 @@ def build_new_model(cfg: PretrainConfig, tokenizer: dict):
                      vision_depth=m.vision_depth, vision_heads=m.vision_heads, text_width=m.text_width,
                      text_depth=m.text_depth, text_heads=m.text_heads, embed_dim=m.embed_dim,
                      context_length=m.context_length, tokenizer=tokenizer, queue_size=m.queue_size,
-                     momentum=m.momentum, alpha=m.distill_alpha, label_smoothing=m.label_smoothing)
+                     momentum=m.momentum, alpha=m.momentum_distill_weight, label_smoothing=m.label_smoothing)
 
 
-def run(cfg: PretrainConfig, record) -> dict:
-    """Train, save the model (safetensors + model.json) into ``record/model`` (``record``: the RunDir), score
-    zero-shot, return results."""
+def run(cfg: PretrainConfig, run_dir) -> dict:
+    """Train, save the model (safetensors + model.json) into ``run_dir/model`` (``run_dir``: the RunDir), score
+    it, return results."""
     from dmclip.data import build_dataset
-    from dmclip.models.base import count_parameters, load_saved_model, save_model
+    from dmclip.models.base import count_parameters, save_model
     from dmclip.train import distributed, fit
     from dmclip.train.data import is_stream
 
@@ -219,8 +131,8 @@ def run(cfg: PretrainConfig, record) -> dict:
     if getattr(dataset, "kind", "image-text") != "image-text":
         raise DmclipError(f"{cfg.data.train} is a classification set; pretraining needs image-caption pairs",
                           "use an image-text set, e.g. world-train, csv:PATH or coco:JSON")
-    resume = record.checkpoint_path("last.pt").exists()
-    tokenizer = load_or_fit_tokenizer(record, lambda: fit_tokenizer(dataset, cfg))
+    resume = run_dir.checkpoint_path("last.pt").exists()
+    tokenizer = load_or_fit_tokenizer(run_dir, lambda: fit_tokenizer(dataset, cfg))
     model = build_new_model(cfg, tokenizer)
     log.info("%s model: %.2f M parameters (image %.2f M), %s training pairs", cfg.objective,
              count_parameters(model) / 1e6, count_parameters(getattr(model, "visual", None)) / 1e6,
@@ -234,18 +146,18 @@ def run(cfg: PretrainConfig, record) -> dict:
                               "write sizes.json beside the shards, add samples=N to the spec, or stream=false")
         steps_per_epoch = max(1, size // cfg.train.batch_size)
         task = BlipTask(model, cfg.seed, steps_per_epoch)
-    summary = fit(task, dataset, cfg.train, record, seed=cfg.seed, resume=resume)
+    summary = fit(task, dataset, cfg.train, run_dir, seed=cfg.seed, resume=resume)
     if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
         return {"train": summary}
-    save_model(model, record.path / "model")
+    save_model(model, run_dir.path / "model")
     results = {"objective": cfg.objective, "parameters": count_parameters(model),
                "image_parameters": count_parameters(model.visual), "train": summary}
-    if cfg.eval.zeroshot:
-        from dmclip.evaluation.zeroshot_classification import zero_shot_accuracy
+    if cfg.eval.each_run:
+        from dmclip.evaluation.benchmark import score_saved_model
 
-        model = load_saved_model(record.path / "model")  # score exactly what was saved
-        results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
-    record.write_results(results)
+        cfg.eval.note_world_sets(cfg.data.train)
+        results.update(score_saved_model(run_dir.path / "model", *cfg.eval.run_sets(), batch_size=cfg.eval.batch_size))
+    run_dir.write_results(results)
     return results
 
 
@@ -253,8 +165,8 @@ def run(cfg: PretrainConfig, record) -> dict:
 SEED_COLUMNS = (("zeroshot.acc1", "zero-shot acc@1"), ("zeroshot.acc5", "zero-shot acc@5"), ("train.loss", "final loss"))
 
 
-def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
-    """`pretrain --seeds`: one row per (seed, run, results) member and, per column, mean ± std with a 95 %
+def seeds_report(sweep_dir, members: list[Member]) -> dict:
+    """`pretrain --seeds`: one row per member (its seed, run directory name, results) and, per column, mean ± std with a 95 %
     t-interval over the seeds. Writes summary.md and summary.json into ``sweep_dir``; returns the summary."""
     from dmclip.io import atomic_write_json, atomic_write_text
     from dmclip.metrics.stats import seed_interval
@@ -265,9 +177,9 @@ def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
         return results
 
     columns = [(path, label) for path, label in SEED_COLUMNS
-               if all(value(results, path) is not None for _, _, results in members)]
-    rows = [{"seed": seed, "run": run, **{label: value(results, path) for path, label in columns}}
-            for seed, run, results in members]
+               if all(value(m.result, path) is not None for m in members)]
+    rows = [{"seed": m.config.seed, "run": m.run_dir.path.name, **{label: value(m.result, path) for path, label in columns}}
+            for m in members]
     stats = {label: seed_interval([row[label] for row in rows]) for _, label in columns}
     percent = {label: not path.startswith("train.") for path, label in columns}
 
@@ -280,7 +192,7 @@ def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
         return f"{cell(s['mean'], label)} ± {cell(s['std'], label)} [{cell(s['low'], label)}, {cell(s['high'], label)}]"
 
     labels = [label + (" %" if percent[label] else "") for _, label in columns]
-    lines = [f"# pretrain over seeds\n\nseeds: {', '.join(str(m[0]) for m in members)}\n",
+    lines = [f"# pretrain over seeds\n\nseeds: {', '.join(str(row['seed']) for row in rows)}\n",
              "| seed | run | " + " | ".join(labels) + " |", "|---:|---|" + "---:|" * len(labels)]
     lines += [f"| {row['seed']} | {row['run']} | " + " | ".join(cell(row[label], label) for _, label in columns) + " |"
               for row in rows]
@@ -291,3 +203,13 @@ def seeds_report(sweep_dir, members: list[tuple[int, str, dict]]) -> dict:
     summary = {"rows": rows, "seeds": stats}
     atomic_write_json(sweep_dir / "summary.json", summary)
     return summary
+
+
+def _label(name: str | None, recipe) -> str:
+    return name or (recipe.stem if recipe else "pretrain")
+
+
+COMMAND = Command("pretrain", PretrainConfig, run, sweep_fields={"seeds": "seed"},
+                  summarize=lambda sweep_dir, members, base: seeds_report(sweep_dir, members),
+                  sweep_name=lambda name, recipe: f"seeds-{_label(name, recipe)}",
+                  member_name=lambda name, recipe, cfg, point: f"{_label(name, recipe)}-seed{cfg.seed}")

@@ -8,7 +8,8 @@
     students.get("mamba-ti", embed_dim=64)      # builds it
     students.names("mamba*")                    # -> ["mamba-b", "mamba-s", "mamba-ti", ...]
 
-Built-in entries live in the packages listed in ``_BUILTIN_PACKAGES`` (each package imports its
+``references`` holds the schemes of model references (``run:<dir>``, ``builtin:<name>``, ...), the text before
+the first colon of a ``--model``/``--teacher`` value. Built-in entries live in the packages listed in ``_BUILTIN_PACKAGES`` (each package imports its
 modules in ``__init__``); ``families`` maps the ``"family"`` of a saved model.json to the builder that
 rebuilds it. Third-party plugins are modules named in the ``dmclip.plugins``
 entry-point group, imported once. A duplicate name is an error, never a silent overwrite.
@@ -40,7 +41,7 @@ _BUILTIN_PACKAGES = ["dmclip.data", "dmclip.models", "dmclip.losses", "dmclip.co
 PLUGIN_GROUP = "dmclip.plugins"
 _loaded = False
 _failure: DmclipError | None = None  # a broken plugin: every later lookup reports it again
-_SINGULAR = {"teachers": "teacher", "students": "student", "losses": "loss", "datasets": "dataset",
+_SINGULAR = {"references": "reference scheme", "students": "student", "losses": "loss", "datasets": "dataset",
              "selectors": "selector", "families": "model family"}
 
 
@@ -121,13 +122,22 @@ def _current_source() -> str:
     return _source_stack[-1] if _source_stack else "dmclip"
 
 
-teachers: Registry = Registry("teachers")
+references: Registry = Registry("references")  # model reference schemes: run:, builtin:, open_clip:, store: ...
 students: Registry = Registry("students")
 losses: Registry = Registry("losses")
 datasets: Registry = Registry("datasets")
 selectors: Registry = Registry("selectors")
 families: Registry = Registry("families")  # model.json's "family" -> fn(**arch) -> nn.Module
-REGISTRIES: dict[str, Registry] = {r.kind: r for r in (teachers, students, losses, datasets, selectors, families)}
+REGISTRIES: dict[str, Registry] = {r.kind: r for r in (references, students, losses, datasets, selectors, families)}
+RENAMED = {"teachers": "references"}  # old registry names, still readable with a one-line warning
+
+
+def __getattr__(name: str):
+    """``from dmclip.registry import teachers`` (the old name of ``references``) still works, with a warning."""
+    if name in RENAMED:
+        log.warning("dmclip.registry.%s is now dmclip.registry.%s", name, RENAMED[name])
+        return REGISTRIES[RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_plugins(force: bool = False) -> None:

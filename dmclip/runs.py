@@ -8,7 +8,7 @@ A run directory holds only what was produced: recipe.yaml where there was a reci
 there were --set overrides, checkpoints/ from the first checkpoint, log.txt from the first log line.
 
 ``RunDir.create(...)`` makes a new one, ``RunDir.open(path)`` reopens one for ``--resume``;
-``with run.active(): ...`` records status running -> completed | failed | interrupted.
+``with run_dir.active(): ...`` records status running -> completed | failed | interrupted.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class RunDir:
             raise DmclipError(f"cannot create the run directory {path}: {exc.strerror or exc}",
                               "choose another --runs-dir (or $DMCLIP_RUNS), one that is a writable directory"
                               ) from None
-        run = cls(path)
+        run_dir = cls(path)
         if config is not None:
             atomic_write_text(path / "resolved.yaml", f"command: {command}\n" + to_yaml(config))
         if recipe_text:
@@ -123,7 +123,7 @@ class RunDir:
             "error": None,
         }
         atomic_write_json(path / "run.json", info)
-        return run
+        return run_dir
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -233,6 +233,10 @@ class RunDir:
     def write_text(self, name: str, text: str) -> Path:
         atomic_write_text(self.path / name, text)
         return self.path / name
+
+    def begun(self) -> bool:
+        """Whether training has begun here (a checkpoint or a metrics row): such a run is kept for --resume."""
+        return self.checkpoint_path().exists() or bool(self.metrics())
 
     def checkpoint_path(self, name: str = "last.pt") -> Path:
         return self.path / "checkpoints" / name
@@ -401,16 +405,16 @@ def find_runs(root: Path | None = None, command: str | None = None) -> list[RunD
     return sorted(found, key=lambda r: r.path.name, reverse=True)
 
 
-def _safe_info(run: RunDir) -> dict:
+def _safe_info(run_dir: RunDir) -> dict:
     try:
-        return run.info
+        return run_dir.info
     except DmclipError:
         return {}
 
 
 def latest_run(command: str, root: Path | None = None, status: str = "completed", name: str | None = None) -> RunDir | None:
-    for run in find_runs(root, command):
-        info = _safe_info(run)
+    for run_dir in find_runs(root, command):
+        info = _safe_info(run_dir)
         if info.get("status") == status and (name is None or info.get("name") == name):
-            return run
+            return run_dir
     return None

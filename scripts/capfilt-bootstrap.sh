@@ -23,4 +23,5 @@ NOISY=$(newest pretrain blip-noisy)
 "$DMCLIP" pretrain recipes/pretrain-blip.yaml --name blip-bootstrapped --data "csv:$OUT/captions.csv" \
     --steps "$STEPS" --runs-dir "$ROOT"
 BOOT=$(newest pretrain blip-bootstrapped)
-"$DMCLIP" eval suite --models "run:$NOISY" "run:$BOOT" --zero-shot world-zeroshot --runs-dir "$ROOT"
+"$DMCLIP" eval suite --models "run:$NOISY" "run:$BOOT" --zero-shot world-zeroshot \
+    --retrieval world-retrieval-a --retrieval world-retrieval-b --runs-dir "$ROOT"

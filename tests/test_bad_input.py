@@ -29,7 +29,7 @@ from dmclip.cli.main import main
 from dmclip.data import build_dataset
 from dmclip.runs import RunDir, find_runs
 
-TINY = [*TINY_CLIP, "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot="]
+TINY = [*TINY_CLIP, "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.each_run=false"]
 
 
 def pretrain(*args: str) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 
 from dmclip.errors import DmclipError
 from dmclip.models.blip import BlipModel, blip_tokenizer
-from dmclip.pretrain import BlipTask
+from dmclip.train.tasks import BlipTask
 
 CAPTIONS = [[f"a {c} {s}" for s in ("circle", "square", "star")] for c in ("red", "blue", "green", "pink")]
 TINY = dict(image_size=16, patch_size=4, vision_width=32, vision_depth=2, vision_heads=2, text_width=32,

@@ -1,4 +1,4 @@
-"""The `dmclip` command as a user meets it: help, version, exit codes, one-line errors, runs via execute()."""
+"""The `dmclip` command as a user meets it: help, version, exit codes, one-line errors, runs via common.launch."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def test_console_script_exit_codes():
     assert bad.stderr.splitlines()[0] == "error: /nonexistent-run is not a dmclip run directory (no run.json)"
 
 
-# --------------------------------------------------------------------- execute(): the run flow
+# --------------------------------------------------------------------- common.launch: the run flow
 
 
 @dataclass
@@ -153,26 +153,33 @@ def _echo(config, run):
     return {"alpha": config.alpha}
 
 
-def test_execute_creates_a_completed_run_with_provenance(tmp_path):
+def _launch(run=_echo, command="distill", **kwargs):
+    from dmclip.runner import Command
+
+    outcome = common.launch(Command(command, EchoConfig, run), **kwargs)
+    return outcome.run_dir, outcome.result
+
+
+def test_launch_creates_a_completed_run_with_provenance(tmp_path):
     common.CURRENT_ARGV = ["dmclip", "distill", "--alpha", "0.75"]
-    run, result = common.execute("distill", EchoConfig, _echo, sets=["seed=3"], shortcuts={"alpha": 0.75},
-                                 name="echo", runs_dir=tmp_path)
+    run, result = _launch(sets=["seed=3"], shortcuts={"alpha": 0.75}, name="echo", runs_dir=tmp_path)
     assert result == {"alpha": 0.75}
     info = run.info
     assert info["status"] == "completed" and info["seed"] == 3
     assert info["argv"] == ["dmclip", "distill", "--alpha", "0.75"]
     assert (run.path / "overrides.txt").read_text() == "seed=3\n"
     # the resolved config repeats the run: same config, same hash, a new directory
-    again, _ = common.execute("distill", EchoConfig, _echo, recipe=run.path / "resolved.yaml", runs_dir=tmp_path)
+    again, _ = _launch(recipe=run.path / "resolved.yaml", runs_dir=tmp_path)
     assert again.path != run.path and again.path.name[-6:] == run.path.name[-6:]
 
 
-def test_execute_records_a_failure(tmp_path):
+def test_launch_records_a_failure(tmp_path):
     def fails(config, run):
+        run.log_metrics({"step": 1})  # training had begun: the run directory stays, for --resume
         raise DmclipError("no data", "add data")
 
     with pytest.raises(DmclipError):
-        common.execute("distill", EchoConfig, fails, runs_dir=tmp_path)
+        _launch(fails, runs_dir=tmp_path)
     (run,) = [RunDir(p) for p in (tmp_path / "distill").iterdir()]
     assert run.status == "failed" and run.info["error"] == "no data (hint: add data)"
 
@@ -182,9 +189,9 @@ def test_resume_continues_an_interrupted_run_with_its_own_config(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        common.execute("distill", EchoConfig, interrupted, sets=["alpha=0.25"], runs_dir=tmp_path)
+        _launch(interrupted, sets=["alpha=0.25"], runs_dir=tmp_path)
     (path,) = list((tmp_path / "distill").iterdir())
-    run, result = common.execute("distill", EchoConfig, _echo, resume=path)
+    run, result = _launch(resume=path)
     assert run.path == path and result == {"alpha": 0.25} and run.status == "completed"
 
 
@@ -197,18 +204,17 @@ def test_resume_continues_an_interrupted_run_with_its_own_config(tmp_path):
 def test_resume_refusals(tmp_path, status, kwargs, message):
     run = RunDir.create("distill", "r", EchoConfig(), root=tmp_path)
     run.update_info(status=status, pid=os.getpid(), pid_start=None, host=__import__("socket").gethostname())
-    command = kwargs.pop("command", "distill")
     with pytest.raises(DmclipError, match=re.escape(message)):
-        common.execute(command, EchoConfig, _echo, resume=run.path, **kwargs)
+        _launch(resume=run.path, **kwargs)
 
 
 def test_config_errors_reach_the_user_as_two_lines(tmp_path, capsys):
-    """Any command built on execute() reports a bad --set like this."""
+    """Any command run through common.launch reports a bad --set like this."""
     cli = typer.Typer()
 
     @cli.command()
     def echo(sets: common.SetOpt = None) -> None:
-        common.execute("distill", EchoConfig, _echo, sets=sets, runs_dir=tmp_path)
+        _launch(sets=sets, runs_dir=tmp_path)
 
     @cli.command()
     def other() -> None:

@@ -18,7 +18,6 @@ from dmclip.config import (
     from_dict,
     load_config,
     parse_override,
-    parse_sweep_values,
     save_config,
     set_path,
     to_dict,
@@ -280,24 +279,7 @@ def test_to_dict_is_plain_data():
     assert data["optim"]["betas"] == [0.9, 0.98] and data["cache_dir"] == "cache"
 
 
-# ------------------------------------------------------------------------------------ sweeps
-
-
-def test_parse_sweep_values():
-    assert parse_sweep_values("0,0.25,0.75,1") == [0.0, 0.25, 0.75, 1.0]
-    assert parse_sweep_values(" 0.5 ") == [0.5]
-    assert parse_sweep_values(0.3) == [0.3]
-    assert parse_sweep_values("8,16", type=int) == [8, 16]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("0,,1", "--alpha '0,,1' has an empty value"),
-    ("0,a", "--alpha 'a' is not a float"),
-    ("0,nan", "--alpha 'nan' is not a number"),
-    ("0,1,0", "--alpha '0,1,0' repeats a value"),
-])
-def test_parse_sweep_values_errors(text, message):
-    assert _error(parse_sweep_values, text, option="--alpha").message == message
+# ------------------------------------------------------------------------------------ sections
 
 
 def test_a_section_set_in_part_keeps_its_fields_own_defaults(tmp_path):
@@ -312,3 +294,47 @@ def test_a_section_set_in_part_keeps_its_fields_own_defaults(tmp_path):
     assert (train.lr, train.log_every, train.steps) == (3e-4, 1, 7)
     assert (train.batch_size, train.warmup_steps, train.checkpoint_every) == (default.batch_size, default.warmup_steps,
                                                                               default.checkpoint_every) == (32, 10, 50)
+
+
+# ------------------------------------------------------------------------------------ the sets scored after training
+
+
+@pytest.mark.parametrize("given, zeroshot", [
+    ("eval.zeroshot=[imagefolder:zs,imagefolder:zs2]", ["imagefolder:zs", "imagefolder:zs2"]),
+    ("eval.zeroshot=world-zeroshot:size=200,seed=1", ["world-zeroshot:size=200,seed=1"]),  # one spec, commas and all
+    ('eval.zeroshot=["world-zeroshot:size=200,seed=1", world-shift]', ["world-zeroshot:size=200,seed=1", "world-shift"]),
+])
+def test_eval_sets_are_lists_and_a_plain_string_is_one(given, zeroshot):
+    from dmclip.distill import DistillConfig
+
+    cfg, _ = load_config(DistillConfig, None, [given])
+    assert cfg.eval.zeroshot == zeroshot and cfg.eval.named and cfg.eval.run_sets() == (zeroshot, [])
+
+
+def test_no_set_named_scores_the_worlds_and_the_old_empty_string_scores_nothing(tmp_path, caplog):
+    from dmclip.distill import DistillConfig
+
+    default, _ = load_config(DistillConfig)
+    assert not default.eval.named and default.eval.run_sets() == (["world-zeroshot"], []) and default.eval.each_run
+    old, _ = load_config(DistillConfig, _recipe(tmp_path, "eval:\n  zeroshot: ''\n"))
+    assert (old.eval.zeroshot, old.eval.each_run) == ([], False)
+    assert "eval.zeroshot: '' is read as eval.each_run: false" in caplog.text
+
+
+def test_a_spec_cut_at_its_comma_is_refused_with_the_quoting_that_keeps_it():
+    from dmclip.distill import DistillConfig
+
+    err = _error(load_config, DistillConfig, None, ["eval.zeroshot=[world-zeroshot:size=200,seed=1]"])
+    assert err.message == "eval.zeroshot[1] = 'seed=1' is a dataset option, not a set"
+    assert err.hint == "quote a spec that holds a comma, e.g. --set 'eval.zeroshot=[\"world-zeroshot:size=200,seed=1\"]'"
+
+
+def test_a_renamed_key_still_reads_with_a_warning(tmp_path, caplog):
+    """BLIP's model.distill_alpha is model.momentum_distill_weight: old recipes, resolved.yaml files and --set."""
+    from dmclip.pretrain import PretrainConfig
+
+    old, _ = load_config(PretrainConfig, _recipe(tmp_path, "model:\n  distill_alpha: 0.3\n"))
+    by_set, _ = load_config(PretrainConfig, None, ["model.distill_alpha=0.2"])
+    assert (old.model.momentum_distill_weight, by_set.model.momentum_distill_weight) == (0.3, 0.2)
+    assert "config key model.distill_alpha is now model.momentum_distill_weight" in caplog.text
+    assert "distill_alpha" not in to_yaml(old)

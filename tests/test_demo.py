@@ -14,7 +14,7 @@ TINY_DATA = "world-train:size=96"
 TINY_CLIP = [f"--set=model.{key}" for key in ("vision_width=32", "vision_depth=1", "vision_heads=2", "text_width=32",
                                               "text_depth=1", "text_heads=2", "embed_dim=32", "patch_size=8",
                                               "context_length=16")]
-TINY_CLIP += ["--set=train.warmup_steps=1", "--set=train.progress=false", "--set=eval.zeroshot="]
+TINY_CLIP += ["--set=train.warmup_steps=1", "--set=train.progress=false", "--set=eval.each_run=false"]
 
 
 def test_demo_rows_read_the_sweep_summary():
@@ -47,7 +47,7 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path, monkeypatch, capsys):
     recipes.mkdir()
     (recipes / "distill-demo.yaml").write_text(
         f"student:\n  name: mamba-tiny-test\ndata:\n  train: {TINY_DATA}\ntrain:\n  steps: 2\n  batch_size: 16\n"
-        "  warmup_steps: 1\n  progress: false\neval:\n  zeroshot: ''\n")
+        "  warmup_steps: 1\n  progress: false\neval:\n  each_run: false\n")
     monkeypatch.setattr(demo, "RECIPES", recipes)
     monkeypatch.setattr(demo, "TEACHER", f"run:{teacher}")
     assert demo.run_demo() == 0

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from helpers.cli import TINY_CLIP
 
-from dmclip.cli.distill import parse_alphas, sweep_alphas, sweep_members, sweep_seeds
 from dmclip.cli.main import main
 from dmclip.config import load_config, to_yaml
-from dmclip.distill import DistillConfig, sweep_yaml
+from dmclip.distill import COMMAND, DistillConfig
 from dmclip.errors import DmclipError
+from dmclip.runner import plan, sweep_yaml
 from dmclip.runs import RunDir, find_runs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -32,10 +32,21 @@ def _recipe(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
     return path
 
 
+def _plan(recipe: Path | None, alpha: str | None = None, shortcuts: dict = TEACHER, seeds: str | None = None,
+          sets: list[str] | None = None):
+    return plan(COMMAND, recipe=recipe, sets=sets, shortcuts=shortcuts, sweep={"alpha": alpha, "seeds": seeds})
+
+
 def _members(recipe: Path | None, alpha: str | None, shortcuts: dict = TEACHER,
              seeds: str | None = None) -> list[DistillConfig]:
     """What `dmclip distill <recipe> [--alpha ...] [--seeds ...]` would train, resolved as the command does."""
-    return sweep_members(sweep_alphas(recipe, alpha), recipe, [], shortcuts, seeds=sweep_seeds(recipe, seeds))[2]
+    planned = _plan(recipe, alpha, shortcuts, seeds)
+    return [config for _, config in planned.members] or [planned.base]
+
+
+def _swept_alphas(recipe: Path | None, alpha: str | None = None) -> list[float] | None:
+    """The alphas of a sweep (None: one run)."""
+    return _plan(recipe, alpha).swept.get("alpha")
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -44,7 +55,7 @@ def _members(recipe: Path | None, alpha: str | None, shortcuts: dict = TEACHER,
 def test_recipe_sweep_resolves_to_the_members_of_the_alpha_option(tmp_path):
     swept = _recipe(tmp_path, PLAIN + "sweep:\n  alpha: [0.0, 0.5, 1.0]\n", "swept.yaml")
     plain = _recipe(tmp_path, PLAIN, "plain.yaml")
-    assert sweep_alphas(swept, None) == parse_alphas("0,0.5,1") == [0.0, 0.5, 1.0]
+    assert _swept_alphas(swept) == _swept_alphas(plain, "0,0.5,1") == [0.0, 0.5, 1.0]
     from_recipe, from_option = _members(swept, None), _members(plain, "0,0.5,1")
     assert [cfg.loss.alpha for cfg in from_recipe] == [0.0, 0.5, 1.0]
     assert from_recipe == from_option
@@ -63,25 +74,30 @@ def test_seeds_in_a_recipe_and_their_errors(tmp_path):
     swept = _recipe(tmp_path, PLAIN + "sweep:\n  alpha: [0.0, 1.0]\n  seeds: [4, 5]\n")
     assert [(c.loss.alpha, c.seed) for c in _members(swept, None)] == [(0.0, 4), (0.0, 5), (1.0, 4), (1.0, 5)]
     assert [(c.loss.alpha, c.seed) for c in _members(swept, "0.5", seeds="7")] == [(0.5, 7)]
-    for bad, message in (("[1, -1]", "sweep.seeds[1] = -1 is not a seed"), ("[0.5]", "sweep.seeds[0] = 0.5 is not a seed"),
+    for bad, message in (("[1, -1]", "sweep.seeds[1]: seed = -1 is out of range"),
+                         ("[0.5]", "sweep.seeds[0]: seed = 0.5 has the wrong type: expected int"),
                          ("[1, 1]", "sweep.seeds repeats 1")):
         broken = _recipe(tmp_path, PLAIN + f"sweep:\n  seeds: {bad}\n", "bad.yaml")
         with pytest.raises(DmclipError, match=re.escape(message)):
             _members(broken, None)
 
 
-def test_alpha_option_overrides_the_recipe_sweep(tmp_path, capsys):
+def test_alpha_option_overrides_the_recipe_sweep(tmp_path, caplog):
+    caplog.set_level("INFO", logger="dmclip")
     swept = _recipe(tmp_path, PLAIN + "loss:\n  alpha: 0.3\nsweep:\n  alpha: [0.0, 0.5, 1.0]\n")
-    assert sweep_alphas(swept, "0.25") == [0.25]  # one value: one ordinary run
-    assert sweep_alphas(swept, "0,1") == [0.0, 1.0]
-    assert "overrides the recipe's sweep.alpha" in capsys.readouterr().err
-    assert sweep_alphas(swept, None) == [0.0, 0.5, 1.0]  # the sweep wins over the recipe's loss.alpha
-    assert sweep_alphas(_recipe(tmp_path, PLAIN), None) is None  # no sweep anywhere: one run, loss.alpha
+    one = _plan(swept, "0.25")
+    assert one.swept == {} and one.base.loss.alpha == 0.25  # one value: one ordinary run
+    assert _swept_alphas(swept, "0,1") == [0.0, 1.0]
+    assert "overrides the recipe's sweep.alpha" in caplog.text
+    assert _swept_alphas(swept) == [0.0, 0.5, 1.0]  # the sweep wins over the recipe's loss.alpha
+    plain = _plan(_recipe(tmp_path, PLAIN))
+    assert plain.swept == {} and plain.base.loss.alpha == DistillConfig().loss.alpha  # no sweep anywhere: one run
 
 
 def test_one_item_recipe_sweep_is_one_run_like_one_alpha(tmp_path):
     one = _recipe(tmp_path, PLAIN + "sweep:\n  alpha: [0.5]\n")
-    assert sweep_alphas(one, None) == parse_alphas("0.5") == [0.5]
+    assert _members(one, None) == _members(_recipe(tmp_path, PLAIN, "plain.yaml"), "0.5")
+    assert _plan(one).swept == {} and _plan(one).base.loss.alpha == 0.5
     # the single-run path loads the recipe itself: the sweep: block must not reach the config as a key
     cfg, _ = load_config(DistillConfig, one, [], {"loss.alpha": 0.5})
     assert cfg.loss.alpha == 0.5
@@ -89,13 +105,13 @@ def test_one_item_recipe_sweep_is_one_run_like_one_alpha(tmp_path):
 
 def test_sweep_resolved_yaml_runs_the_same_sweep_and_a_member_one_run(tmp_path):
     recipe = _recipe(tmp_path, PLAIN + "seed: 3\nsweep:\n  alpha: [0.0, 1.0]\n")
-    alphas = sweep_alphas(recipe, None)
-    base, _, members = sweep_members(alphas, recipe, ["train.lr=0.002"], {**TEACHER, "student.name": "vit-nano"})
-    resolved = _recipe(tmp_path, sweep_yaml(base, {"alpha": alphas}), "resolved.yaml")
-    assert sweep_alphas(resolved, None) == alphas
-    assert sweep_members(alphas, resolved)[2] == members  # no --set, no shortcuts: all of it is in the file
+    planned = _plan(recipe, sets=["train.lr=0.002"], shortcuts={**TEACHER, "student.name": "vit-nano"})
+    members = [config for _, config in planned.members]
+    resolved = _recipe(tmp_path, sweep_yaml(COMMAND, planned), "resolved.yaml")
+    again = plan(COMMAND, recipe=resolved)  # no --set, no shortcuts: all of it is in the file
+    assert again.swept == {"alpha": [0.0, 1.0]} and [config for _, config in again.members] == members
     member = _recipe(tmp_path, "command: distill\n" + to_yaml(members[1]), "member.yaml")
-    assert sweep_alphas(member, None) is None
+    assert _plan(member, shortcuts={}).swept == {}
     assert load_config(DistillConfig, member)[0] == members[1]
 
 
@@ -113,10 +129,12 @@ def test_sweep_resolved_yaml_runs_the_same_sweep_and_a_member_one_run(tmp_path):
     ("sweep: [0.0, 1.0]\n", "recipe r.yaml: sweep must map a field to its list of values, got [0.0, 1.0]",
      "write e.g. sweep: {alpha: [0.0, 0.75], seeds: [0, 1, 2]}"),
     ("sweep:\n", "recipe r.yaml: sweep must map a field to its list of values, got None", "write e.g. ..."),
-    ("sweep:\n  alpha: [0.0, 1.5]\n", "recipe r.yaml: sweep.alpha[1] = 1.5 is out of range",
-     "alpha weighs KD against contrastive: 0 <= alpha <= 1"),
-    ("sweep:\n  alpha: [0.0, high]\n", "recipe r.yaml: sweep.alpha[1] = 'high' is not a number", "alphas are numbers, ..."),
-    ("sweep:\n  alpha: [true]\n", "recipe r.yaml: sweep.alpha[0] = True is not a number", "alphas are numbers, ..."),
+    ("sweep:\n  alpha: [0.0, 1.5]\n", "recipe r.yaml: sweep.alpha[1]: loss.alpha = 1.5 is out of range",
+     "loss.alpha must be between 0.0 and 1.0"),
+    ("sweep:\n  alpha: [0.0, high]\n", "recipe r.yaml: sweep.alpha[1]: loss.alpha = 'high' has the wrong type: expected "
+     "float", "set loss.alpha to a value of type float"),
+    ("sweep:\n  alpha: [true]\n", "recipe r.yaml: sweep.alpha[0]: loss.alpha = True has the wrong type: expected float",
+     "set loss.alpha to a value of type float"),
     ("sweep:\n  alpha: [0.5, 0.5]\n", "recipe r.yaml: sweep.alpha repeats 0.5", "list each sweep point once"),
 ])
 def test_bad_sweep_block_is_one_error_line_with_a_hint(text, error, hint, tmp_path, capsys):
@@ -151,7 +169,7 @@ def test_set_cannot_reach_the_sweep_block(tmp_path, capsys):
 
 TINY_DATA = "world-train:size=96"
 TINY_PRETRAIN = [*TINY_CLIP, "--set", "train.warmup_steps=1", "--set", "train.progress=false",
-                 "--set", "eval.zeroshot="]
+                 "--set", "eval.each_run=false"]
 
 
 @pytest.mark.slow
@@ -162,7 +180,7 @@ def test_recipe_sweep_end_to_end_writes_the_alpha_sweep_layout(tmp_path):
     (teacher,) = find_runs(teachers, "pretrain")
     recipe = _recipe(tmp_path, f"teacher: run:{teacher.path}\nstudent:\n  name: mamba-tiny-test\n"
                                f"data:\n  train: {TINY_DATA}\ntrain:\n  steps: 2\n  batch_size: 16\n  progress: false\n"
-                               "eval:\n  zeroshot: ''\nsweep:\n  alpha: [0.0, 1.0]\n")
+                               "eval:\n  each_run: false\n  latency: false\nsweep:\n  alpha: [0.0, 1.0]\n")
     runs = tmp_path / "runs"
     assert main(["distill", str(recipe), "--runs-dir", str(runs)]) == 0
 
@@ -176,5 +194,6 @@ def test_recipe_sweep_end_to_end_writes_the_alpha_sweep_layout(tmp_path):
 
     trained = sorted((RunDir(m).resolved_config(DistillConfig) for m in members), key=lambda c: c.loss.alpha)
     assert _members(recipe, "0,1", {}) == trained  # what `--alpha 0,1` resolves to is what was trained
-    assert sweep_members([0.0, 1.0], sweep / "resolved.yaml")[2] == trained  # resolved.yaml repeats the sweep
-    assert sweep_alphas(sweep / "resolved.yaml", None) == [0.0, 1.0]
+    again = plan(COMMAND, recipe=sweep / "resolved.yaml")  # resolved.yaml repeats the sweep
+    assert again.swept == {"alpha": [0.0, 1.0]} and [config for _, config in again.members] == trained
+    assert "RQ2" not in (sweep / "summary.md").read_text()  # eval.latency: false

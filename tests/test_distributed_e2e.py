@@ -56,7 +56,7 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path):
 def test_distill_on_two_ranks_equals_one_rank(tmp_path):
     """The distill loss (contrastive + KD) with features gathered over ranks: 2 ranks = 1 rank at one global batch."""
     teacher = one_rank(["pretrain", "--data", "world-train:size=32", "--steps", "2", "--batch-size", "16",
-                        "--set", "train.progress=false", "--set", "eval.zeroshot=", *TINY_CLIP], tmp_path / "teacher")
+                        "--set", "train.progress=false", "--set", "eval.each_run=false", *TINY_CLIP], tmp_path / "teacher")
     argv = ["distill", "--teacher", f"run:{teacher}", "--student", "mamba-tiny-test", "--alpha", "0.5", *SCHEDULE]
     result = torchrun_dmclip([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,7 +72,7 @@ def test_blip_pretrain_on_two_ranks_fills_its_queue_from_both(tmp_path):
     64: every sample's index is in the queue exactly once; a rank that enqueued only its own 8 a step
     would leave 32 slots empty (-100)."""
     argv = ["pretrain", "--objective", "blip", "--data", "world-train:size=64", "--steps", "4", "--batch-size", "16",
-            "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.zeroshot=",
+            "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "eval.each_run=false",
             "--set", "train.log_every=1", "--set", "model.queue_size=64", *TINY_CLIP]
     result = torchrun_dmclip([*argv, "--runs-dir", str(tmp_path / "two")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

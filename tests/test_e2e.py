@@ -67,7 +67,7 @@ def test_distill_from_the_teacher_and_eval(teacher_run, tmp_path):
     results = run.results()
     assert results["alpha"] == 0.75 and results["teacher"] == f"run:{teacher_run.path}"
     parts = run.metrics()[-1]
-    assert {"contrastive", "distill"} <= set(parts)
+    assert {"contrastive", "kd"} <= set(parts)
     student = load_model_ref(f"run:{run.path}")
     teacher = load_model_ref(f"run:{teacher_run.path}")
     assert student.arch["visual"]["family"] == "vision-mamba"
@@ -80,7 +80,7 @@ def test_distill_from_the_teacher_and_eval(teacher_run, tmp_path):
 def test_alpha_sweep_writes_one_run_per_point_and_a_summary(teacher_run, tmp_path, plot_pixels):
     code = main(["distill", "--teacher", f"run:{teacher_run.path}", "--student", "mamba-tiny-test", "--alpha", "0,1",
                  "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(tmp_path),
-                 "--set", "train.progress=false", "--set", "eval.zeroshot="])
+                 "--set", "train.progress=false", "--set", "eval.each_run=false"])
     assert code == 0
     sweep = next((tmp_path / "distill").glob("*-sweep-*"))
     members = sorted(p for p in sweep.iterdir() if (p / "run.json").exists())
@@ -104,7 +104,7 @@ def test_seeds_by_alphas_sweep_reports_intervals_and_paired_differences(teacher_
 
     code = main(["distill", "--teacher", f"run:{teacher_run.path}", "--student", "mamba-tiny-test", "--alpha", "0,1",
                  "--seeds", "3,4", "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir",
-                 str(tmp_path), "--set", "train.progress=false", "--set", "eval.zeroshot="])
+                 str(tmp_path), "--set", "train.progress=false", "--set", "eval.each_run=false"])
     assert code == 0
     sweep = next((tmp_path / "distill").glob("*-sweep-*"))
     members = [json.loads((m / "results.json").read_text()) | json.loads((m / "run.json").read_text())
@@ -133,8 +133,8 @@ def test_seeds_by_alphas_sweep_reports_intervals_and_paired_differences(teacher_
 
 @pytest.mark.parametrize("argv, words", [
     (["distill", "--teacher", "run:/nonexistent/run"], "does not exist"),
-    (["distill", "--alpha", "1.5"], "out of range"),
-    (["distill", "--alpha", "x"], "not a number"),
+    (["distill", "--alpha", "1.5"], "loss.alpha = 1.5 is out of range"),
+    (["distill", "--alpha", "x"], "loss.alpha = 'x' has the wrong type: expected float"),
     (["pretrain", "--set", "model.vision_widht=3"], "vision_width"),
     (["pretrain", "--objective", "simclr"], "not allowed"),
     (["pretrain", "--data", "csv:/nonexistent.csv", "--steps", "1"], "nonexistent"),
@@ -151,7 +151,7 @@ def second_teacher(tmp_path_factory) -> RunDir:
     """Another tiny CLIP teacher: same data and sizes as `teacher_run`, another seed, so other weights."""
     root = tmp_path_factory.mktemp("runs2")
     code = main(["pretrain", "--data", TINY_DATA, "--steps", "2", "--batch-size", "16", "--runs-dir", str(root),
-                 "--name", "tiny-teacher-2", "--seed", "1", *TINY_PRETRAIN, "--set", "eval.zeroshot="])
+                 "--name", "tiny-teacher-2", "--seed", "1", *TINY_PRETRAIN, "--set", "eval.each_run=false"])
     assert code == 0
     return only_run(root, "pretrain")
 
@@ -179,13 +179,13 @@ def _kd_oracle(student_out: dict, members: list, images: torch.Tensor, captions:
 def test_distill_from_an_ensemble_of_teachers(teacher_run, second_teacher, tmp_path):
     from dmclip.data import build_dataset
     from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
-    from dmclip.pretrain import pick_caption
+    from dmclip.train.tasks import pick_caption
 
     a, b = f"run:{teacher_run.path}", f"run:{second_teacher.path}"
     ref = f"ensemble:{a}+{b}"
     code = main(["distill", "--teacher", ref, "--student", "vit-nano", "--data", TINY_DATA, "--steps", "2",
                  "--batch-size", "16", "--runs-dir", str(tmp_path), "--set", "train.progress=false",
-                 "--set", "eval.zeroshot="])
+                 "--set", "eval.each_run=false"])
     assert code == 0
     run = only_run(tmp_path, "distill")
     assert run.results()["teacher"] == ref
@@ -202,7 +202,7 @@ def test_distill_from_an_ensemble_of_teachers(teacher_run, second_teacher, tmp_p
     batch = task.collate([data[i] for i in range(12)])
     captions = [pick_caption(c, cfg.seed, 5, i) for c, i in zip(batch["captions"], batch["index"])]
     with torch.no_grad():
-        got = task.loss(student, batch, step=5)["distill"]
+        got = task.loss(student, batch, step=5)["kd"]
         out = student(batch["images"])
         first, second = load_model_ref(a).eval(), load_model_ref(b).eval()
         expected = _kd_oracle(out, [first, second], batch["images"], captions)
@@ -218,16 +218,16 @@ def test_an_ensemble_of_one_is_refused(tmp_path, capsys):
     assert code == 2 and "two or more" in capsys.readouterr().err
 
 
-def test_distill_cache_then_distill_from_the_store_through_the_cli(teacher_run, tmp_path, capsys):
-    """`dmclip distill cache` writes the store; `dmclip distill --teacher embeddings:<store>` trains from it."""
+def test_reinforce_then_distill_from_the_store_through_the_cli(teacher_run, tmp_path, capsys):
+    """`dmclip reinforce` writes the store; `dmclip distill --teacher store:<store>` trains from it."""
     from dmclip.data import build_dataset
     from dmclip.data.reinforced import ReinforcedStore, apply_boxes
 
     store_dir = tmp_path / "store"
     teacher_ref = f"run:{teacher_run.path}"
-    assert main(["distill", "cache", "--teacher", teacher_ref, "--data", TINY_DATA, "--out", str(store_dir),
+    assert main(["reinforce", "--teacher", teacher_ref, "--data", TINY_DATA, "--out", str(store_dir),
                  "--augmentations", "3"]) == 0
-    assert f"dmclip distill --teacher embeddings:{store_dir}" in capsys.readouterr().out.replace("\n", "")
+    assert f"dmclip distill --teacher store:{store_dir}" in capsys.readouterr().out.replace("\n", "")
     store = ReinforcedStore(store_dir)
     assert store.meta["teacher"] == teacher_ref and store.meta["data"] == TINY_DATA
     assert store.image_embeddings.shape[:2] == (96, 3)
@@ -237,15 +237,15 @@ def test_distill_cache_then_distill_from_the_store_through_the_cli(teacher_run, 
         expected = teacher.encode_image(apply_boxes(image, store.boxes[5, 2].unsqueeze(0)))[0]
     torch.testing.assert_close(store.image_embeddings[5, 2].float(), expected, atol=1e-3, rtol=1e-3)
 
-    ref = f"embeddings:{store_dir}"
+    ref = f"store:{store_dir}"
     assert main(["distill", "--teacher", ref, "--student", "mamba-tiny-test", "--alpha", "1", "--steps", "2",
                  "--batch-size", "16", "--runs-dir", str(tmp_path / "runs"), "--set", "train.progress=false",
                  "--set", "train.log_every=1",
-                 "--set", "eval.zeroshot="]) == 0
+                 "--set", "eval.each_run=false"]) == 0
     run = only_run(tmp_path / "runs", "distill")
     assert run.info["status"] == "completed" and run.results()["teacher"] == ref
     rows = run.metrics()
-    assert [r["step"] for r in rows] == [1, 2] and all(r["distill"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["kd"] > 0 for r in rows)
     student = load_model_ref(f"run:{run.path}")
     tokens = teacher.tokenize(["a red circle"])  # the store's teacher gave the student its text tower
     torch.testing.assert_close(student.encode_text(tokens), teacher.encode_text(tokens))
@@ -254,7 +254,7 @@ def test_distill_cache_then_distill_from_the_store_through_the_cli(teacher_run, 
 def test_pretrain_blip_in_one_process(tmp_path):
     """`dmclip pretrain --objective blip`: a completed run whose saved BLIP captions an image."""
     code = main(["pretrain", "--objective", "blip", "--data", TINY_DATA, "--steps", "2", "--batch-size", "8",
-                 "--runs-dir", str(tmp_path), *TINY_PRETRAIN, "--set", "eval.zeroshot="])
+                 "--runs-dir", str(tmp_path), *TINY_PRETRAIN, "--set", "eval.each_run=false"])
     assert code == 0
     run = only_run(tmp_path, "pretrain")
     assert run.info["status"] == "completed" and run.results()["objective"] == "blip"

@@ -144,6 +144,13 @@ def test_suite_with_several_models(model_dir, tmp_path, capsys):
     assert "Avg Perf" in capsys.readouterr().out
 
 
+def test_suite_scores_only_the_kind_of_set_named(model_dir, tmp_path):
+    """--zero-shot alone: no retrieval column (the world's retrieval sets are the default only when nothing is named)."""
+    assert main(["eval", "suite", "--model", f"run:{model_dir}", "--zero-shot", ZS, "--runs-dir", str(tmp_path)]) == 0
+    results = json.loads((only_run(tmp_path, "eval").path / "results.json").read_text())
+    assert results["columns"] == [f"{ZS} acc@1", "Avg Perf"] and results["retrieval"] == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "zero-shot", "--model", "no-such-model"], "no model 'no-such-model'"),
     (["eval", "retrieval", "--model", "run:/nonexistent/run"], "does not exist"),

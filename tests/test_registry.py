@@ -88,7 +88,7 @@ def test_names_filters_with_a_glob_and_sorts():
 
 
 def test_the_six_registries_exist():
-    assert sorted(REGISTRIES) == ["datasets", "families", "losses", "selectors", "students", "teachers"]
+    assert sorted(REGISTRIES) == ["datasets", "families", "losses", "references", "selectors", "students"]
 
 
 def test_entry_point_plugin_registers_entries(monkeypatch, restore_registries):
@@ -131,18 +131,26 @@ def test_plugin_reusing_a_builtin_name_is_refused(monkeypatch, restore_registrie
     assert registry.students._entries["plugin-echo"].description == "a built-in that came first"
 
 
-# ----------------------------------------------------------------------------------------- teacher schemes
+# ----------------------------------------------------------------------------------------- reference schemes
 
-BUILTIN_SCHEMES = ["builtin", "embeddings", "ensemble", "open_clip", "run"]
+BUILTIN_SCHEMES = ["builtin", "ensemble", "open_clip", "run", "store"]
 
 
-def test_teacher_schemes_are_registry_entries_listed_with_their_form(capsys):
-    assert set(BUILTIN_SCHEMES) <= set(registry.teachers.names())
-    for name in registry.teachers.names():
-        assert registry.teachers.entry(name).description.startswith(f"{name}:"), name  # says how to write it
-    assert main(["list", "teachers"]) == 0
+def test_reference_schemes_are_registry_entries_listed_with_their_form(capsys):
+    assert set(BUILTIN_SCHEMES) <= set(registry.references.names())
+    for name in registry.references.names():
+        assert registry.references.entry(name).description.startswith(f"{name}:"), name  # says how to write it
+    assert main(["list", "references"]) == 0
     out = capsys.readouterr().out
     assert "(none)" not in out and all(name in out for name in BUILTIN_SCHEMES)
+
+
+def test_the_old_registry_name_still_lists_and_imports_with_a_warning(capsys, caplog):
+    assert main(["list", "teachers"]) == 0
+    assert "references" in capsys.readouterr().out and "`dmclip list teachers` is now `dmclip list references`" in caplog.text
+    from dmclip.registry import teachers
+
+    assert teachers is registry.references and "dmclip.registry.teachers is now dmclip.registry.references" in caplog.text
 
 
 def test_plugin_teacher_scheme_resolves_like_a_builtin_one(monkeypatch, restore_registries, capsys):
@@ -153,14 +161,14 @@ def test_plugin_teacher_scheme_resolves_like_a_builtin_one(monkeypatch, restore_
 
     monkeypatch.syspath_prepend(str(FIXTURE / "good"))
     registry.load_plugins(force=True)
-    assert registry.teachers.entry("plugin-tiny").source == "plugin echo"
+    assert registry.references.entry("plugin-tiny").source == "plugin echo"
     model, teacher, other = load_model_ref("plugin-tiny:3"), load_teacher("plugin-tiny:3"), load_model_ref("plugin-tiny:4")
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():  # the seed after the colon reached the plugin's factory
         assert torch.equal(model.encode_image(images), teacher.encode_image(images))
         assert not torch.equal(model.encode_image(images), other.encode_image(images))
     assert not model.training and not any(p.requires_grad for p in teacher.parameters())
-    assert main(["list", "teachers", "--pattern", "plugin-*"]) == 0
+    assert main(["list", "references", "--pattern", "plugin-*"]) == 0
     out = capsys.readouterr().out
     assert "plugin-tiny" in out and "plugin echo" in out
 
@@ -171,7 +179,16 @@ def test_misspelt_scheme_suggests_the_registered_one():
     with pytest.raises(DmclipError) as info:
         load_model_ref("opn_clip:ViT-B-32:random")
     assert info.value.message == "no model 'opn_clip:ViT-B-32:random': 'opn_clip' is not a reference scheme"
-    assert "'open_clip'" in info.value.hint and "dmclip list teachers" in info.value.hint
+    assert "'open_clip'" in info.value.hint and "dmclip list references" in info.value.hint
+
+
+def test_the_old_store_scheme_still_reads_with_a_warning(tmp_path, caplog):
+    from dmclip.models.teachers import load_teacher
+
+    with pytest.raises(DmclipError) as info:
+        load_teacher(f"embeddings:{tmp_path}")
+    assert info.value.message == f"{tmp_path} is not a reinforced store (no meta.json)"  # read as store:<dir>
+    assert "the scheme embeddings: is now store:" in caplog.text
 
 
 def test_a_distill_only_scheme_is_a_teacher_but_not_a_model():

@@ -11,7 +11,7 @@ from dmclip.data import build_dataset
 from dmclip.data.reinforced import ReinforcedStore, apply_boxes, crop_boxes
 from dmclip.data.tokenizer import Tokenizer
 from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
-from dmclip.distill.cache import build_store
+from dmclip.distill.reinforce import build_store
 from dmclip.errors import DmclipError
 from dmclip.models.base import build_model, save_model
 from dmclip.models.clip import clip_arch
@@ -158,7 +158,7 @@ def _cached_case(teacher_dir, tmp_path, step: int, text: str = "frozen-teacher")
                            crops=crops, captions=captions)
 
 
-def test_cached_teacher_with_several_views_and_captions_gives_the_loss_of_the_chosen_crop(teacher_dir, tmp_path):
+def test_store_teacher_with_several_views_and_captions_gives_the_loss_of_the_chosen_crop(teacher_dir, tmp_path):
     """distill from a K = 4, 3-caption store: the loss is the online teacher's on the chosen crop and caption."""
     from dmclip.distill import teacher_features
 
@@ -172,7 +172,7 @@ def test_cached_teacher_with_several_views_and_captions_gives_the_loss_of_the_ch
         out = student(crops)
         out["text_features"] = target["text_features"]
         expected = cached.criterion(out, target)
-    for key in ("loss", "contrastive", "distill"):
+    for key in ("loss", "contrastive", "kd"):
         torch.testing.assert_close(got[key], expected[key], atol=2e-3, rtol=2e-3)
 
 
@@ -184,7 +184,7 @@ def test_missing_store_shard_is_a_clear_error(teacher_dir, tmp_path):
         ReinforcedStore(out)
 
 
-def test_cached_teacher_gives_the_online_teachers_loss(teacher_dir, tmp_path):
+def test_store_teacher_gives_the_online_teachers_loss(teacher_dir, tmp_path):
     """One view (the identity) and one caption per image: cached and online KD must agree."""
     ref = f"run:{teacher_dir}"
     build_store(ref, DATA, tmp_path / "store", augmentations=1, progress=False)
@@ -200,7 +200,7 @@ def test_cached_teacher_gives_the_online_teachers_loss(teacher_dir, tmp_path):
     batch = online.collate([ds[i] for i in range(8)])
     a = online.loss(student, batch, step=3)
     b = cached.loss(student, batch, step=3)
-    for key in ("loss", "contrastive", "distill"):
+    for key in ("loss", "contrastive", "kd"):
         torch.testing.assert_close(a[key], b[key], atol=2e-3, rtol=2e-3)
 
 
@@ -238,7 +238,7 @@ def test_cached_step_reads_the_chosen_crops_and_tokenises_only_for_a_text_tower_
         out = student(crops, tokenize(captions))
     expected = task.criterion(out, target)
     expected["loss"].backward()
-    for key in ("loss", "contrastive", "distill"):
+    for key in ("loss", "contrastive", "kd"):
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-6)
     grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
     assert set(got_grads) == set(grads) and any(n.startswith("text.") for n in grads) == (text != "frozen-teacher")

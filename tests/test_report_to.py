@@ -157,14 +157,13 @@ def test_a_missing_package_in_a_recipe_fails_the_run_before_training(tmp_path, c
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     assert main(["pretrain", *TINY, "--runs-dir", str(tmp_path / "runs"), "--set", "train.report_to=[tensorboard]"]) == 2
     assert "hint: pip install 'dmclip[dashboards]'" in capsys.readouterr().err
-    [run] = find_runs(tmp_path / "runs", "pretrain")
-    assert run.status == "failed" and run.metrics() == []
+    assert find_runs(tmp_path / "runs", "pretrain") == []  # it failed before training: no run directory left
 
 
 @needs_tensorboard
 @pytest.mark.slow
 def test_under_torchrun_only_rank_0_writes_the_dashboard(tmp_path):
-    argv = ["pretrain", *TINY, "--set", "eval.zeroshot=", "--report-to", "tensorboard", "--runs-dir",
+    argv = ["pretrain", *TINY, "--set", "eval.each_run=false", "--report-to", "tensorboard", "--runs-dir",
             str(tmp_path / "runs")]
     done = torchrun_dmclip(argv, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

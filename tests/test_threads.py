@@ -177,7 +177,7 @@ def test_the_same_seed_gives_the_same_distill_results_at_two_threads(tmp_path):
     # 15 rows of a step 8 + 7 and add the threads' partial sums in a fixed order); across thread counts and
     # instruction sets the numbers differ in the last bits instead (docs: measured, not tested)
     assert main_at(1, ["pretrain", "--data", "world-train:size=32", "--steps", "1", "--batch-size", "16",
-                       "--set", "train.progress=false", "--set", "eval.zeroshot=", *TINY_CLIP,
+                       "--set", "train.progress=false", "--set", "eval.each_run=false", *TINY_CLIP,
                        "--runs-dir", str(tmp_path / "teacher")]) == 0
     teacher = the_run(tmp_path / "teacher")
     argv = ["distill", "--teacher", f"run:{teacher}", "--student", "mamba-tiny-test", "--data", "world-train:size=30",

@@ -32,5 +32,5 @@ One concern per module:
     scoring    the model check, the three filter scores of a pair, captioning a batch, which pairs are kept
     shards     work shards (resume), the --out directory, the dataset files (webdataset via dmclip.data.export)
     summary    counts, noise removal, the precision-recall plot, report.md
-    pipeline   run(config, record): all of it in order, and the optional fine-tuning
+    pipeline   run(config, run_dir): all of it in order, and the optional fine-tuning
 """

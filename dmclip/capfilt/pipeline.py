@@ -25,16 +25,17 @@ from dmclip.capfilt.summary import plot_pr_curve, report_markdown, summarize
 from dmclip.device import resolve_device
 from dmclip.errors import DmclipError
 from dmclip.progress import progress_bar
+from dmclip.runner import Command
 
 log = logging.getLogger(__name__)
 
 
-def finetune(model, cfg: CapfiltConfig, record) -> dict:
+def finetune(model, cfg: CapfiltConfig, run_dir) -> dict:
     """Fine-tune captioner + filter (all BLIP losses) on ``cfg.finetune.data`` with the engine, in the run
-    directory ``record``."""
+    directory ``run_dir``."""
     from dmclip.data import build_dataset
-    from dmclip.pretrain import BlipTask
     from dmclip.train import fit
+    from dmclip.train.tasks import BlipTask
 
     dataset = build_dataset(cfg.finetune.data, image_size=model.image_size)
     if getattr(dataset, "kind", "image-text") != "image-text":
@@ -42,15 +43,15 @@ def finetune(model, cfg: CapfiltConfig, record) -> dict:
                           "use an image-text set, e.g. --finetune-on world-train-clean")
     train = cfg.finetune.train
     task = BlipTask(model, cfg.seed, max(1, len(dataset) // train.batch_size))
-    summary = fit(task, dataset, train, record, seed=cfg.seed, resume=record.checkpoint_path("last.pt").exists())
+    summary = fit(task, dataset, train, run_dir, seed=cfg.seed, resume=run_dir.checkpoint_path("last.pt").exists())
     model.eval()
     return summary
 
 
 
-def run(cfg: CapfiltConfig, record, progress: bool | None = None) -> dict:
+def run(cfg: CapfiltConfig, run_dir, progress: bool | None = None) -> dict:
     """Caption, filter and write the new dataset into ``cfg.output.out``; report into the run directory
-    ``record`` (a RunDir)."""
+    ``run_dir`` (a RunDir)."""
     from dmclip.data import build_dataset
     from dmclip.evaluation.loading import model_fingerprint
     from dmclip.models.base import load_saved_model, save_model
@@ -67,7 +68,7 @@ def run(cfg: CapfiltConfig, record, progress: bool | None = None) -> dict:
         from dmclip.train import distributed, report_to
 
         if distributed.is_main():
-            report_to.attach(record, cfg.finetune.train.report_to)
+            report_to.attach(run_dir, cfg.finetune.train.report_to)
     model = load_model_ref(cfg.model)
     check_capfilt_model(model, cfg.model)
     torch.manual_seed(cfg.seed)
@@ -89,8 +90,8 @@ def run(cfg: CapfiltConfig, record, progress: bool | None = None) -> dict:
             model = load_saved_model(out / "finetuned-model")
             log.info("using the fine-tuned captioner/filter in %s", out / "finetuned-model")
         else:
-            finetune_summary = finetune(model, cfg, record)
-            save_model(model, record.path / "model")
+            finetune_summary = finetune(model, cfg, run_dir)
+            save_model(model, run_dir.path / "model")
             save_model(model, out / "finetuned-model")
     device = resolve_device(cfg.device, hint="use device=cpu (or auto)")
     model = model.to(device).eval()
@@ -151,9 +152,12 @@ def run(cfg: CapfiltConfig, record, progress: bool | None = None) -> dict:
               "images_per_s": processed_images / seconds if processed_images and seconds > 0 else 0.0,
               **summarize(samples, cfg.output.examples, filter_cfg.score)}
     if result["pr_curve"] and result["pr_curve"]["thresholds"]:
-        plot_pr_curve(result["pr_curve"], result["noise_removal"], record.path / "pr_curve.png",
+        plot_pr_curve(result["pr_curve"], result["noise_removal"], run_dir.path / "pr_curve.png",
                       title=f"noise removal on {cfg.data} by {filter_cfg.score}", score=filter_cfg.score)
-    record.write_text("report.md", report_markdown(result))
-    record.write_results(result)
+    run_dir.write_text("report.md", report_markdown(result))
+    run_dir.write_results(result)
     log.info("capfilt: %d images -> %s (%d with captions)", total, spec, written)
     return result
+
+
+COMMAND = Command("capfilt", CapfiltConfig, run)  # what dmclip.runner.launch runs for `dmclip capfilt`

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         *,
         options: RunOptions,
     ) -> None:
-        """Bootstrap a noisy image-text set: synthetic captions + an ITM filter (BLIP's CapFilt).
+        """Bootstrap a noisy image-text set: synthetic captions, an ITM filter (BLIP's CapFilt).
 
         Writes csv:<out>/captions.csv for pretrain/distill, a manifest, and a report in the run directory.
 
@@ -64,8 +64,7 @@ def register(app: typer.Typer) -> None:
 
           dmclip capfilt --model run:<blip> --out data/boot --calibrate-on world-train:size=1000 --clean-keep 0.95
         """
-        from dmclip.capfilt.config import CapfiltConfig
-        from dmclip.capfilt.pipeline import run as run_capfilt
+        from dmclip.capfilt.pipeline import COMMAND
 
         if threshold is not None and keep_fraction is not None:
             raise DmclipError("--threshold and --keep-fraction both choose what the filter keeps",
@@ -89,7 +88,8 @@ def register(app: typer.Typer) -> None:
                      "finetune.data": finetune_on, "finetune.train.steps": steps, "output.format": fmt,
                      "output.shard_size": shard_size, "batch_size": batch_size, "limit": limit,
                      **options.shortcuts(report_to="finetune.train.report_to")}
-        record, result = options.execute("capfilt", CapfiltConfig, run_capfilt, recipe=recipe, shortcuts=shortcuts)
+        outcome = options.launch(COMMAND, recipe=recipe, shortcuts=shortcuts)
+        result = outcome.result
         rows = [{"source": source, "pairs": row["total"], "kept": row["kept"], "removed": row["removed"]}
                 for source, row in result["counts"].items()]
         console.print(metrics_table("capfilt: pairs by source", rows))
@@ -100,6 +100,6 @@ def register(app: typer.Typer) -> None:
                 "precision %": None if noise["precision"] is None else 100 * noise["precision"],
                 "recall %": None if noise["recall"] is None else 100 * noise["recall"],
                 "F1 %": None if noise["f1"] is None else 100 * noise["f1"],
-                "AP": ap, "threshold": result["filter"]["threshold"]}]))
+                "AP %": None if ap is None else 100 * ap, "threshold": result["filter"]["threshold"]}]))
         console.print(f"dataset: {result['dataset']}  ({result['images']['with_kept_captions']} images)", soft_wrap=True)
-        console.print(f"report: {record.path / 'report.md'}", soft_wrap=True)
+        console.print(f"report: {outcome.run_dir.path / 'report.md'}", soft_wrap=True)

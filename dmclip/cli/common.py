@@ -1,4 +1,4 @@
-"""Shared option types and the one way a command runs: config -> run dir -> library -> summary."""
+"""Shared option types and helpers of the command modules; a command runs through :func:`dmclip.runner.launch`."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
-
-from dmclip.errors import DmclipError
 
 console = Console()  # results: stdout
 err_console = Console(stderr=True)
@@ -82,11 +79,17 @@ class RunOptions(SharedOptions):
         """The config fields --seed and --report-to set (``report_to``: where the dashboards go in the config)."""
         return {"seed": self.seed, report_to: report_to_names(self.report_to)}
 
-    def execute(self, command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe: Path | None,
-                shortcuts: dict) -> tuple[Any, dict]:
-        """:func:`execute` with these options."""
-        return execute(command, config_cls, fn, recipe=recipe, sets=self.sets, shortcuts=shortcuts, name=self.name,
-                       runs_dir=self.runs_dir, resume=self.resume)
+    def launch(self, command, *, recipe: Path | None, shortcuts: dict, sweep: dict | None = None):
+        """:func:`dmclip.runner.launch` with these options: one run, or a sweep."""
+        return launch(command, recipe=recipe, sets=self.sets, shortcuts=shortcuts, sweep=sweep, name=self.name,
+                      runs_dir=self.runs_dir, resume=self.resume)
+
+
+def launch(command, *, runs_dir: Path | None = None, **kwargs):
+    """:func:`dmclip.runner.launch` with the command line run.json records."""
+    from dmclip.runner import launch as run_command
+
+    return run_command(command, runs_root=runs_dir, argv=CURRENT_ARGV or ["dmclip", *sys.argv[1:]], **kwargs)
 
 
 def report_to_names(value: str | None) -> list[str] | None:
@@ -98,64 +101,6 @@ def report_to_names(value: str | None) -> list[str] | None:
     names = parse(value)
     require(names)
     return names
-
-
-def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct whole numbers >= 0 (a sweep's seeds; repeats are refused by
-    parse_sweep_values)."""
-    from dmclip.config import parse_sweep_values
-
-    values = parse_sweep_values(text, type=int, option=option)
-    if any(v < 0 for v in values):
-        raise DmclipError(f"{option} {text!r} has a negative seed", f"seeds are whole numbers >= 0, e.g. {option} 0,1,2")
-    return values
-
-
-def execute(command: str, config_cls, fn: Callable[[Any, Any], dict], *, recipe: Path | None = None,
-            sets: list[str] | None = None, shortcuts: dict | None = None, name: str | None = None,
-            runs_dir: Path | None = None, resume: Path | None = None, seed_field: str = "seed") -> tuple[Any, dict]:
-    """Resolve the config, open or create the run directory, run ``fn(config, run)`` inside it.
-
-    Returns ``(run, result)``. ``--resume`` reopens the run and reuses its resolved config; other
-    options with it would change the run, so they are refused.
-    """
-    from dmclip.config import load_config
-    from dmclip.runs import RunDir
-    from dmclip.train import distributed
-
-    distributed.setup()
-
-    if resume is not None:
-        given = [k for k, v in (shortcuts or {}).items() if v is not None] + list(sets or [])
-        if recipe is not None or given:
-            raise DmclipError("--resume continues a run with its own saved config; other options would change it",
-                              f"drop {', '.join(given) or 'the recipe argument'} or start a new run without --resume")
-        run = RunDir.open(resume)
-        if run.command != command:
-            raise DmclipError(f"{resume} is a `{run.command}` run, not a `{command}` run",
-                              f"resume it with `dmclip {run.command} --resume {resume}`")
-        status = run.display_status()
-        if status == "completed":
-            raise DmclipError(f"{resume} already completed", "start a new run instead of --resume")
-        if status == "running":
-            raise DmclipError(f"{resume} is still running (pid {run.info.get('pid')} on {run.info.get('host')})",
-                              "wait for it to finish, or stop that process first; two processes must not "
-                              "write one run directory")
-        config = run.resolved_config(config_cls)
-    else:
-        config, recipe_text = load_config(config_cls, recipe, sets or [], shortcuts)
-        run_name = name or (Path(recipe).stem if recipe else command)
-        # under torchrun only rank 0 creates the directory; the other ranks get its path
-        run = distributed.shared_run(lambda: RunDir.create(
-            command, run_name, config, root=runs_dir, recipe_text=recipe_text, overrides=list(sets or []),
-            argv=CURRENT_ARGV or ["dmclip", *sys.argv[1:]], seed=getattr(config, seed_field, None)))
-    err_console.print(f"[dim]run directory:[/dim] {escape(str(run.path))}", highlight=False, soft_wrap=True)
-    try:
-        with distributed.active(run):
-            result = fn(config, run)
-    finally:
-        distributed.teardown()
-    return run, result
 
 
 def largest_unit(value: float, units: Sequence[tuple[str, float]]) -> tuple[float, str]:
@@ -200,3 +145,11 @@ def metrics_table(title: str, rows: list[dict], columns: list[str] | None = None
                 cells.append(str(value))
         table.add_row(*cells)
     return table
+
+
+def eval_cells(result: dict) -> dict:
+    """A run's scores (results.json's ``eval``) as table cells in percent: each set's column, then Avg Perf
+    when there is more than one."""
+    scores = result.get("eval") or {}
+    shown = [column for column in scores if column != "Avg Perf" or len(scores) > 2]
+    return {f"{column} %": 100 * scores[column] for column in shown}

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dmclip.cli.common import NameOpt, RecipeArg, RunsDirOpt, SeedOpt, SetOpt, console, err_console, execute
+from dmclip.cli.common import NameOpt, RecipeArg, RunsDirOpt, SeedOpt, SetOpt, console, err_console, launch
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="BLIP model: run:<pretrain run dir>.")]
 SelectorOpt = Annotated[str | None, typer.Option(
@@ -22,6 +22,15 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", help="Test images capti
 def _shortcuts(model, selector, k, fraction, pool_size, dtype, limit, seed, **extra) -> dict:
     return {"model": model, "selector": selector, "k": k, "fraction": fraction, "pool_size": pool_size,
             "dtype": dtype, "limit": limit, "seed": seed, **extra}
+
+
+def _execute(run, **kwargs):
+    """(run directory, result) of one `compress` run of ``run(config, run_dir)`` through the runner."""
+    from dmclip.compress.config import CompressConfig
+    from dmclip.runner import Command
+
+    outcome = launch(Command("compress", CompressConfig, run), **kwargs)
+    return outcome.run_dir, outcome.result
 
 
 def register(app: typer.Typer) -> None:
@@ -42,13 +51,12 @@ def register(app: typer.Typer) -> None:
         Example: dmclip compress eval --model run:runs/pretrain/<run> --selector kmeans --k 8
         """
         from dmclip.cli.common import metrics_table
-        from dmclip.compress.config import CompressConfig
         from dmclip.compress.pipeline import run_eval
         from dmclip.compress.summary import COLUMNS
 
         shortcuts = _shortcuts(model, selector, k, fraction, pool_size, dtype, limit, seed,
                                **({"finetune.enabled": True} if finetune_server else {}))
-        run, result = execute("compress", CompressConfig, run_eval, recipe=recipe, sets=sets, shortcuts=shortcuts,
+        run, result = _execute(run_eval, recipe=recipe, sets=sets, shortcuts=shortcuts,
                               name=name or f"eval-{selector or 'kmeans'}", runs_dir=runs_dir)
         rows = [result["baseline"], result["compressed"]] + [r for k_, r in result.items()
                                                              if k_ == "compressed_finetuned"]
@@ -65,11 +73,10 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress sweep --model run:runs/pretrain/<run> --set sweep.k=[1,4,16]
         """
-        from dmclip.compress.config import CompressConfig
         from dmclip.compress.pipeline import run_sweep
 
         shortcuts = _shortcuts(model, None, None, None, None, dtype, limit, seed)
-        run, result = execute("compress", CompressConfig, run_sweep, recipe=recipe, sets=sets, shortcuts=shortcuts,
+        run, result = _execute(run_sweep, recipe=recipe, sets=sets, shortcuts=shortcuts,
                               name=name or "sweep", runs_dir=runs_dir)
         console.print((run.path / "summary.md").read_text())
         for claim in result["claims"]:
@@ -103,7 +110,6 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress serve --model run:runs/pretrain/<run> --port 5000
         """
-        from dmclip.compress.config import CompressConfig
         from dmclip.compress.endpoints import caption_handler
         from dmclip.compress.model import load_compress_model
         from dmclip.compress.server import CaptionServer
@@ -128,7 +134,7 @@ def register(app: typer.Typer) -> None:
             run.write_text("report.md", "# compress serve\n\n" + "".join(f"- {k}: {v}\n" for k, v in stats.items()))
             return stats
 
-        _, stats = execute("compress", CompressConfig, serve, sets=sets, shortcuts={"model": model},
+        _, stats = _execute(serve, sets=sets, shortcuts={"model": model},
                            name=name or "serve", runs_dir=runs_dir)
         console.print(stats)
 
@@ -149,7 +155,6 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress load --server 127.0.0.1:5000 --clients 4 --requests 20
         """
-        from dmclip.compress.config import CompressConfig
         from dmclip.compress.load import check_bounds, loopback_address, run_load
 
         address = loopback_address(server)  # both before a run directory is made
@@ -163,7 +168,7 @@ def register(app: typer.Typer) -> None:
                 f"- {key}: {value}\n" for key, value in result.items() if key != "server_info"))
             return result
 
-        _, result = execute("compress", CompressConfig, load, sets=sets, shortcuts={"k": k, "dtype": dtype,
+        _, result = _execute(load, sets=sets, shortcuts={"k": k, "dtype": dtype,
                                                                                    "seed": seed},
                             name=name or "load", runs_dir=runs_dir)
         r = result
@@ -187,7 +192,7 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip compress send --server 127.0.0.1:5000 --model run:runs/pretrain/<run> a.png b.png
         """
-        from dmclip.compress.config import CompressConfig, selector_from_config
+        from dmclip.compress.config import selector_from_config
         from dmclip.compress.endpoints import load_images, send_images
         from dmclip.compress.model import load_compress_model
 
@@ -205,7 +210,7 @@ def register(app: typer.Typer) -> None:
             return result
 
         shortcuts = _shortcuts(model, selector, k, fraction, pool_size, dtype, None, seed)
-        _, result = execute("compress", CompressConfig, send, sets=sets, shortcuts=shortcuts, name=name or "send",
+        _, result = _execute(send, sets=sets, shortcuts=shortcuts, name=name or "send",
                             runs_dir=runs_dir)
         from dmclip.cli.common import metrics_table
 

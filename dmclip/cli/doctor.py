@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
     def doctor(
         as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
     ) -> None:
-        """Show what this install has: the scan kernel and why, threads, Java, extras, GPU, data.
+        """Show what this install has: the scan kernel, threads, Java, extras, GPU, data.
 
         Example: dmclip doctor --json
         """

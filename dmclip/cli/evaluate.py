@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dmclip.cli.common import NameOpt, RunsDirOpt, SharedOptions, console, err_console, execute, metrics_table
+from dmclip.cli.common import NameOpt, RunsDirOpt, SharedOptions, console, err_console, launch, metrics_table
 from dmclip.errors import DmclipError
 from dmclip.report import percent
 
@@ -37,6 +37,13 @@ def _slug(ref: str) -> str:
     return ref.rstrip("/").replace("open_clip:", "").split("/")[-1].replace(":", "-")[:40] or "model"
 
 
+def _run(config_class, run, **kwargs) -> dict:
+    """One eval run directory: ``run(config, run_dir)`` through the runner; returns the result."""
+    from dmclip.runner import Command
+
+    return launch(Command("eval", config_class, run), **kwargs).result
+
+
 def _notes(result: dict) -> None:
     for note in result.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
@@ -62,16 +69,16 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip eval zero-shot --model run:runs/pretrain/<run> --data world-shift
         """
+        from dmclip.evaluate import ZeroShotConfig, run_zero_shot
         from dmclip.evaluation.loading import check_eval_model, load_model
-        from dmclip.evaluation.runners import ZeroShotConfig, run_zero_shot
 
         loaded = load_model(model, options.device)  # a bad reference fails before a run directory exists
         check_eval_model(loaded, "zero-shot")
-        _, result = execute("eval", ZeroShotConfig, lambda c, r: run_zero_shot(c, r, progress=True, model=loaded),
-                            shortcuts={"model": model, "data": data, "batch_size": batch_size, "device": options.device,
-                                       "classnames": str(classnames) if classnames else None,
-                                       "templates": str(templates) if templates else None},
-                            name=options.name or f"zero-shot-{_slug(model)}", runs_dir=options.runs_dir)
+        result = _run(ZeroShotConfig, lambda c, r: run_zero_shot(c, r, progress=True, model=loaded),
+                      shortcuts={"model": model, "data": data, "batch_size": batch_size, "device": options.device,
+                                 "classnames": str(classnames) if classnames else None,
+                                 "templates": str(templates) if templates else None},
+                      name=options.name or f"zero-shot-{_slug(model)}", runs_dir=options.runs_dir)
         m = result["metrics"]
         console.print(metrics_table(f"zero-shot · {model} · {result['dataset']}", [
             {"acc@1": m["acc1"], "acc@5": m["acc5"],
@@ -96,15 +103,15 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip eval retrieval --model run:runs/pretrain/<run> --data world-retrieval-b --rerank-k 16
         """
+        from dmclip.evaluate import RetrievalConfig, run_retrieval
         from dmclip.evaluation.loading import check_eval_model, load_model
-        from dmclip.evaluation.runners import RetrievalConfig, run_retrieval
 
         loaded = load_model(model, options.device)
         check_eval_model(loaded, "retrieval", rerank_k)
-        _, result = execute("eval", RetrievalConfig, lambda c, r: run_retrieval(c, r, progress=True, model=loaded),
-                            shortcuts={"model": model, "data": data, "rerank_k": rerank_k, "batch_size": batch_size,
-                                       "device": options.device},
-                            name=options.name or f"retrieval-{_slug(model)}", runs_dir=options.runs_dir)
+        result = _run(RetrievalConfig, lambda c, r: run_retrieval(c, r, progress=True, model=loaded),
+                      shortcuts={"model": model, "data": data, "rerank_k": rerank_k, "batch_size": batch_size,
+                                 "device": options.device},
+                      name=options.name or f"retrieval-{_slug(model)}", runs_dir=options.runs_dir)
         m = result["metrics"]
         rows = [{"direction": label, **{f"R@{k}": m[f"{prefix}_recall@{k}"] for k in (1, 5, 10)},
                  "mean rank": m[f"{prefix}_mean_rank"], "median rank": m[f"{prefix}_median_rank"]}
@@ -144,9 +151,9 @@ def register(app: typer.Typer) -> None:
 
         Scoring captions written elsewhere: dmclip eval caption --predictions captions.json --data world-retrieval-a
         """
+        from dmclip.evaluate import CaptionConfig, run_caption
         from dmclip.evaluation.captioning import read_predictions
         from dmclip.evaluation.loading import check_eval_model, load_model
-        from dmclip.evaluation.runners import CaptionConfig, run_caption
 
         if predictions is not None:  # a bad file fails before a run directory exists
             read_predictions(predictions, data, limit or None)
@@ -157,12 +164,12 @@ def register(app: typer.Typer) -> None:
         else:
             loaded = load_model(model, options.device)
             check_eval_model(loaded, "caption")
-        _, result = execute("eval", CaptionConfig, lambda c, r: run_caption(c, r, progress=True, model=loaded),
-                            shortcuts={"model": model, "data": data, "method": method, "num_beams": num_beams,
-                                       "top_p": top_p, "max_length": max_length, "min_length": min_length,
-                                       "limit": limit, "meteor": meteor, "seed": seed, "batch_size": batch_size,
-                                       "device": options.device, "predictions": str(predictions) if predictions else None},
-                            name=options.name or f"caption-{_slug(model or predictions.stem)}", runs_dir=options.runs_dir)
+        result = _run(CaptionConfig, lambda c, r: run_caption(c, r, progress=True, model=loaded),
+                      shortcuts={"model": model, "data": data, "method": method, "num_beams": num_beams,
+                                 "top_p": top_p, "max_length": max_length, "min_length": min_length,
+                                 "limit": limit, "meteor": meteor, "seed": seed, "batch_size": batch_size,
+                                 "device": options.device, "predictions": str(predictions) if predictions else None},
+                      name=options.name or f"caption-{_slug(model or predictions.stem)}", runs_dir=options.runs_dir)
         m = result["metrics"]
         how = f"predictions {predictions}" if predictions is not None else method
         console.print(metrics_table(
@@ -191,17 +198,17 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip eval latency --model run:runs/distill/<run> --vs run:runs/pretrain/<teacher run>
         """
+        from dmclip.evaluate import LatencyConfig, run_latency
         from dmclip.evaluation.loading import load_model
-        from dmclip.evaluation.runners import LatencyConfig, run_latency
         from dmclip.metrics.latency import latency_rows
 
         loaded = load_model(model, device)
         loaded_vs = load_model(vs, device) if vs else None
-        _, result = execute("eval", LatencyConfig,
-                            lambda c, r: run_latency(c, r, progress=True, model=loaded, vs_model=loaded_vs),
-                            shortcuts={"model": model, "vs": vs, "batch_size": batch_size, "warmup": warmup,
-                                       "runs": runs, "threads": threads, "device": device},
-                            name=name or f"latency-{_slug(model)}", runs_dir=runs_dir)
+        result = _run(LatencyConfig,
+                      lambda c, r: run_latency(c, r, progress=True, model=loaded, vs_model=loaded_vs),
+                      shortcuts={"model": model, "vs": vs, "batch_size": batch_size, "warmup": warmup,
+                                 "runs": runs, "threads": threads, "device": device},
+                      name=name or f"latency-{_slug(model)}", runs_dir=runs_dir)
         details = result["details"]
         rows = latency_rows(result)
         console.print(metrics_table(f"latency · {details['threads']} threads · {details['device']} · "
@@ -222,11 +229,11 @@ def register(app: typer.Typer) -> None:
         models: Annotated[list[str] | None, typer.Option(
             "--models", help="Several models for a comparison table: --models A B C.", show_default=False)] = None,
         zero_shot: Annotated[list[str] | None, typer.Option(
-            "--zero-shot", help="Zero-shot sets (repeatable) (default: world-zeroshot, world-shift and every other "
-                                "registered one).", show_default=False)] = None,
+            "--zero-shot", help="Zero-shot sets (repeatable). Without --zero-shot and --retrieval: world-zeroshot, "
+                                "world-shift and every other registered one.", show_default=False)] = None,
         retrieval: Annotated[list[str] | None, typer.Option(
-            "--retrieval", help="Retrieval sets (repeatable) (default: world-retrieval-a, world-retrieval-b).",
-            show_default=False)] = None,
+            "--retrieval", help="Retrieval sets (repeatable). Without --zero-shot and --retrieval: world-retrieval-a, "
+                                "world-retrieval-b.", show_default=False)] = None,
         batch_size: BatchOpt = 64,
         *,
         options: EvalOptions,
@@ -235,9 +242,8 @@ def register(app: typer.Typer) -> None:
 
         Example: dmclip eval suite --models run:runs/pretrain/<teacher> run:runs/distill/<student>
         """
-        from dmclip.evaluation.benchmark import SUITE_RETRIEVAL
+        from dmclip.evaluate import SuiteConfig, run_suite
         from dmclip.evaluation.loading import check_eval_model, load_model
-        from dmclip.evaluation.runners import SuiteConfig, run_suite
 
         refs = [model] if model else []
         if ctx.args and not models:
@@ -249,12 +255,12 @@ def register(app: typer.Typer) -> None:
         loaded = {ref: load_model(ref, options.device) for ref in dict.fromkeys(refs)}
         for ref_model in loaded.values():
             check_eval_model(ref_model, "retrieval")
-        _, result = execute("eval", SuiteConfig, lambda c, r: run_suite(c, r, progress=True, models=loaded),
-                            shortcuts={"models": refs, "zero_shot": list(zero_shot or []),
-                                       "retrieval": list(retrieval or SUITE_RETRIEVAL), "batch_size": batch_size,
-                                       "device": options.device},
-                            name=options.name or f"suite-{_slug(refs[0])}" + (f"-and-{len(refs) - 1}" if len(refs) > 1 else ""),
-                            runs_dir=options.runs_dir)
+        result = _run(SuiteConfig, lambda c, r: run_suite(c, r, progress=True, models=loaded),
+                      shortcuts={"models": refs, "zero_shot": list(zero_shot or []),
+                                 "retrieval": list(retrieval or []), "batch_size": batch_size,
+                                 "device": options.device},
+                      name=options.name or f"suite-{_slug(refs[0])}" + (f"-and-{len(refs) - 1}" if len(refs) > 1 else ""),
+                      runs_dir=options.runs_dir)
         # one row per column of the suite, one column per model: readable in an 80-column terminal
         labels = [f"#{i + 1}" for i in range(len(result["rows"]))] if len(result["rows"]) > 1 else ["value"]
         table_rows = []

@@ -37,16 +37,21 @@ def register(app: typer.Typer) -> None:
     @app.command("list")
     def list_registry(
         kind: Annotated[str | None, typer.Argument(
-            help="teachers | students | losses | datasets | selectors | families (all when omitted).")] = None,
+            help="references | students | losses | datasets | selectors | families (all when omitted).")] = None,
         pattern: Annotated[str, typer.Option("--pattern", "-p", help="Glob on names, e.g. 'mamba*'.")] = "*",
     ) -> None:
-        """List registered teacher schemes, students, losses, datasets, selectors, families.
+        """List registered reference schemes, students, losses, datasets, selectors, families.
 
         Example: dmclip list students --pattern 'mamba*'
         """
-        from dmclip.registry import REGISTRIES, load_plugins
+        import logging
+
+        from dmclip.registry import REGISTRIES, RENAMED, load_plugins
 
         load_plugins()
+        if kind in RENAMED:
+            logging.getLogger("dmclip").warning("`dmclip list %s` is now `dmclip list %s`", kind, RENAMED[kind])
+            kind = RENAMED[kind]
         if kind is not None and kind not in REGISTRIES:
             raise DmclipError(f"no registry named {kind!r}", did_you_mean(kind, REGISTRIES))
         kinds = [kind] if kind else list(REGISTRIES)
@@ -55,7 +60,7 @@ def register(app: typer.Typer) -> None:
             table = Table(title=k, title_justify="left")
             table.add_column("name", style="bold")
             table.add_column("description")
-            models = k == "students"  # teachers are reference schemes, families need an arch: no default build
+            models = k == "students"  # references are schemes, families need an arch: no default build
             if models:
                 table.add_column("params", justify="right")
             table.add_column("source")

@@ -64,13 +64,39 @@ def _setup_logging(level: int) -> None:
 
 
 def _register_commands() -> None:
-    from dmclip.cli import capfilt, compress, data, distill, doctor, evaluate, export, listing, pretrain, runs
+    from dmclip.cli import (
+        capfilt,
+        compress,
+        data,
+        distill,
+        doctor,
+        evaluate,
+        export,
+        listing,
+        pretrain,
+        reinforce,
+        runs,
+    )
 
-    for module in (pretrain, distill, capfilt, compress, evaluate, export, data, runs, listing, doctor):
+    for module in (pretrain, distill, reinforce, capfilt, compress, evaluate, export, data, runs, listing, doctor):
         module.register(app)
 
 
 _register_commands()
+
+
+# commands that moved: the words that started them -> (the new command, how it is written now)
+MOVED = {("distill", "cache"): ("reinforce", "dmclip reinforce --teacher REF --data SPEC --out DIR "
+                                            "[--augmentations K] [--seed N]")}
+
+
+def _check_moved(argv: list[str]) -> None:
+    """A moved command is refused with its new spelling (not with the old one's options reported unknown)."""
+    first = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    words = tuple(argv[first:first + 2])
+    if words in MOVED:
+        new, usage = MOVED[words]
+        raise DmclipError(f"`dmclip {' '.join(words)}` is now `dmclip {new}`", usage)
 
 
 def _print_error(message: str, hint: str) -> None:
@@ -131,6 +157,7 @@ def _run(argv: list[str]) -> int:
     """The command's exit code; every error becomes one message (a traceback for a bug)."""
     debug = bool(os.environ.get("DMCLIP_DEBUG"))
     try:
+        _check_moved(argv)
         result = app(args=argv, prog_name="dmclip", standalone_mode=False)
         code = result if isinstance(result, int) and not isinstance(result, bool) else 0
         if code == 130:  # Typer returns Ctrl-C as exit code 130

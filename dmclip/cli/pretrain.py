@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from dmclip.cli.common import RecipeArg, RunOptions, console, err_console, metrics_table, parse_seeds
-from dmclip.errors import DmclipError
+from dmclip.cli.common import RecipeArg, RunOptions, console, eval_cells, metrics_table
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +21,8 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
         seeds: Annotated[str | None, typer.Option(
             "--seeds", help="Comma list of seeds (0,1,2): one run per seed in a sweep directory, and a summary "
-                            "with mean ± std and a 95 % interval over the seeds.")] = None,
+                            "with mean ± std and a 95 % interval over the seeds. Overrides the recipe's "
+                            "sweep.seeds.")] = None,
         *,
         options: RunOptions,
     ) -> None:
@@ -41,68 +40,35 @@ def register(app: typer.Typer) -> None:
 
           dmclip pretrain --report-to tensorboard   (then: tensorboard --logdir runs/pretrain)
         """
-        from dmclip import pretrain as lib
+        from dmclip.pretrain import COMMAND
+        from dmclip.runner import Run
 
         shortcuts = {"objective": objective, "data.train": data, "train.steps": steps,
                      "train.batch_size": batch_size, "train.lr": lr, **options.shortcuts()}
-        seed_list = parse_seeds(seeds) if seeds is not None else None
-        if seed_list is not None and len(seed_list) > 1:
-            if options.seed is not None:
-                raise DmclipError("--seed and --seeds both given", "use --seed N for one run, --seeds 0,1,2 for several")
-            if options.resume is not None:
-                raise DmclipError("--resume continues one run, not a set of seeds",
-                                  "resume the member run that was interrupted")
-            _seeds(lib, seed_list, recipe, shortcuts, options)
+        outcome = options.launch(COMMAND, recipe=recipe, shortcuts=shortcuts, sweep={"seeds": seeds})
+        if not outcome.reports:  # a torchrun rank other than 0: rank 0 reports
             return
-        if seed_list is not None:
-            shortcuts["seed"] = seed_list[0]
-        run, result = options.execute("pretrain", lib.PretrainConfig, lib.run, recipe=recipe, shortcuts=shortcuts)
-        if set(result) == {"train"}:  # a non-zero torchrun rank: rank 0 reports
+        if isinstance(outcome, Run):
+            console.print(metrics_table("pretrain", [_row(outcome.run_dir, outcome.result)]))
+            console.print(f"model: run:{outcome.run_dir.path}", soft_wrap=True)
             return
-        console.print(metrics_table("pretrain", [_row(run, result)]))
-        console.print(f"model: run:{run.path}")
+        rows = [{"seed": m.config.seed, **_row(m.run_dir, m.result)} for m in outcome.members]
+        console.print(metrics_table(f"pretrain over seeds ({outcome.sweep_dir.name})", rows))
+        console.print(metrics_table("mean ± std [95 % CI] over seeds", [
+            _interval_row(column, s) for column, s in outcome.summary["seeds"].items()], fmt="{:.4g}"))
+        console.print(f"summary: {outcome.sweep_dir / 'summary.md'}", soft_wrap=True)
 
 
-def _row(run, result) -> dict:
-    row = {"run": run.path.name, "objective": result["objective"],
+def _row(run_dir, result) -> dict:
+    row = {"run": run_dir.path.name, "objective": result["objective"],
            "params (M)": result["parameters"] / 1e6, "steps": result["train"].get("steps"),
            "final loss": result["train"].get("loss")}
     zs = result.get("zeroshot")
-    if zs:
-        row.update({"zero-shot acc@1 %": 100 * zs["acc1"], "acc@5 %": 100 * zs["acc5"]})
-    return row
+    return {**row, **eval_cells(result), **({"acc@5 %": 100 * zs["acc5"]} if zs else {})}
 
 
-def _seeds(lib, seeds, recipe, shortcuts, options: RunOptions) -> None:
-    """One pretrain run per seed inside a sweep directory, then the summary over seeds."""
-    import copy
-    import datetime as dt
-
-    from dmclip.cli import common
-    from dmclip.config import load_config
-    from dmclip.runs import RunDir, default_runs_root
-
-    base, recipe_text = load_config(lib.PretrainConfig, recipe, options.sets or [], shortcuts)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    label = options.name or (recipe.stem if recipe else "pretrain")
-    sweep_dir = (options.runs_dir or default_runs_root()) / "pretrain" / f"{stamp}-seeds-{label}"
-    sweep_dir.mkdir(parents=True, exist_ok=False)
-    err_console.print(f"[dim]sweep directory:[/dim] {sweep_dir}")
-    rows, members = [], []
-    for seed in seeds:
-        cfg = copy.deepcopy(base)
-        cfg.seed = seed
-        run = RunDir.create("pretrain", f"{label}-seed{seed}", cfg, parent=sweep_dir, recipe_text=recipe_text,
-                            overrides=list(options.sets or []), argv=common.CURRENT_ARGV or ["dmclip", *sys.argv[1:]],
-                            seed=seed)
-        err_console.print(f"[bold]seed {seed}[/bold] -> {run.path}")
-        with run.active():
-            result = lib.run(cfg, run)
-        rows.append({"seed": seed, **_row(run, result)})
-        members.append((seed, run.path.name, result))
-    summary = lib.seeds_report(sweep_dir, members)
-    console.print(metrics_table(f"pretrain over seeds ({sweep_dir.name})", rows))
-    console.print(metrics_table("mean ± std [95 % CI] over seeds", [
-        {"column": column, "mean": s["mean"], "std": s["std"], "CI low": s["low"], "CI high": s["high"]}
-        for column, s in summary["seeds"].items()], fmt="{:.4f}"))
-    console.print(f"summary: {sweep_dir / 'summary.md'}")
+def _interval_row(column: str, stats: dict) -> dict:
+    """One summary column over seeds; accuracies in percent (the loss as it is)."""
+    scale, name = (1, column) if column == "final loss" else (100, f"{column} %")
+    return {"column": name, **{key: scale * stats[key] for key in ("mean", "std")},
+            "CI low": scale * stats["low"], "CI high": scale * stats["high"]}

@@ -2,7 +2,7 @@
 
 For every image of a dataset the store keeps the teacher's image embeddings under K augmentations
 (augmentation 0 is the identity; the crop boxes are stored so the student sees the exact same view) and
-the teacher's text embeddings of every caption. `dmclip distill --teacher embeddings:<store>` then
+the teacher's text embeddings of every caption. `dmclip distill --teacher store:<store>` then
 trains without running the teacher's image tower.
 
     <store>/meta.json                      format, teacher, data spec, K, sizes, shard list
@@ -11,7 +11,7 @@ trains without running the teacher's image tower.
 
 Shards are written atomically and skipped when present, so an interrupted cache run continues.
 Captions are stored per image up to ``captions_per_image``; shorter lists repeat their last caption.
-The writer, which runs the teacher, is ``dmclip.distill.cache.build_store`` (beside `distill cache`).
+The writer, which runs the teacher, is ``dmclip.distill.reinforce.build_store`` (behind `dmclip reinforce`).
 """
 
 from __future__ import annotations
@@ -74,17 +74,17 @@ class ReinforcedStore:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise DmclipError(f"{self.path} is not a reinforced store (no meta.json)",
-                              "write one with `dmclip distill cache --teacher T --data D --out DIR`")
+                              "write one with `dmclip reinforce --teacher T --data D --out DIR`")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != STORE_FORMAT:
-            raise DmclipError(f"{meta_path} is not a dmclip reinforced store", "point at a `distill cache` output")
+            raise DmclipError(f"{meta_path} is not a dmclip reinforced store", "point at a `dmclip reinforce` output")
         parts = {"image_embeddings": [], "text_embeddings": [], "boxes": []}
         for name in self.meta["shards"]:
             try:
                 tensors = load_file(str(self.path / name))
             except (SafetensorError, OSError, FileNotFoundError) as exc:
                 raise DmclipError(f"store shard {self.path / name} cannot be read ({str(exc)[:100]})",
-                                  "rerun `dmclip distill cache` with the same --out to rewrite missing shards") from None
+                                  "rerun `dmclip reinforce` with the same --out to rewrite missing shards") from None
             for key in parts:
                 parts[key].append(tensors[key])
         self.image_embeddings = torch.cat(parts["image_embeddings"])  # (n, K, D) fp16
@@ -92,7 +92,7 @@ class ReinforcedStore:
         self.boxes = torch.cat(parts["boxes"])  # (n, K, 4)
         if self.image_embeddings.shape[0] != self.meta["count"]:
             raise DmclipError(f"{self.path} is incomplete ({self.image_embeddings.shape[0]} of {self.meta['count']} "
-                              "images)", "rerun `dmclip distill cache` with the same --out to finish it")
+                              "images)", "rerun `dmclip reinforce` with the same --out to finish it")
         self.augmentations = self.meta["augmentations"]
         self.logit_scale = float(self.meta["teacher_logit_scale"])
 

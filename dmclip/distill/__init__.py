@@ -2,17 +2,15 @@
 
 loss = alpha * KD + (1 - alpha) * contrastive (DM-CLIP). The student is a CLIP whose image tower is
 the registered student and whose text tower comes from the teacher (frozen by default, as DM-CLIP).
-Library entry points: ``run(config, run_dir)``, ``with_alpha(config, alpha)`` per sweep member and
-``recipe_sweep(recipe)`` for a recipe's ``sweep:`` block. Beside them: :mod:`dmclip.distill.sweep` (a sweep's
-tables, ``sweep_report``) and :mod:`dmclip.distill.cache` (``build_store`` for `dmclip distill cache`). The
+Library entry points: ``run(config, run_dir)`` for one run and ``COMMAND``, what :func:`dmclip.runner.launch`
+runs (one run, or a sweep over ``alpha`` and ``seeds``). Beside them: :mod:`dmclip.distill.sweep` (a sweep's
+tables, ``sweep_report``) and :mod:`dmclip.distill.reinforce` (``build_store``, behind `dmclip reinforce`). The
 teachers themselves load in :mod:`dmclip.models.teachers`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -21,17 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmclip.config import field, to_yaml
-from dmclip.errors import DmclipError, did_you_mean
+from dmclip.config import field
+from dmclip.errors import DmclipError
 from dmclip.models.teachers import (
     EnsembleTeacher,
     load_teacher,
     resolve_teacher_ref,
     teacher_features,
 )
-from dmclip.pretrain import DataConfig, EvalAfterConfig, image_caption_batch, pick_caption
-from dmclip.recipe import read_recipe
+from dmclip.runner import Command, Member
 from dmclip.train import TrainConfig
+from dmclip.train.config import DataConfig, EvalAfterConfig
+from dmclip.train.tasks import image_caption_batch, pick_caption
 
 log = logging.getLogger(__name__)
 
@@ -67,27 +66,19 @@ class LossConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: str = field("latest", "teacher: run:<dir>, builtin:<name>, open_clip:<arch>:<weights>, "
-                                   "embeddings:<store>, "
-                                   "ensemble:<ref>+<ref>..., or 'latest' (newest completed CLIP pretrain run)")
-    seed: int = field(0, "seed for init, data order and caption choice")
+    teacher: str = field("builtin:world-vit", "teacher: builtin:<name> (the shipped builtin:world-vit), run:<dir>, "
+                                              "open_clip:<arch>:<weights>, store:<reinforced store dir>, "
+                                              "ensemble:<ref>+<ref>..., or 'latest' (the newest completed CLIP "
+                                              "pretrain run; recorded as the run:<dir> it names)")
+    seed: int = field(0, "seed for init, data order and caption choice", min=0)
     student: StudentConfig = field(factory=StudentConfig, help="student")
     loss: LossConfig = field(factory=LossConfig, help="objective")
     data: DataConfig = field(factory=DataConfig, help="data")
     train: TrainConfig = field(factory=TrainConfig, help="optimisation")
     eval: EvalAfterConfig = field(factory=EvalAfterConfig, help="evaluation at the end")
 
-    # a recipe's `sweep:` is read by `dmclip distill` (recipe_sweep), not a field: each member is one run
+    # a recipe's `sweep:` is read by dmclip.runner (each member one run), not a field
     RECIPE_BLOCKS: ClassVar[tuple[str, ...]] = ("sweep",)
-
-
-def _runs_root(run):
-    """The runs directory a run lives in (runs/distill/<run> or runs/distill/<sweep>/<run>)."""
-    path = run.path.resolve()
-    for parent in path.parents:
-        if parent.name == "distill":
-            return parent.parent
-    return None
 
 
 def build_student(cfg: DistillConfig, teacher):
@@ -211,28 +202,26 @@ class DistillTask:
             self.criterion.load_state_dict(state["criterion"])
 
 
-def run(cfg: DistillConfig, record) -> dict:
-    """Distil, save the student into ``record/model`` (``record``: the RunDir), score zero-shot, return results."""
+def run(cfg: DistillConfig, run_dir) -> dict:
+    """Distil, save the student into ``run_dir/model`` (``run_dir``: the RunDir), score it, return results."""
     from dmclip.data import build_dataset
-    from dmclip.models.base import count_parameters, load_saved_model, save_model
+    from dmclip.models.base import count_parameters, save_model
     from dmclip.registry import losses
     from dmclip.train import distributed, fit
 
     losses.entry(cfg.loss.name)  # a misspelt loss fails before the teacher loads
     torch.manual_seed(cfg.seed)
-    # a resumed run keeps the teacher it started with, even if a newer 'latest' exists by now
-    teacher_ref = record.info.get("teacher") or resolve_teacher_ref(cfg.teacher, _runs_root(record))
+    # a run made before teachers were recorded concretely keeps the one run.json names
+    teacher_ref = run_dir.info.get("teacher") or cfg.teacher
     teacher, data_spec = load_teacher(teacher_ref), cfg.data.train
-    store = getattr(teacher, "store", None)  # embeddings:<store>: the teacher's outputs come from the store
+    store = getattr(teacher, "store", None)  # store:<dir>: the teacher's outputs come from the store
     if store is not None:
         if data_spec != store.meta["data"]:
             log.info("training on the store's data %s (data.train %s is ignored)", store.meta["data"], data_spec)
         data_spec = store.meta["data"]
         teacher = teacher.source  # only its text tower and sizes are used
-    if distributed.is_main() and record.info.get("teacher") != teacher_ref:
-        if teacher_ref != cfg.teacher:
-            log.info("teacher: %s", teacher_ref)
-        record.update_info(teacher=teacher_ref)
+    if distributed.is_main() and run_dir.info.get("teacher") != teacher_ref:
+        run_dir.update_info(teacher=teacher_ref)
     student = build_student(cfg, teacher)
     dataset = build_dataset(data_spec, image_size=teacher.image_size, max_skip_fraction=cfg.data.max_skip_fraction,
                             allow_stream=store is None)  # a store looks its samples up by index
@@ -240,111 +229,43 @@ def run(cfg: DistillConfig, record) -> dict:
              count_parameters(student.visual) / 1e6, count_parameters(getattr(teacher, "visual", teacher)) / 1e6,
              cfg.loss.alpha)
     task = DistillTask(student, teacher, cfg, store)
-    resume = record.checkpoint_path("last.pt").exists()
-    summary = fit(task, dataset, cfg.train, record, seed=cfg.seed, resume=resume)
+    resume = run_dir.checkpoint_path("last.pt").exists()
+    summary = fit(task, dataset, cfg.train, run_dir, seed=cfg.seed, resume=resume)
     if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
         return {"train": summary}
-    save_model(student, record.path / "model", extra={"teacher": teacher_ref})
+    save_model(student, run_dir.path / "model", extra={"teacher": teacher_ref})
     results = {"teacher": teacher_ref, "student": cfg.student.name, "alpha": cfg.loss.alpha,
                "image_parameters": count_parameters(student.visual), "train": summary}
-    if cfg.eval.zeroshot:
-        from dmclip.evaluation.zeroshot_classification import zero_shot_accuracy
+    if cfg.eval.each_run:
+        from dmclip.evaluation.benchmark import score_saved_model
 
-        model = load_saved_model(record.path / "model")
-        results["zeroshot"] = zero_shot_accuracy(model, cfg.eval.zeroshot, batch_size=cfg.eval.batch_size)
-    record.write_results(results)
+        cfg.eval.note_world_sets(cfg.data.train)
+        results.update(score_saved_model(run_dir.path / "model", *cfg.eval.run_sets(), batch_size=cfg.eval.batch_size))
+    run_dir.write_results(results)
     return results
 
 
-def with_alpha(cfg: DistillConfig, alpha: float) -> DistillConfig:
-    new = copy.deepcopy(cfg)
-    new.loss.alpha = alpha
-    return new
+def prepare(cfg: DistillConfig, runs_root: Path) -> None:
+    """Before any run directory: 'latest' becomes the concrete run:<dir> it names (so resolved.yaml records the
+    teacher used, and every member of a sweep gets the same one)."""
+    teacher = resolve_teacher_ref(cfg.teacher, runs_root)
+    if teacher != cfg.teacher:
+        log.info("teacher %s: %s", cfg.teacher, teacher)
+        cfg.teacher = teacher
 
 
-def sweep_configs(base: DistillConfig, alphas: list[float] | None, seeds: list[int] | None = None) -> list[DistillConfig]:
-    """One config per (alpha, seed), alpha-major: every alpha at every seed (``alphas`` None = base.loss.alpha,
-    ``seeds`` None = base.seed)."""
-    configs = []
-    for alpha in alphas or [base.loss.alpha]:
-        for seed in seeds or [base.seed]:
-            member = with_alpha(base, alpha)
-            member.seed = int(seed)
-            configs.append(member)
-    return configs
+def summarize(sweep_dir: Path, members: list[Member], base: DistillConfig) -> dict:
+    from dmclip.distill.sweep import sweep_report
+
+    base.eval.note_world_sets(base.data.train)
+    return sweep_report(sweep_dir, [(m.config.loss.alpha, m.config.seed, f"run:{m.run_dir.path}") for m in members],
+                        base.teacher, base.eval)
 
 
-# a recipe's `sweep:` key -> the field it varies; the same names as the command line options that sweep
-# (--alpha, --seeds)
-SWEEP_FIELDS = {"alpha": "loss.alpha", "seeds": "seed"}
-_SWEEP_EXAMPLE = "sweep: {alpha: [0.0, 0.75], seeds: [0, 1, 2]}"
+def member_name(name: str | None, recipe, cfg: DistillConfig, point: dict) -> str:
+    return f"{name or 'distill'}-alpha{cfg.loss.alpha:g}" + (f"-seed{cfg.seed}" if "seeds" in point else "")
 
 
-def _number(value):
-    if isinstance(value, str):  # as config float fields: YAML 1.1 reads "1e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-def _sweep_alpha(value, where: str) -> float:
-    value = _number(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise DmclipError(f"{where} = {value!r} is not a number", "alphas are numbers, e.g. sweep: {alpha: [0.0, 0.5]}")
-    if not 0.0 <= value <= 1.0:
-        raise DmclipError(f"{where} = {value!r} is out of range", "alpha weighs KD against contrastive: 0 <= alpha <= 1")
-    return float(value)
-
-
-def _sweep_seed(value, where: str) -> int:
-    value = _number(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
-        raise DmclipError(f"{where} = {value!r} is not a seed", "seeds are whole numbers >= 0, e.g. seeds: [0, 1, 2]")
-    return int(value)
-
-
-def check_sweep(block, where: str = "recipe") -> dict[str, list]:
-    """A recipe's ``sweep:`` block -> ``{"alpha": [0.0, 0.5, 1.0], "seeds": [0, 1]}``: known keys, each a
-    non-empty list of distinct values in the field's range. ``where`` starts every error ("recipe my.yaml")."""
-    if not isinstance(block, dict) or not block:
-        raise DmclipError(f"{where}: sweep must map a field to its list of values, got {block!r}",
-                          f"write e.g. {_SWEEP_EXAMPLE}")
-    sweep = {}
-    for key, values in block.items():
-        if key not in SWEEP_FIELDS:
-            raise DmclipError(f"{where}: unknown sweep key {str(key)!r}", did_you_mean(str(key), SWEEP_FIELDS))
-        path = f"sweep.{key}"
-        if not isinstance(values, list):
-            raise DmclipError(f"{where}: {path} = {values!r} is not a list",
-                              f"list the values to run, e.g. {_SWEEP_EXAMPLE}; one value without a sweep "
-                              f"goes in {SWEEP_FIELDS[key]}")
-        if not values:
-            raise DmclipError(f"{where}: {path} is an empty list", f"list the values to run, e.g. {_SWEEP_EXAMPLE}")
-        check = _sweep_alpha if key == "alpha" else _sweep_seed
-        checked = [check(value, f"{where}: {path}[{i}]") for i, value in enumerate(values)]
-        repeated = next((v for i, v in enumerate(checked) if v in checked[:i]), None)
-        if repeated is not None:
-            raise DmclipError(f"{where}: {path} repeats {repeated:g}", "list each sweep point once")
-        sweep[key] = checked
-    return sweep
-
-
-def recipe_sweep(recipe) -> dict[str, list[float]]:
-    """The recipe's checked ``sweep:`` block (see check_sweep); ``{}`` without a recipe or a block."""
-    if recipe is None:
-        return {}
-    data, _ = read_recipe(recipe)
-    if "sweep" not in data:
-        return {}
-    return check_sweep(data["sweep"], f"recipe {Path(recipe).name}")
-
-
-def sweep_yaml(base: DistillConfig, sweep: dict[str, list[float]]) -> str:
-    """A sweep directory's resolved.yaml: the members' shared config and the sweep block, so that
-    `dmclip distill <sweep dir>/resolved.yaml` runs the same sweep again."""
-    import yaml
-
-    block = yaml.safe_dump({"sweep": sweep}, sort_keys=False, default_flow_style=None)
-    return "command: distill\n" + to_yaml(base) + block
+COMMAND = Command("distill", DistillConfig, run, sweep_fields={"alpha": "loss.alpha", "seeds": "seed"},
+                  prepare=prepare, summarize=summarize, sweep_name=lambda name, recipe: f"sweep-{name or 'alpha'}",
+                  member_name=member_name)

@@ -25,12 +25,15 @@ def arm_label(alpha: float) -> str:
     return f"alpha={alpha:g}"
 
 
-def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: str, *,
+def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: str, eval_config, *,
                  latency_runs: int = 20, replicates: int = 2000) -> dict:
     """The DM-CLIP tables for a sweep of (alpha, seed) members: RQ1 (eval suite of the teacher and every
     member; per alpha the mean, std and 95 % t-interval over seeds; each alpha's paired difference against
     the baseline alpha (0 when swept, else the first) with a seeds x items bootstrap interval) and RQ2 (image
     encoder latency, params, FLOPs of the student vs the teacher vs a ViT of the student's size).
+
+    ``eval_config``, the sweep's :class:`dmclip.train.config.EvalAfterConfig`, names the suite's sets (none
+    named: the world suite) and whether RQ2 is measured (``latency``).
 
     Writes summary.md, summary.csv (one row per run), summary-seeds.csv (per alpha and column: mean, std,
     interval; differences), summary.json, items.npz (per-item hits, so intervals can be recomputed) and
@@ -40,7 +43,7 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
 
     import numpy as np
 
-    from dmclip.evaluation.benchmark import suite
+    from dmclip.evaluation.benchmark import SUITE_RETRIEVAL, suite
     from dmclip.evaluation.output import suite_csv, suite_markdown
     from dmclip.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from dmclip.metrics.stats import compare_arms
@@ -51,21 +54,23 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
     models = {"teacher": teacher_ref,
               **{member_label(alpha, seed, seeded): ref for alpha, seed, ref in members}}
     items: dict = {}
-    rq1 = suite(models, items=items)
+    rq1 = suite(models, items=items, zero_shot_specs=eval_config.zeroshot if eval_config.named else None,
+                retrieval_specs=eval_config.retrieval if eval_config.named else SUITE_RETRIEVAL)
     baseline = 0.0 if 0.0 in alphas else alphas[0]
     arms = {arm_label(alpha): [{c: items[member_label(a, seed, seeded)][c].numpy() for c in items["teacher"]}
                                for a, seed, _ in members if a == alpha] for alpha in alphas}
     stats = compare_arms(arms, arm_label(baseline), weights=rq1["avg_perf_weights"], replicates=replicates)
-    rq2 = _latency_table(members[-1][2], teacher_ref, latency_runs)
+    rq2 = _latency_table(members[-1][2], teacher_ref, latency_runs) if eval_config.latency else []
     lines = [f"# distill sweep over alpha\n\nteacher: {teacher_ref}\n",
              f"alphas: {', '.join(f'{a:g}' for a in alphas)}; seeds: {', '.join(map(str, seeds))}\n",
              "## RQ1: accuracy (percent), one row per run\n", suite_markdown(rq1)]
     lines += ["\n## RQ1 over seeds: mean ± std [95 % CI] (percent)\n", seed_table(stats, rq1["columns"]),
               f"\n## Paired difference against {arm_label(baseline)} (points; 95 % bootstrap CI over seeds and "
               "evaluation items; * = the interval excludes 0)\n", difference_table(stats, rq1["columns"])]
-    lines += ["\n## RQ2: image encoder cost (same process, interleaved timing)\n",
-              markdown_table(list(rq2[0]), [[f"{v:.3g}" if isinstance(v, float) else v for v in row.values()]
-                                            for row in rq2], align="l" + "r" * (len(rq2[0]) - 1)).rstrip("\n")]
+    if rq2:
+        lines += ["\n## RQ2: image encoder cost (same process, interleaved timing)\n",
+                  markdown_table(list(rq2[0]), [[f"{v:.3g}" if isinstance(v, float) else v for v in row.values()]
+                                                for row in rq2], align="l" + "r" * (len(rq2[0]) - 1)).rstrip("\n")]
     atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_text(sweep_dir / "summary.csv", suite_csv(rq1))
     atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats))

@@ -19,7 +19,9 @@ One concern per module:
     captioning               caption, score_captions (a COCO results file), read_predictions
     benchmark                suite: the DM-CLIP table and Avg Perf
     output                   report.md tables, summary.md / summary.csv
-    runners                  one config per task and its run_* writer (what the CLI calls); latency
+    timing                   latency as an eval result
+
+`dmclip eval` itself (one config per task and its run_* writer) is the command module dmclip.evaluate.
 
 The measuring itself lives in dmclip.metrics (latency: dmclip.metrics.latency). Metrics are fractions in
 [0, 1] in the files and percentages in tables; docs/eval.md defines every number.
@@ -28,7 +30,7 @@ The measuring itself lives in dmclip.metrics (latency: dmclip.metrics.latency). 
 from dmclip.evaluation.benchmark import suite
 from dmclip.evaluation.captioning import caption
 from dmclip.evaluation.loading import load_model
-from dmclip.evaluation.runners import latency
+from dmclip.evaluation.timing import latency
 from dmclip.evaluation.zeroshot_classification import zero_shot, zero_shot_accuracy
 from dmclip.evaluation.zeroshot_retrieval import retrieval
 

@@ -109,3 +109,18 @@ def suite(models: Mapping[str, nn.Module] | Sequence[str], *, zero_shot_specs: S
             "avg_perf_weights": avg_perf_weights(zero_shot_specs, retrieval_specs),
             "avg_perf": rows[0]["Avg Perf"] if len(rows) == 1 else None, "tasks": tasks,
             "cache": {"hits": cache.hits, "misses": cache.misses}}
+
+
+def score_saved_model(model_dir, zero_shot_specs: Sequence[str], retrieval_specs: Sequence[str], *,
+                      batch_size: int = 64) -> dict:
+    """What a training run records when it ends, scored on exactly the model it saved in ``model_dir``:
+    ``{"eval": {suite column: fraction, ..., "Avg Perf": ...}, "zeroshot": {acc1, acc5, mean_per_class_recall}
+    of the first zero-shot set}`` (``zeroshot`` only when a zero-shot set is named)."""
+    from dmclip.models.base import load_saved_model
+
+    result = suite({"model": load_saved_model(model_dir)}, zero_shot_specs=zero_shot_specs,
+                   retrieval_specs=retrieval_specs, batch_size=batch_size)
+    scores = {"eval": {column: result["rows"][0][column] for column in result["columns"]}}
+    if zero_shot_specs:
+        scores["zeroshot"] = dict(result["tasks"][0]["metrics"])
+    return scores

@@ -140,9 +140,9 @@ class DistillMix(nn.Module):
                           if teacher.get("members") else {})}
         zero = student["image_features"].new_zeros(())
         contrastive = clip_loss(student) if self.alpha < 1 else zero
-        distill = kd_loss(student, teacher) if self.alpha > 0 else zero
-        total = self.alpha * distill + (1 - self.alpha) * contrastive
-        parts = {"contrastive": contrastive.detach(), "distill": distill.detach()}
+        kd = kd_loss(student, teacher) if self.alpha > 0 else zero
+        total = self.alpha * kd + (1 - self.alpha) * contrastive
+        parts = {"contrastive": contrastive.detach(), "kd": kd.detach()}
         if self.feature_weight > 0:
             feature = feature_loss(student, teacher, self.feature_kind)
             total = total + self.feature_weight * feature

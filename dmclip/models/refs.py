@@ -1,7 +1,7 @@
 """One place that turns a model reference string into a model.
 
-A reference is ``<scheme>:<rest>``, and every scheme is an entry of the ``teachers`` registry
-(``dmclip list teachers``), so a plugin adds one the way it adds a student:
+A reference is ``<scheme>:<rest>``, and every scheme is an entry of the ``references`` registry
+(``dmclip list references``), so a plugin adds one the way it adds a student:
 
     run:<run dir>                       a model trained by dmclip (pretrain / distill)
     builtin:<name>                      a small model shipped with the package, with the recipe and run
@@ -10,7 +10,8 @@ A reference is ``<scheme>:<rest>``, and every scheme is an entry of the ``teache
     open_clip:local-dir:<dir>           a hub-layout directory, open_clip:hf-hub:<org>/<repo>,
                                         open_clip:<arch>:<pretrained tag>, open_clip:<arch>:random
                                         (see dmclip.models.openclip)
-    embeddings:<store dir>              cached teacher outputs (distill only; see dmclip.models.teachers)
+    store:<reinforced store dir>        a teacher's cached outputs (`dmclip reinforce`; distill only; see
+                                        dmclip.models.teachers; ``embeddings:`` is its old name)
     ensemble:<ref>+<ref>...             several CLIP teachers as one (distill only; see dmclip.models.teachers)
 
 Besides schemes: a registered student name (random init) or a path to a run or model directory.
@@ -22,14 +23,17 @@ serve as a distillation teacher (cached outputs, an ensemble) says so with a ``d
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from torch import nn
 
 from dmclip.errors import DmclipError, did_you_mean
-from dmclip.registry import students, teachers
+from dmclip.registry import references, students
 
 BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "builtin"
+RENAMED_SCHEMES = {"embeddings": "store"}  # old scheme -> new, still read (with a one-line warning)
+log = logging.getLogger(__name__)
 
 
 def builtin_names() -> list[str]:
@@ -71,14 +75,14 @@ def run_model_dir(path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------ schemes
 
 
-@teachers.register("run", description="run:<run dir> — a model trained by dmclip (pretrain or distill)")
+@references.register("run", description="run:<run dir> — a model trained by dmclip (pretrain or distill)")
 def run_model(rest: str) -> nn.Module:
     from dmclip.models.base import load_saved_model
 
     return load_saved_model(run_model_dir(rest))
 
 
-@teachers.register("builtin", description="builtin:<name> — a small model shipped with dmclip, with the recipe and "
+@references.register("builtin", description="builtin:<name> — a small model shipped with dmclip, with the recipe and "
                                           "run record that made it (e.g. builtin:world-vit)")
 def builtin_model(rest: str) -> nn.Module:
     from dmclip.models.base import load_saved_model
@@ -86,7 +90,7 @@ def builtin_model(rest: str) -> nn.Module:
     return load_saved_model(builtin_dir(rest))
 
 
-@teachers.register("open_clip", description="open_clip:<arch>:<checkpoint file | pretrained tag | random>, "
+@references.register("open_clip", description="open_clip:<arch>:<checkpoint file | pretrained tag | random>, "
                                             "open_clip:local-dir:<dir> or open_clip:hf-hub:<org>/<repo>")
 def open_clip_model(rest: str) -> nn.Module:
     from dmclip.models.openclip import PREFIX, load_open_clip
@@ -106,15 +110,18 @@ def build_ref(ref: str) -> nn.Module:
                           "pass e.g. --model run:runs/pretrain/<run> or open_clip:ViT-B-32:/path/model.bin")
     ref = ref.strip()
     scheme, colon, rest = ref.partition(":")
-    if colon and scheme in teachers:
-        return teachers.entry(scheme).factory(rest)
+    if colon and scheme in RENAMED_SCHEMES:
+        log.warning("%s: the scheme %s: is now %s:", ref, scheme, RENAMED_SCHEMES[scheme])
+        scheme = RENAMED_SCHEMES[scheme]
+    if colon and scheme in references:
+        return references.entry(scheme).factory(rest)
     if ref in students:
         return students.get(ref)
     if Path(ref).exists():
         return load_saved_model(run_model_dir(ref))
     if colon:
         raise DmclipError(f"no model {ref!r}: {scheme!r} is not a reference scheme",
-                          f"{did_you_mean(scheme, teachers.names())} (`dmclip list teachers` shows the schemes)")
+                          f"{did_you_mean(scheme, references.names())} (`dmclip list references` shows the schemes)")
     raise DmclipError(f"no model {ref!r}",
                       "use run:<run dir>, open_clip:<arch>:<weights>, or a registered name "
                       f"({did_you_mean(ref, students.names())})")

@@ -1,10 +1,13 @@
 """Distillation teachers: a CLIP model with both towers, an ensemble of them, or a teacher's cached outputs.
 
-``load_teacher(ref)`` takes any model reference (:mod:`dmclip.models.refs`) plus ``latest`` (the newest
-completed CLIP pretrain run) and the two distill-only schemes registered here:
+``load_teacher(ref)`` takes any model reference (:mod:`dmclip.models.refs`) and the two distill-only schemes
+registered here:
 
     ensemble:<ref>+<ref>...   several CLIP teachers as one: KD targets averaged after the softmax (MobileCLIP)
-    embeddings:<store dir>    a reinforced store (``dmclip distill cache``): the teacher's outputs, precomputed
+    store:<store dir>         a reinforced store (``dmclip reinforce``): the teacher's outputs, precomputed
+
+``latest`` (the newest completed CLIP pretrain run under a runs directory) is not a reference but a choice made
+once, before a run starts: ``resolve_teacher_ref(ref, runs_root)`` turns it into the ``run:<dir>`` it names.
 """
 
 from __future__ import annotations
@@ -14,29 +17,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmclip.errors import DmclipError
-from dmclip.registry import teachers
+from dmclip.registry import references
 
 CLIP_FAMILIES = ("clip", "open_clip")
 
 
-def resolve_teacher_ref(ref: str, runs_root=None) -> str:
-    """'latest' -> run:<newest completed CLIP pretrain run>; anything else unchanged."""
+def resolve_teacher_ref(ref: str, runs_root) -> str:
+    """'latest' (alone or as an ensemble member) -> run:<the newest completed CLIP pretrain run under
+    ``runs_root``>; anything else unchanged."""
+    if ref.startswith("ensemble:"):
+        return "ensemble:" + "+".join(resolve_teacher_ref(member, runs_root) for member in parse_ensemble(ref))
     if ref != "latest":
         return ref
     from dmclip.runs import find_runs
 
-    for run in find_runs(runs_root, "pretrain"):
-        if run.info.get("status") == "completed" and (run.results() or {}).get("objective") == "clip":
-            return f"run:{run.path}"
-    raise DmclipError("no completed CLIP pretrain run to use as the teacher",
-                      "train one first (`dmclip pretrain recipes/pretrain-clip-teacher.yaml`) or pass --teacher")
+    for run_dir in find_runs(runs_root, "pretrain"):
+        if run_dir.info.get("status") == "completed" and (run_dir.results() or {}).get("objective") == "clip":
+            return f"run:{run_dir.path}"
+    raise DmclipError(f"--teacher latest: no completed CLIP pretrain run under {runs_root}",
+                      "use the shipped teacher, --teacher builtin:world-vit (the default), or train one with "
+                      "`dmclip pretrain`")
 
 
 def load_teacher(ref: str) -> nn.Module:
     """The frozen teacher ``ref`` names, in eval mode: a CLIP model with both towers, or a distill-only one."""
     from dmclip.models.refs import build_ref
 
-    teacher = build_ref(resolve_teacher_ref(ref))
+    if ref == "latest":
+        raise DmclipError("'latest' names a run only against a runs directory",
+                          "resolve it first: resolve_teacher_ref('latest', runs_root)")
+    teacher = build_ref(ref)
     if not getattr(teacher, "distill_only", None):  # an ensemble's members and a store's teacher are checked
         if getattr(teacher, "encode_text", None) is None or not hasattr(teacher, "tokenize"):
             raise DmclipError(f"teacher {ref!r} has no text encoder", "distill needs a CLIP teacher with both towers")
@@ -99,17 +109,17 @@ def parse_ensemble(ref: str) -> list[str]:
     return members
 
 
-@teachers.register("ensemble", description="ensemble:<ref>+<ref>... — several CLIP teachers, KD targets averaged "
-                                           "after the softmax (MobileCLIP); distill only")
+@references.register("ensemble", description="ensemble:<ref>+<ref>... — several CLIP teachers, KD targets averaged "
+                                             "after the softmax (MobileCLIP); distill only")
 def ensemble_teacher(rest: str) -> EnsembleTeacher:
-    refs = [resolve_teacher_ref(r) for r in parse_ensemble(rest)]
+    refs = parse_ensemble(rest)
     return EnsembleTeacher([load_teacher(r) for r in refs], refs)
 
 
 # ------------------------------------------------------------------------------------------ cached outputs
 
 
-class CachedTeacher(nn.Module):
+class StoreTeacher(nn.Module):
     """A reinforced store (:class:`dmclip.data.reinforced.ReinforcedStore`) as a teacher: ``store`` holds the
     outputs, ``source`` is the teacher that wrote them (the student takes its text tower and sizes)."""
 
@@ -120,13 +130,13 @@ class CachedTeacher(nn.Module):
         self.store = store
         self.source = source
         self.image_size, self.embed_dim = source.image_size, source.embed_dim
-        self.arch = {"family": "embeddings", "store": str(store.path), "teacher": store.meta["teacher"]}
+        self.arch = {"family": "store", "store": str(store.path), "teacher": store.meta["teacher"]}
 
 
-@teachers.register("embeddings", description="embeddings:<store dir> — a teacher's outputs cached by "
-                                             "`dmclip distill cache`; distill only")
-def cached_teacher(rest: str) -> CachedTeacher:
+@references.register("store", description="store:<store dir> — a reinforced store: a teacher's outputs cached by "
+                                          "`dmclip reinforce`; distill only")
+def store_teacher(rest: str) -> StoreTeacher:
     from dmclip.data.reinforced import ReinforcedStore
 
     store = ReinforcedStore(rest)
-    return CachedTeacher(store, load_teacher(store.meta["teacher"]))
+    return StoreTeacher(store, load_teacher(store.meta["teacher"]))

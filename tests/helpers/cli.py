@@ -17,7 +17,7 @@ TINY_CLIP = ["--set", "model.vision_width=32", "--set", "model.vision_depth=1", 
 # 6 steps of 16, metrics every step, a checkpoint every 2, no progress bar or zero-shot: the runs that are
 # killed, resumed or split over ranks and compared with an uninterrupted one
 SIX_STEPS = ["--steps", "6", "--batch-size", "16", "--set", "train.warmup_steps=1", "--set", "train.progress=false",
-             "--set", "eval.zeroshot=", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2"]
+             "--set", "eval.each_run=false", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2"]
 
 
 def main_at(threads: int, argv: list[str]) -> int:

@@ -3,7 +3,7 @@ reference scheme."""
 
 from torch import nn
 
-from dmclip.registry import losses, students, teachers
+from dmclip.registry import losses, references, students
 
 
 @students.register("plugin-echo", tiny={"width": 4})
@@ -12,7 +12,7 @@ def plugin_echo(width: int = 8) -> nn.Module:
     return nn.Linear(width, width)
 
 
-@teachers.register("plugin-tiny", description="plugin-tiny:<seed> — a random tiny CLIP (test plugin)")
+@references.register("plugin-tiny", description="plugin-tiny:<seed> — a random tiny CLIP (test plugin)")
 def plugin_tiny(rest: str) -> nn.Module:
     import torch
 

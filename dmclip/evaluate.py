@@ -1,5 +1,5 @@
-"""What `dmclip eval` runs: one config per task and its ``run_*`` writer, which loads the model reference, runs
-the task and writes results.json + report.md into the run directory (``record``, a RunDir)."""
+"""`dmclip eval` as a command: one config per task and its ``run_*`` writer, which loads the model reference, runs
+the task (:mod:`dmclip.evaluation`, the library) and writes results.json + report.md into the run directory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dmclip.config import field
 from dmclip.errors import DmclipError
 from dmclip.evaluation.benchmark import SUITE_RETRIEVAL, suite
 from dmclip.evaluation.captioning import caption, score_captions
-from dmclip.evaluation.loading import TASK_LATENCY, describe_ref, load_model, read_lines, task_result
+from dmclip.evaluation.loading import load_model, read_lines
 from dmclip.evaluation.output import (
     CAPTION_ROWS,
     FOOTER,
@@ -25,9 +25,9 @@ from dmclip.evaluation.output import (
     suite_csv,
     suite_markdown,
 )
+from dmclip.evaluation.timing import latency
 from dmclip.evaluation.zeroshot_classification import zero_shot
 from dmclip.evaluation.zeroshot_retrieval import retrieval
-from dmclip.metrics import latency as latency_metrics
 from dmclip.report import markdown_table
 
 
@@ -82,46 +82,36 @@ class LatencyConfig:
 @dataclass
 class SuiteConfig:
     models: list[str] = field([], "model references, one table row each")
-    zero_shot: list[str] = field([], "zero-shot sets ([] = world-zeroshot, world-shift and every other registered one)")
-    retrieval: list[str] = field(list(SUITE_RETRIEVAL), "retrieval sets (T→I and I→T R@1 each)")
+    zero_shot: list[str] = field([], "zero-shot sets (with retrieval also []: world-zeroshot, world-shift and every "
+                                     "other registered one)")
+    retrieval: list[str] = field([], "retrieval sets, T→I and I→T R@1 each (with zero_shot also []: "
+                                     "world-retrieval-a, world-retrieval-b)")
     batch_size: int = field(64, "images per encoder call", min=1)
     device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
 
 
-def latency(model: nn.Module, *, batch_size: int = 32, warmup: int = 5, runs: int = 30, threads: int | None = None,
-            vs: nn.Module | None = None, model_name: str = "", vs_name: str = "") -> dict:
-    """:func:`dmclip.metrics.latency.measure` as an eval result (CLIP_benchmark's layout, ``dataset`` None)."""
-    measured = latency_metrics.measure(model, batch_size=batch_size, warmup=warmup, runs=runs, threads=threads, vs=vs)
-    result = task_result(TASK_LATENCY, "", measured["metrics"], model_name, **measured["details"])
-    result["dataset"] = None
-    if vs is not None:
-        vs_model, vs_pretrained = describe_ref(vs_name)
-        result["vs"] = {"model": vs_model, "pretrained": vs_pretrained, **measured["vs"]}
-    return result
-
-
-def run_zero_shot(config: ZeroShotConfig, record, progress: bool = False, model: nn.Module | None = None) -> dict:
+def run_zero_shot(config: ZeroShotConfig, run_dir, progress: bool = False, model: nn.Module | None = None) -> dict:
     model = model if model is not None else load_model(config.model, config.device)
     result = zero_shot(model, config.data, batch_size=config.batch_size, model_name=config.model, progress=progress,
                        classnames=read_lines(config.classnames, "classnames") if config.classnames else None,
                        templates=read_lines(config.templates, "templates") if config.templates else None)
-    record.write_results(result)
-    record.write_text("report.md", report_header("Zero-shot classification", config.model, result)
+    run_dir.write_results(result)
+    run_dir.write_text("report.md", report_header("Zero-shot classification", config.model, result)
                       + metrics_markdown(result, ZERO_SHOT_ROWS) + FOOTER)
     return result
 
 
-def run_retrieval(config: RetrievalConfig, record, progress: bool = False, model: nn.Module | None = None) -> dict:
+def run_retrieval(config: RetrievalConfig, run_dir, progress: bool = False, model: nn.Module | None = None) -> dict:
     model = model if model is not None else load_model(config.model, config.device)
     result = retrieval(model, config.data, batch_size=config.batch_size, rerank_k=config.rerank_k,
                        model_name=config.model, progress=progress)
-    record.write_results(result)
-    record.write_text("report.md", report_header("Image-text retrieval", config.model, result)
+    run_dir.write_results(result)
+    run_dir.write_text("report.md", report_header("Image-text retrieval", config.model, result)
                       + metrics_markdown(result, RETRIEVAL_ROWS) + FOOTER)
     return result
 
 
-def run_caption(config: CaptionConfig, record, progress: bool = False, model: nn.Module | None = None) -> dict:
+def run_caption(config: CaptionConfig, run_dir, progress: bool = False, model: nn.Module | None = None) -> dict:
     if config.predictions:
         result = score_captions(config.predictions, config.data, limit=config.limit or None, meteor=config.meteor,
                                 model_name=config.model)
@@ -133,11 +123,11 @@ def run_caption(config: CaptionConfig, record, progress: bool = False, model: nn
                          model_name=config.model, progress=progress)
     captions = result.pop("captions")
     # COCO results format, so the captions can be re-scored by any COCO tool
-    record.write_text("captions.json", json.dumps([{"image_id": k, "caption": v} for k, v in captions.items()],
+    run_dir.write_text("captions.json", json.dumps([{"image_id": k, "caption": v} for k, v in captions.items()],
                                                   indent=1))
-    record.write_results(result)
+    run_dir.write_results(result)
     samples = markdown_table(["image", "caption"], list(captions.items())[:10])
-    record.write_text("report.md", report_header("Captioning", config.model or f"predictions {config.predictions}",
+    run_dir.write_text("report.md", report_header("Captioning", config.model or f"predictions {config.predictions}",
                                                  result)
                       + metrics_markdown(result, CAPTION_ROWS)
                       + "\nCIDEr is shown ×100 like the other scores (results.json keeps the raw value).\n"
@@ -146,16 +136,16 @@ def run_caption(config: CaptionConfig, record, progress: bool = False, model: nn
     return result
 
 
-def run_latency(config: LatencyConfig, record, progress: bool = False, model: nn.Module | None = None,
+def run_latency(config: LatencyConfig, run_dir, progress: bool = False, model: nn.Module | None = None,
                 vs_model: nn.Module | None = None) -> dict:
     model = model if model is not None else load_model(config.model, config.device)
     vs = vs_model if vs_model is not None else (load_model(config.vs, config.device) if config.vs else None)
     result = latency(model, batch_size=config.batch_size, warmup=config.warmup, runs=config.runs,
                      threads=config.threads or None, vs=vs, model_name=config.model, vs_name=config.vs)
-    record.write_results(result)
+    run_dir.write_results(result)
     details = result["details"]
     legend = f"model = `{config.model}`" + (f", vs = `{config.vs}`" if config.vs else "") + "\n\n"
-    record.write_text("report.md", report_header("Latency", config.model, result) + legend + latency_markdown(result)
+    run_dir.write_text("report.md", report_header("Latency", config.model, result) + legend + latency_markdown(result)
                       + "\n"
                       + f"threads: {details['threads']}, device: {details['device']}, warmup {details['warmup']}, "
                         f"{details['runs']} timed runs per row; total parameters {result['metrics']['params']:,}\n"
@@ -163,11 +153,11 @@ def run_latency(config: LatencyConfig, record, progress: bool = False, model: nn
     return result
 
 
-def run_suite(config: SuiteConfig, record, progress: bool = False,
+def run_suite(config: SuiteConfig, run_dir, progress: bool = False,
               models: Mapping[str, nn.Module] | None = None) -> dict:
     if not config.models:
         raise DmclipError("the suite needs at least one model", "pass --model REF or --models A B C")
-    tasks_dir = record.path / "tasks"
+    tasks_dir = run_dir.path / "tasks"
 
     def save_task(result: dict) -> None:  # one CLIP_benchmark file per (model, dataset, task)
         from dmclip.io import atomic_write_json
@@ -178,14 +168,16 @@ def run_suite(config: SuiteConfig, record, progress: bool = False,
 
     given = models or {}
     loaded = {ref: given.get(ref) or load_model(ref, config.device) for ref in config.models}
-    result = suite(loaded, zero_shot_specs=config.zero_shot or None, retrieval_specs=config.retrieval,
+    named = bool(config.zero_shot or config.retrieval)  # naming one kind scores only what is named
+    result = suite(loaded, zero_shot_specs=config.zero_shot if named else None,
+                   retrieval_specs=config.retrieval if named else SUITE_RETRIEVAL,
                    batch_size=config.batch_size, progress=progress, device=config.device, on_task=save_task)
-    record.write_results(result)
+    run_dir.write_results(result)
     markdown = suite_markdown(result)
-    record.write_text("summary.md", markdown)
-    record.write_text("summary.csv", suite_csv(result))
+    run_dir.write_text("summary.md", markdown)
+    run_dir.write_text("summary.csv", suite_csv(result))
     notes = sorted({f"{t['dataset']}: {n}" for t in result["tasks"] for n in t["notes"]})
-    record.write_text("report.md", "# Evaluation suite\n\nAll numbers in %; best per column in bold.\n\n" + markdown
+    run_dir.write_text("report.md", "# Evaluation suite\n\nAll numbers in %; best per column in bold.\n\n" + markdown
                       + ("\n" + "".join(f"> note: {n}\n" for n in notes) if notes else "") + FOOTER)
     return result
 
@@ -194,9 +186,9 @@ RUNNERS: dict[type, Callable] = {ZeroShotConfig: run_zero_shot, RetrievalConfig:
                                  CaptionConfig: run_caption, LatencyConfig: run_latency, SuiteConfig: run_suite}
 
 
-def run(config, record, progress: bool = False) -> dict:
-    """Run the eval task the config's type names inside ``record`` (a RunDir); returns the result."""
+def run(config, run_dir, progress: bool = False) -> dict:
+    """Run the eval task the config's type names inside ``run_dir`` (a RunDir); returns the result."""
     for cls, fn in RUNNERS.items():
         if isinstance(config, cls):
-            return fn(config, record, progress=progress)
+            return fn(config, run_dir, progress=progress)
     raise TypeError(f"not an eval config: {type(config).__name__}")

@@ -1,4 +1,4 @@
-"""`dmclip distill cache`: run a teacher once over a dataset and write its outputs as a reinforced store
+"""`dmclip reinforce`: run a teacher once over a dataset and write its outputs as a reinforced store
 (:mod:`dmclip.data.reinforced` describes the format and reads it back)."""
 
 from __future__ import annotations
