@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import os
@@ -324,12 +325,13 @@ def test_ctrl_c_prints_one_line_with_the_way_on(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dmclip.pretrain, "run", interrupted)
+    # the runner calls the command's run function: interrupt it there (patching dmclip.pretrain.run would not reach it)
+    monkeypatch.setattr(dmclip.pretrain, "COMMAND", dataclasses.replace(dmclip.pretrain.COMMAND, run=interrupted))
     assert main(["pretrain", "--runs-dir", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert "interrupted; continue the run with `dmclip pretrain --resume <run directory>`" in err
     (run,) = dmclip.runs.find_runs(tmp_path)
-    assert run.status == "interrupted" and str(run.path) in err
+    assert run.status == "interrupted" and str(run.path) in "".join(err.split())  # Rich wraps the path at 80 columns
     monkeypatch.setattr(dmclip.runs, "find_runs", interrupted)
     assert main(["runs", "list"]) == 130
     err = capsys.readouterr().err

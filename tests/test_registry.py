@@ -147,7 +147,8 @@ def test_reference_schemes_are_registry_entries_listed_with_their_form(capsys):
 
 def test_the_old_registry_name_still_lists_and_imports_with_a_warning(capsys, caplog):
     assert main(["list", "teachers"]) == 0
-    assert "references" in capsys.readouterr().out and "`dmclip list teachers` is now `dmclip list references`" in caplog.text
+    captured = capsys.readouterr()  # the CLI logs through its own console (stderr), not to the root logger
+    assert "references" in captured.out and "`dmclip list teachers` is now `dmclip list references`" in captured.err
     from dmclip.registry import teachers
 
     assert teachers is registry.references and "dmclip.registry.teachers is now dmclip.registry.references" in caplog.text
