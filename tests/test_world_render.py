@@ -140,6 +140,17 @@ def test_any_images_rendered_on_demand_have_the_chunked_renderers_bytes(split, i
     assert images.rendered == sum(len(v) for v in INDEX_SETS.values()) + 5 + 12  # only what was read
 
 
+def test_the_bytes_do_not_depend_on_how_many_images_are_rendered_per_step(monkeypatch):
+    from dmclip.data.world import render as module
+
+    scenes, _, _ = split_scenes("world-train", SIZE, 1)
+    seed = noise_seed("world-train", 1)
+    expected = _render(scenes, 32, seed)
+    monkeypatch.setattr(module, "BLOCK_PIXELS", 7 * 32 * 32)  # 7 images per step: steps cross chunks and runs
+    indices = np.concatenate([np.arange(SIZE), INDEX_SETS["random, repeats, any order"]])
+    assert np.array_equal(WorldImages(scenes, 32, seed)[indices], expected[indices])
+
+
 def test_a_shape_is_cut_by_its_chunks_window_in_any_batch():
     """A small star's tips reach past its own window (the half-plane distance overshoots at sharp corners):
     alone in its chunk (image 5) the chunked renderer cut them off; beside a big star of the same chunk (image

@@ -24,6 +24,9 @@ from dmclip.data.world.shapes import SHAPES, erode, shape_distance
 
 CHUNK = 256  # images per chunk of the defining renderer (fixed: the noise streams and the windows follow it)
 SLOTS = 3  # objects per scene, at most
+# images rendered per vectorised step: about a million pixels, so the float temporaries stay small (a batch of
+# 128 at 224 px renders ~20 % faster 16 at a time than all at once; at 32 px, all at once is fastest)
+BLOCK_PIXELS = 2**20
 NOISE = 22.0  # a noisy background adds uniform(-NOISE, NOISE) to each pixel (the same to its three channels)
 
 
@@ -50,13 +53,14 @@ def render(scenes: dict[str, np.ndarray], layout: dict[str, np.ndarray], indices
     out = np.empty((len(indices), size, size, 3), dtype=np.uint8)
     xs = (np.arange(size, dtype=np.float32) + 0.5)[None, None, :]
     ys = (np.arange(size, dtype=np.float32) + 0.5)[None, :, None]
-    for start in range(0, len(indices), CHUNK):  # bounded temporaries whatever the number of images
-        part = indices[start:start + CHUNK]
+    step = max(1, min(CHUNK, BLOCK_PIXELS // (size * size)))
+    for start in range(0, len(indices), step):
+        part = indices[start:start + step]
         c = {key: value[part] for key, value in (*scenes.items(), *layout.items())}
         image = _background(c, size, xs, ys)
         _add_noise(image, c["noise_rank"], part // CHUNK, size, noise_seed)
         _draw_objects(image, c, size, xs, ys)
-        out[start:start + CHUNK] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        out[start:start + step] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return out
 
 
