@@ -220,3 +220,34 @@ def test_data_show_renders_only_the_images_it_draws(monkeypatch, tmp_path):
     drawn = sorted(np.random.default_rng(3).choice(20000, size=16, replace=False).tolist())
     assert sorted(rendered) == drawn and grid.stat().st_size > 10_000  # 16 of the 20 000 images, nothing more
     assert not list((tmp_path / "cache").rglob("*.npy"))
+
+
+@pytest.mark.slow  # runs a distillation (two steps)
+def test_distilling_a_224_px_open_clip_teacher_renders_only_the_batches_it_trains_on(monkeypatch, tmp_path):
+    """A teacher trained at 224 px makes distill read its data at 224 px (world-train: 2.9 GB if rendered
+    whole; 2000 images here, 300 MB). It reads the 2 x 8 images it trains on and writes only the captions
+    under $DMCLIP_CACHE."""
+    import open_clip
+
+    from dmclip.cli.main import main
+    from dmclip.data.world import images as module
+
+    arch = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16,
+                                            "patch_size": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "dmclip-test-224px", arch)
+    torch.manual_seed(0)
+    state = open_clip.create_model("dmclip-test-224px").state_dict()
+    checkpoint = tmp_path / "epoch_1.pt"  # the way open_clip's trainer saves one (under DDP: "module." keys)
+    torch.save({"epoch": 1, "name": "test", "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "optimizer": {"state": {}, "param_groups": []}}, checkpoint)
+    monkeypatch.setenv("DMCLIP_CACHE", str(tmp_path / "cache"))
+    rendered = []
+    monkeypatch.setattr(module, "render", lambda *args: rendered.append(args[3]) or render(*args))
+    assert main(["distill", "--teacher", f"open_clip:dmclip-test-224px:{checkpoint}", "--student", "mamba-tiny-test",
+                 "--data", "world-train:size=2000", "--steps", "2", "--batch-size", "8", "--runs-dir", str(tmp_path / "runs"), "--set",
+                 "student.image_size=32", "--set", "student.scan_backend=chunked", "--set", "eval.zeroshot=",
+                 "--set", "train.progress=false"]) == 0
+    assert rendered == [224] * 16  # one image per read, at the teacher's size: the training loop reads items
+    written = [p for p in (tmp_path / "cache" / "world").rglob("*") if p.is_file()]
+    assert [p.name for p in written] == ["captions.json"] and sum(p.stat().st_size for p in written) < 1e6
