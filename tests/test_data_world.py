@@ -223,6 +223,19 @@ def test_a_split_too_big_to_keep_is_never_written_to_the_cache(monkeypatch, tmp_
     assert [name.split("/")[1] for name in _files(tmp_path)] == ["captions.json"]
 
 
+def test_a_cache_that_cannot_be_written_warns_once_and_the_split_still_reads(monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("DMCLIP_CACHE", str(blocker / "cache"))
+    fresh_images = build_dataset("world-train:size=600,cache=false", image_size=32).images()
+    ds = build_dataset("world-train:size=600", image_size=32)
+    for start in range(0, 1800, 300):  # three times the split: past the point where it would be written
+        assert torch.equal(ds.images(range(start % 600, start % 600 + 300)), fresh_images[start % 600:][:300])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "captions" in warnings[0] and "rendering on demand" in warnings[1], warnings
+    assert ds.captions(5) == build_dataset("world-train:size=600,cache=false", image_size=32).captions(5)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("world-train:sise=10", "did you mean 'size'"),
     ("world-train:size=0", "out of range"),

@@ -48,14 +48,14 @@ def cached_text(directory: Path, make: Callable[[], dict]) -> dict:
     path = directory / "captions.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
     except (OSError, ValueError) as exc:
-        log.warning("world cache %s is damaged (%s); making it again", path, exc)
+        log.warning("could not read the world cache %s (%s); making the captions again", path, exc)
     text = make()
     try:
         atomic_write_text(path, json.dumps(text))
-    except DmclipError as exc:  # a full or read-only disk: the captions are still good
+    except (OSError, DmclipError) as exc:  # a full or read-only disk: the captions are still good
         log.warning("could not cache the captions in %s (%s); using them from memory", path, exc)
     return text
 
@@ -85,18 +85,13 @@ class ImageCache:
 
     def write(self, render_block: Callable[[int, int], np.ndarray], block: int) -> np.memmap | None:
         """Render the whole split into the cache, ``block`` images at a time, and open it; None when another
-        process is writing it now (keep rendering on demand: the file appears when it is done) or the disk
-        refuses it."""
-        try:
-            with _exclusive(self.path.with_name(self.path.name + ".lock")) as mine:
-                if not mine:
-                    return None
-                if self.path.is_file():  # finished by another process while we waited for the lock
-                    return self.open()
+        process is writing it now (keep rendering on demand: the file appears when it is done). Raises
+        ``OSError`` when the disk refuses it."""
+        with _exclusive(self.path.with_name(self.path.name + ".lock")) as mine:
+            if not mine:
+                return None
+            if not self.path.is_file():  # else another process finished it while we waited for the lock
                 self._fill(render_block, block)
-        except OSError as exc:
-            log.warning("could not cache %s (%s); rendering on demand", self.path, exc)
-            return None
         return self.open()
 
     def _fill(self, render_block: Callable[[int, int], np.ndarray], block: int) -> None:

@@ -11,10 +11,14 @@ workers render on their side.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from dmclip.data.world.cache import IMAGE_CACHE_BYTES, ImageCache
 from dmclip.data.world.render import CHUNK, chunk_layout, render
+
+log = logging.getLogger(__name__)
 
 
 class WorldImages:
@@ -63,14 +67,22 @@ class WorldImages:
 
     def _read(self, indices: np.ndarray) -> np.ndarray:
         if self._stored is None and self.cache is not None and self.rendered >= self._write_after:
-            self._stored = self.cache.open()
-            if self._stored is None:
-                self._stored = self.cache.write(self._render_range, CHUNK)
+            self._keep()
         if self._stored is not None:
             return self._stored[indices]
         self.rendered += indices.size
         return render(self.scenes, self.layout, indices.reshape(-1), self.image_size,
                       self.noise_seed).reshape(*indices.shape, *self.shape[1:])
+
+    def _keep(self) -> None:
+        """Open the cached split, or write it; a disk that refuses it is logged once and not asked again."""
+        self._stored = self.cache.open()
+        if self._stored is None:
+            try:
+                self._stored = self.cache.write(self._render_range, CHUNK)
+            except OSError as exc:
+                log.warning("could not cache %s (%s); rendering on demand", self.cache.path, exc)
+                self.cache = None
 
     def _render_range(self, start: int, stop: int) -> np.ndarray:
         return render(self.scenes, self.layout, np.arange(start, stop), self.image_size, self.noise_seed)
