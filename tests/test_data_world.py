@@ -183,6 +183,7 @@ def test_a_small_split_is_cached_once_enough_of_it_is_read_then_read_from_disk(m
     monkeypatch.setattr(build_module, "split_text", lambda *a: pytest.fail("wrote cached captions again"))
     again = build_dataset("world-train:size=600", image_size=32)
     assert torch.equal(again.images(), expected) and again.captions(9) == first.captions(9)
+    assert torch.equal(again[599]["image"], expected[599]) and torch.equal(again[-1]["image"], expected[599])
     worker = pickle.loads(pickle.dumps(again))  # a DataLoader worker under spawn opens the file itself
     assert torch.equal(worker.images([5, 0]), expected[[5, 0]])
     assert len(pickle.dumps(again)) < expected.numel() / 4

@@ -103,6 +103,8 @@ class ImageCache:
                 images[start:stop] = render_block(start, stop)
             images.flush()
             del images
+            with open(tmp, "rb") as handle:  # on disk before its name is: a crash never leaves a file of zeros
+                os.fsync(handle.fileno())
             os.replace(tmp, self.path)
             log.info("cached %s", self.path)
         finally:

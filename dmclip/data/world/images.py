@@ -49,6 +49,8 @@ class WorldImages:
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
+            if self._stored is not None:  # the training loop's read, item by item: a view of the file
+                return self._stored[key]
             return self._read(self._checked(np.asarray([key])))[0]
         if isinstance(key, slice):
             return self._read(np.arange(len(self))[key])
