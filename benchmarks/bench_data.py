@@ -1,5 +1,6 @@
-"""World generation speed: images/s for world-train (20k images at 64 px), generated without the cache; and the
-memory a webdataset stream needs as its set grows (peak RSS, 10k vs 100k samples)."""
+"""World generation speed: images/s for world-train (20k images at 64 px), generated without the cache; what a
+random training batch of world images costs (rendered one at a time, as one batch, or read from the cache); and
+the memory a webdataset stream needs as its set grows (peak RSS, 10k vs 100k samples)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import quick, row
+from benchmarks.common import format_seconds, interleaved, quick, repeats, row
 
 GOAL_SECONDS = 60.0  # issue 4: 20k images at 64 px in under a minute on 2 cores
 
@@ -26,6 +27,56 @@ def measure(size: int = 20000, image_size: int = 64, seed: int = 0) -> dict:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {"images": size, "image_size": image_size, "seconds": wall, "cpu_seconds": cpu,
             "captions": sum(len(c) for c in meta["captions"]), "bytes": int(images.nbytes)}
+
+
+READ_BATCH = 128
+CACHED_IMAGES = 2048  # the memory-mapped contender's file (random bytes: reading does not look at them)
+
+
+def read_cost_rows() -> list[dict]:
+    """A random batch of world-train images at 32, 64 and 224 px: rendered one image at a time (``ds[i]`` in a
+    loop), as one batch (a DataLoader's ``__getitems__``), or read from a memory-mapped cache file."""
+    import numpy as np
+
+    from dmclip.data.world import WorldImages
+    from dmclip.data.world.splits import noise_seed, split_scenes
+
+    size = 2000 if quick() else 20000
+    scenes, _, _ = split_scenes("world-train", size, 0)
+    pick = np.random.default_rng(0)
+    rows = []
+    for image_size in (32, 64, 224):
+        images = WorldImages(scenes, image_size, noise_seed("world-train", 0))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "images.npy"
+            shape = (CACHED_IMAGES, image_size, image_size, 3)
+            np.save(path, pick.integers(0, 256, size=shape, dtype=np.uint8))
+            times = _batch_read_times(images, np.load(path, mmap_mode="r"), pick,
+                                      repeats(3 if image_size == 224 else 5))
+        what = f"world-train, a random batch of {READ_BATCH} at {image_size} px"
+        rows.append(row(f"{what}: rendered as one batch", format_seconds(times["one batch"]),
+                        baseline=f"one image at a time ({format_seconds(times['one at a time'])})",
+                        ratio=round(times["one at a time"] / times["one batch"], 2),
+                        notes="DataLoader batches call __getitems__: one render per batch"))
+        rows.append(row(f"{what}: read from the memory-mapped cache", format_seconds(times["cache"]),
+                        baseline=f"rendered as one batch ({format_seconds(times['one batch'])})",
+                        ratio=round(times["one batch"] / times["cache"], 1),
+                        notes=f"a {CACHED_IMAGES}-image .npy in the page cache; the world keeps splits of at most "
+                              "256 MiB on disk (world-train: up to 64 px)"))
+        for item in rows[-2:]:
+            print(f"{item['benchmark']}: {item['value']} (baseline {item['baseline']}, ratio {item['ratio']})")
+    return rows
+
+
+def _batch_read_times(images, cached, pick, rounds: int) -> dict[str, float]:
+    import numpy as np
+
+    def batch(n: int):
+        return pick.integers(0, n, READ_BATCH)
+
+    return interleaved({"one at a time": lambda: np.stack([images[int(i)] for i in batch(len(images))]),
+                        "one batch": lambda: images[batch(len(images))],
+                        "cache": lambda: cached[batch(len(cached))]}, repeats=rounds)
 
 
 PER_SHARD = 1000
@@ -130,7 +181,7 @@ def main() -> list[dict]:
             "notes": f"{m['seconds']:.1f} s wall, {m['cpu_seconds']:.1f} s CPU (wall/CPU > 1 means a busy machine)",
         })
         print(f"{rows[-1]['benchmark']}: {rows[-1]['value']} — {rows[-1]['notes']}")
-    return rows + stream_memory_rows()
+    return rows + read_cost_rows() + stream_memory_rows()
 
 
 if __name__ == "__main__":

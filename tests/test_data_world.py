@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import pickle
 import re
 
 import numpy as np
@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from dmclip.data import build_dataset, image_batch, world
+from dmclip.data.world import build as build_module
+from dmclip.data.world import images as images_module
+from dmclip.data.world.captions import COLOUR_WORDS
 from dmclip.errors import DmclipError
 from dmclip.registry import datasets
 
@@ -79,7 +82,7 @@ def test_default_image_size_is_64_and_image_size_is_respected():
 def test_pixels_match_the_scene_that_the_captions_describe():
     """The centre pixel of every object has the colour its caption names (rings: the band instead)."""
     ds = build_dataset("world-train:size=120", image_size=64, seed=1)
-    colour_words = {c: {c, *world._COLOUR_WORDS.get(c, [])} for c in world.COLOURS}
+    colour_words = {c: {c, *COLOUR_WORDS.get(c, [])} for c in world.COLOURS}
     checked = 0
     for i in range(len(ds)):
         scene = ds.scene(i)
@@ -163,24 +166,75 @@ def test_noisy_split_has_the_requested_fraction_wrong_with_ground_truth():
     assert not any(f for i in range(50) for f in zero.extras(i)["caption_is_noisy"])
 
 
-def test_cache_is_reused_and_an_interrupted_write_leaves_nothing(monkeypatch, tmp_path):
+def _files(cache) -> list[str]:
+    return sorted(str(p.relative_to(cache / "world")) for p in (cache / "world").rglob("*") if p.is_file())
+
+
+def test_a_small_split_is_cached_once_enough_of_it_is_read_then_read_from_disk(monkeypatch, tmp_path):
     monkeypatch.setenv("DMCLIP_CACHE", str(tmp_path))
+    first = build_dataset("world-train:size=600", image_size=32)
+    expected = first.images()  # 600 rendered on demand: more than 2 * CHUNK, so the next read writes the split
+    folder = _files(tmp_path)[0].split("/")[0]
+    assert folder.startswith("world-train-600-") and _files(tmp_path) == [f"{folder}/captions.json"]
+    assert torch.equal(first.images([3, 599]), expected[[3, 599]])
+    assert _files(tmp_path) == [f"{folder}/captions.json", f"{folder}/images-32px.npy"]
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # as if the process died while writing
+    monkeypatch.setattr(images_module, "render", lambda *a: pytest.fail("rendered a cached split"))
+    monkeypatch.setattr(build_module, "split_text", lambda *a: pytest.fail("wrote cached captions again"))
+    again = build_dataset("world-train:size=600", image_size=32)
+    assert torch.equal(again.images(), expected) and again.captions(9) == first.captions(9)
+    assert torch.equal(again[599]["image"], expected[599]) and torch.equal(again[-1]["image"], expected[599])
+    worker = pickle.loads(pickle.dumps(again))  # a DataLoader worker under spawn opens the file itself
+    assert torch.equal(worker.images([5, 0]), expected[[5, 0]])
+    assert len(pickle.dumps(again)) < expected.numel() / 4
 
-    monkeypatch.setattr(world.np, "save", killed)
+
+def test_an_interrupted_cache_write_leaves_nothing_and_a_damaged_one_is_made_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("DMCLIP_CACHE", str(tmp_path))
+    render = images_module.render
+    ds = build_dataset("world-zeroshot:size=600", image_size=32)
+    expected = ds.images()
+    blocks = []
+
+    def killed(*args):
+        blocks.append(args)
+        if len(blocks) == 2:
+            raise KeyboardInterrupt  # as if the process died while writing the second block
+        return render(*args)
+
+    monkeypatch.setattr(images_module, "render", killed)
     with pytest.raises(KeyboardInterrupt):
-        build_dataset("world-train:size=20", image_size=32)
-    assert list((tmp_path / "world").iterdir()) == []  # no half-written split, no temporary directory
-    monkeypatch.undo()
+        ds.images([0])
+    assert not (tmp_path / "world").exists() or _files(tmp_path) == []  # no half file, no temporary, no lock
+    monkeypatch.setattr(images_module, "render", render)
+    assert torch.equal(ds.images([0, 1]), expected[[0, 1]])
+    (cached,) = (tmp_path / "world").rglob("images-32px.npy")
+    cached.write_bytes(cached.read_bytes()[:5000])  # damaged by hand
+    again = build_dataset("world-zeroshot:size=600", image_size=32)
+    assert torch.equal(again.images(), expected) and not cached.exists()  # removed, rendered on demand
+    again.images([1])
+    assert cached.stat().st_size > expected.numel()  # and written again
+
+
+def test_a_split_too_big_to_keep_is_never_written_to_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("DMCLIP_CACHE", str(tmp_path))
-    first = build_dataset("world-train:size=20", image_size=32)
-    entries = os.listdir(tmp_path / "world")
-    assert len(entries) == 1 and entries[0].startswith("world-train-32px-20-")
-    monkeypatch.setattr(world, "generate", lambda *a, **k: pytest.fail("regenerated a cached split"))
-    again = build_dataset("world-train:size=20", image_size=32)
-    assert torch.equal(first.images(), again.images())
+    monkeypatch.setattr(images_module, "IMAGE_CACHE_BYTES", 600 * 32 * 32 * 3 - 1)
+    ds = build_dataset("world-train:size=600", image_size=32)
+    assert torch.equal(ds.images(), ds.images())
+    assert [name.split("/")[1] for name in _files(tmp_path)] == ["captions.json"]
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_the_split_still_reads(monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("DMCLIP_CACHE", str(blocker / "cache"))
+    fresh_images = build_dataset("world-train:size=600,cache=false", image_size=32).images()
+    ds = build_dataset("world-train:size=600", image_size=32)
+    for start in range(0, 1800, 300):  # three times the split: past the point where it would be written
+        assert torch.equal(ds.images(range(start % 600, start % 600 + 300)), fresh_images[start % 600:][:300])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "captions" in warnings[0] and "rendering on demand" in warnings[1], warnings
+    assert ds.captions(5) == build_dataset("world-train:size=600,cache=false", image_size=32).captions(5)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -194,13 +248,3 @@ def test_bad_world_specs_are_one_line_errors_with_the_fix(spec, message):
     with pytest.raises(DmclipError) as info:
         build_dataset(spec, image_size=32)
     assert message in str(info.value)
-
-
-def test_a_cached_split_pickles_by_file_name_for_dataloader_workers():
-    import pickle
-
-    ds = build_dataset("world-train:size=40", image_size=32)
-    blob = pickle.dumps(ds)
-    assert len(blob) < 40 * 32 * 32 * 3  # the images stay on disk, not in the pickle
-    again = pickle.loads(blob)
-    assert torch.equal(again[7]["image"], ds[7]["image"]) and again.captions(7) == ds.captions(7)

@@ -323,11 +323,32 @@ def check_templates(templates: Sequence[str], where: str) -> list[str]:
     return out
 
 
-class _MemmapPickle:
-    """Pickle a memory-mapped image array as its file name (DataLoader workers under spawn/forkserver
-    would otherwise copy every image into each worker)."""
+class _ImageArray:
+    """Images held in ``self._images``: an (N, S, S, 3) uint8 array in memory, memory-mapped, or any object that
+    indexes like one (``len``, ``shape``, ``[i]``, ``[index array]``; the world's render on demand)."""
+
+    _images: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def load_image(self, i: int) -> np.ndarray:
+        return self._images[i]
+
+    def images(self, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """uint8 (B, 3, S, S) for ``indices`` (all when None), in one read of the array."""
+        array = self._images if indices is None else self._images[np.asarray(indices)]
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """``[ds[i] for i in indices]`` with the images read in one call (a DataLoader reads batches so)."""
+        positions = [self._index(int(i)) for i in indices]
+        images = self._images[np.asarray(positions, dtype=np.int64)]
+        return [{"image": to_chw(image), **self._fields(i), "index": i} for i, image in zip(positions, images)]
 
     def __getstate__(self):
+        """A memory-mapped array pickles as its file name (DataLoader workers under spawn/forkserver would
+        otherwise copy every image into each worker)."""
         state = dict(self.__dict__)
         images = state.get("_images")
         if isinstance(images, np.memmap) and images.filename:
@@ -341,8 +362,9 @@ class _MemmapPickle:
         self.__dict__.update(state)
 
 
-class ArrayImageTextDataset(_MemmapPickle, ImageTextDataset):
-    """Images held in an (N, S, S, 3) uint8 array (in memory or memory-mapped) with their captions."""
+class ArrayImageTextDataset(_ImageArray, ImageTextDataset):
+    """Images held in an (N, S, S, 3) uint8 array (in memory, memory-mapped or rendered on demand) with their
+    captions."""
 
     def __init__(self, name: str, images: np.ndarray, captions: list[list[str]],
                  extras: dict[str, list] | None = None, **kwargs):
@@ -354,25 +376,14 @@ class ArrayImageTextDataset(_MemmapPickle, ImageTextDataset):
         self._extras = extras or {}
         self.skips.total = len(images)
 
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def load_image(self, i: int) -> np.ndarray:
-        return self._images[i]
-
     def captions(self, i: int) -> list[str]:
         return self._captions[self._index(i)]
 
     def extras(self, i: int) -> dict:
         return {key: values[i] for key, values in self._extras.items()}
 
-    def images(self, indices: Sequence[int] | None = None) -> torch.Tensor:
-        """uint8 (B, 3, S, S) for ``indices`` (all when None), in one copy."""
-        array = self._images if indices is None else self._images[np.asarray(indices)]
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)))
 
-
-class ArrayClassificationDataset(_MemmapPickle, ClassificationDataset):
+class ArrayClassificationDataset(_ImageArray, ClassificationDataset):
     """Images in an (N, S, S, 3) uint8 array with integer labels."""
 
     def __init__(self, name: str, images: np.ndarray, labels: Sequence[int], classnames: list[str],
@@ -384,18 +395,8 @@ class ArrayClassificationDataset(_MemmapPickle, ClassificationDataset):
         self.templates = check_templates(templates, name)
         self.skips.total = len(images)
 
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def load_image(self, i: int) -> np.ndarray:
-        return self._images[i]
-
     def label(self, i: int) -> int:
         return int(self._labels[i])
 
     def labels(self) -> list[int]:
         return self._labels.tolist()
-
-    def images(self, indices: Sequence[int] | None = None) -> torch.Tensor:
-        array = self._images if indices is None else self._images[np.asarray(indices)]
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)))

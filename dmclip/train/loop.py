@@ -115,7 +115,8 @@ class _BatchFetcher(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, list[int]]) -> Any:
         step, micro, indices = key
         reseed(self.seed, step, self.rank, micro, salt=1, cuda=False)
-        return self.collate([self.dataset[i] for i in indices])
+        many = getattr(self.dataset, "__getitems__", None)  # array sets read (or render) a batch's images in one call
+        return self.collate(many(indices) if many is not None else [self.dataset[i] for i in indices])
 
 
 def _identity(batch):
