@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCE = CSRC / "selective_scan.cpp"  # includes the headers beside it
+SOURCE = CSRC / "torch_ops.cpp"  # includes selective_scan.cpp, which includes the headers beside it
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None}
 
@@ -48,8 +48,8 @@ def compile_flags() -> list[str]:
 
 
 def sources() -> list[Path]:
-    """The kernel's source and the headers it includes (all of them key the build)."""
-    return [SOURCE, *sorted(p for p in CSRC.glob("*.h"))]
+    """The extension's source and the files it includes (all of them key the build)."""
+    return [SOURCE, *sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h") and p != SOURCE)]
 
 
 def build_key() -> str:
