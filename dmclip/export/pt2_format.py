@@ -104,13 +104,23 @@ def without_unused_weights(program: torch.export.ExportedProgram) -> torch.expor
         module.graph.erase_node(placeholders[name])
     module.recompile()
     kept = [spec for spec in specs if spec.arg.name not in unused]
-    targets = {spec.target for spec in kept}
+    targets = {spec.target for spec in kept}  # a non-persistent buffer is among the constants
     return torch.export.ExportedProgram(
         root=module, graph=module.graph,
         graph_signature=ExportGraphSignature(input_specs=kept, output_specs=program.graph_signature.output_specs),
         state_dict={name: value for name, value in program.state_dict.items() if name in targets},
         range_constraints=program.range_constraints, module_call_graph=program.module_call_graph,
-        example_inputs=program.example_inputs, constants=program.constants, verifiers=program.verifiers)
+        example_inputs=program.example_inputs, verifiers=program.verifiers,
+        constants={name: value for name, value in program.constants.items() if name in targets})
+
+
+def _trace(model: nn.Module, tower: str, batch: int | None) -> torch.export.ExportedProgram:
+    """torch.export of ``tower``, the batch axis free when ``batch`` is None, without the weights it never reads."""
+    example = example_inputs(model, tower, batch or TRACE_BATCH)
+    with exporter_errors("torch.export.export", batch), torch.no_grad():
+        program = torch.export.export(tower_module(model, tower), (example,), strict=False,
+                                      dynamic_shapes=dynamic_batch(INPUT_NAMES[tower], batch))
+    return without_unused_weights(program)
 
 
 def load_program(path: Path):
@@ -153,14 +163,10 @@ def export_tower(model: nn.Module, tower: str, directory: Path, *, batch: int | 
     from dmclip.models.scan_ext import cpu_extension
 
     check_options(opset)
-    input_name = INPUT_NAMES[tower]
     path = directory / f"{tower}_encoder.pt2"
     start = time.perf_counter()
-    with fused_scan(model, tower) as mamba_towers, torch.no_grad():
-        with exporter_errors("torch.export.export", batch):
-            program = torch.export.export(tower_module(model, tower), (example_inputs(model, tower, batch or TRACE_BATCH),),
-                                          dynamic_shapes=dynamic_batch(input_name, batch), strict=False)
-    program = without_unused_weights(program)
+    with fused_scan(model, tower) as mamba_towers:
+        program = _trace(model, tower, batch)
     torch.export.save(program, str(path))
     export_seconds = time.perf_counter() - start
     operators = custom_operators(program)
