@@ -2,7 +2,7 @@
 
 The tower is traced with ``torch.onnx.export(..., dynamo=True)`` on CPU. Vision-Mamba blocks are switched to
 the ``reference`` selective scan while tracing (standard ONNX ops, unrolled over the tokens; the fused C++
-kernel does not export) and back afterwards: portable, but for the demo student 10-50x slower than PyTorch's
+kernel does not export) and back afterwards: portable, but for the demo student about 20-50x slower than PyTorch's
 fused scan (``pt2`` keeps the kernel). onnxruntime then runs the file on the check input.
 """
 
@@ -119,7 +119,7 @@ def export_tower(model: nn.Module, tower: str, directory: Path, *, batch: int | 
     export_seconds = time.perf_counter() - start
     if mamba_towers and tower == "image":
         log.warning("the ONNX Vision-Mamba tower runs its selective scan as per-token ONNX ops (the demo student: "
-                    "10-50x slower than PyTorch's fused kernel); --format pt2 keeps the kernel")
+                    "about 20-50x slower than PyTorch's fused kernel); --format pt2 keeps the kernel")
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     check = check_against_pytorch(run_file(path, input_name), model, tower, check_batches(batch), tolerance, "ONNX",
