@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         tower: Annotated[str, typer.Option("--tower", help="image, text or both.")] = "image",
         format: Annotated[str, typer.Option(
             "--format", help="onnx: standard ONNX ops for onnxruntime, portable (a Vision-Mamba's scan unrolled, "
-                             "many times slower); pt2: a torch.export program that keeps the fused scan kernel (its "
+                             "about 20-50x slower); pt2: a torch.export program that keeps the fused scan kernel (its "
                              "library written beside it), as fast as PyTorch, for the same torch, Python, OS and CPU "
                              "family.")] = "onnx",
         batch: Annotated[int | None, typer.Option(
