@@ -62,10 +62,10 @@ def register(app: typer.Typer) -> None:
 
         Both towers, a fixed batch of 8: dmclip export builtin:world-vit --out exported/teacher --tower both --batch 8
         """
-        from dmclip.export import export_model, format_writer, parse_towers
+        from dmclip.export import export_format, export_model, parse_towers
 
         towers = parse_towers(tower)
-        format_writer(format).require()  # a missing package fails before the model loads
+        export_format(format).require()  # a missing package fails before the model loads
         with err_console.status("") as status:
             result = export_model(model, out, towers=towers, format=format, batch=batch, opset=opset,
                                   on_step=lambda name: status.update(f"{_step(name, format)} ..."))
