@@ -210,6 +210,7 @@ def dynamic_batch(input_name: str, batch: int | None) -> dict | None:
     """torch.export's ``dynamic_shapes``: the batch axis free when ``batch`` is None, else everything fixed."""
     return {input_name: {0: torch.export.Dim("batch", min=1)}} if batch is None else None
 
+
 # ---------------------------------------------------------------------------------------------------------- ONNX
 
 
@@ -278,8 +279,8 @@ def run_onnx_file(path: Path, input_name: str):
 
 
 def export_onnx_tower(model: nn.Module, tower: str, directory: Path, *, batch: int | None = None,
-                 opset: int | None = None, tolerance: float = TOLERANCE, source: str = "",
-                 versions: dict | None = None) -> dict:
+                      opset: int | None = None, tolerance: float = TOLERANCE, source: str = "",
+                      versions: dict | None = None) -> dict:
     """Trace one tower of ``model`` into ``directory/<tower>_encoder.onnx`` and check it; return its description.
 
     ``batch`` None exports a dynamic batch axis (checked at batch 1 and 4); an int fixes it (checked at it).
@@ -313,6 +314,7 @@ def export_onnx_tower(model: nn.Module, tower: str, directory: Path, *, batch: i
         "export_seconds": round(export_seconds, 1),
         "versions": {"torch": torch.__version__, **versions},
     }
+
 
 # ----------------------------------------------------------------------------------------------------------- pt2
 
@@ -419,8 +421,8 @@ def requirements(library: str | None) -> dict:
 
 
 def export_pt2_tower(model: nn.Module, tower: str, directory: Path, *, batch: int | None = None,
-                 opset: int | None = None, tolerance: float = TOLERANCE, source: str = "",
-                 versions: dict | None = None) -> dict:
+                     opset: int | None = None, tolerance: float = TOLERANCE, source: str = "",
+                     versions: dict | None = None) -> dict:
     """Export one tower of ``model`` into ``directory/<tower>_encoder.pt2`` (+ ``_ops.so`` where its graph calls the
     fused kernel) and check the saved program; return its description.
 
@@ -453,6 +455,7 @@ def export_pt2_tower(model: nn.Module, tower: str, directory: Path, *, batch: in
         "export_seconds": round(export_seconds, 1),
         "versions": {"torch": torch.__version__, "python": platform.python_version(), **(versions or {})},
     }
+
 
 # -------------------------------------------------------------------------------------------------------- export
 
