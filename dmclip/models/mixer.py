@@ -76,15 +76,19 @@ def bidirectional_stack_inference(x, blocks, eps):
 
     Under a ``TorchDispatchMode`` (a FLOP counter, ``metrics.latency.peak_tensor_bytes``) it goes block by
     block on this thread: the mode sees every op there, where the stack's worker threads would have to call
-    back into Python for each op.
+    back into Python for each op. Under ``torch.export`` it is one operator, ``torch.ops.dmclip.bimamba_stack``,
+    so an exported program runs the fused kernel where the extension is loaded (``dmclip export --format pt2``).
     """
-    if counting_scan_flops() or torch._C._len_torch_dispatch_stack():  # a FlopCounterMode is a dispatch mode too
+    exporting = torch.compiler.is_exporting()  # its fake tensors are under a dispatch mode as well
+    if not exporting and (counting_scan_flops() or torch._C._len_torch_dispatch_stack()):  # a FlopCounterMode is one
         for norm_weight, in_proj_weight, mixer_params, out_proj_weight in blocks:
             x = bidirectional_block_inference(x, norm_weight, eps, in_proj_weight, mixer_params, out_proj_weight)
         return x
     params = []
     for norm_weight, in_proj_weight, mixer_params, out_proj_weight in blocks:
         params += [norm_weight, in_proj_weight, *mixer_params, out_proj_weight]
+    if exporting:  # torch.export records the stack as one operator of the graph (dmclip/csrc/torch_ops.cpp)
+        return torch.ops.dmclip.bimamba_stack(x, params, eps)
     return cpu_extension().bimamba_stack_fwd(x.contiguous(), params, eps)
 
 

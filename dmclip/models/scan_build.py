@@ -38,7 +38,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCE = CSRC / "selective_scan.cpp"  # includes the headers beside it
+SOURCE = CSRC / "torch_ops.cpp"  # includes selective_scan.cpp, which includes the headers beside it
 INSTALL_FIX = "install g++ (or clang), then run `python -m dmclip.models.scan_build`"
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None, "fix": None}
@@ -95,8 +95,8 @@ def compile_flags(openmp: bool | None = None) -> list[str]:
 
 
 def sources() -> list[Path]:
-    """The kernel's source and the headers it includes (all of them key the build)."""
-    return [SOURCE, *sorted(p for p in CSRC.glob("*.h"))]
+    """The extension's source and the files it includes (all of them key the build)."""
+    return [SOURCE, *sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h") and p != SOURCE)]
 
 
 def build_key(flags: list[str] | None = None) -> str:
