@@ -104,6 +104,27 @@ def test_lloyd_steps_match_the_written_out_algorithm():
     assert torch.allclose(ours.centroids[0].double(), ref_c, atol=1e-5)
 
 
+def test_every_lloyd_iteration_asked_for_is_run_until_convergence():
+    """`iterations` is honoured: on points far from converged, each step asked for lowers the inertia, as the
+    written-out algorithm does; once no assignment changes the run stops and says how many steps it took."""
+    from dmclip.compress import kmeans as km
+
+    x = torch.randn(1, 200, 2, generator=torch.Generator().manual_seed(0))
+    init = km.kmeans_plus_plus(x, 8, 1, torch.Generator().manual_seed(0))[0, 0]
+    runs = [kmeans(x, 8, restarts=1, iterations=n, seed=0) for n in (0, 1, 2)]
+    assert [run.iterations for run in runs] == [0, 1, 2]
+    for steps, run in enumerate(runs):
+        ref_c, ref_assign = _lloyd_reference(x[0], init, steps)
+        assert torch.allclose(run.centroids[0].double(), ref_c, atol=1e-5), f"after {steps} steps"
+        assert torch.equal(run.assignments[0], ref_assign), f"after {steps} steps"
+    inertia = [run.inertia.item() for run in runs]
+    assert inertia[0] > inertia[1] * 1.05 and inertia[1] > inertia[2] * 1.005, inertia
+    converged = kmeans(x, 8, restarts=1, iterations=100, seed=0)
+    assert 2 < converged.iterations < 100 and converged.inertia.item() < inertia[2]
+    again = kmeans(x, 8, restarts=1, iterations=converged.iterations, seed=0)
+    assert torch.equal(again.centroids, converged.centroids) and again.iterations == converged.iterations
+
+
 def test_more_restarts_never_hurt_much_and_k_clamps():
     x = torch.randn(2, 100, 12, generator=torch.Generator().manual_seed(2))
     one = kmeans(x, 6, restarts=1, seed=0).inertia
