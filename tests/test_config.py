@@ -186,6 +186,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
 
 @pytest.mark.parametrize("key, value, message", [
     ("seed", "three", "seed = 'three' has the wrong type: expected int"),
+    ("seed", 2.5, "seed = 2.5 has the wrong type: expected int"),
     ("shuffle", "maybe", "shuffle = 'maybe' has the wrong type: expected bool"),
     ("optim.lr", [1, 2], "optim.lr = [1, 2] has the wrong type: expected float"),
     ("optim", 3, "optim = 3 has the wrong type: expected mapping"),
@@ -196,6 +197,22 @@ def test_wrong_type_names_key_value_and_type(key, value, message):
     data: dict = {}
     set_path(data, key, value, SampleConfig)
     assert _error(from_dict, SampleConfig, data).message == message
+
+
+def test_a_fraction_for_a_whole_number_field_is_refused_not_truncated(tmp_path, capsys):
+    """`--set train.steps=2.5` would otherwise train 2 steps without a word: it is a one-line error naming the
+    key and the fix, and no run directory is made. A whole number written as a float (3.0) is that number."""
+    from dmclip.cli.main import main
+
+    assert main(["pretrain", "--set", "train.steps=2.5", "--runs-dir", str(tmp_path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: train.steps = 2.5 has the wrong type: expected int",
+                     "hint: set train.steps to a value of type int"]
+    assert not any(tmp_path.iterdir())
+    cfg, _ = load_config(SampleConfig, None, sets=["seed=3.0", "image_sizes=[16.0, 32]"])
+    assert (cfg.seed, cfg.image_sizes) == (3, [16, 32]) and type(cfg.seed) is int
+    err = _error(load_config, SampleConfig, None, sets=["image_sizes=[16, 32.5]"])
+    assert err.message == "image_sizes[1] = 32.5 has the wrong type: expected int"
 
 
 @pytest.mark.parametrize("setting, message, hint", [
