@@ -164,3 +164,20 @@ def test_a_server_refuses_a_header_before_the_body_is_read():
                    class_tokens=quantize(torch.rand(1, 6), "float16")[0], indices=torch.zeros(1, 16, dtype=torch.long))
     accepts.check(fits.header)
     assert decode(encode(fits), accepts.check).n_tokens == 16
+
+
+def test_more_vectors_than_tokens_is_refused_with_expected_and_got():
+    """K > N: a sender claiming more vectors per image than its encoder has tokens would make the server
+    restore a longer sequence than its own images give; the header alone is refused, naming both numbers."""
+    accepts = codec.Accepts(tokens=17, width=6)
+    vectors, _ = quantize(torch.rand(1, 17, 6), "float16")
+    cls, _ = quantize(torch.rand(1, 6), "float16")
+    too_many = Payload("none", 16, vectors, class_tokens=cls)
+    assert too_many.header.total_tokens == 17 and too_many.header.k == 17  # fits in every other way
+    with pytest.raises(DmclipError) as refused:
+        decode(encode(too_many), accepts.check)
+    assert refused.value.message == ("payload does not fit this server's model: "
+                                     "K=17 vectors per image for N=16 tokens, expected K <= N")
+    every_token = Payload("none", 16, vectors[:, :16], class_tokens=cls)
+    assert decode(encode(every_token), accepts.check).vectors.shape == (1, 16, 6)
+
