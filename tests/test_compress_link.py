@@ -11,9 +11,9 @@ import zlib
 
 import pytest
 import torch
+from helpers.compress_standin import StandInCaptioner, colour_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_compress_standin import StandInCaptioner, colour_dataset
 
 from dmclip.compress import Payload, codec, encode
 from dmclip.compress.batching import ModelQueue
