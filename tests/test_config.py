@@ -192,6 +192,11 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     ("optim", 3, "optim = 3 has the wrong type: expected mapping"),
     ("image_sizes", ["a"], "image_sizes[0] = 'a' has the wrong type: expected int"),
     ("optim.betas", [0.9], "optim.betas = [0.9] has 1 items, expected 2"),
+    # YAML reads yes/no/true/false as booleans: a boolean is never taken for a number, a list or a name
+    ("optim.lr", True, "optim.lr = True has the wrong type: expected float"),
+    ("seed", False, "seed = False has the wrong type: expected int"),
+    ("image_sizes", True, "image_sizes = True has the wrong type: expected list of int"),
+    ("name", True, "name = True has the wrong type: expected str"),
 ])
 def test_wrong_type_names_key_value_and_type(key, value, message):
     data: dict = {}
@@ -213,6 +218,23 @@ def test_a_fraction_for_a_whole_number_field_is_refused_not_truncated(tmp_path, 
     assert (cfg.seed, cfg.image_sizes) == (3, [16, 32]) and type(cfg.seed) is int
     err = _error(load_config, SampleConfig, None, sets=["image_sizes=[16, 32.5]"])
     assert err.message == "image_sizes[1] = 32.5 has the wrong type: expected int"
+
+
+@dataclass
+class BoundedConfig:
+    fraction: float = field(0.5, "a share", min=0.0, max=1.0)
+    ceiling: int = field(4, "at most this many", max=10)
+    sizes: list[int] = field([8], "each at least 1", min=1)
+
+
+def test_range_bounds_are_inclusive_and_every_item_of_a_list_is_checked():
+    cfg = from_dict(BoundedConfig, {"fraction": 0.0, "ceiling": 10, "sizes": [1, 5]})
+    assert (cfg.fraction, cfg.ceiling, cfg.sizes) == (0.0, 10, [1, 5])
+    assert from_dict(BoundedConfig, {"fraction": 1.0}).fraction == 1.0
+    err = _error(from_dict, BoundedConfig, {"ceiling": 11})
+    assert (err.message, err.hint) == ("ceiling = 11 is out of range", "ceiling must be <= 10")
+    err = _error(from_dict, BoundedConfig, {"sizes": [4, 0]})
+    assert (err.message, err.hint) == ("sizes = 0 is out of range", "sizes must be >= 1")
 
 
 @pytest.mark.parametrize("setting, message, hint", [
