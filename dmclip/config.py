@@ -103,11 +103,6 @@ def _merged(base: dict, given: dict) -> dict:
     return out
 
 
-def validate(cfg) -> None:
-    """Re-check every field of a built config (after in-place edits)."""
-    from_dict(type(cfg), to_dict(cfg))
-
-
 def _plain(obj: Any) -> Any:
     """Tuples -> lists, paths -> strings: what YAML and JSON can hold (``from_dict`` converts back)."""
     if isinstance(obj, dict):

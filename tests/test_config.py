@@ -111,10 +111,22 @@ def test_config_hash_names_the_config():
 
 
 def test_describe_lists_every_leaf_with_help():
-    rows = {key: (tp, help_) for key, tp, _, help_ in describe(SampleConfig)}
-    assert rows["optim.lr"] == ("float", "peak learning rate")
-    assert rows["loss.kind"][1] == "distillation loss"
+    rows = {key: (tp, default, help_) for key, tp, default, help_ in describe(SampleConfig)}
+    assert rows["optim.lr"] == ("float", "0.0005", "peak learning rate")
+    assert rows["loss.kind"][2] == "distillation loss"
     assert "optim" not in rows and len(rows) == 13
+    # the types and defaults as `--help` and the config reference show them
+    assert rows["precision"][:2] == ("'fp32' | 'bf16'", "'fp32'")
+    assert rows["teacher"][:2] == ("str | null", "None")
+    assert rows["image_sizes"][:2] == ("list of int", "[32, 64]")
+    assert rows["optim.betas"][:2] == ("list of float", "(0.9, 0.98)")
+    assert rows["weights"][:2] == ("dict", "{'itc': 1.0}")
+
+    @dataclass
+    class Plain:
+        count: int = dataclasses.field(default=1)
+
+    assert describe(Plain) == [("count", "int", "1", "")]
 
 
 # -------------------------------------------------------------------------------- round trip
@@ -324,6 +336,7 @@ def test_to_dict_is_plain_data():
 
 def test_parse_sweep_values():
     assert parse_sweep_values("0,0.25,0.75,1") == [0.0, 0.25, 0.75, 1.0]
+    assert parse_sweep_values([0, "0.5"]) == [0.0, 0.5]  # a recipe's YAML list
     assert parse_sweep_values(" 0.5 ") == [0.5]
     assert parse_sweep_values(0.3) == [0.3]
     assert parse_sweep_values("8,16", type=int) == [8, 16]
@@ -334,6 +347,7 @@ def test_parse_sweep_values():
     ("0,a", "--alpha 'a' is not a float"),
     ("0,nan", "--alpha 'nan' is not a number"),
     ("0,1,0", "--alpha '0,1,0' repeats a value"),
+    (True, "--alpha 'True' is not a float"),  # `alpha: yes` in a recipe is a boolean, not 1.0
 ])
 def test_parse_sweep_values_errors(text, message):
     assert _error(parse_sweep_values, text, option="--alpha").message == message
