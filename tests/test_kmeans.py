@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -140,5 +142,28 @@ def test_identical_tokens_and_bad_arguments():
     assert torch.isfinite(result.centroids).all() and result.inertia.item() == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(DmclipError):
         kmeans(torch.randn(10, 4), 2)
-    with pytest.raises(DmclipError):
-        kmeans(torch.randn(1, 10, 4), 0)
+    for bad in ({"k": 0}, {"restarts": 0}, {"iterations": -1}):
+        with pytest.raises(DmclipError):
+            kmeans(torch.randn(1, 10, 4), **{"k": 2, **bad})
+    with pytest.raises(DmclipError, match="empty token sequence"):
+        kmeans(torch.randn(1, 0, 4), 2)
+
+
+def test_the_smallest_cases_k_1_and_one_token():
+    x = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(5))
+    one = kmeans(x, 1, iterations=0)  # no Lloyd step needed: k-means++ picks a token, the inertia is then exact
+    centred = kmeans(x, 1)
+    torch.testing.assert_close(centred.centroids[:, 0], x.mean(1))
+    assert (centred.assignments == 0).all() and (centred.inertia < one.inertia).all()
+    single = kmeans(x[:, :1], 4)
+    assert torch.equal(single.centroids, x[:, :1]) and single.inertia.abs().max() < 1e-6
+
+
+def test_default_local_trials_are_scikit_learns_2_plus_log_k():
+    from dmclip.compress import kmeans as km
+
+    x = torch.randn(2, 60, 5, generator=torch.Generator().manual_seed(7))
+    for k in (2, 8, 21):
+        default = km.kmeans_plus_plus(x, k, 3, torch.Generator().manual_seed(1))
+        explicit = km.kmeans_plus_plus(x, k, 3, torch.Generator().manual_seed(1), local_trials=2 + int(math.log(k)))
+        assert torch.equal(default, explicit), k
