@@ -104,6 +104,27 @@ def test_resolved_yaml_with_command_line_loads(tmp_path):
     assert load_config(SampleConfig, path)[0] == cfg
 
 
+def test_field_records_help_range_and_choices_and_gives_each_config_its_own_defaults():
+    @dataclass
+    class Local:
+        sizes: list[int] = field([1, 2], "image sides", min=1)
+        mode: str = field("a", "a mode", choices=["a", "b"])
+        optim: OptimConfig = field(OptimConfig(lr=0.1), "optimizer")
+        extra: dict = field(factory=lambda: {"x": 1}, help="anything")
+        share: float = field(0.5, min=0.0, max=1.0)
+
+    one, two = Local(), Local()
+    one.sizes.append(3)
+    one.optim.betas = (0.1, 0.2)
+    one.extra["y"] = 2
+    assert (two.sizes, two.optim, two.extra) == ([1, 2], OptimConfig(lr=0.1), {"x": 1})
+    meta = {f.name: dict(f.metadata) for f in dataclasses.fields(Local)}
+    assert meta["sizes"] == {"help": "image sides", "min": 1, "max": None, "choices": None}
+    assert meta["share"] == {"help": "", "min": 0.0, "max": 1.0, "choices": None}
+    assert (meta["mode"]["choices"], meta["extra"]["help"]) == (("a", "b"), "anything")
+    assert _error(from_dict, Local, {"mode": "c"}).message == "mode = 'c' is not allowed"
+
+
 def test_config_hash_names_the_config():
     assert config_hash(SampleConfig()) == config_hash(SampleConfig())
     assert config_hash(SampleConfig()) != config_hash(SampleConfig(seed=1))
