@@ -145,9 +145,12 @@ def test_describe_lists_every_leaf_with_help():
 
     @dataclass
     class Plain:
+        data_dir: str = dataclasses.field(metadata={"help": "where the data is"})  # required: no default
         count: int = dataclasses.field(default=1)
+        anything: list = dataclasses.field(default_factory=list)
 
-    assert describe(Plain) == [("count", "int", "1", "")]
+    assert describe(Plain) == [("data_dir", "str", "''", "where the data is"), ("count", "int", "1", ""),
+                               ("anything", "list", "[]", "")]
 
 
 # -------------------------------------------------------------------------------- round trip
@@ -336,6 +339,20 @@ def test_parse_override_reads_values_as_yaml():
     assert parse_override("teacher=open_clip:ViT-B-32=x") == ("teacher", "open_clip:ViT-B-32=x")
     assert parse_override("teacher=null") == ("teacher", None)
     assert parse_override("name=") == ("name", "")
+    assert parse_override('name=" padded "') == ("name", "padded")
+
+
+@dataclass
+class OptionalSectionConfig:
+    optim: OptimConfig | None = field(None, "optimizer, when there is one")
+
+
+def test_set_reaches_into_an_optional_section_and_checks_its_keys():
+    cfg, _ = load_config(OptionalSectionConfig, None, sets=["optim.lr=0.1"])
+    assert cfg.optim == OptimConfig(lr=0.1)
+    assert load_config(OptionalSectionConfig, None)[0].optim is None
+    err = _error(load_config, OptionalSectionConfig, None, sets=["optim.lrr=0.1"])
+    assert (err.message, err.hint) == ("--set optim.lrr: unknown config key 'optim.lrr'", "did you mean optim.lr?")
 
 
 def test_required_field_without_default_is_named():
@@ -372,6 +389,7 @@ def test_parse_sweep_values():
 ])
 def test_parse_sweep_values_errors(text, message):
     assert _error(parse_sweep_values, text, option="--alpha").message == message
+    assert _error(parse_sweep_values, "a").message == "value 'a' is not a float"  # no option named
 
 
 def test_a_section_set_in_part_keeps_its_fields_own_defaults(tmp_path):
