@@ -261,6 +261,7 @@ class BoundedConfig:
     fraction: float = field(0.5, "a share", min=0.0, max=1.0)
     ceiling: int = field(4, "at most this many", max=10)
     sizes: list[int] = field([8], "each at least 1", min=1)
+    limits: list[float | None] = field([None], "null = no limit", min=0.0)
 
 
 def test_range_bounds_are_inclusive_and_every_item_of_a_list_is_checked():
@@ -271,6 +272,7 @@ def test_range_bounds_are_inclusive_and_every_item_of_a_list_is_checked():
     assert (err.message, err.hint) == ("ceiling = 11 is out of range", "ceiling must be <= 10")
     err = _error(from_dict, BoundedConfig, {"sizes": [4, 0]})
     assert (err.message, err.hint) == ("sizes = 0 is out of range", "sizes must be >= 1")
+    assert _error(from_dict, BoundedConfig, {"limits": [None, -1.0]}).message == "limits = -1.0 is out of range"
 
 
 @pytest.mark.parametrize("setting, message, hint", [
@@ -325,6 +327,10 @@ def test_missing_directory_and_non_utf8_recipes(tmp_path):
     ("optim.lrr=1", "--set optim.lrr: unknown config key 'optim.lrr'", "did you mean optim.lr?"),
     ("optimizer.lr=1", "--set optimizer.lr: unknown config key 'optimizer'", "did you mean optim?"),
     ("optim.lr.max=1", "--set optim.lr.max: optim.lr is a float value, not a section", "set optim.lr itself"),
+    ("optim.lrate=1", "--set optim.lrate: unknown config key 'optim.lrate'", "did you mean optim.lr?"),
+    ("optim.zzz=1", "--set optim.zzz: unknown config key 'optim.zzz'",
+     "valid keys here: optim.lr, optim.warmup_steps, optim.betas"),
+    ("zzz=1", "--set zzz: unknown config key 'zzz'", "valid keys here: name, seed, precision,"),
     ("seed=[1, 2", "--set seed is not valid YAML at line 1, column 6", "check the YAML syntax"),
 ])
 def test_set_errors(setting, message, hint):
@@ -345,6 +351,15 @@ def test_parse_override_reads_values_as_yaml():
 @dataclass
 class OptionalSectionConfig:
     optim: OptimConfig | None = field(None, "optimizer, when there is one")
+
+
+def test_set_names_the_full_path_of_a_deep_key_and_sets_one_entry_of_a_mapping():
+    from dmclip.capfilt.config import CapfiltConfig
+
+    err = _error(load_config, CapfiltConfig, None, sets=["finetune.train.stepz=3"])
+    assert (err.message, err.hint) == ("--set finetune.train.stepz: unknown config key 'finetune.train.stepz'",
+                                       "did you mean finetune.train.steps?")
+    assert load_config(SampleConfig, None, sets=["weights.lm=2"])[0].weights == {"lm": 2.0}
 
 
 def test_set_reaches_into_an_optional_section_and_checks_its_keys():
