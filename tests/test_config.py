@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -233,6 +233,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     ("seed", False, "seed = False has the wrong type: expected int"),
     ("image_sizes", True, "image_sizes = True has the wrong type: expected list of int"),
     ("name", True, "name = True has the wrong type: expected str"),
+    ("teacher", [1], "teacher = [1] has the wrong type: expected str | null"),
 ])
 def test_wrong_type_names_key_value_and_type(key, value, message):
     data: dict = {}
@@ -262,6 +263,7 @@ class BoundedConfig:
     ceiling: int = field(4, "at most this many", max=10)
     sizes: list[int] = field([8], "each at least 1", min=1)
     limits: list[float | None] = field([None], "null = no limit", min=0.0)
+    top: float = field(1.0, "at most 2", max=2.0)
 
 
 def test_range_bounds_are_inclusive_and_every_item_of_a_list_is_checked():
@@ -273,6 +275,7 @@ def test_range_bounds_are_inclusive_and_every_item_of_a_list_is_checked():
     err = _error(from_dict, BoundedConfig, {"sizes": [4, 0]})
     assert (err.message, err.hint) == ("sizes = 0 is out of range", "sizes must be >= 1")
     assert _error(from_dict, BoundedConfig, {"limits": [None, -1.0]}).message == "limits = -1.0 is out of range"
+    assert _error(from_dict, BoundedConfig, {"top": float("nan")}).message == "top = nan is not a number"
 
 
 @pytest.mark.parametrize("setting, message, hint", [
@@ -368,6 +371,20 @@ def test_set_reaches_into_an_optional_section_and_checks_its_keys():
     assert load_config(OptionalSectionConfig, None)[0].optim is None
     err = _error(load_config, OptionalSectionConfig, None, sets=["optim.lrr=0.1"])
     assert (err.message, err.hint) == ("--set optim.lrr: unknown config key 'optim.lrr'", "did you mean optim.lr?")
+    err = _error(from_dict, OptionalSectionConfig, {"optim": {"lrr": 0.1}})  # a recipe: the same key named
+    assert (err.message, err.hint) == ("unknown config key 'optim.lrr'", "did you mean optim.lr?")
+
+
+def test_recipe_blocks_a_command_reads_itself_are_left_out_and_the_recipe_text_is_returned(tmp_path):
+    @dataclass
+    class Swept:
+        RECIPE_BLOCKS: ClassVar[tuple[str, ...]] = ("sweep",)
+        seed: int = field(0, "random seed")
+
+    text = "seed: 2\nsweep:\n  alpha: [0, 1]\n"
+    assert load_config(Swept, _recipe(tmp_path, text)) == (Swept(seed=2), text)
+    assert load_config(Swept, None) == (Swept(), "")
+    assert "unknown config key 'sweep'" in _error(load_config, SampleConfig, _recipe(tmp_path, text)).message
 
 
 def test_required_field_without_default_is_named():
