@@ -92,15 +92,18 @@ def test_values_are_converted_to_the_field_types(tmp_path):
     assert cfg.teacher == "open_clip:ViT-B-32"
 
 
-def test_tuples_of_any_length_convert_each_item():
+def test_tuples_lists_and_mappings_convert_each_item():
     @dataclass
     class Tuples:
         sizes: tuple[int, ...] = field((8,), "image sides")
         anything: tuple = field((), "any items")
         betas: tuple[float, float] = field((0.9, 0.98), "AdamW betas")
+        items: list = field([], "any items")
+        weights: dict[str, float] = field({}, "by name")
 
-    cfg = from_dict(Tuples, {"sizes": [1, 2.0, 3], "anything": [1, "a"], "betas": [1, 0]})
-    assert cfg == Tuples(sizes=(1, 2, 3), anything=(1, "a"), betas=(1.0, 0.0))
+    cfg = from_dict(Tuples, {"sizes": [1, 2.0, 3], "anything": [1, "a"], "betas": [1, 0], "items": [1, "a"],
+                             "weights": {1: 2}})
+    assert cfg == Tuples(sizes=(1, 2, 3), anything=(1, "a"), betas=(1.0, 0.0), items=[1, "a"], weights={"1": 2.0})
     assert [type(v) for v in cfg.sizes + cfg.betas] == [int, int, int, float, float]
     assert _error(from_dict, Tuples, {"sizes": [1, "x"]}).message == "sizes[1] = 'x' has the wrong type: expected int"
 
@@ -249,6 +252,9 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     ("teacher", [1], "teacher = [1] has the wrong type: expected str | null"),
     ("optim.betas", 0.9, "optim.betas = 0.9 has the wrong type: expected list of float"),
     ("optim.betas", [0.9, "x"], "optim.betas[1] = 'x' has the wrong type: expected float"),
+    ("weights", 3, "weights = 3 has the wrong type: expected dict"),
+    ("weights", {True: 1}, "weights = True has the wrong type: expected str"),  # YAML's `yes:` key
+    ("weights", {"lm": "x"}, "weights.lm = 'x' has the wrong type: expected float"),
 ])
 def test_wrong_type_names_key_value_and_type(key, value, message):
     data: dict = {}
