@@ -100,10 +100,12 @@ def test_tuples_lists_and_mappings_convert_each_item():
         betas: tuple[float, float] = field((0.9, 0.98), "AdamW betas")
         items: list = field([], "any items")
         weights: dict[str, float] = field({}, "by name")
+        raw: dict = field({}, "anything by name")
 
     cfg = from_dict(Tuples, {"sizes": [1, 2.0, 3], "anything": [1, "a"], "betas": [1, 0], "items": [1, "a"],
-                             "weights": {1: 2}})
-    assert cfg == Tuples(sizes=(1, 2, 3), anything=(1, "a"), betas=(1.0, 0.0), items=[1, "a"], weights={"1": 2.0})
+                             "weights": {1: 2}, "raw": {"a": [1]}})
+    assert cfg == Tuples(sizes=(1, 2, 3), anything=(1, "a"), betas=(1.0, 0.0), items=[1, "a"], weights={"1": 2.0},
+                         raw={"a": [1]})
     assert [type(v) for v in cfg.sizes + cfg.betas] == [int, int, int, float, float]
     assert _error(from_dict, Tuples, {"sizes": [1, "x"]}).message == "sizes[1] = 'x' has the wrong type: expected int"
 
@@ -255,6 +257,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     ("weights", 3, "weights = 3 has the wrong type: expected dict"),
     ("weights", {True: 1}, "weights = True has the wrong type: expected str"),  # YAML's `yes:` key
     ("weights", {"lm": "x"}, "weights.lm = 'x' has the wrong type: expected float"),
+    ("cache_dir", 3, "cache_dir = 3 has the wrong type: expected Path"),
 ])
 def test_wrong_type_names_key_value_and_type(key, value, message):
     data: dict = {}
