@@ -90,6 +90,7 @@ def test_values_are_converted_to_the_field_types(tmp_path):
     assert cfg.optim.betas == (0.8, 0.9)
     assert cfg.weights == {"itc": 1.0, "lm": 2.0} and isinstance(cfg.weights["lm"], float)
     assert cfg.teacher == "open_clip:ViT-B-32"
+    assert load_config(SampleConfig, None, sets=["name=123"])[0].name == "123"  # a number where text is expected
 
 
 def test_tuples_lists_and_mappings_convert_each_item():
@@ -230,12 +231,18 @@ def test_unknown_key_names_full_path_and_closest_key(tmp_path):
     err = _error(load_config, SampleConfig, _recipe(tmp_path, "optim:\n  lr: 1.0\n  warmup_step: 3\n"))
     assert err.message == "unknown config key 'optim.warmup_step'"
     assert err.hint == "did you mean optim.warmup_steps?"
+    err = _error(load_config, SampleConfig, _recipe(tmp_path, "sede: 3\n"))
+    assert (err.message, err.hint) == ("unknown config key 'sede'", "did you mean seed?")
+    err = _error(from_dict, SampleConfig, {"optim": {"lrate": 1.0}})  # a looser typo still finds its key
+    assert err.hint == "did you mean optim.lr?"
 
 
 def test_unknown_key_without_close_match_lists_valid_keys():
     err = _error(from_dict, SampleConfig, {"loss": {"zzz": 1}})
     assert err.message == "unknown config key 'loss.zzz'"
     assert err.hint == "valid keys here: loss.alpha, loss.kind"
+    err = _error(from_dict, LossConfig, {"zzz": 1})
+    assert (err.message, err.hint) == ("unknown config key 'zzz'", "valid keys here: alpha, kind")
 
 
 @pytest.mark.parametrize("key, value, message", [
