@@ -426,6 +426,19 @@ def test_required_field_without_default_is_named():
     err = _error(from_dict, Needs, {})
     assert err.message == "config key 'data_dir' is required and has no default"
 
+    @dataclass
+    class Outer:
+        needs: Needs
+
+    err = _error(from_dict, Outer, {"needs": {}})
+    assert (err.message, err.hint) == ("config key 'needs.data_dir' is required and has no default",
+                                       "set it in the recipe or with --set needs.data_dir=...")
+
+
+def test_resolved_yaml_reads_in_field_order_as_block_lists_and_keeps_unicode():
+    text = to_yaml(SampleConfig(name="café"))
+    assert text.startswith("name: café\nseed: 0\nprecision: fp32\nimage_sizes:\n- 32\n- 64\n"), text
+
 
 def test_to_dict_is_plain_data():
     data = to_dict(SampleConfig())
