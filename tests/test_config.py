@@ -418,19 +418,20 @@ def test_recipe_blocks_a_command_reads_itself_are_left_out_and_the_recipe_text_i
     assert "unknown config key 'sweep'" in _error(load_config, SampleConfig, _recipe(tmp_path, text)).message
 
 
+@dataclass
+class NeedsConfig:
+    data_dir: str = dataclasses.field(metadata={"help": "where the data is"})
+
+
+@dataclass
+class OuterConfig:
+    needs: NeedsConfig
+
+
 def test_required_field_without_default_is_named():
-    @dataclass
-    class Needs:
-        data_dir: str = dataclasses.field(metadata={"help": "where the data is"})
-
-    err = _error(from_dict, Needs, {})
+    err = _error(from_dict, NeedsConfig, {})
     assert err.message == "config key 'data_dir' is required and has no default"
-
-    @dataclass
-    class Outer:
-        needs: Needs
-
-    err = _error(from_dict, Outer, {"needs": {}})
+    err = _error(from_dict, OuterConfig, {"needs": {}})
     assert (err.message, err.hint) == ("config key 'needs.data_dir' is required and has no default",
                                        "set it in the recipe or with --set needs.data_dir=...")
 
