@@ -131,8 +131,11 @@ def test_field_records_help_range_and_choices_and_gives_each_config_its_own_defa
         optim: OptimConfig = field(OptimConfig(lr=0.1), "optimizer")
         extra: dict = field(factory=lambda: {"x": 1}, help="anything")
         share: float = field(0.5, min=0.0, max=1.0)
+        sample: SampleConfig = field(SampleConfig(seed=3), "a section holding a list")
 
     one, two = Local(), Local()
+    one.sample.image_sizes.append(128)
+    assert two.sample == SampleConfig(seed=3)
     one.sizes.append(3)
     one.optim.betas = (0.1, 0.2)
     one.extra["y"] = 2
