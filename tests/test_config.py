@@ -262,6 +262,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     ("image_sizes", True, "image_sizes = True has the wrong type: expected list of int"),
     ("name", True, "name = True has the wrong type: expected str"),
     ("teacher", [1], "teacher = [1] has the wrong type: expected str | null"),
+    ("teacher", {"a": 1}, "teacher = {'a': 1} has the wrong type: expected str | null"),
     ("optim.betas", 0.9, "optim.betas = 0.9 has the wrong type: expected list of float"),
     ("optim.betas", [0.9, "x"], "optim.betas[1] = 'x' has the wrong type: expected float"),
     ("weights", 3, "weights = 3 has the wrong type: expected dict"),
