@@ -64,5 +64,20 @@ ci: install
 	$(BIN)/python -m dmclip.models.scan_build
 	$(MAKE) lint test
 
+# Mutation testing (tests/MUTANTS.md): minutes per module, so not part of `make ci`. Each mutant runs only the
+# tests that call the function it changed. One module: make mutate MUTATE=dmclip.coerce
+MUTATE ?= dmclip.coerce dmclip.config dmclip.compress.codec dmclip.compress.kmeans dmclip.compress.selectors \
+	dmclip.metrics.retrieval dmclip.metrics.zeroshot dmclip.metrics.caption dmclip.metrics.stats \
+	dmclip.metrics.filtering dmclip.losses.clip dmclip.losses.blip dmclip.losses.gather \
+	dmclip.train.schedule dmclip.data.base dmclip.train.loop dmclip.train.state dmclip.data.stream
+MUTATE_JOBS ?= 1
+.PHONY: mutate
+mutate: install
+	@for module in $(MUTATE); do \
+		echo "== $$module"; \
+		$(BIN)/mutmut run --max-children $(MUTATE_JOBS) "$$module.*" || exit 1; \
+	done
+	$(BIN)/mutmut results --all true | $(BIN)/python scripts/mutation_score.py $(MUTATE)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -49,6 +49,8 @@ def coerce(value: Any, tp: Any, path: str, build: Callable[[type, dict, str], An
         for arg in args:
             if arg is type(None):
                 continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return build(arg, value, path)  # an optional section: its own error names the key inside it
             try:
                 return coerce(value, arg, path, build)
             except DmclipError:

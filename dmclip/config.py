@@ -14,6 +14,7 @@ resolves recipe -> overrides -> shortcuts, in that order, and validates the resu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -43,9 +44,8 @@ def field(default: Any = _MISSING, help: str = "", *, min: float | None = None, 
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
-    if dataclasses.is_dataclass(default):
-        cls = type(default)
-        return dataclasses.field(default_factory=cls, metadata=meta)
+    if dataclasses.is_dataclass(default):  # each config gets its own copy, with the values given here
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -93,6 +93,49 @@ def test_random_bytes_never_raise_anything_else(blob):
         pass
 
 
+# (offset, struct format) of every header field after the magic and the version
+_FIELDS = [(5, "B"), (6, "B"), (7, "B"), (8, "H"), (10, "I"), (14, "I"), (18, "H"), (20, "B")]
+
+
+@st.composite
+def _damaged_frames(draw):
+    """A valid frame with one header field set to another value, or body bytes changed, inserted or cut, then
+    given a fresh CRC: what gets past the magic, version and checksum to the decoder's own checks."""
+    raw = bytearray(encode(draw(payloads()))[:-codec.CRC_BYTES])
+    damage = draw(st.sampled_from(["field", "byte", "insert", "cut"]))
+    if damage == "field":
+        offset, fmt = draw(st.sampled_from(_FIELDS))
+        original = struct.unpack_from("<" + fmt, raw, offset)[0]
+        top = 2 ** (8 * struct.calcsize(fmt)) - 1
+        value = draw(st.one_of(st.integers(max(original - 2, 0), min(original + 2, top)), st.integers(0, top)))
+        struct.pack_into("<" + fmt, raw, offset, value)
+    elif damage == "byte" and len(raw) > codec.HEADER_BYTES:
+        # the last byte often holds packed indices: changed, one may point past the K vectors
+        position = draw(st.one_of(st.integers(codec.HEADER_BYTES, len(raw) - 1), st.just(len(raw) - 1)))
+        raw[position] = draw(st.integers(0, 255))
+    elif damage == "insert":
+        position = draw(st.integers(codec.HEADER_BYTES, len(raw)))
+        raw[position:position] = draw(st.binary(min_size=1, max_size=8))
+    elif len(raw) > codec.HEADER_BYTES:
+        start = draw(st.integers(codec.HEADER_BYTES, len(raw) - 1))
+        del raw[start:start + draw(st.integers(1, 8))]
+    return bytes(raw) + struct.pack("<I", zlib.crc32(raw))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_damaged_frames())
+def test_damaged_frames_with_a_valid_checksum_are_refused_or_decode_consistently(frame):
+    """Either a DmclipError, or a payload whose header and size agree with the bytes: encoding it again gives
+    the same frame (up to the unused bits that pad the packed indices to a byte)."""
+    try:
+        payload = decode(frame)
+    except DmclipError:
+        return
+    again = encode(payload)
+    assert len(again) == len(frame)
+    assert again == frame or (payload.indices is not None and again[:-5] == frame[:-5])
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=0, max_size=64), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255),
        st.integers(0, 65535), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 65535),
@@ -164,3 +207,20 @@ def test_a_server_refuses_a_header_before_the_body_is_read():
                    class_tokens=quantize(torch.rand(1, 6), "float16")[0], indices=torch.zeros(1, 16, dtype=torch.long))
     accepts.check(fits.header)
     assert decode(encode(fits), accepts.check).n_tokens == 16
+
+
+def test_more_vectors_than_tokens_is_refused_with_expected_and_got():
+    """K > N: a sender claiming more vectors per image than its encoder has tokens would make the server
+    restore a longer sequence than its own images give; the header alone is refused, naming both numbers."""
+    accepts = codec.Accepts(tokens=17, width=6)
+    vectors, _ = quantize(torch.rand(1, 17, 6), "float16")
+    cls, _ = quantize(torch.rand(1, 6), "float16")
+    too_many = Payload("none", 16, vectors, class_tokens=cls)
+    assert too_many.header.total_tokens == 17 and too_many.header.k == 17  # fits in every other way
+    with pytest.raises(DmclipError) as refused:
+        decode(encode(too_many), accepts.check)
+    assert refused.value.message == ("payload does not fit this server's model: "
+                                     "K=17 vectors per image for N=16 tokens, expected K <= N")
+    every_token = Payload("none", 16, vectors[:, :16], class_tokens=cls)
+    assert decode(encode(every_token), accepts.check).vectors.shape == (1, 16, 6)
+

@@ -11,9 +11,9 @@ import zlib
 
 import pytest
 import torch
+from helpers.compress_standin import StandInCaptioner, colour_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_compress_standin import StandInCaptioner, colour_dataset
 
 from dmclip.compress import Payload, codec, encode
 from dmclip.compress.batching import ModelQueue
@@ -140,6 +140,17 @@ def test_a_payload_of_another_width_is_refused_and_the_server_keeps_serving():
         reply = client.request(wide)["reply"]
         assert reply["ok"] is False and "vectors 7 wide, expected 6" in reply["error"]
         assert _fits(client.request(_valid_frame_body())["reply"])
+
+
+def test_more_vectors_than_tokens_is_refused_and_the_server_keeps_serving():
+    tokens = StandInCaptioner().encode_image_tokens(colour_dataset(1)[0]["image"].unsqueeze(0))  # (1, 17, 6)
+    vectors, _ = quantize(torch.cat([tokens[:, 1:], tokens[:, 1:2]], 1), "float16")  # 17 vectors, 16 patches
+    cls, _ = quantize(tokens[:, 0], "float16")
+    with _server(max_requests=2) as server, LinkClient(("127.0.0.1", server.port), timeout=10) as client:
+        reply = client.request(encode(Payload("none", 16, vectors, class_tokens=cls)))["reply"]
+        assert reply["ok"] is False and "K=17 vectors per image for N=16 tokens, expected K <= N" in reply["error"]
+        assert _fits(client.request(_valid_frame_body())["reply"])
+    assert server.stats.decoder_calls == 1
 
 
 def test_a_batch_over_the_limit_is_refused_and_the_server_keeps_serving():

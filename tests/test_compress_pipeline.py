@@ -7,7 +7,7 @@ import json
 import threading
 
 import pytest
-from test_compress_standin import StandInCaptioner, colour_dataset
+from helpers.compress_standin import StandInCaptioner, colour_dataset
 
 from dmclip.compress.config import CompressConfig
 from dmclip.compress.measure import score_captions

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -89,6 +89,25 @@ def test_values_are_converted_to_the_field_types(tmp_path):
     assert cfg.optim.betas == (0.8, 0.9)
     assert cfg.weights == {"itc": 1.0, "lm": 2.0} and isinstance(cfg.weights["lm"], float)
     assert cfg.teacher == "open_clip:ViT-B-32"
+    assert load_config(SampleConfig, None, sets=["name=123"])[0].name == "123"  # a number where text is expected
+
+
+def test_tuples_lists_and_mappings_convert_each_item():
+    @dataclass
+    class Tuples:
+        sizes: tuple[int, ...] = field((8,), "image sides")
+        anything: tuple = field((), "any items")
+        betas: tuple[float, float] = field((0.9, 0.98), "AdamW betas")
+        items: list = field([], "any items")
+        weights: dict[str, float] = field({}, "by name")
+        raw: dict = field({}, "anything by name")
+
+    cfg = from_dict(Tuples, {"sizes": [1, 2.0, 3], "anything": [1, "a"], "betas": [1, 0], "items": [1, "a"],
+                             "weights": {1: 2}, "raw": {"a": [1]}})
+    assert cfg == Tuples(sizes=(1, 2, 3), anything=(1, "a"), betas=(1.0, 0.0), items=[1, "a"], weights={"1": 2.0},
+                         raw={"a": [1]})
+    assert [type(v) for v in cfg.sizes + cfg.betas] == [int, int, int, float, float]
+    assert _error(from_dict, Tuples, {"sizes": [1, "x"]}).message == "sizes[1] = 'x' has the wrong type: expected int"
 
 
 def test_empty_recipe_gives_defaults(tmp_path):
@@ -103,6 +122,30 @@ def test_resolved_yaml_with_command_line_loads(tmp_path):
     assert load_config(SampleConfig, path)[0] == cfg
 
 
+def test_field_records_help_range_and_choices_and_gives_each_config_its_own_defaults():
+    @dataclass
+    class Local:
+        sizes: list[int] = field([1, 2], "image sides", min=1)
+        mode: str = field("a", "a mode", choices=["a", "b"])
+        optim: OptimConfig = field(OptimConfig(lr=0.1), "optimizer")
+        extra: dict = field(factory=lambda: {"x": 1}, help="anything")
+        share: float = field(0.5, min=0.0, max=1.0)
+        sample: SampleConfig = field(SampleConfig(seed=3), "a section holding a list")
+
+    one, two = Local(), Local()
+    one.sample.image_sizes.append(128)
+    assert two.sample == SampleConfig(seed=3)
+    one.sizes.append(3)
+    one.optim.betas = (0.1, 0.2)
+    one.extra["y"] = 2
+    assert (two.sizes, two.optim, two.extra) == ([1, 2], OptimConfig(lr=0.1), {"x": 1})
+    meta = {f.name: dict(f.metadata) for f in dataclasses.fields(Local)}
+    assert meta["sizes"] == {"help": "image sides", "min": 1, "max": None, "choices": None}
+    assert meta["share"] == {"help": "", "min": 0.0, "max": 1.0, "choices": None}
+    assert (meta["mode"]["choices"], meta["extra"]["help"]) == (("a", "b"), "anything")
+    assert _error(from_dict, Local, {"mode": "c"}).message == "mode = 'c' is not allowed"
+
+
 def test_config_hash_names_the_config():
     assert config_hash(SampleConfig()) == config_hash(SampleConfig())
     assert config_hash(SampleConfig()) != config_hash(SampleConfig(seed=1))
@@ -110,10 +153,25 @@ def test_config_hash_names_the_config():
 
 
 def test_describe_lists_every_leaf_with_help():
-    rows = {key: (tp, help_) for key, tp, _, help_ in describe(SampleConfig)}
-    assert rows["optim.lr"] == ("float", "peak learning rate")
-    assert rows["loss.kind"][1] == "distillation loss"
+    rows = {key: (tp, default, help_) for key, tp, default, help_ in describe(SampleConfig)}
+    assert rows["optim.lr"] == ("float", "0.0005", "peak learning rate")
+    assert rows["loss.kind"][2] == "distillation loss"
     assert "optim" not in rows and len(rows) == 13
+    # the types and defaults as `--help` and the config reference show them
+    assert rows["precision"][:2] == ("'fp32' | 'bf16'", "'fp32'")
+    assert rows["teacher"][:2] == ("str | null", "None")
+    assert rows["image_sizes"][:2] == ("list of int", "[32, 64]")
+    assert rows["optim.betas"][:2] == ("list of float", "(0.9, 0.98)")
+    assert rows["weights"][:2] == ("dict", "{'itc': 1.0}")
+
+    @dataclass
+    class Plain:
+        data_dir: str = dataclasses.field(metadata={"help": "where the data is"})  # required: no default
+        count: int = dataclasses.field(default=1)
+        anything: list = dataclasses.field(default_factory=list)
+
+    assert describe(Plain) == [("data_dir", "str", "''", "where the data is"), ("count", "int", "1", ""),
+                               ("anything", "list", "[]", "")]
 
 
 # -------------------------------------------------------------------------------- round trip
@@ -175,26 +233,83 @@ def test_unknown_key_names_full_path_and_closest_key(tmp_path):
     err = _error(load_config, SampleConfig, _recipe(tmp_path, "optim:\n  lr: 1.0\n  warmup_step: 3\n"))
     assert err.message == "unknown config key 'optim.warmup_step'"
     assert err.hint == "did you mean optim.warmup_steps?"
+    err = _error(load_config, SampleConfig, _recipe(tmp_path, "sede: 3\n"))
+    assert (err.message, err.hint) == ("unknown config key 'sede'", "did you mean seed?")
+    err = _error(from_dict, SampleConfig, {"optim": {"lrate": 1.0}})  # a looser typo still finds its key
+    assert err.hint == "did you mean optim.lr?"
 
 
 def test_unknown_key_without_close_match_lists_valid_keys():
     err = _error(from_dict, SampleConfig, {"loss": {"zzz": 1}})
     assert err.message == "unknown config key 'loss.zzz'"
     assert err.hint == "valid keys here: loss.alpha, loss.kind"
+    err = _error(from_dict, LossConfig, {"zzz": 1})
+    assert (err.message, err.hint) == ("unknown config key 'zzz'", "valid keys here: alpha, kind")
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("seed", "three", "seed = 'three' has the wrong type: expected int"),
+    ("seed", 2.5, "seed = 2.5 has the wrong type: expected int"),
     ("shuffle", "maybe", "shuffle = 'maybe' has the wrong type: expected bool"),
     ("optim.lr", [1, 2], "optim.lr = [1, 2] has the wrong type: expected float"),
     ("optim", 3, "optim = 3 has the wrong type: expected mapping"),
     ("image_sizes", ["a"], "image_sizes[0] = 'a' has the wrong type: expected int"),
     ("optim.betas", [0.9], "optim.betas = [0.9] has 1 items, expected 2"),
+    # YAML reads yes/no/true/false as booleans: a boolean is never taken for a number, a list or a name
+    ("optim.lr", True, "optim.lr = True has the wrong type: expected float"),
+    ("seed", False, "seed = False has the wrong type: expected int"),
+    ("image_sizes", True, "image_sizes = True has the wrong type: expected list of int"),
+    ("name", True, "name = True has the wrong type: expected str"),
+    ("teacher", [1], "teacher = [1] has the wrong type: expected str | null"),
+    ("teacher", {"a": 1}, "teacher = {'a': 1} has the wrong type: expected str | null"),
+    ("optim.betas", 0.9, "optim.betas = 0.9 has the wrong type: expected list of float"),
+    ("optim.betas", [0.9, "x"], "optim.betas[1] = 'x' has the wrong type: expected float"),
+    ("weights", 3, "weights = 3 has the wrong type: expected dict"),
+    ("weights", {True: 1}, "weights = True has the wrong type: expected str"),  # YAML's `yes:` key
+    ("weights", {"lm": "x"}, "weights.lm = 'x' has the wrong type: expected float"),
+    ("cache_dir", 3, "cache_dir = 3 has the wrong type: expected Path"),
 ])
 def test_wrong_type_names_key_value_and_type(key, value, message):
     data: dict = {}
     set_path(data, key, value, SampleConfig)
     assert _error(from_dict, SampleConfig, data).message == message
+
+
+def test_a_fraction_for_a_whole_number_field_is_refused_not_truncated(tmp_path, capsys):
+    """`--set train.steps=2.5` would otherwise train 2 steps without a word: it is a one-line error naming the
+    key and the fix, and no run directory is made. A whole number written as a float (3.0) is that number."""
+    from dmclip.cli.main import main
+
+    assert main(["pretrain", "--set", "train.steps=2.5", "--runs-dir", str(tmp_path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: train.steps = 2.5 has the wrong type: expected int",
+                     "hint: set train.steps to a value of type int"]
+    assert not any(tmp_path.iterdir())
+    cfg, _ = load_config(SampleConfig, None, sets=["seed=3.0", "image_sizes=[16.0, 32]"])
+    assert (cfg.seed, cfg.image_sizes) == (3, [16, 32]) and type(cfg.seed) is int
+    err = _error(load_config, SampleConfig, None, sets=["image_sizes=[16, 32.5]"])
+    assert err.message == "image_sizes[1] = 32.5 has the wrong type: expected int"
+
+
+@dataclass
+class BoundedConfig:
+    fraction: float = field(0.5, "a share", min=0.0, max=1.0)
+    ceiling: int = field(4, "at most this many", max=10)
+    sizes: list[int] = field([8], "each at least 1", min=1)
+    limits: list[float | None] = field([None], "null = no limit", min=0.0)
+    top: float = field(1.0, "at most 2", max=2.0)
+
+
+def test_range_bounds_are_inclusive_and_every_item_of_a_list_is_checked():
+    cfg = from_dict(BoundedConfig, {"fraction": 0.0, "ceiling": 10, "sizes": [1, 5]})
+    assert (cfg.fraction, cfg.ceiling, cfg.sizes) == (0.0, 10, [1, 5])
+    assert from_dict(BoundedConfig, {"fraction": 1.0}).fraction == 1.0
+    err = _error(from_dict, BoundedConfig, {"ceiling": 11})
+    assert (err.message, err.hint) == ("ceiling = 11 is out of range", "ceiling must be <= 10")
+    err = _error(from_dict, BoundedConfig, {"sizes": [4, 0]})
+    assert (err.message, err.hint) == ("sizes = 0 is out of range", "sizes must be >= 1")
+    assert _error(from_dict, BoundedConfig, {"limits": [None, -1.0]}).message == "limits = -1.0 is out of range"
+    assert _error(from_dict, BoundedConfig, {"top": float("nan")}).message == "top = nan is not a number"
 
 
 @pytest.mark.parametrize("setting, message, hint", [
@@ -249,6 +364,10 @@ def test_missing_directory_and_non_utf8_recipes(tmp_path):
     ("optim.lrr=1", "--set optim.lrr: unknown config key 'optim.lrr'", "did you mean optim.lr?"),
     ("optimizer.lr=1", "--set optimizer.lr: unknown config key 'optimizer'", "did you mean optim?"),
     ("optim.lr.max=1", "--set optim.lr.max: optim.lr is a float value, not a section", "set optim.lr itself"),
+    ("optim.lrate=1", "--set optim.lrate: unknown config key 'optim.lrate'", "did you mean optim.lr?"),
+    ("optim.zzz=1", "--set optim.zzz: unknown config key 'optim.zzz'",
+     "valid keys here: optim.lr, optim.warmup_steps, optim.betas"),
+    ("zzz=1", "--set zzz: unknown config key 'zzz'", "valid keys here: name, seed, precision,"),
     ("seed=[1, 2", "--set seed is not valid YAML at line 1, column 6", "check the YAML syntax"),
 ])
 def test_set_errors(setting, message, hint):
@@ -263,15 +382,66 @@ def test_parse_override_reads_values_as_yaml():
     assert parse_override("teacher=open_clip:ViT-B-32=x") == ("teacher", "open_clip:ViT-B-32=x")
     assert parse_override("teacher=null") == ("teacher", None)
     assert parse_override("name=") == ("name", "")
+    assert parse_override('name=" padded "') == ("name", "padded")
+
+
+@dataclass
+class OptionalSectionConfig:
+    optim: OptimConfig | None = field(None, "optimizer, when there is one")
+
+
+def test_set_names_the_full_path_of_a_deep_key_and_sets_one_entry_of_a_mapping():
+    from dmclip.capfilt.config import CapfiltConfig
+
+    err = _error(load_config, CapfiltConfig, None, sets=["finetune.train.stepz=3"])
+    assert (err.message, err.hint) == ("--set finetune.train.stepz: unknown config key 'finetune.train.stepz'",
+                                       "did you mean finetune.train.steps?")
+    assert load_config(SampleConfig, None, sets=["weights.lm=2"])[0].weights == {"lm": 2.0}
+
+
+def test_set_reaches_into_an_optional_section_and_checks_its_keys():
+    cfg, _ = load_config(OptionalSectionConfig, None, sets=["optim.lr=0.1"])
+    assert cfg.optim == OptimConfig(lr=0.1)
+    assert load_config(OptionalSectionConfig, None)[0].optim is None
+    err = _error(load_config, OptionalSectionConfig, None, sets=["optim.lrr=0.1"])
+    assert (err.message, err.hint) == ("--set optim.lrr: unknown config key 'optim.lrr'", "did you mean optim.lr?")
+    err = _error(from_dict, OptionalSectionConfig, {"optim": {"lrr": 0.1}})  # a recipe: the same key named
+    assert (err.message, err.hint) == ("unknown config key 'optim.lrr'", "did you mean optim.lr?")
+
+
+def test_recipe_blocks_a_command_reads_itself_are_left_out_and_the_recipe_text_is_returned(tmp_path):
+    @dataclass
+    class Swept:
+        RECIPE_BLOCKS: ClassVar[tuple[str, ...]] = ("sweep",)
+        seed: int = field(0, "random seed")
+
+    text = "seed: 2\nsweep:\n  alpha: [0, 1]\n"
+    assert load_config(Swept, _recipe(tmp_path, text)) == (Swept(seed=2), text)
+    assert load_config(Swept, None) == (Swept(), "")
+    assert "unknown config key 'sweep'" in _error(load_config, SampleConfig, _recipe(tmp_path, text)).message
+
+
+@dataclass
+class NeedsConfig:
+    data_dir: str = dataclasses.field(metadata={"help": "where the data is"})
+
+
+@dataclass
+class OuterConfig:
+    needs: NeedsConfig
 
 
 def test_required_field_without_default_is_named():
-    @dataclass
-    class Needs:
-        data_dir: str = dataclasses.field(metadata={"help": "where the data is"})
-
-    err = _error(from_dict, Needs, {})
+    err = _error(from_dict, NeedsConfig, {})
     assert err.message == "config key 'data_dir' is required and has no default"
+    err = _error(from_dict, OuterConfig, {"needs": {}})
+    assert (err.message, err.hint) == ("config key 'needs.data_dir' is required and has no default",
+                                       "set it in the recipe or with --set needs.data_dir=...")
+
+
+def test_resolved_yaml_reads_in_field_order_as_block_lists_and_keeps_unicode():
+    text = to_yaml(SampleConfig(name="café"))
+    assert text.startswith("name: café\nseed: 0\nprecision: fp32\nimage_sizes:\n- 32\n- 64\n"), text
 
 
 def test_to_dict_is_plain_data():

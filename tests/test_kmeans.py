@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -104,6 +106,27 @@ def test_lloyd_steps_match_the_written_out_algorithm():
     assert torch.allclose(ours.centroids[0].double(), ref_c, atol=1e-5)
 
 
+def test_every_lloyd_iteration_asked_for_is_run_until_convergence():
+    """`iterations` is honoured: on points far from converged, each step asked for lowers the inertia, as the
+    written-out algorithm does; once no assignment changes the run stops and says how many steps it took."""
+    from dmclip.compress import kmeans as km
+
+    x = torch.randn(1, 200, 2, generator=torch.Generator().manual_seed(0))
+    init = km.kmeans_plus_plus(x, 8, 1, torch.Generator().manual_seed(0))[0, 0]
+    runs = [kmeans(x, 8, restarts=1, iterations=n, seed=0) for n in (0, 1, 2)]
+    assert [run.iterations for run in runs] == [0, 1, 2]
+    for steps, run in enumerate(runs):
+        ref_c, ref_assign = _lloyd_reference(x[0], init, steps)
+        assert torch.allclose(run.centroids[0].double(), ref_c, atol=1e-5), f"after {steps} steps"
+        assert torch.equal(run.assignments[0], ref_assign), f"after {steps} steps"
+    inertia = [run.inertia.item() for run in runs]
+    assert inertia[0] > inertia[1] * 1.05 and inertia[1] > inertia[2] * 1.005, inertia
+    converged = kmeans(x, 8, restarts=1, iterations=100, seed=0)
+    assert 2 < converged.iterations < 100 and converged.inertia.item() < inertia[2]
+    again = kmeans(x, 8, restarts=1, iterations=converged.iterations, seed=0)
+    assert torch.equal(again.centroids, converged.centroids) and again.iterations == converged.iterations
+
+
 def test_more_restarts_never_hurt_much_and_k_clamps():
     x = torch.randn(2, 100, 12, generator=torch.Generator().manual_seed(2))
     one = kmeans(x, 6, restarts=1, seed=0).inertia
@@ -119,5 +142,28 @@ def test_identical_tokens_and_bad_arguments():
     assert torch.isfinite(result.centroids).all() and result.inertia.item() == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(DmclipError):
         kmeans(torch.randn(10, 4), 2)
-    with pytest.raises(DmclipError):
-        kmeans(torch.randn(1, 10, 4), 0)
+    for bad in ({"k": 0}, {"restarts": 0}, {"iterations": -1}):
+        with pytest.raises(DmclipError):
+            kmeans(torch.randn(1, 10, 4), **{"k": 2, **bad})
+    with pytest.raises(DmclipError, match="empty token sequence"):
+        kmeans(torch.randn(1, 0, 4), 2)
+
+
+def test_the_smallest_cases_k_1_and_one_token():
+    x = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(5))
+    one = kmeans(x, 1, iterations=0)  # no Lloyd step needed: k-means++ picks a token, the inertia is then exact
+    centred = kmeans(x, 1)
+    torch.testing.assert_close(centred.centroids[:, 0], x.mean(1))
+    assert (centred.assignments == 0).all() and (centred.inertia < one.inertia).all()
+    single = kmeans(x[:, :1], 4)
+    assert torch.equal(single.centroids, x[:, :1]) and single.inertia.abs().max() < 1e-6
+
+
+def test_default_local_trials_are_scikit_learns_2_plus_log_k():
+    from dmclip.compress import kmeans as km
+
+    x = torch.randn(2, 60, 5, generator=torch.Generator().manual_seed(7))
+    for k in (2, 8, 21):
+        default = km.kmeans_plus_plus(x, k, 3, torch.Generator().manual_seed(1))
+        explicit = km.kmeans_plus_plus(x, k, 3, torch.Generator().manual_seed(1), local_trials=2 + int(math.log(k)))
+        assert torch.equal(default, explicit), k

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,25 @@ def test_clip_loss_equals_open_clip(seed):
     f = _features(seed)
     expected = OpenClipLoss()(f["image_features"], f["text_features"], f["logit_scale"])
     torch.testing.assert_close(clip_loss(f), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_clip_temperature_learned_past_100_is_clamped_as_open_clip_does():
+    """A CLIP whose learned logit scale drifted above log 100 trains on exactly the loss of one at 100
+    (open_clip's clamp), and gets no gradient pushing the scale further up."""
+    from dmclip.models.base import build_model
+    from dmclip.models.clip import clip_arch
+
+    torch.manual_seed(0)
+    model = build_model(clip_arch(image_size=8, patch_size=4, vision_width=16, vision_depth=1, vision_heads=2,
+                                  text_width=16, text_depth=1, text_heads=2, embed_dim=8))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    out = model(torch.randn(4, 3, 8, 8), model.tokenize(["a red circle", "a blue square", "two stars", "a cat"]))
+    loss = clip_loss(out)
+    expected = OpenClipLoss()(out["image_features"].detach(), out["text_features"].detach(), torch.tensor(100.0))
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert model.logit_scale.grad.item() == 0.0
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -91,13 +91,14 @@ def test_against_clip_benchmark_and_sklearn():
 
 
 def test_hand_computed_retrieval():
-    scores = torch.tensor([[0.4, 0.1, 0.5], [0.2, 0.3, 0.8]])  # 2 images x 3 texts
+    scores = torch.tensor([[0.1, 0.4, 0.5], [0.3, 0.2, 0.8]])  # 2 images x 3 texts
     text_to_image = torch.tensor([0, 0, 1])
     m = retrieval_metrics(scores, text_to_image)
-    # I→T: image 0 ranks t2, t0 (positive, rank 2); image 1 ranks t2 first (rank 1)
+    # I→T: image 0 ranks t2, t1, t0: its best positive is its second caption t1 (rank 2; its first, t0, is
+    # rank 3); image 1 ranks t2 first (rank 1)
     assert m["text_retrieval_recall@1"] == 0.5 and m["text_retrieval_recall@5"] == 1.0
     assert m["text_retrieval_mean_rank"] == 1.5 and m["text_retrieval_median_rank"] == 1.5
-    # T→I: t0 -> image 0 first; t1 -> image 1 first (rank 2); t2 -> image 1 first
+    # T→I: t0 -> image 1 first (rank 2); t1 -> image 0 first; t2 -> image 1 first
     assert m["image_retrieval_recall@1"] == pytest.approx(2 / 3)
     assert m["image_retrieval_mean_rank"] == pytest.approx(4 / 3) and m["image_retrieval_median_rank"] == 1.0
 
