@@ -23,6 +23,10 @@
 #include <new>
 #include <type_traits>
 
+// the vector helpers the kernels' inner loops call per step: left to its heuristics GCC kept some of them (and
+// the state update, whose states then went through memory every step) as calls
+#define DMCLIP_INLINE inline __attribute__((always_inline))
+
 namespace dmclip {
 
 constexpr int kMaxN = 256;  // state size limit
