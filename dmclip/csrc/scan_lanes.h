@@ -588,50 +588,66 @@ void conv_forward_item(const MixArgs<T>& a, int64_t r, int64_t b, int64_t c0, T*
   return conv_forward_item_k<T, 0>(a, r, b, c0, xc);
 }
 
+// work (elements of T) of conv_backward_block: both directions' gradients before the SiLU, padded by K - 1 steps
+inline int64_t conv_backward_work_size(int64_t L, int64_t K) { return 2 * (L + K - 1) * W; }
+
 // gradient of conv_forward for one channel block over every batch row: dxc -> dx (batch, L, row stride
-// dx_stride) columns, dw (2, E, K), db (2, E) rows of these channels (blocks split over threads: no reduction)
+// dx_stride) columns, dw (2, E, K), db (2, E) rows of these channels (blocks split over threads: no reduction).
+// Per row, each direction's gradient before the SiLU goes to `work` (zero-padded by K - 1 steps on the side
+// its taps run off), so that dx is gathered from it: each dx step written once, no zeroing pass and no
+// read-modify-write per tap. The x steps loaded for the pre-activation serve the weight gradient too.
 template <typename T>
-void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, int64_t dx_stride, T* dw, T* db) {
+void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, int64_t dx_stride, T* dw, T* db,
+                         T* work) {
   const int64_t L = a.L, E = a.E, K = a.K;
   const int nc = static_cast<int>(imin(W, E - c0));
-  Vec<T> wv[kMaxK], dwv[kMaxK];
-  for (int64_t b = 0; b < a.batch; ++b)
-    for (int64_t t = 0; t < L; ++t) vstore(dx + (b * L + t) * dx_stride + c0, vzero<T>(), nc);
+  Vec<T> wv[2][kMaxK], dwv[2][kMaxK], dbv[2];
+  Vec<T>* GP[2] = {reinterpret_cast<Vec<T>*>(work), reinterpret_cast<Vec<T>*>(work) + L + K - 1};
   for (int64_t r = 0; r < 2; ++r) {
     for (int64_t k = 0; k < K; ++k) {
-      wv[k] = vzero<T>();
-      for (int l = 0; l < nc; ++l) wv[k][l] = a.conv_w[(r * E + c0 + l) * K + k];
-      dwv[k] = vzero<T>();
+      wv[r][k] = vzero<T>();
+      for (int l = 0; l < nc; ++l) wv[r][k][l] = a.conv_w[(r * E + c0 + l) * K + k];
+      dwv[r][k] = vzero<T>();
     }
-    const Vec<T> bias = vload(a.conv_b + r * E + c0, nc);
-    Vec<T> dbv = vzero<T>();
-    for (int64_t b = 0; b < a.batch; ++b) {
-      const T* x = a.xz + b * L * 2 * E + c0;
+    dbv[r] = vzero<T>();
+  }
+  // GP[0][t] = gradient at step t of the causal direction, zeros at t = L .. L + K - 2; GP[1][K - 1 + t] that of
+  // the anti-causal one, zeros before
+  for (int64_t k = 0; k < K - 1; ++k) { GP[0][L + k] = vzero<T>(); GP[1][k] = vzero<T>(); }
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const T* x = a.xz + b * L * 2 * E + c0;
+    for (int64_t r = 0; r < 2; ++r) {
+      const Vec<T> bias = vload(a.conv_b + r * E + c0, nc);
       const T* g = dxc + (r * a.batch + b) * L * E + c0;
-      T* dxb = dx + b * L * dx_stride + c0;
+      Vec<T>* gp_out = GP[r] + (r == 0 ? 0 : K - 1);
       for (int64_t t = 0; t < L; ++t) {
+        Vec<T> xs[kMaxK];
         Vec<T> pre = bias;
-        for (int64_t k = 0; k < K; ++k) {
+        for (int64_t k = 0; k < K; ++k) {  // tap k reads step s (forward t + k - (K - 1), backward t + (K - 1) - k)
           const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
-          if (s >= 0 && s < L) pre += wv[k] * vload(x + s * 2 * E, nc);
+          xs[k] = s >= 0 && s < L ? vload(x + s * 2 * E, nc) : vzero<T>();
+          pre += wv[r][k] * xs[k];
         }
         const Vec<T> sg = vsigmoid(pre);
         const Vec<T> gp = vload(g + t * E, nc) * sg * (T(1) + pre * (T(1) - sg));
-        dbv += gp;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
-          if (s >= 0 && s < L) {
-            dwv[k] += gp * vload(x + s * 2 * E, nc);
-            vstore(dxb + s * dx_stride, vload(dxb + s * dx_stride, nc) + gp * wv[k], nc);
-          }
-        }
+        dbv[r] += gp;
+        for (int64_t k = 0; k < K; ++k) dwv[r][k] += gp * xs[k];
+        gp_out[t] = gp;
       }
     }
-    for (int l = 0; l < nc; ++l) {
-      for (int64_t k = 0; k < K; ++k) dw[(r * E + c0 + l) * K + k] = dwv[k][l];
-      db[r * E + c0 + l] = dbv[l];
+    // step s feeds the causal output t = s + (K - 1) - k and the anti-causal one t = s - (K - 1) + k through tap k
+    T* dxb = dx + b * L * dx_stride + c0;
+    for (int64_t s = 0; s < L; ++s) {
+      Vec<T> acc = vzero<T>();
+      for (int64_t k = 0; k < K; ++k) acc += GP[0][s + (K - 1) - k] * wv[0][k] + GP[1][s + k] * wv[1][k];
+      vstore(dxb + s * dx_stride, acc, nc);
     }
   }
+  for (int64_t r = 0; r < 2; ++r)
+    for (int l = 0; l < nc; ++l) {
+      for (int64_t k = 0; k < K; ++k) dw[(r * E + c0 + l) * K + k] = dwv[r][k][l];
+      db[r * E + c0 + l] = dbv[r][l];
+    }
 }
 
 // A = -exp(A_log) of direction r for these channels, and A2 = A log2 e (the decays are 2^(dt A2))
@@ -709,6 +725,36 @@ void mixer_forward_item(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T* w
     case 16: return mixer_forward_item_n<T, 16>(a, b, c0, out, work);
     case 8: return mixer_forward_item_n<T, 8>(a, b, c0, out, work);
     default: return mixer_forward_item_n<T, 0>(a, b, c0, out, work);
+  }
+}
+
+// delta = dt_low W^T: the gradients of both factors from DV[t] = dLoss / d delta_t, dW[k] (in registers for a
+// fixed rank RS > 0: a runtime rank kept them in memory, a load and a store per step and k) and the lane-wise
+// accumulators dLa[t R + k] of d dt_low
+template <typename T, int RS>
+inline void dtproj_grads_r(int64_t L, int64_t R, int64_t P, const T* low, const Vec<T>* DV, const Vec<T>* wdt,
+                           Vec<T>* dW, Vec<T>* dLa) {
+  const int64_t M = RS > 0 ? RS : R;
+  Vec<T> acc[RS > 0 ? RS : kMaxR], w[RS > 0 ? RS : kMaxR];
+  for (int64_t k = 0; k < M; ++k) { acc[k] = dW[k]; w[k] = wdt[k]; }
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec<T> dv = DV[t];
+    Vec<T>* dl = dLa + t * M;
+#pragma GCC unroll 16
+    for (int64_t k = 0; k < M; ++k) {
+      acc[k] += dv * low[t * P + k];
+      dl[k] += dv * w[k];
+    }
+  }
+  for (int64_t k = 0; k < M; ++k) dW[k] = acc[k];
+}
+template <typename T>
+inline void dtproj_grads(int64_t L, int64_t R, int64_t P, const T* low, const Vec<T>* DV, const Vec<T>* wdt,
+                         Vec<T>* dW, Vec<T>* dLa) {
+  switch (R) {  // Vim's dt_rank = ceil(width / 16): 4 for width 64, 12 for 192 (Vim-Ti), 24 for 384 (Vim-S)
+    case 4: return dtproj_grads_r<T, 4>(L, R, P, low, DV, wdt, dW, dLa);
+    case 12: return dtproj_grads_r<T, 12>(L, R, P, low, DV, wdt, dW, dLa);
+    default: return dtproj_grads_r<T, 0>(L, R, P, low, DV, wdt, dW, dLa);
   }
 }
 
@@ -804,12 +850,9 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
       const Vec<T> dv = (DDT[t] + hB * uv) * VS[r][t];  // dLoss / d delta
       dbacc += dv;
       dDacc += dy * uv;
-      Vec<T>* dl = dLa[r] + t * R;
-      for (int64_t k = 0; k < R; ++k) {  // delta = dt_low W^T: gradients of both factors
-        dW[k] += dv * low[t * P + k];
-        dl[k] += dv * wdt[k];
-      }
+      DDT[t] = dv;
     }
+    dtproj_grads(L, R, P, low, DDT, wdt, dW, dLa[r]);
     for (int l = 0; l < nc; ++l)
       for (int64_t k = 0; k < R; ++k) dWdt[(r * E + c0 + l) * R + k] += dW[k][l];
     for (int l = 0; l < nc; ++l) {
