@@ -588,66 +588,92 @@ void conv_forward_item(const MixArgs<T>& a, int64_t r, int64_t b, int64_t c0, T*
   return conv_forward_item_k<T, 0>(a, r, b, c0, xc);
 }
 
-// work (elements of T) of conv_backward_block: both directions' gradients before the SiLU, padded by K - 1 steps
-inline int64_t conv_backward_work_size(int64_t L, int64_t K) { return 2 * (L + K - 1) * W; }
+// work (elements of T) of conv_backward_blocks for `blocks` channel blocks: both directions' gradients before
+// the SiLU, padded by K - 1 steps, then per block the weights and the dw, db accumulators (2 (2 K + 1) vectors)
+inline int64_t conv_backward_work_size(int64_t L, int64_t K, int64_t blocks) {
+  return (2 * (L + K - 1) + blocks * 2 * (2 * K + 1)) * W;
+}
 
-// gradient of conv_forward for one channel block over every batch row: dxc -> dx (batch, L, row stride
-// dx_stride) columns, dw (2, E, K), db (2, E) rows of these channels (blocks split over threads: no reduction).
-// Per row, each direction's gradient before the SiLU goes to `work` (zero-padded by K - 1 steps on the side
-// its taps run off), so that dx is gathered from it: each dx step written once, no zeroing pass and no
-// read-modify-write per tap. The x steps loaded for the pre-activation serve the weight gradient too.
+// gradient of conv_forward for channel blocks [blk0, blk1) (W channels each) over every batch row: dxc -> dx
+// (batch, L, row stride dx_stride) columns, dw (2, E, K), db (2, E) rows of these channels (blocks split over
+// threads: no reduction). Row after row, each row's blocks in turn: neighbouring blocks read neighbouring cache
+// lines of the same rows of x, dxc and dx (block after block over all rows, each block found its lines
+// evicted; a perf profile had this loop's x loads at a third of the mixer backward). Per block and row, each
+// direction's gradient before the SiLU goes to the padded buffer, so that dx is gathered from it: each dx step
+// written once, no zeroing pass and no read-modify-write per tap; the x steps loaded for the recomputed
+// pre-activation serve the weight gradient too.
 template <typename T>
-void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, int64_t dx_stride, T* dw, T* db,
-                         T* work) {
+void conv_backward_blocks(const MixArgs<T>& a, int64_t blk0, int64_t blk1, const T* dxc, T* dx, int64_t dx_stride,
+                          T* dw, T* db, T* work) {
   const int64_t L = a.L, E = a.E, K = a.K;
-  const int nc = static_cast<int>(imin(W, E - c0));
-  Vec<T> wv[2][kMaxK], dwv[2][kMaxK], dbv[2];
   Vec<T>* GP[2] = {reinterpret_cast<Vec<T>*>(work), reinterpret_cast<Vec<T>*>(work) + L + K - 1};
-  for (int64_t r = 0; r < 2; ++r) {
-    for (int64_t k = 0; k < K; ++k) {
-      wv[r][k] = vzero<T>();
-      for (int l = 0; l < nc; ++l) wv[r][k][l] = a.conv_w[(r * E + c0 + l) * K + k];
-      dwv[r][k] = vzero<T>();
-    }
-    dbv[r] = vzero<T>();
-  }
-  // GP[0][t] = gradient at step t of the causal direction, zeros at t = L .. L + K - 2; GP[1][K - 1 + t] that of
-  // the anti-causal one, zeros before
+  Vec<T>* blocks = GP[1] + L + K - 1;  // per block: wv[2][K], dwv[2][K], dbv[2]
+  const int64_t per_block = 2 * (2 * K + 1);
+  // GP[0][t]: step t of the causal direction, zeros at t = L .. L + K - 2; GP[1][K - 1 + t]: the anti-causal
+  // one, zeros before
   for (int64_t k = 0; k < K - 1; ++k) { GP[0][L + k] = vzero<T>(); GP[1][k] = vzero<T>(); }
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t c0 = blk * W;
+    const int nc = static_cast<int>(imin(W, E - c0));
+    Vec<T>* wv = blocks + (blk - blk0) * per_block;
+    for (int64_t rk = 0; rk < 2 * K; ++rk) {
+      wv[rk] = vzero<T>();
+      for (int l = 0; l < nc; ++l) wv[rk][l] = a.conv_w[((rk / K) * E + c0 + l) * K + rk % K];
+      wv[2 * K + rk] = vzero<T>();
+    }
+    wv[4 * K] = wv[4 * K + 1] = vzero<T>();
+  }
   for (int64_t b = 0; b < a.batch; ++b) {
-    const T* x = a.xz + b * L * 2 * E + c0;
-    for (int64_t r = 0; r < 2; ++r) {
-      const Vec<T> bias = vload(a.conv_b + r * E + c0, nc);
-      const T* g = dxc + (r * a.batch + b) * L * E + c0;
-      Vec<T>* gp_out = GP[r] + (r == 0 ? 0 : K - 1);
-      for (int64_t t = 0; t < L; ++t) {
-        Vec<T> xs[kMaxK];
-        Vec<T> pre = bias;
-        for (int64_t k = 0; k < K; ++k) {  // tap k reads step s (forward t + k - (K - 1), backward t + (K - 1) - k)
-          const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
-          xs[k] = s >= 0 && s < L ? vload(x + s * 2 * E, nc) : vzero<T>();
-          pre += wv[r][k] * xs[k];
+    const T* x = a.xz + b * L * 2 * E;
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t c0 = blk * W;
+      const int nc = static_cast<int>(imin(W, E - c0));
+      Vec<T>* wv = blocks + (blk - blk0) * per_block;
+      Vec<T>* dwv = wv + 2 * K;
+      Vec<T>* dbv = dwv + 2 * K;
+      for (int64_t r = 0; r < 2; ++r) {
+        const Vec<T> bias = vload(a.conv_b + r * E + c0, nc);
+        const T* g = dxc + (r * a.batch + b) * L * E + c0;
+        Vec<T>* gp_out = GP[r] + (r == 0 ? 0 : K - 1);
+        const Vec<T>* w = wv + r * K;
+        Vec<T> dwr[kMaxK], dbr = dbv[r];
+        for (int64_t k = 0; k < K; ++k) dwr[k] = dwv[r * K + k];
+        for (int64_t t = 0; t < L; ++t) {
+          Vec<T> xs[kMaxK];
+          Vec<T> pre = bias;
+          for (int64_t k = 0; k < K; ++k) {  // tap k reads step s (causal t + k - (K - 1), anti-causal t + (K - 1) - k)
+            const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
+            xs[k] = s >= 0 && s < L ? vload(x + s * 2 * E + c0, nc) : vzero<T>();
+            pre += w[k] * xs[k];
+          }
+          const Vec<T> sg = vsigmoid(pre);
+          const Vec<T> gp = vload(g + t * E, nc) * sg * (T(1) + pre * (T(1) - sg));
+          dbr += gp;
+          for (int64_t k = 0; k < K; ++k) dwr[k] += gp * xs[k];
+          gp_out[t] = gp;
         }
-        const Vec<T> sg = vsigmoid(pre);
-        const Vec<T> gp = vload(g + t * E, nc) * sg * (T(1) + pre * (T(1) - sg));
-        dbv[r] += gp;
-        for (int64_t k = 0; k < K; ++k) dwv[r][k] += gp * xs[k];
-        gp_out[t] = gp;
+        for (int64_t k = 0; k < K; ++k) dwv[r * K + k] = dwr[k];
+        dbv[r] = dbr;
+      }
+      // step s feeds the causal output t = s + (K - 1) - k and the anti-causal one t = s - (K - 1) + k by tap k
+      T* dxb = dx + b * L * dx_stride + c0;
+      for (int64_t s = 0; s < L; ++s) {
+        Vec<T> acc = vzero<T>();
+        for (int64_t k = 0; k < K; ++k) acc += GP[0][s + (K - 1) - k] * wv[k] + GP[1][s + k] * wv[K + k];
+        vstore(dxb + s * dx_stride, acc, nc);
       }
     }
-    // step s feeds the causal output t = s + (K - 1) - k and the anti-causal one t = s - (K - 1) + k through tap k
-    T* dxb = dx + b * L * dx_stride + c0;
-    for (int64_t s = 0; s < L; ++s) {
-      Vec<T> acc = vzero<T>();
-      for (int64_t k = 0; k < K; ++k) acc += GP[0][s + (K - 1) - k] * wv[0][k] + GP[1][s + k] * wv[1][k];
-      vstore(dxb + s * dx_stride, acc, nc);
-    }
   }
-  for (int64_t r = 0; r < 2; ++r)
-    for (int l = 0; l < nc; ++l) {
-      for (int64_t k = 0; k < K; ++k) dw[(r * E + c0 + l) * K + k] = dwv[r][k][l];
-      db[r * E + c0 + l] = dbv[r][l];
-    }
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t c0 = blk * W;
+    const int nc = static_cast<int>(imin(W, E - c0));
+    const Vec<T>* dwv = blocks + (blk - blk0) * per_block + 2 * K;
+    for (int64_t r = 0; r < 2; ++r)
+      for (int l = 0; l < nc; ++l) {
+        for (int64_t k = 0; k < K; ++k) dw[(r * E + c0 + l) * K + k] = dwv[r * K + k][l];
+        db[r * E + c0 + l] = dwv[2 * K + r][l];
+      }
+  }
 }
 
 // A = -exp(A_log) of direction r for these channels, and A2 = A log2 e (the decays are 2^(dt A2))

@@ -414,8 +414,8 @@ void conv_backward(const MixArgs<T>& a, const T* dxc, T* dx, int64_t dx_stride, 
   const LaneKernels<T>& k = lane_kernels<T>();
   const int64_t W = k.lanes, blocks = (a.E + W - 1) / W;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    Work<T> work(k.conv_bwd_work(a.L, a.K));
-    for (int64_t blk = begin; blk < end; ++blk) k.conv_bwd(a, blk * W, dxc, dx, dx_stride, dw, db, work.data());
+    Work<T> work(k.conv_bwd_work(a.L, a.K, end - begin));
+    k.conv_bwd(a, begin, end, dxc, dx, dx_stride, dw, db, work.data());
   });
 }
 
