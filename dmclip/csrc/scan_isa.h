@@ -177,6 +177,7 @@ struct LaneKernels {
   void (*mix_bwd)(const MixArgs<T>&, int64_t, int64_t, const T*, T*, const MixGrads<T>&, T*, T*, T*, T*);
   void (*mix_flush)(const MixArgs<T>&, T*, T*, T*);
   void (*rmsnorm)(const T*, const T*, T, int64_t, int64_t, int64_t, T*);
+  void (*rmsnorm_bwd)(const T*, const T*, T, const T*, int64_t, int64_t, int64_t, T*, T*);
 };
 
 #define DMCLIP_TABLE(NS, T)                                                                                 \
@@ -184,7 +185,8 @@ struct LaneKernels {
     NS::W, &NS::scan_work_size, &NS::scan_forward_item<T>, &NS::scan_backward_item<T>, &NS::scan_flush_BC<T>, \
         &NS::conv_forward_item<T>, &NS::conv_backward_work_size, &NS::conv_backward_blocks<T>, &NS::mixer_forward_work_size,               \
         &NS::mixer_forward_item<T>,                                                                          \
-        &NS::mixer_work_size, &NS::mixer_backward_item<T>, &NS::mixer_flush_BC<T>, &NS::rmsnorm_rows<T>      \
+        &NS::mixer_work_size, &NS::mixer_backward_item<T>, &NS::mixer_flush_BC<T>, &NS::rmsnorm_rows<T>,      \
+        &NS::rmsnorm_backward_rows<T>                                                                        \
   }
 
 template <typename T>

@@ -946,4 +946,37 @@ void rmsnorm_rows(const T* x, const T* w, T eps, int64_t begin, int64_t end, int
   }
 }
 
+// Gradient of rmsnorm_rows for rows [begin, end) from dy: dx, and w's gradient added into dw (D). With
+// r = 1 / sqrt(mean(x^2) + eps) (recomputed: the row is in cache for the rest anyway) and s = sum_k dy_k w_k x_k,
+// dx_k = r w_k dy_k - x_k r^3 s / D and dw_k += dy_k x_k r: two passes over a row where autograd's decomposition
+// of the norm made about ten over the whole tensor.
+template <typename T>
+void rmsnorm_backward_rows(const T* x, const T* w, T eps, const T* dy, int64_t begin, int64_t end, int64_t D, T* dx,
+                           T* dw) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xi = x + i * D;
+    const T* gi = dy + i * D;
+    T* dxi = dx + i * D;
+    Vec<T> squares = vzero<T>(), dots = vzero<T>();
+    int64_t k = 0;
+    for (; k + W <= D; k += W) {
+      const Vec<T> v = vload(xi + k, W);
+      squares += v * v;
+      dots += vload(gi + k, W) * vload(w + k, W) * v;
+    }
+    T ss = vsum<T>(squares), dot = vsum<T>(dots);
+    for (; k < D; ++k) { ss += xi[k] * xi[k]; dot += gi[k] * w[k] * xi[k]; }
+    const T r = T(1) / std::sqrt(ss / T(D) + eps), c = r * r * r * dot / T(D);
+    for (k = 0; k + W <= D; k += W) {
+      const Vec<T> v = vload(xi + k, W), g = vload(gi + k, W);
+      vstore(dxi + k, r * vload(w + k, W) * g - c * v, W);
+      vstore(dw + k, vload(dw + k, W) + g * v * r, W);
+    }
+    for (; k < D; ++k) {
+      dxi[k] = r * w[k] * gi[k] - c * xi[k];
+      dw[k] += gi[k] * xi[k] * r;
+    }
+  }
+}
+
 }  // namespace DMCLIP_ISA_NS
