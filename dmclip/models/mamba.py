@@ -108,10 +108,7 @@ class MambaBlock(nn.Module):
             mixer = self.mixer
             return bidirectional_block_inference(x, self.norm.weight, self.norm.eps, mixer.in_proj.weight,
                                                  mixer.mixer_params(), mixer.out_proj.weight)
-        return x + self.drop_path(self.mixer(self._norm(x)))
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_norm(self.norm, x, self.mixer.backend)
+        return x + self.drop_path(self.mixer(fused_norm(self.norm, x, self.mixer.backend)))
 
     def fused_params(self) -> tuple:
         """What :func:`bidirectional_stack_inference` takes for this block."""

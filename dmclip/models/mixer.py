@@ -4,8 +4,8 @@
 (training and inference on the fused kernel), :func:`bidirectional_block_inference` and
 :func:`bidirectional_stack_inference` (a whole block, or every block, in one C++ call for inference), and
 :func:`bidirectional_mixer_reference` (the ``reference``/``chunked``/``cuda`` backends, and the fused
-kernel's test oracle). Under a ``FlopCounterMode`` the fused paths run op by op, so every backend counts the
-same FLOPs.
+kernel's test oracle); :func:`rms_norm` is the blocks' RMSNorm on the kernel (training included). Under a
+``FlopCounterMode`` the fused paths run op by op, so every backend counts the same FLOPs.
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ def rms_norm(x, weight, eps):
     """``F.rms_norm(x, (width,), weight, eps)`` on the fused kernel (``cpu``), forward and backward.
 
     One pass over x forward and two per row backward, where autograd runs the norm's backward as about ten
-    elementwise ops over the whole tensor (a fifth of a mamba-nano block's backward at batch 64). float32 or
-    float64 CPU tensors with the weight's dtype; the caller checks (see ``MambaBlock``). Under a dispatch mode
-    (a FLOP counter) it is ``F.rms_norm``, so every backend counts the same ops.
+    elementwise ops over the whole tensor (mamba-nano at batch 64, one thread: forward + backward 0.3-0.5 ms
+    of CPU instead of 1.1-2.8 ms, five norms a step). float32 or float64 CPU tensors with the weight's dtype;
+    the caller checks (see ``MambaBlock``). Under a dispatch mode (a FLOP counter) it is ``F.rms_norm``, so
+    every backend counts the same ops.
     """
     if torch._C._len_torch_dispatch_stack() or active_flop_counter_modes():
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
