@@ -223,3 +223,24 @@ def test_stack_inference_under_a_dispatch_mode_finishes_and_is_measured():
     peak, difference = result.stdout.split()
     assert int(peak) > 8 * 17 * 64 * 4  # at least one (batch, L, 2E) float32 activation was seen
     assert float(difference) == 0.0
+
+
+@pytest.mark.requires_fused_scan
+@pytest.mark.parametrize("width", [64, 20])  # 20: a tail after the full vectors (AVX-512 16 + 4, AVX2 8 + 8 + 4)
+def test_fused_rms_norm_equals_torch_forward_and_backward(width):
+    # the training path's norm (every block's and the final one): a wrong scale or a gradient term off shows as a
+    # student that trains differently on the cpu backend than on the others
+    from dmclip.models.mixer import rms_norm
+
+    g = torch.Generator().manual_seed(width)
+    x = (torch.randn(3, 7, width, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    weight = torch.randn(width, generator=g, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(3, 7, width, generator=g, dtype=torch.float64)
+    expected = torch.nn.functional.rms_norm(x, (width,), weight, 1e-5)
+    expected_grads = torch.autograd.grad(expected, (x, weight), dy)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x[:1, :3], weight))
+    x32, weight32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    out = rms_norm(x32, weight32, 1e-5)
+    grads = torch.autograd.grad(out, (x32, weight32), dy.float())
+    for got, want in zip((out, *grads), (expected, *expected_grads)):
+        assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()

@@ -23,6 +23,10 @@
 #include <new>
 #include <type_traits>
 
+// the vector helpers the kernels' inner loops call per step: left to its heuristics GCC kept some of them (and
+// the state update, whose states then went through memory every step) as calls
+#define DMCLIP_INLINE inline __attribute__((always_inline))
+
 namespace dmclip {
 
 constexpr int kMaxN = 256;  // state size limit
@@ -165,21 +169,24 @@ struct LaneKernels {
   void (*scan_bwd)(const ScanArgs<T>&, int64_t, int64_t, T*, const T*, const T*, const ScanGrads<T>&, T*, T*, T*, T*);
   void (*scan_flush)(int64_t, int64_t, T*, T*, T*);
   void (*conv_fwd)(const MixArgs<T>&, int64_t, int64_t, int64_t, T*);
-  void (*conv_bwd)(const MixArgs<T>&, int64_t, const T*, T*, int64_t, T*, T*);
+  int64_t (*conv_bwd_work)(int64_t, int64_t, int64_t);
+  void (*conv_bwd)(const MixArgs<T>&, int64_t, int64_t, const T*, T*, int64_t, T*, T*, T*);
   int64_t (*mix_fwd_work)(int64_t);
   void (*mix_fwd)(const MixArgs<T>&, int64_t, int64_t, T*, T*);
   int64_t (*mix_work)(int64_t, int64_t, int64_t);
   void (*mix_bwd)(const MixArgs<T>&, int64_t, int64_t, const T*, T*, const MixGrads<T>&, T*, T*, T*, T*);
   void (*mix_flush)(const MixArgs<T>&, T*, T*, T*);
   void (*rmsnorm)(const T*, const T*, T, int64_t, int64_t, int64_t, T*);
+  void (*rmsnorm_bwd)(const T*, const T*, T, const T*, int64_t, int64_t, int64_t, T*, T*);
 };
 
 #define DMCLIP_TABLE(NS, T)                                                                                 \
   LaneKernels<T> {                                                                                          \
     NS::W, &NS::scan_work_size, &NS::scan_forward_item<T>, &NS::scan_backward_item<T>, &NS::scan_flush_BC<T>, \
-        &NS::conv_forward_item<T>, &NS::conv_backward_block<T>, &NS::mixer_forward_work_size,               \
+        &NS::conv_forward_item<T>, &NS::conv_backward_work_size, &NS::conv_backward_blocks<T>, &NS::mixer_forward_work_size,               \
         &NS::mixer_forward_item<T>,                                                                          \
-        &NS::mixer_work_size, &NS::mixer_backward_item<T>, &NS::mixer_flush_BC<T>, &NS::rmsnorm_rows<T>      \
+        &NS::mixer_work_size, &NS::mixer_backward_item<T>, &NS::mixer_flush_BC<T>, &NS::rmsnorm_rows<T>,      \
+        &NS::rmsnorm_backward_rows<T>                                                                        \
   }
 
 template <typename T>

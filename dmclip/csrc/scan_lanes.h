@@ -36,7 +36,7 @@ inline void vstore(T* p, const Vec<T>& v, int n) {
   if (n == W) std::memcpy(p, &v, sizeof(v));
   else std::memcpy(p, &v, n * sizeof(T));
 }
-inline vf vmax(vf a, vf b) {
+DMCLIP_INLINE vf vmax(vf a, vf b) {
 #if DMCLIP_AVX512
   return (vf)_mm512_max_ps((__m512)a, (__m512)b);
 #elif DMCLIP_AVX2
@@ -45,7 +45,7 @@ inline vf vmax(vf a, vf b) {
   return a < b ? b : a;
 #endif
 }
-inline vf vmin(vf a, vf b) {
+DMCLIP_INLINE vf vmin(vf a, vf b) {
 #if DMCLIP_AVX512
   return (vf)_mm512_min_ps((__m512)a, (__m512)b);
 #elif DMCLIP_AVX2
@@ -72,7 +72,7 @@ inline Vec<double> vexp(Vec<double> x) {  // float64 serves gradcheck, not speed
 // Cephes' sixteen plus clamps: this is the scan's inner loop. The extra
 // rounding of A log2 e costs |dt A| * 1e-7 relative, where the decay exp(dt A) is that much smaller anyway.
 constexpr float kLog2e = 1.44269504088896341f;
-inline vf vexp2(vf x) {
+DMCLIP_INLINE vf vexp2(vf x) {
 #if DMCLIP_AVX512
   const vf k = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
@@ -106,11 +106,11 @@ inline Vec<double> vexp2(Vec<double> x) {
 template <typename T>
 constexpr T log2e() { return T(1.44269504088896340736); }
 // exp(x) = 2^(x log2 e): about |x| 1e-7 relative (the rounding of x log2 e), enough for softplus and silu
-inline vf vexp(vf x) { return vexp2(x * kLog2e); }
+DMCLIP_INLINE vf vexp(vf x) { return vexp2(x * kLog2e); }
 
 // 1 / x for x in [2^-23, 2]: the hardware estimate and one Newton step (about 1 ulp with AVX-512's 14-bit
 // estimate, 2 with AVX2's 12-bit one) instead of a division, whose throughput is several times lower
-inline vf vrcp(vf x) {
+DMCLIP_INLINE vf vrcp(vf x) {
 #if DMCLIP_AVX512
   const vf r = (vf)_mm512_rcp14_ps((__m512)x);
 #elif DMCLIP_AVX2
@@ -122,7 +122,7 @@ inline vf vrcp(vf x) {
   return r + r * (1.0f - x * r);
 #endif
 }
-inline vf vlog1p01(vf e) {  // log(1 + e) for e in [0, 1]: Cephes logf on w = 1 + e, Goldberg's correction
+DMCLIP_INLINE vf vlog1p01(vf e) {  // log(1 + e) for e in [0, 1]: Cephes logf on w = 1 + e, Goldberg's correction
   const vf w = 1.0f + e;
   vi bits;
   std::memcpy(&bits, &w, sizeof(bits));
@@ -153,7 +153,7 @@ inline vf vlog1p01(vf e) {  // log(1 + e) for e in [0, 1]: Cephes logf on w = 1 
 }
 
 // softplus with torch's threshold 20: max(v, 0) + log1p(exp(-|v|)), the identity above 20
-inline vf vsoftplus(vf v) {
+DMCLIP_INLINE vf vsoftplus(vf v) {
   const vf a = v < 0.0f ? -v : v;
   const vf sp = (v > 0.0f ? v : vsplat(0.0f)) + vlog1p01(vexp(-a));
   return v > 20.0f ? v : sp;
@@ -163,14 +163,14 @@ inline Vec<double> vsoftplus(Vec<double> v) {
   return v;
 }
 // sigmoid from exp(-|x|) in (0, 1]: the reciprocal's argument stays in [1, 2]
-inline vf vsigmoid(vf x) {
+DMCLIP_INLINE vf vsigmoid(vf x) {
   const vf e = vexp(x < 0.0f ? x : -x);
   const vf s = vrcp(1.0f + e);
   return x < 0.0f ? e * s : s;
 }
 inline Vec<double> vsigmoid(Vec<double> x) { return 1.0 / (1.0 + vexp(-x)); }
 // softplus(v) and its derivative (sigmoid(v); 1 above the threshold, as torch's) from one exp(-|v|)
-inline vf vsoftplus_grad(vf v, vf* slope) {
+DMCLIP_INLINE vf vsoftplus_grad(vf v, vf* slope) {
   const vf a = v < 0.0f ? -v : v;
   const vf e = vexp(-a);
   const vf sig = (v < 0.0f ? e : vsplat(1.0f)) * vrcp(1.0f + e);
@@ -182,15 +182,100 @@ inline Vec<double> vsoftplus_grad(Vec<double> v, Vec<double>* slope) {
   return vsoftplus(v);
 }
 
-// (rows of L values, row stride `stride`) <-> (L, W) lanes; lanes >= n are zero
+// In-register transpose of W x W floats: v[i][j] -> v[j][i]. With AVX-512 16 x 16 in 64 shuffles (pairs of floats,
+// pairs of pairs, then 128-bit quarters twice), with AVX2 8 x 8 in 24.
+#if DMCLIP_AVX512
+DMCLIP_INLINE void transpose(vf* v) {
+  __m512 t[16], s[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps((__m512)v[i], (__m512)v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps((__m512)v[i], (__m512)v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // s[i + j], quarter k: column 4k + j of rows i .. i + 3
+    s[i] = (__m512)_mm512_unpacklo_pd((__m512d)t[i], (__m512d)t[i + 2]);
+    s[i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[i], (__m512d)t[i + 2]);
+    s[i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
+    s[i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(s[j], s[4 + j], 0x88);       // quarters 0, 2 of rows 0-3 and 4-7
+    t[4 + j] = _mm512_shuffle_f32x4(s[j], s[4 + j], 0xdd);   // quarters 1, 3
+    t[8 + j] = _mm512_shuffle_f32x4(s[8 + j], s[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(s[8 + j], s[12 + j], 0xdd);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = (vf)_mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    v[8 + j] = (vf)_mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    v[4 + j] = (vf)_mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    v[12 + j] = (vf)_mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
+  }
+}
+DMCLIP_INLINE vf vload_first(const float* p, int n) { return (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+DMCLIP_INLINE void vstore_first(float* p, vf v, int n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v); }
+#elif DMCLIP_AVX2
+DMCLIP_INLINE void transpose(vf* v) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps((__m256)v[i], (__m256)v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps((__m256)v[i], (__m256)v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // s[i + j], half k: column 4k + j of rows i .. i + 3
+    s[i] = (__m256)_mm256_unpacklo_pd((__m256d)t[i], (__m256d)t[i + 2]);
+    s[i + 1] = (__m256)_mm256_unpackhi_pd((__m256d)t[i], (__m256d)t[i + 2]);
+    s[i + 2] = (__m256)_mm256_unpacklo_pd((__m256d)t[i + 1], (__m256d)t[i + 3]);
+    s[i + 3] = (__m256)_mm256_unpackhi_pd((__m256d)t[i + 1], (__m256d)t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    v[j] = (vf)_mm256_permute2f128_ps(s[j], s[4 + j], 0x20);
+    v[4 + j] = (vf)_mm256_permute2f128_ps(s[j], s[4 + j], 0x31);
+  }
+}
+DMCLIP_INLINE __m256i first_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+DMCLIP_INLINE vf vload_first(const float* p, int n) { return (vf)_mm256_maskload_ps(p, first_mask(n)); }
+DMCLIP_INLINE void vstore_first(float* p, vf v, int n) { _mm256_maskstore_ps(p, first_mask(n), (__m256)v); }
+#endif
+
+// (rows of L values, row stride `stride`) <-> (L, W) lanes; lanes >= n are zero. With AVX2/AVX-512 a W x W
+// block at a time through `transpose` (masked loads and stores for the last steps), which took the scalar
+// element-by-element copies' place: they were about a quarter of the generic scan's forward.
 template <typename T>
 inline void gather_rows(const T* src, int64_t stride, int n, int64_t L, Vec<T>* dst) {
+#if DMCLIP_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t t0 = 0; t0 < L; t0 += W) {
+      const int steps = static_cast<int>(imin(W, L - t0));
+      vf v[W];
+      for (int l = 0; l < W; ++l)
+        v[l] = l >= n ? vzero<T>() : steps == W ? vload(src + l * stride + t0, W) : vload_first(src + l * stride + t0, steps);
+      transpose(v);
+      for (int j = 0; j < steps; ++j) dst[t0 + j] = v[j];
+    }
+    return;
+  }
+#endif
   for (int64_t t = 0; t < L; ++t) dst[t] = vzero<T>();
   for (int l = 0; l < n; ++l)
     for (int64_t t = 0; t < L; ++t) dst[t][l] = src[l * stride + t];
 }
 template <typename T>
 inline void scatter_rows(const Vec<T>* src, int64_t stride, int n, int64_t L, T* dst) {
+#if DMCLIP_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t t0 = 0; t0 < L; t0 += W) {
+      const int steps = static_cast<int>(imin(W, L - t0));
+      vf v[W];
+      for (int j = 0; j < W; ++j) v[j] = j < steps ? src[t0 + j] : vzero<T>();
+      transpose(v);
+      for (int l = 0; l < n; ++l) {
+        if (steps == W) vstore(dst + l * stride + t0, v[l], W);
+        else vstore_first(dst + l * stride + t0, v[l], steps);
+      }
+    }
+    return;
+  }
+#endif
   for (int l = 0; l < n; ++l)
     for (int64_t t = 0; t < L; ++t) dst[l * stride + t] = src[t][l];
 }
@@ -202,16 +287,17 @@ inline void scatter_rows(const Vec<T>* src, int64_t stride, int n, int64_t L, T*
 inline int64_t scan_work_size(int64_t L, int64_t N) { return (11 * L + 2 * (L + 1) * N + 2 * L * N) * W; }
 
 // One step of the state recurrence for every n (x_t = 2^(dt A2) x_{t-1} + dt u B_t); returns <C_t, x_t>.
-// States go from xprev to xt (the same array in the forward); decays are stored when `at` is not null.
-template <typename T, int NS>
-inline Vec<T> state_step(int64_t N, const Vec<T>* A2, Vec<T> dt, Vec<T> dtu, const T* Bp, const T* Cp,
-                         int64_t stride, const Vec<T>* xprev, Vec<T>* xt, Vec<T>* at) {
+// States go from xprev to xt (the same array in the forward); the decays are stored into `at` when
+// kStoreDecays (the backward's recompute). Inlined, so that with a fixed N the forward's states stay in registers.
+template <typename T, int NS, bool kStoreDecays>
+DMCLIP_INLINE Vec<T> state_step(int64_t N, const Vec<T>* A2, Vec<T> dt, Vec<T> dtu, const T* Bp, const T* Cp,
+                                int64_t stride, const Vec<T>* xprev, Vec<T>* xt, Vec<T>* at) {
   Vec<T> y0 = vzero<T>(), y1 = vzero<T>();  // two sums: half the dependency chain
   int64_t n = 0;
 #pragma GCC unroll 8
   for (; n + 1 < N; n += 2) {  // unrolled for a fixed N: the states can stay in registers
     const Vec<T> a0 = vexp2(dt * A2[n]), a1 = vexp2(dt * A2[n + 1]);
-    if (at) { at[n] = a0; at[n + 1] = a1; }
+    if constexpr (kStoreDecays) { at[n] = a0; at[n + 1] = a1; }
     xt[n] = a0 * xprev[n] + dtu * Bp[n * stride];
     xt[n + 1] = a1 * xprev[n + 1] + dtu * Bp[(n + 1) * stride];
     y0 += xt[n] * Cp[n * stride];
@@ -219,7 +305,7 @@ inline Vec<T> state_step(int64_t N, const Vec<T>* A2, Vec<T> dt, Vec<T> dtu, con
   }
   if (n < N) {
     const Vec<T> a0 = vexp2(dt * A2[n]);
-    if (at) at[n] = a0;
+    if constexpr (kStoreDecays) at[n] = a0;
     xt[n] = a0 * xprev[n] + dtu * Bp[n * stride];
     y0 += xt[n] * Cp[n * stride];
   }
@@ -316,7 +402,7 @@ void scan_forward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, T
   const T* Bb = p.B + b * N * L;
   const T* Cb = p.C + b * N * L;
   for (int64_t t = 0; t < L; ++t) {
-    const Vec<T> y = U[t] + state_step<T, NS>(N, A2, V[t], DTU[t], Bb + t, Cb + t, L, x, x, nullptr);
+    const Vec<T> y = U[t] + state_step<T, NS, false>(N, A2, V[t], DTU[t], Bb + t, Cb + t, L, x, x, nullptr);
     U[t] = p.z ? y * Z[t] : y;
   }
   scatter_rows(U, L, nc, L, out + row);
@@ -392,7 +478,7 @@ void scan_backward_item_n(const ScanArgs<T>& p, int64_t b, int64_t c0, T* work, 
     }
   }
   for (int64_t t = 0; t < L; ++t)
-    Y[t] = Dv * U[t] + state_step<T, NS>(N, A2, DT[t], DTU[t], Bb + t, Cb + t, L, XS + t * N, XS + (t + 1) * N,
+    Y[t] = Dv * U[t] + state_step<T, NS, true>(N, A2, DT[t], DTU[t], Bb + t, Cb + t, L, XS + t * N, XS + (t + 1) * N,
                                          AS + t * N);
   // 2) the gate, then the adjoint sweep; h holds dLoss/dx_t (times a_{t+1} once step t is done)
   for (int64_t t = 0; t < L; ++t) {
@@ -502,49 +588,91 @@ void conv_forward_item(const MixArgs<T>& a, int64_t r, int64_t b, int64_t c0, T*
   return conv_forward_item_k<T, 0>(a, r, b, c0, xc);
 }
 
-// gradient of conv_forward for one channel block over every batch row: dxc -> dx (batch, L, row stride
-// dx_stride) columns, dw (2, E, K), db (2, E) rows of these channels (blocks split over threads: no reduction)
+// work (elements of T) of conv_backward_blocks for `blocks` channel blocks: both directions' gradients before
+// the SiLU, padded by K - 1 steps, then per block the weights and the dw, db accumulators (2 (2 K + 1) vectors)
+inline int64_t conv_backward_work_size(int64_t L, int64_t K, int64_t blocks) {
+  return (2 * (L + K - 1) + blocks * 2 * (2 * K + 1)) * W;
+}
+
+// gradient of conv_forward for channel blocks [blk0, blk1) (W channels each) over every batch row: dxc -> dx
+// (batch, L, row stride dx_stride) columns, dw (2, E, K), db (2, E) rows of these channels (blocks split over
+// threads: no reduction). Row after row, each row's blocks in turn: neighbouring blocks read neighbouring cache
+// lines of the same rows of x, dxc and dx (block after block over all rows, each block found its lines
+// evicted; a perf profile had this loop's x loads at a third of the mixer backward). Per block and row, each
+// direction's gradient before the SiLU goes to the padded buffer, so that dx is gathered from it: each dx step
+// written once, no zeroing pass and no read-modify-write per tap; the x steps loaded for the recomputed
+// pre-activation serve the weight gradient too.
 template <typename T>
-void conv_backward_block(const MixArgs<T>& a, int64_t c0, const T* dxc, T* dx, int64_t dx_stride, T* dw, T* db) {
+void conv_backward_blocks(const MixArgs<T>& a, int64_t blk0, int64_t blk1, const T* dxc, T* dx, int64_t dx_stride,
+                          T* dw, T* db, T* work) {
   const int64_t L = a.L, E = a.E, K = a.K;
-  const int nc = static_cast<int>(imin(W, E - c0));
-  Vec<T> wv[kMaxK], dwv[kMaxK];
-  for (int64_t b = 0; b < a.batch; ++b)
-    for (int64_t t = 0; t < L; ++t) vstore(dx + (b * L + t) * dx_stride + c0, vzero<T>(), nc);
-  for (int64_t r = 0; r < 2; ++r) {
-    for (int64_t k = 0; k < K; ++k) {
-      wv[k] = vzero<T>();
-      for (int l = 0; l < nc; ++l) wv[k][l] = a.conv_w[(r * E + c0 + l) * K + k];
-      dwv[k] = vzero<T>();
+  Vec<T>* GP[2] = {reinterpret_cast<Vec<T>*>(work), reinterpret_cast<Vec<T>*>(work) + L + K - 1};
+  Vec<T>* blocks = GP[1] + L + K - 1;  // per block: wv[2][K], dwv[2][K], dbv[2]
+  const int64_t per_block = 2 * (2 * K + 1);
+  // GP[0][t]: step t of the causal direction, zeros at t = L .. L + K - 2; GP[1][K - 1 + t]: the anti-causal
+  // one, zeros before
+  for (int64_t k = 0; k < K - 1; ++k) { GP[0][L + k] = vzero<T>(); GP[1][k] = vzero<T>(); }
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t c0 = blk * W;
+    const int nc = static_cast<int>(imin(W, E - c0));
+    Vec<T>* wv = blocks + (blk - blk0) * per_block;
+    for (int64_t rk = 0; rk < 2 * K; ++rk) {
+      wv[rk] = vzero<T>();
+      for (int l = 0; l < nc; ++l) wv[rk][l] = a.conv_w[((rk / K) * E + c0 + l) * K + rk % K];
+      wv[2 * K + rk] = vzero<T>();
     }
-    const Vec<T> bias = vload(a.conv_b + r * E + c0, nc);
-    Vec<T> dbv = vzero<T>();
-    for (int64_t b = 0; b < a.batch; ++b) {
-      const T* x = a.xz + b * L * 2 * E + c0;
-      const T* g = dxc + (r * a.batch + b) * L * E + c0;
-      T* dxb = dx + b * L * dx_stride + c0;
-      for (int64_t t = 0; t < L; ++t) {
-        Vec<T> pre = bias;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
-          if (s >= 0 && s < L) pre += wv[k] * vload(x + s * 2 * E, nc);
-        }
-        const Vec<T> sg = vsigmoid(pre);
-        const Vec<T> gp = vload(g + t * E, nc) * sg * (T(1) + pre * (T(1) - sg));
-        dbv += gp;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
-          if (s >= 0 && s < L) {
-            dwv[k] += gp * vload(x + s * 2 * E, nc);
-            vstore(dxb + s * dx_stride, vload(dxb + s * dx_stride, nc) + gp * wv[k], nc);
+    wv[4 * K] = wv[4 * K + 1] = vzero<T>();
+  }
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const T* x = a.xz + b * L * 2 * E;
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t c0 = blk * W;
+      const int nc = static_cast<int>(imin(W, E - c0));
+      Vec<T>* wv = blocks + (blk - blk0) * per_block;
+      Vec<T>* dwv = wv + 2 * K;
+      Vec<T>* dbv = dwv + 2 * K;
+      for (int64_t r = 0; r < 2; ++r) {
+        const Vec<T> bias = vload(a.conv_b + r * E + c0, nc);
+        const T* g = dxc + (r * a.batch + b) * L * E + c0;
+        Vec<T>* gp_out = GP[r] + (r == 0 ? 0 : K - 1);
+        const Vec<T>* w = wv + r * K;
+        Vec<T> dwr[kMaxK], dbr = dbv[r];
+        for (int64_t k = 0; k < K; ++k) dwr[k] = dwv[r * K + k];
+        for (int64_t t = 0; t < L; ++t) {
+          Vec<T> xs[kMaxK];
+          Vec<T> pre = bias;
+          for (int64_t k = 0; k < K; ++k) {  // tap k reads step s (causal t + k - (K - 1), anti-causal t + (K - 1) - k)
+            const int64_t s = r == 0 ? t + k - (K - 1) : t + (K - 1) - k;
+            xs[k] = s >= 0 && s < L ? vload(x + s * 2 * E + c0, nc) : vzero<T>();
+            pre += w[k] * xs[k];
           }
+          const Vec<T> sg = vsigmoid(pre);
+          const Vec<T> gp = vload(g + t * E, nc) * sg * (T(1) + pre * (T(1) - sg));
+          dbr += gp;
+          for (int64_t k = 0; k < K; ++k) dwr[k] += gp * xs[k];
+          gp_out[t] = gp;
         }
+        for (int64_t k = 0; k < K; ++k) dwv[r * K + k] = dwr[k];
+        dbv[r] = dbr;
+      }
+      // step s feeds the causal output t = s + (K - 1) - k and the anti-causal one t = s - (K - 1) + k by tap k
+      T* dxb = dx + b * L * dx_stride + c0;
+      for (int64_t s = 0; s < L; ++s) {
+        Vec<T> acc = vzero<T>();
+        for (int64_t k = 0; k < K; ++k) acc += GP[0][s + (K - 1) - k] * wv[k] + GP[1][s + k] * wv[K + k];
+        vstore(dxb + s * dx_stride, acc, nc);
       }
     }
-    for (int l = 0; l < nc; ++l) {
-      for (int64_t k = 0; k < K; ++k) dw[(r * E + c0 + l) * K + k] = dwv[k][l];
-      db[r * E + c0 + l] = dbv[l];
-    }
+  }
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t c0 = blk * W;
+    const int nc = static_cast<int>(imin(W, E - c0));
+    const Vec<T>* dwv = blocks + (blk - blk0) * per_block + 2 * K;
+    for (int64_t r = 0; r < 2; ++r)
+      for (int l = 0; l < nc; ++l) {
+        for (int64_t k = 0; k < K; ++k) dw[(r * E + c0 + l) * K + k] = dwv[r * K + k][l];
+        db[r * E + c0 + l] = dwv[2 * K + r][l];
+      }
   }
 }
 
@@ -609,7 +737,7 @@ void mixer_forward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T*
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = r == 0 ? s : L - 1 - s;
       const T* Bp = xd + t * P + R;
-      const Vec<T> y = SK[t] + state_step<T, NS>(N, A2, DT[t], DTU[t], Bp, Bp + N, 1, x, x, nullptr);
+      const Vec<T> y = SK[t] + state_step<T, NS, false>(N, A2, DT[t], DTU[t], Bp, Bp + N, 1, x, x, nullptr);
       T* o = out + (b * L + t) * E + c0;
       if (r == 0) vstore(o, y, nc);
       else vstore(o, (vload(o, nc) + y) * G[t], nc);
@@ -623,6 +751,36 @@ void mixer_forward_item(const MixArgs<T>& a, int64_t b, int64_t c0, T* out, T* w
     case 16: return mixer_forward_item_n<T, 16>(a, b, c0, out, work);
     case 8: return mixer_forward_item_n<T, 8>(a, b, c0, out, work);
     default: return mixer_forward_item_n<T, 0>(a, b, c0, out, work);
+  }
+}
+
+// delta = dt_low W^T: the gradients of both factors from DV[t] = dLoss / d delta_t, dW[k] (in registers for a
+// fixed rank RS > 0: a runtime rank kept them in memory, a load and a store per step and k) and the lane-wise
+// accumulators dLa[t R + k] of d dt_low
+template <typename T, int RS>
+inline void dtproj_grads_r(int64_t L, int64_t R, int64_t P, const T* low, const Vec<T>* DV, const Vec<T>* wdt,
+                           Vec<T>* dW, Vec<T>* dLa) {
+  const int64_t M = RS > 0 ? RS : R;
+  Vec<T> acc[RS > 0 ? RS : kMaxR], w[RS > 0 ? RS : kMaxR];
+  for (int64_t k = 0; k < M; ++k) { acc[k] = dW[k]; w[k] = wdt[k]; }
+  for (int64_t t = 0; t < L; ++t) {
+    const Vec<T> dv = DV[t];
+    Vec<T>* dl = dLa + t * M;
+#pragma GCC unroll 16
+    for (int64_t k = 0; k < M; ++k) {
+      acc[k] += dv * low[t * P + k];
+      dl[k] += dv * w[k];
+    }
+  }
+  for (int64_t k = 0; k < M; ++k) dW[k] = acc[k];
+}
+template <typename T>
+inline void dtproj_grads(int64_t L, int64_t R, int64_t P, const T* low, const Vec<T>* DV, const Vec<T>* wdt,
+                         Vec<T>* dW, Vec<T>* dLa) {
+  switch (R) {  // Vim's dt_rank = ceil(width / 16): 4 for width 64, 12 for 192 (Vim-Ti), 24 for 384 (Vim-S)
+    case 4: return dtproj_grads_r<T, 4>(L, R, P, low, DV, wdt, dW, dLa);
+    case 12: return dtproj_grads_r<T, 12>(L, R, P, low, DV, wdt, dW, dLa);
+    default: return dtproj_grads_r<T, 0>(L, R, P, low, DV, wdt, dW, dLa);
   }
 }
 
@@ -684,7 +842,7 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
     for (int64_t s = 0; s < L; ++s) {
       const int64_t t = r == 0 ? s : L - 1 - s;
       const T* Bp = xd + t * P;
-      YS[t] += state_step<T, NS>(N, A2, DT[r][t], DTU[r][t], Bp, Bp + N, 1, xs + s * N, xs + (s + 1) * N,
+      YS[t] += state_step<T, NS, true>(N, A2, DT[r][t], DTU[r][t], Bp, Bp + N, 1, xs + s * N, xs + (s + 1) * N,
                                  as + s * N);
     }
   }
@@ -718,12 +876,9 @@ void mixer_backward_item_n(const MixArgs<T>& a, int64_t b, int64_t c0, const T* 
       const Vec<T> dv = (DDT[t] + hB * uv) * VS[r][t];  // dLoss / d delta
       dbacc += dv;
       dDacc += dy * uv;
-      Vec<T>* dl = dLa[r] + t * R;
-      for (int64_t k = 0; k < R; ++k) {  // delta = dt_low W^T: gradients of both factors
-        dW[k] += dv * low[t * P + k];
-        dl[k] += dv * wdt[k];
-      }
+      DDT[t] = dv;
     }
+    dtproj_grads(L, R, P, low, DDT, wdt, dW, dLa[r]);
     for (int l = 0; l < nc; ++l)
       for (int64_t k = 0; k < R; ++k) dWdt[(r * E + c0 + l) * R + k] += dW[k][l];
     for (int l = 0; l < nc; ++l) {
@@ -788,6 +943,39 @@ void rmsnorm_rows(const T* x, const T* w, T eps, int64_t begin, int64_t end, int
     const T scale = T(1) / std::sqrt(ss / T(D) + eps);
     for (k = 0; k + W <= D; k += W) vstore(yi + k, vload(xi + k, W) * scale * vload(w + k, W), W);
     for (; k < D; ++k) yi[k] = xi[k] * scale * w[k];
+  }
+}
+
+// Gradient of rmsnorm_rows for rows [begin, end) from dy: dx, and w's gradient added into dw (D). With
+// r = 1 / sqrt(mean(x^2) + eps) (recomputed: the row is in cache for the rest anyway) and s = sum_k dy_k w_k x_k,
+// dx_k = r w_k dy_k - x_k r^3 s / D and dw_k += dy_k x_k r: two passes over a row where autograd's decomposition
+// of the norm made about ten over the whole tensor.
+template <typename T>
+void rmsnorm_backward_rows(const T* x, const T* w, T eps, const T* dy, int64_t begin, int64_t end, int64_t D, T* dx,
+                           T* dw) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xi = x + i * D;
+    const T* gi = dy + i * D;
+    T* dxi = dx + i * D;
+    Vec<T> squares = vzero<T>(), dots = vzero<T>();
+    int64_t k = 0;
+    for (; k + W <= D; k += W) {
+      const Vec<T> v = vload(xi + k, W);
+      squares += v * v;
+      dots += vload(gi + k, W) * vload(w + k, W) * v;
+    }
+    T ss = vsum<T>(squares), dot = vsum<T>(dots);
+    for (; k < D; ++k) { ss += xi[k] * xi[k]; dot += gi[k] * w[k] * xi[k]; }
+    const T r = T(1) / std::sqrt(ss / T(D) + eps), c = r * r * r * dot / T(D);
+    for (k = 0; k + W <= D; k += W) {
+      const Vec<T> v = vload(xi + k, W), g = vload(gi + k, W);
+      vstore(dxi + k, r * vload(w + k, W) * g - c * v, W);
+      vstore(dw + k, vload(dw + k, W) + g * v * r, W);
+    }
+    for (; k < D; ++k) {
+      dxi[k] = r * w[k] * gi[k] - c * xi[k];
+      dw[k] += gi[k] * xi[k] * r;
+    }
   }
 }
 

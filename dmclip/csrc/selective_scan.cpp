@@ -414,7 +414,8 @@ void conv_backward(const MixArgs<T>& a, const T* dxc, T* dx, int64_t dx_stride, 
   const LaneKernels<T>& k = lane_kernels<T>();
   const int64_t W = k.lanes, blocks = (a.E + W - 1) / W;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) k.conv_bwd(a, blk * W, dxc, dx, dx_stride, dw, db);
+    Work<T> work(k.conv_bwd_work(a.L, a.K, end - begin));
+    k.conv_bwd(a, begin, end, dxc, dx, dx_stride, dw, db, work.data());
   });
 }
 
@@ -482,6 +483,25 @@ void rmsnorm(const T* x, const T* w, T eps, int64_t rows, int64_t D, T* y) {
   const LaneKernels<T>& k = lane_kernels<T>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, D));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { k.rmsnorm(x, w, eps, begin, end, D, y); });
+}
+
+// rows split into one task per thread, each with its own dw partial, reduced in task order: deterministic for a
+// given thread count
+template <typename T>
+void rmsnorm_backward(const T* x, const T* w, T eps, const T* dy, int64_t rows, int64_t D, T* dx, T* dw) {
+  RECORD_FUNCTION("dmclip::rmsnorm_bwd", std::vector<c10::IValue>());
+  const LaneKernels<T>& k = lane_kernels<T>();
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  std::vector<std::vector<T>> parts(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      parts[task].assign(D, T(0));
+      k.rmsnorm_bwd(x, w, eps, dy, rows * task / tasks, rows * (task + 1) / tasks, D, dx, parts[task].data());
+    }
+  });
+  std::fill(dw, dw + D, T(0));
+  for (const auto& part : parts)
+    for (int64_t i = 0; i < D; ++i) dw[i] += part[i];
 }
 
 void check_param(const at::Tensor& t, const char* name, at::ScalarType dtype, std::vector<int64_t> shape) {
@@ -587,6 +607,37 @@ std::vector<at::Tensor> bimamba_bwd(at::Tensor xz, at::Tensor conv_w, at::Tensor
                   dconv_b.data_ptr<scalar_t>());
   });
   return {dxz, dconv_w, dconv_b, dxproj_w, ddtproj_w, dbias, dA_log, D.has_value() ? dD : at::Tensor()};
+}
+
+// RMSNorm over the last dim (torch.nn.functional.rms_norm with a weight): one pass over x.
+at::Tensor rmsnorm_fwd(at::Tensor x, at::Tensor w, double eps) {
+  check(x, "x", x.scalar_type());
+  check(w, "weight", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1), "weight must be (x.shape[-1],)");
+  auto y = at::empty_like(x);
+  const int64_t D = x.size(-1), rows = D > 0 ? x.numel() / D : 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rmsnorm_fwd", [&] {
+    rmsnorm<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(eps), rows, D,
+                      y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+// Returns (dx, dweight) of rmsnorm_fwd for the output gradient dy.
+std::vector<at::Tensor> rmsnorm_bwd(at::Tensor x, at::Tensor w, double eps, at::Tensor dy) {
+  check(x, "x", x.scalar_type());
+  check(w, "weight", x.scalar_type());
+  check(dy, "dy", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1), "weight must be (x.shape[-1],)");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have x's shape");
+  auto dx = at::empty_like(x);
+  auto dw = at::empty_like(w);
+  const int64_t D = x.size(-1), rows = D > 0 ? x.numel() / D : 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rmsnorm_bwd", [&] {
+    rmsnorm_backward<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), static_cast<scalar_t>(eps),
+                               dy.data_ptr<scalar_t>(), rows, D, dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+  });
+  return {dx, dw};
 }
 
 // Intermediate tensors of one block's inference. A single block call gets fresh ones; the stack's chunks keep
@@ -719,6 +770,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // op to Python) may run meanwhile
   m.def("bimamba_stack_fwd", &dmclip::bimamba_stack_fwd, py::call_guard<py::gil_scoped_release>(),
         "inference of a stack of Vim blocks (one bimamba_block_fwd per block; whole rows per thread at batch >= 2 x threads)");
+  m.def("rmsnorm_fwd", &dmclip::rmsnorm_fwd, "RMSNorm over the last dim, with a weight");
+  m.def("rmsnorm_bwd", &dmclip::rmsnorm_bwd, "gradient of rmsnorm_fwd: (dx, dweight)");
   m.def("isa", &dmclip::isa_name, "the instruction set the kernels run with");
   m.def("supported_isas", &dmclip::supported_isas, "the instruction sets this CPU can run, best first");
   m.def("compiled_isas", &dmclip::compiled_isas, "the instruction sets compiled into this build, best first");

@@ -23,6 +23,7 @@ from dmclip.models.mixer import (
     bidirectional_mixer,
     bidirectional_mixer_reference,
     bidirectional_stack_inference,
+    rms_norm,
 )
 from dmclip.models.scan import resolve_backend
 from dmclip.models.vit import DropPath
@@ -107,7 +108,7 @@ class MambaBlock(nn.Module):
             mixer = self.mixer
             return bidirectional_block_inference(x, self.norm.weight, self.norm.eps, mixer.in_proj.weight,
                                                  mixer.mixer_params(), mixer.out_proj.weight)
-        return x + self.drop_path(self.mixer(self.norm(x)))
+        return x + self.drop_path(self.mixer(fused_norm(self.norm, x, self.mixer.backend)))
 
     def fused_params(self) -> tuple:
         """What :func:`bidirectional_stack_inference` takes for this block."""
@@ -123,6 +124,18 @@ class MambaBlock(nn.Module):
         if any(p.dtype != x.dtype or not p.is_contiguous() for p in params) or self.norm.eps is None:
             return False
         return resolve_backend(self.mixer.backend, x) == "cpu"
+
+
+def fused_norm(norm: nn.RMSNorm, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``norm(x)``, on the fused kernel where ``backend`` resolves to ``cpu`` (its backward is two passes per row
+    instead of autograd's elementwise ops); the module's own call where a hook watches it or the kernel does
+    not apply (other dtypes, a weight of another dtype)."""
+    weight = norm.weight
+    if (norm._forward_hooks or norm._forward_pre_hooks or weight is None or norm.eps is None
+            or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype
+            or resolve_backend(backend, x) != "cpu"):
+        return norm(x)
+    return rms_norm(x, weight, norm.eps)
 
 
 class VisionMamba(nn.Module):
@@ -188,7 +201,7 @@ class VisionMamba(nn.Module):
         else:
             for block in self.blocks:
                 x = block(x)
-        return self.norm(x)
+        return fused_norm(self.norm, x, self.arch["scan_backend"])
 
     def _fused_stack(self, x: torch.Tensor) -> bool:
         blocks = self.blocks
