@@ -6,8 +6,8 @@ docs/benchmarks.md.
     python -m benchmarks.run_all --quick          # smoke run of the harness: printed, not recorded
 
 A complete run (every bench, real repeat counts) replaces the section in ``--out`` (docs/benchmarks.md), so
-docs/benchmarks.md always holds exactly one run; earlier runs are in git log. Each bench runs at its own thread count (its module's
-``THREADS``, else the run's default), restored after it; the count is written per row. A bench that raises
+docs/benchmarks.md always holds exactly one run (git log keeps the others). Each bench runs at its own thread
+count (its module's ``THREADS``, else the run's default), restored after it; the count is written per row. A bench that raises
 is a row saying FAILED with the error line (traceback on stderr), the others still run, the section is
 still written, and the exit code is 1. A run with ``--only`` or ``--quick`` is not a run of everything, so
 it only prints its section: it never writes a partial section into the docs.
