@@ -5,10 +5,9 @@ docs/benchmarks.md.
     python -m benchmarks.run_all --only scan      # just benchmarks/bench_scan.py: printed, not recorded
     python -m benchmarks.run_all --quick          # smoke run of the harness: printed, not recorded
 
-A complete run (every bench, real repeat counts) replaces the section in ``--out`` (docs/benchmarks.md)
-and moves the section it replaces, verbatim, to the end of ``--history`` (docs/benchmarks-history.md), so
-docs/benchmarks.md always holds exactly one run. Each bench runs at its own thread count (its module's
-``THREADS``, else the run's default), restored after it; the count is written per row. A bench that raises
+A complete run (every bench, real repeat counts) replaces the section in ``--out`` (docs/benchmarks.md), so
+docs/benchmarks.md always holds exactly one run (git log keeps the others). Each bench runs at its own thread
+count (its module's ``THREADS``, else the run's default), restored after it; the count is written per row. A bench that raises
 is a row saying FAILED with the error line (traceback on stderr), the others still run, the section is
 still written, and the exit code is 1. A run with ``--only`` or ``--quick`` is not a run of everything, so
 it only prints its section: it never writes a partial section into the docs.
@@ -41,16 +40,9 @@ from dmclip.report import markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent / "docs" / "benchmarks.md"
-HISTORY_NAME = "benchmarks-history.md"
 # Everything below this line in the output file is the latest complete run; everything above it is kept.
-MARKER = "<!-- make bench writes the latest complete run below this line; the run it replaces moves to " \
-         "benchmarks-history.md -->"
+MARKER = "<!-- make bench writes the latest complete run below this line, replacing the one there -->"
 HEADER = "# Benchmarks\n\nFigures from `make bench` (`python -m benchmarks.run_all`).\n\n" + MARKER + "\n"
-HISTORY_HEADER = """# Benchmarks: earlier runs
-
-Sections `make bench` wrote into benchmarks.md before a newer run replaced them, verbatim, oldest first.
-The current figures are in [benchmarks.md](benchmarks.md).
-"""
 
 
 def discover(bench_dir: Path = HERE) -> dict[str, Path]:
@@ -75,8 +67,15 @@ def _load_average() -> str:
         return "?"
 
 
+def _memory() -> str:
+    try:
+        return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB memory"
+    except (AttributeError, ValueError, OSError):
+        return "memory unknown"
+
+
 def machine() -> str:
-    """One line: CPU model, cores, Python and torch versions, GPU if any (thread counts are per row)."""
+    """One line: CPU model, cores, memory, Python and torch versions, GPU if any (thread counts are per row)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -86,7 +85,7 @@ def machine() -> str:
     except OSError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parts = [cpu, f"{usable} usable cores of {os.cpu_count()}", f"Python {platform.python_version()}"]
+    parts = [cpu, f"{usable} usable cores of {os.cpu_count()}", _memory(), f"Python {platform.python_version()}"]
     try:
         import torch
 
@@ -121,15 +120,15 @@ def _cell(value) -> str:
 
 
 def section(rows: list[dict], *, when: dt.datetime, machine_line: str, load: tuple[str, str], code: str,
-            command: str, partial: str = "") -> str:
-    """The markdown section of one run: heading, machine, code, command, then one table row per result."""
+            command: str, seconds: float, partial: str = "") -> str:
+    """The markdown section of one run: heading, machine, code, command, wall time, then one row per result."""
     failed = sum(1 for r in rows if r.get("value") == "FAILED")
     benches = len({r["bench"] for r in rows})
     title = f"## {when.strftime('%Y-%m-%d %H:%M')}"
     title += f" ({partial}: printed only, not recorded)" if partial else ""
     lines = [title, "",
              f"Machine: {machine_line}; load average {load[0]} at the start, {load[1]} at the end.",
-             f"Code: {code}. Command: `{command}`.",
+             f"Code: {code}. Command: `{command}`. Wall time: {seconds / 60:.1f} min.",
              f"{benches} bench{'es' if benches != 1 else ''}, "
              + (f"{failed} FAILED." if failed else "none failed."), ""]
     columns = list(ROW_KEYS)
@@ -144,21 +143,13 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)  # never a half-written docs file
 
 
-def record(out: Path, history: Path, text: str) -> None:
-    """Put ``text`` below MARKER in ``out``, replacing what was there; append that to ``history`` first.
-
-    History is written before ``out``: a crash in between leaves the old run in both files, never in neither.
-    """
-    out, history = Path(out), Path(history)
+def record(out: Path, text: str) -> None:
+    """Put ``text`` below MARKER in ``out``, replacing the run that was there (git log keeps it)."""
+    out = Path(out)
     old = out.read_text(encoding="utf-8") if out.exists() else HEADER
     if MARKER not in old:
         raise ValueError(f"{out} has no line {MARKER!r}: add it where the latest run should go")
-    head, previous = old.split(MARKER, 1)
-    previous = previous.strip("\n")
-    if previous:
-        past = history.read_text(encoding="utf-8") if history.exists() else HISTORY_HEADER
-        _write(history, past.rstrip("\n") + "\n\n" + previous + "\n")
-    _write(out, head + MARKER + "\n\n" + text)
+    _write(out, old.split(MARKER, 1)[0] + MARKER + "\n\n" + text)
 
 
 def _failed_row(name: str, threads_: int, notes: str) -> dict:
@@ -235,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only benchmarks/bench_NAME.py (repeatable); prints, records nothing")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="file whose latest-run section a complete run replaces (default docs/benchmarks.md)")
-    parser.add_argument("--history", type=Path, default=None,
-                        help=f"file the replaced section is appended to (default: {HISTORY_NAME} beside --out)")
     parser.add_argument("--no-write", action="store_true", help="print the section, do not record it")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny repeat counts (DMCLIP_BENCH_QUICK=1); prints, records nothing")
@@ -272,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     default_threads = torch.get_num_threads()  # OMP_NUM_THREADS when set (make bench sets 2)
     load_start = _load_average()
-    when = dt.datetime.now()
+    when, started = dt.datetime.now(), time.perf_counter()
     rows: list[dict] = []
     for name in names:
         rows.extend(run_isolated(name, found[name], default_threads))
@@ -283,15 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     command = (f"OMP_NUM_THREADS={omp} " if omp else "") + "python -m benchmarks.run_all" \
         + (" --only " + " --only ".join(names) if args.only else "") + (" --quick" if args.quick else "")
     text = section(rows, when=when, machine_line=machine(), load=(load_start, _load_average()), code=commit(),
-                   command=command, partial=partial)
+                   command=command, seconds=time.perf_counter() - started, partial=partial)
     print(text)
     if partial:
         print(f"[bench] {partial}: printed only; {args.out} is written by a complete run", file=sys.stderr)
     elif not args.no_write:
-        history = args.history if args.history is not None else Path(args.out).with_name(HISTORY_NAME)
-        record(args.out, history, text)
-        print(f"[bench] wrote {args.out} (the run it replaced, if any, is now at the end of {history})",
-              file=sys.stderr)
+        record(args.out, text)
+        print(f"[bench] wrote {args.out}, replacing the run recorded there", file=sys.stderr)
     return 1 if any(r["value"] == "FAILED" for r in rows) else 0
 
 

@@ -1,8 +1,9 @@
 """`make bench`: each bench in its own process, a thread count per bench (restored, written per row), a complete section per run
-(a broken bench is a FAILED row), partial runs print only, the replaced run moves to the history file."""
+(a broken bench is a FAILED row), partial runs print only, a complete run replaces the one recorded."""
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -46,6 +47,8 @@ def test_core_bench_prints_a_section_and_records_nothing(run_all, tmp_path, caps
     assert "(--only core and --quick smoke run: printed only, not recorded)" in text
     machine = next(line for line in text.splitlines() if line.startswith("Machine: "))
     assert "torch " in machine and "usable cores" in machine and "threads" not in machine  # counts are per row
+    assert " GiB memory, " in machine  # the hardware line of every results table names the memory
+    assert re.search(r"Wall time: \d+\.\d min\.", text)  # and how long the run took
     table = _table(text)
     assert table[0] == ["benchmark", "value", "threads", "baseline", "ratio", "goal", "met", "notes"]
     names = [cells[0] for cells in table[1:]]
@@ -163,27 +166,26 @@ def test_a_failing_bench_is_a_failed_row_in_a_complete_section(run_all, tmp_path
     benches.mkdir()
     for name, body in FAILING_BENCHES.items():
         _bench(benches, name, body)
-    out, history = tmp_path / "benchmarks.md", tmp_path / "benchmarks-history.md"
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nHow to read the rows.\n\n" + run_all.MARKER + "\n")
     assert run_all.main(["--bench-dir", str(benches), "--out", str(out)]) == 1
     text = out.read_text()
-    assert text.startswith("# Benchmarks\n") and text.count(run_all.MARKER) == 1
+    assert text.startswith("# Benchmarks\n\nHow to read the rows.\n") and text.count(run_all.MARKER) == 1
     assert text.count("\n## ") == 1 and "4 benches, 2 FAILED." in text  # one section, every bench in it
     assert "| sum | " in text and "a \\| b" in text  # a pipe in a cell does not break the table
     assert "| last one | 1 s | 2 | - | - | - | - | - |" in text  # the benchmark after the failures ran
     assert "| bench_boom | FAILED | 2 | - | - | - | - | RuntimeError: no GPU here |" in text
     assert "| bench_malformed | FAILED | 2 |" in text and "missing ['value']" in text
     assert "RuntimeError: no GPU here" in capsys.readouterr().err  # the traceback, for the author
-    assert not history.exists()  # nothing was replaced
 
     _bench(benches, "boom", "def main():\n    return [{'benchmark': 'fixed', 'value': '2 s'}]\n")
     (benches / "bench_malformed.py").unlink()
     assert run_all.main(["--bench-dir", str(benches), "--out", str(out)]) == 0
     new = out.read_text()
     assert new.count("\n## ") == 1 and "3 benches, none failed." in new and "| fixed | 2 s |" in new
-    assert "FAILED" not in new  # the docs hold the latest complete run only ...
-    past = history.read_text()  # ... and the run it replaced moved to the history, verbatim
-    assert past.startswith("# Benchmarks: earlier runs\n")
-    assert text.split(run_all.MARKER, 1)[1].strip("\n") in past
+    assert "FAILED" not in new  # the run it replaced is gone from the page (git log keeps it) ...
+    assert new.split(run_all.MARKER, 1)[0] == text.split(run_all.MARKER, 1)[0]  # ... the text above is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benches", "benchmarks.md"]  # and no other file is written
 
 
 def test_only_and_quick_never_touch_the_docs_file(run_all, tmp_path, capsys):
@@ -197,7 +199,7 @@ def test_only_and_quick_never_touch_the_docs_file(run_all, tmp_path, capsys):
     assert run_all.main(["--bench-dir", str(benches), "--only", "zulu", "--out", str(out)]) == 0
     assert run_all.main(["--bench-dir", str(benches), "--only", "boom", "--out", str(out)]) == 1
     assert run_all.main(["--bench-dir", str(benches), "--quick", "--out", str(out)]) == 1
-    assert out.read_bytes() == before and not (tmp_path / "benchmarks-history.md").exists()
+    assert out.read_bytes() == before
     printed = capsys.readouterr()
     assert "(--only zulu: printed only, not recorded)" in printed.out and "| last one | 1 s |" in printed.out
     assert "(--only boom: printed only, not recorded)" in printed.out and "| bench_boom | FAILED |" in printed.out
@@ -218,8 +220,9 @@ def test_a_docs_file_without_the_marker_is_refused_before_anything_runs(run_all,
 
 
 def test_the_real_docs_can_receive_a_run(run_all):
-    assert (REPO / "docs" / "benchmarks.md").read_text().count(run_all.MARKER) == 1
-    assert (REPO / "docs" / "benchmarks-history.md").read_text().startswith("# Benchmarks: earlier runs\n")
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    assert text.count(run_all.MARKER) == 1
+    assert text.split(run_all.MARKER, 1)[1].count("\n## ") == 1  # exactly one recorded run
 
 
 def test_only_an_unknown_name_is_an_error(run_all, tmp_path, capsys):

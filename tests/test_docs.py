@@ -7,7 +7,9 @@
 - every `--set key.path=value` names a real config field of its command and holds a value it accepts;
 - every relative link (and #anchor) and every repository path (recipes/..., scripts/..., docs/...,
   dmclip/..., tests/..., benchmarks/...) exists;
-- docs/config.md's `--set` and error-message tables are what the code does.
+- docs/config.md's `--set` and error-message tables are what the code does;
+- every page under docs/ says which kind it is (guide, reference, results) and docs/README.md lists it under
+  that kind; no page holds the history of the project (issue numbers, "previous session", "was fixed").
 
 What a reader would notice if these broke: a documented command that exits with "No such option", a recipe
 copied from a page that is refused, a link to nothing. `test_the_checks_find_broken_docs` shows each check
@@ -50,6 +52,12 @@ SET_DELIBERATE_ERRORS: dict[tuple[str, str], str] = {
     ("docs/config.md", "trian.lr=1e-3"): "a row of the error table (test_config_md_error_table_is_what_the_code_says)",
     ("docs/config.md", "train.lr.max=1"): "a row of the error table (test_config_md_error_table_is_what_the_code_says)",
 }
+
+# options of other tools that pages quote beside dmclip's (open_clip's trainer, torchrun, run_all)
+OTHER_TOOLS_OPTIONS = {"--accum-freq": "open_clip", "--epochs": "open_clip", "--nnodes": "torchrun",
+                       "--node_rank": "torchrun", "--master_addr": "torchrun", "--master_port": "torchrun",
+                       "--rdzv_backend": "torchrun", "--rdzv_endpoint": "torchrun", "--rdzv_id": "torchrun",
+                       "--nproc_per_node": "torchrun", "--quick": "benchmarks.run_all"}
 
 SHELL_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 COMMAND_CONFIGS = {  # the config class behind each command's recipe and --set (eval has neither)
@@ -330,7 +338,7 @@ def command_problems(doc: str, text: str) -> list[Problem]:
             check(line, span, full=False)
         elif span.startswith("--") and is_option(span.split()[0]) and not span.startswith("--set"):
             name = span.split()[0].split("=", 1)[0]
-            if name not in page_options:
+            if name not in page_options and name not in OTHER_TOOLS_OPTIONS:
                 where = f"`dmclip {page}`" if page else "any dmclip command"
                 problems.append(Problem("commands", doc, line, span, f"{where} has no option {name}"))
     return problems
@@ -607,3 +615,56 @@ def test_the_checks_find_broken_docs(tmp_path):
     paths = {p.text for p in path_problems("docs/x.md", page, root=tmp_path)}
     assert {"runs.md#no-such-heading", "nope.md", "recipes/distill.yaml"} <= paths, paths
     assert not path_problems("docs/x.md", "[ok](runs.md#resuming)", root=tmp_path)
+
+
+KIND = re.compile(r"^\*(Guide|Reference|Results)[:.]")
+SECTION_KIND = {"Guides": "Guide", "Reference": "Reference", "Results": "Results"}
+HISTORY = re.compile(r"\bissues? #?\d+|\b(this|previous|earlier|last|first) session|\bpreviously\b|\bwe learned\b|"
+                     r"\bwas ours\b|\bwas fixed\b|benchmarks-history|\bearlier (recipe|run|harness|teacher)", re.I)
+
+
+def _kind(text: str) -> str | None:
+    """The kind a page states in the paragraph under its title."""
+    paragraphs = [p.strip() for p in text.split("\n\n")[1:] if p.strip()]
+    match = KIND.match(paragraphs[0]) if paragraphs else None
+    return match.group(1) if match else None
+
+
+def _index_kinds(index: str) -> dict[str, str]:
+    """docs/README.md: page name -> the kind of the section that lists it."""
+    listed, kind = {}, None
+    for line in index.splitlines():
+        if line.startswith("## "):
+            kind = SECTION_KIND.get(line[3:].strip())
+        for name in re.findall(r"\]\(([\w.-]+\.md)\)", line):
+            listed.setdefault(name, kind)
+    return listed
+
+
+def test_every_page_says_its_kind_and_the_index_lists_it_under_that_kind():
+    listed = _index_kinds((REPO / "docs" / "README.md").read_text(encoding="utf-8"))
+    wrong = []
+    for path in sorted((REPO / "docs").glob("*.md")):
+        if path.name == "README.md":
+            continue
+        kind = _kind(path.read_text(encoding="utf-8"))
+        if kind is None:
+            wrong.append(f"{path.name}: no '*Guide: ...*', '*Reference: ...*' or '*Results: ...*' under its title")
+        elif listed.get(path.name) != kind:
+            wrong.append(f"{path.name} is a {kind} page; docs/README.md lists it under {listed.get(path.name)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_page_holds_the_projects_history():
+    found = [f"{doc}:{body.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+             for doc, text in _pages() for body in [prose(text)] for m in HISTORY.finditer(body)]
+    assert not found, "history belongs in git log:\n" + "\n".join(found)
+
+
+def test_the_page_checks_find_a_page_without_kind_and_a_history_line():
+    assert _kind("# Page\n\nSome text.\n") is None and _kind("# Page\n\n*Guide: how to.*\n") == "Guide"
+    assert _index_kinds("## Guides\n\n| [a.md](a.md) | x |\n\n## Results\n\n[b](b.md)\n") == {"a.md": "Guide",
+                                                                                                 "b.md": "Results"}
+    page = "# P\n\nThe fix of issue 17 was fixed in the previous session.\n\n```python\nsession = 1\n```\n"
+    assert {m.group(0) for m in HISTORY.finditer(prose(page))} == {"issue 17", "was fixed", "previous session"}
+

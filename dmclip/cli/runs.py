@@ -435,8 +435,8 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
     rows = [[r.path.name, *[cell(c[k]) if k in c else ABSENT for k in differ], *[cell(res.get(m), m) for m in metrics]]
             for r, c, res in zip(runs, configs, results)]
     seeds = sorted({str(c.get("seed")) for c in configs})
-    command = "dmclip " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["runs"] else \
-        "dmclip runs report " + " ".join(str(p) for p in run_dirs)
+    command = "dmclip " + " ".join(shlex.quote(_under_runs_root(a, runs)) for a in sys.argv[1:]) \
+        if sys.argv[1:2] == ["runs"] else "dmclip runs report " + " ".join(_under_runs_root(p, runs) for p in run_dirs)
     hosts = sorted({str(r.info.get("host")) for r in runs})
     footer = (f"Rendered by `{command}` on {dt.date.today().isoformat()} from {len(runs)} run(s); seeds: "
               f"{', '.join(seeds)}; runs made on {', '.join(hosts)} ({platform.machine()}), torch "
@@ -631,3 +631,14 @@ def _started(run) -> str | None:
 
 def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+def _under_runs_root(argument, runs) -> str:
+    """A run directory named on the command line as its path under the runs root (``pretrain/<run>``), so
+    that a table pasted into docs names no directory of the machine that rendered it; other words as given."""
+    for run in runs:
+        if Path(argument).resolve() == run.path.resolve():
+            parts = run.path.resolve().parts
+            top = max((i for i, part in enumerate(parts[:-1]) if part == run.command), default=len(parts) - 1)
+            return "/".join(parts[top:])
+    return str(argument)
