@@ -273,16 +273,16 @@ def test_every_run_command_lists_the_run_options(argv, plain_help, capsys):
 def test_sizes_and_ages_in_the_largest_unit_they_reach():
     import datetime as dt
 
+    from dmclip.cli.common import age
     from dmclip.cli.export import _size
-    from dmclip.cli.runs import _age
 
     assert common.largest_unit(2.5e6, (("MB", 1e6), ("kB", 1e3), ("B", 1))) == (2.5, "MB")
     assert common.largest_unit(0.5, (("kB", 1e3), ("B", 1))) == (0.5, "B")  # below the last: in the last
     assert [_size(n) for n in (512, 1536, 2_500_000, 3_000_000_000)] == ["512 B", "1.5 kB", "2.5 MB", "3.0 GB"]
     now = dt.datetime.now().astimezone()
-    ages = [_age((now - dt.timedelta(seconds=s)).isoformat()) for s in (30, 150, 7300, 3 * 86400 + 5)]
+    ages = [age((now - dt.timedelta(seconds=s)).isoformat()) for s in (30, 150, 7300, 3 * 86400 + 5)]
     assert ages == ["30s", "2m", "2h", "3d"]  # under the header "age"
-    assert _age(None) == _age("not a date") == "-"
+    assert age(None) == age("not a date") == "-"
 
 
 

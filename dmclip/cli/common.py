@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 import inspect
 import sys
@@ -153,3 +154,20 @@ def eval_cells(result: dict) -> dict:
     scores = result.get("eval") or {}
     shown = [column for column in scores if column != "Avg Perf" or len(scores) > 2]
     return {f"{column} %": 100 * scores[column] for column in shown}
+
+
+def age(iso: str | None) -> str:
+    """How long ago an ISO time was, in its largest unit ('3d', '5m'); '-' for none."""
+    seconds = seconds_since(iso)
+    if seconds is None:
+        return "-"
+    value, unit = largest_unit(seconds, (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)))
+    return f"{int(value)}{unit}"
+
+
+def seconds_since(iso: str | None) -> float | None:
+    """Seconds since an ISO time with a zone; None for a missing or unreadable one."""
+    try:
+        return (dt.datetime.now().astimezone() - dt.datetime.fromisoformat(iso)).total_seconds()
+    except (TypeError, ValueError):
+        return None
