@@ -53,7 +53,7 @@ def _export_rows(exported: dict) -> list[dict]:
 
 
 def _timed_rows(model, exported: dict, count: int, scan: str) -> list[dict]:
-    from dmclip.export import onnx_session
+    from dmclip.export.to_onnx import onnx_session
 
     # no spinning: onnxruntime's idle threads would otherwise busy-wait after each run and take the cores from
     # the call timed next to it (and from the benches after this one)
