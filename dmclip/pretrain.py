@@ -14,7 +14,7 @@ import torch
 
 from dmclip.config import field
 from dmclip.errors import DmclipError
-from dmclip.runner import Command, Member
+from dmclip.runner import Command, Member, score_and_write
 from dmclip.train import TrainConfig
 from dmclip.train.config import DataConfig, EvalAfterConfig
 from dmclip.train.tasks import BlipTask, ClipTask
@@ -152,13 +152,7 @@ def run(cfg: PretrainConfig, run_dir) -> dict:
     save_model(model, run_dir.path / "model")
     results = {"objective": cfg.objective, "parameters": count_parameters(model),
                "image_parameters": count_parameters(model.visual), "train": summary}
-    if cfg.eval.each_run:
-        from dmclip.evaluation.benchmark import score_saved_model
-
-        cfg.eval.note_world_sets(cfg.data.train)
-        results.update(score_saved_model(run_dir.path / "model", *cfg.eval.run_sets(), batch_size=cfg.eval.batch_size))
-    run_dir.write_results(results)
-    return results
+    return score_and_write(run_dir, results, cfg.eval, cfg.data.train)
 
 
 # the per-seed numbers a `pretrain --seeds` summary reports: (results key path, column name)

@@ -353,3 +353,16 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):
         path.parent.rmdir()
+
+
+def score_and_write(run_dir: RunDir, results: dict, eval_cfg, train_set: str) -> dict:
+    """A training command's last step on rank 0: score the saved model (``run_dir/model``) on the sets
+    ``eval_cfg`` (an ``EvalAfterConfig``) names when ``eval.each_run`` is on, add the scores to ``results``,
+    write results.json. ``train_set``: the data spec trained on (a world set it names is noted in the log)."""
+    if eval_cfg.each_run:
+        from dmclip.evaluation.benchmark import score_saved_model
+
+        eval_cfg.note_world_sets(train_set)
+        results.update(score_saved_model(run_dir.path / "model", *eval_cfg.run_sets(), batch_size=eval_cfg.batch_size))
+    run_dir.write_results(results)
+    return results

@@ -27,7 +27,7 @@ from dmclip.models.teachers import (
     resolve_teacher_ref,
     teacher_features,
 )
-from dmclip.runner import Command, Member
+from dmclip.runner import Command, Member, score_and_write
 from dmclip.train import TrainConfig
 from dmclip.train.config import DataConfig, EvalAfterConfig
 from dmclip.train.tasks import image_caption_batch, pick_caption
@@ -236,13 +236,7 @@ def run(cfg: DistillConfig, run_dir) -> dict:
     save_model(student, run_dir.path / "model", extra={"teacher": teacher_ref})
     results = {"teacher": teacher_ref, "student": cfg.student.name, "alpha": cfg.loss.alpha,
                "image_parameters": count_parameters(student.visual), "train": summary}
-    if cfg.eval.each_run:
-        from dmclip.evaluation.benchmark import score_saved_model
-
-        cfg.eval.note_world_sets(cfg.data.train)
-        results.update(score_saved_model(run_dir.path / "model", *cfg.eval.run_sets(), batch_size=cfg.eval.batch_size))
-    run_dir.write_results(results)
-    return results
+    return score_and_write(run_dir, results, cfg.eval, cfg.data.train)
 
 
 def prepare(cfg: DistillConfig, runs_root: Path) -> None:
