@@ -39,12 +39,14 @@ $(STAMP): pyproject.toml
 	fi
 	touch $(STAMP)
 
-# -rs: a test skipped for a missing prerequisite (kernel, Java, data) says so in the summary
+# -rs: a test skipped for a missing prerequisite (kernel, Java, data) says so in the summary. `make test` leaves
+# out the tests marked `build` (each compiles the kernel again, minutes); `make ci` runs them too.
+PYTEST := $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 test: install
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
+	$(PYTEST) -m "not build"
 
 test-fast: install
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow and not build"
 
 demo: install
 	$(BIN)/python -m dmclip.demo
@@ -62,7 +64,8 @@ lint: install
 ci: export DMCLIP_REQUIRE_FUSED_SCAN := 1
 ci: install
 	$(BIN)/python -m dmclip.models.scan_build
-	$(MAKE) lint test
+	$(MAKE) lint
+	$(PYTEST)
 
 # Mutation testing (tests/MUTANTS.md): minutes per module, so not part of `make ci`. Each mutant runs only the
 # tests that call the function it changed. One module: make mutate MUTATE=dmclip.coerce

@@ -254,7 +254,7 @@ def test_each_build_variant_has_its_own_cache_key(monkeypatch):
     assert scan_build.build_key(scan_build.compile_flags(openmp=True)) != plain
 
 
-@pytest.mark.slow
+@pytest.mark.build
 @pytest.mark.skipif(scan_build.compiler() is None, reason="no C++ compiler to build the variant with")
 def test_the_build_without_vector_instructions_passes_the_scan_tests(tmp_path):
     # the kernels every CPU other than x86-64 runs (portable vectors and scalar loops only), built here into a
