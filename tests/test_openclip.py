@@ -296,3 +296,15 @@ def test_distil_a_mamba_student_from_an_open_clip_teacher_and_evaluate_it(saved,
     assert student.arch["visual"]["family"] == "vision-mamba"
     with torch.no_grad():  # frozen-teacher text tower: the student's text embeddings are the teacher's
         torch.testing.assert_close(student.encode_text(tokens), teacher.encode_text(tokens), rtol=0, atol=0)
+    # the teacher's image tower is not carried along in the student's files (a ViT-S-32's would be 90 MB of them)
+    from safetensors import safe_open
+
+    with safe_open(run.path / "model" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    teacher_text = {k for k in teacher.state_dict() if not k.startswith("model.visual.")}
+    assert {k for k in keys if k.startswith("text.")} == {f"text.{k}" for k in teacher_text}
+    assert student.arch["text"]["towers"] == "text"
+    checkpoint = torch.load(run.path / "checkpoints" / "last.pt", weights_only=True)  # frozen: rebuilt on resume
+    assert not [k for k in checkpoint["model"] if k.startswith("text.")] and "visual.head.weight" in checkpoint["model"]
+    with pytest.raises(DmclipError, match="text tower only"):
+        student.text.encode_image(torch.rand(1, 3, 8, 8))

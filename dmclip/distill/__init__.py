@@ -98,11 +98,15 @@ def build_student(cfg: DistillConfig, teacher):
         kwargs["scan_backend"] = s.scan_backend
     visual = students.get(s.name, **kwargs)
     text_tower = teacher.text if hasattr(teacher, "text") else teacher
+    text_arch = text_tower.arch
+    if text_arch.get("family") == "open_clip":  # the whole open_clip model: keep its text tower only
+        text_arch = {**text_arch, "towers": "text"}
     init_scale = float(teacher.logit_scale.detach())
-    student = CLIP(visual=visual.arch, text=text_tower.arch, init_logit_scale=init_scale)
+    student = CLIP(visual=visual.arch, text=text_arch, init_logit_scale=init_scale)
     student.visual.load_state_dict(visual.state_dict())
     if s.text != "new":
-        student.text.load_state_dict(text_tower.state_dict())
+        wanted = student.text.state_dict().keys()
+        student.text.load_state_dict({k: v for k, v in text_tower.state_dict().items() if k in wanted})
     student.text.requires_grad_(s.text == "finetune-teacher" or s.text == "new")
     return student
 
@@ -140,6 +144,7 @@ class DistillTask:
         self.store = store
         self.seed = cfg.seed
         self.text_frozen = cfg.student.text == "frozen-teacher"
+        self.constant_prefixes = ("text.",) if self.text_frozen else ()  # the teacher's, rebuilt on resume
         self.weight_decay = cfg.train.weight_decay
         self.criterion = build_criterion(cfg.loss, student.embed_dim, getattr(teacher, "embed_dim", None))
 

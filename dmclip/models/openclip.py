@@ -86,10 +86,21 @@ class OpenClipModel(nn.Module):
             self.embed_dim = int(arch.get("model_cfg", {}).get("embed_dim") or 0)
         self.logit_scale = model.logit_scale
 
+    def drop_image_tower(self) -> OpenClipModel:
+        """Keep only what text encoding uses: a distilled student's text tower is its teacher's, and the teacher's
+        image tower (most of a ViT-S-32's 250 MB) would otherwise be saved in every checkpoint and model file.
+        ``arch["towers"] = "text"`` rebuilds it the same way from model.json."""
+        self.model.visual = None
+        self.arch = {**self.arch, "towers": "text"}
+        return self
+
     def tokenize(self, texts) -> torch.Tensor:
         return self.tokenizer(texts)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        if self.model.visual is None:
+            raise DmclipError(f"the open_clip model {self.arch.get('architecture')} here is a text tower only",
+                              "encode images with the student's image tower, or load the teacher itself")
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
@@ -283,8 +294,15 @@ def load_open_clip(ref: str) -> OpenClipModel:
 
 def _rebuild(architecture: str, weights: str | None = None, model_cfg: dict | None = None,
              preprocess_cfg: dict | None = None, tokenizer: str | None = None,
-             pretrained: str | None = None) -> OpenClipModel:
-    """``build_model(arch)``: the architecture with random weights (``load_saved_model`` loads the saved ones)."""
+             pretrained: str | None = None, towers: str = "both") -> OpenClipModel:
+    """``build_model(arch)``: the architecture with random weights (``load_saved_model`` loads the saved ones);
+    ``towers="text"``: without its image tower (:meth:`OpenClipModel.drop_image_tower`)."""
+    model = _rebuild_both(architecture, weights, model_cfg, preprocess_cfg, tokenizer, pretrained)
+    return model.drop_image_tower() if towers == "text" else model
+
+
+def _rebuild_both(architecture: str, weights: str | None, model_cfg: dict | None, preprocess_cfg: dict | None,
+                  tokenizer: str | None, pretrained: str | None) -> OpenClipModel:
     import open_clip
 
     if not model_cfg:  # a model.json from before the config was recorded: a built-in architecture

@@ -69,6 +69,9 @@ class TrainTask(Protocol):
     - optional ``on_step_end(step)``: after the optimizer update of 0-based step ``step`` (e.g. a momentum
       encoder update); an interrupt waits until it returns.
     - optional attribute ``find_unused_parameters = True`` when some parameters get no gradient on some steps.
+    - optional attribute ``constant_prefixes``: state-dict key prefixes of tensors that never change in training
+      and that the task builds the same way again (a frozen copy of a teacher's text tower); checkpoints leave
+      them out and a resume keeps the rebuilt ones.
     """
 
     model: nn.Module

@@ -91,11 +91,20 @@ class TrainState:
         return {
             "format": CHECKPOINT_FORMAT, "step": self.step, "seed": self.seed, "world_size": self.world,
             "position": self.order.position.state_dict(), "dataset_size": self.order.n,
-            "batch_size": cfg.batch_size, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "batch_size": cfg.batch_size, "model": self._changing(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": rng_state(),
             "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {}, "config": to_dict(cfg),
         }
+
+    def _changing(self, tensors: dict) -> dict:
+        """The model's state without the tensors the task keeps constant and rebuilds the same way
+        (``task.constant_prefixes``: a frozen copy of the teacher's text tower), which a checkpoint need not hold."""
+        prefixes = tuple(getattr(self.task, "constant_prefixes", ()))
+        if not prefixes:
+            return tensors
+        return {k: v for k, v in tensors.items() if not k.removeprefix("module.").startswith(prefixes)}
 
     def save(self, run, cfg: TrainConfig, main: bool) -> Path | None:
         """Write last.pt for this step (rank 0); refuses non-finite weights so the last good one stays."""
@@ -138,17 +147,18 @@ class TrainState:
                 f"this run has batch_size {cfg.batch_size} on {data[1]}",
                 "resume with the same data and batch size (the data order depends on both"
                 + (", and for a stream on the ranks and train.num_workers)" if isinstance(self.order.n, str) else ")"))
-        expected = self.model.state_dict()
+        current = self.model.state_dict()
+        expected = self._changing(current)
         saved = state["model"]
         mismatch = ([f"{k} missing" for k in expected if k not in saved]
-                    + [f"{k} unexpected" for k in saved if k not in expected]
-                    + [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                    + [f"{k} unexpected" for k in saved if k not in current]  # a constant one saved: fine
+                    + [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in current.items()
                        if k in saved and hasattr(saved[k], "shape") and saved[k].shape != v.shape])
         if mismatch:
             raise DmclipError(f"the checkpoint does not fit this model ({len(mismatch)} tensors differ, "
                               f"e.g. {mismatch[0]})", "resume with the same model config the run was started with")
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict({**current, **saved})  # the constant tensors as the task rebuilt them
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise DmclipError(f"the checkpoint does not fit this model: {str(exc).splitlines()[0][:200]}",
