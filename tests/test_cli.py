@@ -305,7 +305,7 @@ def test_metrics_table_shows_fraction_columns_in_percent_with_the_unit_in_the_he
     (["pretrain", "--steps", "3"], "continue the run with `dmclip pretrain --resume <run directory>`"),
     (["-v", "distill", "--alpha", "0,1"], "continue the run with `dmclip distill --resume <run directory>`"),
     (["capfilt", "--out", "data/boot"], "continue the run with `dmclip capfilt --resume <run directory>`"),
-    (["distill", "cache", "--out", "stores/x"], "run the same `dmclip distill cache` command again"),
+    (["reinforce", "--out", "stores/x"], "run the same `dmclip reinforce` command again"),
     (["eval", "zero-shot", "--model", "run:x"], "`dmclip eval zero-shot` has no --resume: run it again"),
     (["compress", "serve", "--port", "0"], "`dmclip compress serve` has no --resume: run it again"),
     (["export", "run:x"], "run `dmclip export` again"),

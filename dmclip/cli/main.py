@@ -119,11 +119,11 @@ def interrupted_message(argv: list[str]) -> str:
     mention it."""
     words = [a for a in argv if not a.startswith("-")]
     command = " ".join(words[:2] if words[:1] and words[0] in GROUPS else words[:1]) or "dmclip"
-    if command in RESUMABLE and words[1:2] != ["cache"]:
+    if command in RESUMABLE:
         return (f"continue the run with `dmclip {command} --resume <run directory>` (printed above as 'run "
                 "directory'; in a sweep, the member run that was interrupted)")
-    if words[:2] == ["distill", "cache"]:
-        return "run the same `dmclip distill cache` command again: the store continues where it stopped"
+    if command == "reinforce":
+        return "run the same `dmclip reinforce` command again: the store continues where it stopped"
     if command.split()[0] in ("eval", "compress"):  # they make a run directory, which stays as "interrupted"
         return (f"`dmclip {command}` has no --resume: run it again; `dmclip runs clean` removes the interrupted "
                 "run directory")
