@@ -215,7 +215,7 @@ def dynamic_batch(input_name: str, batch: int | None) -> dict | None:
 
 
 ONNX_FORMAT = "dmclip-onnx"
-INSTALL_HINT = "pip install 'dmclip[export]'"
+INSTALL_HINT = "pip install -e '.[export]'"
 ONNX_MISMATCH_HINT = "report it with the model reference; another --opset may export it differently"
 
 
