@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CapFilt bootstrapping experiment of docs/capfilt.md, end to end on the embedded world:
+# The CapFilt bootstrapping experiment of docs/results-blip-capfilt.md, end to end on the embedded world:
 #   1. pretrain a BLIP on world-noisy (30 % wrong web captions)
 #   2. capfilt it: synthetic captions + ITM filter -> a new CSV dataset
 #   3. pretrain the same BLIP from scratch on the bootstrapped set

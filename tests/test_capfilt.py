@@ -2,7 +2,7 @@
 
 The model is a tiny randomly initialised BLIP saved into tmp_path (no training): its captions are word
 salad and its ITM scores hover near 0.5, which is all these tests need — they check what capfilt does with
-captions and scores, not how good they are (docs/capfilt.md has the experiment).
+captions and scores, not how good they are (docs/results-blip-capfilt.md has the experiment).
 """
 
 from __future__ import annotations

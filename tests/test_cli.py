@@ -267,7 +267,7 @@ def test_every_run_command_lists_the_run_options(argv, plain_help, capsys):
     assert main([*argv, "--help"]) == 0
     out = capsys.readouterr().out
     assert all(flag in out for flag in RUN_FLAGS)
-    assert "dmclip[dashboards]" in out  # square brackets in help survive Rich markup
+    assert "pip install -e '.[dashboards]'" in out  # square brackets in help survive Rich markup
 
 
 def test_sizes_and_ages_in_the_largest_unit_they_reach():

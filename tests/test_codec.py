@@ -158,7 +158,7 @@ def test_bit_packing_is_lsb_first_and_tight():
 
 
 def test_known_bytes_of_a_small_payload():
-    """The layout of docs/compress.md, byte by byte."""
+    """The layout of docs/wire-format.md, byte by byte."""
     p = Payload("kmeans", 4, torch.tensor([[[1.0, -2.0]]], dtype=torch.float16).repeat(1, 2, 1),
                 indices=torch.tensor([[0, 1, 1, 0]]))
     raw = encode(p)

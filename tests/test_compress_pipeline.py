@@ -1,5 +1,5 @@
-"""compress eval / sweep / serve-send end to end: if these break, the numbers in docs/compress.md and the
-CLI's run directories would be wrong or missing."""
+"""compress eval / sweep / serve-send end to end: if these break, the numbers in docs/results-compress.md and
+the CLI's run directories would be wrong or missing."""
 
 from __future__ import annotations
 

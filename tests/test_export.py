@@ -30,7 +30,7 @@ from dmclip.models.base import IMAGE_MEAN, IMAGE_STD, save_model
 from dmclip.models.refs import load_model_ref
 
 requires_onnx = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
-                                   reason="pip install 'dmclip[export]' for the ONNX export tests")
+                                   reason="pip install -e '.[export]' for the ONNX export tests")
 
 CAPTIONS = ["a small red circle on the left", "two blue squares", "a large green triangle at the top",
             "a yellow star", "three purple circles"]
@@ -218,7 +218,7 @@ def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch, capsys):
     assert main(["export", "mamba-tiny-test", "--out", str(tmp_path / "out")]) == 2
     err = stderr_lines(capsys)
     assert err[0] == "error: dmclip export needs onnxruntime, which is not installed", err
-    assert "pip install 'dmclip[export]'" in err[1]
+    assert "pip install -e '.[export]'" in err[1]
 
 
 # ------------------------------------------------------------------------------------------ pt2

@@ -24,9 +24,9 @@ TINY = ["--data", "world-train:size=48", "--steps", "4", "--batch-size", "16", *
         "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "train.log_every=1",
         "--set", "eval.zeroshot=world-zeroshot:size=40"]
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
-                                       reason="pip install 'dmclip[dashboards]' (tensorboard)")
+                                       reason="pip install -e '.[dashboards]' (tensorboard)")
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
-                                 reason="pip install 'dmclip[dashboards]' (wandb)")
+                                 reason="pip install -e '.[dashboards]' (wandb)")
 
 
 def _pretrain(tmp_path: Path, *extra: str) -> RunDir:
@@ -148,7 +148,7 @@ def test_a_missing_package_names_the_pip_extra(tmp_path, capsys, monkeypatch, co
     assert main([command, "--report-to", "tensorboard,wandb", "--runs-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert "error: --report-to wandb needs the wandb package, which is not installed" in err
-    assert "hint: pip install 'dmclip[dashboards]' (or pip install wandb)" in err
+    assert "hint: pip install -e '.[dashboards]' (or pip install wandb)" in err
     assert not find_runs(tmp_path / "runs")
 
 
@@ -156,7 +156,7 @@ def test_a_missing_package_in_a_recipe_fails_the_run_before_training(tmp_path, c
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     assert main(["pretrain", *TINY, "--runs-dir", str(tmp_path / "runs"), "--set", "train.report_to=[tensorboard]"]) == 2
-    assert "hint: pip install 'dmclip[dashboards]'" in capsys.readouterr().err
+    assert "hint: pip install -e '.[dashboards]'" in capsys.readouterr().err
     assert find_runs(tmp_path / "runs", "pretrain") == []  # it failed before training: no run directory left
 
 

@@ -124,7 +124,7 @@ def prepare_out(out_text: str, state: dict) -> Path:
                               "use a new --out, or repeat the first run's settings (only the filter's threshold "
                               "and keep fraction may change)")
     try:
-        (out / "shards").mkdir(parents=True, exist_ok=True)  # and --out's missing parents, as reinforce does
+        (out / "shards").mkdir(parents=True, exist_ok=True)  # and --out's missing parents, as dmclip reinforce does
     except OSError as exc:
         raise DmclipError(f"cannot create --out {out}: {exc.strerror or exc}",
                           "choose an --out in a directory you can write to") from None

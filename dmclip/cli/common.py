@@ -33,7 +33,7 @@ ResumeOpt = Annotated[Path | None, typer.Option(
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (overrides the recipe's).")]
 ReportToOpt = Annotated[str | None, typer.Option(
     "--report-to", help="Also write every metrics row and the results to tensorboard, wandb (offline) or "
-                        "tensorboard,wandb, inside the run directory (needs pip install 'dmclip\\[dashboards]').",
+                        "tensorboard,wandb, inside the run directory (needs pip install -e '.\\[dashboards]').",
     show_default=False)]
 
 

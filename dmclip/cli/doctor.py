@@ -46,7 +46,7 @@ def _extras(extras: dict) -> str:
         if len(present) == len(packages):
             parts.append(f"{extra}: {', '.join(present)}")
         else:
-            parts.append(f"{extra}: not installed (pip install 'dmclip\\[{extra}]')")
+            parts.append(f"{extra}: not installed (pip install -e '.\\[{extra}]')")
     return "; ".join(parts)
 
 

@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
 
         An export whose output differs from PyTorch by more than 1e-4 is refused; nothing is written.
 
-        ONNX needs pip install 'dmclip\\[export]'; pt2 needs only torch (and, for a Vision-Mamba, the fused scan).
+        ONNX needs pip install -e '.\\[export]'; pt2 needs only torch (and, for a Vision-Mamba, the fused scan).
 
         Example: dmclip export run:runs/distill/<run> --out exported/student
 

@@ -26,7 +26,7 @@ class ModelQueue:
     """One thread owns the model. It takes the jobs that are waiting (up to ``batch_images`` images,
     waiting ``batch_wait`` s for more once it has one) and captions jobs whose restored sequences have the
     same length in one call; each job gets back its own rows. The short wait lets clients that send at
-    about the same time share a call instead of falling out of step (measured in docs/compress.md). It is
+    about the same time share a call instead of falling out of step (the `compress serve` rows of docs/benchmarks.md). It is
     skipped once it holds a job from every open connection (``peers()``): a connection has at most one
     request in flight, so no other can come, and a lone client never waits."""
 

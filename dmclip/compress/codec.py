@@ -1,4 +1,4 @@
-"""The wire codec: the exact bytes that cross the edge -> server link (docs/compress.md, "Wire format").
+"""The wire codec: the exact bytes that cross the edge -> server link (docs/wire-format.md).
 
 A :class:`Payload` is what a selector sends for a batch of B images; ``encode`` turns it into bytes,
 ``decode`` turns bytes back into an identical payload (bit for bit) or raises :class:`DmclipError`.

@@ -10,7 +10,7 @@ Deterministic given ``seed`` (a CPU ``torch.Generator`` draws every random numbe
 the same clusters alone as inside any batch: every image uses the same random numbers, drawn once for one
 image, so ``compress send`` (one image) and ``compress eval`` (batches) compress an image identically.
 The restart with the lowest inertia wins per image: a single start often lands in a poor minimum
-(docs/compress.md).
+(docs/compress.md, "k-means speed").
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The server end of the link: ``CaptionServer`` answers frames (:mod:`dmclip.compress.link`) on host:port.
 
-Limits (docs/compress.md, "Serving"): a payload must fit the server's model (:class:`codec.Accepts`,
-checked from its header before anything is decoded); a connection that sends nothing, or does not finish a
-frame, within ``connection_timeout`` gets an error reply and is closed; at most ``max_connections`` are
-served at once and the next one gets an error reply; frames longer than the largest payload that can fit
-are refused from their length prefix. A malformed payload gets an error reply and the connection stays
+Limits (docs/compress.md, "Serving: what a server accepts, limits, concurrency"): a payload must fit the
+server's model (:class:`codec.Accepts`, checked from its header before anything is decoded); a connection
+that sends nothing, or does not finish a frame, within ``connection_timeout`` gets an error reply and is
+closed; at most ``max_connections`` are served at once and the next one gets an error reply; frames longer
+than the largest payload that can fit are refused from their length prefix. A malformed payload gets an error reply and the connection stays
 usable; a frame whose length is absurd, or that ends early, gets an error reply and the connection is
 closed (its boundaries are lost). Either way the server goes on serving other requests and connections.
 

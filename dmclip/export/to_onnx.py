@@ -28,7 +28,7 @@ from dmclip.export.towers import (
 log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "dmclip-onnx"
-INSTALL_HINT = "pip install 'dmclip[export]'"
+INSTALL_HINT = "pip install -e '.[export]'"
 ONNX_MISMATCH_HINT = "report it with the model reference; another --opset may export it differently"
 
 

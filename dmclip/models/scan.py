@@ -108,7 +108,7 @@ def resolve_backend(backend: str, u: torch.Tensor | None = None) -> str:
         if not on_cuda and u is not None:
             raise DmclipError("the cuda scan backend needs CUDA tensors", "use backend 'auto' or 'cpu' on a CPU")
         if scan_ext.cuda_scan_fn() is None:
-            raise DmclipError("the cuda scan backend needs mamba-ssm", "pip install 'dmclip[cuda]' on a GPU machine")
+            raise DmclipError("the cuda scan backend needs mamba-ssm", "pip install -e '.[cuda]' on a GPU machine")
     if backend == "cpu":
         if u is not None and u.device.type != "cpu":
             raise DmclipError("the cpu scan backend needs CPU tensors", "use backend 'auto'")

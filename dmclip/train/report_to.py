@@ -10,7 +10,7 @@
   uploads it later); rows go to its history, the results to its summary, resolved.yaml to its config.
 
 Only the process that writes the run directory (rank 0) reports. The packages are optional
-(``pip install 'dmclip[dashboards]'``); asking for a missing one is a DmclipError before training starts.
+(``pip install -e '.[dashboards]'`` in the checkout); asking for a missing one is a DmclipError before training starts.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def require(names: Sequence[str]) -> None:
     for name in names:
         if importlib.util.find_spec(name) is None:
             raise DmclipError(f"--report-to {name} needs the {name} package, which is not installed",
-                              f"pip install 'dmclip[{EXTRA}]' (or pip install {name}), or drop {name} from "
+                              f"pip install -e '.[{EXTRA}]' (or pip install {name}), or drop {name} from "
                               "train.report_to")
 
 
