@@ -110,7 +110,7 @@ def bare_loop(task: PairTask, dataset: list[dict], cfg: TrainConfig, seed: int, 
             permutations[epoch] = epoch_permutation(seed, epoch, len(dataset))
         indices = permutations[epoch][offset * cfg.batch_size:(offset + 1) * cfg.batch_size]
         batch = task.collate([dataset[i] for i in indices.tolist()])
-        lr = lr_at(step, peak=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+        lr = lr_at(step, peak=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = sum(info_nce(model(batch["image"], batch["text"])).values()) / 2

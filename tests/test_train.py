@@ -68,8 +68,28 @@ def test_lr_schedule_is_warmup_then_cosine(warmup, min_ratio):
             expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
         assert lr_at(s, peak=peak, steps=steps, warmup_steps=warmup, min_lr_ratio=min_ratio) == pytest.approx(
             expected, rel=1e-12, abs=1e-15)
-    assert lr_at(warmup - 1 if warmup else 0, peak=peak, steps=steps, warmup_steps=warmup) == pytest.approx(peak)
+    assert lr_at(warmup - 1 if warmup else 0, peak=peak, steps=steps, warmup_steps=warmup,
+                 min_lr_ratio=min_ratio) == pytest.approx(peak)
     assert lr_at(steps - 1, peak=peak, steps=steps, warmup_steps=warmup, min_lr_ratio=min_ratio) >= min_ratio * peak
+
+
+def test_lr_zero_keeps_every_group_at_zero_and_a_restored_schedule_reports_the_last_lr():
+    """train.lr = 0 (allowed: a dry run through the loop) sets every group, even one with its own lr, to 0 rather
+    than dividing by zero; a schedule restored from a checkpoint reports the lr its last step used."""
+    from dmclip.train.schedule import WarmupCosine
+
+    weights = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+    optimizer = torch.optim.AdamW([{"params": [weights[0]]}, {"params": [weights[1]], "lr": 1e-3}], lr=0.0)
+    frozen = WarmupCosine(optimizer, peak=0.0, steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    for step in (0, 5):
+        assert frozen.apply(step) == 0.0 and [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+    optimizer = torch.optim.AdamW(weights, lr=1e-3)
+    schedule = WarmupCosine(optimizer, peak=1e-3, steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    last = schedule.apply(6)
+    again = WarmupCosine(torch.optim.AdamW(weights, lr=1e-3), peak=1e-3, steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    assert again.last_lr == 0.0  # a fresh run has taken no step
+    again.load_state_dict(schedule.state_dict())
+    assert again.last_lr == last == lr_at(6, peak=1e-3, steps=10, warmup_steps=2, min_lr_ratio=0.1)
 
 
 def test_optimizer_gets_the_scheduled_lr_and_groups_keep_their_ratio(tmp_path):

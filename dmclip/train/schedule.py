@@ -16,7 +16,7 @@ import math
 import torch
 
 
-def lr_at(step: int, *, peak: float, steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
+def lr_at(step: int, *, peak: float, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """The learning rate of 0-based optimizer step ``step`` (see the module docstring)."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
@@ -30,7 +30,7 @@ def warmup_outlasts_run(*, peak: float, steps: int, warmup_steps: int) -> str | 
     the warmup ends within the run."""
     if warmup_steps <= steps:
         return None
-    reached = lr_at(steps - 1, peak=peak, steps=steps, warmup_steps=warmup_steps)
+    reached = lr_at(steps - 1, peak=peak, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=0.0)  # in the warmup
     return (f"train.warmup_steps = {warmup_steps} is longer than the run (train.steps = {steps}): the learning rate "
             f"ends at {reached:.3g}, never reaching train.lr = {peak:.3g}; set --set train.warmup_steps=N with N "
             f"at most {steps}, e.g. --set train.warmup_steps={steps // 10}")
@@ -43,8 +43,8 @@ class WarmupCosine:
     group's peak and follows the same shape.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, peak: float, steps: int, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.0):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, peak: float, steps: int, warmup_steps: int,
+                 min_lr_ratio: float):
         self.optimizer = optimizer
         self.peak, self.steps, self.warmup_steps, self.min_lr_ratio = peak, steps, warmup_steps, min_lr_ratio
         for group in optimizer.param_groups:
@@ -65,8 +65,9 @@ class WarmupCosine:
         return lr
 
     def state_dict(self) -> dict:
-        return {"peak": self.peak, "steps": self.steps, "warmup_steps": self.warmup_steps,
-                "min_lr_ratio": self.min_lr_ratio, "last_lr": self.last_lr}
+        """The lr of the last step (what a resumed run reports before its first step); the shape itself comes
+        from the run's config."""
+        return {"last_lr": self.last_lr}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_lr = float(state.get("last_lr", 0.0))
