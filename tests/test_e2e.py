@@ -267,3 +267,27 @@ def test_pretrain_blip_in_one_process(tmp_path):
         captions = model.generate(torch.rand(2, 3, model.image_size, model.image_size), method="beam",
                                   num_beams=2, max_length=5, min_length=1)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+@pytest.mark.slow  # two 3-step distillations
+def test_alpha_0_trains_without_running_the_teachers_image_tower_to_the_same_student(tmp_path, monkeypatch):
+    """Contrastive-only distillation reads the teacher's text features (its frozen text tower) and never its
+    image features: the teacher's ViT is not run, and the student comes out as when it was."""
+    from safetensors.torch import load_file
+
+    from dmclip.losses.clip import DistillMix
+    from dmclip.models.vit import VisionTransformer
+
+    images_seen = []
+    forward = VisionTransformer.forward
+    monkeypatch.setattr(VisionTransformer, "forward", lambda self, x: images_seen.append(len(x)) or forward(self, x))
+    argv = ["distill", "--alpha", "0", "--student", "mamba-tiny-test", "--data", "world-train:size=64", "--steps",
+            "3", "--batch-size", "8", "--set", "train.progress=false", "--set", "eval.each_run=false"]
+    assert main([*argv, "--runs-dir", str(tmp_path / "skipped")]) == 0
+    assert images_seen == []
+    monkeypatch.setattr(DistillMix, "uses_teacher_images", property(lambda self: True))  # as before: run it
+    assert main([*argv, "--runs-dir", str(tmp_path / "run")]) == 0
+    assert images_seen == [8, 8, 8]
+    weights = [load_file(next((tmp_path / root).rglob("model.safetensors"))) for root in ("skipped", "run")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

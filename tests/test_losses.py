@@ -258,3 +258,14 @@ def test_distill_builds_the_loss_its_config_names():
             DistillTask(student, teacher, cfg)
     finally:
         losses._remove("test-term")
+
+
+@pytest.mark.parametrize("settings, uses", [
+    ({"alpha": 0.0}, False), ({"alpha": 0.75}, True), ({"alpha": 0.0, "feature_weight": 1.0}, True),
+    ({"alpha": 0.0, "fd_weight": 1.0, "student_dim": 8, "teacher_dim": 16}, True),
+    ({"alpha": 0.0, "icl_weight": 1.0}, True),
+])
+def test_the_teachers_image_tower_runs_only_for_a_term_that_reads_it(settings, uses):
+    """distill skips the teacher's image forward when no term reads its image features; each term that does
+    must say so, or it would read features that were never computed."""
+    assert DistillMix(**settings).uses_teacher_images is uses

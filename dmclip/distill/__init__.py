@@ -155,10 +155,12 @@ class DistillTask:
     def teacher_features(self, images: torch.Tensor, captions: list[str]) -> dict:
         if next(self.teacher.parameters()).device != images.device:  # the engine moves only the student
             self.teacher.to(images.device)
+        # alpha 0 (contrastive only) reads no teacher image features: the teacher's image tower is not run
+        with_images = getattr(self.criterion, "uses_teacher_images", True)
         if isinstance(self.teacher, EnsembleTeacher):
-            members = [teacher_features(m, images, captions) for m in self.teacher.members]
+            members = [teacher_features(m, images, captions, with_images=with_images) for m in self.teacher.members]
             return {**members[0], "members": members}  # the first member's text = the student's text tower
-        return teacher_features(self.teacher, images, captions)
+        return teacher_features(self.teacher, images, captions, with_images=with_images)
 
     def cached_inputs(self, batch: dict, step: int) -> tuple[torch.Tensor, list[str], dict]:
         """(the chosen views, their captions, the store's teacher features of both) for the cached path:

@@ -132,6 +132,11 @@ class DistillMix(nn.Module):
         self.fd_weight, self.icl_weight, self.teacher_logit_scale = fd_weight, icl_weight, teacher_logit_scale
         self.fd = FeatureDistillLoss(student_dim, teacher_dim) if fd_weight > 0 else None
 
+    @property
+    def uses_teacher_images(self) -> bool:
+        """Whether any term reads the teacher's image features (alpha 0 alone does not)."""
+        return self.alpha > 0 or self.feature_weight > 0 or self.fd is not None or self.icl_weight > 0
+
     def forward(self, student: dict, teacher: dict) -> dict:
         if self.teacher_logit_scale > 0:
             scale = student["image_features"].new_tensor(self.teacher_logit_scale)

@@ -58,14 +58,18 @@ def load_teacher(ref: str) -> nn.Module:
     return teacher.eval()
 
 
-def teacher_features(teacher: nn.Module, images: torch.Tensor, captions: list[str]) -> dict:
-    """Normalised teacher features of a batch (each teacher with its own tokenizer and input size)."""
-    if images.shape[-1] != teacher.image_size:
-        images = F.interpolate(images, size=teacher.image_size, mode="bilinear", align_corners=False)
+def teacher_features(teacher: nn.Module, images: torch.Tensor, captions: list[str], *,
+                     with_images: bool = True) -> dict:
+    """Normalised teacher features of a batch (each teacher with its own tokenizer and input size);
+    ``with_images=False``: the text side only (a loss that reads no teacher image features)."""
     tokens = teacher.tokenize(captions).to(images.device)
-    return {"image_features": F.normalize(teacher.encode_image(images), dim=-1),
-            "text_features": F.normalize(teacher.encode_text(tokens), dim=-1),
-            "logit_scale": teacher.logit_scale.exp().clamp(max=100.0)}
+    features = {"text_features": F.normalize(teacher.encode_text(tokens), dim=-1),
+                "logit_scale": teacher.logit_scale.exp().clamp(max=100.0)}
+    if with_images:
+        if images.shape[-1] != teacher.image_size:
+            images = F.interpolate(images, size=teacher.image_size, mode="bilinear", align_corners=False)
+        features["image_features"] = F.normalize(teacher.encode_image(images), dim=-1)
+    return features
 
 
 # ------------------------------------------------------------------------------------------ ensemble
