@@ -155,8 +155,10 @@ def run(cfg: PretrainConfig, run_dir) -> dict:
     return score_and_write(run_dir, results, cfg.eval, cfg.data.train)
 
 
-# the per-seed numbers a `pretrain --seeds` summary reports: (results key path, column name)
-SEED_COLUMNS = (("zeroshot.acc1", "zero-shot acc@1"), ("zeroshot.acc5", "zero-shot acc@5"), ("train.loss", "final loss"))
+# the per-seed numbers a `pretrain --seeds` summary reports: (results key path, column name); then every other
+# column of the run's eval suite (each set named in eval.zeroshot / eval.retrieval, and Avg Perf)
+SEED_COLUMNS = ((("zeroshot", "acc1"), "zero-shot acc@1"), (("zeroshot", "acc5"), "zero-shot acc@5"),
+                (("train", "loss"), "final loss"))
 
 
 def seeds_report(sweep_dir, members: list[Member]) -> dict:
@@ -165,17 +167,19 @@ def seeds_report(sweep_dir, members: list[Member]) -> dict:
     from dmclip.io import atomic_write_json, atomic_write_text
     from dmclip.metrics.stats import seed_interval
 
-    def value(results: dict, path: str):
-        for key in path.split("."):
+    def value(results: dict, path: tuple[str, ...]):
+        for key in path:
             results = results.get(key) if isinstance(results, dict) else None
         return results
 
-    columns = [(path, label) for path, label in SEED_COLUMNS
+    suite = list(members[0].result.get("eval", {}))
+    first_set = next((c for c in suite if c.endswith(" acc@1")), None) if "zeroshot" in members[0].result else None
+    columns = [(path, label) for path, label in SEED_COLUMNS + tuple((("eval", c), c) for c in suite if c != first_set)
                if all(value(m.result, path) is not None for m in members)]
     rows = [{"seed": m.config.seed, "run": m.run_dir.path.name, **{label: value(m.result, path) for path, label in columns}}
             for m in members]
     stats = {label: seed_interval([row[label] for row in rows]) for _, label in columns}
-    percent = {label: not path.startswith("train.") for path, label in columns}
+    percent = {label: path[0] != "train" for path, label in columns}
 
     def cell(x: float, label: str) -> str:
         return f"{100 * x:.2f}" if percent[label] else f"{x:.4f}"
@@ -186,7 +190,8 @@ def seeds_report(sweep_dir, members: list[Member]) -> dict:
         return f"{cell(s['mean'], label)} ± {cell(s['std'], label)} [{cell(s['low'], label)}, {cell(s['high'], label)}]"
 
     labels = [label + (" %" if percent[label] else "") for _, label in columns]
-    lines = [f"# pretrain over seeds\n\nseeds: {', '.join(str(row['seed']) for row in rows)}\n",
+    zero_shot = f"; zero-shot: {first_set.removesuffix(' acc@1')}" if first_set else ""
+    lines = [f"# pretrain over seeds\n\nseeds: {', '.join(str(row['seed']) for row in rows)}{zero_shot}\n",
              "| seed | run | " + " | ".join(labels) + " |", "|---:|---|" + "---:|" * len(labels)]
     lines += [f"| {row['seed']} | {row['run']} | " + " | ".join(cell(row[label], label) for _, label in columns) + " |"
               for row in rows]

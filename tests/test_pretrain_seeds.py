@@ -46,6 +46,9 @@ def test_seeds_run_one_member_per_seed_and_summarise_them(tmp_path, capsys):
     assert s["n"] == 3
     text = (sweep / "summary.md").read_text()
     assert f"{100 * acc1.mean():.2f} ± {100 * std:.2f}" in text
+    # every other column of the runs' eval suite (the sets named in eval.*, Avg Perf), the first set named once
+    assert [row["Avg Perf"] for row in summary["rows"]] == pytest.approx([res["eval"]["Avg Perf"] for res in results])
+    assert "zero-shot: world-zeroshot" in text and not [c for c in summary["seeds"] if c.startswith("world-zeroshot")]
     assert "pretrain over seeds" in capsys.readouterr().out
 
 
