@@ -350,6 +350,31 @@ def test_sigterm_saves_the_last_completed_step_and_marks_interrupted(tmp_path):
     assert run.load_checkpoint()["step"] == 4 and run.last_step() == 4
 
 
+def test_a_signal_during_the_last_save_waits_for_it(tmp_path, monkeypatch):
+    """A rank whose peer died is stopped twice: its collective fails (or Ctrl-C), and torchrun's SIGTERM comes
+    while it writes the completed steps. The checkpoint is written whole, then the signal stops the process."""
+    cfg = make_cfg(steps=10, checkpoint_every=2)
+    task = ToyTask()
+    real_loss, real_save = task.loss, RunDir.save_checkpoint
+
+    def loss(model, batch, step):
+        if step == 3:  # steps 0-2 done, the periodic checkpoint holds step 2
+            raise KeyboardInterrupt
+        return real_loss(model, batch, step)
+
+    def save(self, checkpoint):
+        if checkpoint["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # torchrun's stop, in the middle of the last save
+        return real_save(self, checkpoint)
+
+    task.loss = loss
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, task)
+    assert run.load_checkpoint()["step"] == 3 and run.status == "interrupted"
+
+
 @pytest.fixture
 def python_sigint_handler():
     """Python's own SIGINT handler for the test: a process started in the background by a non-interactive

@@ -122,6 +122,13 @@ class _BatchFetcher(torch.utils.data.Dataset):
         return self.collate(many(indices) if many is not None else [self.dataset[i] for i in indices])
 
 
+def _save_holding_signals(state: TrainState, run, cfg: TrainConfig, main: bool) -> None:
+    """The checkpoint written after the loop stopped (Ctrl-C, a lost rank): a signal that arrives meanwhile
+    (torchrun's SIGTERM to the ranks left when one died) waits until the file is written, then acts."""
+    with InterruptGuard() as guard, guard.deferred():
+        state.save(run, cfg, main)
+
+
 def _identity(batch):
     return batch
 
@@ -244,7 +251,7 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
         progress.close()
         if main and state.step != state.last_checkpoint_step:
             log.warning("interrupted: saving step %d to %s", state.step, run.checkpoint_path())
-            state.save(run, cfg, main)
+            _save_holding_signals(state, run, cfg, main)
         raise
     except DmclipError:
         raise
@@ -253,7 +260,7 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
             progress.close()
             if main and state.step != state.last_checkpoint_step:
                 with contextlib.suppress(DmclipError):
-                    state.save(run, cfg, main)
+                    _save_holding_signals(state, run, cfg, main)
             raise DmclipError(
                 f"rank {rank} lost contact with the other training processes at step {state.step + 1} "
                 f"({str(exc).splitlines()[0][:160]})",
