@@ -356,7 +356,7 @@ def _two_rank_check(rank: int, store_path: str) -> dict:
     from dmclip.losses.gather import gather_features
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=30))
     try:
         full = _features(50)
         rows = slice(4 * rank, 4 * rank + 4)
@@ -399,8 +399,11 @@ def test_two_ranks_train_on_the_one_process_clip_loss(tmp_path):
     second.start()
     try:
         result = _two_rank_check(0, store)
+    except BaseException:
+        second.kill()  # it would wait out the group's timeout for this rank
+        raise
     finally:
-        second.join(timeout=120)
+        second.join(timeout=60)
     assert second.exitcode == 0
     full = _features(50)
     for key in ("image_features", "text_features"):
