@@ -131,6 +131,11 @@ def test_itm_loss_labels_positives_one_and_negatives_zero():
     assert itm_loss(positive, negative).item() == pytest.approx(torch.stack(terms).mean().item(), abs=1e-6)
 
 
+def test_itm_labels_live_on_the_logits_device():
+    """On an accelerator the labels must be moved there too; the meta device stands in for one."""
+    assert itm_loss(torch.zeros(2, 2, device="meta"), torch.zeros(4, 2, device="meta")).device.type == "meta"
+
+
 def test_lm_loss_ignores_masked_targets_and_smooths_labels():
     g = torch.Generator().manual_seed(4)
     B, T, V = 2, 7, 11

@@ -371,10 +371,15 @@ def _two_rank_check(rank: int, store_path: str) -> dict:
             for with_grad in (False, True):
                 outputs = []
                 for gather in (gather_features, reference.gather_features):
-                    image = torch.randn(3, 5, generator=torch.Generator().manual_seed(rank)).requires_grad_()
-                    text = torch.randn(3, 5, generator=torch.Generator().manual_seed(10 + rank)).requires_grad_()
-                    extra = (rank, 2) if gather is reference.gather_features else ()
-                    all_image, all_text = gather(image, text, local_loss, with_grad, *extra)
+                    # float64: the gradient comes back in the features' own precision
+                    image = torch.randn(3, 5, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+                    text = torch.randn(3, 5, generator=torch.Generator().manual_seed(10 + rank), dtype=torch.float64)
+                    image.requires_grad_(), text.requires_grad_()
+                    # local_loss left at its default (False, as open_clip's) when it is off
+                    options = {"local_loss": True} if local_loss else {}
+                    if gather is reference.gather_features:
+                        options.update(rank=rank, world_size=2)
+                    all_image, all_text = gather(image, text, gather_with_grad=with_grad, **options)
                     products = (image @ all_text.T, text @ all_image.T, all_image @ all_text.T)
                     sum(p.pow(2).mean() for p in products).backward()
                     outputs.append([all_image.detach(), all_text.detach(), image.grad, text.grad])

@@ -67,7 +67,7 @@ def itm_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor) -> to
     return F.cross_entropy(logits, labels)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Next-token loss: logits (B, T, V) at position t predict ``targets[:, t + 1]``; -100 is ignored.
 
     The mean over the counted tokens of ``(1 - eps) * -log p_y + eps * mean_v -log p_v`` (BLIP's
