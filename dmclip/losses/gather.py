@@ -50,6 +50,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        out = grad.new_empty((ctx.rows, *grad.shape[1:]))  # the gradient's dtype and device
         dist.reduce_scatter_single(out, grad.contiguous())  # sums; gloo implements it as nccl does
         return out
