@@ -23,6 +23,9 @@ from dmclip.losses.blip import (
     sample_hard_negatives,
 )
 
+# a softmax without its dim still works on these 2-D inputs but prints a deprecation warning every step
+pytestmark = pytest.mark.filterwarnings("error")
+
 
 def test_soft_targets_mix_momentum_softmax_and_positives():
     g = torch.Generator().manual_seed(0)
@@ -95,13 +98,42 @@ def test_hard_negatives_when_the_batch_is_one_image():
     assert (picks != torch.arange(3)).all()  # at least never the pair itself
     with pytest.raises(DmclipError, match="at least 2"):
         sample_hard_negatives(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+    pair = sample_hard_negatives(torch.zeros(2, 2), torch.eye(2, dtype=torch.bool))  # the smallest batch
+    assert pair.tolist() == [1, 0]
+
+
+def test_hard_negatives_against_a_wider_bank():
+    """Rows against more columns than rows (a bank): a row with only positives falls back to any other
+    column, the others still never draw a positive."""
+    positive = torch.eye(3, 5, dtype=torch.bool)
+    positive[0] = True
+    g = torch.Generator().manual_seed(2)
+    picks = torch.stack([sample_hard_negatives(torch.randn(3, 5, generator=g), positive, generator=g)
+                         for _ in range(200)])
+    assert (picks[:, 0] != 0).all() and set(picks[:, 0].tolist()) == {1, 2, 3, 4}
+    assert not positive[1:][torch.arange(2), picks[:, 1:]].any()
+
+
+def test_hard_negatives_are_reproducible_from_their_generator():
+    similarity, positive = torch.randn(6, 6), torch.eye(6, dtype=torch.bool)
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # the global generator must not matter
+        draws.append(torch.stack([sample_hard_negatives(similarity, positive, torch.Generator().manual_seed(7))
+                                  for _ in range(5)]))
+    assert torch.equal(draws[0], draws[1])
 
 
 def test_itm_loss_labels_positives_one_and_negatives_zero():
     g = torch.Generator().manual_seed(3)
-    positive, negative = torch.randn(2, 2, generator=g), torch.randn(4, 2, generator=g)
+    positive, negative = torch.randn(3, 2, generator=g), torch.randn(6, 2, generator=g)
     terms = [-F.log_softmax(row, 0)[1] for row in positive] + [-F.log_softmax(row, 0)[0] for row in negative]
     assert itm_loss(positive, negative).item() == pytest.approx(torch.stack(terms).mean().item(), abs=1e-6)
+
+
+def test_itm_labels_live_on_the_logits_device():
+    """On an accelerator the labels must be moved there too; the meta device stands in for one."""
+    assert itm_loss(torch.zeros(2, 2, device="meta"), torch.zeros(4, 2, device="meta")).device.type == "meta"
 
 
 def test_lm_loss_ignores_masked_targets_and_smooths_labels():

@@ -11,6 +11,7 @@ from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import DistillClipLoss
 
 from dmclip.losses.clip import (
+    ClipLoss,
     DistillMix,
     FeatureDistillLoss,
     clip_loss,
@@ -78,7 +79,43 @@ def test_distill_mix_is_the_weighted_sum(alpha):
     out = DistillMix(alpha)(student, teacher)
     expected = alpha * kd_loss(student, teacher) + (1 - alpha) * clip_loss(student)
     torch.testing.assert_close(out["loss"], expected, rtol=1e-6, atol=1e-6)
-    assert set(out) >= {"loss", "contrastive", "kd"}
+    assert set(out) == {"loss", "contrastive", "kd"}  # a term at weight 0 is neither computed nor logged
+
+
+def test_the_parts_logged_are_the_terms_trained_on():
+    """alpha 1 logs no contrastive term; alpha 0 logs no KD and reads no teacher image features (distill
+    does not compute them then)."""
+    student, teacher = _features(11), _features(12)
+    pure_kd = DistillMix(1.0)(student, teacher)
+    torch.testing.assert_close(pure_kd["kd"], kd_loss(student, teacher))
+    assert pure_kd["contrastive"].item() == 0.0
+    text_only_teacher = {k: v for k, v in teacher.items() if k != "image_features"}
+    pure_contrastive = DistillMix(0.0)(student, text_only_teacher)
+    torch.testing.assert_close(pure_contrastive["contrastive"], clip_loss(student))
+    assert pure_contrastive["kd"].item() == 0.0
+
+
+def test_distill_mix_built_without_settings_is_distills_default_objective():
+    """DistillMix() from Python trains what `dmclip distill` trains with no loss.* settings."""
+    from dmclip.distill import LossConfig
+
+    mix, config = DistillMix(), LossConfig()
+    for name in ("alpha", "feature_weight", "feature_kind", "fd_weight", "icl_weight", "teacher_logit_scale"):
+        assert getattr(mix, name) == getattr(config, name), name
+
+
+def test_clip_loss_module_is_pretrains_objective():
+    f = _features(13)
+    out = ClipLoss()(f)
+    torch.testing.assert_close(out["loss"], clip_loss(f))
+    torch.testing.assert_close(out["contrastive"], clip_loss(f))
+    assert set(out) == {"loss", "contrastive"}
+
+
+def test_contrastive_labels_live_on_the_features_device():
+    """On an accelerator the labels must be created there too; the meta device stands in for one."""
+    f = {k: v.to("meta") for k, v in _features(14).items()}
+    assert clip_loss(f).device.type == "meta"
 
 
 def test_feature_loss_cosine_and_mse():
@@ -89,6 +126,12 @@ def test_feature_loss_cosine_and_mse():
     assert feature_loss(student, student, "cosine").abs() < 1e-6
     torch.testing.assert_close(feature_loss(student, teacher, "mse"),
                                F.mse_loss(student["image_features"], teacher["image_features"]))
+
+
+def test_distill_mix_uses_the_feature_kind_it_is_given():
+    student, teacher = _features(15), _features(16)
+    mse_mix = DistillMix(0.0, feature_weight=1.0, feature_kind="mse")(student, teacher)
+    torch.testing.assert_close(mse_mix["feature"], F.mse_loss(student["image_features"], teacher["image_features"]))
 
 
 def test_gradients_flow_only_to_student():
@@ -169,12 +212,15 @@ def test_fd_is_clip_kd_mse_of_image_and_text_embeddings():
     torch.testing.assert_close(FeatureDistillLoss()(student, teacher), image + text, rtol=1e-6, atol=1e-7)
     frozen_text = {**student, "text_features": teacher["text_features"]}  # a shared, frozen text tower
     torch.testing.assert_close(FeatureDistillLoss()(frozen_text, teacher), image, rtol=1e-6, atol=1e-7)
+    image_only_teacher = {k: v for k, v in teacher.items() if k != "text_features"}
+    torch.testing.assert_close(FeatureDistillLoss()(student, image_only_teacher), image, rtol=1e-6, atol=1e-7)
 
 
 def test_fd_learns_a_projection_when_widths_differ():
     student, teacher = _features(32, dim=8), _features(33, dim=16)
     loss = FeatureDistillLoss(student_dim=8, teacher_dim=16)
     assert isinstance(loss.projection, torch.nn.Linear) and loss.projection.weight.shape == (16, 8)
+    assert sum(p.numel() for p in loss.parameters()) == 16 * 8  # CLIP-KD's projection is linear: no bias
     projected = {k: (loss.projection(v) if k.endswith("features") else v) for k, v in student.items()}
     expected = (F.mse_loss(projected["image_features"], teacher["image_features"])
                 + F.mse_loss(projected["text_features"], teacher["text_features"]))
@@ -183,6 +229,18 @@ def test_fd_learns_a_projection_when_widths_differ():
     out.backward()
     assert loss.projection.weight.grad is not None and loss.projection.weight.grad.abs().sum() > 0
     assert isinstance(FeatureDistillLoss(16, 16).projection, torch.nn.Identity)
+
+
+def test_distill_mix_projects_a_narrower_student_for_fd():
+    student, teacher = _features(40, dim=8), _features(41, dim=16)
+    mix = DistillMix(0.5, fd_weight=2.0, student_dim=8, teacher_dim=16)
+    student_projected = {**student, "image_features": mix.fd.projection(student["image_features"]),
+                         "text_features": mix.fd.projection(student["text_features"])}
+    expected = (F.mse_loss(student_projected["image_features"], teacher["image_features"])
+                + F.mse_loss(student_projected["text_features"], teacher["text_features"]))
+    out = mix(student, teacher)
+    torch.testing.assert_close(out["fd"], expected)
+    assert mix.fd.projection.weight.shape == (16, 8)
 
 
 def test_icl_is_student_image_vs_teacher_text_and_student_text_vs_teacher_image():
@@ -206,14 +264,27 @@ def test_distill_mix_with_every_term_is_its_formula():
                 + 0.25 * interactive_contrastive_loss(student, teacher))
     torch.testing.assert_close(out["loss"], expected, rtol=1e-6, atol=1e-6)
     assert set(out) == {"loss", "contrastive", "kd", "feature", "fd", "icl"}
+    torch.testing.assert_close(out["feature"], cosine)
+    torch.testing.assert_close(out["fd"], fd)
+    torch.testing.assert_close(out["icl"], interactive_contrastive_loss(student, teacher))
 
 
-def test_a_fixed_teacher_logit_scale_sharpens_the_kd_targets():
-    """teacher_logit_scale=100 (MobileCLIP) = the teacher's own scale replaced by 100 in KD's targets."""
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_a_fixed_teacher_logit_scale_replaces_the_teachers_in_the_kd_targets(scale):
+    """teacher_logit_scale=100 (MobileCLIP) = the teacher's own scale replaced by 100 in KD's targets; any
+    scale above 0 does so (1 gives soft targets)."""
     student, teacher = _features(38), _features(39, scale=10.0)
-    fixed = DistillMix(1.0, teacher_logit_scale=100.0)(student, teacher)["loss"]
-    torch.testing.assert_close(fixed, kd_loss(student, {**teacher, "logit_scale": torch.tensor(100.0)}))
+    fixed = DistillMix(1.0, teacher_logit_scale=scale)(student, teacher)["loss"]
+    torch.testing.assert_close(fixed, kd_loss(student, {**teacher, "logit_scale": torch.tensor(scale)}))
     assert not torch.allclose(fixed, DistillMix(1.0)(student, teacher)["loss"])
+
+
+def test_a_fixed_teacher_logit_scale_applies_to_every_ensemble_member():
+    student, t1, t2 = _features(42), _features(43, scale=30.0), _features(44, scale=80.0)
+    fixed = DistillMix(1.0, teacher_logit_scale=100.0)(student, {**t1, "members": [t1, t2]})["loss"]
+    hundred = torch.tensor(100.0)
+    rescaled = [{**t, "logit_scale": hundred} for t in (t1, t2)]
+    torch.testing.assert_close(fixed, kd_loss(student, {**rescaled[0], "members": rescaled}))
 
 
 def test_distill_builds_the_loss_its_config_names():
@@ -269,3 +340,84 @@ def test_the_teachers_image_tower_runs_only_for_a_term_that_reads_it(settings, u
     """distill skips the teacher's image forward when no term reads its image features; each term that does
     must say so, or it would read features that were never computed."""
     assert DistillMix(**settings).uses_teacher_images is uses
+
+
+# ------------------------------------------------------------------ two ranks (gloo), in this process and a fork
+
+
+def _two_rank_check(rank: int, store_path: str) -> dict:
+    """On each of 2 ranks, rows [4 rank, 4 rank + 4) of one batch of 8: the CLIP loss averaged over ranks and
+    this rank's input gradients, and open_clip's gather_features against ours for every option pair."""
+    import datetime
+
+    import open_clip.loss as reference
+    import torch.distributed as dist
+
+    from dmclip.losses.gather import gather_features
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        full = _features(50)
+        rows = slice(4 * rank, 4 * rank + 4)
+        local = {k: (v[rows].clone().requires_grad_() if k.endswith("features") else v) for k, v in full.items()}
+        loss = clip_loss(local)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        result = {"rows": rows, "loss": mean_loss / 2,
+                  "grads": [local[k].grad / 2 for k in ("image_features", "text_features")], "gather": []}
+        for local_loss in (False, True):
+            for with_grad in (False, True):
+                outputs = []
+                for gather in (gather_features, reference.gather_features):
+                    # float64: the gradient comes back in the features' own precision
+                    image = torch.randn(3, 5, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+                    text = torch.randn(3, 5, generator=torch.Generator().manual_seed(10 + rank), dtype=torch.float64)
+                    image.requires_grad_(), text.requires_grad_()
+                    # local_loss left at its default (False, as open_clip's) when it is off
+                    options = {"local_loss": True} if local_loss else {}
+                    if gather is reference.gather_features:
+                        options.update(rank=rank, world_size=2)
+                    all_image, all_text = gather(image, text, gather_with_grad=with_grad, **options)
+                    products = (image @ all_text.T, text @ all_image.T, all_image @ all_text.T)
+                    sum(p.pow(2).mean() for p in products).backward()
+                    outputs.append([all_image.detach(), all_text.detach(), image.grad, text.grad])
+                result["gather"].append((local_loss, with_grad, outputs))
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+def _second_rank(store_path: str) -> None:
+    _two_rank_check(1, store_path)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional.all_gather:FutureWarning")
+def test_two_ranks_train_on_the_one_process_clip_loss(tmp_path):
+    """Under DDP each rank holds a slice of the batch: the loss averaged over ranks, and each rank's gradient
+    averaged as DDP does, are open_clip's full-batch ones on one process; gather_features is open_clip's."""
+    import multiprocessing
+
+    store = str(tmp_path / "store")
+    second = multiprocessing.get_context("fork").Process(target=_second_rank, args=(store,))
+    second.start()
+    try:
+        result = _two_rank_check(0, store)
+    except BaseException:
+        second.kill()  # it would wait out the group's timeout for this rank
+        raise
+    finally:
+        second.join(timeout=60)
+    assert second.exitcode == 0
+    full = _features(50)
+    for key in ("image_features", "text_features"):
+        full[key] = full[key].clone().requires_grad_()
+    expected = OpenClipLoss()(full["image_features"], full["text_features"], full["logit_scale"])
+    expected.backward()
+    torch.testing.assert_close(result["loss"], expected.detach(), rtol=1e-6, atol=1e-6)
+    for grad, key in zip(result["grads"], ("image_features", "text_features")):
+        torch.testing.assert_close(grad, full[key].grad[result["rows"]], rtol=1e-5, atol=1e-7)
+    for local_loss, with_grad, (ours, theirs) in result["gather"]:
+        for got, want in zip(ours, theirs):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{local_loss=} {with_grad=}")

@@ -53,7 +53,7 @@ def sample_hard_negatives(similarity: torch.Tensor, positive_mask: torch.Tensor,
     logits = similarity.float().masked_fill(positive_mask, float("-inf"))
     all_positive = positive_mask.all(dim=1)
     if bool(all_positive.any()):
-        off_diagonal = ~torch.eye(B, similarity.shape[1], dtype=torch.bool, device=similarity.device)
+        off_diagonal = torch.ones_like(positive_mask).fill_diagonal_(False)  # on the mask's device
         logits[all_positive] = torch.where(off_diagonal[all_positive], 0.0, float("-inf"))
     weights = F.softmax(logits, dim=1)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
@@ -67,7 +67,7 @@ def itm_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor) -> to
     return F.cross_entropy(logits, labels)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Next-token loss: logits (B, T, V) at position t predict ``targets[:, t + 1]``; -100 is ignored.
 
     The mean over the counted tokens of ``(1 - eps) * -log p_y + eps * mean_v -log p_v`` (BLIP's

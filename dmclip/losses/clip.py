@@ -22,7 +22,9 @@ def _gathered(image_features: torch.Tensor, text_features: torch.Tensor):
         return image_features, text_features, image_features, text_features, 0
     from dmclip.losses.gather import gather_features
 
-    all_images, all_texts = gather_features(image_features, text_features, local_loss=True, gather_with_grad=True)
+    # gathered with the gradient (the default): every rank's rows keep their graph, so open_clip's local_loss,
+    # which only puts this rank's rows back into a gradient-free gather, has nothing left to do
+    all_images, all_texts = gather_features(image_features, text_features)
     return image_features, text_features, all_images, all_texts, dist.get_rank() * image_features.shape[0]
 
 
@@ -59,15 +61,15 @@ def kd_loss(student: dict, teacher: dict) -> torch.Tensor:
 
 def soft_cross_entropy_probs(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """-sum p_teacher * log_softmax(student), averaged over rows."""
-    return -(teacher_probs * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+    return -(teacher_probs * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
-def feature_loss(student: dict, teacher: dict, kind: str = "cosine") -> torch.Tensor:
+def feature_loss(student: dict, teacher: dict, kind: str) -> torch.Tensor:
     """CLIP-KD feature mimicry on image embeddings: 1 - cos, or MSE."""
     s, t = student["image_features"], teacher["image_features"].detach()
     if kind == "mse":
         return F.mse_loss(s, t)
-    return (1 - (s * t).sum(dim=-1)).mean()
+    return (1 - (s * t).sum(dim=1)).mean()
 
 
 def feature_distillation_loss(student: dict, teacher: dict, projection: nn.Module | None = None) -> torch.Tensor:

@@ -50,12 +50,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
-            out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
-            return out
-        grad = grad.clone()  # all_reduce works in place; autograd may still hold this buffer
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gloo has no reduce_scatter
-        start = dist.get_rank() * ctx.rows
-        return grad[start: start + ctx.rows]
+        out = grad.new_empty((ctx.rows, *grad.shape[1:]))  # the gradient's dtype and device
+        dist.reduce_scatter_single(out, grad.contiguous())  # sums; gloo implements it as nccl does
+        return out
