@@ -92,7 +92,10 @@ def test_compare_arms_summarises_every_arm_and_differences_against_the_baseline(
     out = compare_arms(arms, "alpha=0", weights={"x": 1.0}, replicates=300)
     assert set(out["arms"]) == {"alpha=0", "alpha=0.75"} and set(out["differences"]) == {"alpha=0.75"}
     per_seed = [r["x"].mean() for r in arms["alpha=0.75"]]
+    assert out["baseline"] == "alpha=0"  # summary.json names the arm the differences are against
     assert out["arms"]["alpha=0.75"]["x"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert out["arms"]["alpha=0.75"]["x"]["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert out["arms"]["alpha=0.75"]["x"]["n"] == 3
     assert out["arms"]["alpha=0.75"]["Avg Perf"]["mean"] == pytest.approx(np.mean(per_seed))
     assert out["differences"]["alpha=0.75"]["Avg Perf"]["significant"]
 
@@ -104,3 +107,20 @@ def test_compare_arms_summarises_every_arm_and_differences_against_the_baseline(
 def test_mismatched_arms_are_refused(treated, message):
     with pytest.raises(DmclipError, match=message):
         paired_bootstrap({"acc": np.zeros((3, 10))}, treated)
+
+
+def test_compare_arms_draws_are_reproducible_by_default():
+    """A sweep summarised again prints the interval published for it: the default bootstrap is 2000
+    replicates from seed 0 (`distill --seeds` and scripts/compare-sweeps.py leave the seed at its default)."""
+    rng = np.random.default_rng(6)
+    arms = {"a": [{"x": rng.random(50)} for _ in range(2)], "b": [{"x": rng.random(50)} for _ in range(2)]}
+    default = compare_arms(arms, "a", weights={"x": 1.0})["differences"]["b"]["x"]
+    assert default == compare_arms(arms, "a", weights={"x": 1.0}, replicates=2000, seed=0)["differences"]["b"]["x"]
+    assert default != compare_arms(arms, "a", weights={"x": 1.0}, replicates=2000, seed=1)["differences"]["b"]["x"]
+
+
+def test_compare_arms_of_one_seed_gives_means_without_spread():
+    arms = {"a": [{"x": np.array([0.0, 1.0, 1.0, 1.0])}], "b": [{"x": np.array([1.0, 1.0, 1.0, 1.0])}]}
+    out = compare_arms(arms, "a", weights={"x": 1.0}, replicates=50)
+    assert out["arms"]["a"]["x"]["mean"] == 0.75 and math.isnan(out["arms"]["a"]["x"]["std"])
+    assert out["differences"]["b"]["x"]["diff"] == pytest.approx(0.25)
