@@ -25,7 +25,20 @@ def test_seed_interval_by_hand():
 
 def test_one_seed_has_no_interval():
     out = seed_interval([0.4])
-    assert out["mean"] == 0.4 and math.isnan(out["std"]) and math.isnan(out["low"])
+    assert sorted(out) == ["high", "low", "mean", "n", "std"] and out["mean"] == 0.4 and out["n"] == 1
+    assert math.isnan(out["std"]) and math.isnan(out["low"]) and math.isnan(out["high"])
+
+
+def test_two_seeds_have_a_wide_interval():
+    """values 0.2, 0.4: mean 0.3, std 0.141421, t(0.975, 1) = 12.706205."""
+    out = seed_interval([0.2, 0.4])
+    half = 12.706205 * math.sqrt(0.02) / math.sqrt(2)
+    assert out["n"] == 2 and (out["low"], out["high"]) == pytest.approx((0.3 - half, 0.3 + half), rel=1e-6)
+
+
+def test_no_seeds_is_a_clear_error():
+    with pytest.raises(DmclipError, match="no values"):
+        seed_interval([])
 
 
 def test_paired_bootstrap_of_a_constant_difference_is_that_difference():
@@ -124,3 +137,15 @@ def test_compare_arms_of_one_seed_gives_means_without_spread():
     out = compare_arms(arms, "a", weights={"x": 1.0}, replicates=50)
     assert out["arms"]["a"]["x"]["mean"] == 0.75 and math.isnan(out["arms"]["a"]["x"]["std"])
     assert out["differences"]["b"]["x"]["diff"] == pytest.approx(0.25)
+
+
+def test_compare_arms_passes_its_confidence_and_bootstrap_settings_on():
+    """An 80 % interval asked of the sweep is an 80 % interval in both tables, from the asked draws."""
+    rng = np.random.default_rng(7)
+    arms = {"a": [{"x": rng.random(30)} for _ in range(3)], "b": [{"x": rng.random(30)} for _ in range(3)]}
+    out = compare_arms(arms, "a", weights={"x": 1.0}, replicates=60, confidence=0.8, seed=3)
+    per_seed = [run["x"].mean() for run in arms["b"]]
+    assert out["arms"]["b"]["x"] == seed_interval(per_seed, 0.8)
+    stacked = {arm: {"x": np.stack([run["x"] for run in runs])} for arm, runs in arms.items()}
+    direct = paired_bootstrap(stacked["a"], stacked["b"], replicates=60, confidence=0.8, seed=3)
+    assert out["differences"]["b"]["x"] == direct["x"]
