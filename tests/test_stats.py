@@ -149,3 +149,22 @@ def test_compare_arms_passes_its_confidence_and_bootstrap_settings_on():
     stacked = {arm: {"x": np.stack([run["x"] for run in runs])} for arm, runs in arms.items()}
     direct = paired_bootstrap(stacked["a"], stacked["b"], replicates=60, confidence=0.8, seed=3)
     assert out["differences"]["b"]["x"] == direct["x"]
+
+
+def test_the_interval_is_the_percentile_interval_of_the_replicates():
+    """Two replicates: the 100 % interval runs from one to the other, and numpy's percentile interpolates
+    linearly between them, so the 50 % interval is the middle half of it."""
+    rng = np.random.default_rng(8)
+    base, treated = {"acc": rng.random((2, 20))}, {"acc": rng.random((2, 20))}
+    full = paired_bootstrap(base, treated, replicates=2, confidence=1.0)["acc"]
+    half = paired_bootstrap(base, treated, replicates=2, confidence=0.5)["acc"]
+    assert full["high"] > full["low"]
+    assert half["high"] - half["low"] == pytest.approx(0.5 * (full["high"] - full["low"]), rel=1e-9)
+    assert half["low"] + half["high"] == pytest.approx(full["low"] + full["high"], rel=1e-9)
+
+
+def test_paired_bootstrap_draws_are_reproducible_by_default():
+    rng = np.random.default_rng(9)
+    base, treated = {"acc": rng.random((2, 30))}, {"acc": rng.random((2, 30))}
+    assert paired_bootstrap(base, treated) == paired_bootstrap(base, treated, replicates=2000, seed=0)
+    assert paired_bootstrap(base, treated) != paired_bootstrap(base, treated, replicates=2000, seed=1)
