@@ -96,6 +96,20 @@ def test_derived_column_is_the_weighted_sum():
     out = paired_bootstrap(base, treated, derived={"avg": {"a": 0.5, "b": 0.5}}, replicates=100)
     assert out["avg"]["diff"] == pytest.approx(-0.1)
     assert out["avg"]["low"] == pytest.approx(-0.1) and out["avg"]["high"] == pytest.approx(-0.1)
+    assert (out["a"]["seeds"], out["a"]["items"], out["b"]["items"], out["avg"]["items"]) == (2, 100, 300, 400)
+
+
+def test_a_derived_column_over_an_unknown_column_is_refused():
+    base = {"a": np.zeros((2, 10))}
+    with pytest.raises(DmclipError, match="unknown columns"):
+        paired_bootstrap(base, base, derived={"avg": {"a": 0.5, "typo": 0.5}}, replicates=10)
+
+
+def test_no_difference_is_not_significant():
+    """Identical arms: the interval is [0, 0], which does not exclude 0."""
+    base = {"acc": np.random.default_rng(10).random((2, 40))}
+    out = paired_bootstrap(base, base, replicates=50)["acc"]
+    assert out["low"] == out["high"] == 0.0 and not out["significant"]
 
 
 def test_compare_arms_summarises_every_arm_and_differences_against_the_baseline():
