@@ -78,6 +78,27 @@ def test_labels_beyond_the_class_names_are_a_clear_error():
         zero_shot_metrics(torch.randn(2, 3), torch.tensor([0, 3]))
 
 
+def test_tied_classes_rank_the_lower_index_first_past_16_classes():
+    """40 equal logits (past torch's small-sort size, where an unstable sort reorders ties)."""
+    logits = torch.zeros(2, 40)
+    assert zero_shot_metrics(logits, torch.tensor([0, 39]))["acc1"] == 0.5
+    assert topk_accuracy(logits, torch.tensor([4, 5]), 5) == 0.5
+
+
+def test_one_sample_is_scored():
+    assert topk_accuracy(torch.tensor([[1.0, 2.0]]), torch.tensor([1]), 1) == 1.0
+
+
+def test_no_samples_is_a_clear_error():
+    with pytest.raises(DmclipError, match="no samples"):
+        zero_shot_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+def test_logits_and_labels_of_different_lengths_are_refused():
+    with pytest.raises(ValueError, match="3 rows of logits but 2 labels"):
+        zero_shot_metrics(torch.zeros(3, 2), torch.tensor([0, 1]))
+
+
 def _clip_benchmark_accuracy(output, target, topk=(1,)):
     # CLIP_benchmark's zeroshot_classification.accuracy, written out
     pred = output.topk(max(topk), 1, True, True)[1].t()
