@@ -292,6 +292,23 @@ def test_noise_removal_precision_and_recall_on_a_hand_case():
     assert (m["noisy"], m["removed"], m["total"]) == (3, 3, 6)
 
 
+def test_noise_removal_when_half_of_the_removed_pairs_are_noisy():
+    """One noisy and one clean pair removed, one of each kept: precision, recall and F1 are all 1/2."""
+    m = noise_removal_metrics([True, False, True, False], [True, True, False, False])
+    assert (m["precision"], m["recall"], m["f1"]) == (0.5, 0.5, 0.5)
+
+
+def test_noise_removal_recall_is_undefined_without_noisy_pairs():
+    m = noise_removal_metrics([False, False], [True, False])
+    assert m["precision"] == 0.0 and m["recall"] is None and m["f1"] is None
+
+
+def test_noise_labels_as_numbers_count_like_booleans():
+    """0/1 labels read as floats (a numpy column, a CSV) give the boolean answer."""
+    as_numbers = noise_removal_metrics(np.array([1.0, 0.0, 1.0, 0.0]), np.array([1.0, 1.0, 0.0, 0.0]))
+    assert as_numbers == noise_removal_metrics([True, False, True, False], [True, True, False, False])
+
+
 def test_noise_removal_f1_is_undefined_when_only_clean_pairs_are_removed():
     m = noise_removal_metrics([True, False], [False, True])
     assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] is None
