@@ -30,56 +30,6 @@ DATA = "world-noisy:size=24"
 # ------------------------------------------------------------------------------- pure functions
 
 
-def test_noise_removal_precision_and_recall_on_a_hand_case():
-    noisy = [True, True, False, False, True, False]
-    removed = [True, False, True, False, True, False]
-    m = noise_removal_metrics(noisy, removed)
-    # removed 3, of which 2 noisy -> precision 2/3; 3 noisy, 2 of them removed -> recall 2/3
-    assert (m["true_positives"], m["false_positives"], m["false_negatives"], m["true_negatives"]) == (2, 1, 1, 2)
-    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 / 3)
-
-
-def test_noise_removal_is_undefined_not_zero_when_nothing_is_removed():
-    m = noise_removal_metrics([True, False], [False, False])
-    assert m["precision"] is None and m["recall"] == 0.0 and m["f1"] is None
-
-
-def test_precision_recall_curve_hand_case():
-    # removing the lowest scores first: {0.1} -> P 1, R 1/2; +{0.2} -> 1/2, 1/2; +{0.3} -> 2/3, 1; all -> 1/2, 1
-    curve = precision_recall_curve([0.3, 0.1, 0.9, 0.2], [True, True, False, False])
-    assert curve["precision"] == pytest.approx([1.0, 0.5, 2 / 3, 0.5])
-    assert curve["recall"] == pytest.approx([0.5, 0.5, 1.0, 1.0])
-    assert curve["average_precision"] == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
-    # each threshold removes exactly the scores below it
-    assert curve["thresholds"][0] > 0.1 and curve["thresholds"][0] < 0.2
-
-
-def test_precision_recall_curve_matches_brute_force_with_ties():
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 20, size=300) / 20.0  # many ties
-    noisy = rng.random(300) < 0.3
-    curve = precision_recall_curve(scores, noisy)
-    assert len(curve["thresholds"]) == len(np.unique(scores))
-    for t, p, r in zip(curve["thresholds"], curve["precision"], curve["recall"]):
-        m = noise_removal_metrics(noisy, scores < t)
-        assert (p, r) == pytest.approx((m["precision"], m["recall"]))
-
-
-@pytest.mark.slow  # importing scikit-learn takes seconds
-def test_precision_recall_curve_and_average_precision_match_sklearn():
-    metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(1)
-    scores = rng.integers(0, 20, size=300) / 20.0
-    noisy = rng.random(300) < 0.3
-    curve = precision_recall_curve(scores, noisy)
-    precision, recall, _ = metrics.precision_recall_curve(noisy, -scores)  # high "noisiness" = low ITM
-    ours = sorted(zip(np.round(curve["recall"], 12), np.round(curve["precision"], 12)))
-    theirs = sorted((round(r, 12), round(p, 12)) for p, r in zip(precision[:-1], recall[:-1]))
-    assert ours == theirs
-    assert curve["average_precision"] == pytest.approx(metrics.average_precision_score(noisy, -scores))
-
-
 def test_threshold_keeps_scores_at_or_above_it():
     kept, threshold = select_kept([0.2, 0.5, 0.7, 0.49999], threshold=0.5)
     assert kept.tolist() == [False, True, True, False] and threshold == 0.5

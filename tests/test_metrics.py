@@ -14,6 +14,7 @@ import torch
 
 from dmclip.errors import DmclipError
 from dmclip.metrics import latency as lat
+from dmclip.metrics.filtering import noise_removal_metrics, precision_recall_curve, thin_curve
 from dmclip.metrics.retrieval import (
     best_positive_ranks,
     positive_pairs,
@@ -33,10 +34,20 @@ def test_class_embedding_is_renormalised_mean_of_normalised_templates():
     assert torch.allclose(class_embeddings(features), expected, atol=1e-6)
 
 
+def test_each_class_embedding_is_normalised_on_its_own():
+    features = torch.tensor([[[3.0, 4.0]], [[0.0, 10.0]]])  # 2 classes, 1 template
+    assert torch.allclose(class_embeddings(features), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+
+
+def test_text_features_without_a_template_axis_are_refused():
+    with pytest.raises(ValueError, match=r"\(classes, templates, dim\), got \(4, 8\)"):
+        class_embeddings(torch.randn(4, 8))
+
+
 def test_zero_shot_logits_are_100_times_cosine():
-    image = torch.tensor([[2.0, 0.0]])
+    images = torch.tensor([[3.0, 4.0], [0.0, 0.5]])  # each image normalised on its own
     classes = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
-    assert torch.allclose(zero_shot_logits(image, classes), torch.tensor([[100.0, 60.0]]))
+    assert torch.allclose(zero_shot_logits(images, classes), torch.tensor([[60.0, 100.0], [0.0, 80.0]]))
 
 
 def test_hand_computed_metrics_with_a_tie_and_three_classes():
@@ -65,6 +76,27 @@ def test_one_class_is_always_right():
 def test_labels_beyond_the_class_names_are_a_clear_error():
     with pytest.raises(DmclipError, match="class names"):
         zero_shot_metrics(torch.randn(2, 3), torch.tensor([0, 3]))
+
+
+def test_tied_classes_rank_the_lower_index_first_past_16_classes():
+    """40 equal logits (past torch's small-sort size, where an unstable sort reorders ties)."""
+    logits = torch.zeros(2, 40)
+    assert zero_shot_metrics(logits, torch.tensor([0, 39]))["acc1"] == 0.5
+    assert topk_accuracy(logits, torch.tensor([4, 5]), 5) == 0.5
+
+
+def test_one_sample_is_scored():
+    assert topk_accuracy(torch.tensor([[1.0, 2.0]]), torch.tensor([1]), 1) == 1.0
+
+
+def test_no_samples_is_a_clear_error():
+    with pytest.raises(DmclipError, match="no samples"):
+        zero_shot_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+def test_logits_and_labels_of_different_lengths_are_refused():
+    with pytest.raises(ValueError, match="3 rows of logits but 2 labels"):
+        zero_shot_metrics(torch.zeros(3, 2), torch.tensor([0, 1]))
 
 
 def _clip_benchmark_accuracy(output, target, topk=(1,)):
@@ -103,15 +135,46 @@ def test_hand_computed_retrieval():
     assert m["image_retrieval_mean_rank"] == pytest.approx(4 / 3) and m["image_retrieval_median_rank"] == 1.0
 
 
-def test_ties_rank_the_lower_index_first():
-    scores = torch.zeros(3, 3)
-    ranks = best_positive_ranks(scores, positive_pairs(torch.tensor([0, 1, 2]), 3))
-    assert ranks.tolist() == [1, 2, 3]
+def test_one_image_with_one_caption_is_found_first():
+    m = retrieval_metrics(torch.tensor([[0.3]]), torch.tensor([0]))
+    assert m["image_retrieval_recall@1"] == 1.0 and m["text_retrieval_recall@1"] == 1.0
+    assert m["image_retrieval_mean_rank"] == 1.0 and m["text_retrieval_median_rank"] == 1.0
+
+
+def test_recall_is_reported_at_the_asked_ks_in_both_directions():
+    m = retrieval_metrics(torch.tensor([[0.1, 0.4, 0.5], [0.3, 0.2, 0.8]]), torch.tensor([0, 0, 1]), ks=(2,))
+    assert sorted(k for k in m if "recall" in k) == ["image_retrieval_recall@2", "text_retrieval_recall@2"]
+    assert m["image_retrieval_recall@2"] == 1.0 and m["text_retrieval_recall@2"] == 1.0
+
+
+def test_text_scores_replace_the_text_to_image_direction_only():
+    """Re-ranked text -> image scores that put every caption's image second: T→I R@1 drops to 0, I→T stays."""
+    scores = torch.eye(2)
+    m = retrieval_metrics(scores, torch.tensor([0, 1]), text_scores=1 - torch.eye(2))
+    assert m["image_retrieval_recall@1"] == 0.0 and m["image_retrieval_mean_rank"] == 2.0
+    assert m["text_retrieval_recall@1"] == 1.0
+
+
+@pytest.mark.parametrize("scores, text_to_image", [
+    (torch.zeros(2, 0), torch.zeros(0, dtype=torch.long)),  # no captions
+    (torch.zeros(0, 2), torch.zeros(2, dtype=torch.long)),  # no images
+])
+def test_nothing_to_retrieve_is_a_clear_error(scores, text_to_image):
+    with pytest.raises(DmclipError, match="nothing to retrieve"):
+        retrieval_metrics(scores, text_to_image)
+
+
+@pytest.mark.parametrize("n", [3, 40])  # 40: past torch's small-sort size, where an unstable sort reorders ties
+def test_ties_rank_the_lower_index_first(n):
+    positives = positive_pairs(torch.arange(n), n)
+    assert positives.dtype == torch.bool and torch.equal(positives, torch.eye(n, dtype=torch.bool))
+    ranks = best_positive_ranks(torch.zeros(n, n), positives)
+    assert ranks.tolist() == list(range(1, n + 1))
 
 
 def test_an_image_without_caption_is_a_clear_error():
-    with pytest.raises(DmclipError, match="no positive"):
-        retrieval_metrics(torch.randn(3, 2), torch.tensor([0, 1]))
+    with pytest.raises(DmclipError, match=r"6 queries have no positive \(e.g. \[2, 3, 4, 5, 6\]\)"):
+        retrieval_metrics(torch.randn(8, 2), torch.tensor([0, 1]))
 
 
 def _clip_benchmark_recall_at_k(scores, positive_pairs, k):
@@ -165,6 +228,13 @@ def test_against_clip_benchmark_and_blip():
     assert ours["image_retrieval_median_rank"] == pytest.approx(np.median(ranks_t2i) + 1)
 
 
+def test_similarity_is_the_cosine_of_each_image_and_text():
+    images = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    texts = torch.tensor([[1.0, 0.0], [6.0, 8.0], [0.0, -5.0]])
+    expected = torch.tensor([[0.6, 1.0, -0.8], [0.0, 0.8, -1.0]])
+    assert torch.allclose(similarity(images, texts), expected, atol=1e-6)
+
+
 def test_rerank_with_a_perfect_matcher_fixes_everything_within_k():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.0], [0.8, 0.2, 0.1, 0.3]])  # 2 queries x 4 candidates
     positive = {(0, 2), (1, 3)}  # query 0's positive is 2nd in ITC order, query 1's is 2nd too
@@ -181,6 +251,141 @@ def test_rerank_with_a_perfect_matcher_fixes_everything_within_k():
     assert reranked[0, 0] > reranked[0, 3] and reranked[0, 0] < reranked[0, 1]
     # k = 1 changes nothing: the top-1 stays on top
     assert rerank(scores, 1, matcher).argmax(dim=1).tolist() == scores.argmax(dim=1).tolist()
+
+
+def test_rerank_ties_keep_the_lower_index_first():
+    """Equal similarities and equal match scores (40 candidates: past torch's small-sort size, where an
+    unstable sort reorders ties): the re-ranked order is the index order, the tie rule of the ranks."""
+    reranked = rerank(torch.zeros(1, 40), 20, lambda queries, candidates: torch.zeros(len(queries)))
+    order = torch.sort(reranked, dim=1, descending=True, stable=True).indices
+    assert order[0].tolist() == list(range(40))
+
+
+def test_rerank_scores_each_query_once_whatever_the_batch_size():
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randn(5, 6, generator=generator)
+    match = torch.rand(5, 6, generator=generator)
+    calls = []
+
+    def matcher(queries, candidates):
+        calls.append(len(queries))
+        return match[queries, candidates]
+
+    whole = rerank(scores, 3, matcher)
+    assert calls == [15]
+    calls.clear()
+    assert torch.equal(rerank(scores, 3, matcher, batch_queries=2), whole)
+    assert calls == [6, 6, 3]
+
+
+# ------------------------------------------------------------------------------- noise filtering
+
+
+def test_noise_removal_precision_and_recall_on_a_hand_case():
+    noisy = [True, True, False, False, True, False]
+    removed = [True, False, True, False, True, False]
+    m = noise_removal_metrics(noisy, removed)
+    # removed 3, of which 2 noisy -> precision 2/3; 3 noisy, 2 of them removed -> recall 2/3
+    assert (m["true_positives"], m["false_positives"], m["false_negatives"], m["true_negatives"]) == (2, 1, 1, 2)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert (m["noisy"], m["removed"], m["total"]) == (3, 3, 6)
+
+
+def test_noise_removal_when_half_of_the_removed_pairs_are_noisy():
+    """One noisy and one clean pair removed, one of each kept: precision, recall and F1 are all 1/2."""
+    m = noise_removal_metrics([True, False, True, False], [True, True, False, False])
+    assert (m["precision"], m["recall"], m["f1"]) == (0.5, 0.5, 0.5)
+
+
+def test_noise_removal_recall_is_undefined_without_noisy_pairs():
+    m = noise_removal_metrics([False, False], [True, False])
+    assert m["precision"] == 0.0 and m["recall"] is None and m["f1"] is None
+
+
+def test_noise_labels_as_numbers_count_like_booleans():
+    """0/1 labels read as floats (a numpy column, a CSV) give the boolean answer."""
+    as_numbers = noise_removal_metrics(np.array([1.0, 0.0, 1.0, 0.0]), np.array([1.0, 1.0, 0.0, 0.0]))
+    assert as_numbers == noise_removal_metrics([True, False, True, False], [True, True, False, False])
+
+
+def test_noise_removal_f1_is_undefined_when_only_clean_pairs_are_removed():
+    m = noise_removal_metrics([True, False], [False, True])
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] is None
+
+
+def test_noise_labels_and_filter_decisions_of_different_lengths_are_refused():
+    with pytest.raises(ValueError, match="noise labels"):
+        noise_removal_metrics([True, False, True], [True, False])
+
+
+def test_noise_removal_is_undefined_not_zero_when_nothing_is_removed():
+    m = noise_removal_metrics([True, False], [False, False])
+    assert m["precision"] is None and m["recall"] == 0.0 and m["f1"] is None
+
+
+def test_precision_recall_curve_hand_case():
+    # removing the lowest scores first: {0.1} -> P 1, R 1/2; +{0.2} -> 1/2, 1/2; +{0.3} -> 2/3, 1; all -> 1/2, 1
+    curve = precision_recall_curve([0.3, 0.1, 0.9, 0.2], [True, True, False, False])
+    assert curve["precision"] == pytest.approx([1.0, 0.5, 2 / 3, 0.5])
+    assert curve["recall"] == pytest.approx([0.5, 0.5, 1.0, 1.0])
+    assert curve["average_precision"] == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+    # each threshold removes exactly the scores below it
+    assert curve["thresholds"][0] > 0.1 and curve["thresholds"][0] < 0.2
+
+
+def test_precision_recall_curve_matches_brute_force_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 20, size=300) / 20.0  # many ties
+    noisy = rng.random(300) < 0.3
+    curve = precision_recall_curve(scores, noisy)
+    assert len(curve["thresholds"]) == len(np.unique(scores))
+    for t, p, r in zip(curve["thresholds"], curve["precision"], curve["recall"]):
+        m = noise_removal_metrics(noisy, scores < t)
+        assert (p, r) == pytest.approx((m["precision"], m["recall"]))
+
+
+def test_precision_recall_curve_is_empty_without_noise_or_scores():
+    empty = {"thresholds": [], "precision": [], "recall": [], "average_precision": None}
+    assert precision_recall_curve([0.2, 0.7], [False, False]) == empty
+    assert precision_recall_curve([], []) == empty
+
+
+def test_adjacent_floats_are_separate_thresholds():
+    """Two scores one float apart: the first threshold removes the lower one only."""
+    low = 0.5
+    high = float(np.nextafter(low, 1.0))
+    curve = precision_recall_curve([high, low], [False, True])
+    assert curve["precision"] == [1.0, 0.5] and curve["recall"] == [1.0, 1.0]
+
+
+def test_thin_curve_keeps_at_most_201_evenly_spaced_points_with_both_ends():
+    n = 1000
+    curve = {"thresholds": list(range(n)), "precision": [i / n for i in range(n)],
+             "recall": [1 - i / n for i in range(n)], "average_precision": 0.4}
+    thin = thin_curve(curve)
+    assert len(thin["thresholds"]) == 201 and thin["average_precision"] == 0.4
+    assert thin["thresholds"][0] == 0 and thin["thresholds"][-1] == n - 1
+    assert np.diff(thin["thresholds"]).max() - np.diff(thin["thresholds"]).min() <= 1
+    # the three lists stay aligned point by point
+    assert thin["precision"] == [t / n for t in thin["thresholds"]]
+    assert thin["recall"] == [1 - t / n for t in thin["thresholds"]]
+    short = {**curve, **{k: curve[k][:201] for k in ("thresholds", "precision", "recall")}}
+    assert thin_curve(short) == short
+
+
+@pytest.mark.slow  # importing scikit-learn takes seconds
+def test_precision_recall_curve_and_average_precision_match_sklearn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 20, size=300) / 20.0
+    noisy = rng.random(300) < 0.3
+    curve = precision_recall_curve(scores, noisy)
+    precision, recall, _ = metrics.precision_recall_curve(noisy, -scores)  # high "noisiness" = low ITM
+    ours = sorted(zip(np.round(curve["recall"], 12), np.round(curve["precision"], 12)))
+    theirs = sorted((round(r, 12), round(p, 12)) for p, r in zip(precision[:-1], recall[:-1]))
+    assert ours == theirs
+    assert curve["average_precision"] == pytest.approx(metrics.average_precision_score(noisy, -scores))
 
 
 # --------------------------------------------------------------------------------------- latency

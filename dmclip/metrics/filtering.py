@@ -47,8 +47,7 @@ def precision_recall_curve(scores: Sequence[float], is_noisy: Sequence[bool]) ->
     # a threshold just above each distinct score removes that score's group and every lower one
     thresholds = np.nextafter(distinct, np.inf)
     removed = np.searchsorted(sorted_scores, thresholds, side="left")  # pairs with score < threshold
-    cumulative_noisy = np.concatenate([[0], np.cumsum(sorted_noisy)])
-    tp = cumulative_noisy[removed]
+    tp = np.cumsum(sorted_noisy)[removed - 1]  # every threshold removes at least its own group
     precision = tp / removed
     recall = tp / noisy.sum()
     gained = np.diff(np.concatenate([[0.0], recall]))
