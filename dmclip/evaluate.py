@@ -30,24 +30,28 @@ from dmclip.evaluation.zeroshot_classification import zero_shot
 from dmclip.evaluation.zeroshot_retrieval import retrieval
 from dmclip.report import markdown_table
 
+# help texts of fields that several eval configs declare
+MODEL_HELP = "model reference: run:<dir>, builtin:<name>, open_clip:<arch>:<weights> or a registered name"
+DEVICE_HELP = "cpu, cuda or auto (cuda when visible)"
+
 
 @dataclass
 class ZeroShotConfig:
-    model: str = field("", "model reference: run:<dir>, builtin:<name>, open_clip:<arch>:<weights> or a registered name")
+    model: str = field("", MODEL_HELP)
     data: str = field("world-zeroshot", "classification dataset spec (registered name or real format)")
     classnames: str = field("", "file with one class name per line, in label order ('' = the dataset's)")
     templates: str = field("", "file with one prompt template per line, '{}' marks the class ('' = the dataset's)")
     batch_size: int = field(64, "images per encoder call", min=1)
-    device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+    device: str = field("auto", DEVICE_HELP)
 
 
 @dataclass
 class RetrievalConfig:
-    model: str = field("", "model reference: run:<dir>, builtin:<name>, open_clip:<arch>:<weights> or a registered name")
+    model: str = field("", MODEL_HELP)
     data: str = field("world-retrieval-a", "image-text dataset spec with one or more captions per image")
     rerank_k: int = field(0, "re-rank each query's top-k ITC candidates by ITM (BLIP models; 0 = off)", min=0)
     batch_size: int = field(64, "images per encoder call", min=1)
-    device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+    device: str = field("auto", DEVICE_HELP)
 
 
 @dataclass
@@ -63,7 +67,7 @@ class CaptionConfig:
     meteor: bool = field(True, "compute METEOR (starts a JVM, a few seconds)")
     seed: int = field(0, "seed for nucleus sampling")
     batch_size: int = field(32, "images per generate call", min=1)
-    device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+    device: str = field("auto", DEVICE_HELP)
     predictions: str = field("", "COCO results file of captions to score instead of generating them "
                                  "('' = the model captions)")
 
@@ -87,7 +91,7 @@ class SuiteConfig:
     retrieval: list[str] = field([], "retrieval sets, T→I and I→T R@1 each (with zero_shot also []: "
                                      "world-retrieval-a, world-retrieval-b)")
     batch_size: int = field(64, "images per encoder call", min=1)
-    device: str = field("auto", "cpu, cuda or auto (cuda when visible)")
+    device: str = field("auto", DEVICE_HELP)
 
 
 def run_zero_shot(config: ZeroShotConfig, run_dir, progress: bool = False, model: nn.Module | None = None) -> dict:
