@@ -67,8 +67,8 @@ def _time_teacher(vision: tuple[int, int, int], dataset, tokenizer, tmp: Path) -
     batch = online.collate([dataset[i] for i in range(BATCH)])
     floor = DistillTask(student, teacher, cfg)
     captions = [c[0] for c in batch["captions"]]
-    features = floor.teacher_features(batch["images"], captions)
-    floor.teacher_features = lambda images, captions: features  # the teacher's outputs already in memory
+    features = floor.teacher_features(batch["images"], captions, batch["index"])
+    floor.teacher_features = lambda images, captions, indices: features  # the teacher's outputs already in memory
     tasks = {"online": online, "cached": DistillTask(student, teacher, cfg, s["store"]), "floor": floor}
 
     def step(task):
@@ -79,7 +79,7 @@ def _time_teacher(vision: tuple[int, int, int], dataset, tokenizer, tmp: Path) -
         return run
 
     def teacher_forward():
-        online.teacher_features(batch["images"], captions)
+        online.teacher_features(batch["images"], captions, batch["index"])
 
     fns = {**{k: step(t) for k, t in tasks.items()}, "teacher": teacher_forward}
     return _fastest(fns, rounds=repeats(ROUNDS))

@@ -142,6 +142,7 @@ class DistillTask:
         self.model = student
         self.teacher = teacher
         self.store = store
+        self.memo = self.dataset = None  # run() sets a TeacherMemo, filled from the dataset at the first step
         self.seed = cfg.seed
         self.text_frozen = cfg.student.text == "frozen-teacher"
         self.constant_prefixes = ("text.",) if self.text_frozen else ()  # the teacher's, rebuilt on resume
@@ -152,11 +153,15 @@ class DistillTask:
         return image_caption_batch(samples)
 
     @torch.no_grad()
-    def teacher_features(self, images: torch.Tensor, captions: list[str]) -> dict:
+    def teacher_features(self, images: torch.Tensor, captions: list[str], indices: list[int]) -> dict:
         if next(self.teacher.parameters()).device != images.device:  # the engine moves only the student
             self.teacher.to(images.device)
         # alpha 0 (contrastive only) reads no teacher image features: the teacher's image tower is not run
         with_images = getattr(self.criterion, "uses_teacher_images", True)
+        if self.memo is not None:
+            if not self.memo.filled:
+                self.memo.fill(self.teacher, self.dataset, images.device)
+            return self.memo.features(self.teacher, images, indices, captions, with_images=with_images)
         if isinstance(self.teacher, EnsembleTeacher):
             members = [teacher_features(m, images, captions, with_images=with_images) for m in self.teacher.members]
             return {**members[0], "members": members}  # the first member's text = the student's text tower
@@ -182,7 +187,7 @@ class DistillTask:
         else:
             images = batch["images"]
             captions = [pick_caption(c, self.seed, step, i) for c, i in zip(batch["captions"], batch["index"])]
-            teacher = self.teacher_features(images, captions)
+            teacher = self.teacher_features(images, captions, batch["index"])
         if images.shape[-1] != self.model.image_size:
             images = F.interpolate(images, size=self.model.image_size, mode="bilinear", align_corners=False)
         self.criterion.to(images.device)  # FD's projection, if any, lives beside the student
@@ -236,6 +241,7 @@ def run(cfg: DistillConfig, run_dir) -> dict:
              count_parameters(student.visual) / 1e6, count_parameters(getattr(teacher, "visual", teacher)) / 1e6,
              cfg.loss.alpha)
     task = DistillTask(student, teacher, cfg, store)
+    task.memo, task.dataset = _memo(cfg, task, dataset), dataset
     resume = run_dir.checkpoint_path("last.pt").exists()
     summary = fit(task, dataset, cfg.train, run_dir, seed=cfg.seed, resume=resume)
     if not distributed.is_main():  # rank 0 saves and scores; the other ranks are done
@@ -244,6 +250,19 @@ def run(cfg: DistillConfig, run_dir) -> dict:
     results = {"teacher": teacher_ref, "student": cfg.student.name, "alpha": cfg.loss.alpha,
                "image_parameters": count_parameters(student.visual), "train": summary}
     return score_and_write(run_dir, results, cfg.eval, cfg.data.train)
+
+
+def _memo(cfg: DistillConfig, task: DistillTask, dataset):
+    """A TeacherMemo when computing the teacher's features once pays (dmclip.distill.memo), else None."""
+    from dmclip.distill.memo import TeacherMemo, plan_memo
+    from dmclip.train import distributed
+
+    if task.store is not None or isinstance(task.teacher, EnsembleTeacher):
+        return None
+    plan = plan_memo(dataset, reads=cfg.train.steps * cfg.train.batch_size // distributed.world_size(),
+                     with_images=getattr(task.criterion, "uses_teacher_images", True),
+                     embed_dim=task.teacher.embed_dim)
+    return TeacherMemo(plan) if plan else None
 
 
 def prepare(cfg: DistillConfig, runs_root: Path) -> None:

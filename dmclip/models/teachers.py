@@ -58,13 +58,16 @@ def load_teacher(ref: str) -> nn.Module:
     return teacher.eval()
 
 
-def teacher_features(teacher: nn.Module, images: torch.Tensor, captions: list[str], *,
-                     with_images: bool = True) -> dict:
+def teacher_features(teacher: nn.Module, images: torch.Tensor | None, captions: list[str], *,
+                     with_images: bool = True, with_text: bool = True, device=None) -> dict:
     """Normalised teacher features of a batch (each teacher with its own tokenizer and input size);
-    ``with_images=False``: the text side only (a loss that reads no teacher image features)."""
-    tokens = teacher.tokenize(captions).to(images.device)
-    features = {"text_features": F.normalize(teacher.encode_text(tokens), dim=-1),
-                "logit_scale": teacher.logit_scale.exp().clamp(max=100.0)}
+    ``with_images=False``: the text side only (a loss that reads no teacher image features), ``images`` may
+    then be None with the ``device`` named; ``with_text=False``: the image side only."""
+    device = images.device if images is not None else device
+    features = {"logit_scale": teacher.logit_scale.exp().clamp(max=100.0)}
+    if with_text:
+        tokens = teacher.tokenize(captions).to(device)
+        features["text_features"] = F.normalize(teacher.encode_text(tokens), dim=-1)
     if with_images:
         if images.shape[-1] != teacher.image_size:
             images = F.interpolate(images, size=teacher.image_size, mode="bilinear", align_corners=False)
