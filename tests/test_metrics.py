@@ -449,3 +449,16 @@ def test_selective_scan_flops_are_added_analytically():
     # FlopCounterMode alone cannot see a fused scan; the analytic count is added on top
     assert out["scan"] == scan_flops(B, D, L, N, has_D=False, has_z=False) > 0
     assert out["flops"] == out["counted"] + out["scan"]
+
+
+def test_counting_flops_prints_no_warning_about_triton():
+    """torch's FlopCounterMode warns at import on a CUDA build without triton (this machine's); the demo and
+    `dmclip eval latency` count FLOPs of CPU models, so a user must not see that line."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(); import torch; from dmclip.metrics.latency import count_flops; "
+            "print(count_flops(lambda: torch.ones(2, 3) @ torch.ones(3, 4))['flops'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "48"
+    assert "triton" not in done.stderr, done.stderr

@@ -124,7 +124,14 @@ def countable_attention():
 
 def count_flops(fn: Callable[[], object]) -> dict:
     """FLOPs of one call: ``{"flops": total, "counted": by FlopCounterMode, "scan": analytic scan FLOPs}``."""
-    from torch.utils.flop_counter import FlopCounterMode
+    # its import warns on a CUDA build without triton, which counts nothing dmclip runs
+    quiet = logging.getLogger("torch.utils.flop_counter")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    finally:
+        quiet.setLevel(level)
 
     counter_mode = FlopCounterMode(display=False)
     with contextlib.ExitStack() as stack:
