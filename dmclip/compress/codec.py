@@ -228,11 +228,11 @@ def encode(payload: Payload) -> bytes:
 
 
 class _Reader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
+    def __init__(self, data: bytes, pos: int):
+        self.data, self.pos = data, pos
 
     def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
+        if self.pos + n > len(self.data):
             raise DmclipError(f"payload truncated: {what} needs {n} bytes at offset {self.pos}, "
                               f"{max(len(self.data) - self.pos, 0)} left", _BAD_HINT)
         out = self.data[self.pos:self.pos + n]
@@ -305,8 +305,7 @@ def decode(data: bytes, accept: Callable[[Header], None] | None = None) -> Paylo
     has_class, has_indices = bool(flags & 1), bool(flags & 2)
     if bits != (index_bits(K) if has_indices else 0):
         raise DmclipError(f"index width {bits} bits does not match K={K}", _BAD_HINT)
-    reader = _Reader(body)
-    reader.pos = HEADER_BYTES
+    reader = _Reader(body, HEADER_BYTES)
     if selector_id == NAMED_SELECTOR:
         length = reader.take(1, "selector name length")[0]
         try:
