@@ -170,10 +170,35 @@ def test_known_bytes_of_a_small_payload():
 
 
 def test_int8_quantisation_error_is_within_half_a_step():
+    """Symmetric per vector: each vector's largest |value| is +-127 steps, every value within half a step (of the
+    fp16 scale the receiver sees), and -x quantises to the negation of x."""
     values = torch.randn(2, 5, 32) * 4
     q, scale = quantize(values, "int8")
     back = codec.dequantize(q, scale)
-    assert ((back - values).abs() <= scale.float().unsqueeze(-1) * 0.5 + 1e-2 * values.abs()).all()
+    assert ((back - values).abs() <= scale.float().unsqueeze(-1) * 0.5 + 1e-6 * values.abs()).all()
+    assert (q.abs().amax(-1) == 127).all()
+    negated, negated_scale = quantize(-values, "int8")
+    assert torch.equal(negated, -q) and torch.equal(negated_scale, scale)
+
+
+def test_int8_vectors_of_small_values_come_back_within_half_a_step():
+    """Below 127 x 2**-14 (~7.8e-3) a vector's scale is a float16 subnormal: the values still come back within
+    half a step of the scale the receiver sees, with their sign, however small (down to float16's last step)."""
+    for largest in (1e-2, 5e-3, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
+        values = torch.tensor([[largest, -largest / 2, largest / 3, -largest, 0.0]])
+        q, scale = quantize(values, "int8")
+        back = codec.dequantize(q, scale)
+        assert ((back - values).abs() <= scale.float() * 0.5 + 1e-6 * values.abs()).all(), (largest, back)
+        assert (q.abs().amax(-1) <= 127).all() and torch.equal(quantize(-values, "int8")[0], -q)
+    zero, zero_scale = quantize(torch.zeros(1, 3), "int8")
+    assert not zero.any() and not zero_scale.any()
+
+
+@pytest.mark.parametrize("dtype, width", [("float16", 2), ("float32", 4), ("int8", 1)])
+def test_each_wire_dtype_is_what_quantize_returns(dtype, width):
+    q, scale = quantize(torch.randn(2, 3), dtype)
+    assert q.dtype == codec._TORCH_DTYPES[dtype] and q.element_size() == width
+    assert (scale is None) == (dtype != "int8")
 
 
 def test_stats_count_vectors_and_index_bytes():
@@ -325,3 +350,28 @@ def test_payload_crc_is_the_checksum_a_frame_ends_with():
     assert codec.payload_crc(raw) == zlib.crc32(raw[:-4])
     assert codec.payload_crc(raw[:codec.HEADER_BYTES + 3]) is None  # shorter than a header and a CRC
     assert codec.payload_crc(codec.HEADER_BYTES * b"\0" + raw[-4:]) is None  # not a payload
+
+
+def test_a_named_selector_has_1_to_255_utf8_bytes():
+    vectors = torch.zeros(1, 1, 2, dtype=torch.float16)
+    for name in ("x", "é" * 127 + "x"):  # 1 and 255 bytes
+        assert decode(encode(Payload(name, 1, vectors))).selector == name
+    for name in ("", "x" * 256, "é" * 128):
+        with pytest.raises(DmclipError, match="must be 1..255 UTF-8 bytes"):
+            encode(Payload(name, 1, vectors))
+
+
+@pytest.mark.parametrize("B, K, W, N, bits, tail", [(0, 1, 1, 0, 0, 0), (1, 1, 0, 0, 0, 0),
+                                                    (1, 0, 1, codec.MAX_TOKENS + 1, 0, 0),
+                                                    (1, codec.MAX_TOKENS + 1, 1, 0, 0, 2 * (codec.MAX_TOKENS + 1))])
+def test_a_header_past_the_wire_limits_is_refused_even_when_the_length_agrees(B, K, W, N, bits, tail):
+    """No batch, no width, or N or K past 2**20: what encode never writes is refused, not decoded."""
+    body = struct.pack("<4sBBBBHIIHB", codec.MAGIC, codec.VERSION, 0, 0, 0, B, N, K, W, bits) + bytes(tail)
+    with pytest.raises(DmclipError, match="is not valid"):
+        decode(body + struct.pack("<I", zlib.crc32(body)))
+
+
+def test_a_named_selector_frame_that_ends_at_its_header_says_so():
+    body = struct.pack("<4sBBBBHIIHB", codec.MAGIC, codec.VERSION, codec.NAMED_SELECTOR, 0, 0, 1, 0, 0, 1, 0)
+    with pytest.raises(DmclipError, match="payload truncated: selector name length needs 1 bytes at offset 21, 0 left"):
+        decode(body + struct.pack("<I", zlib.crc32(body)))

@@ -125,8 +125,13 @@ def quantize(values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tens
     values = values.detach().float()
     if dtype != "int8":
         return values.to(_TORCH_DTYPES[dtype]), None
-    scale = (values.abs().amax(-1) / 127.0).to(torch.float16)  # the receiver only ever sees the fp16 scale
-    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
+    exact = values.abs().amax(-1) / 127.0
+    scale = exact.to(torch.float16)  # the receiver only ever sees the fp16 scale: quantise against that one
+    # a subnormal fp16 scale can round far below the exact one (1.5e-7 -> 1.2e-7): round it up, so no value
+    # lies past 127 steps and saturates
+    coarse = (scale < torch.finfo(torch.float16).tiny) & (scale.float() < exact)
+    scale = torch.where(coarse, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    safe = torch.where(scale > 0, scale.float(), 1.0)  # an all-zero vector: every value is 0 steps
     q = torch.round(values / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
