@@ -375,3 +375,11 @@ def test_a_named_selector_frame_that_ends_at_its_header_says_so():
     body = struct.pack("<4sBBBBHIIHB", codec.MAGIC, codec.VERSION, codec.NAMED_SELECTOR, 0, 0, 1, 0, 0, 1, 0)
     with pytest.raises(DmclipError, match="payload truncated: selector name length needs 1 bytes at offset 21, 0 left"):
         decode(body + struct.pack("<I", zlib.crc32(body)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(payloads())
+def test_the_accept_hook_sees_the_header_the_payload_was_sent_with(payload):
+    seen = []
+    decode(encode(payload), seen.append)
+    assert seen == [payload.header]

@@ -244,10 +244,13 @@ class _Reader:
         self.pos += n
         return out
 
-    def array(self, shape: tuple[int, ...], dtype: str, what: str) -> torch.Tensor:
+    def array(self, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+        """The next array; only read once the frame's length is checked against its header."""
         npd = _NUMPY_DTYPES[dtype]
-        raw = self.take(int(np.prod(shape)) * npd.itemsize, what)
-        return torch.from_numpy(np.frombuffer(raw, dtype=npd).reshape(shape).copy())
+        count = int(np.prod(shape))
+        out = np.frombuffer(self.data, dtype=npd, count=count, offset=self.pos).reshape(shape).copy()
+        self.pos += count * npd.itemsize
+        return torch.from_numpy(out)
 
 
 @dataclass(frozen=True)
@@ -336,15 +339,14 @@ def decode(data: bytes, accept: Callable[[Header], None] | None = None) -> Paylo
                           f"({expected + CRC_BYTES} bytes)", _BAD_HINT)
     class_tokens = class_scales = scales = indices = None
     if has_class:
-        class_tokens = reader.array((B, W), dtype, "class tokens")
+        class_tokens = reader.array((B, W), dtype)
         if dtype == "int8":
-            class_scales = reader.array((B,), "float16", "class token scales")
-    vectors = reader.array((B, K, W), dtype, "vectors")
+            class_scales = reader.array((B,), "float16")
+    vectors = reader.array((B, K, W), dtype)
     if dtype == "int8":
-        scales = reader.array((B, K), "float16", "vector scales")
+        scales = reader.array((B, K), "float16")
     if has_indices:
-        raw = reader.take(packed_index_bytes(B * N, bits), "indices")
-        flat = unpack_indices(raw, B * N, bits)
+        flat = unpack_indices(body[reader.pos:], B * N, bits)  # the rest of the body, by the length check
         if flat.size and int(flat.max()) >= K:
             raise DmclipError(f"an index points past the {K} vectors sent", _BAD_HINT)
         indices = torch.from_numpy(flat.reshape(B, N))
