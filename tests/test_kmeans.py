@@ -226,3 +226,15 @@ def test_the_reported_iterations_are_the_steps_that_changed_the_clusters():
     one_less = kmeans(x, 8, restarts=1, iterations=converged.iterations - 1, seed=0)
     assert one_less.iterations == converged.iterations - 1
     assert not torch.equal(one_less.centroids, converged.centroids)
+
+
+def test_kmeans_plus_plus_never_picks_a_token_twice_for_one_image_and_one_restart():
+    """`compress send` clusters one image: a token already chosen (D^2 = 0) is never drawn again, whatever the
+    seed and however close the tokens (a sum of D^2 under 1 included), as long as distinct tokens remain."""
+    from dmclip.compress import kmeans as km
+
+    points = torch.tensor([[(0.0, 0.0), (1.0, 0.0), (0.0, 2.0), (3.0, 3.0), (-4.0, 1.0), (5.0, -2.0)]])
+    for x in (points, points * 0.01):
+        for seed in range(200):
+            centres = km.kmeans_plus_plus(x, 5, 1, torch.Generator().manual_seed(seed), local_trials=1)[0, 0]
+            assert len({tuple(c.tolist()) for c in centres}) == 5, seed
