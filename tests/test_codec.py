@@ -348,6 +348,8 @@ def test_accepts_travels_in_the_info_reply_and_bounds_every_frame_that_fits():
 def test_payload_crc_is_the_checksum_a_frame_ends_with():
     raw = encode(Payload("none", 1, torch.zeros(1, 1, 2, dtype=torch.float16)))
     assert codec.payload_crc(raw) == zlib.crc32(raw[:-4])
+    header_only = encode(Payload("none", 0, torch.zeros(1, 0, 3, dtype=torch.float16)))
+    assert len(header_only) == codec.HEADER_BYTES + 4 and codec.payload_crc(header_only) == zlib.crc32(header_only[:-4])
     assert codec.payload_crc(raw[:codec.HEADER_BYTES + 3]) is None  # shorter than a header and a CRC
     assert codec.payload_crc(codec.HEADER_BYTES * b"\0" + raw[-4:]) is None  # not a payload
 
@@ -356,6 +358,8 @@ def test_a_named_selector_has_1_to_255_utf8_bytes():
     vectors = torch.zeros(1, 1, 2, dtype=torch.float16)
     for name in ("x", "é" * 127 + "x"):  # 1 and 255 bytes
         assert decode(encode(Payload(name, 1, vectors))).selector == name
+    nothing_else = decode(encode(Payload("my-plugin", 0, torch.zeros(1, 0, 3, dtype=torch.float16))))
+    assert nothing_else.selector == "my-plugin" and nothing_else.vectors.shape == (1, 0, 3)  # the name ends the body
     for name in ("", "x" * 256, "é" * 128):
         with pytest.raises(DmclipError, match="must be 1..255 UTF-8 bytes"):
             encode(Payload(name, 1, vectors))
