@@ -127,7 +127,7 @@ def quantize(values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tens
         return values.to(_TORCH_DTYPES[dtype]), None
     exact = values.abs().amax(-1) / 127.0
     scale = exact.to(torch.float16)  # the receiver only ever sees the fp16 scale: quantise against that one
-    # a subnormal fp16 scale can round far below the exact one (1.5e-7 -> 1.2e-7): round it up, so no value
+    # a subnormal fp16 scale can round far below the exact one (8.9e-8 -> 6.0e-8): round it up, so no value
     # lies past 127 steps and saturates
     coarse = (scale < torch.finfo(torch.float16).tiny) & (scale.float() < exact)
     scale = torch.where(coarse, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
