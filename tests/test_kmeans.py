@@ -174,6 +174,8 @@ def test_defaults_are_20_iterations_3_restarts_seed_0():
     default, explicit = kmeans(x, 4), kmeans(x, 4, iterations=20, restarts=3, seed=0)
     assert torch.equal(default.centroids, explicit.centroids) and default.iterations == explicit.iterations
     assert not torch.equal(kmeans(x, 4, restarts=1).inertia, default.inertia)  # the case tells restarts apart
+    slow = torch.randn(1, 2000, 2, generator=torch.Generator().manual_seed(2))  # 33 steps to converge
+    assert kmeans(slow, 64, restarts=1).iterations == 20
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
