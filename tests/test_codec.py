@@ -301,6 +301,7 @@ def test_stats_of_a_payload_without_indices_or_class_token():
     assert stats == {"vectors_sent": 1, "tokens": 1, "communication_efficiency": 1.0,
                      "bytes_per_image": 21 + 4 + 16, "index_bytes_per_image": 0,
                      "bytes_per_image_without_indices": 21 + 4 + 16}
+    assert payload_stats(Payload("topk-norm", 4, torch.zeros(1, 2, 8)))["index_bytes_per_image"] == 0
 
 
 def test_a_frame_cut_inside_the_selector_name_says_so():
