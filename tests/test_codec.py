@@ -388,3 +388,12 @@ def test_the_accept_hook_sees_the_header_the_payload_was_sent_with(payload):
     seen = []
     decode(encode(payload), seen.append)
     assert seen == [payload.header]
+
+
+def test_an_index_equal_to_k_is_refused():
+    """K = 3 vectors need 2-bit indices, which can also say 3: a frame that does is refused, not decoded."""
+    raw = bytearray(encode(Payload("kmeans", 4, torch.zeros(1, 3, 2, dtype=torch.float16),
+                                   indices=torch.tensor([[0, 1, 2, 2]])))[:-4])
+    raw[-1] = 0b11_10_01_00  # indices 0, 1, 2, 3
+    with pytest.raises(DmclipError, match="an index points past the 3 vectors sent"):
+        decode(bytes(raw) + struct.pack("<I", zlib.crc32(raw)))
