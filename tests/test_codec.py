@@ -3,6 +3,7 @@ would crash (instead of replying with an error) on a damaged frame."""
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 
@@ -169,10 +170,35 @@ def test_known_bytes_of_a_small_payload():
 
 
 def test_int8_quantisation_error_is_within_half_a_step():
+    """Symmetric per vector: each vector's largest |value| is +-127 steps, every value within half a step (of the
+    fp16 scale the receiver sees), and -x quantises to the negation of x."""
     values = torch.randn(2, 5, 32) * 4
     q, scale = quantize(values, "int8")
     back = codec.dequantize(q, scale)
-    assert ((back - values).abs() <= scale.float().unsqueeze(-1) * 0.5 + 1e-2 * values.abs()).all()
+    assert ((back - values).abs() <= scale.float().unsqueeze(-1) * 0.5 + 1e-6 * values.abs()).all()
+    assert (q.abs().amax(-1) == 127).all()
+    negated, negated_scale = quantize(-values, "int8")
+    assert torch.equal(negated, -q) and torch.equal(negated_scale, scale)
+
+
+def test_int8_vectors_of_small_values_come_back_within_half_a_step():
+    """Below 127 x 2**-14 (~7.8e-3) a vector's scale is a float16 subnormal: the values still come back within
+    half a step of the scale the receiver sees, with their sign, however small (down to float16's last step)."""
+    for largest in (1e-2, 5e-3, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
+        values = torch.tensor([[largest, -largest / 2, largest / 3, -largest, 0.0]])
+        q, scale = quantize(values, "int8")
+        back = codec.dequantize(q, scale)
+        assert ((back - values).abs() <= scale.float() * 0.5 + 1e-6 * values.abs()).all(), (largest, back)
+        assert (q.abs().amax(-1) <= 127).all() and torch.equal(quantize(-values, "int8")[0], -q)
+    zero, zero_scale = quantize(torch.zeros(1, 3), "int8")
+    assert not zero.any() and not zero_scale.any()
+
+
+@pytest.mark.parametrize("dtype, width", [("float16", 2), ("float32", 4), ("int8", 1)])
+def test_each_wire_dtype_is_what_quantize_returns(dtype, width):
+    q, scale = quantize(torch.randn(2, 3), dtype)
+    assert q.dtype == codec._TORCH_DTYPES[dtype] and q.element_size() == width
+    assert (scale is None) == (dtype != "int8")
 
 
 def test_stats_count_vectors_and_index_bytes():
@@ -224,3 +250,150 @@ def test_more_vectors_than_tokens_is_refused_with_expected_and_got():
     every_token = Payload("none", 16, vectors[:, :16], class_tokens=cls)
     assert decode(encode(every_token), accepts.check).vectors.shape == (1, 16, 6)
 
+
+
+
+_LARGEST = [(codec.MAX_BATCH, 0, 1, 0), (1, codec.MAX_TOKENS, 1, codec.MAX_TOKENS), (1, 1, codec.MAX_WIDTH, 1)]
+
+
+@pytest.mark.parametrize("B, K, W, N", _LARGEST)
+def test_the_largest_batch_k_width_and_n_the_header_holds_are_sent(B, K, W, N):
+    payload = Payload("none", N, torch.zeros(B, K, W, dtype=torch.float16))
+    assert decode(encode(payload)).vectors.shape == (B, K, W)
+
+
+@pytest.mark.parametrize("B, K, W, N", [(codec.MAX_BATCH + 1, 0, 1, 0), (1, codec.MAX_TOKENS + 1, 1, 0),
+                                        (1, 1, codec.MAX_WIDTH + 1, 1), (1, 1, 1, codec.MAX_TOKENS + 1),
+                                        (1, 1, 0, 1), (0, 1, 1, 1)])
+def test_one_past_a_wire_limit_is_refused_by_encode(B, K, W, N):
+    """A DmclipError naming the shape, not a struct error nor a frame every server refuses."""
+    with pytest.raises(DmclipError, match="outside what the wire carries"):
+        encode(Payload("none", N, torch.zeros(B, K, W, dtype=torch.float16)))
+
+
+def test_class_tokens_of_another_shape_or_dtype_are_refused():
+    vectors = torch.zeros(2, 3, 4, dtype=torch.float16)
+    for cls in (torch.zeros(2, 5, dtype=torch.float16), torch.zeros(1, 4, dtype=torch.float16),
+                torch.zeros(2, 4, dtype=torch.float32)):
+        with pytest.raises(DmclipError, match="class tokens must be"):
+            encode(Payload("none", 3, vectors, class_tokens=cls))
+
+
+def test_int8_payloads_split_into_images_that_decode_to_their_rows():
+    """What the link sends per image, and what payload_stats measures: each image's own vectors, scales,
+    class token and class scale."""
+    g = torch.Generator().manual_seed(0)
+    vectors, scales = quantize(torch.randn(3, 4, 5, generator=g), "int8")
+    cls, cls_scales = quantize(torch.randn(3, 5, generator=g), "int8")
+    payload = Payload("kmeans", 6, vectors, scales, cls, cls_scales, torch.randint(0, 4, (3, 6), generator=g))
+    images = payload.split()
+    assert len(images) == 3
+    for i, image in enumerate(images):
+        row = Payload("kmeans", 6, vectors[i:i + 1], scales[i:i + 1], cls[i:i + 1], cls_scales[i:i + 1],
+                      payload.indices[i:i + 1])
+        assert _same(decode(encode(image)), row)
+    per_image = 21 + 4 + 5 * (5 + 2) + 2  # header, CRC, 5 vectors of 5 bytes + an fp16 scale, 6 x 2-bit indices
+    assert payload_stats(payload)["bytes_per_image"] == per_image
+
+
+def test_stats_of_a_payload_without_indices_or_class_token():
+    stats = payload_stats(Payload("topk-norm", 1, torch.zeros(2, 1, 8, dtype=torch.float16)))
+    assert stats == {"vectors_sent": 1, "tokens": 1, "communication_efficiency": 1.0,
+                     "bytes_per_image": 21 + 4 + 16, "index_bytes_per_image": 0,
+                     "bytes_per_image_without_indices": 21 + 4 + 16}
+    assert payload_stats(Payload("topk-norm", 4, torch.zeros(1, 2, 8)))["index_bytes_per_image"] == 0
+
+
+def test_a_frame_cut_inside_the_selector_name_says_so():
+    body = bytearray(encode(Payload("my-plugin", 1, torch.zeros(1, 1, 2, dtype=torch.float16)))[:-4])
+    cut = bytes(body[:codec.HEADER_BYTES + 4])  # the length byte (9) and 3 of the name's 9 bytes
+    with pytest.raises(DmclipError, match="payload truncated: selector name needs 9 bytes at offset 22, 3 left"):
+        decode(cut + struct.pack("<I", zlib.crc32(cut)))
+
+
+def _header(**changes):
+    fields = {"selector": "kmeans", "dtype": "float16", "batch": 2, "n_tokens": 16, "k": 4, "width": 6,
+              "has_class": True, "has_indices": True}
+    return codec.Header(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"has_class": False}, "16 tokens per image (N=16), expected 17"),
+    ({"width": 7}, "vectors 7 wide, expected 6"),
+    ({"batch": 3}, "3 images in one request, expected at most 2"),
+    ({"dtype": "int8"}, "dtype int8, expected one of float16, float32"),
+    ({"selector": "tome"}, "selector 'tome', expected one of kmeans, none"),
+])
+def test_a_server_names_each_reason_it_refuses_a_header(changes, reason):
+    accepts = codec.Accepts(tokens=17, width=6, max_batch=2, dtypes=("float16", "float32"),
+                            selectors=("kmeans", "none"))
+    accepts.check(_header())  # max_batch images are accepted
+    with pytest.raises(DmclipError) as refused:
+        accepts.check(_header(**changes))
+    assert refused.value.message == "payload does not fit this server's model: " + reason
+
+
+def test_accepts_travels_in_the_info_reply_and_bounds_every_frame_that_fits():
+    accepts = codec.Accepts(tokens=17, width=6, max_batch=3, dtypes=("float32",), selectors=("kmeans", "x" * 255))
+    assert codec.Accepts.from_dict(json.loads(json.dumps(accepts.as_dict()))) == accepts
+    for broken in ({}, {**accepts.as_dict(), "width": "wide"}, {**accepts.as_dict(), "dtypes": None}):
+        with pytest.raises(DmclipError, match="info reply is incomplete"):
+            codec.Accepts.from_dict(broken)
+    # the longest frame that fits: float32, a 255-byte name, every patch token a vector, indices, max_batch images
+    largest = Payload("x" * 255, 16, torch.zeros(3, 16, 6), class_tokens=torch.zeros(3, 6),
+                      indices=torch.zeros(3, 16, dtype=torch.long))
+    accepts.check(largest.header)
+    assert len(encode(largest)) <= accepts.max_payload_bytes() <= len(encode(largest)) + 3 * (8 + 10)
+
+
+def test_payload_crc_is_the_checksum_a_frame_ends_with():
+    raw = encode(Payload("none", 1, torch.zeros(1, 1, 2, dtype=torch.float16)))
+    assert codec.payload_crc(raw) == zlib.crc32(raw[:-4])
+    header_only = encode(Payload("none", 0, torch.zeros(1, 0, 3, dtype=torch.float16)))
+    assert len(header_only) == codec.HEADER_BYTES + 4 and codec.payload_crc(header_only) == zlib.crc32(header_only[:-4])
+    assert codec.payload_crc(raw[:codec.HEADER_BYTES + 3]) is None  # shorter than a header and a CRC
+    assert codec.payload_crc(codec.HEADER_BYTES * b"\0" + raw[-4:]) is None  # not a payload
+
+
+def test_a_named_selector_has_1_to_255_utf8_bytes():
+    vectors = torch.zeros(1, 1, 2, dtype=torch.float16)
+    for name in ("x", "é" * 127 + "x"):  # 1 and 255 bytes
+        assert decode(encode(Payload(name, 1, vectors))).selector == name
+    nothing_else = decode(encode(Payload("my-plugin", 0, torch.zeros(1, 0, 3, dtype=torch.float16))))
+    assert nothing_else.selector == "my-plugin" and nothing_else.vectors.shape == (1, 0, 3)  # the name ends the body
+    for name in ("", "x" * 256, "é" * 128):
+        with pytest.raises(DmclipError, match="must be 1..255 UTF-8 bytes"):
+            encode(Payload(name, 1, vectors))
+
+
+@pytest.mark.parametrize("B, K, W, N, bits, tail", [(0, 1, 1, 0, 0, 0), (1, 1, 0, 0, 0, 0),
+                                                    (1, 0, 1, codec.MAX_TOKENS + 1, 0, 0),
+                                                    (1, codec.MAX_TOKENS + 1, 1, 0, 0, 2 * (codec.MAX_TOKENS + 1))])
+def test_a_header_past_the_wire_limits_is_refused_even_when_the_length_agrees(B, K, W, N, bits, tail):
+    """No batch, no width, or N or K past 2**20: what encode never writes is refused, not decoded."""
+    body = struct.pack("<4sBBBBHIIHB", codec.MAGIC, codec.VERSION, 0, 0, 0, B, N, K, W, bits) + bytes(tail)
+    with pytest.raises(DmclipError, match="is not valid"):
+        decode(body + struct.pack("<I", zlib.crc32(body)))
+
+
+def test_a_named_selector_frame_that_ends_at_its_header_says_so():
+    body = struct.pack("<4sBBBBHIIHB", codec.MAGIC, codec.VERSION, codec.NAMED_SELECTOR, 0, 0, 1, 0, 0, 1, 0)
+    with pytest.raises(DmclipError, match="payload truncated: selector name length needs 1 bytes at offset 21, 0 left"):
+        decode(body + struct.pack("<I", zlib.crc32(body)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(payloads())
+def test_the_accept_hook_sees_the_header_the_payload_was_sent_with(payload):
+    seen = []
+    decode(encode(payload), seen.append)
+    assert seen == [payload.header]
+
+
+def test_an_index_equal_to_k_is_refused():
+    """K = 3 vectors need 2-bit indices, which can also say 3: a frame that does is refused, not decoded."""
+    raw = bytearray(encode(Payload("kmeans", 4, torch.zeros(1, 3, 2, dtype=torch.float16),
+                                   indices=torch.tensor([[0, 1, 2, 2]])))[:-4])
+    raw[-1] = 0b11_10_01_00  # indices 0, 1, 2, 3
+    with pytest.raises(DmclipError, match="an index points past the 3 vectors sent"):
+        decode(bytes(raw) + struct.pack("<I", zlib.crc32(raw)))

@@ -167,3 +167,76 @@ def test_default_local_trials_are_scikit_learns_2_plus_log_k():
         default = km.kmeans_plus_plus(x, k, 3, torch.Generator().manual_seed(1))
         explicit = km.kmeans_plus_plus(x, k, 3, torch.Generator().manual_seed(1), local_trials=2 + int(math.log(k)))
         assert torch.equal(default, explicit), k
+
+
+def test_defaults_are_20_iterations_3_restarts_seed_0():
+    x = _blobs(B=2, N=50, W=6, centres=5, seed=3)
+    default, explicit = kmeans(x, 4), kmeans(x, 4, iterations=20, restarts=3, seed=0)
+    assert torch.equal(default.centroids, explicit.centroids) and default.iterations == explicit.iterations
+    assert not torch.equal(kmeans(x, 4, restarts=1).inertia, default.inertia)  # the case tells restarts apart
+    slow = torch.randn(1, 2000, 2, generator=torch.Generator().manual_seed(2))  # 33 steps to converge
+    assert kmeans(slow, 64, restarts=1).iterations == 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_tokens_of_any_float_dtype_are_clustered_in_float32(dtype):
+    """A half-precision encoder's tokens cluster as their float32 values do, and come back float32."""
+    x = _blobs(B=2, N=40, W=8, seed=1).to(dtype)
+    ours, reference = kmeans(x, 3, seed=0), kmeans(x.float(), 3, seed=0)
+    assert ours.centroids.dtype == torch.float32 and ours.inertia.dtype == torch.float32
+    assert torch.equal(ours.centroids, reference.centroids) and torch.equal(ours.assignments, reference.assignments)
+
+
+def test_inertia_of_is_exact_in_float64():
+    """The oracle itself: squared distances summed in float64, against Python's exactly rounded sum."""
+    tokens = 1000 + torch.randn(1, 30, 4, generator=torch.Generator().manual_seed(0))
+    centroids = tokens[:, :3] + 1e-3
+    assignments = torch.randint(0, 3, (1, 30), generator=torch.Generator().manual_seed(1))
+    exact = math.fsum((float(tokens[0, n, w]) - float(centroids[0, assignments[0, n], w])) ** 2
+                      for n in range(30) for w in range(4))
+    ours = inertia_of(tokens, centroids, assignments)
+    assert ours.dtype == torch.float64 and ours.item() == pytest.approx(exact, rel=1e-12)
+
+
+def test_a_cluster_left_with_one_token_moves_its_centroid_onto_it():
+    """Ten tokens on a line, k = 3: in this case a cluster loses all but one token mid-run (found by search
+    against the oracle); its centroid must then move onto that token, as the oracle does, not stay put."""
+    from dmclip.compress import kmeans as km
+
+    x = torch.randn(1, 10, 1, generator=torch.Generator().manual_seed(4))
+    init = km.kmeans_plus_plus(x, 3, 1, torch.Generator().manual_seed(4))[0, 0]
+    ours = kmeans(x, 3, restarts=1, iterations=20, seed=4)
+    ref_c, ref_assign = _lloyd_reference(x[0], init, 20)
+    assert torch.equal(ours.assignments[0], ref_assign)
+    assert torch.allclose(ours.centroids[0].double(), ref_c, atol=1e-6)
+
+
+def test_fewer_distinct_tokens_than_k_leave_no_centroid_that_is_not_a_token():
+    """Two distinct tokens, four centroids: the two extra start on a token already taken and never win one
+    (their cluster is empty); they stay on that token rather than becoming a zero vector, which the server
+    would receive as a token no image has ('centroids' restore sends every centroid)."""
+    x = torch.tensor([[[1.0, 2.0]] * 3 + [[-3.0, 0.5]] * 3])
+    result = kmeans(x, 4, restarts=1)
+    for centroid in result.centroids[0]:
+        assert any(torch.equal(centroid, token) for token in x[0]), result.centroids
+    assert result.inertia.item() == 0.0
+
+
+def test_the_reported_iterations_are_the_steps_that_changed_the_clusters():
+    x = torch.randn(1, 200, 2, generator=torch.Generator().manual_seed(0))
+    converged = kmeans(x, 8, restarts=1, iterations=100, seed=0)
+    one_less = kmeans(x, 8, restarts=1, iterations=converged.iterations - 1, seed=0)
+    assert one_less.iterations == converged.iterations - 1
+    assert not torch.equal(one_less.centroids, converged.centroids)
+
+
+def test_kmeans_plus_plus_never_picks_a_token_twice_for_one_image_and_one_restart():
+    """`compress send` clusters one image: a token already chosen (D^2 = 0) is never drawn again, whatever the
+    seed and however close the tokens (a sum of D^2 under 1 included), as long as distinct tokens remain."""
+    from dmclip.compress import kmeans as km
+
+    points = torch.tensor([[(0.0, 0.0), (1.0, 0.0), (0.0, 2.0), (3.0, 3.0), (-4.0, 1.0), (5.0, -2.0)]])
+    for x in (points, points * 0.01):
+        for seed in range(200):
+            centres = km.kmeans_plus_plus(x, 5, 1, torch.Generator().manual_seed(seed), local_trials=1)[0, 0]
+            assert len({tuple(c.tolist()) for c in centres}) == 5, seed

@@ -7,6 +7,7 @@ caption evaluation every captioning paper reports.
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter
 
 import pytest
@@ -174,3 +175,36 @@ def test_missing_java_is_a_clear_error(monkeypatch):
     with pytest.raises(DmclipError, match="Java") as info:
         caption_metrics({1: ["a cat"]}, {1: "a cat"}, meteor=False)
     assert "apt-get install" in info.value.hint
+
+
+@pytest.mark.requires_java
+def test_empty_references_are_dropped_before_scoring():
+    """An image's blank references are ignored (as if never given), not tokenized nor counted."""
+    with_blanks = {1: ["A red circle.", "", "  "], 2: ["Two blue squares.", "a pair of blue squares"]}
+    without = {1: ["A red circle."], 2: ["Two blue squares.", "a pair of blue squares"]}
+    candidates = {1: "a red circle", 2: "two squares"}
+    assert caption_metrics(with_blanks, candidates, meteor=False) == pytest.approx(
+        caption_metrics(without, candidates, meteor=False), nan_ok=True)
+
+
+def test_a_missing_candidate_caption_scores_as_an_empty_one():
+    refs = {0: ["a b c"], 1: ["d e f"]}
+    empty = caption_metrics(refs, {0: "a b c", 1: ""}, tokenize=False, meteor=False)
+    assert caption_metrics(refs, {0: "a b c", 1: None}, tokenize=False, meteor=False) == pytest.approx(empty, nan_ok=True)
+    assert empty["rouge_l"] == pytest.approx(0.5)  # one perfect caption, one that matches nothing
+
+
+@pytest.mark.requires_java
+def test_ptb_tokenize_keeps_one_line_per_caption():
+    """A newline inside a caption must not shift every later caption onto another image; no captions, no java."""
+    assert ptb_tokenize({1: ["A red\ncircle.", "Two"], 2: [], 3: ["x"]}) == {1: ["a red circle", "two"], 2: [], 3: ["x"]}
+    assert ptb_tokenize({1: [], 2: []}) == {1: [], 2: []}
+
+
+def test_a_failing_tokenizer_is_a_clear_error(monkeypatch):
+    import dmclip.metrics.caption as caption
+
+    monkeypatch.setattr(caption, "_java", lambda: shutil.which("false"))
+    with pytest.raises(DmclipError, match=r"the PTB tokenizer \(java\) failed") as info:
+        ptb_tokenize({1: ["a cat"]})
+    assert "java -version" in info.value.hint

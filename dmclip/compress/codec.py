@@ -125,8 +125,13 @@ def quantize(values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tens
     values = values.detach().float()
     if dtype != "int8":
         return values.to(_TORCH_DTYPES[dtype]), None
-    scale = (values.abs().amax(-1) / 127.0).to(torch.float16)  # the receiver only ever sees the fp16 scale
-    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)
+    exact = values.abs().amax(-1) / 127.0
+    scale = exact.to(torch.float16)  # the receiver only ever sees the fp16 scale: quantise against that one
+    # a subnormal fp16 scale can round far below the exact one (8.9e-8 -> 6.0e-8): round it up, so no value
+    # lies past 127 steps and saturates
+    coarse = (scale < torch.finfo(torch.float16).tiny) & (scale.float() < exact)
+    scale = torch.where(coarse, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    safe = torch.where(scale > 0, scale.float(), 1.0)  # an all-zero vector: every value is 0 steps
     q = torch.round(values / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -228,21 +233,24 @@ def encode(payload: Payload) -> bytes:
 
 
 class _Reader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
+    def __init__(self, data: bytes, pos: int):
+        self.data, self.pos = data, pos
 
     def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
+        if self.pos + n > len(self.data):
             raise DmclipError(f"payload truncated: {what} needs {n} bytes at offset {self.pos}, "
                               f"{max(len(self.data) - self.pos, 0)} left", _BAD_HINT)
         out = self.data[self.pos:self.pos + n]
         self.pos += n
         return out
 
-    def array(self, shape: tuple[int, ...], dtype: str, what: str) -> torch.Tensor:
+    def array(self, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+        """The next array; only read once the frame's length is checked against its header."""
         npd = _NUMPY_DTYPES[dtype]
-        raw = self.take(int(np.prod(shape)) * npd.itemsize, what)
-        return torch.from_numpy(np.frombuffer(raw, dtype=npd).reshape(shape).copy())
+        count = int(np.prod(shape))
+        out = np.frombuffer(self.data, dtype=npd, count=count, offset=self.pos).reshape(shape).copy()
+        self.pos += count * npd.itemsize
+        return torch.from_numpy(out)
 
 
 @dataclass(frozen=True)
@@ -305,8 +313,7 @@ def decode(data: bytes, accept: Callable[[Header], None] | None = None) -> Paylo
     has_class, has_indices = bool(flags & 1), bool(flags & 2)
     if bits != (index_bits(K) if has_indices else 0):
         raise DmclipError(f"index width {bits} bits does not match K={K}", _BAD_HINT)
-    reader = _Reader(body)
-    reader.pos = HEADER_BYTES
+    reader = _Reader(body, HEADER_BYTES)
     if selector_id == NAMED_SELECTOR:
         length = reader.take(1, "selector name length")[0]
         try:
@@ -332,15 +339,14 @@ def decode(data: bytes, accept: Callable[[Header], None] | None = None) -> Paylo
                           f"({expected + CRC_BYTES} bytes)", _BAD_HINT)
     class_tokens = class_scales = scales = indices = None
     if has_class:
-        class_tokens = reader.array((B, W), dtype, "class tokens")
+        class_tokens = reader.array((B, W), dtype)
         if dtype == "int8":
-            class_scales = reader.array((B,), "float16", "class token scales")
-    vectors = reader.array((B, K, W), dtype, "vectors")
+            class_scales = reader.array((B,), "float16")
+    vectors = reader.array((B, K, W), dtype)
     if dtype == "int8":
-        scales = reader.array((B, K), "float16", "vector scales")
+        scales = reader.array((B, K), "float16")
     if has_indices:
-        raw = reader.take(packed_index_bytes(B * N, bits), "indices")
-        flat = unpack_indices(raw, B * N, bits)
+        flat = unpack_indices(body[reader.pos:], B * N, bits)  # the rest of the body, by the length check
         if flat.size and int(flat.max()) >= K:
             raise DmclipError(f"an index points past the {K} vectors sent", _BAD_HINT)
         indices = torch.from_numpy(flat.reshape(B, N))

@@ -88,8 +88,7 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, restarts: int, generator: torch.Ge
     return torch.stack(centres, 2)  # (B, R, k, W)
 
 
-def kmeans(tokens: torch.Tensor, k: int, *, iterations: int = 20, restarts: int = 3, seed: int = 0,
-           local_trials: int | None = None) -> KMeansResult:
+def kmeans(tokens: torch.Tensor, k: int, *, iterations: int = 20, restarts: int = 3, seed: int = 0) -> KMeansResult:
     """Cluster each image's tokens: tokens (B, N, W) -> k centroids and one assignment per token.
 
     ``k`` larger than N is clamped to N (every token its own centroid; the extra are not created).
@@ -107,7 +106,7 @@ def kmeans(tokens: torch.Tensor, k: int, *, iterations: int = 20, restarts: int 
     R = restarts
     x = tokens.detach().to(torch.float32).contiguous()
     generator = torch.Generator().manual_seed(int(seed))
-    centroids = kmeans_plus_plus(x, k, R, generator, local_trials).reshape(B, R * k, W)  # (B, Rk, W)
+    centroids = kmeans_plus_plus(x, k, R, generator).reshape(B, R * k, W)  # (B, Rk, W)
     x_sq = (x * x).sum(-1, keepdim=True)  # (B, N, 1)
     assign = None
     done = 0
