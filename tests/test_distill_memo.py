@@ -10,13 +10,11 @@ import pytest
 import torch
 from helpers.cli import SIX_STEPS, one_thread_main
 from helpers.kill_resume import the_run
+from helpers.teachers import save_tiny_teacher
 
 from dmclip.data import build_dataset
-from dmclip.data.tokenizer import Tokenizer
 from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher, memo
 from dmclip.distill.memo import MemoPlan, TeacherMemo, plan_memo
-from dmclip.models.base import build_model, save_model
-from dmclip.models.clip import clip_arch
 from dmclip.train.tasks import pick_caption
 
 DATA = "world-train:size=24,captions=3,image_size=32"
@@ -24,11 +22,7 @@ DATA = "world-train:size=24,captions=3,image_size=32"
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    ds = build_dataset(DATA)
-    tok = Tokenizer.fit([c for i in range(len(ds)) for c in ds.captions(i)], 16).to_dict()
-    model = build_model(clip_arch(32, 8, 32, 1, 2, 32, 1, 2, 32, tok))
-    return save_model(model, tmp_path_factory.mktemp("teacher") / "model")
+    return save_tiny_teacher(DATA, tmp_path_factory.mktemp("teacher") / "model")
 
 
 def test_plan_memoises_what_the_run_would_compute_again():

@@ -6,15 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.teachers import save_tiny_teacher
 
 from dmclip.data import build_dataset
 from dmclip.data.reinforced import ReinforcedStore, apply_boxes, crop_boxes
-from dmclip.data.tokenizer import Tokenizer
 from dmclip.distill import DistillConfig, DistillTask, build_student, load_teacher
 from dmclip.distill.reinforce import build_store
 from dmclip.errors import DmclipError
-from dmclip.models.base import build_model, save_model
-from dmclip.models.clip import clip_arch
 
 DATA = "world-train:size=24,captions=1,image_size=32"
 DATA3 = "world-train:size=24,captions=3,image_size=32"  # same images, three captions each
@@ -22,11 +20,7 @@ DATA3 = "world-train:size=24,captions=3,image_size=32"  # same images, three cap
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    ds = build_dataset(DATA)
-    tok = Tokenizer.fit([c for i in range(len(ds)) for c in ds.captions(i)], 16).to_dict()
-    model = build_model(clip_arch(32, 8, 32, 1, 2, 32, 1, 2, 32, tok))
-    return save_model(model, tmp_path_factory.mktemp("teacher") / "model")
+    return save_tiny_teacher(DATA, tmp_path_factory.mktemp("teacher") / "model")
 
 
 def test_identity_box_leaves_the_image_unchanged():
