@@ -95,15 +95,21 @@ def test_kmeans_plus_plus_draws_each_centre_with_probability_proportional_to_d_s
         assert abs(frequency - p) <= 5 * (p * (1 - p) / draws) ** 0.5, (order, frequency, p)
 
 
-def test_lloyd_steps_match_the_written_out_algorithm():
+def _assert_matches_lloyd_reference(x: torch.Tensor, *, k: int, seed: int, iterations: int, atol: float) -> None:
+    """One restart of kmeans() on one image gives the written-out algorithm's assignments and centroids from
+    the same k-means++ start."""
     from dmclip.compress import kmeans as km
 
-    x = torch.randn(1, 50, 6, generator=torch.Generator().manual_seed(0))
-    init = km.kmeans_plus_plus(x, 4, 1, torch.Generator().manual_seed(0))[0, 0]
-    ours = kmeans(x, 4, restarts=1, iterations=10, seed=0)
-    ref_c, ref_assign = _lloyd_reference(x[0], init, 10)
+    init = km.kmeans_plus_plus(x, k, 1, torch.Generator().manual_seed(seed))[0, 0]
+    ours = kmeans(x, k, restarts=1, iterations=iterations, seed=seed)
+    ref_c, ref_assign = _lloyd_reference(x[0], init, iterations)
     assert torch.equal(ours.assignments[0], ref_assign)
-    assert torch.allclose(ours.centroids[0].double(), ref_c, atol=1e-5)
+    assert torch.allclose(ours.centroids[0].double(), ref_c, atol=atol)
+
+
+def test_lloyd_steps_match_the_written_out_algorithm():
+    _assert_matches_lloyd_reference(torch.randn(1, 50, 6, generator=torch.Generator().manual_seed(0)), k=4, seed=0,
+                                    iterations=10, atol=1e-5)
 
 
 def test_every_lloyd_iteration_asked_for_is_run_until_convergence():
@@ -201,14 +207,8 @@ def test_inertia_of_is_exact_in_float64():
 def test_a_cluster_left_with_one_token_moves_its_centroid_onto_it():
     """Ten tokens on a line, k = 3: in this case a cluster loses all but one token mid-run (found by search
     against the oracle); its centroid must then move onto that token, as the oracle does, not stay put."""
-    from dmclip.compress import kmeans as km
-
-    x = torch.randn(1, 10, 1, generator=torch.Generator().manual_seed(4))
-    init = km.kmeans_plus_plus(x, 3, 1, torch.Generator().manual_seed(4))[0, 0]
-    ours = kmeans(x, 3, restarts=1, iterations=20, seed=4)
-    ref_c, ref_assign = _lloyd_reference(x[0], init, 20)
-    assert torch.equal(ours.assignments[0], ref_assign)
-    assert torch.allclose(ours.centroids[0].double(), ref_c, atol=1e-6)
+    _assert_matches_lloyd_reference(torch.randn(1, 10, 1, generator=torch.Generator().manual_seed(4)), k=3, seed=4,
+                                    iterations=20, atol=1e-6)
 
 
 def test_fewer_distinct_tokens_than_k_leave_no_centroid_that_is_not_a_token():
