@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from helpers.toy import PairDataset, ToyTask, toy_config
 from dmclip.errors import DmclipError
 from dmclip.runs import RunDir
 from dmclip.train import DataOrder, TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
+from dmclip.train.state import TrainState, diverged
 
 TIMING_KEYS = ("samples_per_s",)
 
@@ -510,3 +512,165 @@ def test_config_rejects_out_of_range_values():
     with pytest.raises(DmclipError, match="steps"):
         from_dict(TrainConfig, {"steps": 0})
     assert from_dict(TrainConfig, {"betas": [0.9, 0.95]}).betas == [0.9, 0.95]
+
+
+# ------------------------------------------------------------------------------ checkpoint and restore
+
+
+def toy_state(cfg: TrainConfig, task=None, dataset=None, **kw) -> TrainState:
+    task = task if task is not None else ToyTask()
+    return TrainState.create(task, task.model, dataset if dataset is not None else PairDataset(seed=1), cfg,
+                             seed=0, world=1, rank=0, **kw)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_reports_its_last_step(tmp_path):
+    """A checkpoint at train.steps (the run's end) resumes as done: its last row's loss and the last step's lr."""
+    cfg = make_cfg(steps=4, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    first = train(run, cfg, ToyTask())
+    again = train(run, cfg, ToyTask(), resume=True)
+    assert again["resumed_from"] == 4 and again["steps"] == 4 and again["samples_per_s"] is None
+    assert again["loss"] == first["loss"] == run.metrics()[-1]["loss"]
+    assert again["parts"] == first["parts"]
+    assert again["lr"] == first["lr"] == pytest.approx(lr_at(3, peak=cfg.lr, steps=4, warmup_steps=3,
+                                                               min_lr_ratio=cfg.min_lr_ratio))
+    assert len(run.metrics()) == 4
+
+
+@pytest.mark.parametrize("state", [torch.zeros(3), {"format": 1, "step": 2}, {"format": 2, "model": {}}])
+def test_restore_refuses_what_dmclip_did_not_write(state):
+    with pytest.raises(DmclipError, match="not a dmclip training checkpoint"):
+        toy_state(make_cfg()).restore(state, make_cfg(), main=True)
+
+
+def test_restore_names_the_data_that_differs(tmp_path):
+    cfg = make_cfg()
+    saved = toy_state(cfg).checkpoint(cfg)
+    with pytest.raises(DmclipError) as error:
+        toy_state(cfg, dataset=PairDataset(n=100)).restore(saved, cfg, main=True)
+    assert error.value.message == ("the checkpoint was trained with batch_size 16 on 256 samples, this run has "
+                                "batch_size 16 on 100 samples")
+    assert error.value.hint == "resume with the same data and batch size (the data order depends on both)"
+
+
+def test_restore_names_a_tensor_whose_shape_differs():
+    cfg = make_cfg()
+    saved = toy_state(cfg, ToyTask(width=64)).checkpoint(cfg)
+    with pytest.raises(DmclipError) as error:
+        toy_state(cfg).restore(saved, cfg, main=True)
+    # the first linear and layer norm of each tower: 2 x (weight, bias, weight, bias) + the last linear's weights
+    assert error.value.message == ("the checkpoint does not fit this model (10 tensors differ, "
+                                "e.g. image_tower.0.weight (64, 16) vs (32, 16))")
+
+
+def test_restore_brings_back_the_scaler_and_tolerates_a_task_without_state():
+    """fp16's loss scale continues where it was (a CPU GradScaler stands in for CUDA's); a checkpoint with a
+    scaler loads into a run without one; a task with no state_dict saves and restores nothing of its own."""
+    cfg = make_cfg()
+
+    class Stateless:
+        def __init__(self):
+            self.model = ToyTask().model
+
+    saving = toy_state(cfg, Stateless())
+    saving.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    saving.step = 3
+    saved = saving.checkpoint(cfg)
+    assert saved["task"] == {} and saved["scaler"]["scale"] == 2.0**10
+    restored = toy_state(cfg, Stateless())
+    restored.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    restored.restore(saved, cfg, main=True)
+    assert restored.scaler.get_scale() == 2.0**10 and restored.step == 3
+    without = toy_state(cfg, Stateless())
+    without.restore(saved, cfg, main=True)
+    assert without.scaler is None and without.step == 3
+
+
+@pytest.mark.parametrize("amp,last_checkpoint_step", [("off", None), ("bf16", 5)])
+def test_the_divergence_error_names_what_to_change_and_what_is_kept(tmp_path, amp, last_checkpoint_step):
+    cfg = make_cfg(amp=amp, lr=3e-3)
+    run = new_run(tmp_path, cfg)
+    error = diverged(7, "loss=nan", cfg, run, last_checkpoint_step)
+    assert error.message == "training diverged at step 7: non-finite loss=nan"
+    kept = (f"the last good checkpoint (step 5) is kept in {run.checkpoint_path()}" if last_checkpoint_step
+            else "no checkpoint was written before it")
+    amp_hint = " or set train.amp=off (now bf16)" if amp == "bf16" else ""
+    assert error.hint == f"lower train.lr (now 0.003){amp_hint}, or lower train.grad_clip; {kept}"
+
+
+def test_a_resumed_run_continues_the_host_rngs_a_loss_draws_from(tmp_path):
+    """With DataLoader workers the training process never reseeds python's ``random`` or numpy: a loss that draws
+    from them (a random caption choice, say) draws after a resume what the uninterrupted run drew."""
+    import random
+
+    import numpy as np
+
+    class Drawing(ToyTask):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.draws = []
+
+        def loss(self, model, batch, step):
+            out = super().loss(model, batch, step)
+            self.draws.append((random.random(), float(np.random.rand())))
+            return out
+
+    cfg = make_cfg(steps=6, num_workers=1, checkpoint_every=0)
+    random.seed(5), np.random.seed(5)
+    reference = Drawing()
+    train(new_run(tmp_path, cfg, "reference"), cfg, reference)
+    random.seed(5), np.random.seed(5)
+    interrupted, run = Drawing(interrupt_at=4), new_run(tmp_path, cfg, "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, interrupted)
+    random.seed(123), np.random.seed(123)  # whatever a new process holds
+    resumed = Drawing()
+    train(run, cfg, resumed, resume=True)
+    assert interrupted.draws + resumed.draws == reference.draws and len(reference.draws) == 6
+
+
+def test_default_param_groups_spare_every_kind_the_docstring_names_at_any_shape():
+    """Weight matrices decay; biases, norms (torch's or hand-written), embeddings and the logit scale/bias do not,
+    whatever their shape, and frozen parameters are in no group: a (1, C) gain or a (1, N, D) position
+    embedding decayed would be pulled to zero over a long run."""
+
+    class ConditionedNorm(torch.nn.Module):  # a hand-written norm: its own gain spared, its projection a weight
+        def __init__(self, channels):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(1, channels))
+            self.projection = torch.nn.Linear(channels, channels, bias=False)
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+            self.token_embedding = torch.nn.Embedding(10, 4)
+            self.patch_embed = torch.nn.Linear(4, 4)  # a projection inside an "embed" module: a weight
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 5, 4))
+            self.attn_bias = torch.nn.Parameter(torch.zeros(2, 5, 5))
+            self.norm = ConditionedNorm(4)
+            self.logit_scale = torch.nn.Parameter(torch.ones(1, 1))
+            self.logit_bias = torch.nn.Parameter(torch.zeros(1, 1))
+
+    model = torch.nn.Sequential(Tower())
+    decay, no_decay = default_param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["0.norm.projection.weight", "0.patch_embed.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "0.attn_bias", "0.logit_bias", "0.logit_scale", "0.norm.gain", "0.patch_embed.bias", "0.pos_embed",
+        "0.token_embedding.weight"]
+
+
+def test_the_optimizer_takes_train_betas_eps_and_weight_decay_and_fp16_a_cuda_scaler():
+    """AdamW's settings come from train.*, also for a task's own param groups that name no weight decay."""
+    cfg = make_cfg(betas=[0.8, 0.95], eps=1e-6, weight_decay=0.05)
+    task = ToyTask()
+    task.param_groups = lambda model: [{"params": list(model.parameters())}]
+    state = toy_state(cfg, task)
+    group = state.optimizer.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"], group["lr"]) == ((0.8, 0.95), 1e-6, 0.05, cfg.lr)
+    assert state.scaler is None and toy_state(make_cfg(amp="bf16")).scaler is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available. Disabling."
+        scaler = toy_state(make_cfg(amp="fp16")).scaler
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() == torch.cuda.is_available()
