@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers.toy import PairDataset, ToyTask, toy_config
 
+from dmclip.config import to_dict
 from dmclip.errors import DmclipError
 from dmclip.runs import RunDir
 from dmclip.train import DataOrder, TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
@@ -325,9 +326,12 @@ def test_resume_refuses_another_batch_size(tmp_path):
 def test_checkpoint_loads_with_weights_only(tmp_path):
     cfg = make_cfg(steps=3)
     run = new_run(tmp_path, cfg)
-    train(run, cfg, ToyTask())
+    train(run, cfg, ToyTask(), seed=3)
     state = torch.load(run.checkpoint_path(), weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "task", "position", "step"} <= state.keys()
+    # what a reader of the file needs to know how it was trained
+    assert (state["seed"], state["world_size"], state["batch_size"], state["dataset_size"]) == (3, 1, 16, 256)
+    assert state["config"] == to_dict(cfg)
     assert set(state["rng"]) >= {"torch", "python", "numpy"}
 
 
@@ -674,3 +678,43 @@ def test_the_optimizer_takes_train_betas_eps_and_weight_decay_and_fp16_a_cuda_sc
         warnings.simplefilter("ignore")  # "CUDA is not available. Disabling."
         scaler = toy_state(make_cfg(amp="fp16")).scaler
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() == torch.cuda.is_available()
+
+
+def test_a_checkpoint_leaves_out_the_constant_tensors_and_a_resume_keeps_the_rebuilt_ones():
+    """``task.constant_prefixes`` (a frozen teacher copy the task builds again): not written, not overwritten."""
+    cfg = make_cfg()
+    trained, rebuilt = ToyTask(seed=0), ToyTask(seed=1)
+    trained.constant_prefixes = rebuilt.constant_prefixes = ["text_tower."]
+    saved = toy_state(cfg, trained).checkpoint(cfg)
+    assert sorted(saved["model"]) == sorted(k for k in weights(trained.model) if not k.startswith("text_tower."))
+    text_tower = weights(rebuilt.model.text_tower)
+    toy_state(cfg, rebuilt).restore(saved, cfg, main=True)
+    assert_same_weights(weights(rebuilt.model.text_tower), text_tower)
+    assert_same_weights(weights(rebuilt.model.image_tower), weights(trained.model.image_tower))
+
+
+def test_saving_non_finite_weights_names_the_first_four_and_the_kept_checkpoint(tmp_path):
+    cfg = make_cfg()
+    run = new_run(tmp_path, cfg)
+    state = toy_state(cfg)
+    state.step, state.last_checkpoint_step = 3, 2
+    with torch.no_grad():
+        for tower in (state.model.image_tower, state.model.text_tower):
+            tower[0].weight[0, 0] = tower[0].bias[0] = float("nan")
+        state.model.logit_scale.fill_(float("inf"))  # a fifth: not named
+    with pytest.raises(DmclipError) as error:
+        state.save(run, cfg, main=True)
+    assert error.value.message == ("training diverged at step 3: non-finite weights image_tower.0.weight, "
+                                   "image_tower.0.bias, text_tower.0.weight, text_tower.0.bias")
+    assert f"the last good checkpoint (step 2) is kept in {run.checkpoint_path()}" in error.value.hint
+    assert not run.checkpoint_path().exists()
+
+
+def test_only_rank_0_writes_the_checkpoint(tmp_path):
+    cfg = make_cfg()
+    run = new_run(tmp_path, cfg)
+    state = toy_state(cfg)
+    state.step = 2
+    assert state.save(run, cfg, main=False) is None and not run.checkpoint_path().exists()
+    assert state.last_checkpoint_step == 2  # every rank knows which step the file holds
+    assert state.save(run, cfg, main=True) == run.checkpoint_path() and run.load_checkpoint()["step"] == 2

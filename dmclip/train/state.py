@@ -104,7 +104,7 @@ class TrainState:
         prefixes = tuple(getattr(self.task, "constant_prefixes", ()))
         if not prefixes:
             return tensors
-        return {k: v for k, v in tensors.items() if not k.removeprefix("module.").startswith(prefixes)}
+        return {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
 
     def save(self, run, cfg: TrainConfig, main: bool) -> Path | None:
         """Write last.pt for this step (rank 0); refuses non-finite weights so the last good one stays."""
