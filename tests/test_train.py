@@ -701,11 +701,11 @@ def test_saving_non_finite_weights_names_the_first_four_and_the_kept_checkpoint(
     with torch.no_grad():
         for tower in (state.model.image_tower, state.model.text_tower):
             tower[0].weight[0, 0] = tower[0].bias[0] = float("nan")
-        state.model.logit_scale.fill_(float("inf"))  # a fifth: not named
+        state.model.logit_scale.fill_(float("inf"))  # registered first; the fifth, text_tower.0.bias, goes unnamed
     with pytest.raises(DmclipError) as error:
         state.save(run, cfg, main=True)
-    assert error.value.message == ("training diverged at step 3: non-finite weights image_tower.0.weight, "
-                                   "image_tower.0.bias, text_tower.0.weight, text_tower.0.bias")
+    assert error.value.message == ("training diverged at step 3: non-finite weights logit_scale, "
+                                   "image_tower.0.weight, image_tower.0.bias, text_tower.0.weight")
     assert f"the last good checkpoint (step 2) is kept in {run.checkpoint_path()}" in error.value.hint
     assert not run.checkpoint_path().exists()
 
