@@ -471,7 +471,7 @@ def test_metrics_rows_and_summary(tmp_path, capsys):
         assert row["epoch"] == pytest.approx(row["step"] * 16 // 256 + (row["step"] * 16 % 256) / 256)
         assert row["samples_per_s"] > 0
     assert evaluated == [3, 6, 7]
-    assert [r["eval/score"] for r in rows if "eval/score" in r] == [3.0, 6.0, 7.0]
+    assert [(r["step"], r["eval/score"]) for r in rows if "eval/score" in r] == [(3, 3.0), (6, 6.0), (7, 7.0)]
     assert summary["steps"] == 7 and summary["loss"] == train_rows[-1]["loss"]
     assert set(summary["parts"]) == {"loss", "image_to_text", "text_to_image"}
     assert summary["samples_per_s"] > 0 and summary["seconds"] > 0 and summary["eval"] == {"score": 7.0}
@@ -718,3 +718,59 @@ def test_only_rank_0_writes_the_checkpoint(tmp_path):
     assert state.save(run, cfg, main=False) is None and not run.checkpoint_path().exists()
     assert state.last_checkpoint_step == 2  # every rank knows which step the file holds
     assert state.save(run, cfg, main=True) == run.checkpoint_path() and run.load_checkpoint()["step"] == 2
+
+
+def test_evaluation_runs_on_rank_0_only(tmp_path):
+    """Another rank neither evaluates nor logs, and its summary holds no eval result."""
+    from dmclip.train.loop import _evaluate
+
+    cfg = make_cfg()
+    run = new_run(tmp_path, cfg)
+    called = []
+    assert _evaluate(lambda model, step: called.append(step), ToyTask().model, 3, run, main=False) is None
+    assert called == [] and run.metrics() == []
+
+
+def test_a_batch_goes_to_the_device_whole():
+    """Tensors at any depth of the batch move (the meta device stands in for an accelerator); containers keep
+    their type and everything else is left as it is."""
+    from dmclip.train.loop import _to_device
+
+    tensor = torch.ones(2)
+    batch = {"image": tensor, "parts": [tensor, (tensor, "caption")], "captions": ["a", "b"], "n": 3}
+    moved = _to_device(batch, torch.device("meta"))
+    assert moved["image"].device.type == "meta" and moved["parts"][0].device.type == "meta"
+    assert isinstance(moved["parts"][1], tuple) and moved["parts"][1][0].device.type == "meta"
+    assert moved["parts"][1][1] == "caption" and moved["captions"] == ["a", "b"] and moved["n"] == 3
+
+
+def test_augmentation_draws_follow_the_run_seed_and_the_rank():
+    """The data RNGs are seeded from (seed, step, rank, micro-batch): the same key draws the same augmentation,
+    another seed, rank, step or micro-batch another one, and not the numbers the forward pass draws."""
+    from dmclip.train.loop import _BatchFetcher
+    from dmclip.train.rng import reseed
+
+    dataset, collate = PairDataset(seed=1, augment=0.05), ToyTask().collate
+
+    def images(seed, rank=0, step=4, micro=1):
+        return _BatchFetcher(dataset, collate, seed, rank)[(step, micro, [0, 5])]["image"]
+
+    assert torch.equal(images(0), images(0))
+    for other in (images(1), images(0, rank=1), images(0, step=5), images(0, micro=0)):
+        assert not torch.equal(images(0), other)
+    reseed(0, 4, 0, 1)  # the forward pass's seed for the same micro-batch: dropout draws other numbers
+    with_forward_draws = torch.stack([dataset.image[i] for i in (0, 5)]) + 0.05 * torch.randn(2, 16)
+    assert not torch.allclose(images(0), with_forward_draws)
+
+
+def test_loss_parts_given_as_python_numbers_are_logged(tmp_path):
+    """A task may return a part as a plain number (a fixed temperature, a count): it is logged like a tensor."""
+
+    class WithNumber(ToyTask):
+        def loss(self, model, batch, step):
+            return {**super().loss(model, batch, step), "temperature": 0.07}
+
+    cfg = make_cfg(steps=2, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    train(run, cfg, WithNumber())
+    assert [row["temperature"] for row in run.metrics()] == pytest.approx([0.07, 0.07], rel=1e-6)
