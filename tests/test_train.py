@@ -774,3 +774,36 @@ def test_loss_parts_given_as_python_numbers_are_logged(tmp_path):
     run = new_run(tmp_path, cfg)
     train(run, cfg, WithNumber())
     assert [row["temperature"] for row in run.metrics()] == pytest.approx([0.07, 0.07], rel=1e-6)
+
+
+def test_samples_per_second_counts_the_samples_since_the_last_row_and_the_summary_those_of_this_call(tmp_path,
+                                                                                                    monkeypatch):
+    """Against a clock whose ticks grow (1, 2, 3, ... s): each row's rate covers the steps since the row before, the
+    summary's the steps this call trained (after a resume: not the ones before it) over its own seconds."""
+    import itertools
+    import types
+
+    import dmclip.train.loop as loop
+
+    def clock():  # the start (t=0), after each step k (t = 1 + 2 + ... + k), then the end of the loop
+        times = itertools.accumulate(itertools.count())
+        return types.SimpleNamespace(perf_counter=lambda: float(next(times)))
+
+    times = list(itertools.accumulate(range(7)))
+    cfg = make_cfg(steps=5, log_every=2, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    monkeypatch.setattr(loop, "time", clock())
+    summary = train(run, cfg, ToyTask())
+    rates = {row["step"]: row["samples_per_s"] for row in run.metrics()}
+    assert rates == pytest.approx({2: 2 * 16 / times[2], 4: 2 * 16 / (times[4] - times[2]),
+                                   5: 16 / (times[5] - times[4])}, rel=1e-3)
+    assert summary["seconds"] == times[6] and summary["samples_per_s"] == pytest.approx(5 * 16 / times[6])
+
+    run = new_run(tmp_path, cfg, "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, ToyTask(interrupt_at=3))
+    monkeypatch.setattr(loop, "time", clock())
+    summary = train(run, cfg, ToyTask(), resume=True)  # steps 4 and 5
+    rates = {row["step"]: row["samples_per_s"] for row in run.metrics() if row["step"] > 3}
+    assert rates == pytest.approx({4: 16 / times[1], 5: 16 / (times[2] - times[1])}, rel=1e-3)
+    assert summary["seconds"] == times[3] and summary["samples_per_s"] == pytest.approx(2 * 16 / times[3])
