@@ -807,3 +807,25 @@ def test_samples_per_second_counts_the_samples_since_the_last_row_and_the_summar
     rates = {row["step"]: row["samples_per_s"] for row in run.metrics() if row["step"] > 3}
     assert rates == pytest.approx({4: 16 / times[1], 5: 16 / (times[2] - times[1])}, rel=1e-3)
     assert summary["seconds"] == times[3] and summary["samples_per_s"] == pytest.approx(2 * 16 / times[3])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_train_num_workers_loads_in_that_many_worker_processes(tmp_path, num_workers):
+    """0 collates in the training process; 1 (or more) in DataLoader workers, so loading overlaps training."""
+
+    class Recording(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.collated_in = set()
+
+        def collate(self, samples):
+            return {**super().collate(samples), "pid": os.getpid()}
+
+        def loss(self, model, batch, step):
+            self.collated_in.add(batch["pid"])
+            return super().loss(model, batch, step)
+
+    cfg = make_cfg(steps=2, num_workers=num_workers, checkpoint_every=0)
+    task = Recording()
+    train(new_run(tmp_path, cfg), cfg, task)
+    assert len(task.collated_in) == 1 and (os.getpid() in task.collated_in) == (num_workers == 0)
