@@ -829,3 +829,39 @@ def test_train_num_workers_loads_in_that_many_worker_processes(tmp_path, num_wor
     task = Recording()
     train(new_run(tmp_path, cfg), cfg, task)
     assert len(task.collated_in) == 1 and (os.getpid() in task.collated_in) == (num_workers == 0)
+
+
+def test_a_ranks_worker_loads_that_ranks_share_of_each_step():
+    """Rank 1 of 2 with a DataLoader worker gets the micro-batches it would load itself, step after step."""
+    from dmclip.train.loop import _Batches
+
+    dataset, task = PairDataset(seed=1, augment=0.05), ToyTask()
+    loaded = []
+    for workers in (0, 1):
+        cfg = make_cfg(grad_accum=2, num_workers=workers)
+        state = TrainState.create(task, task.model, dataset, cfg, seed=0, world=2, rank=1)
+        batches, images = _Batches(dataset, task.collate, cfg, state, 1, torch.device("cpu")), []
+        for step in range(3):
+            micro_batches, state.order.position = state.order.next_step()
+            images += [batches.get(step, micro, indices)["image"] for micro, indices in enumerate(micro_batches)]
+        loaded.append(torch.cat(images))
+    assert loaded[0].shape == (3 * 16 // 2, 16) and torch.equal(*loaded)
+
+
+def test_a_stop_signal_sent_to_a_worker_does_not_stop_training(tmp_path):
+    """Ctrl-C in a terminal reaches every process of the group: the workers leave it to the training process,
+    which saves the last step (a worker that died instead would end the run with a DataLoader error)."""
+
+    class SignallingWorkers(ToyTask):
+        def collate(self, samples):
+            return {**super().collate(samples), "pid": os.getpid()}
+
+        def loss(self, model, batch, step):
+            if step == 1:
+                os.kill(batch["pid"], signal.SIGINT)
+                os.kill(batch["pid"], signal.SIGTERM)
+            return super().loss(model, batch, step)
+
+    cfg = make_cfg(steps=8, num_workers=1, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    assert train(run, cfg, SignallingWorkers())["steps"] == 8
