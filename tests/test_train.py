@@ -734,7 +734,7 @@ def test_evaluation_runs_on_rank_0_only(tmp_path):
 def test_a_batch_goes_to_the_device_whole():
     """Tensors at any depth of the batch move (the meta device stands in for an accelerator); containers keep
     their type and everything else is left as it is."""
-    from dmclip.train.loop import _to_device
+    from dmclip.train.loop import _Batches, _to_device
 
     tensor = torch.ones(2)
     batch = {"image": tensor, "parts": [tensor, (tensor, "caption")], "captions": ["a", "b"], "n": 3}
@@ -742,6 +742,9 @@ def test_a_batch_goes_to_the_device_whole():
     assert moved["image"].device.type == "meta" and moved["parts"][0].device.type == "meta"
     assert isinstance(moved["parts"][1], tuple) and moved["parts"][1][0].device.type == "meta"
     assert moved["parts"][1][1] == "caption" and moved["captions"] == ["a", "b"] and moved["n"] == 3
+    cfg, task = make_cfg(), ToyTask()
+    fetched = _Batches(PairDataset(), task.collate, cfg, toy_state(cfg, task), 0, torch.device("meta")).get(0, 0, [1])
+    assert fetched["image"].device.type == "meta" and fetched["image"].shape == (1, 16)
 
 
 def test_augmentation_draws_follow_the_run_seed_and_the_rank():
