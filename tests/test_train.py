@@ -868,3 +868,23 @@ def test_a_stop_signal_sent_to_a_worker_does_not_stop_training(tmp_path):
     cfg = make_cfg(steps=8, num_workers=1, checkpoint_every=0)
     run = new_run(tmp_path, cfg)
     assert train(run, cfg, SignallingWorkers())["steps"] == 8
+
+
+def test_what_fit_cannot_train_is_refused_before_anything_is_written(tmp_path):
+    cfg = make_cfg(steps=2)
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(DmclipError, match=r"the training data \(range_iterator\) has no length or indexing") as error:
+        fit(ToyTask(), iter(range(4)), cfg, run, seed=0)
+    assert error.value.hint == "fit needs a map-style dataset (len(dataset) and dataset[i]) or a stream"
+    with pytest.raises(DmclipError, match="eval_every = 3 but no eval_fn was given") as error:
+        fit(ToyTask(), PairDataset(), cfg, run, seed=0, eval_every=3)
+    assert error.value.hint == "pass eval_fn, or eval_every=0"
+    assert not run.checkpoint_path().exists() and run.metrics() == []
+
+    class NoTotal(ToyTask):
+        def loss(self, model, batch, step):
+            return {"image_to_text": super().loss(model, batch, step)["image_to_text"]}
+
+    with pytest.raises(TypeError, match=r"NoTotal.loss must return a dict with a 'loss' entry, got keys "
+                                        r"\['image_to_text'\]"):
+        fit(NoTotal(), PairDataset(), cfg, run, seed=0)
