@@ -777,6 +777,11 @@ def test_loss_parts_given_as_python_numbers_are_logged(tmp_path):
     run = new_run(tmp_path, cfg)
     train(run, cfg, WithNumber())
     assert [row["temperature"] for row in run.metrics()] == pytest.approx([0.07, 0.07], rel=1e-6)
+    from dmclip.train.loop import _stack_parts
+
+    on_accelerator = _stack_parts({"loss": torch.tensor(2.0), "temperature": 0.07}, ["temperature", "loss"],
+                                  torch.device("meta"))  # beside a gradient norm computed there
+    assert on_accelerator.device.type == "meta" and on_accelerator.shape == (2,)
 
 
 def test_samples_per_second_counts_the_samples_since_the_last_row_and_the_summary_those_of_this_call(tmp_path,
