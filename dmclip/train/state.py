@@ -40,7 +40,7 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         lowered = name.lower()
         if (param.ndim < 2 or id(param) in no_decay_ids or lowered.endswith("bias") or "logit_scale" in lowered
-                or "logit_bias" in lowered or "embed" in lowered.rsplit(".", 1)[-1]):
+                or "embed" in lowered.rsplit(".", 1)[-1]):
             no_decay.append(param)
         else:
             decay.append(param)
