@@ -469,7 +469,7 @@ def test_metrics_rows_and_summary(tmp_path, capsys):
     for row in train_rows:
         assert row["loss"] == pytest.approx((row["image_to_text"] + row["text_to_image"]) / 2, rel=1e-6)
         assert row["epoch"] == pytest.approx(row["step"] * 16 // 256 + (row["step"] * 16 % 256) / 256)
-        assert row["samples_per_s"] > 0
+        assert row["samples_per_s"] > 0 and row["grad_norm"] > 0  # over the trainable parameters
     assert evaluated == [3, 6, 7]
     assert [(r["step"], r["eval/score"]) for r in rows if "eval/score" in r] == [(3, 3.0), (6, 6.0), (7, 7.0)]
     assert summary["steps"] == 7 and summary["loss"] == train_rows[-1]["loss"]
