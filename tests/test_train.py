@@ -11,14 +11,17 @@ import logging
 import math
 import os
 import signal
+import warnings
 
 import pytest
 import torch
 from helpers.toy import PairDataset, ToyTask, toy_config
 
+from dmclip.config import to_dict
 from dmclip.errors import DmclipError
 from dmclip.runs import RunDir
 from dmclip.train import DataOrder, TrainConfig, default_param_groups, epoch_permutation, fit, lr_at
+from dmclip.train.state import TrainState, diverged
 
 TIMING_KEYS = ("samples_per_s",)
 
@@ -323,9 +326,12 @@ def test_resume_refuses_another_batch_size(tmp_path):
 def test_checkpoint_loads_with_weights_only(tmp_path):
     cfg = make_cfg(steps=3)
     run = new_run(tmp_path, cfg)
-    train(run, cfg, ToyTask())
+    train(run, cfg, ToyTask(), seed=3)
     state = torch.load(run.checkpoint_path(), weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "task", "position", "step"} <= state.keys()
+    # what a reader of the file needs to know how it was trained
+    assert (state["seed"], state["world_size"], state["batch_size"], state["dataset_size"]) == (3, 1, 16, 256)
+    assert state["config"] == to_dict(cfg)
     assert set(state["rng"]) >= {"torch", "python", "numpy"}
 
 
@@ -463,9 +469,9 @@ def test_metrics_rows_and_summary(tmp_path, capsys):
     for row in train_rows:
         assert row["loss"] == pytest.approx((row["image_to_text"] + row["text_to_image"]) / 2, rel=1e-6)
         assert row["epoch"] == pytest.approx(row["step"] * 16 // 256 + (row["step"] * 16 % 256) / 256)
-        assert row["samples_per_s"] > 0
+        assert row["samples_per_s"] > 0 and row["grad_norm"] > 0  # over the trainable parameters
     assert evaluated == [3, 6, 7]
-    assert [r["eval/score"] for r in rows if "eval/score" in r] == [3.0, 6.0, 7.0]
+    assert [(r["step"], r["eval/score"]) for r in rows if "eval/score" in r] == [(3, 3.0), (6, 6.0), (7, 7.0)]
     assert summary["steps"] == 7 and summary["loss"] == train_rows[-1]["loss"]
     assert set(summary["parts"]) == {"loss", "image_to_text", "text_to_image"}
     assert summary["samples_per_s"] > 0 and summary["seconds"] > 0 and summary["eval"] == {"score": 7.0}
@@ -510,3 +516,380 @@ def test_config_rejects_out_of_range_values():
     with pytest.raises(DmclipError, match="steps"):
         from_dict(TrainConfig, {"steps": 0})
     assert from_dict(TrainConfig, {"betas": [0.9, 0.95]}).betas == [0.9, 0.95]
+
+
+# ------------------------------------------------------------------------------ checkpoint and restore
+
+
+def toy_state(cfg: TrainConfig, task=None, dataset=None, **kw) -> TrainState:
+    task = task if task is not None else ToyTask()
+    return TrainState.create(task, task.model, dataset if dataset is not None else PairDataset(seed=1), cfg,
+                             seed=0, world=1, rank=0, **kw)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_reports_its_last_step(tmp_path):
+    """A checkpoint at train.steps (the run's end) resumes as done: its last row's loss and the last step's lr."""
+    cfg = make_cfg(steps=4, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    first = train(run, cfg, ToyTask())
+    again = train(run, cfg, ToyTask(), resume=True)
+    assert again["resumed_from"] == 4 and again["steps"] == 4 and again["samples_per_s"] is None
+    assert again["loss"] == first["loss"] == run.metrics()[-1]["loss"]
+    assert again["parts"] == first["parts"]
+    assert again["lr"] == first["lr"] == pytest.approx(lr_at(3, peak=cfg.lr, steps=4, warmup_steps=3,
+                                                               min_lr_ratio=cfg.min_lr_ratio))
+    assert len(run.metrics()) == 4
+
+
+@pytest.mark.parametrize("state", [torch.zeros(3), {"format": 1, "step": 2}, {"format": 2, "model": {}}])
+def test_restore_refuses_what_dmclip_did_not_write(state):
+    with pytest.raises(DmclipError, match="not a dmclip training checkpoint"):
+        toy_state(make_cfg()).restore(state, make_cfg(), main=True)
+
+
+def test_restore_names_the_data_that_differs(tmp_path):
+    cfg = make_cfg()
+    saved = toy_state(cfg).checkpoint(cfg)
+    with pytest.raises(DmclipError) as error:
+        toy_state(cfg, dataset=PairDataset(n=100)).restore(saved, cfg, main=True)
+    assert error.value.message == ("the checkpoint was trained with batch_size 16 on 256 samples, this run has "
+                                "batch_size 16 on 100 samples")
+    assert error.value.hint == "resume with the same data and batch size (the data order depends on both)"
+
+
+def test_restore_names_a_tensor_whose_shape_differs():
+    cfg = make_cfg()
+    saved = toy_state(cfg, ToyTask(width=64)).checkpoint(cfg)
+    with pytest.raises(DmclipError) as error:
+        toy_state(cfg).restore(saved, cfg, main=True)
+    # the first linear and layer norm of each tower: 2 x (weight, bias, weight, bias) + the last linear's weights
+    assert error.value.message == ("the checkpoint does not fit this model (10 tensors differ, "
+                                "e.g. image_tower.0.weight (64, 16) vs (32, 16))")
+
+
+def test_restore_brings_back_the_scaler_and_tolerates_a_task_without_state():
+    """fp16's loss scale continues where it was (a CPU GradScaler stands in for CUDA's); a checkpoint with a
+    scaler loads into a run without one; a task with no state_dict saves and restores nothing of its own."""
+    cfg = make_cfg()
+
+    class Stateless:
+        def __init__(self):
+            self.model = ToyTask().model
+
+    saving = toy_state(cfg, Stateless())
+    saving.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    saving.step = 3
+    saved = saving.checkpoint(cfg)
+    assert saved["task"] == {} and saved["scaler"]["scale"] == 2.0**10
+    restored = toy_state(cfg, Stateless())
+    restored.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    restored.restore(saved, cfg, main=True)
+    assert restored.scaler.get_scale() == 2.0**10 and restored.step == 3
+    without = toy_state(cfg, Stateless())
+    without.restore(saved, cfg, main=True)
+    assert without.scaler is None and without.step == 3
+
+
+@pytest.mark.parametrize("amp,last_checkpoint_step", [("off", None), ("bf16", 5)])
+def test_the_divergence_error_names_what_to_change_and_what_is_kept(tmp_path, amp, last_checkpoint_step):
+    cfg = make_cfg(amp=amp, lr=3e-3)
+    run = new_run(tmp_path, cfg)
+    error = diverged(7, "loss=nan", cfg, run, last_checkpoint_step)
+    assert error.message == "training diverged at step 7: non-finite loss=nan"
+    kept = (f"the last good checkpoint (step 5) is kept in {run.checkpoint_path()}" if last_checkpoint_step
+            else "no checkpoint was written before it")
+    amp_hint = " or set train.amp=off (now bf16)" if amp == "bf16" else ""
+    assert error.hint == f"lower train.lr (now 0.003){amp_hint}, or lower train.grad_clip; {kept}"
+
+
+def test_a_resumed_run_continues_the_host_rngs_a_loss_draws_from(tmp_path):
+    """With DataLoader workers the training process never reseeds python's ``random`` or numpy: a loss that draws
+    from them (a random caption choice, say) draws after a resume what the uninterrupted run drew."""
+    import random
+
+    import numpy as np
+
+    class Drawing(ToyTask):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.draws = []
+
+        def loss(self, model, batch, step):
+            out = super().loss(model, batch, step)
+            self.draws.append((random.random(), float(np.random.rand())))
+            return out
+
+    cfg = make_cfg(steps=6, num_workers=1, checkpoint_every=0)
+    random.seed(5), np.random.seed(5)
+    reference = Drawing()
+    train(new_run(tmp_path, cfg, "reference"), cfg, reference)
+    random.seed(5), np.random.seed(5)
+    interrupted, run = Drawing(interrupt_at=4), new_run(tmp_path, cfg, "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, interrupted)
+    random.seed(123), np.random.seed(123)  # whatever a new process holds
+    resumed = Drawing()
+    train(run, cfg, resumed, resume=True)
+    assert interrupted.draws + resumed.draws == reference.draws and len(reference.draws) == 6
+
+
+def test_default_param_groups_spare_every_kind_the_docstring_names_at_any_shape():
+    """Weight matrices decay; biases, norms (torch's or hand-written), embeddings and the logit scale/bias do not,
+    whatever their shape, and frozen parameters are in no group: a (1, C) gain or a (1, N, D) position
+    embedding decayed would be pulled to zero over a long run."""
+
+    class ConditionedNorm(torch.nn.Module):  # a hand-written norm: its own gain spared, its projection a weight
+        def __init__(self, channels):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(1, channels))
+            self.projection = torch.nn.Linear(channels, channels, bias=False)
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+            self.token_embedding = torch.nn.Embedding(10, 4)
+            self.patch_embed = torch.nn.Linear(4, 4)  # a projection inside an "embed" module: a weight
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 5, 4))
+            self.attn_bias = torch.nn.Parameter(torch.zeros(2, 5, 5))
+            self.norm = ConditionedNorm(4)
+            self.logit_scale = torch.nn.Parameter(torch.ones(1, 1))
+            self.logit_bias = torch.nn.Parameter(torch.zeros(1, 1))
+
+    model = torch.nn.Sequential(Tower())
+    decay, no_decay = default_param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["0.norm.projection.weight", "0.patch_embed.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "0.attn_bias", "0.logit_bias", "0.logit_scale", "0.norm.gain", "0.patch_embed.bias", "0.pos_embed",
+        "0.token_embedding.weight"]
+
+
+def test_the_optimizer_takes_train_betas_eps_and_weight_decay_and_fp16_a_cuda_scaler():
+    """AdamW's settings come from train.*, also for a task's own param groups that name no weight decay."""
+    cfg = make_cfg(betas=[0.8, 0.95], eps=1e-6, weight_decay=0.05)
+    task = ToyTask()
+    task.param_groups = lambda model: [{"params": list(model.parameters())}]
+    state = toy_state(cfg, task)
+    group = state.optimizer.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"], group["lr"]) == ((0.8, 0.95), 1e-6, 0.05, cfg.lr)
+    assert state.scaler is None and toy_state(make_cfg(amp="bf16")).scaler is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available. Disabling."
+        scaler = toy_state(make_cfg(amp="fp16")).scaler
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() == torch.cuda.is_available()
+
+
+def test_a_checkpoint_leaves_out_the_constant_tensors_and_a_resume_keeps_the_rebuilt_ones():
+    """``task.constant_prefixes`` (a frozen teacher copy the task builds again): not written, not overwritten."""
+    cfg = make_cfg()
+    trained, rebuilt = ToyTask(seed=0), ToyTask(seed=1)
+    trained.constant_prefixes = rebuilt.constant_prefixes = ["text_tower."]
+    saved = toy_state(cfg, trained).checkpoint(cfg)
+    assert sorted(saved["model"]) == sorted(k for k in weights(trained.model) if not k.startswith("text_tower."))
+    text_tower = weights(rebuilt.model.text_tower)
+    toy_state(cfg, rebuilt).restore(saved, cfg, main=True)
+    assert_same_weights(weights(rebuilt.model.text_tower), text_tower)
+    assert_same_weights(weights(rebuilt.model.image_tower), weights(trained.model.image_tower))
+
+
+def test_saving_non_finite_weights_names_the_first_four_and_the_kept_checkpoint(tmp_path):
+    cfg = make_cfg()
+    run = new_run(tmp_path, cfg)
+    state = toy_state(cfg)
+    state.step, state.last_checkpoint_step = 3, 2
+    with torch.no_grad():
+        for tower in (state.model.image_tower, state.model.text_tower):
+            tower[0].weight[0, 0] = tower[0].bias[0] = float("nan")
+        state.model.logit_scale.fill_(float("inf"))  # registered first; the fifth, text_tower.0.bias, goes unnamed
+    with pytest.raises(DmclipError) as error:
+        state.save(run, cfg, main=True)
+    assert error.value.message == ("training diverged at step 3: non-finite weights logit_scale, "
+                                   "image_tower.0.weight, image_tower.0.bias, text_tower.0.weight")
+    assert f"the last good checkpoint (step 2) is kept in {run.checkpoint_path()}" in error.value.hint
+    assert not run.checkpoint_path().exists()
+
+
+def test_only_rank_0_writes_the_checkpoint(tmp_path):
+    cfg = make_cfg()
+    run = new_run(tmp_path, cfg)
+    state = toy_state(cfg)
+    state.step = 2
+    assert state.save(run, cfg, main=False) is None and not run.checkpoint_path().exists()
+    assert state.last_checkpoint_step == 2  # every rank knows which step the file holds
+    assert state.save(run, cfg, main=True) == run.checkpoint_path() and run.load_checkpoint()["step"] == 2
+
+
+def test_evaluation_runs_on_rank_0_only(tmp_path):
+    """Another rank neither evaluates nor logs, and its summary holds no eval result."""
+    from dmclip.train.loop import _evaluate
+
+    cfg = make_cfg()
+    run = new_run(tmp_path, cfg)
+    called = []
+    assert _evaluate(lambda model, step: called.append(step), ToyTask().model, 3, run, main=False) is None
+    assert called == [] and run.metrics() == []
+
+
+def test_a_batch_goes_to_the_device_whole():
+    """Tensors at any depth of the batch move (the meta device stands in for an accelerator); containers keep
+    their type and everything else is left as it is."""
+    from dmclip.train.loop import _Batches, _to_device
+
+    tensor = torch.ones(2)
+    batch = {"image": tensor, "parts": [tensor, (tensor, "caption")], "captions": ["a", "b"], "n": 3}
+    moved = _to_device(batch, torch.device("meta"))
+    assert moved["image"].device.type == "meta" and moved["parts"][0].device.type == "meta"
+    assert isinstance(moved["parts"][1], tuple) and moved["parts"][1][0].device.type == "meta"
+    assert moved["parts"][1][1] == "caption" and moved["captions"] == ["a", "b"] and moved["n"] == 3
+    cfg, task = make_cfg(), ToyTask()
+    fetched = _Batches(PairDataset(), task.collate, cfg, toy_state(cfg, task), 0, torch.device("meta")).get(0, 0, [1])
+    assert fetched["image"].device.type == "meta" and fetched["image"].shape == (1, 16)
+
+
+def test_augmentation_draws_follow_the_run_seed_and_the_rank():
+    """The data RNGs are seeded from (seed, step, rank, micro-batch): the same key draws the same augmentation,
+    another seed, rank, step or micro-batch another one, and not the numbers the forward pass draws."""
+    from dmclip.train.loop import _BatchFetcher
+    from dmclip.train.rng import reseed
+
+    dataset, collate = PairDataset(seed=1, augment=0.05), ToyTask().collate
+
+    def images(seed, rank=0, step=4, micro=1):
+        return _BatchFetcher(dataset, collate, seed, rank)[(step, micro, [0, 5])]["image"]
+
+    assert torch.equal(images(0), images(0))
+    for other in (images(1), images(0, rank=1), images(0, step=5), images(0, micro=0)):
+        assert not torch.equal(images(0), other)
+    reseed(0, 4, 0, 1)  # the forward pass's seed for the same micro-batch: dropout draws other numbers
+    with_forward_draws = torch.stack([dataset.image[i] for i in (0, 5)]) + 0.05 * torch.randn(2, 16)
+    assert not torch.allclose(images(0), with_forward_draws)
+
+
+def test_loss_parts_given_as_python_numbers_are_logged(tmp_path):
+    """A task may return a part as a plain number (a fixed temperature, a count): it is logged like a tensor."""
+
+    class WithNumber(ToyTask):
+        def loss(self, model, batch, step):
+            return {**super().loss(model, batch, step), "temperature": 0.07}
+
+    cfg = make_cfg(steps=2, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    train(run, cfg, WithNumber())
+    assert [row["temperature"] for row in run.metrics()] == pytest.approx([0.07, 0.07], rel=1e-6)
+    from dmclip.train.loop import _stack_parts
+
+    on_accelerator = _stack_parts({"loss": torch.tensor(2.0), "temperature": 0.07}, ["temperature", "loss"],
+                                  torch.device("meta"))  # beside a gradient norm computed there
+    assert on_accelerator.device.type == "meta" and on_accelerator.shape == (2,)
+
+
+def test_samples_per_second_counts_the_samples_since_the_last_row_and_the_summary_those_of_this_call(tmp_path,
+                                                                                                    monkeypatch):
+    """Against a clock whose ticks grow (1, 2, 3, ... s): each row's rate covers the steps since the row before, the
+    summary's the steps this call trained (after a resume: not the ones before it) over its own seconds."""
+    import itertools
+    import types
+
+    import dmclip.train.loop as loop
+
+    def clock():  # the start (t=0), after each step k (t = 1 + 2 + ... + k), then the end of the loop
+        times = itertools.accumulate(itertools.count())
+        return types.SimpleNamespace(perf_counter=lambda: float(next(times)))
+
+    times = list(itertools.accumulate(range(7)))
+    cfg = make_cfg(steps=5, log_every=2, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    monkeypatch.setattr(loop, "time", clock())
+    summary = train(run, cfg, ToyTask())
+    rates = {row["step"]: row["samples_per_s"] for row in run.metrics()}
+    assert rates == pytest.approx({2: 2 * 16 / times[2], 4: 2 * 16 / (times[4] - times[2]),
+                                   5: 16 / (times[5] - times[4])}, rel=1e-3)
+    assert summary["seconds"] == times[6] and summary["samples_per_s"] == pytest.approx(5 * 16 / times[6])
+
+    run = new_run(tmp_path, cfg, "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, ToyTask(interrupt_at=3))
+    monkeypatch.setattr(loop, "time", clock())
+    summary = train(run, cfg, ToyTask(), resume=True)  # steps 4 and 5
+    rates = {row["step"]: row["samples_per_s"] for row in run.metrics() if row["step"] > 3}
+    assert rates == pytest.approx({4: 16 / times[1], 5: 16 / (times[2] - times[1])}, rel=1e-3)
+    assert summary["seconds"] == times[3] and summary["samples_per_s"] == pytest.approx(2 * 16 / times[3])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_train_num_workers_loads_in_that_many_worker_processes(tmp_path, num_workers):
+    """0 collates in the training process; 1 (or more) in DataLoader workers, so loading overlaps training."""
+
+    class Recording(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.collated_in = set()
+
+        def collate(self, samples):
+            return {**super().collate(samples), "pid": os.getpid()}
+
+        def loss(self, model, batch, step):
+            self.collated_in.add(batch["pid"])
+            return super().loss(model, batch, step)
+
+    cfg = make_cfg(steps=2, num_workers=num_workers, checkpoint_every=0)
+    task = Recording()
+    train(new_run(tmp_path, cfg), cfg, task)
+    assert len(task.collated_in) == 1 and (os.getpid() in task.collated_in) == (num_workers == 0)
+
+
+def test_a_ranks_worker_loads_that_ranks_share_of_each_step():
+    """Rank 1 of 2 with a DataLoader worker gets the micro-batches it would load itself, step after step."""
+    from dmclip.train.loop import _Batches
+
+    dataset, task = PairDataset(seed=1, augment=0.05), ToyTask()
+    loaded = []
+    for workers in (0, 1):
+        cfg = make_cfg(grad_accum=2, num_workers=workers)
+        state = TrainState.create(task, task.model, dataset, cfg, seed=0, world=2, rank=1)
+        batches, images = _Batches(dataset, task.collate, cfg, state, 1, torch.device("cpu")), []
+        for step in range(3):
+            micro_batches, state.order.position = state.order.next_step()
+            images += [batches.get(step, micro, indices)["image"] for micro, indices in enumerate(micro_batches)]
+        loaded.append(torch.cat(images))
+    assert loaded[0].shape == (3 * 16 // 2, 16) and torch.equal(*loaded)
+
+
+def test_a_stop_signal_sent_to_a_worker_does_not_stop_training(tmp_path):
+    """Ctrl-C in a terminal reaches every process of the group: the workers leave it to the training process,
+    which saves the last step (a worker that died instead would end the run with a DataLoader error)."""
+
+    class SignallingWorkers(ToyTask):
+        def collate(self, samples):
+            return {**super().collate(samples), "pid": os.getpid()}
+
+        def loss(self, model, batch, step):
+            if step == 1:
+                os.kill(batch["pid"], signal.SIGINT)
+                os.kill(batch["pid"], signal.SIGTERM)
+            return super().loss(model, batch, step)
+
+    cfg = make_cfg(steps=8, num_workers=1, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    assert train(run, cfg, SignallingWorkers())["steps"] == 8
+
+
+def test_what_fit_cannot_train_is_refused_before_anything_is_written(tmp_path):
+    cfg = make_cfg(steps=2)
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(DmclipError, match=r"the training data \(range_iterator\) has no length or indexing") as error:
+        fit(ToyTask(), iter(range(4)), cfg, run, seed=0)
+    assert error.value.hint == "fit needs a map-style dataset (len(dataset) and dataset[i]) or a stream"
+    with pytest.raises(DmclipError, match="eval_every = 3 but no eval_fn was given") as error:
+        fit(ToyTask(), PairDataset(), cfg, run, seed=0, eval_every=3)
+    assert error.value.hint == "pass eval_fn, or eval_every=0"
+    assert not run.checkpoint_path().exists() and run.metrics() == []
+
+    class NoTotal(ToyTask):
+        def loss(self, model, batch, step):
+            return {"image_to_text": super().loss(model, batch, step)["image_to_text"]}
+
+    with pytest.raises(TypeError, match=r"NoTotal.loss must return a dict with a 'loss' entry, got keys "
+                                        r"\['image_to_text'\]"):
+        fit(NoTotal(), PairDataset(), cfg, run, seed=0)

@@ -153,6 +153,27 @@ def test_a_resumed_stream_continues_with_the_same_batches(tmp_path, workers, acc
     assert len(whole) == 160 and set(whole) == set(range(28)) - {9}  # 9 is unreadable: others take its place
 
 
+def test_resuming_a_stream_read_by_other_readers_names_both_reader_counts(shards):
+    """The batches depend on how many readers split the shards: a resume with other train.num_workers is refused."""
+    from types import SimpleNamespace
+
+    from dmclip.train.state import TrainState
+
+    task = SimpleNamespace(model=torch.nn.Linear(2, 2))
+
+    def state(cfg: TrainConfig) -> TrainState:
+        return TrainState.create(task, task.model, stream(shards), cfg, seed=0, world=1, rank=0)
+
+    one_reader, two_readers = (TrainConfig(steps=4, batch_size=4, num_workers=n, device="cpu") for n in (0, 2))
+    with pytest.raises(DmclipError) as error:
+        state(two_readers).restore(state(one_reader).checkpoint(one_reader), two_readers, main=True)
+    assert error.value.message == (
+        "the checkpoint was trained with batch_size 4 on 8 shards read by 1 rank(s) x 1 reader(s), "
+        "this run has batch_size 4 on 8 shards read by 1 rank(s) x 2 reader(s)")
+    assert error.value.hint == ("resume with the same data and batch size (the data order depends on both, and "
+                                "for a stream on the ranks and train.num_workers)")
+
+
 def test_the_first_batch_reads_only_the_first_shard(shards, monkeypatch):
     """Nothing is read up front: building the stream peeks at one shard, the first batch opens one more."""
     import sys

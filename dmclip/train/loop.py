@@ -197,7 +197,7 @@ def fit(task: TrainTask, dataset, cfg: TrainConfig, run, *, seed: int, resume: b
     if cfg.amp == "fp16" and device.type != "cuda":
         raise DmclipError("train.amp = 'fp16' needs a GPU", "use train.amp=bf16 on CPU, or off")
     if eval_every and eval_fn is None:
-        raise DmclipError("eval_every is set but no eval_fn was given")
+        raise DmclipError(f"eval_every = {eval_every} but no eval_fn was given", "pass eval_fn, or eval_every=0")
 
     # restore
     model = task.model.to(device)

@@ -40,7 +40,7 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         lowered = name.lower()
         if (param.ndim < 2 or id(param) in no_decay_ids or lowered.endswith("bias") or "logit_scale" in lowered
-                or "logit_bias" in lowered or "embed" in lowered.rsplit(".", 1)[-1] or "token_embedding" in lowered):
+                or "embed" in lowered.rsplit(".", 1)[-1]):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -104,7 +104,7 @@ class TrainState:
         prefixes = tuple(getattr(self.task, "constant_prefixes", ()))
         if not prefixes:
             return tensors
-        return {k: v for k, v in tensors.items() if not k.removeprefix("module.").startswith(prefixes)}
+        return {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
 
     def save(self, run, cfg: TrainConfig, main: bool) -> Path | None:
         """Write last.pt for this step (rank 0); refuses non-finite weights so the last good one stays."""
@@ -163,13 +163,13 @@ class TrainState:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise DmclipError(f"the checkpoint does not fit this model: {str(exc).splitlines()[0][:200]}",
                               "resume with the same model config the run was started with") from None
-        self.schedule.load_state_dict(state.get("scheduler", {}))
-        if self.scaler is not None and state.get("scaler"):
+        self.schedule.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        if hasattr(self.task, "load_state_dict") and state.get("task") is not None:
+        if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(state["task"])
         self.order.position = DataPosition(**state["position"])
-        if main and "rng" in state:  # the per-step reseed makes training exact anyway; this restores the rest
+        if main:  # the per-step reseed makes training exact anyway; this restores the rest
             set_rng_state(state["rng"])
         self.step = step
 
