@@ -13,7 +13,6 @@ otherwise use the vectors as they are, and put the class token first.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +65,10 @@ class Selector:
             cls, patches = tokens[:, 0], tokens[:, 1:]
         else:
             cls, patches = None, tokens
-        start = time.perf_counter()
         vectors, indices = self.select(patches)
         vectors_q, scales = quantize(vectors, self.dtype)
         cls_q, cls_scales = quantize(cls, self.dtype) if cls is not None else (None, None)
-        payload = Payload(self.name, patches.shape[1], vectors_q, scales, cls_q, cls_scales, indices)
-        payload.meta["select_seconds"] = time.perf_counter() - start
-        return payload
+        return Payload(self.name, patches.shape[1], vectors_q, scales, cls_q, cls_scales, indices)
 
     def restore(self, payload: Payload) -> torch.Tensor:
         return restore_payload(payload)
@@ -113,14 +109,12 @@ class KMeansSelector(Selector):
             raise DmclipError(f"k-means restore {restore!r} is not known",
                               "use 'expand' (each token -> its centroid, indices sent) or 'centroids' (k tokens)")
         self.k, self.iterations, self.restarts, self.restore_mode = k, iterations, restarts, restore
-        self.last_inertia: torch.Tensor | None = None
 
     def describe(self):
         return f"kmeans k={self.k}" + ("" if self.restore_mode == "expand" else " (centroids only)")
 
     def select(self, patches):
         result = kmeans(patches, self.k, iterations=self.iterations, restarts=self.restarts, seed=self.seed)
-        self.last_inertia = result.inertia
         return result.centroids, (result.assignments if self.restore_mode == "expand" else None)
 
 
@@ -224,13 +218,11 @@ class TomeSelector(FractionSelector):
 
 
 def _bipartite_merge(x: torch.Tensor, size: torch.Tensor, remove: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ToMe round: x (B, T, W), size (B, T, 1) token sizes -> at most min(remove, |A|) tokens fewer."""
-    B, T, W = x.shape
+    """One ToMe round: x (B, T, W) with T >= 2, size (B, T, 1) token sizes -> min(remove, |A|) tokens fewer."""
+    W = x.shape[2]
     a, b = x[:, ::2], x[:, 1::2]  # (B, Ta, W), (B, Tb, W)
     size_a, size_b = size[:, ::2], size[:, 1::2]
-    r = min(remove, a.shape[1], T - 1) if b.shape[1] else 0
-    if r <= 0:
-        return x, size
+    r = min(remove, a.shape[1])
     scores = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)  # (B, Ta, Tb) cosine
     best_score, best_b = scores.max(-1)  # (B, Ta)
     order = best_score.argsort(-1, descending=True)  # (B, Ta)
