@@ -224,3 +224,13 @@ def test_kmeans_with_one_centroid_sends_the_mean_and_no_index_bits():
     assert torch.allclose(payload.vectors[:, 0], tokens[:, 1:].mean(1), atol=1e-6)
     with pytest.raises(DmclipError, match="k = 0 must be at least 1"):
         build_selector("kmeans", k=0)
+
+
+@pytest.mark.parametrize("name", selectors.names())
+def test_a_selector_built_in_python_has_the_cli_defaults(name):
+    """selectors.get(name) is the selector `dmclip compress --selector name` builds when nothing is set."""
+    from dmclip.compress.config import CompressConfig, selector_from_config
+
+    knobs = ("dtype", "class_token", "seed", "k", "iterations", "restarts", "restore_mode", "fraction", "size")
+    ours, cli = selectors.get(name), selector_from_config(CompressConfig(), name)
+    assert {k: getattr(ours, k, None) for k in knobs} == {k: getattr(cli, k, None) for k in knobs}

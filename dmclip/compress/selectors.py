@@ -204,9 +204,6 @@ class TomeSelector(FractionSelector):
 
     name = "tome"
 
-    def __init__(self, fraction: float = 0.25, **kw):
-        super().__init__(fraction, **kw)
-
     def select(self, patches):
         B, N, W = patches.shape
         target = _count(self.fraction, N)
