@@ -234,3 +234,17 @@ def test_a_selector_built_in_python_has_the_cli_defaults(name):
     knobs = ("dtype", "class_token", "seed", "k", "iterations", "restarts", "restore_mode", "fraction", "size")
     ours, cli = selectors.get(name), selector_from_config(CompressConfig(), name)
     assert {k: getattr(ours, k, None) for k in knobs} == {k: getattr(cli, k, None) for k in knobs}
+
+
+def test_kmeans_selector_clusters_with_its_own_iterations_restarts_and_seed():
+    """`--set kmeans_iterations=... kmeans_restarts=... seed=...` change what is sent; each differs from
+    k-means' own default here, so a setting that does not reach it shows."""
+    from dmclip.compress.kmeans import kmeans
+
+    tokens = _tokens(N=40, seed=1)
+    for iterations, restarts, seed in ((1, 3, 0), (20, 1, 0), (20, 3, 5)):
+        selector = build_selector("kmeans", k=5, iterations=iterations, restarts=restarts, seed=seed, dtype="float32")
+        expected = kmeans(tokens[:, 1:], 5, iterations=iterations, restarts=restarts, seed=seed)
+        default = kmeans(tokens[:, 1:], 5)
+        assert not torch.equal(expected.centroids, default.centroids)
+        assert torch.equal(selector.compress(tokens).vectors, expected.centroids)
