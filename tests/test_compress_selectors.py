@@ -79,7 +79,11 @@ def test_pool_matches_windowed_means():
     grid = tokens[:, 1:].reshape(2, 4, 4, 3)
     expected = torch.stack([grid[:, r:r + 2, c:c + 2].mean((1, 2)) for r in (0, 2) for c in (0, 2)], 1)
     assert torch.allclose(pooled, expected, atol=1e-6)
-    assert build_selector("pool", size=3, dtype="float32").compress(tokens).vectors.shape == (2, 4, 3)
+    # 3x3 windows on a 4x4 grid: rows and columns 0-2 and 3, so 9, 3, 3 and 1 tokens averaged
+    pooled = build_selector("pool", size=3, dtype="float32").compress(tokens).vectors
+    expected = torch.stack([grid[:, r, c].mean((1, 2)) for r in (slice(0, 3), slice(3, 4))
+                            for c in (slice(0, 3), slice(3, 4))], 1)
+    assert torch.allclose(pooled, expected, atol=1e-6)
     with pytest.raises(DmclipError):
         build_selector("pool", size=2).compress(_tokens(N=15))
 

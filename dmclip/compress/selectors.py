@@ -187,8 +187,9 @@ class PoolSelector(Selector):
             raise DmclipError(f"pool needs the {N} patch tokens on a grid; {N} is not a square",
                               "pass grid=(rows, columns), or set class_token correctly")
         grid = patches.transpose(1, 2).reshape(B, W, h, w)
-        out = (math.ceil(h / self.size), math.ceil(w / self.size))
-        pooled = F.adaptive_avg_pool2d(grid, out)  # (B, W, h', w')
+        # windows do not overlap; where size does not divide the grid, the last row and column of windows are
+        # narrower and average only the tokens they cover
+        pooled = F.avg_pool2d(grid, self.size, ceil_mode=True)  # (B, W, ceil(h / size), ceil(w / size))
         return pooled.flatten(2).transpose(1, 2).contiguous(), None
 
 
