@@ -6,6 +6,7 @@ caption evaluation every captioning paper reports.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections import Counter
@@ -208,3 +209,153 @@ def test_a_failing_tokenizer_is_a_clear_error(monkeypatch):
     with pytest.raises(DmclipError, match=r"the PTB tokenizer \(java\) failed") as info:
         ptb_tokenize({1: ["a cat"]})
     assert "java -version" in info.value.hint
+
+
+@pytest.mark.parametrize("references, candidates, counts", [
+    ({1: ["a cat"]}, {1: "a cat", 2: "a dog"}, "(0 without a candidate, 1 without references)"),
+    ({1: ["a cat"], 2: ["a dog"]}, {1: "a cat"}, "(1 without a candidate, 0 without references)"),
+])
+def test_candidates_for_other_images_are_refused(references, candidates, counts):
+    with pytest.raises(DmclipError, match="cover different images") as info:
+        caption_metrics(references, candidates, tokenize=False, meteor=False)
+    assert counts in info.value.message
+    assert info.value.hint == "give one candidate caption per referenced image"
+
+
+def test_empty_references_hint_and_scoring_prints_nothing(capsys):
+    with pytest.raises(DmclipError, match=r"1 images have empty references \(e.g. 2\)") as info:
+        caption_metrics({1: ["a cat"], 2: [""]}, {1: "a cat", 2: "a dog"}, meteor=False)
+    assert info.value.hint.startswith("every image needs at least one non-empty reference caption")
+    caption_metrics({0: ["a b c"]}, {0: "a b c"}, tokenize=False, meteor=False)
+    assert capsys.readouterr().out == ""  # library code never prints (pycocoevalcap's BLEU does when verbose)
+
+
+@pytest.mark.requires_java
+def test_ptb_tokenize_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert ptb_tokenize({1: ["A cat."]}) == {1: ["a cat"]}
+    assert list(tmp_path.iterdir()) == []
+
+
+class _FakeJvm:
+    def __init__(self):
+        self.calls = []
+        self.stdin = self
+
+    def close(self):
+        self.calls.append("close")
+
+    def kill(self):
+        self.calls.append("kill")
+
+    def wait(self):
+        self.calls.append("wait")
+
+
+def _fake_meteor(monkeypatch, answer):
+    """pycocoevalcap's Meteor without its JVM: prints at start (the real one may), answers `answer`."""
+    import pycocoevalcap.meteor.meteor as meteor_module
+
+    started = []
+
+    class FakeMeteor:
+        def __init__(self):
+            print("starting METEOR")
+            self.meteor_p = _FakeJvm()
+            started.append(self)
+
+        def compute_score(self, gts, res):
+            assert type(gts) is dict and type(res) is dict
+            if isinstance(answer, Exception):
+                raise answer
+            return answer, [answer] * len(gts)
+
+    monkeypatch.setattr(meteor_module, "Meteor", FakeMeteor)
+    return started
+
+
+def test_meteor_score_is_the_jars_number_printed_nowhere_and_the_jvm_stopped(monkeypatch, capsys):
+    from types import MappingProxyType
+
+    from dmclip.metrics.caption import meteor_score
+
+    started = _fake_meteor(monkeypatch, 0.25)
+    score = meteor_score(MappingProxyType({1: ["a cat"]}), MappingProxyType({1: ["a cat"]}))
+    assert score == 0.25 and type(score) is float
+    assert capsys.readouterr().out == ""
+    assert started[0].meteor_p.calls == ["close", "kill", "wait"]
+
+
+def test_meteor_garbage_from_the_jar_is_a_clear_error_and_the_jvm_stopped(monkeypatch):
+    from dmclip.metrics.caption import meteor_score
+
+    started = _fake_meteor(monkeypatch, ValueError("could not convert string to float: 'Exception'"))
+    with pytest.raises(DmclipError, match=r"METEOR failed \(could not convert") as info:
+        meteor_score({1: ["a cat"]}, {1: ["a cat"]})
+    assert info.value.hint == "run with --no-meteor to skip it"
+    assert started[0].meteor_p.calls == ["close", "kill", "wait"]
+
+
+def test_meteor_without_java_is_a_clear_error_before_starting_it(monkeypatch):
+    import dmclip.metrics.caption as caption
+
+    started = _fake_meteor(monkeypatch, 0.25)
+    monkeypatch.setattr(caption.shutil, "which", lambda name: None)
+    with pytest.raises(DmclipError, match="need Java"):
+        caption.meteor_score({1: ["a cat"]}, {1: ["a cat"]})
+    assert started == []
+
+
+def _results(tmp_path, content, count=3, total=3):
+    from dmclip.metrics.caption import read_coco_results
+
+    path = tmp_path / "results.json"
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    return read_coco_results(path, count, total, "shapes")
+
+
+def test_coco_results_are_read_in_image_order(tmp_path):
+    entries = [{"image_id": 2, "caption": "c"}, {"image_id": 0, "caption": "a"}, {"image_id": 1, "caption": "b"}]
+    captions = _results(tmp_path, entries)
+    assert list(captions.items()) == [(0, "a"), (1, "b"), (2, "c")]
+
+
+HINT = 'write a COCO results file: [{"image_id": 0, "caption": "a red circle"}, ...]'
+IDS = "image ids are the dataset's sample indices, 0-based"
+
+
+@pytest.mark.parametrize("content, count, total, message, hint", [
+    (b"\xff\xfe[]", 3, 3, "is not UTF-8 text", HINT),
+    (b"[{", 3, 3, "is not valid JSON (line 1, column 3: Expecting property name enclosed in double quotes)",
+     HINT),
+    ({"0": "a"}, 3, 3, "holds a JSON dict, not a list of results", HINT),
+    (["a red circle"], 3, 3, "entry 0 is not an object with image_id and caption (a red circle)", HINT),
+    ([{"caption": "a"}], 3, 3, "entry 0 is not an object with image_id and caption", HINT),
+    ([{"image_id": 0}], 3, 3, "entry 0 is not an object with image_id and caption", HINT),
+    ([{"image_id": True, "caption": "a"}], 3, 3, "entry 0 has image_id True, not a whole number",
+     IDS + ", as `eval caption` writes them"),
+    ([{"image_id": 0, "caption": 5}], 3, 3, "entry 0 (image_id 0) has caption 5, not a string", HINT),
+    ([{"image_id": 3, "caption": "a"}], 3, 3,
+     "image_id 3 (entry 0) is out of range: shapes has 3 images (ids 0..2)", IDS),
+    ([{"image_id": 2, "caption": "a"}], 2, 3,
+     "image_id 2 (entry 0) is out of range: shapes has 3 images and --limit scores the first 2 (ids 0..1)", IDS),
+    ([{"image_id": -1, "caption": "a"}], 3, 3, "image_id -1 (entry 0) is out of range", IDS),
+    ([{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}], 3, 3,
+     "image_id 1 appears twice (entries 0 and 1)", "give one caption per image"),
+    ([{"image_id": 1, "caption": "a"}], 3, 3, "2 of 3 images have no caption (e.g. image_id 0)",
+     "give one caption for every image of the dataset, or score the first N with --limit N"),
+])
+def test_bad_coco_results_files_are_clear_errors(tmp_path, content, count, total, message, hint):
+    with pytest.raises(DmclipError) as info:
+        _results(tmp_path, content, count, total)
+    assert message in info.value.message and info.value.hint == hint
+
+
+def test_a_missing_coco_results_file_is_a_clear_error(tmp_path):
+    from dmclip.metrics.caption import read_coco_results
+
+    with pytest.raises(DmclipError, match="does not exist") as info:
+        read_coco_results(tmp_path / "nope.json", 1, 1)
+    assert info.value.hint == HINT

@@ -13,7 +13,6 @@ otherwise use the vectors as they are, and put the class token first.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +65,10 @@ class Selector:
             cls, patches = tokens[:, 0], tokens[:, 1:]
         else:
             cls, patches = None, tokens
-        start = time.perf_counter()
         vectors, indices = self.select(patches)
         vectors_q, scales = quantize(vectors, self.dtype)
         cls_q, cls_scales = quantize(cls, self.dtype) if cls is not None else (None, None)
-        payload = Payload(self.name, patches.shape[1], vectors_q, scales, cls_q, cls_scales, indices)
-        payload.meta["select_seconds"] = time.perf_counter() - start
-        return payload
+        return Payload(self.name, patches.shape[1], vectors_q, scales, cls_q, cls_scales, indices)
 
     def restore(self, payload: Payload) -> torch.Tensor:
         return restore_payload(payload)
@@ -113,14 +109,12 @@ class KMeansSelector(Selector):
             raise DmclipError(f"k-means restore {restore!r} is not known",
                               "use 'expand' (each token -> its centroid, indices sent) or 'centroids' (k tokens)")
         self.k, self.iterations, self.restarts, self.restore_mode = k, iterations, restarts, restore
-        self.last_inertia: torch.Tensor | None = None
 
     def describe(self):
         return f"kmeans k={self.k}" + ("" if self.restore_mode == "expand" else " (centroids only)")
 
     def select(self, patches):
         result = kmeans(patches, self.k, iterations=self.iterations, restarts=self.restarts, seed=self.seed)
-        self.last_inertia = result.inertia
         return result.centroids, (result.assignments if self.restore_mode == "expand" else None)
 
 
@@ -193,8 +187,9 @@ class PoolSelector(Selector):
             raise DmclipError(f"pool needs the {N} patch tokens on a grid; {N} is not a square",
                               "pass grid=(rows, columns), or set class_token correctly")
         grid = patches.transpose(1, 2).reshape(B, W, h, w)
-        out = (math.ceil(h / self.size), math.ceil(w / self.size))
-        pooled = F.adaptive_avg_pool2d(grid, out)  # (B, W, h', w')
+        # windows do not overlap; where size does not divide the grid, the last row and column of windows are
+        # narrower and average only the tokens they cover
+        pooled = F.avg_pool2d(grid, self.size, ceil_mode=True)  # (B, W, ceil(h / size), ceil(w / size))
         return pooled.flatten(2).transpose(1, 2).contiguous(), None
 
 
@@ -210,9 +205,6 @@ class TomeSelector(FractionSelector):
 
     name = "tome"
 
-    def __init__(self, fraction: float = 0.25, **kw):
-        super().__init__(fraction, **kw)
-
     def select(self, patches):
         B, N, W = patches.shape
         target = _count(self.fraction, N)
@@ -224,13 +216,11 @@ class TomeSelector(FractionSelector):
 
 
 def _bipartite_merge(x: torch.Tensor, size: torch.Tensor, remove: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ToMe round: x (B, T, W), size (B, T, 1) token sizes -> at most min(remove, |A|) tokens fewer."""
-    B, T, W = x.shape
+    """One ToMe round: x (B, T, W) with T >= 2, size (B, T, 1) token sizes -> min(remove, |A|) tokens fewer."""
+    W = x.shape[2]
     a, b = x[:, ::2], x[:, 1::2]  # (B, Ta, W), (B, Tb, W)
     size_a, size_b = size[:, ::2], size[:, 1::2]
-    r = min(remove, a.shape[1], T - 1) if b.shape[1] else 0
-    if r <= 0:
-        return x, size
+    r = min(remove, a.shape[1])
     scores = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)  # (B, Ta, Tb) cosine
     best_score, best_b = scores.max(-1)  # (B, Ta)
     order = best_score.argsort(-1, descending=True)  # (B, Ta)
