@@ -368,7 +368,7 @@ def _gray(values, mode: str) -> Image.Image:
 
 
 @pytest.mark.parametrize("mode, values, expected", [
-    ("I;16", [0, 257, 514, 32896, 65535, 65280, 128, 129], [0, 1, 2, 128, 255, 254, 0, 1]),
+    ("I;16", [0, 257, 65407, 32896, 65535, 65280, 128, 129], [0, 1, 255, 128, 255, 254, 0, 1]),  # 65407: 254.502
     ("I", [0, 257, 65535, 70000, -5, 32896, 1000, 2000], [0, 1, 255, 255, 0, 128, 4, 8]),
     ("F", [0.0, 1.0, 0.25, 2.0, -0.5, 0.2, 0.5019608, 0.75], [0, 255, 64, 255, 0, 51, 128, 191]),
 ])
@@ -461,6 +461,7 @@ def test_prompts_fill_every_template_and_labels_come_without_decoding():
     images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
     ds = ArrayClassificationDataset("toy", images, [2, 0, 1], ["cat", "dog", "red bird"], ["a {}.", "art of the {c}."])
     assert ds.prompts(2) == ["a red bird.", "art of the red bird."]
+    assert repr(ds) == "<ArrayClassificationDataset 'toy': 3 samples, 8 px>"
     assert ds.labels() == [2, 0, 1] and [ds[i]["label"] for i in range(3)] == [2, 0, 1]
 
     class OnlyLabel(ArrayClassificationDataset):  # a dataset that defines label() alone gets labels() from it

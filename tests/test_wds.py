@@ -398,3 +398,54 @@ def test_a_reader_of_shards_without_samples_says_so(tmp_path):
         next(bad.slot_batches(0, 1, 3, len, seed=0))
     with pytest.raises(DmclipError, match="shuffle_buffer=-1 is negative"):
         WdsStream("x", [], shuffle_buffer=-1)
+
+
+def test_samples_are_counted_from_tar_headers_up_to_any_damage(tmp_path):
+    """count_samples (what a resumed reader skips by): member groups sharing a key; folders and webdataset's
+    __meta__ members are no samples; a shard cut short counts the samples before the cut."""
+    import tarfile
+
+    from dmclip.data.stream import count_samples
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        folder = tarfile.TarInfo("images")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name in ["__meta__/info.json", "a.png", "a.txt", "images/b.png", "images/b.json", "c.seg.png", "c.txt", "d"]:
+            data = name.encode() * 100
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert count_samples(shard) == 3  # a, images/b, c ("d" has no extension: no key)
+    data = shard.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: data.index(b"images/b.json")])  # cut inside b's second header
+    assert count_samples(cut) == 2
+
+
+def test_a_sample_id_is_its_shard_file_name_and_key_hashed_to_63_bits():
+    import hashlib
+
+    from dmclip.data.stream import sample_index
+
+    digest = hashlib.blake2b(b"shard-000003.tar/000000017", digest_size=8).digest()
+    expected = int.from_bytes(digest, "little") % 2**63
+    assert sample_index("/data/a/shard-000003.tar", "000000017") == expected
+    assert sample_index("s3://bucket/shard-000003.tar", "000000017") == expected  # the folder is not part of it
+
+
+def test_a_sample_without_image_or_with_an_empty_one_is_skipped_by_reason(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "odd").mkdir()
+    with wds.TarWriter(str(tmp_path / "odd" / "shard-000000.tar")) as sink:
+        sink.write({"__key__": "good", "png": png(3), "txt": "caption 3"})
+        sink.write({"__key__": "no-image", "txt": "caption 4"})
+        sink.write({"__key__": "empty", "png": b"", "txt": "caption 5"})
+    ds = stream(tmp_path / "odd", max_skip_fraction=1)
+    assert [sample["key"] for sample in ds] == ["shard-000000.tar/good"]
+    assert ds.skipped == {"missing-file": 1, "empty-file": 1}
+    sized = WdsStream("sized", [tmp_path / "odd" / "shard-000000.tar"], size=3)
+    assert repr(sized) == "<WdsStream 'sized': 1 shards, 3 samples, 64 px>"
+    assert next(iter(sized))["image"].shape == (3, 64, 64)
