@@ -25,6 +25,7 @@ from dmclip.data.base import (
     SkipCounter,
     check_templates,
     clean_caption,
+    decode_image,
     float_images,
     to_square,
 )
@@ -488,8 +489,10 @@ def test_captions_are_utf8_text_with_whitespace_collapsed():
     assert clean_caption(b"  a red\tcircle \n on grey ") == "a red circle on grey"
     assert clean_caption("café ünd 雪".encode()) == "café ünd 雪"
     for value, reason, detail in [(b"caf\xe9" * 20, "non-utf8-caption", repr(b"caf\xe9" * 10)),
-                                  ("caf\udce9", "non-utf8-caption", repr("caf\udce9")),
-                                  (None, "empty-caption", "caption is NoneType"), (" \n ", "empty-caption", "")]:
+                                  ("x" * 50 + "\udce9", "non-utf8-caption", repr("x" * 40)),
+                                  (b"caf\x80".decode("utf-8", "surrogateescape"), "non-utf8-caption", repr("caf\udc80")),
+                                  (b"caf\xff".decode("utf-8", "surrogateescape"), "non-utf8-caption", repr("caf\udcff")),
+                                  (3, "empty-caption", "caption is int"), (" \n ", "empty-caption", "")]:
         with pytest.raises(BadSample) as info:
             clean_caption(value)
         assert (info.value.reason, info.value.detail) == (reason, detail)
@@ -509,3 +512,15 @@ def test_collate_a_batch_of_one_and_classification_labels():
     assert one["image"].shape == (1, 3, 8, 8) and one["label"].tolist() == [1] and one["index"].tolist() == [2]
     batch = collate([ds[0], ds[1]])
     assert torch.equal(batch["label"], torch.tensor([2, 0]))
+
+
+def test_an_index_past_either_end_is_an_index_error_and_an_empty_image_a_bad_sample():
+    ds = ArrayImageTextDataset("toy", np.zeros((3, 8, 8, 3), dtype=np.uint8), [["a"], ["b"], ["c"]])
+    assert ds[-3]["index"] == 0 and ds[2]["index"] == 2
+    for index in (-4, 3):
+        with pytest.raises(IndexError, match=f"^toy: index {index} out of range for 3 samples$"):
+            ds[index]
+    assert [sample["captions"] for sample in ds] == [["a"], ["b"], ["c"]]  # iteration ends at the IndexError
+    with pytest.raises(BadSample) as info:
+        decode_image(b"", 8, "images/x.png")
+    assert (info.value.reason, info.value.detail) == ("empty-file", "images/x.png")
