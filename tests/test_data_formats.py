@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.images import png_header_only
 from PIL import Image
 
 from dmclip.cli.main import main
@@ -524,3 +525,14 @@ def test_an_index_past_either_end_is_an_index_error_and_an_empty_image_a_bad_sam
     with pytest.raises(BadSample) as info:
         decode_image(b"", 8, "images/x.png")
     assert (info.value.reason, info.value.detail) == ("empty-file", "images/x.png")
+
+
+def test_an_image_over_40_million_pixels_is_refused_from_its_header():
+    """Up to 40 M pixels an image is decoded (this one then turns out truncated); past it, or past PIL's own
+    bomb limit, it is a huge image, named with its size, and never decoded."""
+    for (width, height), reason, detail in [((8000, 5000), "truncated-image", "x.png: "),
+                                            ((8000, 5001), "huge-image", "x.png: 8000x5001 pixels, more than 40 M"),
+                                            ((20000, 20000), "huge-image", "x.png: Image size (400000000 pixels)")]:
+        with pytest.raises(BadSample) as info:
+            decode_image(png_header_only(width, height), 32, "x.png")
+        assert info.value.reason == reason and info.value.detail.startswith(detail), info.value.detail
