@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.cli import TINY_CLIP
+from helpers.images import png_header_only
 from PIL import Image
 
 from dmclip.cli.main import main
@@ -47,14 +46,6 @@ def png(image: Image.Image) -> bytes:
 
 def picture(seed: int, size: int = 32) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (RGB, 8 bit) with a tiny IDAT: a decompression bomb's shape."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def image_set(tmp: Path, bad_image: bytes | None = None, bad_caption: str | bytes | None = None,

@@ -13,10 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.images import png_header_only
 from PIL import Image
 
 from dmclip.cli.main import main
 from dmclip.data import build_dataset, collate, export, fashion_mnist, parse_spec
+from dmclip.data.base import (
+    ArrayClassificationDataset,
+    ArrayImageTextDataset,
+    BadSample,
+    ClassificationDataset,
+    SkipCounter,
+    check_templates,
+    clean_caption,
+    decode_image,
+    float_images,
+    to_square,
+)
 from dmclip.errors import DmclipError
 
 SIZE = 32
@@ -343,3 +356,183 @@ def test_export_refuses_captions_as_imagefolder(world, tmp_path):
     with pytest.raises(DmclipError, match="cannot be an ImageFolder"):
         export(world, "imagefolder", tmp_path / "x")
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ the dataset base classes
+
+
+def _gray(values, mode: str) -> Image.Image:
+    """An 8 x 8 image of mode ``mode`` whose rows repeat ``values`` (8 of them)."""
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(np.tile(np.asarray(values, dtype=dtype), (8, 1)))
+    assert image.mode == mode
+    return image
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I;16", [0, 257, 65407, 32896, 65535, 65280, 128, 129], [0, 1, 255, 128, 255, 254, 0, 1]),  # 65407: 254.502
+    ("I", [0, 257, 65535, 70000, -5, 32896, 1000, 2000], [0, 1, 255, 255, 0, 128, 4, 8]),
+    ("F", [0.0, 1.0, 0.25, 2.0, -0.5, 0.2, 0.5019608, 0.75], [0, 255, 64, 255, 0, 51, 128, 191]),
+])
+def test_16_bit_32_bit_and_float_images_keep_their_brightness(mode, values, expected):
+    """A 16-bit or 32-bit integer image reads 0..65535 as 0..255 and a float image 0..1, each grey level rounded
+    and clipped, the same in R, G and B (PIL's own convert would clip them to white or black)."""
+    rgb = to_square(_gray(values, mode), 8)
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    assert (rgb == np.asarray(expected, dtype=np.uint8)[None, :, None]).all(), rgb[0, :, 0]
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1"])
+def test_8_bit_modes_convert_as_pil_does(mode):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).convert(mode)
+    assert np.array_equal(to_square(image, 8), np.asarray(image.convert("RGB")))
+
+
+def test_float_images_scale_uint8_to_0_1_and_pass_floats_as_float32():
+    scaled = float_images(torch.tensor([0, 51, 255], dtype=torch.uint8))
+    assert scaled.dtype == torch.float32 and torch.allclose(scaled, torch.tensor([0.0, 0.2, 1.0]), atol=1e-7)
+    passed = float_images(torch.tensor([0.5, 2.0], dtype=torch.float64))
+    assert passed.dtype == torch.float32 and passed.tolist() == [0.5, 2.0]
+
+
+def test_array_datasets_keep_extras_and_name_their_errors():
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    ds = ArrayImageTextDataset("toy", images, [["a"], ["b"], ["c"]], {"caption_is_noisy": [[0], [1], [0]]})
+    assert ds[1]["caption_is_noisy"] == [1] and ds[1]["captions"] == ["b"]
+    with pytest.raises(ValueError, match="3 images but 2 caption lists"):
+        ArrayImageTextDataset("toy", images, [["a"], ["b"]])
+    with pytest.raises(DmclipError, match="^toy: template 'a {} {}' must contain"):
+        ArrayClassificationDataset("toy", images, [0, 1, 0], ["x", "y"], ["a {} {}"])
+    # the option reaches the skip counter of the world's sets, which are array datasets
+    for name in ("world-zeroshot", "world-retrieval-a"):
+        with pytest.raises(DmclipError, match="max_skip_fraction = 2.0 is out of range"):
+            build_dataset(f"{name}:size=4,max_skip_fraction=2")
+
+
+def _csv_with_bad_images(world, tmp_path) -> Path:
+    """Seven rows: good, unreadable, good, unreadable, truncated, good, good."""
+    export(world, "csv", tmp_path / "src")
+    images = tmp_path / "src" / "images"
+    png = (images / "00000000.png").read_bytes()
+    (images / "garbage-1.png").write_bytes(b"not an image" * 10)
+    (images / "garbage-2.png").write_bytes(b"not one either" * 10)
+    (images / "truncated.png").write_bytes(png[: len(png) // 2])
+    files = ["00000000.png", "garbage-1.png", "00000001.png", "garbage-2.png", "truncated.png", "00000002.png",
+             "00000003.png"]
+    path = tmp_path / "src" / "bad.csv"
+    path.write_text("filepath,caption\n" + "".join(f"images/{f},caption {k}\n" for k, f in enumerate(files)))
+    return path
+
+
+def test_validate_counts_each_bad_image_once_whatever_was_read_before(world, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="dmclip.data"):
+        ds = build_dataset(f"csv:{_csv_with_bad_images(world, tmp_path)}:max_skip_fraction=0.5", image_size=SIZE)
+    assert ds[1]["index"] == 2 and ds.skipped == {"unreadable-image": 1}  # read, replaced by the next, counted
+    assert ds.validate() == {"unreadable-image": 2, "truncated-image": 1}  # goes on past the known one
+    assert [ds[i]["index"] for i in range(7)] == [0, 2, 2, 5, 5, 5, 6]
+    assert ds.validate() == ds.skipped == {"unreadable-image": 2, "truncated-image": 1}
+    unreadable, truncated = [r.getMessage() for r in caplog.records if "skipping samples" in r.getMessage()]
+    assert "with unreadable image (first: " in unreadable and "garbage-1.png: cannot identify" in unreadable
+    assert "with truncated image (first: " in truncated and "truncated.png: image file is truncated" in truncated
+    with pytest.raises(DmclipError, match=r"sample 3 is bad \(unreadable-image: .*garbage-2.png") as info:
+        ds.image(3)
+    assert "use ds[i]" in info.value.hint
+    assert torch.equal(ds.image(2), ds[2]["image"]) and torch.equal(ds.image(-1), ds[6]["image"])
+
+
+def test_a_memory_mapped_array_set_pickles_as_its_file_name(tmp_path):
+    """DataLoader workers under spawn get the file name and map it themselves, not a copy of every image; an
+    in-memory set pickles whole."""
+    import pickle
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", pixels)
+    mapped = ArrayImageTextDataset("toy", np.load(tmp_path / "images.npy", mmap_mode="r"), [["c"]] * 20)
+    blob = pickle.dumps(mapped)
+    assert len(blob) < pixels.nbytes / 4
+    worker = pickle.loads(blob)
+    assert isinstance(worker._images, np.memmap) and worker.captions(19) == ["c"]
+    assert torch.equal(worker.images([3, 0]), torch.from_numpy(pixels[[3, 0]]).permute(0, 3, 1, 2))
+    in_memory = pickle.loads(pickle.dumps(ArrayImageTextDataset("toy", pixels, [["c"]] * 20)))
+    assert torch.equal(in_memory.images(), torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    assert in_memory.images().is_contiguous() and repr(in_memory) == "<ArrayImageTextDataset 'toy': 20 samples, 16 px>"
+
+
+def test_prompts_fill_every_template_and_labels_come_without_decoding():
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    ds = ArrayClassificationDataset("toy", images, [2, 0, 1], ["cat", "dog", "red bird"], ["a {}.", "art of the {c}."])
+    assert ds.prompts(2) == ["a red bird.", "art of the red bird."]
+    assert repr(ds) == "<ArrayClassificationDataset 'toy': 3 samples, 8 px>"
+    assert ds.labels() == [2, 0, 1] and [ds[i]["label"] for i in range(3)] == [2, 0, 1]
+
+    class OnlyLabel(ArrayClassificationDataset):  # a dataset that defines label() alone gets labels() from it
+        labels = ClassificationDataset.labels
+
+        def load_image(self, i):
+            raise AssertionError("labels() decoded an image")
+
+    assert OnlyLabel("toy", images, [2, 0, 1], ["a", "b", "c"], ["{}"]).labels() == [2, 0, 1]
+
+
+def test_skips_fail_only_past_the_fraction_and_list_each_reason():
+    skips = SkipCounter("toy", 0.25)
+    skips.total = 8
+    skips.add("missing-file", "a.png")
+    skips.add("missing-file", "b.png")
+    skips.check()  # 2 of 8: exactly the allowed fraction
+    skips.add("empty-caption", "")
+    with pytest.raises(DmclipError, match=r"^toy: 3 of 8 samples are bad \(1 empty-caption, 2 missing-file\)"):
+        skips.check()
+
+
+def test_captions_are_utf8_text_with_whitespace_collapsed():
+    assert clean_caption(b"  a red\tcircle \n on grey ") == "a red circle on grey"
+    assert clean_caption("café ünd 雪".encode()) == "café ünd 雪"
+    for value, reason, detail in [(b"caf\xe9" * 20, "non-utf8-caption", repr(b"caf\xe9" * 10)),
+                                  ("x" * 50 + "\udce9", "non-utf8-caption", repr("x" * 40)),
+                                  (b"caf\x80".decode("utf-8", "surrogateescape"), "non-utf8-caption", repr("caf\udc80")),
+                                  (b"caf\xff".decode("utf-8", "surrogateescape"), "non-utf8-caption", repr("caf\udcff")),
+                                  (3, "empty-caption", "caption is int"), (" \n ", "empty-caption", "")]:
+        with pytest.raises(BadSample) as info:
+            clean_caption(value)
+        assert (info.value.reason, info.value.detail) == (reason, detail)
+        assert str(info.value) == f"{reason}: {detail}"
+
+
+@pytest.mark.parametrize("template", ["a {} {}", "a {} {", "a {} }", "a photo", "{x} of {}"])
+def test_a_template_without_exactly_one_placeholder_is_refused(template):
+    with pytest.raises(DmclipError, match="must contain exactly one"):
+        check_templates(["a photo of a {}.", template], "toy")
+
+
+def test_collate_a_batch_of_one_and_classification_labels():
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    ds = ArrayClassificationDataset("toy", images, [2, 0, 1], ["a", "b", "c"], ["{}"])
+    one = collate([ds[2]])
+    assert one["image"].shape == (1, 3, 8, 8) and one["label"].tolist() == [1] and one["index"].tolist() == [2]
+    batch = collate([ds[0], ds[1]])
+    assert torch.equal(batch["label"], torch.tensor([2, 0]))
+
+
+def test_an_index_past_either_end_is_an_index_error_and_an_empty_image_a_bad_sample():
+    ds = ArrayImageTextDataset("toy", np.zeros((3, 8, 8, 3), dtype=np.uint8), [["a"], ["b"], ["c"]])
+    assert ds[-3]["index"] == 0 and ds[2]["index"] == 2
+    for index in (-4, 3):
+        with pytest.raises(IndexError, match=f"^toy: index {index} out of range for 3 samples$"):
+            ds[index]
+    assert [sample["captions"] for sample in ds] == [["a"], ["b"], ["c"]]  # iteration ends at the IndexError
+    with pytest.raises(BadSample) as info:
+        decode_image(b"", 8, "images/x.png")
+    assert (info.value.reason, info.value.detail) == ("empty-file", "images/x.png")
+
+
+def test_an_image_over_40_million_pixels_is_refused_from_its_header():
+    """Up to 40 M pixels an image is decoded (this one then turns out truncated); past it, or past PIL's own
+    bomb limit, it is a huge image, named with its size, and never decoded."""
+    for (width, height), reason, detail in [((8000, 5000), "truncated-image", "x.png: "),
+                                            ((8000, 5001), "huge-image", "x.png: 8000x5001 pixels, more than 40 M"),
+                                            ((20000, 20000), "huge-image", "x.png: Image size (400000000 pixels)")]:
+        with pytest.raises(BadSample) as info:
+            decode_image(png_header_only(width, height), 32, "x.png")
+        assert info.value.reason == reason and info.value.detail.startswith(detail), info.value.detail

@@ -342,3 +342,131 @@ def test_two_ranks_with_two_workers_each_resume_a_killed_streamed_run(tmp_path):
     resumed = torchrun_dmclip(["pretrain", "--resume", str(run.path)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close_runs(run.path, reference.path)
+
+
+# ---------------------------------------------------------------------------- in the training process
+
+
+def test_iterating_without_workers_reads_each_sample_once_over_2_ranks(shards):
+    """``for sample in stream`` in the process itself (no DataLoader worker): each rank its half, every sample
+    once; without split (no torch.distributed) one reader reads all 48; 16 ranks cannot share 8 shards."""
+    seen = []
+    for rank in range(2):
+        ds = stream(shards, shuffle_buffer=10).split(rank, 2)
+        ds.set_epoch(1)
+        seen += [int(sample["key"].split("/")[1]) for sample in ds]
+    assert sorted(seen) == list(range(48))
+    whole = stream(shards, shuffle_buffer=0)
+    order = [int(sample["key"].split("/")[1]) for sample in whole]
+    assert sorted(order) == list(range(48)) and whole.skips.total == 48 and whole.skipped == {}
+    assert all(order[i:i + 6] == list(range(order[i], order[i] + 6)) for i in range(0, 48, 6))  # no shuffle buffer
+    with pytest.raises(DmclipError, match=r"8 shard\(s\) cannot feed 16 readers \(ranks x DataLoader workers\)"):
+        next(iter(stream(shards).split(3, 16)))
+
+
+def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
+    folder = write_shards(tmp_path / "shards", shards=3, per_shard=4, bad={5})
+    ds = stream(folder, max_skip_fraction=0.5)
+    (folder / "shard-000002.tar").unlink()  # gone after the stream was built
+    assert sorted(int(s["key"].split("/")[1]) for s in ds) == [0, 1, 2, 3, 4, 6, 7]
+    assert ds.skipped == {"unreadable-image": 1, "missing-shard": 1} and ds.skips.total == 8
+    strict = stream(write_shards(tmp_path / "strict", shards=2, per_shard=4, bad={5}), max_skip_fraction=0.1)
+    with pytest.raises(DmclipError, match="1 of 8 samples are bad"):
+        list(strict)  # counted at the end of the epoch: 1 of 8 > 10 %
+
+
+def test_first_captions_are_read_in_shard_order_without_images(shards, tmp_path):
+    assert stream(shards).first_captions(7) == [[f"caption {n}"] for n in range(7)]
+    folder = write_shards(tmp_path / "few", shards=2, per_shard=2, layout="txt")
+    truncated = folder / "shard-000001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:700])
+    ds = stream(folder)
+    assert ds.first_captions(10) == [["caption 0"], ["caption 1"]] and "truncated-shard" in ds.skipped
+    assert repr(ds) == f"<WdsStream 'wds:{folder}': 2 shards, size unknown, 16 px>"
+
+
+def _numbers_of(samples: list[dict]) -> list[int]:
+    return [int(sample["key"].split("/")[1]) for sample in samples]
+
+
+def test_a_reader_fills_each_batch_with_good_samples_and_checks_skips_from_1000_on(tmp_path):
+    """A batch keeps its size whatever was bad in it; the skip fraction is checked once a reader has read 1000
+    samples (fewer are too few to judge): 2 batches of 500 from a set where 1 in 12 is bad."""
+    folder = write_shards(tmp_path / "shards", shards=1, per_shard=12, bad=set(range(12)) - {0, 2})
+    batches = stream(folder, shuffle_buffer=0, max_skip_fraction=0.9).slot_batches(0, 1, 6, _numbers_of, seed=0)
+    assert next(batches) == [0, 2, 0, 2, 0, 2]  # the good ones of the batch, in turn
+    assert next(batches) == [2] * 6  # none good: the last good one before it
+    assert next(batches) == [0, 2, 0, 2, 0, 2]  # the next epoch
+    many = stream(write_shards(tmp_path / "many", shards=2, per_shard=6, bad={5}), max_skip_fraction=0.01)
+    batches = many.slot_batches(0, 1, 500, len, seed=0)
+    assert next(batches) == 500 and many.skips.total == 500  # 42 bad of 500 > 1 %, not checked yet
+    with pytest.raises(DmclipError, match="samples are bad"):
+        next(batches)
+
+
+def test_a_reader_of_shards_without_samples_says_so(tmp_path):
+    import tarfile
+
+    (tmp_path / "empty").mkdir()
+    tarfile.open(tmp_path / "empty" / "shard-000000.tar", "w").close()
+    ds = WdsStream("empty", [tmp_path / "empty" / "shard-000000.tar"], shuffle_buffer=0)
+    with pytest.raises(DmclipError, match="reader 0 of 1 read no sample in epoch 0"):
+        next(ds.slot_batches(0, 1, 2, len, seed=0))
+    with pytest.raises(DmclipError, match="reader 0 found no samples in its shards of epoch 0"):
+        next(ds.slot_batches(0, 1, 2, len, seed=0, start=4))
+    bad = WdsStream("bad", [write_shards(tmp_path / "bad", 1, 3, bad={0, 1, 2}) / "shard-000000.tar"])
+    with pytest.raises(DmclipError, match="reader 0 found no readable sample in its first batch"):
+        next(bad.slot_batches(0, 1, 3, len, seed=0))
+    with pytest.raises(DmclipError, match="shuffle_buffer=-1 is negative"):
+        WdsStream("x", [], shuffle_buffer=-1)
+
+
+def test_samples_are_counted_from_tar_headers_up_to_any_damage(tmp_path):
+    """count_samples (what a resumed reader skips by): member groups sharing a key; folders and webdataset's
+    __meta__ members are no samples; a shard cut short counts the samples before the cut."""
+    import tarfile
+
+    from dmclip.data.stream import count_samples
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        folder = tarfile.TarInfo("images")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name in ["__meta__/info.json", "a.png", "a.txt", "images/b.png", "images/b.json", "c.seg.png", "c.txt", "d"]:
+            data = name.encode() * 100
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert count_samples(shard) == 3  # a, images/b, c ("d" has no extension: no key)
+    data = shard.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: data.index(b"images/b.json")])  # cut inside b's second header
+    assert count_samples(cut) == 2
+
+
+def test_a_sample_id_is_its_shard_file_name_and_key_hashed_to_63_bits():
+    import hashlib
+
+    from dmclip.data.stream import sample_index
+
+    digest = hashlib.blake2b(b"shard-000003.tar/000000017", digest_size=8).digest()
+    expected = int.from_bytes(digest, "little") % 2**63
+    assert sample_index("/data/a/shard-000003.tar", "000000017") == expected
+    assert sample_index("s3://bucket/shard-000003.tar", "000000017") == expected  # the folder is not part of it
+
+
+def test_a_sample_without_image_or_with_an_empty_one_is_skipped_by_reason(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "odd").mkdir()
+    with wds.TarWriter(str(tmp_path / "odd" / "shard-000000.tar")) as sink:
+        sink.write({"__key__": "good", "png": png(3), "txt": "caption 3"})
+        sink.write({"__key__": "no-image", "txt": "caption 4"})
+        sink.write({"__key__": "empty", "png": b"", "txt": "caption 5"})
+    ds = stream(tmp_path / "odd", max_skip_fraction=1)
+    assert [sample["key"] for sample in ds] == ["shard-000000.tar/good"]
+    assert ds.skipped == {"missing-file": 1, "empty-file": 1}
+    sized = WdsStream("sized", [tmp_path / "odd" / "shard-000000.tar"], size=3)
+    assert repr(sized) == "<WdsStream 'sized': 1 shards, 3 samples, 64 px>"
+    assert next(iter(sized))["image"].shape == (3, 64, 64)

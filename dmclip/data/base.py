@@ -39,7 +39,7 @@ DEFAULT_MAX_SKIP_FRACTION = 0.01
 class BadSample(Exception):
     """One sample that cannot be used; ``reason`` is a short stable key such as 'unreadable-image'."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -60,11 +60,11 @@ class SkipCounter:
     def skipped(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, reason: str, detail: str = "", n: int = 1) -> None:
+    def add(self, reason: str, detail: str) -> None:
         if self.counts[reason] == 0:
             log.warning("%s: skipping samples with %s (first: %s); further ones are counted silently",
                         self.name, reason.replace("-", " "), detail or "-")
-        self.counts[reason] += n
+        self.counts[reason] += 1
 
     def check(self) -> None:
         """Raise once the skipped rows pass the allowed fraction of all rows."""
@@ -125,7 +125,7 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, size: int | None, what: str = "") -> np.ndarray:
+def decode_image(data: bytes, size: int | None, what: str) -> np.ndarray:
     """Encoded image bytes -> (size, size, 3) uint8, or ``BadSample`` naming why not."""
     from PIL import Image
 

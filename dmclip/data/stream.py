@@ -150,8 +150,6 @@ class WdsStream(torch.utils.data.IterableDataset):
         suffix = image_member(raw)
         if suffix is None:
             raise BadSample("missing-file", f"{where}: no image member")
-        if not raw[suffix]:
-            raise BadSample("empty-file", where)
         captions = captions_of(raw.get("txt"), raw.get("json"))
         image = decode_image(raw[suffix], self.image_size, where)
         return {"image": to_chw(image), "captions": captions, "index": sample_index(url, key),
