@@ -81,28 +81,24 @@ class TeacherMemo:
                                                   (f"{self.plan.captions} captions", self.plan.text)) if on)
         log.info("computing the teacher's features of %s once (the run would compute each of them again every "
                  "epoch)", what)
-        read_many = getattr(dataset, "__getitems__", None)
-        rows, images, texts = [], [], {}
-        for first in range(0, len(dataset), CHUNK):
-            indices = list(range(first, min(first + CHUNK, len(dataset))))
-            samples = read_many(indices) if read_many is not None else [dataset[i] for i in indices]
-            if self.plan.images:  # a bad sample comes back replaced by a good one, under that one's index
-                rows += [int(s["index"]) for s in samples]
+        if self.plan.images:
+            read_many = getattr(dataset, "__getitems__", None)
+            rows, images = [], []
+            for first in range(0, len(dataset), CHUNK):
+                indices = list(range(first, min(first + CHUNK, len(dataset))))
+                samples = read_many(indices) if read_many is not None else [dataset[i] for i in indices]
+                rows += [int(s["index"]) for s in samples]  # a bad sample comes back replaced, under its index
                 batch = image_batch(samples).to(device)
                 images.append(teacher_features(teacher, batch, [], with_text=False)["image_features"])
-            for sample in samples:
-                for caption in sample["captions"]:
-                    texts.setdefault(caption, len(texts))
-        if self.plan.images:
             features = torch.cat(images)
             self.image_features = features.new_zeros(len(dataset), features.shape[1])
             self.image_features[torch.tensor(rows, device=device)] = features
-        if self.plan.text:
-            ordered = list(texts)
+        if self.plan.text:  # the captions alone: no image is read or decoded for them
+            ordered = list(dict.fromkeys(c for i in range(len(dataset)) for c in dataset.captions(i)))
             self.text_features = torch.cat([
                 teacher_features(teacher, None, ordered[i:i + CHUNK], with_images=False, device=device)["text_features"]
                 for i in range(0, len(ordered), CHUNK)])
-            self.text_rows = texts
+            self.text_rows = {caption: row for row, caption in enumerate(ordered)}
         self.logit_scale = teacher.logit_scale.exp().clamp(max=100.0)
         log.info("teacher features computed in %.1f s", time.perf_counter() - start)
 
