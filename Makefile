@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo bench lint ci clean
+.PHONY: install test test-fast demo bench lint ci clean reproduce-edge
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ demo: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# A paper's results end to end, on the embedded world (hours on 2 CPU cores; the run directories go under
+# runs/reproduce-*, the tables into their summary.md / report.md)
+reproduce-edge: install
+	bash scripts/reproduce-edge.sh
 
 lint: install
 	$(BIN)/ruff check dmclip tests benchmarks scripts

@@ -69,6 +69,77 @@ def test_sweep_writes_table_csv_plot_and_checks_the_claims(tmp_path, plot_pixels
     assert any("k=8" in c for c in result["claims"]) and any("random" in c for c in result["claims"])
 
 
+def test_sweep_over_seeds_pairs_kmeans_with_random_at_its_bytes(tmp_path):
+    """Seeded selectors (kmeans, random) are scored at every seed, the others once; each k gets a random point
+    with the fewest tokens whose frame is at least as large, and a paired interval against it."""
+    import numpy as np
+
+    from dmclip.compress.codec import encode
+    from dmclip.compress.config import selector_from_config
+
+    run = RunDir.create("compress", "sweep", root=tmp_path)
+    cfg = _cfg("limit=9", "sweep.k=[1,2]", "sweep.fractions=[0.5]", "sweep.selectors=[kmeans,random,pool]",
+               "sweep.pool_sizes=[2]", "sweep.seeds=[0,1,2]", "sweep.matched_random=true")
+    result = run_sweep(cfg, run, model=StandInCaptioner(), dataset=colour_dataset(9), score_fn=_score)
+    rows = {r["label"]: r for r in result["rows"]}
+    assert {label: r["seeds"] for label, r in rows.items()} == {
+        "none": 1, "kmeans k=1": 3, "kmeans k=2": 3, "random 0.5": 3, "pool 2x2": 1,
+        "random 1 token (kmeans k=1 bytes)": 3, "random 3 tokens (kmeans k=2 bytes)": 3}
+    tokens = StandInCaptioner().encode_image_tokens(colour_dataset(1)[0]["image"][None].float())
+    for k, count in ((1, 1), (2, 3)):  # k = 1 sends no indices: one vector, as random's one token
+        matched = rows[f"random {count} token{'s' * (count > 1)} (kmeans k={k} bytes)"]
+        assert matched["bytes_per_image"] >= rows[f"kmeans k={k}"]["bytes_per_image"]
+        if count > 1:  # the fewest that are as large
+            fewer = selector_from_config(cfg, "random", fraction=(count - 1) / 16)
+            assert len(encode(fewer.compress(tokens))) < rows[f"kmeans k={k}"]["bytes_per_image"]
+    pairs = result["intervals"]["pairs"]
+    assert set(pairs) == {"kmeans k=1 - random 1 token (kmeans k=1 bytes)",
+                          "kmeans k=2 - random 3 tokens (kmeans k=2 bytes)"}
+    items = np.load(run.path / "items.npz")
+    assert items["kmeans k=2|bleu"].shape == (3, 9, 10) and items["pool 2x2|cider"].shape == (1, 9)
+    assert result["intervals"]["seeds"] == 3 and result["intervals"]["images"] == 9
+    for r in result["rows"]:  # every interval holds its value
+        assert r["cider_ratio_low"] - 1e-12 <= r["cider_ratio"] <= r["cider_ratio_high"] + 1e-12
+    summary = (run.path / "summary.md").read_text()
+    assert "bootstrap interval over 3 seeds x 9 images" in summary and "| kmeans k=2 - random 3 tokens" in summary
+    csv_lines = (run.path / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 2 + 5 * 3 and csv_lines[0].split(",")[-1] == "seed"
+    assert any("random 3 tokens" in c and "points" in c for c in result["claims"])
+
+
+def test_eval_trains_the_server_at_every_seed_and_an_equal_steps_control(tmp_path, monkeypatch):
+    """--finetune-server with finetune.control: per seed, one decoder trained on the selector's tokens and one
+    trained the same steps on all tokens, each read as the comparison needs; both start from the model given."""
+    import dmclip.compress.pipeline as pipeline
+
+    trained = []
+    model = StandInCaptioner()
+
+    def fake_finetune(copy, cfg, run, dataset=None, selector=None):
+        trained.append((cfg.seed, selector, copy is not model))
+        copy.shift = 0.0 if selector == "none" else 1.0  # what the stand-in "learned"
+        return {"steps": cfg.finetune.steps}
+
+    monkeypatch.setattr(pipeline, "finetune_server", fake_finetune)
+    run = RunDir.create("compress", "eval", root=tmp_path)
+    cfg = _cfg("selector=kmeans", "k=1", "finetune.enabled=true", "finetune.control=true", "finetune.seeds=[3,4]")
+    result = run_eval(cfg, run, model=model, dataset=colour_dataset(), score_fn=_score)
+    assert trained == [(3, "kmeans", True), (3, "none", True), (4, "kmeans", True), (4, "none", True)]
+    assert not hasattr(model, "shift")  # the model given is never trained: each arm trains a copy
+    labels = [(r["label"], r["seeds"]) for r in result["rows"]]
+    assert labels == [("none", 1), ("kmeans k=1", 1), ("kmeans k=1, server tuned on it", 2),
+                      ("kmeans k=1, server tuned on all tokens", 2), ("none, server tuned on all tokens", 2)]
+    assert set(result["intervals"]["pairs"]) == {
+        "kmeans k=1, server tuned on it - kmeans k=1",
+        "kmeans k=1, server tuned on it - kmeans k=1, server tuned on all tokens",
+        "kmeans k=1, server tuned on it - none, server tuned on all tokens"}
+    assert [(f["arm"], f["seed"]) for f in result["finetune"]] == [
+        ("kmeans k=1, server tuned on it", 3), ("kmeans k=1, server tuned on all tokens", 3),
+        ("kmeans k=1, server tuned on it", 4), ("kmeans k=1, server tuned on all tokens", 4)]
+    assert all((run.path / "finetune").joinpath(p).is_dir() for p in (run.path / "finetune").iterdir())
+    assert "Paired differences" in (run.path / "report.md").read_text()
+
+
 def test_seed_claims_are_computed_not_assumed():
     rows = [{"selector": "kmeans", "setting": 8, "bleu4": 0.5, "bleu4_ratio": 0.5, "bleu1_ratio": 0.9,
              "communication_efficiency": 0.03, "bytes_per_image": 100},

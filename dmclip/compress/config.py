@@ -29,6 +29,10 @@ class SweepConfig:
     pool_sizes: list[int] = field([2, 4, 8], "window sides for pool", min=1)
     tome_fractions: list[float] = field([0.03, 0.1, 0.25, 0.5], "kept fractions for tome", min=0.0, max=1.0)
     metric: str = field("bleu4", "quality metric on the plot's y axis", choices=QUALITY_KEYS)
+    seeds: list[int] = field([], "seeds of the selectors that draw random numbers (kmeans, random), each point "
+                             "scored at every one; empty: the run's seed")
+    matched_random: bool = field(False, "also score random selection at each k-means point's bytes (the fewest "
+                                 "tokens whose frame is at least as large), paired with it")
 
 
 @dataclass
@@ -38,6 +42,10 @@ class ServerFinetuneConfig:
     steps: int = field(200, "optimizer steps", min=1)
     batch_size: int = field(32, "images per step", min=1)
     lr: float = field(1e-4, "peak learning rate", min=0.0)
+    seeds: list[int] = field([], "training seeds (each also the selector's seed), one fine-tuned decoder each; "
+                             "empty: the run's seed")
+    control: bool = field(False, "also train a decoder the same steps on all tokens and read it with both, "
+                          "so the gain of training on compressed tokens is told from that of more training")
 
 
 @dataclass

@@ -49,8 +49,9 @@ class CompressedCaptionTask:
         return {"loss": loss, "lm": loss.detach()}
 
 
-def finetune_server(model, cfg: CompressConfig, run, dataset=None) -> dict:
-    """Fine-tune the decoder on compressed tokens; saves the model into ``<run>/model``."""
+def finetune_server(model, cfg: CompressConfig, run, dataset=None, selector: str | None = None) -> dict:
+    """Fine-tune the decoder on tokens of ``selector`` (default: the config's; ``"none"``: all tokens, the
+    equal-steps control); saves the model into ``<run>/model``."""
     from dmclip.models.base import save_model
     from dmclip.train import TrainConfig, fit
 
@@ -61,7 +62,7 @@ def finetune_server(model, cfg: CompressConfig, run, dataset=None) -> dict:
         from dmclip.data import build_dataset
 
         dataset = build_dataset(cfg.finetune.dataset, image_size=model.image_size)
-    task = CompressedCaptionTask(model, selector_from_config(cfg), cfg.seed)
+    task = CompressedCaptionTask(model, selector_from_config(cfg, selector), cfg.seed)
     train_cfg = TrainConfig(steps=cfg.finetune.steps, batch_size=cfg.finetune.batch_size, lr=cfg.finetune.lr,
                             warmup_steps=min(20, cfg.finetune.steps // 5), progress=False, device="cpu",
                             checkpoint_every=0, log_every=max(1, cfg.finetune.steps // 10))

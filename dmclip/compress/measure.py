@@ -18,11 +18,18 @@ from dmclip.errors import DmclipError
 
 
 def score_captions(references: dict, candidates: dict, tokenize: bool = True) -> dict:
-    """BLEU-1..4, ROUGE-L, CIDEr as pycocoevalcap computes them (METEOR skipped: a JVM per call)."""
-    from dmclip.metrics.caption import caption_metrics
+    """BLEU-1..4, ROUGE-L, CIDEr as pycocoevalcap computes them (METEOR skipped: a JVM per call), and under
+    ``"items"`` the per-image statistics that give them intervals (:mod:`dmclip.metrics.caption_intervals`)."""
+    from dmclip.metrics.caption import caption_metrics, ptb_tokenize
+    from dmclip.metrics.caption_intervals import caption_items
 
-    scores = caption_metrics(references, candidates, tokenize=tokenize, meteor=False)
-    return {k: v for k, v in scores.items() if k != "meteor"}
+    references = {k: [r for r in refs if r and r.strip()] for k, refs in references.items()}
+    candidates = {k: candidates.get(k) or "" for k in references}
+    if tokenize:
+        references = ptb_tokenize(references)
+        candidates = {k: c[0] for k, c in ptb_tokenize({k: [c] for k, c in candidates.items()}).items()}
+    scores = caption_metrics(references, candidates, tokenize=False, meteor=False)
+    return {**{k: v for k, v in scores.items() if k != "meteor"}, "items": caption_items(references, candidates)}
 
 
 def load_test_samples(cfg: CompressConfig, image_size: int, dataset=None) -> tuple[list[torch.Tensor], list[list[str]]]:
@@ -75,6 +82,7 @@ def evaluate_selector(model, tokens: torch.Tensor, references: list[list[str]], 
     refs = {i: r for i, r in enumerate(references)}
     cands = {i: c for i, c in enumerate(captions)}
     scores = score_fn(refs, cands)
+    items = scores.pop("items", None)
 
     def mean(key):
         return sum(s[key] * count for s, count in stats_rows) / n
@@ -90,6 +98,7 @@ def evaluate_selector(model, tokens: torch.Tensor, references: list[list[str]], 
         "edge_ms": 1000 * (encoder_seconds + edge / n), "encoder_ms": 1000 * encoder_seconds,
         "server_ms": 1000 * server / n, "images": n, "examples": [
             {"caption": captions[i], "references": references[i][:2]} for i in range(min(3, n))],
+        **({"items": items} if items is not None else {}),
     }
 
 

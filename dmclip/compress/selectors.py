@@ -39,6 +39,7 @@ class Selector:
     """Base class: subclasses implement ``select(patches (B, N, W)) -> (vectors (B, K, W), indices or None)``."""
 
     name = "selector"
+    seeded = False  # draws random numbers from ``seed`` (a sweep scores it at every seed)
 
     def __init__(self, *, dtype: str = "float16", class_token: bool = True, seed: int = 0):
         quantize(torch.zeros(1, 1), dtype)  # validates the dtype name early
@@ -100,6 +101,7 @@ class KMeansSelector(Selector):
     """k-means vector quantisation: k centroids, plus one ceil(log2 k)-bit index per token ("expand")."""
 
     name = "kmeans"
+    seeded = True
 
     def __init__(self, k: int = 8, *, iterations: int = 20, restarts: int = 2, restore: str = "expand", **kw):
         super().__init__(**kw)
@@ -140,6 +142,7 @@ class RandomSelector(FractionSelector):
     """Keep a random fraction of the patch tokens (original order), drawn from ``seed``."""
 
     name = "random"
+    seeded = True
 
     def __init__(self, fraction: float = 0.4, **kw):
         super().__init__(fraction, **kw)

@@ -34,7 +34,7 @@ def rows_markdown(rows: list[dict]) -> str:
 
 
 def csv_text(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k != "examples"]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("examples", "items")))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -43,27 +43,70 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def eval_report(result: dict) -> str:
-    rows = [result["baseline"], result["compressed"]] + ([result["compressed_finetuned"]]
-                                                         if "compressed_finetuned" in result else [])
-    if "compressed_finetuned" in result:
-        rows[-1] = {**rows[-1], "label": rows[-1]["label"] + " (fine-tuned server)"}
+    rows = result["rows"]
     lines = [f"# compress eval: {result['selector']}\n", rows_markdown(rows),
-             "\ncomm. eff. = vectors sent / tokens (class token counted); bytes are whole codec frames per image.\n",
-             "\n## example captions\n"]
+             "\ncomm. eff. = vectors sent / tokens (class token counted); bytes are whole codec frames per image.\n"]
+    if result.get("intervals"):
+        lines.append(interval_markdown(rows, result["intervals"]))
+    lines.append("\n## example captions\n")
     for ex in result["compressed"]["examples"]:
         lines.append(f"- {ex['caption']!r} (references: {'; '.join(ex['references'])})\n")
     return "".join(lines)
 
 
-def seed_claims(rows: list[dict]) -> list[str]:
-    """The two claims of the seed paper, checked on these rows (stated, not assumed)."""
+def _bracket(value: float, low: float, high: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "-"
+    sign = "+" if signed else ""
+    return f"{100 * value:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
+
+
+def interval_markdown(rows: list[dict], intervals: dict) -> str:
+    """The quality each point keeps with its bootstrap interval, then the paired differences."""
+    level = f"{100 * intervals['confidence']:g} %"
+    over = f"{intervals['seeds']} seeds x {intervals['images']} images" if intervals["seeds"] > 1 \
+        else f"{intervals['images']} images"
+    points = intervals["points"]
+    lines = [f"\nQuality kept, % of the uncompressed model's on all tokens [{level} bootstrap interval over {over}]:\n\n",
+             markdown_table(["selector", "seeds", "comm. eff. %", "bytes/img", "BLEU-4 / full %", "CIDEr / full %"],
+                            [[r["label"], r["seeds"], f"{100 * r['communication_efficiency']:.2f}",
+                              f"{r['bytes_per_image']:.0f}",
+                              _bracket(**points[r["label"]]["bleu4_ratio"]),
+                              _bracket(**points[r["label"]]["cider_ratio"])] for r in rows], align="lrrrrr")]
+    if intervals["pairs"]:
+        lines += [f"\nPaired differences, points of the uncompressed quality [{level} interval, "
+                  "the same seeds and images redrawn for both]:\n\n",
+                  markdown_table(["difference", "BLEU-4 / full", "CIDEr / full"],
+                                 [[name, *(_bracket(d["diff"], d["low"], d["high"], signed=True)
+                                           for d in (pair["bleu4_ratio"], pair["cider_ratio"]))]
+                                  for name, pair in intervals["pairs"].items()], align="lrr")]
+    return "".join(lines)
+
+
+def seed_claims(rows: list[dict], intervals: dict | None = None) -> list[str]:
+    """The two claims of the seed paper, checked on these rows (stated, not assumed); with intervals, a claim
+    holds only where the whole interval supports it."""
     out = []
     k8 = next((r for r in rows if r["selector"] == "kmeans" and r["setting"] == 8), None)
     if k8 and k8.get("bleu4_ratio") is not None:
-        out.append(f"kmeans k=8 keeps {100 * k8['bleu4_ratio']:.0f} % of full BLEU-4 "
-                   f"({100 * k8['bleu1_ratio']:.0f} % of BLEU-1) at communication efficiency "
-                   f"{100 * k8['communication_efficiency']:.1f} % — seed claim ≥ 80 %: "
-                   f"{'holds' if k8['bleu4_ratio'] >= 0.8 else 'does not hold'} here")
+        if intervals:
+            kept = intervals["points"][k8["label"]]["bleu4_ratio"]
+            verdict = ("holds" if kept["low"] >= 0.8 else "does not hold" if kept["high"] < 0.8
+                       else "undecided (the interval spans 80 %)")
+            out.append(f"kmeans k=8 keeps {_bracket(**kept)} % of full BLEU-4 at communication efficiency "
+                       f"{100 * k8['communication_efficiency']:.1f} % — seed claim ≥ 80 %: {verdict} here")
+        else:
+            out.append(f"kmeans k=8 keeps {100 * k8['bleu4_ratio']:.0f} % of full BLEU-4 "
+                       f"({100 * k8['bleu1_ratio']:.0f} % of BLEU-1) at communication efficiency "
+                       f"{100 * k8['communication_efficiency']:.1f} % — seed claim ≥ 80 %: "
+                       f"{'holds' if k8['bleu4_ratio'] >= 0.8 else 'does not hold'} here")
+    for name, pair in (intervals or {}).get("pairs", {}).items():
+        for metric, label in (("bleu4_ratio", "BLEU-4"), ("cider_ratio", "CIDEr")):
+            d = pair[metric]
+            verdict = ("k-means ahead" if d["low"] > 0 else "random ahead" if d["high"] < 0
+                       else "no difference shown")
+            out.append(f"{name}: {label} / full {_bracket(d['diff'], d['low'], d['high'], signed=True)} points — "
+                       f"{verdict}")
     randoms = [r for r in rows if r["selector"] == "random"]
     kms = [r for r in rows if r["selector"] == "kmeans"]
     if randoms and kms:
@@ -98,7 +141,14 @@ def plot_sweep(rows: list[dict], path: Path, metric: str = "bleu4") -> Path:
         for ax, (x_key, x_label, formatter) in zip(axes, axes_x):
             for name, points in by_selector.items():
                 points = sorted(points, key=lambda r: r[x_key])
-                ax.plot([p[x_key] for p in points], [p[name_y] for p in points], marker="o", label=name)
+                xs, ys = [p[x_key] for p in points], [p[name_y] for p in points]
+                if all(f"{name_y}_low" in p for p in points):  # bootstrap intervals over seeds and images
+                    # a percentile interval of a skewed statistic (BLEU on few images) may miss its value
+                    errors = [[max(0.0, y - p[f"{name_y}_low"]) for y, p in zip(ys, points)],
+                              [max(0.0, p[f"{name_y}_high"] - y) for y, p in zip(ys, points)]]
+                    ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=name)
+                else:
+                    ax.plot(xs, ys, marker="o", label=name)
             if baseline:
                 ax.axhline(baseline[name_y], color="grey", linestyle="--", label="none (all tokens)")
                 ax.axhline(0.8 * baseline[name_y], color="grey", linestyle=":", label="80 % of none")
