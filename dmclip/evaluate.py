@@ -92,6 +92,30 @@ class SuiteConfig:
                                      "world-retrieval-a, world-retrieval-b)")
     batch_size: int = field(64, "images per encoder call", min=1)
     device: str = field("auto", DEVICE_HELP)
+    arms: list[str] = field([], "groups of models compared over seeds, NAME=REF,REF,... (one model per seed, the "
+                                "seeds in the same order in every arm); each arm's mean over seeds with its "
+                                "interval and its paired difference against the baseline arm")
+    baseline: str = field("", "the arm the others are compared with (default: the first)")
+
+
+def suite_arms(config: SuiteConfig) -> dict[str, list[str]]:
+    """``arms`` as ``{name: [ref per seed]}``, refused when an arm is malformed or the arms differ in seeds."""
+    arms: dict[str, list[str]] = {}
+    for spec in config.arms:
+        name, _, refs = spec.partition("=")
+        models = [ref for ref in refs.split(",") if ref]
+        if not name or not models or name in arms:
+            raise DmclipError(f"arm {spec!r} is not NAME=REF,REF,... with a new name",
+                              "e.g. --arm noisy=run:runs/pretrain/a,run:runs/pretrain/b")
+        arms[name] = models
+    counts = {name: len(models) for name, models in arms.items()}
+    if len(set(counts.values())) > 1:
+        raise DmclipError(f"the arms have different numbers of seeds: {counts}",
+                          "give every arm one model per seed, the same seeds in the same order")
+    if config.baseline and arms and config.baseline not in arms:
+        raise DmclipError(f"baseline arm {config.baseline!r} is not one of the arms {sorted(arms)}",
+                          "name one of the --arm names, or leave --baseline out for the first")
+    return arms
 
 
 def run_zero_shot(config: ZeroShotConfig, run_dir, progress: bool = False, model: nn.Module | None = None) -> dict:
@@ -159,8 +183,8 @@ def run_latency(config: LatencyConfig, run_dir, progress: bool = False, model: n
 
 def run_suite(config: SuiteConfig, run_dir, progress: bool = False,
               models: Mapping[str, nn.Module] | None = None) -> dict:
-    if not config.models:
-        raise DmclipError("the suite needs at least one model", "pass --model REF or --models A B C")
+    if not config.models and not config.arms:
+        raise DmclipError("the suite needs at least one model", "pass --model REF, --models A B C or --arm NAME=A,B")
     tasks_dir = run_dir.path / "tasks"
 
     def save_task(result: dict) -> None:  # one CLIP_benchmark file per (model, dataset, task)
@@ -171,19 +195,49 @@ def run_suite(config: SuiteConfig, run_dir, progress: bool = False,
         atomic_write_json(tasks_dir / name, result)
 
     given = models or {}
-    loaded = {ref: given.get(ref) or load_model(ref, config.device) for ref in config.models}
+    refs = list(dict.fromkeys([*config.models, *(ref for refs in suite_arms(config).values() for ref in refs)]))
+    loaded = {ref: given.get(ref) or load_model(ref, config.device) for ref in refs}
+    items: dict = {}
     named = bool(config.zero_shot or config.retrieval)  # naming one kind scores only what is named
     result = suite(loaded, zero_shot_specs=config.zero_shot if named else None,
                    retrieval_specs=config.retrieval if named else SUITE_RETRIEVAL,
-                   batch_size=config.batch_size, progress=progress, device=config.device, on_task=save_task)
-    run_dir.write_results(result)
+                   batch_size=config.batch_size, progress=progress, device=config.device, on_task=save_task,
+                   items=items)
+    arms = suite_arms(config)
     markdown = suite_markdown(result)
+    if arms:
+        markdown += _compare_arms(result, arms, config.baseline or next(iter(arms)), items, run_dir)
+    run_dir.write_results(result)
     run_dir.write_text("summary.md", markdown)
     run_dir.write_text("summary.csv", suite_csv(result))
     notes = sorted({f"{t['dataset']}: {n}" for t in result["tasks"] for n in t["notes"]})
     run_dir.write_text("report.md", "# Evaluation suite\n\nAll numbers in %; best per column in bold.\n\n" + markdown
                       + ("\n" + "".join(f"> note: {n}\n" for n in notes) if notes else "") + FOOTER)
     return result
+
+
+def _compare_arms(result: dict, arms: dict[str, list[str]], baseline: str, items: dict, run_dir) -> str:
+    """The arms over seeds: result["seeds"], summary-seeds.csv, items.npz and the two tables (markdown)."""
+    import io
+
+    import numpy as np
+
+    from dmclip.evaluation.output import difference_table, seed_csv, seed_table
+    from dmclip.io import atomic_write_bytes
+    from dmclip.metrics.stats import compare_arms
+
+    per_seed = {name: [{c: items[ref][c].numpy() for c in items[ref]} for ref in refs] for name, refs in arms.items()}
+    stats = compare_arms(per_seed, baseline, weights=result["avg_perf_weights"])
+    result["seeds"] = {"arms": arms, **stats}
+    run_dir.write_text("summary-seeds.csv", seed_csv(stats))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{f"{ref}|{column}": hits.numpy().astype(np.uint8)
+                                   for ref, columns in items.items() for column, hits in columns.items()})
+    atomic_write_bytes(run_dir.path / "items.npz", buffer.getvalue())
+    columns = result["columns"]
+    return ("\n## Over seeds: mean ± std [95 % t-interval] (percent)\n\n" + seed_table(stats, columns)
+            + f"\n## Paired difference against {baseline} (points; 95 % bootstrap interval over seeds and "
+              "evaluation items; * = the interval excludes 0)\n\n" + difference_table(stats, columns))
 
 
 RUNNERS: dict[type, Callable] = {ZeroShotConfig: run_zero_shot, RetrievalConfig: run_retrieval,

@@ -144,6 +144,66 @@ def test_suite_with_several_models(model_dir, tmp_path, capsys):
     assert "Avg Perf" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def seed_models(tmp_path_factory):
+    """Four tiny CLIPs of one architecture, each initialised from its own seed: two arms x two seeds."""
+    import torch
+
+    from dmclip.models.base import save_model
+    from dmclip.models.clip import CLIP, clip_arch
+
+    root = tmp_path_factory.mktemp("seed-models")
+    refs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        arch = clip_arch(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2,
+                         text_width=32, text_depth=1, text_heads=2, embed_dim=16,
+                         tokenizer={"context_length": 16, "vocab": list(range(300))})
+        arch.pop("family")
+        refs.append(f"run:{save_model(CLIP(**arch), root / f'm{seed}')}")
+    return refs
+
+
+def test_suite_compares_arms_over_seeds(seed_models, tmp_path):
+    """--arm groups one model per seed: each arm's mean over seeds, and the paired difference against the
+    baseline arm, computed from the same per-model scores the table shows."""
+    import numpy as np
+
+    a, b = ",".join(seed_models[:2]), ",".join(seed_models[2:])
+    assert main(["eval", "suite", "--arm", f"a={a}", "--arm", f"b={b}", "--arm", f"same={a}", "--zero-shot", ZS,
+                 "--retrieval", RET, "--runs-dir", str(tmp_path)]) == 0
+    run = only_run(tmp_path, "eval").path
+    results = json.loads((run / "results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    assert list(rows) == seed_models  # every model once, though arm "same" repeats arm a's
+    seeds = results["seeds"]
+    for column in results["columns"]:
+        mean_a = np.mean([rows[m][column] for m in seed_models[:2]])
+        mean_b = np.mean([rows[m][column] for m in seed_models[2:]])
+        assert seeds["arms"]["a"][column]["mean"] == pytest.approx(mean_a, abs=1e-6)  # rows: float32
+        assert seeds["differences"]["b"][column]["diff"] == pytest.approx(mean_b - mean_a, abs=1e-6)
+        same = seeds["differences"]["same"][column]
+        assert (same["diff"], same["low"], same["high"], same["significant"]) == (0, 0, 0, False)
+    assert seeds["baseline"] == "a" and seeds["arms"]["a"][ZS + " acc@1"]["n"] == 2
+    items = np.load(run / "items.npz")
+    assert items[f"{seed_models[0]}|{ZS} acc@1"].shape == (20,)
+    summary = (run / "summary.md").read_text()
+    assert "## Over seeds" in summary and "## Paired difference against a" in summary
+    assert (run / "summary-seeds.csv").read_text().startswith("arm,column,seeds,mean")
+
+
+@pytest.mark.parametrize("arms, message", [
+    (["--arm", "a=run:/x,run:/y", "--arm", "b=run:/z"], "different numbers of seeds"),
+    (["--arm", "noisy"], "is not NAME=REF,REF"),
+    (["--arm", "a=run:/x", "--baseline", "c"], "baseline arm 'c' is not one of the arms"),
+])
+def test_malformed_arms_are_one_line_errors(arms, message, tmp_path, capsys):
+    assert main(["eval", "suite", *arms, "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err.splitlines()[0] and "hint:" in err
+    assert not (tmp_path / "eval").exists()
+
+
 def test_suite_scores_only_the_kind_of_set_named(model_dir, tmp_path):
     """--zero-shot alone: no retrieval column (the world's retrieval sets are the default only when nothing is named)."""
     assert main(["eval", "suite", "--model", f"run:{model_dir}", "--zero-shot", ZS, "--runs-dir", str(tmp_path)]) == 0

@@ -234,6 +234,13 @@ def register(app: typer.Typer) -> None:
         retrieval: Annotated[list[str] | None, typer.Option(
             "--retrieval", help="Retrieval sets (repeatable). Without --zero-shot and --retrieval: world-retrieval-a, "
                                 "world-retrieval-b.", show_default=False)] = None,
+        arm: Annotated[list[str] | None, typer.Option(
+            "--arm", help="An arm compared over seeds, NAME=REF,REF,... one model per seed (repeatable): each "
+                          "arm's mean and interval, and its paired difference against --baseline.",
+            show_default=False)] = None,
+        baseline: Annotated[str | None, typer.Option(
+            "--baseline", help="The --arm the others are compared with (default: the first).",
+            show_default=False)] = None,
         batch_size: BatchOpt = 64,
         *,
         options: EvalOptions,
@@ -241,8 +248,10 @@ def register(app: typer.Typer) -> None:
         """The DM-CLIP table row: zero-shot, robustness and retrieval sets and their average (Avg Perf).
 
         Example: dmclip eval suite --models run:runs/pretrain/<teacher> run:runs/distill/<student>
+
+        Over seeds: dmclip eval suite --arm noisy=run:<n0>,run:<n1>,run:<n2> --arm boot=run:<b0>,run:<b1>,run:<b2>
         """
-        from dmclip.evaluate import SuiteConfig, run_suite
+        from dmclip.evaluate import SuiteConfig, run_suite, suite_arms
         from dmclip.evaluation.loading import check_eval_model, load_model
 
         refs = [model] if model else []
@@ -250,13 +259,17 @@ def register(app: typer.Typer) -> None:
             raise DmclipError(f"unexpected arguments: {' '.join(ctx.args)}", "several models go after --models A B C")
         for item in [*(models or []), *ctx.args]:
             refs.extend(part for part in item.split(",") if part)
+        arms = list(arm or [])
+        refs += [ref for refs_ in suite_arms(SuiteConfig(arms=arms, baseline=baseline or "")).values()
+                 for ref in refs_]
         if not refs:
             raise DmclipError("no model to evaluate", "pass --model REF, or --models A B C for a comparison")
         loaded = {ref: load_model(ref, options.device) for ref in dict.fromkeys(refs)}
         for ref_model in loaded.values():
             check_eval_model(ref_model, "retrieval")
         result = _run(SuiteConfig, lambda c, r: run_suite(c, r, progress=True, models=loaded),
-                      shortcuts={"models": refs, "zero_shot": list(zero_shot or []),
+                      shortcuts={"models": list(dict.fromkeys(refs)), "arms": arms, "baseline": baseline or "",
+                                 "zero_shot": list(zero_shot or []),
                                  "retrieval": list(retrieval or []), "batch_size": batch_size,
                                  "device": options.device},
                       name=options.name or f"suite-{_slug(refs[0])}" + (f"-and-{len(refs) - 1}" if len(refs) > 1 else ""),

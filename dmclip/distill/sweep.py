@@ -44,7 +44,7 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
     import numpy as np
 
     from dmclip.evaluation.benchmark import SUITE_RETRIEVAL, suite
-    from dmclip.evaluation.output import suite_csv, suite_markdown
+    from dmclip.evaluation.output import difference_table, seed_csv, seed_table, suite_csv, suite_markdown
     from dmclip.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from dmclip.metrics.stats import compare_arms
 
@@ -64,16 +64,16 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
     lines = [f"# distill sweep over alpha\n\nteacher: {teacher_ref}\n",
              f"alphas: {', '.join(f'{a:g}' for a in alphas)}; seeds: {', '.join(map(str, seeds))}\n",
              "## RQ1: accuracy (percent), one row per run\n", suite_markdown(rq1)]
-    lines += ["\n## RQ1 over seeds: mean ± std [95 % CI] (percent)\n", seed_table(stats, rq1["columns"]),
+    lines += ["\n## RQ1 over seeds: mean ± std [95 % CI] (percent)\n", seed_table(stats, rq1["columns"], "alpha"),
               f"\n## Paired difference against {arm_label(baseline)} (points; 95 % bootstrap CI over seeds and "
-              "evaluation items; * = the interval excludes 0)\n", difference_table(stats, rq1["columns"])]
+              "evaluation items; * = the interval excludes 0)\n", difference_table(stats, rq1["columns"], "alpha")]
     if rq2:
         lines += ["\n## RQ2: image encoder cost (same process, interleaved timing)\n",
                   markdown_table(list(rq2[0]), [[f"{v:.3g}" if isinstance(v, float) else v for v in row.values()]
                                                 for row in rq2], align="l" + "r" * (len(rq2[0]) - 1)).rstrip("\n")]
     atomic_write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     atomic_write_text(sweep_dir / "summary.csv", suite_csv(rq1))
-    atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats))
+    atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats, "alpha"))
     atomic_write_json(sweep_dir / "summary.json", {"rq1": {k: v for k, v in rq1.items() if k != "tasks"},
                                                    "seeds": stats, "rq2": rq2})
     buffer = io.BytesIO()
@@ -103,48 +103,6 @@ def _latency_table(student_ref: str, teacher_ref: str, latency_runs: int) -> lis
                     "student / this (b=1)": (1 / result["vs"]["ratios"]["image_b1_median_ms"]) if "vs" in result else 1.0,
                     "student / this (b=64)": (1 / result["vs"]["ratios"]["image_b64_median_ms"]) if "vs" in result else 1.0})
     return rq2
-
-
-def _interval_cell(s: dict) -> str:
-    if s["n"] < 2:
-        return f"{100 * s['mean']:.2f} (1 seed)"
-    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} [{100 * s['low']:.2f}, {100 * s['high']:.2f}]"
-
-
-def seed_table(stats: dict, columns: list[str]) -> str:
-    """Per alpha: mean ± std [95 % t-interval] over seeds of every column, in percent."""
-    rows = [[arm, next(iter(per_column.values()))["n"], *[_interval_cell(per_column[c]) for c in columns]]
-            for arm, per_column in stats["arms"].items()]
-    return markdown_table(["alpha", "seeds", *columns], rows, align="lr" + "r" * len(columns))
-
-
-def difference_table(stats: dict, columns: list[str]) -> str:
-    """Per alpha: the paired difference against the baseline arm, in points, with its bootstrap interval."""
-    rows = [[arm, *[f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
-                    + ("*" if d["significant"] else "") for d in (per_column[c] for c in columns)]]
-            for arm, per_column in stats["differences"].items()]
-    if not stats["differences"]:
-        rows.append(["(one alpha: nothing to compare)", *[""] * len(columns)])
-    return markdown_table([f"alpha − {stats['baseline']}", *columns], rows, align="l" + "r" * len(columns))
-
-
-def seed_csv(stats: dict) -> str:
-    """summary-seeds.csv: one row per (alpha, column) with mean/std/CI over seeds and, for non-baseline alphas,
-    the paired difference against the baseline with its bootstrap interval (fractions)."""
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["alpha", "column", "seeds", "mean", "std", "ci_low", "ci_high", "diff_vs_baseline",
-                     "diff_low", "diff_high", "significant"])
-    for arm, per_column in stats["arms"].items():
-        for column, s in per_column.items():
-            d = stats["differences"].get(arm, {}).get(column)
-            writer.writerow([arm, column, s["n"], repr(s["mean"]), repr(s["std"]), repr(s["low"]), repr(s["high"]),
-                             *((repr(d["diff"]), repr(d["low"]), repr(d["high"]), d["significant"]) if d else
-                               ("", "", "", ""))])
-    return buffer.getvalue()
 
 
 def _plot_sweep(path, stats: dict, alphas: list[float], rq1: dict) -> None:

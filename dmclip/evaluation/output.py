@@ -77,3 +77,43 @@ def suite_csv(result: dict) -> str:
     for row in result["rows"]:
         writer.writerow([row["model"], *[("" if row.get(c) is None else repr(float(row[c]))) for c in result["columns"]]])
     return buffer.getvalue()
+
+
+def _interval_cell(s: dict) -> str:
+    if s["n"] < 2:
+        return f"{100 * s['mean']:.2f} (1 seed)"
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} [{100 * s['low']:.2f}, {100 * s['high']:.2f}]"
+
+
+def seed_table(stats: dict, columns: list[str], arm_header: str = "arm") -> str:
+    """Per arm of :func:`dmclip.metrics.stats.compare_arms`: mean ± std [95 % t-interval] over seeds of every
+    column, in percent."""
+    rows = [[arm, next(iter(per_column.values()))["n"], *[_interval_cell(per_column[c]) for c in columns]]
+            for arm, per_column in stats["arms"].items()]
+    return markdown_table([arm_header, "seeds", *columns], rows, align="lr" + "r" * len(columns))
+
+
+def difference_table(stats: dict, columns: list[str], arm_header: str = "arm") -> str:
+    """Per arm: the paired difference against the baseline arm, in points, with its bootstrap interval."""
+    rows = [[arm, *[f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+                    + ("*" if d["significant"] else "") for d in (per_column[c] for c in columns)]]
+            for arm, per_column in stats["differences"].items()]
+    if not stats["differences"]:
+        rows.append([f"(one {arm_header}: nothing to compare)", *[""] * len(columns)])
+    return markdown_table([f"{arm_header} − {stats['baseline']}", *columns], rows, align="l" + "r" * len(columns))
+
+
+def seed_csv(stats: dict, arm_header: str = "arm") -> str:
+    """summary-seeds.csv: one row per (arm, column) with mean/std/CI over seeds and, for the arms other than
+    the baseline, the paired difference against it with its bootstrap interval (fractions)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([arm_header, "column", "seeds", "mean", "std", "ci_low", "ci_high", "diff_vs_baseline",
+                     "diff_low", "diff_high", "significant"])
+    for arm, per_column in stats["arms"].items():
+        for column, s in per_column.items():
+            d = stats["differences"].get(arm, {}).get(column)
+            writer.writerow([arm, column, s["n"], repr(s["mean"]), repr(s["std"]), repr(s["low"]), repr(s["high"]),
+                             *((repr(d["diff"]), repr(d["low"]), repr(d["high"]), d["significant"]) if d else
+                               ("", "", "", ""))])
+    return buffer.getvalue()
