@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo bench lint ci clean reproduce-edge
+.PHONY: install test test-fast demo bench lint ci clean reproduce-edge reproduce-blip
 
 install: $(STAMP)
 
@@ -58,6 +58,9 @@ bench: install
 # runs/reproduce-*, the tables into their summary.md / report.md)
 reproduce-edge: install
 	bash scripts/reproduce-edge.sh
+
+reproduce-blip: install
+	bash scripts/reproduce-blip.sh
 
 lint: install
 	$(BIN)/ruff check dmclip tests benchmarks scripts

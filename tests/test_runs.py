@@ -519,6 +519,32 @@ def test_a_key_an_older_run_lacks_differs_only_where_the_newer_one_sets_it(tmp_p
     assert "absent" in amp_row and "bf16" in amp_row
 
 
+def test_runs_report_groups_runs_over_seeds_with_t_intervals(tmp_path, capsys):
+    """--group-by lr: one row per learning rate, each metric's mean ± std [95 % t-interval] over its seeds,
+    the same numbers dmclip.metrics.stats.seed_interval gives; a group of one run is called one run."""
+    import numpy as np
+    from scipy.stats import t
+
+    values = {1e-3: [0.125, 0.25, 0.1875], 3e-3: [0.5, None]}  # None: a run without the result
+    runs = []
+    for lr, accs in values.items():
+        for seed, acc in enumerate(accs):
+            run = _create(tmp_path, f"lr{lr}-s{seed}", TinyConfig(seed=seed, lr=lr))
+            run.write_results({"zeroshot": {"acc1": acc}})
+            runs.append(str(run.path))
+    assert main(["runs", "report", *runs, "--metrics", "zeroshot.acc1", "--group-by", "lr"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert lines[0] == "| lr | runs | seeds | zeroshot.acc1 % |"
+    accs = np.array(values[1e-3])
+    half = t.ppf(0.975, 2) * accs.std(ddof=1) / np.sqrt(3)
+    assert lines[2] == (f"| 0.001 | 3 | 0, 1, 2 | {100 * accs.mean():.2f} ± {100 * accs.std(ddof=1):.2f} "
+                        f"[{100 * (accs.mean() - half):.2f}, {100 * (accs.mean() + half):.2f}] |")
+    assert lines[3] == "| 0.003 | 2 | 0, 1 | 50.00 (1 run) (1 of 2 runs without it) |"
+    assert main(["runs", "report", *runs, "--metrics", "zeroshot.acc1", "--group-by", "lrr"]) == 2
+    err = capsys.readouterr().err
+    assert "no run's config has the key 'lrr'" in err and "lr" in err
+
+
 def test_runs_report_names_a_missing_result_key(tmp_path, capsys):
     a = _create(tmp_path, "a")
     a.write_results({"zeroshot": {"acc1": 0.1}})

@@ -292,14 +292,21 @@ def register(app: typer.Typer) -> None:
         percent: Annotated[bool | None, typer.Option(
             "--percent/--fractions", help="Fractions in [0, 1] as percent (default: md in percent, csv in fractions).",
             show_default=False)] = None,
+        group_by: Annotated[str | None, typer.Option(
+            "--group-by", help="Comma list of config keys: one row per group of runs (e.g. seeds of one "
+                               "setting), each metric as mean ± std [95 % t-interval] over the group's runs.",
+            show_default=False)] = None,
     ) -> None:
         """A table for docs, rendered from run directories: one row per run, the config keys that differ
         between the runs, the chosen result keys, and a footer naming this command, the date, machine and
         seeds. A sweep directory prints its summary.md (itself rendered from its runs).
 
         Example: dmclip runs report runs/pretrain/a runs/pretrain/b --metrics zeroshot.acc1,train.samples_per_s
+
+        Over seeds: dmclip runs report runs/capfilt/* --metrics noise_removal.precision --group-by filter.score
         """
-        console.print(render_report(run_dirs, metrics.split(","), format_, format_ == "md" if percent is None else percent),
+        console.print(render_report(run_dirs, metrics.split(","), format_, format_ == "md" if percent is None else percent,
+                                    group_by=[k for k in (group_by or "").split(",") if k]),
                       markup=False, highlight=False, soft_wrap=True)
 
     register_clean(runs_app)
@@ -385,7 +392,8 @@ def _differing_keys(configs: list[dict], defaults: list[dict], ignored: tuple[st
     return differ
 
 
-def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md", percent: bool = True) -> str:
+def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md", percent: bool = True,
+                  group_by: list[str] | None = None) -> str:
     """The `dmclip runs report` text (see its help)."""
     import platform
     import shlex
@@ -420,6 +428,8 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
     header = ["run", *differ, *[metric_label(m) if percent else m for m in metrics]]
     rows = [[r.path.name, *[cell(c[k]) if k in c else ABSENT for k in differ], *[cell(res.get(m), m) for m in metrics]]
             for r, c, res in zip(runs, configs, results)]
+    if group_by:
+        header, rows = _grouped(group_by, configs, results, metrics, cell, percent)
     seeds = sorted({str(c.get("seed")) for c in configs})
     command = "dmclip " + " ".join(shlex.quote(_under_runs_root(a, runs)) for a in sys.argv[1:]) \
         if sys.argv[1:2] == ["runs"] else "dmclip runs report " + " ".join(_under_runs_root(p, runs) for p in run_dirs)
@@ -429,8 +439,42 @@ def render_report(run_dirs: list[Path], metrics: list[str], format_: str = "md",
               f"{', '.join(sorted({str(r.info.get('torch')) for r in runs}))}.")
     if format_ == "csv":
         return _csv_text(header, rows)
-    table = markdown_table(header, rows, align="l" * (1 + len(differ)) + "r" * len(metrics))
+    table = markdown_table(header, rows, align="l" * (len(header) - len(metrics)) + "r" * len(metrics))
     return table + "\n" + footer + "\n"
+
+
+def _grouped(keys: list[str], configs: list[dict], results: list[dict], metrics: list[str], cell,
+             percent: bool) -> tuple[list[str], list[list[str]]]:
+    """``--group-by``: one row per distinct value of ``keys``, in first-seen order: the runs and seeds in it,
+    then each metric's mean ± std [95 % t-interval] over its runs (a group of one run shows the value alone)."""
+    from dmclip.metrics.stats import seed_interval
+    from dmclip.report import metric_unit
+
+    unknown = [k for k in keys if all(k not in c for c in configs)]
+    if unknown:
+        raise DmclipError(f"no run's config has the key {unknown[0]!r}",
+                          did_you_mean(unknown[0], sorted({k for c in configs for k in c})))
+    groups: dict[tuple, list[int]] = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(tuple(json.dumps(config.get(k), default=str) for k in keys), []).append(i)
+
+    def summary(metric: str, members: list[int]) -> str:
+        values = [results[i][metric] for i in members if isinstance(results[i].get(metric), (int, float))]
+        if not values:
+            return "-"
+        s = seed_interval(values)
+        lacking = f" ({len(members) - len(values)} of {len(members)} runs without it)" if len(values) < len(members) else ""
+        if s["n"] == 1:
+            return f"{cell(s['mean'], metric)} (1 run){lacking}"
+        scale = 100 if percent and metric_unit(metric) else 1
+        return (f"{s['mean'] * scale:.2f} ± {s['std'] * scale:.2f} [{s['low'] * scale:.2f}, {s['high'] * scale:.2f}]"
+                + lacking)
+
+    header = [*keys, "runs", "seeds", *[metric_label(m) if percent else m for m in metrics]]
+    rows = [[*[cell(configs[members[0]].get(k)) for k in keys], str(len(members)),
+             ", ".join(str(configs[i].get("seed")) for i in members), *[summary(m, members) for m in metrics]]
+            for members in groups.values()]
+    return header, rows
 
 
 def _under_runs_root(argument, runs) -> str:
