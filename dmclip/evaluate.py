@@ -96,6 +96,11 @@ class SuiteConfig:
                                 "seeds in the same order in every arm); each arm's mean over seeds with its "
                                 "interval and its paired difference against the baseline arm")
     baseline: str = field("", "the arm the others are compared with (default: the first)")
+    latency: bool = field(False, "with arms: the accuracy-latency frontier, each arm's image encoder timed at "
+                                 "batch 1 and 64 against the reference's, interleaved in one process")
+    reference: str = field("", "the model latencies and kept Avg Perf are relative to, e.g. the teacher "
+                               "(default: the first model that is in no arm)")
+    latency_runs: int = field(20, "timed calls per encoder and batch size for the frontier", min=1)
 
 
 def suite_arms(config: SuiteConfig) -> dict[str, list[str]]:
@@ -205,8 +210,24 @@ def run_suite(config: SuiteConfig, run_dir, progress: bool = False,
                    items=items)
     arms = suite_arms(config)
     markdown = suite_markdown(result)
+    if config.latency and not arms:
+        raise DmclipError("the frontier (--latency) places arms of seeds", "name them with --arm NAME=A,B,C")
     if arms:
         markdown += _compare_arms(result, arms, config.baseline or next(iter(arms)), items, run_dir)
+    if config.latency:
+        from dmclip.evaluation.frontier import frontier, frontier_markdown, plot_frontier
+
+        in_arms = {ref for refs in arms.values() for ref in refs}
+        reference = config.reference or next((ref for ref in config.models if ref not in in_arms), "")
+        if not reference:
+            raise DmclipError("the frontier needs a reference model outside the arms",
+                              "pass the teacher with --models REF (or --reference REF)")
+        found = frontier(result, result["seeds"], arms, reference, loaded,
+                         {ref: {c: hits.numpy() for c, hits in columns.items()} for ref, columns in items.items()},
+                         runs=config.latency_runs)
+        result["frontier"] = found
+        plot_frontier(found, run_dir.path / "frontier.png")
+        markdown += frontier_markdown(found) + "\n![accuracy against latency](frontier.png)\n"
     run_dir.write_results(result)
     run_dir.write_text("summary.md", markdown)
     run_dir.write_text("summary.csv", suite_csv(result))

@@ -192,6 +192,69 @@ def test_suite_compares_arms_over_seeds(seed_models, tmp_path):
     assert (run / "summary-seeds.csv").read_text().startswith("arm,column,seeds,mean")
 
 
+@pytest.fixture(scope="module")
+def frontier_models(tmp_path_factory, model_dir):
+    """A tiny ViT teacher (the module's model) and students of it: Vision-Mamba and ViT, two seeds each."""
+    import torch
+
+    from dmclip.distill import DistillConfig, build_student
+    from dmclip.models.base import load_saved_model, save_model
+
+    teacher = load_saved_model(model_dir)
+    root = tmp_path_factory.mktemp("frontier")
+    arms = {}
+    for name, student in (("mamba", "mamba-tiny-test"), ("vit", "vit-nano")):
+        refs = []
+        for seed in range(2):
+            torch.manual_seed(seed)
+            cfg = DistillConfig()
+            cfg.student.name, cfg.student.width, cfg.student.depth = student, 32, 1
+            refs.append(f"run:{save_model(build_student(cfg, teacher).eval(), root / f'{name}{seed}')}")
+        arms[name] = refs
+    return f"run:{model_dir}", arms
+
+
+def test_suite_places_arms_on_the_latency_frontier(frontier_models, tmp_path):
+    """--latency: each arm's image encoder timed against the reference (the teacher) in one process; its Avg
+    Perf over seeds as a share of the reference's; Mamba against the ViT arm nearest in latency, paired."""
+    import numpy as np
+
+    teacher, arms = frontier_models
+    assert main(["eval", "suite", "--models", teacher, *[f"--arm={n}={','.join(r)}" for n, r in arms.items()],
+                 "--latency", "--zero-shot", ZS, "--retrieval", RET, "--latency-runs", "3",
+                 "--runs-dir", str(tmp_path)]) == 0
+    run = only_run(tmp_path, "eval").path
+    results = json.loads((run / "results.json").read_text())
+    found = results["frontier"]
+    points = {p["name"]: p for p in found["points"]}
+    assert list(points) == [teacher, "mamba", "vit"] and found["reference"] == teacher
+    assert points[teacher]["b1_ratio"] == 1.0 and points[teacher]["b64_ratio"] == 1.0
+    assert (points["mamba"]["family"], points["vit"]["family"]) == ("vision-mamba", "vit")
+    for name in ("mamba", "vit"):
+        p = points[name]
+        assert p["b64_ratio"] == pytest.approx(p["b64_ms"] / points[teacher]["b64_ms"])
+        avg = np.mean([r["Avg Perf"] for r in results["rows"] if r["model"] in arms[name]])
+        assert p["avg_perf"]["mean"] == pytest.approx(avg, abs=1e-6)
+        reference_avg = next(r["Avg Perf"] for r in results["rows"] if r["model"] == teacher)
+        assert p["kept"]["mean"] == pytest.approx(avg / reference_avg, rel=1e-6)
+    (pair,) = found["pairs"]
+    assert (pair["arm"], pair["against"]) == ("mamba", "vit")
+    assert pair["diff"] == pytest.approx(points["mamba"]["avg_perf"]["mean"] - points["vit"]["avg_perf"]["mean"],
+                                         abs=1e-6)
+    summary = (run / "summary.md").read_text()
+    assert "## Accuracy against image-encoder latency" in summary and "mamba − vit" in summary
+    assert (run / "frontier.png").stat().st_size > 10_000
+
+
+def test_the_frontier_needs_arms_and_a_reference(frontier_models, tmp_path, capsys):
+    teacher, arms = frontier_models
+    assert main(["eval", "suite", "--models", teacher, "--latency", "--zero-shot", ZS, "--runs-dir", str(tmp_path)]) == 2
+    assert "name them with --arm" in capsys.readouterr().err
+    assert main(["eval", "suite", f"--arm=m={','.join(arms['mamba'])}", "--latency", "--zero-shot", ZS,
+                 "--runs-dir", str(tmp_path)]) == 2
+    assert "needs a reference model outside the arms" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arms, message", [
     (["--arm", "a=run:/x,run:/y", "--arm", "b=run:/z"], "different numbers of seeds"),
     (["--arm", "noisy"], "is not NAME=REF,REF"),

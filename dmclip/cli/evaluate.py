@@ -241,6 +241,14 @@ def register(app: typer.Typer) -> None:
         baseline: Annotated[str | None, typer.Option(
             "--baseline", help="The --arm the others are compared with (default: the first).",
             show_default=False)] = None,
+        latency: Annotated[bool, typer.Option(
+            "--latency", help="With --arm: the accuracy-latency frontier against the reference model (the "
+                              "first --models model): image-encoder latency at batch 1 and 64, interleaved.")] = False,
+        reference: Annotated[str | None, typer.Option(
+            "--reference", help="The model the frontier's latency ratios and kept Avg Perf are relative to.",
+            show_default=False)] = None,
+        latency_runs: Annotated[int, typer.Option(
+            "--latency-runs", help="Timed calls per image encoder and batch size for the frontier.", min=1)] = 20,
         batch_size: BatchOpt = 64,
         *,
         options: EvalOptions,
@@ -250,6 +258,8 @@ def register(app: typer.Typer) -> None:
         Example: dmclip eval suite --models run:runs/pretrain/<teacher> run:runs/distill/<student>
 
         Over seeds: dmclip eval suite --arm noisy=run:<n0>,run:<n1>,run:<n2> --arm boot=run:<b0>,run:<b1>,run:<b2>
+
+        Frontier: dmclip eval suite --models builtin:world-vit --arm mamba-64=<s0>,<s1>,<s2> --arm vit-64=... --latency
         """
         from dmclip.evaluate import SuiteConfig, run_suite, suite_arms
         from dmclip.evaluation.loading import check_eval_model, load_model
@@ -269,6 +279,7 @@ def register(app: typer.Typer) -> None:
             check_eval_model(ref_model, "retrieval")
         result = _run(SuiteConfig, lambda c, r: run_suite(c, r, progress=True, models=loaded),
                       shortcuts={"models": list(dict.fromkeys(refs)), "arms": arms, "baseline": baseline or "",
+                                 "latency": latency, "reference": reference or "", "latency_runs": latency_runs,
                                  "zero_shot": list(zero_shot or []),
                                  "retrieval": list(retrieval or []), "batch_size": batch_size,
                                  "device": options.device},

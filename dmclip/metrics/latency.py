@@ -305,6 +305,42 @@ def measure(model: torch.nn.Module, *, batch_size: int = 32, warmup: int = 5, ru
     return measured
 
 
+def image_latency(models: Mapping[str, torch.nn.Module], *, batch_sizes: Sequence[int] = (1, 64), warmup: int = 3,
+                  runs: int = 20, threads: int | None = None) -> dict:
+    """The image encoders of several models timed in one process, their calls interleaved (a, b, c, a, ...),
+    so that their ratios see the same machine; with each encoder's parameters and FLOPs per image.
+
+    Returns ``{"models": {name: {"image_params", "image_flops", "image_b<B>_median_ms", ...}}, "threads",
+    "runs", "warmup", "batch_sizes"}``.
+    """
+    if runs < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
+        raise DmclipError("runs and batch sizes must be >= 1 and warmup >= 0", "e.g. runs=20, batch sizes 1 and 64")
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        numbers: dict[str, dict] = {}
+        calls: dict[str, Callable[[], object]] = {}
+        generator = torch.Generator().manual_seed(0)
+        for name, model in models.items():
+            size, device = int(model.image_size), model_device(model)
+            images = {b: torch.rand(b, 3, size, size, generator=generator).to(device) for b in batch_sizes}
+            one = images[min(batch_sizes)][:1]
+            numbers[name] = {"image_params": encoder_parameters(model, lambda m=model, x=one: m.encode_image(x)),
+                             "image_flops": count_flops(lambda m=model, x=one: m.encode_image(x))["flops"]}
+            for b, x in images.items():
+                calls[f"{name}\0{b}"] = lambda m=model, x=x: m.encode_image(x)
+        device = model_device(next(iter(models.values())))
+        for key, seconds in time_calls(calls, warmup=warmup, runs=runs, device=device).items():
+            name, b = key.split("\0")
+            numbers[name][f"image_b{b}_median_ms"] = summarize_times(seconds)["median_ms"]
+        thread_count = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+    return {"models": numbers, "threads": thread_count, "runs": runs, "warmup": warmup,
+            "batch_sizes": sorted(batch_sizes)}
+
+
 def latency_rows(measured: dict) -> list[dict]:
     """(encoder, batch) rows of :func:`measure`'s numbers (or an eval latency result) for a table; "model" is
     "model" or "vs" (the legend names them)."""
