@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-fast demo bench lint ci clean reproduce-edge reproduce-blip
+.PHONY: install test test-fast demo bench lint ci clean reproduce-edge reproduce-blip reproduce-dmclip
 
 install: $(STAMP)
 
@@ -61,6 +61,9 @@ reproduce-edge: install
 
 reproduce-blip: install
 	bash scripts/reproduce-blip.sh
+
+reproduce-dmclip: install
+	bash scripts/reproduce-dmclip.sh
 
 lint: install
 	$(BIN)/ruff check dmclip tests benchmarks scripts
