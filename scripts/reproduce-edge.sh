@@ -6,6 +6,7 @@
 #      control trained on all tokens, 3 training seeds
 # Each step writes a run directory under $ROOT with its summary.md / report.md (tables with intervals).
 # Usage: scripts/reproduce-edge.sh [STEPS] [LIMIT]   (defaults 1000 pretraining steps, all 1000 test images)
+#        BLIP=<pretrain run dir> skips step 1 and uses that model (e.g. after `dmclip pretrain --resume`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-1000}
@@ -16,8 +17,10 @@ shift $(( $# < 2 ? $# : 2 ))
 EXTRA=("$@")  # more --set overrides for both compress steps (e.g. a smaller sweep)
 newest() { ls -d "$ROOT/$1"/*-"$2"-* | tail -1; }
 
-"$DMCLIP" pretrain recipes/pretrain-blip-256.yaml --name blip-256 --steps "$STEPS" --runs-dir "$ROOT"
-BLIP=$(newest pretrain blip-256)
+if [ -z "${BLIP:-}" ]; then
+    "$DMCLIP" pretrain recipes/pretrain-blip-256.yaml --name blip-256 --steps "$STEPS" --runs-dir "$ROOT"
+    BLIP=$(newest pretrain blip-256)
+fi
 "$DMCLIP" compress sweep recipes/compress-edge.yaml --model "run:$BLIP" --limit "$LIMIT" --name edge-sweep \
     --runs-dir "$ROOT" "${EXTRA[@]}"
 "$DMCLIP" compress eval recipes/compress-edge.yaml --model "run:$BLIP" --limit "$LIMIT" --finetune-server \
