@@ -140,6 +140,17 @@ def test_eval_trains_the_server_at_every_seed_and_an_equal_steps_control(tmp_pat
     assert "Paired differences" in (run.path / "report.md").read_text()
 
 
+def test_an_equal_steps_control_needs_a_selector_to_compare_with(tmp_path):
+    from dmclip.errors import DmclipError
+
+    run = RunDir.create("compress", "eval", root=tmp_path)
+    with pytest.raises(DmclipError, match="--selector none already does"):
+        run_eval(_cfg("selector=none", "finetune.enabled=true", "finetune.control=true"), run,
+                 model=StandInCaptioner(), dataset=colour_dataset(), score_fn=_score)
+    result = run_eval(_cfg("selector=none"), run, model=StandInCaptioner(), dataset=colour_dataset(), score_fn=_score)
+    assert [r["label"] for r in result["rows"]] == ["none"] and result["compressed"]["bleu4_ratio"] == 1.0
+
+
 def test_seed_claims_are_computed_not_assumed():
     rows = [{"selector": "kmeans", "setting": 8, "bleu4": 0.5, "bleu4_ratio": 0.5, "bleu1_ratio": 0.9,
              "communication_efficiency": 0.03, "bytes_per_image": 100},

@@ -33,6 +33,7 @@ from dmclip.compress.summary import (
     rows_markdown,
     seed_claims,
 )
+from dmclip.errors import DmclipError
 from dmclip.io import atomic_write_bytes
 from dmclip.metrics.caption_intervals import bleu, caption_intervals
 from dmclip.runs import RunDir
@@ -45,11 +46,14 @@ def run_eval(cfg: CompressConfig, run, *, model=None, dataset=None, train_datase
     """`dmclip compress eval`: the selector against the uncompressed baseline on the test split; with
     ``--finetune-server`` the decoder trained on the selector's tokens at every fine-tuning seed, and with
     ``finetune.control`` a decoder trained the same steps on all tokens, read with both."""
+    selector = selector_from_config(cfg)
+    if cfg.finetune.enabled and cfg.finetune.control and selector.name == "none":
+        raise DmclipError("finetune.control trains a decoder on all tokens, which --selector none already does",
+                          "pick a selector to compare with, e.g. --selector kmeans --k 8")
     model = model if model is not None else load_compress_model(cfg.model)
     check_compress_model(model)
     images, references = load_test_samples(cfg, model.image_size, dataset)
     tokens, encoder_seconds = edge_tokens(model, images, cfg.batch_size)
-    selector = selector_from_config(cfg)
     common = {"decode_cfg": cfg.decode, "batch_size": cfg.batch_size, "encoder_seconds": encoder_seconds,
               "score_fn": score_fn}
     baseline = evaluate_selector(model, tokens, references, selector_from_config(cfg, "none"), **common)
@@ -80,9 +84,10 @@ def run_eval(cfg: CompressConfig, run, *, model=None, dataset=None, train_datase
                                                                 "label": read_label})
         pairs = [(label, tuned)] + ([(control, tuned), (control_full, tuned)] if cfg.finetune.control else [])
     rows, intervals, items = pool_seeds(by_label, pairs)
-    result.update(rows=rows, intervals=intervals, baseline=rows[0], compressed=rows[1])
+    by_name = {r["label"]: r for r in rows}
+    result.update(rows=rows, intervals=intervals, baseline=rows[0], compressed=by_name[label])
     if cfg.finetune.enabled:
-        result["compressed_finetuned"] = rows[2]
+        result["compressed_finetuned"] = by_name[f"{label}, server tuned on it"]
     _write_items(run, items)
     run.write_results(result)
     run.write_text("report.md", eval_report(result))
