@@ -58,12 +58,10 @@ def register(app: typer.Typer) -> None:
                                **({"finetune.enabled": True} if finetune_server else {}))
         run, result = _execute(run_eval, recipe=recipe, sets=sets, shortcuts=shortcuts,
                               name=name or f"eval-{selector or 'kmeans'}", runs_dir=runs_dir)
-        rows = [result["baseline"], result["compressed"]] + [r for k_, r in result.items()
-                                                             if k_ == "compressed_finetuned"]
-        console.print(metrics_table("compress eval", rows, ["label", "communication_efficiency", "bytes_per_image",
+        console.print(metrics_table("compress eval", result["rows"], ["label", "communication_efficiency", "bytes_per_image",
                                                             "bleu1", "bleu4", "cider", "bleu4_ratio", "edge_ms",
                                                             "server_ms"], fmt="{:.1f}", percent=True, labels=COLUMNS))
-        console.print(f"report: {run.path / 'report.md'}")
+        console.print(f"report (with intervals): {run.path / 'report.md'}")
 
     @group.command("sweep")
     def sweep_command(recipe: RecipeArg = None, model: ModelOpt = None, limit: LimitOpt = None,
