@@ -237,10 +237,12 @@ def test_suite_places_arms_on_the_latency_frontier(frontier_models, tmp_path):
         assert p["avg_perf"]["mean"] == pytest.approx(avg, abs=1e-6)
         reference_avg = next(r["Avg Perf"] for r in results["rows"] if r["model"] == teacher)
         assert p["kept"]["mean"] == pytest.approx(avg / reference_avg, rel=1e-6)
-    (pair,) = found["pairs"]
-    assert (pair["arm"], pair["against"]) == ("mamba", "vit")
-    assert pair["diff"] == pytest.approx(points["mamba"]["avg_perf"]["mean"] - points["vit"]["avg_perf"]["mean"],
-                                         abs=1e-6)
+    assert [(p["arm"], p["against"], p["batch"]) for p in found["pairs"]] == [("mamba", "vit", 1), ("mamba", "vit", 64)]
+    for pair in found["pairs"]:
+        assert pair["diff"] == pytest.approx(points["mamba"]["avg_perf"]["mean"] - points["vit"]["avg_perf"]["mean"],
+                                             abs=1e-6)
+        b = pair["batch"]
+        assert pair["latency_ratio"] == pytest.approx(points["mamba"][f"b{b}_ms"] / points["vit"][f"b{b}_ms"])
     summary = (run / "summary.md").read_text()
     assert "## Accuracy against image-encoder latency" in summary and "mamba − vit" in summary
     assert (run / "frontier.png").stat().st_size > 10_000
