@@ -122,3 +122,20 @@ def test_mismatched_points_are_refused_with_what_to_do():
         caption_intervals({"k": items}, "none")
     with pytest.raises(DmclipError, match="no candidate caption"):
         caption_items({0: ["a red circle"], 1: ["a blue star"]}, {0: "a red circle"})
+
+
+@pytest.mark.requires_java  # the PTB tokenizer
+def test_compress_scores_equal_the_caption_metrics_of_eval_caption():
+    """compress tokenizes references and candidates in one tokenizer run and keeps the per-image statistics:
+    its corpus scores must still be `dmclip eval caption`'s, and the statistics must give them back."""
+    from dmclip.compress.measure import score_captions
+
+    refs = {0: ["A red circle.", "a RED circle at the top"], 1: ["Two blue squares!", "blue squares, two"],
+            2: ["a green star", "", "   "]}
+    cands = {0: "a red circle", 1: "two blue squares .", 2: "a green, star"}
+    scores = score_captions(refs, cands)
+    expected = caption_metrics(refs, cands, meteor=False)
+    for key in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"):
+        assert scores[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert bleu(scores["items"]["bleu"].sum(0)) == pytest.approx(expected["bleu4"], rel=1e-12)
+    assert scores["items"]["cider"].mean() == pytest.approx(expected["cider"], rel=1e-12)

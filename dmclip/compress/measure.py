@@ -25,9 +25,11 @@ def score_captions(references: dict, candidates: dict, tokenize: bool = True) ->
 
     references = {k: [r for r in refs if r and r.strip()] for k, refs in references.items()}
     candidates = {k: candidates.get(k) or "" for k in references}
-    if tokenize:
-        references = ptb_tokenize(references)
-        candidates = {k: c[0] for k, c in ptb_tokenize({k: [c] for k, c in candidates.items()}).items()}
+    if tokenize:  # one tokenizer run (a JVM start) for both sides
+        both = ptb_tokenize({**{("ref", k): refs for k, refs in references.items()},
+                             **{("cand", k): [c] for k, c in candidates.items()}})
+        references = {k: both[("ref", k)] for k in references}
+        candidates = {k: both[("cand", k)][0] for k in candidates}
     scores = caption_metrics(references, candidates, tokenize=False, meteor=False)
     return {**{k: v for k, v in scores.items() if k != "meteor"}, "items": caption_items(references, candidates)}
 
