@@ -1111,6 +1111,47 @@ def test_under_torchrun_ddp_is_told_of_parameters_a_step_does_not_use(tmp_path, 
     assert_same_weights(*trained)
 
 
+def test_what_the_loss_calls_is_ddp_under_torchrun_and_compiled_with_train_compile(one_process_group, monkeypatch):
+    """DDP gets the task's find_unused_parameters (false when the task does not say: DDP's extra pass over the graph
+    costs time and warns) and no device ids on the CPU; train.compile hands the DDP wrapper to torch.compile (a
+    stand-in here: importing the compiler takes seconds)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dmclip.train.loop import _wrap
+
+    cpu = torch.device("cpu")
+    for task, unused in ((ToyTask(), False), (BranchAtStepZero(), True)):
+        wrapped = _wrap(task.model, task, make_cfg(), cpu)
+        assert isinstance(wrapped, DistributedDataParallel) and wrapped.module is task.model
+        assert wrapped.find_unused_parameters is unused and wrapped.device_ids is None
+    monkeypatch.setattr(torch, "compile", lambda module: ("compiled", module))
+    compiled, module = _wrap(task.model, task, make_cfg(compile=True), cpu)
+    assert compiled == "compiled" and isinstance(module, DistributedDataParallel) and module.module is task.model
+
+
+def test_the_forward_pass_draws_what_the_seed_the_step_and_the_micro_batch_seed(tmp_path):
+    """Dropout, sampling and the like draw from torch's RNG reseeded from (seed, step, rank, micro-batch) before
+    each forward pass: the numbers a loss draws are reseed's for that key, whatever loading the batch drew."""
+    from dmclip.train.rng import reseed
+
+    class Drawing(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.draws = []
+
+        def loss(self, model, batch, step):
+            self.draws.append(torch.rand(2))
+            return super().loss(model, batch, step)
+
+    cfg, task = make_cfg(steps=2, grad_accum=2, checkpoint_every=0), Drawing()
+    train(new_run(tmp_path, cfg), cfg, task, dataset=PairDataset(seed=1, augment=0.05), seed=3)
+    expected = []
+    for step, micro in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        reseed(3, step, 0, micro, host=False)
+        expected.append(torch.rand(2))
+    assert len(task.draws) == 4 and all(torch.equal(a, b) for a, b in zip(task.draws, expected))
+
+
 def test_a_lost_peer_is_an_error_naming_the_step_after_the_last_completed_one_is_saved(tmp_path,
                                                                                        one_process_group):
     """A collective failing (another rank died) ends the run with a DmclipError that names the step and how to
