@@ -1129,10 +1129,13 @@ def test_what_the_loss_calls_is_ddp_under_torchrun_and_compiled_with_train_compi
     assert compiled == "compiled" and isinstance(module, DistributedDataParallel) and module.module is task.model
 
 
-def test_the_forward_pass_draws_what_the_seed_the_step_and_the_micro_batch_seed(tmp_path):
+def test_the_forward_pass_draws_what_the_seed_the_step_and_the_micro_batch_seed(tmp_path, monkeypatch):
     """Dropout, sampling and the like draw from torch's RNG reseeded from (seed, step, rank, micro-batch) before
-    each forward pass: the numbers a loss draws are reseed's for that key, whatever loading the batch drew."""
-    from dmclip.train.rng import reseed
+    each forward pass: the numbers a loss draws are reseed's for that key, whatever loading the batch drew. On a
+    GPU its generator gets the same seed (recorded here in place of a GPU: the loop only passes the device on)."""
+    from dmclip.train.interrupt import InterruptGuard
+    from dmclip.train.loop import _Batches, _train_step
+    from dmclip.train.rng import _mix_seed, reseed
 
     class Drawing(ToyTask):
         def __init__(self):
@@ -1150,6 +1153,14 @@ def test_the_forward_pass_draws_what_the_seed_the_step_and_the_micro_batch_seed(
         reseed(3, step, 0, micro, host=False)
         expected.append(torch.rand(2))
     assert len(task.draws) == 4 and all(torch.equal(a, b) for a, b in zip(task.draws, expected))
+
+    gpu_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed", gpu_seeds.append)
+    state = toy_state(cfg, task)  # seed 0
+    batches = _Batches(PairDataset(seed=1), task.collate, cfg, state, 0, torch.device("cpu"))
+    with InterruptGuard() as guard:
+        _train_step(state, task.model, batches, cfg, new_run(tmp_path, cfg, "gpu"), guard, torch.device("cuda"))
+    assert gpu_seeds == [_mix_seed(0, 0, 0, micro, 0) for micro in (0, 1)]
 
 
 def test_a_lost_peer_is_an_error_naming_the_step_after_the_last_completed_one_is_saved(tmp_path,
