@@ -7,6 +7,7 @@ a NaN that overwrites the last good checkpoint, Ctrl-C that loses the work done.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
@@ -1092,6 +1093,9 @@ def one_process_group(tmp_path, monkeypatch):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     yield
+    # free the test's DDP wrappers here, with gloo's threads alive: left for a forked DataLoader worker's garbage
+    # collector, a process group's destructor waits forever on a thread the fork did not copy
+    gc.collect()
     dist.destroy_process_group()
 
 
