@@ -18,6 +18,10 @@ import warnings
 
 import pytest
 import torch
+
+# the first optimizer a process builds imports torch._dynamo (3 s); imported here, at collection, the processes
+# mutmut forks for each mutant find it loaded
+import torch._dynamo  # noqa: F401
 from helpers.toy import PairDataset, ToyTask, toy_config
 
 from dmclip.config import to_dict
