@@ -229,15 +229,19 @@ def test_data_order_ignores_the_global_rng():
 
 
 def test_grad_accumulation_equals_the_full_batch(tmp_path):
-    """Per-sample loss: 2 micro-batches of 8 give the same updates as one batch of 16 (to 1e-6)."""
+    """Per-sample loss: 2 micro-batches of 8 give the same updates as one batch of 16 (to 1e-6), and log the same
+    loss, parts and gradient norm (AdamW alone would not tell a gradient twice too large: its update is scale-free)."""
     cfg_full = make_cfg(steps=6, batch_size=16, grad_accum=1)
     cfg_accum = make_cfg(steps=6, batch_size=16, grad_accum=2)
     full, accum = ToyTask("mse"), ToyTask("mse")
-    train(new_run(tmp_path, cfg_full, "full"), cfg_full, full)
+    full_run = new_run(tmp_path, cfg_full, "full")
+    train(full_run, cfg_full, full)
     run = new_run(tmp_path, cfg_accum, "accum")
     train(run, cfg_accum, accum)
     assert_same_weights(weights(full.model), weights(accum.model), atol=1e-6)
     assert run.metrics()[0]["loss"] > run.metrics()[-1]["loss"]
+    for accumulated, whole in zip(without_timing(run.metrics()), without_timing(full_run.metrics()), strict=True):
+        assert accumulated == pytest.approx(whole, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- resume
