@@ -325,6 +325,15 @@ def test_resume_without_a_checkpoint_starts_over(tmp_path):
     assert summary["resumed_from"] is None and summary["steps"] == 3 and len(run.metrics()) == 3
 
 
+def test_without_resume_fit_starts_over_on_a_run_that_holds_a_checkpoint(tmp_path):
+    cfg = make_cfg(steps=3, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    first = train(run, cfg, ToyTask())
+    with run.active():
+        again = fit(ToyTask(), PairDataset(seed=1), cfg, run, seed=0)  # resume left at its default
+    assert again["resumed_from"] is None and again["steps"] == 3 and again["loss"] == first["loss"]
+
+
 def test_resume_refuses_another_batch_size(tmp_path):
     cfg = make_cfg(steps=4, checkpoint_every=2)
     run = new_run(tmp_path, cfg)
@@ -954,6 +963,13 @@ def test_what_fit_cannot_train_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(DmclipError, match=r"the training data \(range_iterator\) has no length or indexing") as error:
         fit(ToyTask(), iter(range(4)), cfg, run, seed=0)
     assert error.value.hint == "fit needs a map-style dataset (len(dataset) and dataset[i]) or a stream"
+
+    class IndexedWithoutLength:
+        def __getitem__(self, index):
+            return PairDataset()[index]
+
+    with pytest.raises(DmclipError, match=r"the training data \(IndexedWithoutLength\) has no length or indexing"):
+        fit(ToyTask(), IndexedWithoutLength(), cfg, run, seed=0)
     with pytest.raises(DmclipError, match="eval_every = 3 but no eval_fn was given") as error:
         fit(ToyTask(), PairDataset(), cfg, run, seed=0, eval_every=3)
     assert error.value.hint == "pass eval_fn, or eval_every=0"
