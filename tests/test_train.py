@@ -539,6 +539,24 @@ def test_fp16_without_a_gpu_is_a_user_error(tmp_path):
         fit(ToyTask(), PairDataset(), cfg, new_run(tmp_path, cfg), seed=0)
 
 
+def test_fp16_on_a_gpu_is_not_refused_and_the_model_moves_there(tmp_path, monkeypatch):
+    """No GPU here: the device resolver answers cuda, and the model's move to that device, where a GPU run goes on,
+    is as far as this run gets."""
+    import dmclip.train.loop as loop
+
+    class MovedToTheGpu(Exception):
+        pass
+
+    def move(device):
+        raise MovedToTheGpu(str(device))
+
+    monkeypatch.setattr(loop, "resolve_device", lambda *args, **kwargs: torch.device("cuda"))
+    task, cfg = ToyTask(), make_cfg(amp="fp16")
+    monkeypatch.setattr(task.model, "to", move)
+    with pytest.raises(MovedToTheGpu, match="^cuda$"):
+        fit(task, PairDataset(), cfg, new_run(tmp_path, cfg), seed=0)
+
+
 def test_cuda_without_a_gpu_is_a_user_error_naming_the_setting(tmp_path, monkeypatch):
     """train.device goes through the one device resolver: its error, with the fix for train's setting."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
