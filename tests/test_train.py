@@ -244,6 +244,18 @@ def test_grad_accumulation_equals_the_full_batch(tmp_path):
         assert accumulated == pytest.approx(whole, rel=1e-5)
 
 
+def test_grad_clip_0_trains_unclipped_and_logs_no_gradient_norm(tmp_path):
+    """train.grad_clip = 0 means no clipping: the weights of a clip no gradient reaches (1e9), and no grad_norm."""
+    trained = []
+    for grad_clip in (0.0, 1e9):
+        cfg, task = make_cfg(steps=3, grad_clip=grad_clip, checkpoint_every=0), ToyTask()
+        run = new_run(tmp_path, cfg, f"clip-{grad_clip}")
+        train(run, cfg, task)
+        assert all(("grad_norm" in row) == (grad_clip > 0) for row in run.metrics())
+        trained.append(weights(task.model))
+    assert_same_weights(*trained)
+
+
 # ------------------------------------------------------------------------------------------- resume
 
 
