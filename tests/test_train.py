@@ -1254,6 +1254,21 @@ def test_a_lost_peer_is_an_error_naming_the_step_after_the_last_completed_one_is
         assert run.load_checkpoint()["step"] == saved_step
 
 
+def test_without_torchrun_an_error_that_reads_like_a_lost_peer_surfaces_as_it_is(tmp_path):
+    """One process has no peers: a connection error (a dataset read over the network, say) is not reported as a
+    lost training process."""
+
+    class ReadingOverTheNetwork(ToyTask):
+        def loss(self, model, batch, step):
+            if step == 1:
+                raise RuntimeError("Connection reset by peer")
+            return super().loss(model, batch, step)
+
+    cfg = make_cfg(steps=3, checkpoint_every=0)
+    with pytest.raises(RuntimeError, match="^Connection reset by peer$"):
+        train(new_run(tmp_path, cfg), cfg, ReadingOverTheNetwork())
+
+
 def test_dashboards_get_every_metrics_row_and_a_resumed_run_starts_at_its_checkpoint(tmp_path, monkeypatch):
     """train.report_to attaches the dashboards as training starts (a resumed run's from the checkpoint's step, so
     the steps after it are written again, not twice) and each metrics row reaches them."""
