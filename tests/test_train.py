@@ -603,7 +603,8 @@ def toy_state(cfg: TrainConfig, task=None, dataset=None, **kw) -> TrainState:
 
 
 def test_resuming_a_finished_run_trains_nothing_and_reports_its_last_step(tmp_path):
-    """A checkpoint at train.steps (the run's end) resumes as done: its last row's loss and the last step's lr."""
+    """A checkpoint at train.steps (the run's end) resumes as done: its last row's loss and the last step's lr;
+    with its metrics.jsonl emptied, a summary without a loss."""
     cfg = make_cfg(steps=4, checkpoint_every=0)
     run = new_run(tmp_path, cfg)
     first = train(run, cfg, ToyTask())
@@ -615,6 +616,9 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_its_last_step(tmp_pa
     assert again["lr"] == first["lr"] == pytest.approx(lr_at(3, peak=cfg.lr, steps=4, warmup_steps=3,
                                                                min_lr_ratio=cfg.min_lr_ratio))
     assert len(run.metrics()) == 4
+    (run.path / "metrics.jsonl").write_text("")
+    emptied = train(run, cfg, ToyTask(), resume=True)
+    assert emptied["steps"] == 4 and emptied["loss"] is None and emptied["parts"] == {}
 
 
 @pytest.mark.parametrize("state", [torch.zeros(3), {"format": 1, "step": 2}, {"format": 2, "model": {}}])
