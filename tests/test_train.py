@@ -7,14 +7,21 @@ a NaN that overwrites the last good checkpoint, Ctrl-C that loses the work done.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import logging
 import math
 import os
+import re
 import signal
 import warnings
 
 import pytest
 import torch
+
+# the first optimizer a process builds imports torch._dynamo (3 s); imported here, at collection, the processes
+# mutmut forks for each mutant find it loaded
+import torch._dynamo  # noqa: F401
 from helpers.toy import PairDataset, ToyTask, toy_config
 
 from dmclip.config import to_dict
@@ -222,15 +229,31 @@ def test_data_order_ignores_the_global_rng():
 
 
 def test_grad_accumulation_equals_the_full_batch(tmp_path):
-    """Per-sample loss: 2 micro-batches of 8 give the same updates as one batch of 16 (to 1e-6)."""
+    """Per-sample loss: 2 micro-batches of 8 give the same updates as one batch of 16 (to 1e-6), and log the same
+    loss, parts and gradient norm (AdamW alone would not tell a gradient twice too large: its update is scale-free)."""
     cfg_full = make_cfg(steps=6, batch_size=16, grad_accum=1)
     cfg_accum = make_cfg(steps=6, batch_size=16, grad_accum=2)
     full, accum = ToyTask("mse"), ToyTask("mse")
-    train(new_run(tmp_path, cfg_full, "full"), cfg_full, full)
+    full_run = new_run(tmp_path, cfg_full, "full")
+    train(full_run, cfg_full, full)
     run = new_run(tmp_path, cfg_accum, "accum")
     train(run, cfg_accum, accum)
     assert_same_weights(weights(full.model), weights(accum.model), atol=1e-6)
     assert run.metrics()[0]["loss"] > run.metrics()[-1]["loss"]
+    for accumulated, whole in zip(without_timing(run.metrics()), without_timing(full_run.metrics()), strict=True):
+        assert accumulated == pytest.approx(whole, rel=1e-5)
+
+
+def test_grad_clip_0_trains_unclipped_and_logs_no_gradient_norm(tmp_path):
+    """train.grad_clip = 0 means no clipping: the weights of a clip no gradient reaches (1e9), and no grad_norm."""
+    trained = []
+    for grad_clip in (0.0, 1e9):
+        cfg, task = make_cfg(steps=3, grad_clip=grad_clip, checkpoint_every=0), ToyTask()
+        run = new_run(tmp_path, cfg, f"clip-{grad_clip}")
+        train(run, cfg, task)
+        assert all(("grad_norm" in row) == (grad_clip > 0) for row in run.metrics())
+        trained.append(weights(task.model))
+    assert_same_weights(*trained)
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -312,6 +335,15 @@ def test_resume_without_a_checkpoint_starts_over(tmp_path):
     run = new_run(tmp_path, cfg)
     summary = train(run, cfg, ToyTask(), resume=True)
     assert summary["resumed_from"] is None and summary["steps"] == 3 and len(run.metrics()) == 3
+
+
+def test_without_resume_fit_starts_over_on_a_run_that_holds_a_checkpoint(tmp_path):
+    cfg = make_cfg(steps=3, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    first = train(run, cfg, ToyTask())
+    with run.active():
+        again = fit(ToyTask(), PairDataset(seed=1), cfg, run, seed=0)  # resume left at its default
+    assert again["resumed_from"] is None and again["steps"] == 3 and again["loss"] == first["loss"]
 
 
 def test_resume_refuses_another_batch_size(tmp_path):
@@ -475,7 +507,32 @@ def test_metrics_rows_and_summary(tmp_path, capsys):
     assert summary["steps"] == 7 and summary["loss"] == train_rows[-1]["loss"]
     assert set(summary["parts"]) == {"loss", "image_to_text", "text_to_image"}
     assert summary["samples_per_s"] > 0 and summary["seconds"] > 0 and summary["eval"] == {"score": 7.0}
+    assert summary["epoch"] == pytest.approx(7 * 16 / 256) and summary["checkpoint"] == str(run.checkpoint_path())
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+
+
+def test_the_last_step_is_evaluated_once_and_eval_every_0_never(tmp_path):
+    """A last step that is also an eval step gets one evaluation (one eval row); eval_every = 0 turns evaluation
+    off even with an eval_fn."""
+    cfg = make_cfg(steps=4, checkpoint_every=0)
+    for eval_every, evaluated_at in ((2, [2, 4]), (0, [])):
+        run, evaluated = new_run(tmp_path, cfg, f"every-{eval_every}"), []
+
+        def eval_fn(model, step, evaluated=evaluated):
+            evaluated.append(step)
+            return {"score": float(step)}
+
+        summary = train(run, cfg, ToyTask(), eval_fn=eval_fn, eval_every=eval_every)
+        assert evaluated == evaluated_at
+        assert [r["step"] for r in run.metrics() if "eval/score" in r] == evaluated_at
+        assert summary["eval"] == ({"score": 4.0} if evaluated_at else None)
+
+
+def test_a_one_step_run_ends_with_its_checkpoint(tmp_path):
+    cfg = make_cfg(steps=1, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    assert train(run, cfg, ToyTask())["checkpoint"] == str(run.checkpoint_path())
+    assert run.load_checkpoint()["step"] == 1
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):
@@ -492,6 +549,24 @@ def test_fp16_without_a_gpu_is_a_user_error(tmp_path):
     cfg = make_cfg(amp="fp16")
     with pytest.raises(DmclipError, match="fp16"):
         fit(ToyTask(), PairDataset(), cfg, new_run(tmp_path, cfg), seed=0)
+
+
+def test_fp16_on_a_gpu_is_not_refused_and_the_model_moves_there(tmp_path, monkeypatch):
+    """No GPU here: the device resolver answers cuda, and the model's move to that device, where a GPU run goes on,
+    is as far as this run gets."""
+    import dmclip.train.loop as loop
+
+    class MovedToTheGpu(Exception):
+        pass
+
+    def move(device):
+        raise MovedToTheGpu(str(device))
+
+    monkeypatch.setattr(loop, "resolve_device", lambda *args, **kwargs: torch.device("cuda"))
+    task, cfg = ToyTask(), make_cfg(amp="fp16")
+    monkeypatch.setattr(task.model, "to", move)
+    with pytest.raises(MovedToTheGpu, match="^cuda$"):
+        fit(task, PairDataset(), cfg, new_run(tmp_path, cfg), seed=0)
 
 
 def test_cuda_without_a_gpu_is_a_user_error_naming_the_setting(tmp_path, monkeypatch):
@@ -528,7 +603,8 @@ def toy_state(cfg: TrainConfig, task=None, dataset=None, **kw) -> TrainState:
 
 
 def test_resuming_a_finished_run_trains_nothing_and_reports_its_last_step(tmp_path):
-    """A checkpoint at train.steps (the run's end) resumes as done: its last row's loss and the last step's lr."""
+    """A checkpoint at train.steps (the run's end) resumes as done: its last row's loss and the last step's lr;
+    with its metrics.jsonl emptied, a summary without a loss."""
     cfg = make_cfg(steps=4, checkpoint_every=0)
     run = new_run(tmp_path, cfg)
     first = train(run, cfg, ToyTask())
@@ -536,9 +612,13 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_its_last_step(tmp_pa
     assert again["resumed_from"] == 4 and again["steps"] == 4 and again["samples_per_s"] is None
     assert again["loss"] == first["loss"] == run.metrics()[-1]["loss"]
     assert again["parts"] == first["parts"]
+    assert again["checkpoint"] == first["checkpoint"] == str(run.checkpoint_path())
     assert again["lr"] == first["lr"] == pytest.approx(lr_at(3, peak=cfg.lr, steps=4, warmup_steps=3,
                                                                min_lr_ratio=cfg.min_lr_ratio))
     assert len(run.metrics()) == 4
+    (run.path / "metrics.jsonl").write_text("")
+    emptied = train(run, cfg, ToyTask(), resume=True)
+    assert emptied["steps"] == 4 and emptied["loss"] is None and emptied["parts"] == {}
 
 
 @pytest.mark.parametrize("state", [torch.zeros(3), {"format": 1, "step": 2}, {"format": 2, "model": {}}])
@@ -784,37 +864,73 @@ def test_loss_parts_given_as_python_numbers_are_logged(tmp_path):
     assert on_accelerator.device.type == "meta" and on_accelerator.shape == (2,)
 
 
-def test_samples_per_second_counts_the_samples_since_the_last_row_and_the_summary_those_of_this_call(tmp_path,
-                                                                                                    monkeypatch):
-    """Against a clock whose ticks grow (1, 2, 3, ... s): each row's rate covers the steps since the row before, the
-    summary's the steps this call trained (after a resume: not the ones before it) over its own seconds."""
+def fake_clock():
+    """A ``time`` for the loop whose perf_counter reads 5.0 at the start, then 5.0 + (1 + 2 + ... + k) / 10 s at its
+    k-th next call: ticks under a second (a fast run) and not starting at 0. ``CLOCK[k]`` is the k-th reading."""
     import itertools
     import types
 
+    ticks = itertools.accumulate(itertools.count())
+    return types.SimpleNamespace(perf_counter=lambda: 5.0 + next(ticks) / 10)
+
+
+CLOCK = [5.0 + t / 10 for t in itertools.accumulate(range(8))]
+
+
+def test_samples_per_second_counts_the_samples_since_the_last_row_and_the_summary_those_of_this_call(tmp_path,
+                                                                                                    monkeypatch):
+    """Against a clock whose ticks grow (0.1, 0.2, 0.3, ... s): each row's rate covers the steps since the row
+    before, the summary's the steps this call trained (after a resume: not the ones before it) over its own
+    seconds."""
     import dmclip.train.loop as loop
 
-    def clock():  # the start (t=0), after each step k (t = 1 + 2 + ... + k), then the end of the loop
-        times = itertools.accumulate(itertools.count())
-        return types.SimpleNamespace(perf_counter=lambda: float(next(times)))
-
-    times = list(itertools.accumulate(range(7)))
     cfg = make_cfg(steps=5, log_every=2, checkpoint_every=0)
     run = new_run(tmp_path, cfg)
-    monkeypatch.setattr(loop, "time", clock())
+    monkeypatch.setattr(loop, "time", fake_clock())  # read at the start, after each step, at the end
     summary = train(run, cfg, ToyTask())
     rates = {row["step"]: row["samples_per_s"] for row in run.metrics()}
-    assert rates == pytest.approx({2: 2 * 16 / times[2], 4: 2 * 16 / (times[4] - times[2]),
-                                   5: 16 / (times[5] - times[4])}, rel=1e-3)
-    assert summary["seconds"] == times[6] and summary["samples_per_s"] == pytest.approx(5 * 16 / times[6])
+    assert rates == pytest.approx({2: 2 * 16 / (CLOCK[2] - CLOCK[0]), 4: 2 * 16 / (CLOCK[4] - CLOCK[2]),
+                                   5: 16 / (CLOCK[5] - CLOCK[4])}, rel=1e-3)
+    assert summary["seconds"] == pytest.approx(CLOCK[6] - CLOCK[0])
+    assert summary["samples_per_s"] == pytest.approx(5 * 16 / (CLOCK[6] - CLOCK[0]))
 
     run = new_run(tmp_path, cfg, "resumed")
     with pytest.raises(KeyboardInterrupt):
         train(run, cfg, ToyTask(interrupt_at=3))
-    monkeypatch.setattr(loop, "time", clock())
+    monkeypatch.setattr(loop, "time", fake_clock())
     summary = train(run, cfg, ToyTask(), resume=True)  # steps 4 and 5
     rates = {row["step"]: row["samples_per_s"] for row in run.metrics() if row["step"] > 3}
-    assert rates == pytest.approx({4: 16 / times[1], 5: 16 / (times[2] - times[1])}, rel=1e-3)
-    assert summary["seconds"] == times[3] and summary["samples_per_s"] == pytest.approx(2 * 16 / times[3])
+    assert rates == pytest.approx({4: 16 / (CLOCK[1] - CLOCK[0]), 5: 16 / (CLOCK[2] - CLOCK[1])}, rel=1e-3)
+    assert summary["seconds"] == pytest.approx(CLOCK[3] - CLOCK[0])
+    assert summary["samples_per_s"] == pytest.approx(2 * 16 / (CLOCK[3] - CLOCK[0]))
+
+
+def test_on_a_terminal_the_bar_shows_the_step_the_rate_the_lr_and_the_loss_parts(tmp_path, monkeypatch, capsys):
+    """train.progress on a terminal: "step n/total" from the step a resumed run starts at, the samples/s since this
+    call started and the lr, the last step's loss parts on the line under it, and the bar stays on the screen at
+    the end. train.progress = false shows nothing."""
+    import dmclip.train.loop as loop
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich draws as on a terminal
+    monkeypatch.setenv("COLUMNS", "200")
+    cfg = make_cfg(steps=3, checkpoint_every=0, progress=True)
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, ToyTask(interrupt_at=1))
+    capsys.readouterr()
+    monkeypatch.setattr(loop, "time", fake_clock())
+    train(run, cfg, ToyTask(), resume=True)  # steps 2 and 3
+    frames = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frame) for frame in capsys.readouterr().err.split("\x1b[2K")]
+    first, last = frames[0], frames[-1]
+    assert re.match(r"step \S+ 1/3 - samples/s ", first)
+    row = run.metrics()[-1]
+    rate = f"{2 * 16 / (CLOCK[2] - CLOCK[0]):,.0f} samples/s  lr {row['lr']:.3g}"
+    parts = "  ".join(f"{k} {row[k]:.4g}" for k in ("loss", "image_to_text", "text_to_image", "grad_norm"))
+    assert re.match(rf"step \S+ 3/3 {rate} .*\n{parts}\n$", last)
+
+    quiet = make_cfg(steps=1, checkpoint_every=0, progress=False)
+    train(new_run(tmp_path, quiet, "quiet"), quiet, ToyTask())
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -881,6 +997,13 @@ def test_what_fit_cannot_train_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(DmclipError, match=r"the training data \(range_iterator\) has no length or indexing") as error:
         fit(ToyTask(), iter(range(4)), cfg, run, seed=0)
     assert error.value.hint == "fit needs a map-style dataset (len(dataset) and dataset[i]) or a stream"
+
+    class IndexedWithoutLength:
+        def __getitem__(self, index):
+            return PairDataset()[index]
+
+    with pytest.raises(DmclipError, match=r"the training data \(IndexedWithoutLength\) has no length or indexing"):
+        fit(ToyTask(), IndexedWithoutLength(), cfg, run, seed=0)
     with pytest.raises(DmclipError, match="eval_every = 3 but no eval_fn was given") as error:
         fit(ToyTask(), PairDataset(), cfg, run, seed=0, eval_every=3)
     assert error.value.hint == "pass eval_fn, or eval_every=0"
@@ -893,3 +1016,286 @@ def test_what_fit_cannot_train_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(TypeError, match=r"NoTotal.loss must return a dict with a 'loss' entry, got keys "
                                         r"\['image_to_text'\]"):
         fit(NoTotal(), PairDataset(), cfg, run, seed=0)
+
+
+# ------------------------------------------------------------------------------- precision, DDP, dashboards
+
+
+@pytest.mark.parametrize("amp,dtype", [("off", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_forward_pass_computes_in_the_dtype_train_amp_names(tmp_path, amp, dtype):
+    """bf16 runs the loss under autocast in bfloat16 even where the device's autocast default is another type
+    (CUDA's is float16; here the CPU's is set to it); off runs it in float32."""
+
+    class Recording(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def loss(self, model, batch, step):
+            self.dtypes.add(model.image_tower[0](batch["image"]).dtype)
+            return super().loss(model, batch, step)
+
+    cfg, task = make_cfg(steps=1, amp=amp, checkpoint_every=0), Recording()
+    default = torch.get_autocast_dtype("cpu")
+    torch.set_autocast_dtype("cpu", torch.float16)
+    try:
+        train(new_run(tmp_path, cfg), cfg, task)
+    finally:
+        torch.set_autocast_dtype("cpu", default)
+    assert task.dtypes == {dtype}
+
+
+class FiniteLossInfiniteGradient(ToyTask):
+    """At step ``at`` the loss stays finite but the logit scale's gradient is inf (d sqrt(x)/dx at 0). Records the
+    dtype its first layer computes in."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.dtypes = at, set()
+
+    def loss(self, model, batch, step):
+        self.dtypes.add(model.image_tower[0](batch["image"]).dtype)
+        out = super().loss(model, batch, step)
+        if step == self.at:
+            scale = model.logit_scale
+            out["loss"] = out["loss"] + torch.sqrt(scale - scale.detach())
+        return out
+
+
+def test_fp16_loss_scaling_keeps_the_update_and_skips_a_step_whose_gradients_overflow(tmp_path):
+    """A CPU GradScaler stands in for CUDA's: gradients scaled, then unscaled before clipping, give bitwise the
+    update of a run without one. A step whose gradient is inf is skipped (weights kept, the scale halved, the run
+    goes on); without a scaler the same step stops the run, naming the gradient norm. train.amp = fp16 computes
+    the forward pass in float16."""
+    from dmclip.train.interrupt import InterruptGuard
+    from dmclip.train.loop import _Batches, _train_step
+
+    cfg, cpu = make_cfg(), torch.device("cpu")
+    run = new_run(tmp_path, cfg)
+    after_first_step = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**16)):
+        task = FiniteLossInfiniteGradient(at=1)
+        state = toy_state(cfg, task)
+        state.scaler = scaler
+        batches = _Batches(PairDataset(seed=1), task.collate, cfg, state, 0, cpu)
+        with InterruptGuard() as guard:
+            first, _ = _train_step(state, task.model, batches, cfg, run, guard, cpu)
+            after_first_step.append(weights(task.model))
+            if scaler is None:
+                with pytest.raises(DmclipError, match=r"diverged at step 2: non-finite grad_norm=inf"):
+                    _train_step(state, task.model, batches, cfg, run, guard, cpu)
+                continue
+            overflowed, _ = _train_step(state, task.model, batches, cfg, run, guard, cpu)
+        assert math.isfinite(overflowed["loss"]) and overflowed["grad_norm"] == math.inf
+        assert_same_weights(weights(task.model), after_first_step[-1])
+        assert scaler.get_scale() == 2.0**15 and state.step == 2
+    assert first["grad_norm"] < math.inf and task.dtypes == {torch.float32}
+    assert_same_weights(*after_first_step)
+
+    fp16 = make_cfg(amp="fp16")
+    with warnings.catch_warnings():  # CUDA's GradScaler, made for fp16, turns itself off here
+        warnings.simplefilter("ignore")
+        state = toy_state(fp16, task)
+    with InterruptGuard() as guard:
+        _train_step(state, task.model, batches, fp16, run, guard, cpu)
+    assert task.dtypes == {torch.float32, torch.float16}
+
+
+class WithBranch(torch.nn.Module):
+    """ToyClip with a layer in front of the image tower that only some steps use."""
+
+    def __init__(self, clip: torch.nn.Module):
+        super().__init__()
+        self.clip, self.branch = clip, torch.nn.Linear(16, 16)
+
+    def forward(self, image, text, branch: bool):
+        return self.clip(self.branch(image) if branch else image, text)
+
+
+class BranchAtStepZero(ToyTask):
+    """Uses WithBranch's branch on step 0 only, and records its weight after every step."""
+
+    find_unused_parameters = True
+
+    def __init__(self):
+        super().__init__()
+        self.model = WithBranch(self.model)
+        self.branch_weights = []
+
+    def loss(self, model, batch, step):
+        return super().loss(lambda image, text: model(image, text, branch=step == 0), batch, step)
+
+    def on_step_end(self, step):
+        super().on_step_end(step)
+        self.branch_weights.append(self.model.branch.weight.detach().clone())
+
+
+def test_a_layer_a_step_does_not_use_keeps_its_weights_on_that_step(tmp_path):
+    """AdamW skips a parameter without a gradient: no momentum from an earlier step moves it."""
+    cfg, task = make_cfg(steps=3, checkpoint_every=0), BranchAtStepZero()
+    initial = task.model.branch.weight.detach().clone()
+    train(new_run(tmp_path, cfg), cfg, task)
+    first, *later = task.branch_weights
+    assert not torch.equal(first, initial)
+    for weight in later:
+        assert torch.equal(weight, first)
+
+
+@pytest.fixture
+def one_process_group(tmp_path, monkeypatch):
+    """torchrun's stand-in: a one-process gloo group that dmclip treats as distributed (DDP, collectives)."""
+    import torch.distributed as dist
+
+    from dmclip.train import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    yield
+    # free the test's DDP wrappers here, with gloo's threads alive: left for a forked DataLoader worker's garbage
+    # collector, a process group's destructor waits forever on a thread the fork did not copy
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def test_under_torchrun_ddp_is_told_of_parameters_a_step_does_not_use(tmp_path, one_process_group, monkeypatch):
+    """A task's find_unused_parameters reaches DDP (without it DDP stops at the next step: 'Expected to have
+    finished reduction'), and the run matches the one without DDP."""
+    from dmclip.train import distributed
+
+    cfg = make_cfg(steps=3, checkpoint_every=0)
+    trained = []
+    for under_ddp in (True, False):
+        if not under_ddp:
+            monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+        task = BranchAtStepZero()
+        assert train(new_run(tmp_path, cfg, f"ddp-{under_ddp}"), cfg, task)["steps"] == 3
+        trained.append(weights(task.model))
+    assert_same_weights(*trained)
+
+
+def test_what_the_loss_calls_is_ddp_under_torchrun_and_compiled_with_train_compile(one_process_group, monkeypatch):
+    """DDP gets the task's find_unused_parameters (false when the task does not say: DDP's extra pass over the graph
+    costs time and warns) and no device ids on the CPU; train.compile hands the DDP wrapper to torch.compile (a
+    stand-in here: importing the compiler takes seconds)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dmclip.train.loop import _wrap
+
+    cpu = torch.device("cpu")
+    for task, unused in ((ToyTask(), False), (BranchAtStepZero(), True)):
+        wrapped = _wrap(task.model, task, make_cfg(), cpu)
+        assert isinstance(wrapped, DistributedDataParallel) and wrapped.module is task.model
+        assert wrapped.find_unused_parameters is unused and wrapped.device_ids is None
+    monkeypatch.setattr(torch, "compile", lambda module: ("compiled", module))
+    compiled, module = _wrap(task.model, task, make_cfg(compile=True), cpu)
+    assert compiled == "compiled" and isinstance(module, DistributedDataParallel) and module.module is task.model
+
+
+def test_the_forward_pass_draws_what_the_seed_the_step_and_the_micro_batch_seed(tmp_path, monkeypatch):
+    """Dropout, sampling and the like draw from torch's RNG reseeded from (seed, step, rank, micro-batch) before
+    each forward pass: the numbers a loss draws are reseed's for that key, whatever loading the batch drew. On a
+    GPU its generator gets the same seed (recorded here in place of a GPU: the loop only passes the device on)."""
+    from dmclip.train.interrupt import InterruptGuard
+    from dmclip.train.loop import _Batches, _train_step
+    from dmclip.train.rng import _mix_seed, reseed
+
+    class Drawing(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.draws = []
+
+        def loss(self, model, batch, step):
+            self.draws.append(torch.rand(2))
+            return super().loss(model, batch, step)
+
+    cfg, task = make_cfg(steps=2, grad_accum=2, checkpoint_every=0), Drawing()
+    train(new_run(tmp_path, cfg), cfg, task, dataset=PairDataset(seed=1, augment=0.05), seed=3)
+    expected = []
+    for step, micro in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        reseed(3, step, 0, micro, host=False)
+        expected.append(torch.rand(2))
+    assert len(task.draws) == 4 and all(torch.equal(a, b) for a, b in zip(task.draws, expected))
+
+    gpu_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed", gpu_seeds.append)
+    state = toy_state(cfg, task)  # seed 0
+    batches = _Batches(PairDataset(seed=1), task.collate, cfg, state, 0, torch.device("cpu"))
+    with InterruptGuard() as guard:
+        _train_step(state, task.model, batches, cfg, new_run(tmp_path, cfg, "gpu"), guard, torch.device("cuda"))
+    assert gpu_seeds == [_mix_seed(0, 0, 0, micro, 0) for micro in (0, 1)]
+
+
+def test_a_lost_peer_is_an_error_naming_the_step_after_the_last_completed_one_is_saved(tmp_path,
+                                                                                       one_process_group):
+    """A collective failing (another rank died) ends the run with a DmclipError that names the step and how to
+    continue, and rank 0 saves the last completed step first; weights that cannot be saved (non-finite) leave the
+    last checkpoint as it is and the error is still the lost peer."""
+
+    class LosingPeer(ToyTask):
+        def __init__(self, corrupt: bool):
+            super().__init__()
+            self.corrupt = corrupt
+
+        def loss(self, model, batch, step):
+            if step == 3:
+                raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500\nmore detail")
+            return super().loss(model, batch, step)
+
+        def on_step_end(self, step):
+            super().on_step_end(step)
+            if self.corrupt and step == 2:
+                with torch.no_grad():
+                    self.model.text_tower[4].weight[0, 0] = float("inf")
+
+    cfg = make_cfg(steps=6, checkpoint_every=2)
+    for corrupt, saved_step in ((False, 3), (True, 2)):
+        run = new_run(tmp_path, cfg, f"corrupt-{corrupt}")
+        with pytest.raises(DmclipError) as error:
+            train(run, cfg, LosingPeer(corrupt))
+        assert error.value.message == ("rank 0 lost contact with the other training processes at step 4 "
+                                       "([gloo] Connection closed by peer [127.0.0.1]:29500)")
+        assert "--resume" in error.value.hint
+        assert run.load_checkpoint()["step"] == saved_step
+
+
+def test_without_torchrun_an_error_that_reads_like_a_lost_peer_surfaces_as_it_is(tmp_path):
+    """One process has no peers: a connection error (a dataset read over the network, say) is not reported as a
+    lost training process."""
+
+    class ReadingOverTheNetwork(ToyTask):
+        def loss(self, model, batch, step):
+            if step == 1:
+                raise RuntimeError("Connection reset by peer")
+            return super().loss(model, batch, step)
+
+    cfg = make_cfg(steps=3, checkpoint_every=0)
+    with pytest.raises(RuntimeError, match="^Connection reset by peer$"):
+        train(new_run(tmp_path, cfg), cfg, ReadingOverTheNetwork())
+
+
+def test_dashboards_get_every_metrics_row_and_a_resumed_run_starts_at_its_checkpoint(tmp_path, monkeypatch):
+    """train.report_to attaches the dashboards as training starts (a resumed run's from the checkpoint's step, so
+    the steps after it are written again, not twice) and each metrics row reaches them."""
+    from dmclip.train import report_to
+
+    opened = []
+
+    class Dashboard:
+        def __init__(self, names, run_path, *, start_step=0):
+            self.names, self.start_step, self.steps = names, start_step, []
+            opened.append(self)
+
+        def log(self, row):
+            self.steps.append(row["step"])
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(report_to, "Reporter", Dashboard)
+    cfg = make_cfg(steps=4, checkpoint_every=2, report_to=["tensorboard"])
+    run = new_run(tmp_path, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, cfg, ToyTask(interrupt_at=3))
+    train(run, cfg, ToyTask(), resume=True)
+    assert [(d.names, d.start_step, d.steps) for d in opened] == [(["tensorboard"], 0, [1, 2, 3]),
+                                                                  (["tensorboard"], 3, [4])]
