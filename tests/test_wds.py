@@ -364,6 +364,37 @@ def test_iterating_without_workers_reads_each_sample_once_over_2_ranks(shards):
         next(iter(stream(shards).split(3, 16)))
 
 
+def _shards_read(ds: WdsStream) -> list[str]:
+    """The shard files an iteration of ``ds`` read, in order (no shuffle buffer: one shard after the other)."""
+    return list(dict.fromkeys(sample["key"].split("/")[0] for sample in ds))
+
+
+def test_a_dataloader_worker_of_a_rank_reads_its_own_reader_slot(shards, monkeypatch):
+    """Worker 1 of 2 on rank 1 of 2 is reader 3 of 4: it reads that reader's 2 shards of the epoch; without
+    split, the rank and world size are torch.distributed's (rank 1 of 4 here)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    ds = stream(shards, shuffle_buffer=0).split(1, 2)
+    ds.set_epoch(2)
+    assert _shards_read(ds) == [Path(s).name for s in ds.epoch_shards(2, 3, 4, ds.seed)]
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    ds = stream(shards, shuffle_buffer=0)
+    assert _shards_read(ds) == [Path(s).name for s in ds.epoch_shards(0, 1, 4, ds.seed)]
+
+
+def test_resampled_readers_draw_their_own_shards_each_epoch_reproducibly(shards):
+    ds = stream(shards, resampled="true")
+    draws = {(epoch, slot): ds.epoch_shards(epoch, slot, 3, seed=0) for epoch in (0, 1) for slot in range(3)}
+    assert all(len(drawn) == 3 for drawn in draws.values())  # a third of the 8 shards, rounded up
+    assert set().union(*draws.values()) <= set(ds.shards)
+    assert len({tuple(drawn) for drawn in draws.values()}) == 6  # each reader and epoch draws its own
+    assert ds.epoch_shards(1, 2, 3, seed=0) == draws[1, 2] and ds.epoch_shards(1, 2, 3, seed=1) != draws[1, 2]
+
+
 def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
     folder = write_shards(tmp_path / "shards", shards=3, per_shard=4, bad={5})
     ds = stream(folder, max_skip_fraction=0.5)
