@@ -525,6 +525,12 @@ def test_skips_fail_only_past_the_fraction_and_list_each_reason():
     skips.add("empty-caption", "")
     with pytest.raises(DmclipError, match=r"^toy: 3 of 8 samples are bad \(1 empty-caption, 2 missing-file\)"):
         skips.check()
+    strict = SkipCounter("strict", 0)  # a fraction of 0 is allowed: no bad sample at all
+    strict.total = 1000
+    strict.check()
+    strict.add("missing-file", "a.png")
+    with pytest.raises(DmclipError, match=r"^strict: 1 of 1000 samples are bad"):
+        strict.check()
 
 
 def test_captions_are_utf8_text_with_whitespace_collapsed():
