@@ -417,6 +417,22 @@ def test_bad_coco_results_files_are_clear_errors(tmp_path, content, count, total
     assert message in info.value.message and info.value.hint == hint
 
 
+def test_coco_results_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """A process whose locale is not UTF-8 (as Windows' cp1252) still reads the file's captions as UTF-8."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{"image_id": 0, "caption": "café"}], ensure_ascii=False), encoding="utf-8")
+    code = ("import sys; from dmclip.metrics.caption import read_coco_results; "
+            "print(ascii(read_coco_results(sys.argv[1], 1, 1, 'shapes')))")
+    env = dict(os.environ, LC_ALL="C", PYTHONCOERCECLOCALE="0")
+    out = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(path)], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == ascii({0: "café"})
+
+
 def test_a_missing_coco_results_file_is_a_clear_error(tmp_path):
     from dmclip.metrics.caption import read_coco_results
 
