@@ -13,6 +13,8 @@ import collections
 import csv
 import io
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +406,73 @@ def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
     strict = stream(write_shards(tmp_path / "strict", shards=2, per_shard=4, bad={5}), max_skip_fraction=0.1)
     with pytest.raises(DmclipError, match="1 of 8 samples are bad"):
         list(strict)  # counted at the end of the epoch: 1 of 8 > 10 %
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar file of exactly these members, in this order (duplicates too)."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_every_epoch_adds_its_samples_to_the_skip_check_and_the_log_names_the_first_bad_one(tmp_path, caplog):
+    """1 bad sample of 8 per epoch is 12.5 %, under a 20 % bound in every epoch (judged on all samples read)."""
+    folder = write_shards(tmp_path / "shards", shards=2, per_shard=4, bad={5})
+    ds = stream(folder, max_skip_fraction=0.2)
+    with caplog.at_level(logging.WARNING):
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            assert len(list(ds)) == 7
+    assert ds.skips.total == 16 and ds.skipped == {"unreadable-image": 2}
+    assert "unreadable image (first: shard-000001.tar key 000000005: " in caplog.text
+
+
+def test_shard_errors_are_counted_by_kind_and_logged_with_their_cause(tmp_path, caplog):
+    """A missing shard, and one webdataset refuses (a member name twice in one sample): each counted under its
+    reason, the log line giving the cause cut at 300 characters."""
+    folder = tmp_path / ("x" * 200)
+    folder.mkdir()
+    twice = _tar(folder / "shard-000000.tar", [("a.png", png(1)), ("a.txt", b"a"), ("a.png", png(2))])
+    missing = folder / ("m" * 200 + ".tar")
+    good = _tar(folder / "shard-000001.tar", [(f"{k}.{suffix}", data) for k in "bcd"
+                                              for suffix, data in (("png", png(2)), ("txt", b"b"))])
+    ds = WdsStream("s", [twice, missing, good], shuffle_buffer=0, max_skip_fraction=1)
+    with caplog.at_level(logging.WARNING):
+        assert len(list(ds)) == 4  # a (its first image) and b, c, d
+    assert ds.skipped == {"bad-shard": 1, "missing-shard": 1}
+    causes = {record.args[1]: record.args[2] for record in caplog.records if "skipping samples" in record.msg}
+    assert "duplicate file name" in causes["bad shard"]
+    assert len(causes["missing shard"]) == 300 and "No such file or directory" in causes["missing shard"]
+
+
+def test_first_captions_prefer_the_json_caption_and_pass_a_sample_without_one(tmp_path):
+    (tmp_path / "s").mkdir()
+    shard = _tar(tmp_path / "s" / "shard-000000.tar", [("a.txt", b"from txt"), ("a.json", b'{"caption": "from json"}'),
+                                                      ("b.txt", b"  "), ("c.txt", b"third")])
+    assert WdsStream("s", [shard]).first_captions(5) == [["from json"], ["third"]]
+
+
+def test_a_shard_rewritten_in_place_is_counted_again(tmp_path):
+    """The header count is cached per file version (modification time and size): a resumed run whose shard was
+    rewritten counts the new one."""
+    from dmclip.data.stream import count_samples
+
+    shard = tmp_path / "shard.tar"
+
+    def rewrite(samples: int, mtime_ns: int) -> int:
+        _tar(shard, [(f"{i}.txt", b"x") for i in range(samples)])
+        os.utime(shard, ns=(mtime_ns, mtime_ns))
+        return shard.stat().st_size
+
+    size = rewrite(2, 10**18)
+    assert count_samples(shard) == 2
+    assert rewrite(3, 2 * 10**18) == size and count_samples(shard) == 3  # the same size, newer
+    assert rewrite(40, 2 * 10**18) > size and count_samples(shard) == 40  # the same time, larger
 
 
 def test_first_captions_are_read_in_shard_order_without_images(shards, tmp_path):
