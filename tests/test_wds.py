@@ -504,6 +504,31 @@ def test_a_reader_fills_each_batch_with_good_samples_and_checks_skips_from_1000_
         next(batches)
 
 
+def test_a_reader_resumed_after_any_sample_count_continues_where_it_was(tmp_path):
+    """Reader 1 of 2 over shards of 1, 2 and 4 samples reads one shard per epoch, so its epochs differ in size:
+    started after n samples, it yields what the uninterrupted reader yields from its n-th sample on."""
+    (tmp_path / "s").mkdir()
+    number, shards = 0, []
+    for s, size in enumerate((1, 2, 4)):
+        members = []
+        for _ in range(size):
+            members += [(f"{number:09d}.png", png(number)), (f"{number:09d}.txt", f"caption {number}".encode())]
+            number += 1
+        shards.append(_tar(tmp_path / "s" / f"shard-{s:06d}.tar", members))
+
+    def reader(start: int):
+        ds = WdsStream("s", shards, image_size=SIZE, shuffle_buffer=0)
+        return ds.slot_batches(1, 2, 1, _numbers_of, seed=3, start=start)
+
+    whole = reader(0)
+    expected = [next(whole) for _ in range(14)]
+    shard_of = [0, 1, 1, 2, 2, 2, 2]
+    assert len({shard_of[n] for [n] in expected}) > 1  # epochs of more than one size
+    for start in (1, 2, 3, 5, 8, 11):
+        resumed = reader(start)
+        assert [next(resumed) for _ in range(14 - start)] == expected[start:], start
+
+
 def test_a_reader_of_shards_without_samples_says_so(tmp_path):
     import tarfile
 
