@@ -489,12 +489,14 @@ def _numbers_of(samples: list[dict]) -> list[int]:
     return [int(sample["key"].split("/")[1]) for sample in samples]
 
 
-def test_a_reader_fills_each_batch_with_good_samples_and_checks_skips_from_1000_on(tmp_path):
+def test_a_reader_fills_each_batch_with_good_samples_and_checks_skips_from_1000_on(tmp_path, caplog):
     """A batch keeps its size whatever was bad in it; the skip fraction is checked once a reader has read 1000
     samples (fewer are too few to judge): 2 batches of 500 from a set where 1 in 12 is bad."""
     folder = write_shards(tmp_path / "shards", shards=1, per_shard=12, bad=set(range(12)) - {0, 2})
     batches = stream(folder, shuffle_buffer=0, max_skip_fraction=0.9).slot_batches(0, 1, 6, _numbers_of, seed=0)
-    assert next(batches) == [0, 2, 0, 2, 0, 2]  # the good ones of the batch, in turn
+    with caplog.at_level(logging.WARNING):
+        assert next(batches) == [0, 2, 0, 2, 0, 2]  # the good ones of the batch, in turn
+    assert "unreadable image (first: shard-000000.tar key 000000001: " in caplog.text
     assert next(batches) == [2] * 6  # none good: the last good one before it
     assert next(batches) == [0, 2, 0, 2, 0, 2]  # the next epoch
     many = stream(write_shards(tmp_path / "many", shards=2, per_shard=6, bad={5}), max_skip_fraction=0.01)
@@ -516,17 +518,19 @@ def test_a_reader_resumed_after_any_sample_count_continues_where_it_was(tmp_path
             number += 1
         shards.append(_tar(tmp_path / "s" / f"shard-{s:06d}.tar", members))
 
-    def reader(start: int):
+    def reader(start: int, before_batch=None):
         ds = WdsStream("s", shards, image_size=SIZE, shuffle_buffer=0)
-        return ds.slot_batches(1, 2, 1, _numbers_of, seed=3, start=start)
+        return ds.slot_batches(1, 2, 1, _numbers_of, seed=3, start=start, before_batch=before_batch)
 
     whole = reader(0)
     expected = [next(whole) for _ in range(14)]
     shard_of = [0, 1, 1, 2, 2, 2, 2]
     assert len({shard_of[n] for [n] in expected}) > 1  # epochs of more than one size
     for start in (1, 2, 3, 5, 8, 11):
-        resumed = reader(start)
+        numbered = []
+        resumed = reader(start, numbered.append)
         assert [next(resumed) for _ in range(14 - start)] == expected[start:], start
+        assert numbered == list(range(start, 14)), start  # before_batch(n) gets the reader's batch number
 
 
 def test_a_reader_of_shards_without_samples_says_so(tmp_path):
