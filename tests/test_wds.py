@@ -397,6 +397,21 @@ def test_resampled_readers_draw_their_own_shards_each_epoch_reproducibly(shards)
     assert ds.epoch_shards(1, 2, 3, seed=0) == draws[1, 2] and ds.epoch_shards(1, 2, 3, seed=1) != draws[1, 2]
 
 
+def test_the_shuffle_buffer_orders_samples_by_run_seed_and_epoch(tmp_path):
+    """One shard of 12: a buffer of 10 (or even 2) reads them out of order, in another order for another
+    epoch or run seed, the same for the same ones."""
+    shard = write_shards(tmp_path / "one", shards=1, per_shard=12) / "shard-000000.tar"
+
+    def order(buffer: int, seed: int, epoch: int) -> list[int]:
+        ds = WdsStream("one", [shard], image_size=SIZE, shuffle_buffer=buffer, seed=seed)
+        ds.set_epoch(epoch)
+        return _numbers_of(list(ds))
+
+    orders = [order(10, 0, 0), order(10, 0, 1), order(10, 1, 0), order(2, 0, 0)]
+    assert all(sorted(o) == list(range(12)) and o != list(range(12)) for o in orders)
+    assert len({tuple(o) for o in orders[:3]}) == 3 and order(10, 0, 1) == orders[1]
+
+
 def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
     folder = write_shards(tmp_path / "shards", shards=3, per_shard=4, bad={5})
     ds = stream(folder, max_skip_fraction=0.5)
@@ -543,6 +558,8 @@ def test_a_reader_of_shards_without_samples_says_so(tmp_path):
         next(ds.slot_batches(0, 1, 2, len, seed=0))
     with pytest.raises(DmclipError, match="reader 0 found no samples in its shards of epoch 0"):
         next(ds.slot_batches(0, 1, 2, len, seed=0, start=4))
+    with pytest.raises(DmclipError, match="reader 1 of 2 read no sample in epoch 0"):
+        next(ds.slot_batches(1, 2, 2, len, seed=0))  # one shard for two readers: none left for the second
     bad = WdsStream("bad", [write_shards(tmp_path / "bad", 1, 3, bad={0, 1, 2}) / "shard-000000.tar"])
     with pytest.raises(DmclipError, match="reader 0 found no readable sample in its first batch"):
         next(bad.slot_batches(0, 1, 3, len, seed=0))
@@ -579,23 +596,27 @@ def test_a_sample_id_is_its_shard_file_name_and_key_hashed_to_63_bits():
 
     from dmclip.data.stream import sample_index
 
-    digest = hashlib.blake2b(b"shard-000003.tar/000000017", digest_size=8).digest()
-    expected = int.from_bytes(digest, "little") % 2**63
-    assert sample_index("/data/a/shard-000003.tar", "000000017") == expected
-    assert sample_index("s3://bucket/shard-000003.tar", "000000017") == expected  # the folder is not part of it
+    for key in (f"{n:09d}" for n in range(16, 24)):  # odd and even ids: every one of the 63 bits kept
+        digest = hashlib.blake2b(f"shard-000003.tar/{key}".encode(), digest_size=8).digest()
+        expected = int.from_bytes(digest, "little") % 2**63
+        assert sample_index("/data/a/shard-000003.tar", key) == expected
+        assert sample_index("s3://bucket/shard-000003.tar", key) == expected  # the folder is not part of it
 
 
-def test_a_sample_without_image_or_with_an_empty_one_is_skipped_by_reason(tmp_path):
+def test_a_sample_without_image_or_with_an_empty_one_is_skipped_by_reason(tmp_path, caplog):
     import webdataset as wds
 
     (tmp_path / "odd").mkdir()
     with wds.TarWriter(str(tmp_path / "odd" / "shard-000000.tar")) as sink:
-        sink.write({"__key__": "good", "png": png(3), "txt": "caption 3"})
+        sink.write({"__key__": "good", "png": png(3), "txt": "caption 3", "json": '{"caption": "from json"}'})
         sink.write({"__key__": "no-image", "txt": "caption 4"})
         sink.write({"__key__": "empty", "png": b"", "txt": "caption 5"})
     ds = stream(tmp_path / "odd", max_skip_fraction=1)
-    assert [sample["key"] for sample in ds] == ["shard-000000.tar/good"]
+    with caplog.at_level(logging.WARNING):
+        assert [(sample["key"], sample["captions"]) for sample in ds] == [("shard-000000.tar/good", ["from json"])]
     assert ds.skipped == {"missing-file": 1, "empty-file": 1}
+    assert "missing file (first: shard-000000.tar key no-image: no image member)" in caplog.text
+    assert "empty file (first: shard-000000.tar key empty)" in caplog.text
     sized = WdsStream("sized", [tmp_path / "odd" / "shard-000000.tar"], size=3)
     assert repr(sized) == "<WdsStream 'sized': 1 shards, 3 samples, 64 px>"
     assert next(iter(sized))["image"].shape == (3, 64, 64)

@@ -145,7 +145,7 @@ class WdsStream(torch.utils.data.IterableDataset):
 
     def decode(self, raw: dict) -> dict:
         """One raw sample -> a dataset sample; ``BadSample`` names why not."""
-        url, key = raw.get("__url__", ""), raw.get("__key__", "")
+        url, key = raw["__url__"], raw["__key__"]  # webdataset's tar reader sets both
         where = f"{Path(url).name} key {key}"
         suffix = image_member(raw)
         if suffix is None:
