@@ -418,6 +418,8 @@ def test_every_epoch_orders_the_shards_its_own_way(shards):
     ds = stream(shards)
     orders = {tuple(ds.epoch_shards(epoch, 0, 1, seed=0)) for epoch in range(70)}
     assert len(orders) > 64
+    by_seed = {tuple(ds.epoch_shards(0, 0, 1, seed=seed)) for seed in range(70)}  # and so does each run seed
+    assert len(by_seed) > 64
 
 
 def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
