@@ -422,6 +422,13 @@ def test_every_epoch_orders_the_shards_its_own_way(shards):
     assert len(by_seed) > 64
 
 
+def test_a_stream_built_in_python_has_the_specs_defaults(shards):
+    built = WdsStream("x", sorted(shards.glob("*.tar")))
+    spec = build_dataset(f"wds:{shards}", allow_stream=True)
+    defaults = [(ds.seed, ds.shuffle_buffer, ds.resampled, ds.skips.max_fraction, ds.image_size) for ds in (built, spec)]
+    assert defaults[0] == defaults[1] == (0, 1000, False, 0.01, 64)
+
+
 def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
     folder = write_shards(tmp_path / "shards", shards=3, per_shard=4, bad={5})
     ds = stream(folder, max_skip_fraction=0.5)
