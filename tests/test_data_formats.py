@@ -389,6 +389,47 @@ def test_8_bit_modes_convert_as_pil_does(mode):
     assert np.array_equal(to_square(image, 8), np.asarray(image.convert("RGB")))
 
 
+def test_arrays_of_every_channel_layout_become_rgb():
+    """(H, W) and (H, W, 1) arrays are grey, (H, W, 3) is RGB as given and (H, W, 4) RGB without its alpha."""
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    grey = rgba[:, :, 1]
+    assert np.array_equal(to_square(rgba[:, :, :3], 8), rgba[:, :, :3])
+    assert np.array_equal(to_square(rgba, 8), rgba[:, :, :3])
+    for array in (grey, grey[:, :, None]):
+        assert np.array_equal(to_square(array, 8), np.repeat(grey[:, :, None], 3, axis=2))
+
+
+@pytest.mark.parametrize("array, detail", [
+    (np.zeros((8, 8, 2), dtype=np.uint8), "array of shape (8, 8, 2)"),
+    (np.zeros((8, 8, 5), dtype=np.uint8), "array of shape (8, 8, 5)"),
+    (np.zeros((2, 8, 8, 3), dtype=np.uint8), "array of shape (2, 8, 8, 3)"),
+    (np.zeros(64, dtype=np.uint8), "array of shape (64,)"),
+    (np.zeros((8, 8, 3), dtype=np.float32), "array of dtype float32, expected uint8"),
+    (np.zeros((7, 70, 3), dtype=np.uint8), "70x7 pixels"),
+    (np.zeros((8, 81, 3), dtype=np.uint8), "81x8 pixels"),
+])
+def test_arrays_of_another_shape_or_type_are_wrong_shape_samples(array, detail):
+    with pytest.raises(BadSample) as info:
+        to_square(array, 8)
+    assert (info.value.reason, info.value.detail) == ("wrong-shape", detail)
+
+
+@pytest.mark.parametrize("width, height, size, resized, box", [
+    (37, 20, 8, (15, 8), (3, 0, 11, 8)),  # short side 20 -> 8: 37 * 0.4 = 14.8 rounds to 15, centre 8 of 15
+    (20, 37, 8, (8, 15), (0, 3, 8, 11)),
+    (8, 12, 16, (16, 24), (0, 4, 16, 20)),  # upscaled, centre 16 rows of 24
+    (100, 100, None, (64, 64), (0, 0, 64, 64)),  # no size: the default 64
+])
+def test_images_are_resized_on_the_short_side_and_centre_cropped(width, height, size, resized, box):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    expected = np.asarray(image.resize(resized, Image.Resampling.BICUBIC).crop(box))
+    assert np.array_equal(to_square(image, size), expected)
+
+
+def test_the_side_and_aspect_bounds_are_inclusive():
+    assert to_square(np.zeros((8, 80, 3), dtype=np.uint8), 8).shape == (8, 8, 3)  # 8 pixels, aspect 10
+
+
 def test_float_images_scale_uint8_to_0_1_and_pass_floats_as_float32():
     scaled = float_images(torch.tensor([0, 51, 255], dtype=torch.uint8))
     assert scaled.dtype == torch.float32 and torch.allclose(scaled, torch.tensor([0.0, 0.2, 1.0]), atol=1e-7)
@@ -484,6 +525,12 @@ def test_skips_fail_only_past_the_fraction_and_list_each_reason():
     skips.add("empty-caption", "")
     with pytest.raises(DmclipError, match=r"^toy: 3 of 8 samples are bad \(1 empty-caption, 2 missing-file\)"):
         skips.check()
+    strict = SkipCounter("strict", 0)  # a fraction of 0 is allowed: no bad sample at all
+    strict.total = 1000
+    strict.check()
+    strict.add("missing-file", "a.png")
+    with pytest.raises(DmclipError, match=r"^strict: 1 of 1000 samples are bad"):
+        strict.check()
 
 
 def test_captions_are_utf8_text_with_whitespace_collapsed():

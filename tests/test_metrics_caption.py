@@ -6,6 +6,7 @@ caption evaluation every captioning paper reports.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -193,6 +194,8 @@ def test_a_missing_candidate_caption_scores_as_an_empty_one():
     empty = caption_metrics(refs, {0: "a b c", 1: ""}, tokenize=False, meteor=False)
     assert caption_metrics(refs, {0: "a b c", 1: None}, tokenize=False, meteor=False) == pytest.approx(empty, nan_ok=True)
     assert empty["rouge_l"] == pytest.approx(0.5)  # one perfect caption, one that matches nothing
+    # no words: 3 candidate words against 6 reference words, all matching, so BLEU-1 is the brevity penalty
+    assert empty["bleu1"] == pytest.approx(math.exp(1 - 6 / 3))
 
 
 @pytest.mark.requires_java
@@ -239,13 +242,47 @@ def test_ptb_tokenize_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def _fake_java(tmp_path, monkeypatch, script: str):
+    """A shell script in place of java for the tokenizer: ``$last`` is the file of sentences it is given."""
+    import dmclip.metrics.caption as caption
+
+    java = tmp_path / "java"
+    java.write_text("#!/bin/sh\nfor last; do :; done\n" + script + "\n")
+    java.chmod(0o755)
+    monkeypatch.setattr(caption, "_java", lambda: str(java))
+
+
+def test_ptb_tokenize_reads_lines_ended_by_crlf(tmp_path, monkeypatch):
+    """Java on Windows ends its output lines with CR LF: the CR is not part of the last word."""
+    _fake_java(tmp_path, monkeypatch, "sed 's/$/\\r/' \"$last\"")
+    assert ptb_tokenize({1: ["a cat , sat", "two"], 2: ["x"]}) == {1: ["a cat sat", "two"], 2: ["x"]}
+
+
+def test_ptb_tokenize_does_not_mind_its_temporary_file_already_gone(tmp_path, monkeypatch):
+    """A temporary-file cleaner (or the tokenizer) removing the file of sentences is no error."""
+    _fake_java(tmp_path, monkeypatch, "cat \"$last\"; rm \"$last\"")
+    assert ptb_tokenize({1: ["a cat"]}) == {1: ["a cat"]}
+
+
 class _FakeJvm:
-    def __init__(self):
+    """The METEOR jar's process: answers ``lines`` on stdout, records how it is stopped."""
+
+    def __init__(self, lines, broken_pipe=False):
         self.calls = []
         self.stdin = self
+        self.stdout = io.BytesIO("".join(f"{line}\n" for line in lines).encode())
+        self.broken_pipe = broken_pipe
+
+    def write(self, data):
+        pass
+
+    def flush(self):
+        pass
 
     def close(self):
         self.calls.append("close")
+        if self.broken_pipe:
+            raise BrokenPipeError(32, "Broken pipe")
 
     def kill(self):
         self.calls.append("kill")
@@ -254,26 +291,33 @@ class _FakeJvm:
         self.calls.append("wait")
 
 
-def _fake_meteor(monkeypatch, answer):
-    """pycocoevalcap's Meteor without its JVM: prints at start (the real one may), answers `answer`."""
+def _fake_meteor(monkeypatch, lines, broken_pipe=False):
+    """pycocoevalcap's own Meteor (its compute_score, lock and __del__) talking to a fake JVM that answers
+    ``lines``; prints at start (the real one may)."""
+    import threading
+
     import pycocoevalcap.meteor.meteor as meteor_module
 
     started = []
 
-    class FakeMeteor:
+    class FakeMeteor(meteor_module.Meteor):
         def __init__(self):
             print("starting METEOR")
-            self.meteor_p = _FakeJvm()
+            self.meteor_p = _FakeJvm(lines, broken_pipe)
+            self.lock = threading.Lock()
+            self.inputs = []
             started.append(self)
 
         def compute_score(self, gts, res):
-            assert type(gts) is dict and type(res) is dict
-            if isinstance(answer, Exception):
-                raise answer
-            return answer, [answer] * len(gts)
+            self.inputs.append((gts, res))
+            return super().compute_score(gts, res)
 
     monkeypatch.setattr(meteor_module, "Meteor", FakeMeteor)
     return started
+
+
+# the jar's answers for one image: its statistics line, then the image's score, then the corpus score
+ONE_IMAGE = ["1 1 1 1", "0.5", "0.25"]
 
 
 def test_meteor_score_is_the_jars_number_printed_nowhere_and_the_jvm_stopped(monkeypatch, capsys):
@@ -281,27 +325,47 @@ def test_meteor_score_is_the_jars_number_printed_nowhere_and_the_jvm_stopped(mon
 
     from dmclip.metrics.caption import meteor_score
 
-    started = _fake_meteor(monkeypatch, 0.25)
+    started = _fake_meteor(monkeypatch, ONE_IMAGE)
     score = meteor_score(MappingProxyType({1: ["a cat"]}), MappingProxyType({1: ["a cat"]}))
     assert score == 0.25 and type(score) is float
     assert capsys.readouterr().out == ""
     assert started[0].meteor_p.calls == ["close", "kill", "wait"]
+    assert not started[0].lock.locked()
 
 
-def test_meteor_garbage_from_the_jar_is_a_clear_error_and_the_jvm_stopped(monkeypatch):
+def test_meteor_garbage_from_the_jar_is_a_clear_error_the_jvm_stopped_and_the_scorer_freeable(monkeypatch):
+    """pycocoevalcap's Meteor keeps its lock when the jar's answer is not a number, and its __del__ takes that
+    lock: left held, the process hung forever once the scorer was freed."""
     from dmclip.metrics.caption import meteor_score
 
-    started = _fake_meteor(monkeypatch, ValueError("could not convert string to float: 'Exception'"))
+    started = _fake_meteor(monkeypatch, ["1 1 1 1", "Exception"])
     with pytest.raises(DmclipError, match=r"METEOR failed \(could not convert") as info:
         meteor_score({1: ["a cat"]}, {1: ["a cat"]})
     assert info.value.hint == "run with --no-meteor to skip it"
     assert started[0].meteor_p.calls == ["close", "kill", "wait"]
+    assert not started[0].lock.locked()
+
+
+def test_a_jvm_that_died_after_answering_still_gives_the_score_and_is_waited_for(monkeypatch):
+    from dmclip.metrics.caption import meteor_score
+
+    started = _fake_meteor(monkeypatch, ONE_IMAGE, broken_pipe=True)
+    assert meteor_score({1: ["a cat"]}, {1: ["a cat"]}) == 0.25
+    assert started[0].meteor_p.calls == ["close", "kill", "wait"]
+    started[0].meteor_p.broken_pipe = False  # so that the scorer's own __del__ closes it quietly
+
+
+def test_caption_metrics_reports_meteor_by_default_over_the_scored_captions(monkeypatch):
+    started = _fake_meteor(monkeypatch, ["1 1 1 1", "1 1 1 1", "0.5", "0.5", "0.75"])
+    out = caption_metrics({0: ["a b c", ""], 1: ["d e f"]}, {0: "a b c", 1: None}, tokenize=False)
+    assert out["meteor"] == 0.75
+    assert started[0].inputs == [({0: ["a b c"], 1: ["d e f"]}, {0: ["a b c"], 1: [""]})]
 
 
 def test_meteor_without_java_is_a_clear_error_before_starting_it(monkeypatch):
     import dmclip.metrics.caption as caption
 
-    started = _fake_meteor(monkeypatch, 0.25)
+    started = _fake_meteor(monkeypatch, ONE_IMAGE)
     monkeypatch.setattr(caption.shutil, "which", lambda name: None)
     with pytest.raises(DmclipError, match="need Java"):
         caption.meteor_score({1: ["a cat"]}, {1: ["a cat"]})
@@ -353,9 +417,25 @@ def test_bad_coco_results_files_are_clear_errors(tmp_path, content, count, total
     assert message in info.value.message and info.value.hint == hint
 
 
+def test_coco_results_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """A process whose locale is not UTF-8 (as Windows' cp1252) still reads the file's captions as UTF-8."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{"image_id": 0, "caption": "café"}], ensure_ascii=False), encoding="utf-8")
+    code = ("import sys; from dmclip.metrics.caption import read_coco_results; "
+            "print(ascii(read_coco_results(sys.argv[1], 1, 1, 'shapes')))")
+    env = dict(os.environ, LC_ALL="C", PYTHONCOERCECLOCALE="0")
+    out = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(path)], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == ascii({0: "café"})
+
+
 def test_a_missing_coco_results_file_is_a_clear_error(tmp_path):
     from dmclip.metrics.caption import read_coco_results
 
     with pytest.raises(DmclipError, match="does not exist") as info:
-        read_coco_results(tmp_path / "nope.json", 1, 1)
+        read_coco_results(tmp_path / "nope.json", 1, 1, "shapes")
     assert info.value.hint == HINT

@@ -13,6 +13,8 @@ import collections
 import csv
 import io
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -364,6 +366,69 @@ def test_iterating_without_workers_reads_each_sample_once_over_2_ranks(shards):
         next(iter(stream(shards).split(3, 16)))
 
 
+def _shards_read(ds: WdsStream) -> list[str]:
+    """The shard files an iteration of ``ds`` read, in order (no shuffle buffer: one shard after the other)."""
+    return list(dict.fromkeys(sample["key"].split("/")[0] for sample in ds))
+
+
+def test_a_dataloader_worker_of_a_rank_reads_its_own_reader_slot(shards, monkeypatch):
+    """Worker 1 of 2 on rank 1 of 2 is reader 3 of 4: it reads that reader's 2 shards of the epoch; without
+    split, the rank and world size are torch.distributed's (rank 1 of 4 here)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    ds = stream(shards, shuffle_buffer=0).split(1, 2)
+    ds.set_epoch(2)
+    assert _shards_read(ds) == [Path(s).name for s in ds.epoch_shards(2, 3, 4, ds.seed)]
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    ds = stream(shards, shuffle_buffer=0)
+    assert _shards_read(ds) == [Path(s).name for s in ds.epoch_shards(0, 1, 4, ds.seed)]
+
+
+def test_resampled_readers_draw_their_own_shards_each_epoch_reproducibly(shards):
+    ds = stream(shards, resampled="true")
+    draws = {(epoch, slot): ds.epoch_shards(epoch, slot, 3, seed=0) for epoch in (0, 1) for slot in range(3)}
+    assert all(len(drawn) == 3 for drawn in draws.values())  # a third of the 8 shards, rounded up
+    assert set().union(*draws.values()) <= set(ds.shards)
+    assert len({tuple(drawn) for drawn in draws.values()}) == 6  # each reader and epoch draws its own
+    assert ds.epoch_shards(1, 2, 3, seed=0) == draws[1, 2] and ds.epoch_shards(1, 2, 3, seed=1) != draws[1, 2]
+
+
+def test_the_shuffle_buffer_orders_samples_by_run_seed_and_epoch(tmp_path):
+    """One shard of 12: a buffer of 10 (or even 2) reads them out of order, in another order for another
+    epoch or run seed, the same for the same ones."""
+    shard = write_shards(tmp_path / "one", shards=1, per_shard=12) / "shard-000000.tar"
+
+    def order(buffer: int, seed: int, epoch: int) -> list[int]:
+        ds = WdsStream("one", [shard], image_size=SIZE, shuffle_buffer=buffer, seed=seed)
+        ds.set_epoch(epoch)
+        return _numbers_of(list(ds))
+
+    orders = [order(10, 0, 0), order(10, 0, 1), order(10, 1, 0), order(2, 0, 0)]
+    assert all(sorted(o) == list(range(12)) and o != list(range(12)) for o in orders)
+    assert len({tuple(o) for o in orders[:3]}) == 3 and order(10, 0, 1) == orders[1]
+
+
+def test_every_epoch_orders_the_shards_its_own_way(shards):
+    """70 epochs of 8 shards (40,320 orders): a seed per epoch from the whole 63-bit range gives about 70
+    different orders (a seed confined to 64 values could give at most 64)."""
+    ds = stream(shards)
+    orders = {tuple(ds.epoch_shards(epoch, 0, 1, seed=0)) for epoch in range(70)}
+    assert len(orders) > 64
+    by_seed = {tuple(ds.epoch_shards(0, 0, 1, seed=seed)) for seed in range(70)}  # and so does each run seed
+    assert len(by_seed) > 64
+
+
+def test_a_stream_built_in_python_has_the_specs_defaults(shards):
+    built = WdsStream("x", sorted(shards.glob("*.tar")))
+    spec = build_dataset(f"wds:{shards}", allow_stream=True)
+    defaults = [(ds.seed, ds.shuffle_buffer, ds.resampled, ds.skips.max_fraction, ds.image_size) for ds in (built, spec)]
+    assert defaults[0] == defaults[1] == (0, 1000, False, 0.01, 64)
+
+
 def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
     folder = write_shards(tmp_path / "shards", shards=3, per_shard=4, bad={5})
     ds = stream(folder, max_skip_fraction=0.5)
@@ -373,6 +438,73 @@ def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
     strict = stream(write_shards(tmp_path / "strict", shards=2, per_shard=4, bad={5}), max_skip_fraction=0.1)
     with pytest.raises(DmclipError, match="1 of 8 samples are bad"):
         list(strict)  # counted at the end of the epoch: 1 of 8 > 10 %
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar file of exactly these members, in this order (duplicates too)."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_every_epoch_adds_its_samples_to_the_skip_check_and_the_log_names_the_first_bad_one(tmp_path, caplog):
+    """1 bad sample of 8 per epoch is 12.5 %, under a 20 % bound in every epoch (judged on all samples read)."""
+    folder = write_shards(tmp_path / "shards", shards=2, per_shard=4, bad={5})
+    ds = stream(folder, max_skip_fraction=0.2)
+    with caplog.at_level(logging.WARNING):
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            assert len(list(ds)) == 7
+    assert ds.skips.total == 16 and ds.skipped == {"unreadable-image": 2}
+    assert "unreadable image (first: shard-000001.tar key 000000005: " in caplog.text
+
+
+def test_shard_errors_are_counted_by_kind_and_logged_with_their_cause(tmp_path, caplog):
+    """A missing shard, and one webdataset refuses (a member name twice in one sample): each counted under its
+    reason, the log line giving the cause cut at 300 characters."""
+    folder = tmp_path / ("x" * 200)
+    folder.mkdir()
+    twice = _tar(folder / "shard-000000.tar", [("a.png", png(1)), ("a.txt", b"a"), ("a.png", png(2))])
+    missing = folder / ("m" * 200 + ".tar")
+    good = _tar(folder / "shard-000001.tar", [(f"{k}.{suffix}", data) for k in "bcd"
+                                              for suffix, data in (("png", png(2)), ("txt", b"b"))])
+    ds = WdsStream("s", [twice, missing, good], shuffle_buffer=0, max_skip_fraction=1)
+    with caplog.at_level(logging.WARNING):
+        assert len(list(ds)) == 4  # a (its first image) and b, c, d
+    assert ds.skipped == {"bad-shard": 1, "missing-shard": 1}
+    causes = {record.args[1]: record.args[2] for record in caplog.records if "skipping samples" in record.msg}
+    assert "duplicate file name" in causes["bad shard"]
+    assert len(causes["missing shard"]) == 300 and "No such file or directory" in causes["missing shard"]
+
+
+def test_first_captions_prefer_the_json_caption_and_pass_a_sample_without_one(tmp_path):
+    (tmp_path / "s").mkdir()
+    shard = _tar(tmp_path / "s" / "shard-000000.tar", [("a.txt", b"from txt"), ("a.json", b'{"caption": "from json"}'),
+                                                      ("b.txt", b"  "), ("c.txt", b"third")])
+    assert WdsStream("s", [shard]).first_captions(5) == [["from json"], ["third"]]
+
+
+def test_a_shard_rewritten_in_place_is_counted_again(tmp_path):
+    """The header count is cached per file version (modification time and size): a resumed run whose shard was
+    rewritten counts the new one."""
+    from dmclip.data.stream import count_samples
+
+    shard = tmp_path / "shard.tar"
+
+    def rewrite(samples: int, mtime_ns: int) -> int:
+        _tar(shard, [(f"{i}.txt", b"x") for i in range(samples)])
+        os.utime(shard, ns=(mtime_ns, mtime_ns))
+        return shard.stat().st_size
+
+    size = rewrite(2, 10**18)
+    assert count_samples(shard) == 2
+    assert rewrite(3, 2 * 10**18) == size and count_samples(shard) == 3  # the same size, newer
+    assert rewrite(40, 2 * 10**18) > size and count_samples(shard) == 40  # the same time, larger
 
 
 def test_first_captions_are_read_in_shard_order_without_images(shards, tmp_path):
@@ -389,12 +521,14 @@ def _numbers_of(samples: list[dict]) -> list[int]:
     return [int(sample["key"].split("/")[1]) for sample in samples]
 
 
-def test_a_reader_fills_each_batch_with_good_samples_and_checks_skips_from_1000_on(tmp_path):
+def test_a_reader_fills_each_batch_with_good_samples_and_checks_skips_from_1000_on(tmp_path, caplog):
     """A batch keeps its size whatever was bad in it; the skip fraction is checked once a reader has read 1000
     samples (fewer are too few to judge): 2 batches of 500 from a set where 1 in 12 is bad."""
     folder = write_shards(tmp_path / "shards", shards=1, per_shard=12, bad=set(range(12)) - {0, 2})
     batches = stream(folder, shuffle_buffer=0, max_skip_fraction=0.9).slot_batches(0, 1, 6, _numbers_of, seed=0)
-    assert next(batches) == [0, 2, 0, 2, 0, 2]  # the good ones of the batch, in turn
+    with caplog.at_level(logging.WARNING):
+        assert next(batches) == [0, 2, 0, 2, 0, 2]  # the good ones of the batch, in turn
+    assert "unreadable image (first: shard-000000.tar key 000000001: " in caplog.text
     assert next(batches) == [2] * 6  # none good: the last good one before it
     assert next(batches) == [0, 2, 0, 2, 0, 2]  # the next epoch
     many = stream(write_shards(tmp_path / "many", shards=2, per_shard=6, bad={5}), max_skip_fraction=0.01)
@@ -402,6 +536,33 @@ def test_a_reader_fills_each_batch_with_good_samples_and_checks_skips_from_1000_
     assert next(batches) == 500 and many.skips.total == 500  # 42 bad of 500 > 1 %, not checked yet
     with pytest.raises(DmclipError, match="samples are bad"):
         next(batches)
+
+
+def test_a_reader_resumed_after_any_sample_count_continues_where_it_was(tmp_path):
+    """Reader 1 of 2 over shards of 1, 2 and 4 samples reads one shard per epoch, so its epochs differ in size:
+    started after n samples, it yields what the uninterrupted reader yields from its n-th sample on."""
+    (tmp_path / "s").mkdir()
+    number, shards = 0, []
+    for s, size in enumerate((1, 2, 4)):
+        members = []
+        for _ in range(size):
+            members += [(f"{number:09d}.png", png(number)), (f"{number:09d}.txt", f"caption {number}".encode())]
+            number += 1
+        shards.append(_tar(tmp_path / "s" / f"shard-{s:06d}.tar", members))
+
+    def reader(start: int, before_batch=None):
+        ds = WdsStream("s", shards, image_size=SIZE, shuffle_buffer=0)
+        return ds.slot_batches(1, 2, 1, _numbers_of, seed=3, start=start, before_batch=before_batch)
+
+    whole = reader(0)
+    expected = [next(whole) for _ in range(14)]
+    shard_of = [0, 1, 1, 2, 2, 2, 2]
+    assert len({shard_of[n] for [n] in expected}) > 1  # epochs of more than one size
+    for start in (1, 2, 3, 5, 8, 11):
+        numbered = []
+        resumed = reader(start, numbered.append)
+        assert [next(resumed) for _ in range(14 - start)] == expected[start:], start
+        assert numbered == list(range(start, 14)), start  # before_batch(n) gets the reader's batch number
 
 
 def test_a_reader_of_shards_without_samples_says_so(tmp_path):
@@ -414,6 +575,8 @@ def test_a_reader_of_shards_without_samples_says_so(tmp_path):
         next(ds.slot_batches(0, 1, 2, len, seed=0))
     with pytest.raises(DmclipError, match="reader 0 found no samples in its shards of epoch 0"):
         next(ds.slot_batches(0, 1, 2, len, seed=0, start=4))
+    with pytest.raises(DmclipError, match="reader 1 of 2 read no sample in epoch 0"):
+        next(ds.slot_batches(1, 2, 2, len, seed=0))  # one shard for two readers: none left for the second
     bad = WdsStream("bad", [write_shards(tmp_path / "bad", 1, 3, bad={0, 1, 2}) / "shard-000000.tar"])
     with pytest.raises(DmclipError, match="reader 0 found no readable sample in its first batch"):
         next(bad.slot_batches(0, 1, 3, len, seed=0))
@@ -450,23 +613,29 @@ def test_a_sample_id_is_its_shard_file_name_and_key_hashed_to_63_bits():
 
     from dmclip.data.stream import sample_index
 
-    digest = hashlib.blake2b(b"shard-000003.tar/000000017", digest_size=8).digest()
-    expected = int.from_bytes(digest, "little") % 2**63
-    assert sample_index("/data/a/shard-000003.tar", "000000017") == expected
-    assert sample_index("s3://bucket/shard-000003.tar", "000000017") == expected  # the folder is not part of it
+    for key in (f"{n:09d}" for n in range(16, 24)):  # odd and even ids: every one of the 63 bits kept
+        digest = hashlib.blake2b(f"shard-000003.tar/{key}".encode(), digest_size=8).digest()
+        expected = int.from_bytes(digest, "little") % 2**63
+        assert sample_index("/data/a/shard-000003.tar", key) == expected
+        assert sample_index("s3://bucket/shard-000003.tar", key) == expected  # the folder is not part of it
 
 
-def test_a_sample_without_image_or_with_an_empty_one_is_skipped_by_reason(tmp_path):
+def test_a_sample_without_image_or_with_an_empty_one_is_skipped_by_reason(tmp_path, caplog):
     import webdataset as wds
 
     (tmp_path / "odd").mkdir()
     with wds.TarWriter(str(tmp_path / "odd" / "shard-000000.tar")) as sink:
-        sink.write({"__key__": "good", "png": png(3), "txt": "caption 3"})
+        sink.write({"__key__": "good", "png": png(3), "txt": "caption 3", "json": '{"caption": "from json"}'})
         sink.write({"__key__": "no-image", "txt": "caption 4"})
         sink.write({"__key__": "empty", "png": b"", "txt": "caption 5"})
     ds = stream(tmp_path / "odd", max_skip_fraction=1)
-    assert [sample["key"] for sample in ds] == ["shard-000000.tar/good"]
+    with caplog.at_level(logging.WARNING):
+        [sample] = list(ds)
+    assert (sample["key"], sample["captions"], sample["image"].shape) == ("shard-000000.tar/good", ["from json"],
+                                                                        (3, SIZE, SIZE))
     assert ds.skipped == {"missing-file": 1, "empty-file": 1}
+    assert "missing file (first: shard-000000.tar key no-image: no image member)" in caplog.text
+    assert "empty file (first: shard-000000.tar key empty)" in caplog.text
     sized = WdsStream("sized", [tmp_path / "odd" / "shard-000000.tar"], size=3)
     assert repr(sized) == "<WdsStream 'sized': 1 shards, 3 samples, 64 px>"
     assert next(iter(sized))["image"].shape == (3, 64, 64)

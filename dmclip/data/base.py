@@ -108,7 +108,7 @@ def to_square(image, size: int | None) -> np.ndarray:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = (new_w - size) // 2, (new_h - size) // 2
         image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(image)  # an RGB image reads as uint8
 
 
 def _to_rgb(image):

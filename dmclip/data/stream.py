@@ -104,7 +104,7 @@ class WdsStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         return self
 
-    def check_readers(self, readers: int, what: str = "") -> None:
+    def check_readers(self, readers: int, what: str) -> None:
         """Every one of ``readers`` readers needs a shard of its own (unless shards are resampled)."""
         if not self.resampled and len(self.shards) < readers:
             raise DmclipError(f"{self.name}: {len(self.shards)} shard(s) cannot feed {readers} readers{what}",
@@ -145,7 +145,7 @@ class WdsStream(torch.utils.data.IterableDataset):
 
     def decode(self, raw: dict) -> dict:
         """One raw sample -> a dataset sample; ``BadSample`` names why not."""
-        url, key = raw.get("__url__", ""), raw.get("__key__", "")
+        url, key = raw["__url__"], raw["__key__"]  # webdataset's tar reader sets both
         where = f"{Path(url).name} key {key}"
         suffix = image_member(raw)
         if suffix is None:

@@ -55,7 +55,7 @@ def ptb_tokenize(captions: Mapping[object, Sequence[str]]) -> dict[object, list[
     if not keys:
         return {k: [] for k in captions}
     sentences = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
-    with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as fh:
+    with tempfile.NamedTemporaryFile(delete=False) as fh:
         fh.write(sentences.encode())
         path = fh.name
     try:
@@ -123,25 +123,34 @@ def meteor_score(gts: Mapping[object, list[str]], res: Mapping[object, list[str]
     with contextlib.redirect_stdout(io.StringIO()):
         scorer = Meteor()
         try:
-            score, _ = scorer.compute_score(dict(gts), dict(res))
+            score, _ = scorer.compute_score(gts, res)
         except ValueError as exc:  # the jar answered something that is not a number
             raise DmclipError(f"METEOR failed ({exc})", "run with --no-meteor to skip it") from None
         finally:
-            with contextlib.suppress(Exception):
-                scorer.meteor_p.stdin.close()
-                scorer.meteor_p.kill()
-                scorer.meteor_p.wait()
+            _stop_meteor(scorer)
     return float(score)
+
+
+def _stop_meteor(scorer) -> None:
+    """Stop the METEOR JVM, each step even if the one before failed (a JVM that died breaks its pipe), and free
+    the lock a failed ``compute_score`` leaves held: pycocoevalcap's ``Meteor.__del__`` takes that lock before
+    it stops the JVM, so a held one hangs the process when the scorer is freed."""
+    process = scorer.meteor_p
+    for stop in (process.stdin.close, process.kill, process.wait):
+        with contextlib.suppress(OSError):
+            stop()
+    if scorer.lock.locked():
+        scorer.lock.release()
 
 
 COCO_RESULTS_HINT = 'write a COCO results file: [{"image_id": 0, "caption": "a red circle"}, ...]'
 
 
-def read_coco_results(path: str | Path, count: int, total: int, dataset: str = "the dataset") -> dict[int, str]:
+def read_coco_results(path: str | Path, count: int, total: int, dataset: str) -> dict[int, str]:
     """``{image_id: caption}`` from a COCO captioning results file, checked against a dataset.
 
     Image ids are dataset indices; the file must give exactly one caption for each of the first ``count``
-    images (``total`` = the dataset's size, for the message). Anything else is a one-line DmclipError.
+    images (``dataset`` and ``total``, its name and size, for the messages). Anything else is a one-line DmclipError.
     """
     import json
 
