@@ -434,10 +434,22 @@ def test_iterating_skips_bad_samples_and_shards_and_counts_them(tmp_path):
     ds = stream(folder, max_skip_fraction=0.5)
     (folder / "shard-000002.tar").unlink()  # gone after the stream was built
     assert sorted(int(s["key"].split("/")[1]) for s in ds) == [0, 1, 2, 3, 4, 6, 7]
-    assert ds.skipped == {"unreadable-image": 1, "missing-shard": 1} and ds.skips.total == 8
+    assert ds.skipped == {"unreadable-image": 1, "missing-shard": 1} and ds.skips.total == 9  # 8 read, 1 shard
     strict = stream(write_shards(tmp_path / "strict", shards=2, per_shard=4, bad={5}), max_skip_fraction=0.1)
     with pytest.raises(DmclipError, match="1 of 8 samples are bad"):
         list(strict)  # counted at the end of the epoch: 1 of 8 > 10 %
+
+
+def test_max_skip_fraction_one_allows_any_number_of_lost_shards(tmp_path):
+    """Lost shards count in the total as well as in the skips: with two of three shards gone and one sample
+    read, max_skip_fraction=1 reads what is left (it said "2 of 1 samples are bad"), and 0.5 refuses 2 of 3."""
+    folder = write_shards(tmp_path / "shards", shards=3, per_shard=1)
+    ds, strict = stream(folder, max_skip_fraction=1), stream(folder, max_skip_fraction=0.5)
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        (folder / name).unlink()
+    assert len(list(ds)) == 1 and ds.skipped == {"missing-shard": 2} and ds.skips.total == 3
+    with pytest.raises(DmclipError, match="2 of 3 samples are bad"):
+        list(strict)
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:

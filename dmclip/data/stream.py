@@ -128,6 +128,7 @@ class WdsStream(torch.utils.data.IterableDataset):
         reason = "missing-shard" if isinstance(exc, FileNotFoundError) else (
             "truncated-shard" if isinstance(exc, (tarfile.TarError, EOFError, OSError)) else "bad-shard")
         self.skips.add(reason, str(exc)[:300])
+        self.skips.total += 1  # a lost shard is one bad item of the total the check divides by, not zero
         return True  # skip it and go on
 
     def raw(self, epoch: int, slot: int, slots: int, seed: int) -> Iterator[dict]:
