@@ -448,8 +448,9 @@ def test_max_skip_fraction_one_allows_any_number_of_lost_shards(tmp_path):
     for name in ("shard-000000.tar", "shard-000001.tar"):
         (folder / name).unlink()
     assert len(list(ds)) == 1 and ds.skipped == {"missing-shard": 2} and ds.skips.total == 3
-    with pytest.raises(DmclipError, match="2 of 3 samples are bad"):
+    with pytest.raises(DmclipError, match="2 of 3 samples are bad") as refused:
         list(strict)
+    assert refused.value.message.startswith(f"wds:{folder}")  # names the set, as the user wrote it
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
