@@ -448,8 +448,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     run = new_run(tmp_path, cfg)
     with pytest.raises(DmclipError) as info:
         train(run, cfg, task)
-    message = str(info.value)
-    assert "step 8" in message and "image_to_text" in message and "loss" in message
+    # every non-finite value is named, in the order of the logged row
+    assert info.value.message == "training diverged at step 8: non-finite loss=nan, image_to_text=nan, grad_norm=nan"
     assert "lower train.lr" in info.value.hint and "step 5" in info.value.hint
     assert run.status == "failed"
     state = run.load_checkpoint()
@@ -798,6 +798,20 @@ def test_only_rank_0_writes_the_checkpoint(tmp_path):
     assert state.save(run, cfg, main=False) is None and not run.checkpoint_path().exists()
     assert state.last_checkpoint_step == 2  # every rank knows which step the file holds
     assert state.save(run, cfg, main=True) == run.checkpoint_path() and run.load_checkpoint()["step"] == 2
+
+
+def test_ctrl_c_on_another_rank_neither_warns_nor_saves(tmp_path, monkeypatch, caplog):
+    """torchrun sends its SIGTERM to every rank: only rank 0 says it is saving (one line, not one per rank)."""
+    from dmclip.train import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    cfg = make_cfg(steps=6, checkpoint_every=0)
+    run = new_run(tmp_path, cfg)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train(run, cfg, ToyTask(interrupt_at=3))
+    assert not [r for r in caplog.records if "saving step" in r.getMessage()]
+    assert not run.checkpoint_path().exists()
 
 
 def test_evaluation_runs_on_rank_0_only(tmp_path):
