@@ -199,32 +199,31 @@ def run_suite(config: SuiteConfig, run_dir, progress: bool = False,
         name = f"{slug(result['model'] + '_' + result['pretrained'])}__{slug(result['dataset'])}__{result['task']}.json"
         atomic_write_json(tasks_dir / name, result)
 
+    arms = suite_arms(config)
+    in_arms = list(dict.fromkeys(ref for refs in arms.values() for ref in refs))
+    reference = config.reference or next((ref for ref in config.models if ref not in in_arms), "")
+    if config.latency and not arms:
+        raise DmclipError("the frontier (--latency) places arms of seeds", "name them with --arm NAME=A,B,C")
+    if config.latency and not reference:
+        raise DmclipError("the frontier needs a reference model outside the arms",
+                          "pass the teacher with --models REF (or --reference REF)")
     given = models or {}
-    refs = list(dict.fromkeys([*config.models, *(ref for refs in suite_arms(config).values() for ref in refs)]))
-    loaded = {ref: given.get(ref) or load_model(ref, config.device) for ref in refs}
-    items: dict = {}
+    loaded = {ref: given.get(ref) or load_model(ref, config.device)
+              for ref in dict.fromkeys([*config.models, *in_arms])}
+    found_items: dict = {}
     named = bool(config.zero_shot or config.retrieval)  # naming one kind scores only what is named
     result = suite(loaded, zero_shot_specs=config.zero_shot if named else None,
                    retrieval_specs=config.retrieval if named else SUITE_RETRIEVAL,
                    batch_size=config.batch_size, progress=progress, device=config.device, on_task=save_task,
-                   items=items)
-    arms = suite_arms(config)
+                   items=found_items)
+    items = {ref: {column: hits.numpy() for column, hits in columns.items()} for ref, columns in found_items.items()}
     markdown = suite_markdown(result)
-    if config.latency and not arms:
-        raise DmclipError("the frontier (--latency) places arms of seeds", "name them with --arm NAME=A,B,C")
     if arms:
         markdown += _compare_arms(result, arms, config.baseline or next(iter(arms)), items, run_dir)
     if config.latency:
         from dmclip.evaluation.frontier import frontier, frontier_markdown, plot_frontier
 
-        in_arms = {ref for refs in arms.values() for ref in refs}
-        reference = config.reference or next((ref for ref in config.models if ref not in in_arms), "")
-        if not reference:
-            raise DmclipError("the frontier needs a reference model outside the arms",
-                              "pass the teacher with --models REF (or --reference REF)")
-        found = frontier(result, result["seeds"], arms, reference, loaded,
-                         {ref: {c: hits.numpy() for c, hits in columns.items()} for ref, columns in items.items()},
-                         runs=config.latency_runs)
+        found = frontier(result, result["seeds"], arms, reference, loaded, items, runs=config.latency_runs)
         result["frontier"] = found
         plot_frontier(found, run_dir.path / "frontier.png")
         markdown += frontier_markdown(found) + "\n![accuracy against latency](frontier.png)\n"
@@ -239,22 +238,14 @@ def run_suite(config: SuiteConfig, run_dir, progress: bool = False,
 
 def _compare_arms(result: dict, arms: dict[str, list[str]], baseline: str, items: dict, run_dir) -> str:
     """The arms over seeds: result["seeds"], summary-seeds.csv, items.npz and the two tables (markdown)."""
-    import io
-
-    import numpy as np
-
-    from dmclip.evaluation.output import difference_table, seed_csv, seed_table
-    from dmclip.io import atomic_write_bytes
+    from dmclip.evaluation.output import difference_table, seed_csv, seed_table, write_hits
     from dmclip.metrics.stats import compare_arms
 
-    per_seed = {name: [{c: items[ref][c].numpy() for c in items[ref]} for ref in refs] for name, refs in arms.items()}
-    stats = compare_arms(per_seed, baseline, weights=result["avg_perf_weights"])
+    stats = compare_arms({name: [items[ref] for ref in refs] for name, refs in arms.items()}, baseline,
+                         weights=result["avg_perf_weights"])
     result["seeds"] = {"arms": arms, **stats}
     run_dir.write_text("summary-seeds.csv", seed_csv(stats))
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{f"{ref}|{column}": hits.numpy().astype(np.uint8)
-                                   for ref, columns in items.items() for column, hits in columns.items()})
-    atomic_write_bytes(run_dir.path / "items.npz", buffer.getvalue())
+    write_hits(run_dir.path / "items.npz", items)
     columns = result["columns"]
     return ("\n## Over seeds: mean ± std [95 % t-interval] (percent)\n\n" + seed_table(stats, columns)
             + f"\n## Paired difference against {baseline} (points; 95 % bootstrap interval over seeds and "

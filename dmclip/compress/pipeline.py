@@ -4,7 +4,6 @@ plot written into the run directory (:mod:`dmclip.compress.summary`)."""
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 from copy import deepcopy
@@ -34,7 +33,7 @@ from dmclip.compress.summary import (
     seed_claims,
 )
 from dmclip.errors import DmclipError
-from dmclip.io import atomic_write_bytes
+from dmclip.io import atomic_write_npz
 from dmclip.metrics.caption_intervals import bleu, caption_intervals
 from dmclip.runs import RunDir
 
@@ -88,18 +87,11 @@ def run_eval(cfg: CompressConfig, run, *, model=None, dataset=None, train_datase
     result.update(rows=rows, intervals=intervals, baseline=rows[0], compressed=by_name[label])
     if cfg.finetune.enabled:
         result["compressed_finetuned"] = by_name[f"{label}, server tuned on it"]
-    _write_items(run, items)
+    if items:  # per-image statistics of every point: intervals recomputed or other pairs compared later
+        atomic_write_npz(Path(run.path) / "items.npz", items)
     run.write_results(result)
     run.write_text("report.md", eval_report(result))
     return result
-
-
-def _write_items(run, items: dict) -> None:
-    """items.npz: each point's per-image statistics, so intervals can be recomputed or other pairs compared."""
-    if items:
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **items)
-        atomic_write_bytes(Path(run.path) / "items.npz", buffer.getvalue())
 
 
 def sweep_points(cfg: CompressConfig) -> list[Selector]:
@@ -157,7 +149,8 @@ def run_sweep(cfg: CompressConfig, run, *, model=None, dataset=None,
     table = rows_markdown(rows) + (f"\n{interval_markdown(rows, intervals)}" if intervals else "")
     run.write_text("summary.md", table)
     run.write_text("summary.csv", csv_text([r for seed_rows in by_label.values() for r in seed_rows]))
-    _write_items(run, items)
+    if items:  # per-image statistics of every point, so intervals can be recomputed or other pairs compared
+        atomic_write_npz(Path(run.path) / "items.npz", items)
     plot_path = plot_sweep(rows, Path(run.path) / "compress-sweep.png", cfg.sweep.metric)
     result = {"rows": rows, "seeds": seeds, "intervals": intervals, "metric": cfg.sweep.metric,
               "plot": str(plot_path), "claims": seed_claims(rows, intervals)}

@@ -39,13 +39,16 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
     interval; differences), summary.json, items.npz (per-item hits, so intervals can be recomputed) and
     summary.png into ``sweep_dir``.
     """
-    import io
-
-    import numpy as np
-
     from dmclip.evaluation.benchmark import SUITE_RETRIEVAL, suite
-    from dmclip.evaluation.output import difference_table, seed_csv, seed_table, suite_csv, suite_markdown
-    from dmclip.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from dmclip.evaluation.output import (
+        difference_table,
+        seed_csv,
+        seed_table,
+        suite_csv,
+        suite_markdown,
+        write_hits,
+    )
+    from dmclip.io import atomic_write_json, atomic_write_text
     from dmclip.metrics.stats import compare_arms
 
     alphas = list(dict.fromkeys(alpha for alpha, _, _ in members))
@@ -76,10 +79,7 @@ def sweep_report(sweep_dir, members: list[tuple[float, int, str]], teacher_ref: 
     atomic_write_text(sweep_dir / "summary-seeds.csv", seed_csv(stats, "alpha"))
     atomic_write_json(sweep_dir / "summary.json", {"rq1": {k: v for k, v in rq1.items() if k != "tasks"},
                                                    "seeds": stats, "rq2": rq2})
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{f"{model}|{column}": hits.numpy().astype(np.uint8)
-                                   for model, columns in items.items() for column, hits in columns.items()})
-    atomic_write_bytes(sweep_dir / "items.npz", buffer.getvalue())
+    write_hits(sweep_dir / "items.npz", items)
     _plot_sweep(sweep_dir / "summary.png", stats, alphas, rq1)
     return {"rq1": rq1, "seeds": stats, "rq2": rq2}
 

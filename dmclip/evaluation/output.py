@@ -117,3 +117,14 @@ def seed_csv(stats: dict, arm_header: str = "arm") -> str:
                              *((repr(d["diff"]), repr(d["low"]), repr(d["high"]), d["significant"]) if d else
                                ("", "", "", ""))])
     return buffer.getvalue()
+
+
+def write_hits(path, items: dict) -> None:
+    """items.npz: ``{model: {column: per-item 0/1 hits}}`` as uint8 arrays named ``model|column``, so the
+    intervals over seeds and items can be recomputed from the run."""
+    import numpy as np
+
+    from dmclip.io import atomic_write_npz
+
+    atomic_write_npz(path, {f"{model}|{column}": np.asarray(hits).astype(np.uint8)
+                            for model, columns in items.items() for column, hits in columns.items()})
