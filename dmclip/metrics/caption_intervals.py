@@ -101,9 +101,8 @@ def caption_intervals(points: Mapping[str, Mapping[str, np.ndarray]], baseline: 
     unknown = sorted({name for pair in pairs for name in pair} - set(points))
     if unknown:
         raise DmclipError(f"pairs name points that were not scored: {unknown}", f"pair among {sorted(points)}")
-    first = np.asarray(points[baseline]["bleu"])
-    images = first.shape[-2]
-    seeds = max(np.asarray(p["bleu"]).shape[0] if np.asarray(p["bleu"]).ndim == 3 else 1 for p in points.values())
+    images = np.shape(points[baseline]["bleu"])[-2]
+    seeds = max(np.shape(p["bleu"])[0] if np.ndim(p["bleu"]) == 3 else 1 for p in points.values())
     if images == 0:
         raise DmclipError("no images were scored", "caption at least one test image")
     stacked = {name: _stack(name, items, seeds, images) for name, items in points.items()}
